@@ -1,0 +1,100 @@
+"""Finding the decoder blocks of a causal LM.
+
+Every family keeps its blocks in an `nn.ModuleList`, but not always at the same place
+(`model.layers`, `model.language_model.layers`, `transformer.h`, ...). Known families are
+looked up by `model_type`; anything else falls back to the one `ModuleList` whose length is
+the config's `num_hidden_layers`. Users can always name the path with `layers_path`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+# model_type -> dotted path from the *ForCausalLM module to the blocks' ModuleList
+KNOWN_LAYERS_PATHS = {
+    model_type: "model.layers"
+    for model_type in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+        "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "granite", "granitemoe", "smollm3",
+        "cohere", "starcoder2", "stablelm", "deepseek_v3", "glm", "helium", "exaone4",
+    )
+}
+KNOWN_LAYERS_PATHS.update({"gemma3": "model.language_model.layers", "gpt2": "transformer.h"})
+
+
+class UnsupportedModelError(ValueError):
+    """The decoder blocks could not be located; the message names the `layers_path` override."""
+
+
+@dataclass
+class DecoderBlocks:
+    """Where the blocks live, so the rewrite can replace the list and fix the right config."""
+
+    path: str
+    parent: nn.Module
+    attribute: str
+    layers: nn.ModuleList
+    config: object  # the (text) config that owns num_hidden_layers
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def text_config(model: nn.Module):
+    """The config that describes the decoder stack (multimodal models nest it)."""
+    config = model.config
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config() if callable(get_text_config) else config
+
+
+def _resolve(model: nn.Module, path: str) -> nn.Module | None:
+    module = model
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _generic_path(model: nn.Module, num_layers: int | None) -> str | None:
+    matches = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and name and len(module) == num_layers
+    ]
+    return matches[0] if len(matches) == 1 else None
+
+
+def find_decoder_blocks(model: nn.Module, layers_path: str | None = None) -> DecoderBlocks:
+    """Locate the decoder blocks: `layers_path` if given, else by family, else by length."""
+    config = text_config(model)
+    num_layers = getattr(config, "num_hidden_layers", None)
+    model_type = getattr(model.config, "model_type", None)
+    path = layers_path or KNOWN_LAYERS_PATHS.get(model_type)
+    if path is None or (layers_path is None and _resolve(model, path) is None):
+        path = _generic_path(model, num_layers)
+    if path is None:
+        raise UnsupportedModelError(
+            f"Could not find the decoder blocks of this {type(model).__name__} "
+            f"(model_type={model_type!r}): no single nn.ModuleList of length "
+            f"num_hidden_layers={num_layers}. Pass layers_path (CLI: --layers-path), the dotted "
+            "path to the ModuleList of decoder blocks, e.g. --layers-path model.layers."
+        )
+    layers = _resolve(model, path)
+    if not isinstance(layers, nn.ModuleList):
+        raise UnsupportedModelError(
+            f"layers_path {path!r} does not name an nn.ModuleList in {type(model).__name__} "
+            f"(found {type(layers).__name__}). Pass the dotted path to the ModuleList of decoder "
+            "blocks with --layers-path, e.g. model.layers."
+        )
+    if num_layers is not None and len(layers) != num_layers:
+        raise UnsupportedModelError(
+            f"layers_path {path!r} has {len(layers)} modules but the config says "
+            f"num_hidden_layers={num_layers}; pass the path of the decoder blocks with "
+            "--layers-path."
+        )
+    parent_path, _, attribute = path.rpartition(".")
+    parent = _resolve(model, parent_path) if parent_path else model
+    return DecoderBlocks(path=path, parent=parent, attribute=attribute, layers=layers, config=config)

@@ -1,0 +1,188 @@
+"""`SGLPConfig`: every setting of a pruning run, validated, and saved/loaded as YAML or JSON.
+
+Recipes, the CLI and the Python API all build this one object, so a run is reproducible from
+the config stored next to the pruned model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_NAME = "sglp_config.json"
+
+SCORING_MODES = ("block", "subset")
+SEGMENT_FEATURES = ("column_sum", "rows")
+CKA_DTYPES = ("float32", "float64")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, out of range or inconsistent; the message says what to change."""
+
+
+@dataclass
+class SGLPConfig:
+    """Settings of one SGLP run.
+
+    How many blocks go: exactly one of ``drop`` (a count) or ``ratio`` (a fraction of the blocks,
+    rounded to the nearest count).
+    """
+
+    # -- how much to prune
+    drop: int | None = None
+    ratio: float | None = None
+
+    # -- calibration data (see sglp_llm.data)
+    dataset: str | None = None
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    text_column: str = "text"
+    seq_len: int = 256
+    n_samples: int = 32
+    batch_size: int = 4
+    seed: int = 0
+
+    # -- CKA (see sglp_llm.cka)
+    cka_minibatch_tokens: int = 512
+    cka_max_tokens_per_batch: int | None = None
+    cka_dtype: str = "float64"
+
+    # -- segmentation (see sglp_llm.segment)
+    num_segments: int | None = None
+    max_segments: int | None = None
+    segment_feature: str = "column_sum"
+    auto_k_threshold: float = 0.05
+
+    # -- selection (see sglp_llm.score and sglp_llm.select)
+    scoring: str = "block"
+    max_candidates: int = 64
+    protect_first: int = 1
+    protect_last: int = 1
+
+    # -- model structure
+    layers_path: str | None = None
+
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        if (self.drop is None) == (self.ratio is None):
+            raise ConfigError(
+                "Say how many blocks to remove with exactly one of `drop` (a count, e.g. drop=6) "
+                "or `ratio` (a fraction, e.g. ratio=0.2)."
+            )
+        if self.drop is not None and (not isinstance(self.drop, int) or self.drop < 1):
+            raise ConfigError(f"`drop` must be a positive integer, got {self.drop!r}.")
+        if self.ratio is not None and not (0.0 < float(self.ratio) < 1.0):
+            raise ConfigError(f"`ratio` must be strictly between 0 and 1, got {self.ratio!r}.")
+        for name in ("seq_len", "n_samples", "batch_size", "max_candidates"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"`{name}` must be a positive integer, got {value!r}.")
+        if not isinstance(self.cka_minibatch_tokens, int) or self.cka_minibatch_tokens < 4:
+            raise ConfigError(
+                "`cka_minibatch_tokens` must be an integer >= 4 (the unbiased HSIC needs at least "
+                f"4 tokens per minibatch), got {self.cka_minibatch_tokens!r}."
+            )
+        if self.cka_max_tokens_per_batch is not None and self.cka_max_tokens_per_batch < 4:
+            raise ConfigError("`cka_max_tokens_per_batch` must be >= 4 or unset.")
+        if self.cka_dtype not in CKA_DTYPES:
+            raise ConfigError(f"`cka_dtype` must be one of {CKA_DTYPES}, got {self.cka_dtype!r}.")
+        if self.segment_feature not in SEGMENT_FEATURES:
+            raise ConfigError(
+                f"`segment_feature` must be one of {SEGMENT_FEATURES}, got {self.segment_feature!r}."
+            )
+        if self.scoring not in SCORING_MODES:
+            raise ConfigError(f"`scoring` must be one of {SCORING_MODES}, got {self.scoring!r}.")
+        for name in ("num_segments", "max_segments"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"`{name}` must be a positive integer or unset, got {value!r}.")
+        if not (0.0 <= self.auto_k_threshold < 1.0):
+            raise ConfigError("`auto_k_threshold` must be in [0, 1).")
+        for name in ("protect_first", "protect_last"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"`{name}` must be a non-negative integer, got {value!r}.")
+
+    def resolve_drop(self, num_blocks: int) -> int:
+        """The number of blocks to remove from a model with `num_blocks` blocks."""
+        n = self.drop if self.drop is not None else int(round(self.ratio * num_blocks))
+        removable = num_blocks - self.protect_first - self.protect_last
+        if n < 1:
+            raise ConfigError(
+                f"ratio={self.ratio} of {num_blocks} blocks rounds to 0 blocks; raise the ratio or "
+                "give `drop`."
+            )
+        if n > removable - 1 or n >= num_blocks:
+            raise ConfigError(
+                f"Cannot drop {n} of {num_blocks} blocks: at most {max(removable - 1, 0)} can go "
+                f"(protect_first={self.protect_first}, protect_last={self.protect_last}, and at "
+                "least one removable block must stay)."
+            )
+        return n
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SGLPConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"A config must be a mapping of settings, got {type(data).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"Unknown setting(s) {unknown}. Valid settings: {sorted(known)}."
+            )
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "SGLPConfig":
+        """A copy with `changes` applied (None values are ignored), validated again."""
+        data = self.to_dict()
+        data.update({k: v for k, v in changes.items() if v is not None})
+        if changes.get("drop") is not None:
+            data["ratio"] = None
+        elif changes.get("ratio") is not None:
+            data["drop"] = None
+        return SGLPConfig.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = (
+            yaml.safe_dump(self.to_dict(), sort_keys=False)
+            if path.suffix in (".yaml", ".yml")
+            else json.dumps(self.to_dict(), indent=2)
+        )
+        path.write_text(text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SGLPConfig":
+        """Load from a .json, .yaml or .yml file (a recipe's `sglp:` section is accepted)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {str(path)!r} does not exist.")
+        text = path.read_text()
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(f"Could not parse {str(path)!r}: {err}") from err
+        if isinstance(data, dict) and "sglp" in data:
+            data = data["sglp"]
+        return cls.from_dict(data or {})
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.save(Path(directory) / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "SGLPConfig":
+        return cls.load(Path(directory) / CONFIG_NAME)

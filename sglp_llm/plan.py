@@ -1,0 +1,67 @@
+"""`PruningPlan`: what the analysis found and decided, as one JSON-serialisable record.
+
+It is the report users read (`sglp_report.json`), the input of the rewrite, and what the CLI's
+`analyze` prints; keeping it a plain dataclass makes it easy to save, diff and test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPORT_NAME = "sglp_report.json"
+
+
+@dataclass
+class PruningPlan:
+    num_blocks: int
+    layers_path: str
+    cka: list[list[float]]
+    segments: list[list[int]]
+    scores: list[float]
+    keep_per_segment: list[int]
+    dropped: list[int]
+    kept: list[int]
+    n_tokens: int
+    n_batches: int
+    config: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    segmentation_losses: list[float] = field(default_factory=list)
+    score_kind: str = "gradnorm"
+    model_name: str | None = None
+    calibration_source: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruningPlan":
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PruningPlan":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def summary(self) -> str:
+        """A few human-readable lines: segments, scores and the decision."""
+        lines = [
+            f"{self.num_blocks} blocks, {len(self.segments)} segments, "
+            f"{self.n_tokens} calibration tokens in {self.n_batches} batches",
+        ]
+        for seg, keep in zip(self.segments, self.keep_per_segment):
+            drop = [i for i in seg if i in self.dropped]
+            scores = ", ".join(f"{i}:{self.scores[i]:.4g}" for i in seg)
+            lines.append(
+                f"  segment {seg[0]:>3}-{seg[-1]:<3} keep {keep}/{len(seg)}  "
+                f"drop {drop or '-'}  {self.score_kind}: {scores}"
+            )
+        lines.append(f"drop {len(self.dropped)} blocks: {self.dropped}")
+        lines.append(f"keep {len(self.kept)} blocks: {self.kept}")
+        return "\n".join(lines)
