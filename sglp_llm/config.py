@@ -61,6 +61,7 @@ class SGLPConfig:
     # -- selection (see sglp_llm.score and sglp_llm.select)
     scoring: str = "block"
     max_candidates: int = 64
+    subset_batches: int = 1
     protect_first: int = 1
     protect_last: int = 1
 
@@ -83,7 +84,7 @@ class SGLPConfig:
             raise ConfigError(f"`drop` must be a positive integer, got {self.drop!r}.")
         if self.ratio is not None and not (0.0 < float(self.ratio) < 1.0):
             raise ConfigError(f"`ratio` must be strictly between 0 and 1, got {self.ratio!r}.")
-        for name in ("seq_len", "n_samples", "batch_size", "max_candidates"):
+        for name in ("seq_len", "n_samples", "batch_size", "max_candidates", "subset_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"`{name}` must be a positive integer, got {value!r}.")

@@ -1,0 +1,44 @@
+"""Forward hooks that hand every decoder block's input and output to a callback.
+
+Hidden states are never stored here: each callback folds them into running statistics (CKA,
+block influence, ...) as the forward pass goes, and the hooks are removed even on error.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+BlockCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def block_output(output) -> torch.Tensor:
+    """Decoder blocks return a tensor (transformers v5) or a tuple whose first item it is."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextmanager
+def capture_blocks(layers: Sequence[nn.Module], callback: BlockCallback) -> Iterator[None]:
+    """Call `callback(index, block_input, block_output)` after every block's forward."""
+
+    def make_hook(index: int):
+        def hook(module, args, kwargs, output):
+            callback(index, block_input(args, kwargs), block_output(output))
+
+        return hook
+
+    handles = [
+        layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
