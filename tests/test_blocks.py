@@ -1,0 +1,47 @@
+"""Finding decoder blocks by family, by the generic rule, and by override."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sglp_llm.blocks import UnsupportedModelError, find_decoder_blocks
+from tiny_models import FAMILIES, tiny_model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_known_families(family):
+    model = tiny_model(family, num_layers=4)
+    blocks = find_decoder_blocks(model)
+    assert blocks.path == "model.layers"
+    assert blocks.layers is model.model.layers and len(blocks) == 4
+
+
+class _Config:
+    num_hidden_layers = 3
+    model_type = "homebrew"
+
+
+class _Homebrew(nn.Module):
+    def __init__(self, n_blocks=3, n_heads=2):
+        super().__init__()
+        self.config = _Config()
+        self.heads = nn.ModuleList(nn.Linear(2, 2) for _ in range(n_heads))
+        self.trunk = nn.Module()
+        self.trunk.stack = nn.ModuleList(nn.Linear(2, 2) for _ in range(n_blocks))
+
+
+def test_generic_rule_finds_the_list_with_num_hidden_layers():
+    blocks = find_decoder_blocks(_Homebrew())
+    assert blocks.path == "trunk.stack" and blocks.attribute == "stack"
+
+
+def test_ambiguous_or_missing_blocks_name_the_override():
+    with pytest.raises(UnsupportedModelError, match="--layers-path"):
+        find_decoder_blocks(_Homebrew(n_heads=3))
+    assert find_decoder_blocks(_Homebrew(n_heads=3), "trunk.stack").path == "trunk.stack"
+    with pytest.raises(UnsupportedModelError, match="does not name an nn.ModuleList"):
+        find_decoder_blocks(_Homebrew(), "trunk")
+    with pytest.raises(UnsupportedModelError, match="has 2 modules but the config says"):
+        find_decoder_blocks(_Homebrew(), "heads")

@@ -1,0 +1,74 @@
+"""SGLPConfig validation messages and round trips through disk."""
+
+from __future__ import annotations
+
+import pytest
+
+from sglp_llm.config import ConfigError, SGLPConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "exactly one of `drop`"),
+        ({"drop": 2, "ratio": 0.1}, "exactly one of `drop`"),
+        ({"drop": 0}, "`drop` must be a positive integer"),
+        ({"ratio": 1.5}, "strictly between 0 and 1"),
+        ({"drop": 2, "seq_len": 0}, "`seq_len` must be a positive integer"),
+        ({"drop": 2, "cka_minibatch_tokens": 3}, "at least 4 tokens"),
+        ({"drop": 2, "cka_dtype": "float16"}, "`cka_dtype` must be one of"),
+        ({"drop": 2, "segment_feature": "cols"}, "`segment_feature` must be one of"),
+        ({"drop": 2, "scoring": "magic"}, "`scoring` must be one of"),
+        ({"drop": 2, "num_segments": 0}, "`num_segments` must be a positive integer"),
+        ({"drop": 2, "protect_first": -1}, "`protect_first` must be a non-negative"),
+    ],
+)
+def test_invalid_settings_are_explained(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        SGLPConfig(**kwargs)
+
+
+def test_resolve_drop():
+    assert SGLPConfig(ratio=0.25).resolve_drop(30) == 8
+    assert SGLPConfig(drop=5).resolve_drop(30) == 5
+    with pytest.raises(ConfigError, match="rounds to 0 blocks"):
+        SGLPConfig(ratio=0.01).resolve_drop(8)
+    with pytest.raises(ConfigError, match="Cannot drop 7 of 8 blocks: at most 5 can go"):
+        SGLPConfig(drop=7).resolve_drop(8)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_round_trip_through_disk(tmp_path, suffix):
+    config = SGLPConfig(ratio=0.3, dataset="data.jsonl", seq_len=64, scoring="subset", extra={"note": "x"})
+    path = tmp_path / f"config{suffix}"
+    config.save(path)
+    assert SGLPConfig.load(path) == config
+    config.save_pretrained(tmp_path)
+    assert SGLPConfig.from_pretrained(tmp_path) == config
+
+
+def test_recipe_section_and_unknown_keys(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model: some/model\nsglp:\n  drop: 3\n  seq_len: 128\n")
+    assert SGLPConfig.load(path) == SGLPConfig(drop=3, seq_len=128)
+    path.write_text("drop: 3\nsequence_length: 128\n")
+    with pytest.raises(ConfigError, match=r"Unknown setting\(s\) \['sequence_length'\]"):
+        SGLPConfig.load(path)
+    path.write_text("drop: [3\n")
+    with pytest.raises(ConfigError, match="Could not parse"):
+        SGLPConfig.load(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        SGLPConfig.load(tmp_path / "missing.yaml")
+
+
+def test_yaml_is_parsed_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("drop: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="Could not parse"):
+        SGLPConfig.load(path)
+
+
+def test_replace_switches_between_drop_and_ratio():
+    config = SGLPConfig(ratio=0.2)
+    assert config.replace(drop=4) == SGLPConfig(drop=4)
+    assert config.replace(drop=4).replace(ratio=0.5) == SGLPConfig(ratio=0.5)
