@@ -1,0 +1,158 @@
+"""The README.md model card written next to a pruned model: what was removed and why, how to load
+and evaluate it, so a pushed checkpoint explains itself on the Hub.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+from sglp_llm.heatmap import HEATMAP_NAME
+from sglp_llm.plan import PruningPlan
+
+TAGS = ["sglp-llm", "depth-pruning", "pruned"]
+MODEL_ID = "<path-or-repo-id>"
+PAPER = "https://arxiv.org/abs/2410.14720"
+
+
+def render_model_card(
+    plan: PruningPlan, *, base_model: str, evaluation: Mapping[str, Any] | None = None
+) -> str:
+    """README.md text with Hub front matter (base_model, tags) and the pruning decision."""
+    data = ModelCardData(
+        base_model=base_model,
+        library_name="transformers",
+        tags=list(TAGS),
+        pipeline_tag="text-generation",
+    )
+    before, after = plan.num_blocks, len(plan.kept)
+    sections = [
+        f"# {base_model}, depth-pruned with SGLP ({after} of {before} blocks)",
+        f"This is `{base_model}` with {len(plan.dropped)} of "
+        f"its {before} decoder blocks removed by [SGLP]({PAPER}) (CKA similarity between block "
+        "outputs, Fisher optimal segmentation into groups of similar blocks, GradNorm selection "
+        "within each group), made with `sglp-llm`. The remaining blocks are unchanged; no "
+        "fine-tuning was applied after pruning.",
+        _removed_section(plan),
+        _segments_section(plan),
+        _calibration_section(plan),
+        "## Settings\n\nThe full settings are in `sglp_config.json` and the full report (CKA "
+        "matrix, scores, timings) in `sglp_report.json`.\n\n```yaml\n"
+        + yaml.safe_dump(plan.config, sort_keys=False).rstrip()
+        + "\n```",
+        _usage_section(),
+    ]
+    if evaluation:
+        sections.append("## Evaluation\n\n" + _evaluation_table(evaluation))
+    body = "\n\n".join(sections) + "\n"
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+
+def _removed_section(plan: PruningPlan) -> str:
+    return "\n".join([
+        "## What was removed",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| blocks before | {plan.num_blocks} |",
+        f"| blocks after | {len(plan.kept)} |",
+        f"| dropped (original indices) | {_indices(plan.dropped)} |",
+        f"| kept (original indices) | {_indices(plan.kept)} |",
+        f"| block scores | {plan.score_kind} |",
+        f"| layers | `{plan.layers_path}` |",
+        "",
+        f"![CKA between block outputs, segments boxed, dropped blocks in red]({HEATMAP_NAME})",
+    ])
+
+
+def _segments_section(plan: PruningPlan) -> str:
+    rows = [
+        "## Segments",
+        "",
+        f"| segment | blocks | kept | dropped | {plan.score_kind} per block |",
+        "|---|---|---|---|---|",
+    ]
+    dropped = set(plan.dropped)
+    for n, (segment, keep) in enumerate(zip(plan.segments, plan.keep_per_segment)):
+        scores = ", ".join(f"{i}: {plan.scores[i]:.4g}" for i in segment)
+        gone = [i for i in segment if i in dropped]
+        span = f"{segment[0]}–{segment[-1]}" if len(segment) > 1 else str(segment[0])
+        rows.append(
+            f"| {n} | {span} | {keep} of {len(segment)} | "
+            f"{_indices(gone)} | {scores} |"
+        )
+    return "\n".join(rows)
+
+
+def _calibration_section(plan: PruningPlan) -> str:
+    source = plan.calibration_source or plan.config.get("dataset") or "not recorded"
+    return (
+        "## Calibration\n\n"
+        f"- data: {source}\n"
+        f"- tokens: {plan.n_tokens:,} in {plan.n_batches} batches"
+    )
+
+
+def _usage_section() -> str:
+    return f"""## How to load
+
+A plain `transformers` checkpoint with fewer layers; no custom code is needed.
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{MODEL_ID}", dtype="auto")
+tokenizer = AutoTokenizer.from_pretrained("{MODEL_ID}")
+```
+
+## How to evaluate
+
+With [lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness):
+
+```bash
+lm_eval --model hf --model_args pretrained={MODEL_ID},dtype=auto \\
+    --tasks arc_easy,hellaswag,piqa,winogrande --batch_size auto
+```
+
+or with this project's wrapper, which runs the same harness:
+
+```bash
+sglp-llm eval {MODEL_ID}
+```
+
+Replace `{MODEL_ID}` with this folder or its Hub repo id."""
+
+
+def _evaluation_table(evaluation: Mapping[str, Any]) -> str:
+    """A metric -> value mapping is one column; a column -> {metric: value} mapping is several."""
+    nested = [isinstance(v, Mapping) for v in evaluation.values()]
+    if any(nested) and not all(nested):
+        raise ValueError(
+            "`evaluation` must map metric -> value (e.g. {'arc_easy/acc': 0.71}) or column -> "
+            "{metric: value} (e.g. {'dense': {...}, 'pruned': {...}}), not a mix of both."
+        )
+    columns = dict(evaluation) if all(nested) else {"value": evaluation}
+    metrics = list(dict.fromkeys(m for col in columns.values() for m in col))
+    rows = [
+        "| metric | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for metric in metrics:
+        cells = [_cell(col.get(metric)) for col in columns.values()]
+        rows.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _indices(indices: list[int]) -> str:
+    return ", ".join(map(str, indices)) if indices else "none"

@@ -1,0 +1,110 @@
+"""Write a pruned model with its report, settings, heatmap and model card as one folder.
+
+Everything goes into a temporary folder next to the destination and is renamed into place at the
+end, so an interrupted or failed save never leaves a half-written model that looks complete, and
+an existing folder is only replaced once its successor is fully written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from sglp_llm.config import SGLPConfig
+from sglp_llm.heatmap import HEATMAP_NAME, plot_cka_heatmap
+from sglp_llm.modelcard import render_model_card
+from sglp_llm.plan import REPORT_NAME, PruningPlan
+
+README_NAME = "README.md"
+
+
+def save_pruned(
+    output_dir: str | Path,
+    model: Any,
+    tokenizer: Any,
+    plan: PruningPlan,
+    *,
+    base_model: str,
+    overwrite: bool = False,
+    evaluation: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save `model` (safetensors), `tokenizer` (if any) and the SGLP files to `output_dir`."""
+    output_dir = Path(output_dir).expanduser().resolve()
+    _check_destination(output_dir, model, overwrite)
+    num_layers = model.config.get_text_config().num_hidden_layers
+    if num_layers != len(plan.kept):
+        raise ValueError(
+            f"The model has {num_layers} blocks but the plan keeps {len(plan.kept)} of "
+            f"{plan.num_blocks}; apply the plan to the model before saving it."
+        )
+    # Everything that can fail on bad input is built before anything is written.
+    config = SGLPConfig.from_dict(plan.config)
+    card = render_model_card(plan, base_model=base_model, evaluation=evaluation)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(output_dir, "tmp")
+    tmp.mkdir()
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        plan.save(tmp / REPORT_NAME)
+        config.save_pretrained(tmp)
+        plot_cka_heatmap(plan, tmp / HEATMAP_NAME)
+        (tmp / README_NAME).write_text(card)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _move_into_place(tmp, output_dir)
+    return output_dir
+
+
+def _check_destination(output_dir: Path, model: Any, overwrite: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(
+            f"{output_dir} exists and is not a directory; choose another output directory."
+        )
+    for source in _loaded_from(model):
+        if source == output_dir or output_dir in source.parents:
+            raise ValueError(
+                f"Refusing to write to {output_dir}: the model was loaded from {source}, and "
+                "saving there would overwrite or delete its files. Choose another output directory."
+            )
+    if not overwrite and output_dir.is_dir() and any(output_dir.iterdir()):
+        raise FileExistsError(
+            f"{output_dir} already exists and is not empty. Pass overwrite=True (--overwrite on "
+            "the command line) to replace it, or choose another output directory."
+        )
+
+
+def _loaded_from(model: Any) -> Iterator[Path]:
+    """The local folders the model's weights were read from (none for a Hub id or a fresh model)."""
+    names = {getattr(model, "name_or_path", None), getattr(model.config, "_name_or_path", None)}
+    for name in names:
+        if name and Path(name).expanduser().is_dir():
+            yield Path(name).expanduser().resolve()
+
+
+def _sibling(output_dir: Path, kind: str) -> Path:
+    """A hidden, unique path in the same folder as `output_dir`, so renames stay atomic."""
+    return output_dir.parent / f".{output_dir.name}.sglp-{kind}-{uuid.uuid4().hex[:12]}"
+
+
+def _move_into_place(tmp: Path, output_dir: Path) -> None:
+    """Rename `tmp` to `output_dir`; an existing `output_dir` is deleted only after that worked."""
+    old = _sibling(output_dir, "old") if output_dir.exists() else None
+    if old is not None:
+        os.rename(output_dir, old)
+    try:
+        os.rename(tmp, output_dir)
+    except BaseException:
+        if old is not None:
+            os.rename(old, output_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
