@@ -66,3 +66,23 @@ def tiny_batch(batch_size: int = 2, seq_len: int = 12, seed: int = 0, pad_last: 
         attention_mask[-1, -pad_last:] = 0
         input_ids[-1, -pad_last:] = 0
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer whose ids fit VOCAB: the most frequent words of the built-in text."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sglp_llm.data import default_texts
+
+    words = Counter(w for text in default_texts()[0] for w in text.lower().split())
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for word, _ in words.most_common(VOCAB - len(vocab)):
+        vocab[word] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )

@@ -1,0 +1,272 @@
+"""The two entry points: `analyze` (what would SGLP drop, and why) and `prune` (drop it).
+
+One hooked forward+backward per calibration batch feeds both the streaming CKA (forward hooks)
+and the per-block GradNorm (gradient hooks), so the analysis costs about one training step per
+batch. Segmentation and selection then work on the L×L matrix and L scores alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .blocks import DecoderBlocks, find_decoder_blocks, text_config
+from .capture import capture_blocks
+from .cka import MinibatchCKA
+from .config import ConfigError, SGLPConfig
+from .data import CalibrationSet, prepare_calibration
+from .plan import PruningPlan
+from .rewrite import SGLP_CONFIG_KEY, remove_blocks, skip_blocks
+from .score import BlockGradNorms, causal_lm_loss, grad_only_for, network_gradnorm
+from .segment import segment_blocks
+from .select import allocate_drops, best_subset, choose_drops, enumerate_keep_sets
+
+
+@dataclass
+class BlockStatistics:
+    cka: torch.Tensor
+    scores: torch.Tensor
+    n_tokens: int
+    n_batches: int
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where token ids must go: the device of the input embeddings (first device of a map)."""
+    return model.get_input_embeddings().weight.device
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def collect_block_statistics(
+    model: nn.Module,
+    blocks: DecoderBlocks,
+    calibration: CalibrationSet,
+    config: SGLPConfig,
+    *,
+    progress: bool = True,
+) -> BlockStatistics:
+    """CKA between all block outputs and per-block GradNorm, from one pass over the batches."""
+    cka = MinibatchCKA(
+        len(blocks.layers),
+        minibatch_tokens=config.cka_minibatch_tokens,
+        max_tokens_per_batch=config.cka_max_tokens_per_batch,
+        dtype=getattr(torch, config.cka_dtype),
+        seed=config.seed,
+    )
+    grads = BlockGradNorms.for_blocks(blocks.layers)
+    device = input_device(model)
+    was_training = model.training
+    model.eval()  # no dropout: scores must be deterministic
+    try:
+        with (
+            capture_blocks(blocks.layers, lambda i, _inp, out: cka.add(i, out)),
+            grad_only_for(model, grads.parameters()),
+            grads.hooks(),
+        ):
+            for batch in tqdm(calibration.batches, desc="SGLP calibration", disable=not progress):
+                batch = to_device(batch, device)
+                cka.start_batch(batch["attention_mask"].bool())
+                loss = causal_lm_loss(model, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"The calibration loss is {loss.item()}: the model overflows on this data. "
+                        "Load it in float32 or bfloat16 instead of float16 (--dtype)."
+                    )
+                cka.finish_batch()
+                loss.backward()
+                grads.end_batch()
+    finally:
+        model.train(was_training)
+    return BlockStatistics(cka.compute().cpu(), grads.compute().cpu(), cka.n_tokens, grads.n_batches)
+
+
+def _protected(num_blocks: int, config: SGLPConfig) -> set[int]:
+    return set(range(config.protect_first)) | set(range(num_blocks - config.protect_last, num_blocks))
+
+
+def _capacities(segments: list[list[int]], protected: set[int]) -> list[int]:
+    """How many blocks each segment may give up: never all of it, never a protected block."""
+    return [min(len(s) - 1, sum(1 for i in s if i not in protected)) for s in segments]
+
+
+def _segment(cka: torch.Tensor, config: SGLPConfig, n_drop: int, protected: set[int]):
+    """Fisher segmentation; an automatic k is lowered until the drop count fits the segments."""
+    kwargs = dict(feature=config.segment_feature, threshold=config.auto_k_threshold)
+    result = segment_blocks(
+        cka.numpy(), num_segments=config.num_segments, max_segments=config.max_segments, **kwargs
+    )
+    while config.num_segments is None and result.k > 1 and sum(_capacities(result.segments, protected)) < n_drop:
+        result = segment_blocks(cka.numpy(), num_segments=result.k - 1, **kwargs)
+    return result
+
+
+def _subset_search(
+    model: nn.Module,
+    segments: list[list[int]],
+    drops: list[int],
+    protected: set[int],
+    calibration: CalibrationSet,
+    config: SGLPConfig,
+    progress: bool,
+) -> tuple[list[int], dict[str, Any]]:
+    """The paper's selection: in each segment keep the subset whose pruned network has the
+    highest GradNorm (other segments intact)."""
+    device = input_device(model)
+    batches = [to_device(b, device) for b in calibration.batches[: config.subset_batches]]
+    dropped: list[int] = []
+    searched: dict[str, Any] = {}
+    for segment, n_drop in zip(segments, drops):
+        if n_drop == 0:
+            continue
+        keep_sets = enumerate_keep_sets(
+            segment, len(segment) - n_drop, protected=protected,
+            max_candidates=config.max_candidates, seed=config.seed,
+        )
+        scores = {}
+        for keep in tqdm(keep_sets, desc=f"SGLP subset search {segment[0]}-{segment[-1]}", disable=not progress):
+            with skip_blocks(model, [i for i in segment if i not in keep], layers_path=config.layers_path):
+                scores[tuple(keep)] = network_gradnorm(model, batches)
+        best = best_subset(scores)
+        dropped += [i for i in segment if i not in best]
+        searched[f"{segment[0]}-{segment[-1]}"] = {
+            "candidates": len(scores), "best_keep": list(best), "best_score": scores[best],
+        }
+    return sorted(dropped), searched
+
+
+def analyze(
+    model: nn.Module,
+    calibration: Any = None,
+    config: SGLPConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> PruningPlan:
+    """Decide which decoder blocks of `model` to drop; the model is left unchanged.
+
+    `calibration` may be None (the config's dataset, or the built-in default text), a dataset
+    name or local path, a list of strings, pre-tokenized batches, or a `CalibrationSet`.
+    """
+    if config is None:
+        raise ConfigError("Pass an SGLPConfig, e.g. SGLPConfig(drop=4) or SGLPConfig(ratio=0.25).")
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    blocks = find_decoder_blocks(model, config.layers_path)
+    num_blocks = len(blocks.layers)
+    n_drop = config.resolve_drop(num_blocks)
+    protected = _protected(num_blocks, config)
+
+    t = time.perf_counter()
+    calibration = prepare_calibration(
+        calibration, tokenizer, config,
+        max_positions=getattr(text_config(model), "max_position_embeddings", None),
+    )
+    timings["calibration_data_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    stats = collect_block_statistics(model, blocks, calibration, config, progress=progress)
+    timings["statistics_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    segmentation = _segment(stats.cka, config, n_drop, protected)
+    segments = segmentation.segments
+    drops = allocate_drops(
+        [len(s) for s in segments], n_drop, capacity=_capacities(segments, protected)
+    )
+    timings["segmentation_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    extra: dict[str, Any] = {"protected": sorted(protected), "k": segmentation.k}
+    if config.scoring == "subset":
+        dropped, extra["subset_search"] = _subset_search(
+            model, segments, drops, protected, calibration, config, progress
+        )
+    else:
+        dropped = choose_drops(segments, stats.scores.tolist(), drops, protected=protected)
+    timings["selection_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - start
+
+    return PruningPlan(
+        num_blocks=num_blocks,
+        layers_path=blocks.path,
+        cka=stats.cka.tolist(),
+        segments=segments,
+        scores=stats.scores.tolist(),
+        keep_per_segment=[len(s) - d for s, d in zip(segments, drops)],
+        dropped=list(dropped),
+        kept=[i for i in range(num_blocks) if i not in set(dropped)],
+        n_tokens=stats.n_tokens,
+        n_batches=stats.n_batches,
+        config=config.to_dict(),
+        timings=timings,
+        segmentation_losses=list(segmentation.losses),
+        model_name=getattr(model, "name_or_path", None) or None,
+        calibration_source=calibration.source,
+        extra=extra,
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (the input model, changed in place), its plan, and how to save it."""
+
+    model: nn.Module
+    plan: PruningPlan
+    tokenizer: Any = None
+    base_model: str | None = None
+
+    def save_pretrained(self, output_dir: str | Path, *, overwrite: bool = False, evaluation: dict | None = None) -> Path:
+        from .save import save_pruned
+
+        return save_pruned(
+            output_dir, self.model, self.tokenizer, self.plan,
+            base_model=self.base_model or self.plan.model_name or "unknown",
+            overwrite=overwrite, evaluation=evaluation,
+        )
+
+    def push_to_hub(self, repo_id: str, *, private: bool = True, token: str | None = None) -> str:
+        """Save into a temporary folder and upload it (private unless asked)."""
+        import tempfile
+
+        from .hub import push_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model")
+            return push_folder(folder, repo_id, private=private, token=token)
+
+
+def prune(
+    model: nn.Module,
+    calibration: Any = None,
+    config: SGLPConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    plan: PruningPlan | None = None,
+    progress: bool = True,
+) -> PruneResult:
+    """Analyze (unless a `plan` is given) and remove the chosen blocks from `model` in place."""
+    if plan is None:
+        plan = analyze(model, calibration, config, tokenizer=tokenizer, progress=progress)
+    elif len(find_decoder_blocks(model, plan.layers_path).layers) != plan.num_blocks:
+        raise ConfigError(
+            f"This plan was made for a model with {plan.num_blocks} blocks, but this model has "
+            f"{len(find_decoder_blocks(model, plan.layers_path).layers)}; analyze this model again."
+        )
+    params_before = count_parameters(model)
+    base_model = plan.model_name or getattr(model, "name_or_path", None)
+    remove_blocks(model, plan.dropped, layers_path=plan.layers_path)
+    getattr(text_config(model), SGLP_CONFIG_KEY)["settings"] = plan.config
+    plan.extra.update(params_before=params_before, params_after=count_parameters(model))
+    return PruneResult(model=model, plan=plan, tokenizer=tokenizer, base_model=base_model)

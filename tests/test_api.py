@@ -1,0 +1,128 @@
+"""analyze/prune end to end on tiny models: determinism, constraints, and the pruned network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglp_llm import ConfigError, SGLPConfig, analyze, prune
+from sglp_llm.blocks import find_decoder_blocks
+from tiny_models import tiny_batch, tiny_model, tiny_tokenizer
+
+CONFIG = dict(cka_minibatch_tokens=16, seq_len=16, n_samples=8, batch_size=4)
+
+
+def _batches(n=3):
+    return [tiny_batch(batch_size=4, seq_len=16, seed=s) for s in range(n)]
+
+
+def test_analyze_leaves_model_unchanged_and_is_deterministic():
+    model = tiny_model("llama", num_layers=10)
+    batch = tiny_batch()
+    flags = [p.requires_grad for p in model.parameters()]
+    with torch.no_grad():
+        before = model(**batch).logits
+    config = SGLPConfig(drop=3, **CONFIG)
+    first = analyze(model, _batches(), config, progress=False)
+    second = analyze(model, _batches(), config, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=0)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert first.dropped == second.dropped and first.cka == second.cka and first.scores == second.scores
+    assert first.n_tokens == 3 * 4 * 16 and first.n_batches == 3
+
+
+def test_plan_respects_drop_count_protection_and_segments():
+    model = tiny_model("qwen3", num_layers=12)
+    plan = analyze(model, _batches(), SGLPConfig(drop=5, **CONFIG), progress=False)
+    assert len(plan.dropped) == 5 and sorted(plan.dropped + plan.kept) == list(range(12))
+    assert 0 not in plan.dropped and 11 not in plan.dropped
+    flat = [i for seg in plan.segments for i in seg]
+    assert flat == list(range(12))
+    for seg, keep in zip(plan.segments, plan.keep_per_segment):
+        kept_here = [i for i in seg if i in plan.kept]
+        assert len(kept_here) == keep >= 1
+    # within each segment the dropped blocks are the lowest-scored ones
+    for seg in plan.segments:
+        dropped = [i for i in seg if i in plan.dropped]
+        kept = [i for i in seg if i in plan.kept and i not in (0, 11)]
+        if dropped and kept:
+            assert max(plan.scores[i] for i in dropped) <= min(plan.scores[i] for i in kept)
+
+
+def test_automatic_k_is_lowered_until_the_drop_fits():
+    model = tiny_model("llama", num_layers=8)
+    plan = analyze(model, _batches(), SGLPConfig(drop=5, auto_k_threshold=0.0, **CONFIG), progress=False)
+    import numpy as np
+
+    from sglp_llm.segment import segment_blocks
+
+    unconstrained = segment_blocks(np.array(plan.cka), threshold=0.0)
+    assert len(plan.dropped) == 5
+    assert len(plan.segments) < unconstrained.k
+    removable = [min(len(s) - 1, len([i for i in s if i not in (0, 7)])) for s in plan.segments]
+    assert sum(removable) >= 5
+
+
+def test_fixed_segment_count_that_cannot_fit_is_refused():
+    model = tiny_model("llama", num_layers=8)
+    with pytest.raises(ValueError, match="at most"):
+        analyze(model, _batches(), SGLPConfig(drop=5, num_segments=6, **CONFIG), progress=False)
+
+
+def test_prune_equals_original_with_dropped_blocks_skipped():
+    model = tiny_model("gemma2", num_layers=8)
+    reference = tiny_model("gemma2", num_layers=8)
+    result = prune(model, _batches(), SGLPConfig(ratio=0.25, **CONFIG), progress=False)
+    assert len(result.plan.dropped) == 2
+    layers = find_decoder_blocks(reference).layers
+    for i in result.plan.dropped:
+        layers[i].register_forward_hook(lambda m, a, k, o: a[0] if a else k["hidden_states"], with_kwargs=True)
+    batch = tiny_batch(pad_last=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=1e-5, atol=1e-5)
+    assert model.config.sglp["kept_layers"] == result.plan.kept
+    assert model.config.sglp["settings"]["ratio"] == 0.25
+    assert result.plan.extra["params_after"] < result.plan.extra["params_before"]
+
+
+def test_subset_search_picks_the_best_keep_set_by_network_gradnorm():
+    from sglp_llm.rewrite import skip_blocks
+    from sglp_llm.score import network_gradnorm
+
+    model = tiny_model("llama", num_layers=8)
+    batches = _batches()
+    plan = analyze(model, batches, SGLPConfig(drop=2, num_segments=2, scoring="subset", **CONFIG), progress=False)
+    for seg in plan.segments:
+        dropped_here = [i for i in seg if i in plan.dropped]
+        if not dropped_here:
+            continue
+        best = plan.extra["subset_search"][f"{seg[0]}-{seg[-1]}"]
+        with skip_blocks(model, dropped_here):
+            assert network_gradnorm(model, batches[:1]) == pytest.approx(best["best_score"], rel=1e-9)
+        # no other single-block drop in this segment scores higher (brute force)
+        for other in seg:
+            if other in (0, 7) or len(dropped_here) != 1:
+                continue
+            with skip_blocks(model, [other]):
+                assert network_gradnorm(model, batches[:1]) <= best["best_score"] + 1e-9
+
+
+def test_texts_need_a_tokenizer_and_work_with_one():
+    model = tiny_model("mistral", num_layers=6)
+    texts = ["the module provides a class for the object that is returned by the function " * 20] * 4
+    config = SGLPConfig(drop=2, **CONFIG)
+    with pytest.raises(ConfigError, match="tokenizer"):
+        analyze(model, texts, config, progress=False)
+    plan = analyze(model, texts, config, tokenizer=tiny_tokenizer(), progress=False)
+    assert len(plan.dropped) == 2 and plan.calibration_source == "texts given in Python"
+
+
+def test_missing_config_and_mismatched_plan_are_refused():
+    model = tiny_model("llama", num_layers=6)
+    with pytest.raises(ConfigError, match="Pass an SGLPConfig"):
+        analyze(model, _batches())
+    plan = analyze(model, _batches(), SGLPConfig(drop=1, **CONFIG), progress=False)
+    with pytest.raises(ConfigError, match="made for a model with 6 blocks, but this model has 8"):
+        prune(tiny_model("llama", num_layers=8), plan=plan)
