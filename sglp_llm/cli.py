@@ -147,6 +147,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 def run_prune(args: argparse.Namespace) -> int:
     from .api import prune
+    from .save import check_destination
 
     start = time.perf_counter()
     run, config = resolve_settings(args)
@@ -154,8 +155,7 @@ def run_prune(args: argparse.Namespace) -> int:
     if output is None:
         raise ConfigError("Say where to write the pruned model: --output DIR (or `output:` in the recipe).")
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise ConfigError(f"Output directory {str(output)!r} is not empty; pass --overwrite to replace it.")
+    check_destination(output, overwrite=args.overwrite)
     loaded = _load(run)
     if config.dataset is None:
         print("No --dataset given: calibrating on the built-in English text.", file=sys.stderr)

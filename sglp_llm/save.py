@@ -34,7 +34,7 @@ def save_pruned(
 ) -> Path:
     """Save `model` (safetensors), `tokenizer` (if any) and the SGLP files to `output_dir`."""
     output_dir = Path(output_dir).expanduser().resolve()
-    _check_destination(output_dir, model, overwrite)
+    check_destination(output_dir, overwrite=overwrite, model=model)
     num_layers = model.config.get_text_config().num_hidden_layers
     if num_layers != len(plan.kept):
         raise ValueError(
@@ -63,12 +63,14 @@ def save_pruned(
     return output_dir
 
 
-def _check_destination(output_dir: Path, model: Any, overwrite: bool) -> None:
+def check_destination(output_dir: Path, *, overwrite: bool, model: Any = None) -> None:
+    """Refuse an output that is a file, a non-empty folder (without overwrite), or the model's
+    own folder. Also called before a long analysis so a bad --output fails fast."""
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(
             f"{output_dir} exists and is not a directory; choose another output directory."
         )
-    for source in _loaded_from(model):
+    for source in _loaded_from(model) if model is not None else ():
         if source == output_dir or output_dir in source.parents:
             raise ValueError(
                 f"Refusing to write to {output_dir}: the model was loaded from {source}, and "

@@ -1,0 +1,115 @@
+"""The `sglp-llm` command line on a tiny saved model: outputs, recipes, refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sglp_llm.cli import main
+from tiny_models import tiny_batch, tiny_model, tiny_tokenizer
+
+FAST = ["--seq-len", "16", "--n-samples", "8", "--batch-size", "4", "--cka-minibatch-tokens", "16", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", num_layers=8).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    path.write_text(" ".join(["the module returns a new object for each class and function"] * 200))
+    return path
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_prune_writes_a_loadable_smaller_model(model_dir, text_file, tmp_path, capsys):
+    before = _digest(model_dir)
+    out = tmp_path / "pruned"
+    code = main(["prune", "--model", str(model_dir), "--drop", "2", "--dataset", str(text_file),
+                 "--output", str(out), "--report", str(tmp_path / "r.json"), *FAST])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Blocks: 8 -> 6" in printed and str(out) in printed
+    assert _digest(model_dir) == before, "the input model's files must never change"
+    for name in ("config.json", "model.safetensors", "sglp_report.json", "sglp_config.json", "README.md", "cka_heatmap.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "sglp_report.json").read_text())
+    assert report == json.loads((tmp_path / "r.json").read_text())
+    pruned = AutoModelForCausalLM.from_pretrained(out)
+    assert pruned.config.num_hidden_layers == 6
+    assert pruned.config.sglp["kept_layers"] == report["kept"]
+    # logits equal the original with the dropped blocks skipped
+    original = AutoModelForCausalLM.from_pretrained(model_dir)
+    for i in report["dropped"]:
+        original.model.layers[i].register_forward_hook(lambda m, a, k, o: a[0] if a else k["hidden_states"], with_kwargs=True)
+    batch = tiny_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**batch).logits, original(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_analyze_prints_the_plan_and_writes_nothing_else(model_dir, text_file, tmp_path, capsys):
+    code = main(["analyze", "--model", str(model_dir), "--ratio", "0.25", "--dataset", str(text_file),
+                 "--report", str(tmp_path / "plan.json"), *FAST])
+    assert code == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "plan.json").read_text())
+    assert f"drop 2 blocks: {report['dropped']}" in printed
+    assert "segment" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
+def test_recipe_fills_settings_and_flags_override(model_dir, text_file, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {model_dir}\nsglp:\n  drop: 3\n  dataset: {text_file}\n  seq_len: 16\n  n_samples: 8\n  cka_minibatch_tokens: 16\n")
+    assert main(["analyze", "--recipe", str(recipe), "--no-progress", "--report", str(tmp_path / "a.json")]) == 0
+    assert len(json.loads((tmp_path / "a.json").read_text())["dropped"]) == 3
+    assert main(["analyze", "--recipe", str(recipe), "--ratio", "0.25", "--no-progress", "--report", str(tmp_path / "b.json")]) == 0
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert len(b["dropped"]) == 2 and b["config"]["ratio"] == 0.25 and b["config"]["drop"] is None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["analyze", "--model", "MODEL"], "--drop N or --ratio R"),
+        (["prune", "--model", "MODEL", "--drop", "2"], "--output DIR"),
+        (["analyze", "--model", "MODEL", "--drop", "9"], "Cannot drop 9 of 8 blocks"),
+        (["analyze", "--model", "MODEL", "--drop", "2", "--seq-len", "4096"], "--seq-len"),
+        (["analyze", "--recipe", "missing.yaml", "--drop", "2"], "does not exist"),
+    ],
+)
+def test_errors_are_reported_clearly(model_dir, text_file, argv, message, capsys):
+    argv = [str(model_dir) if a == "MODEL" else a for a in argv] + ["--dataset", str(text_file), "--no-progress"]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_recipe_key(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("modle: x\nsglp: {drop: 2}\n")
+    assert main(["analyze", "--recipe", str(recipe)]) == 2
+    assert "Unknown recipe key(s) ['modle']" in capsys.readouterr().err
+
+
+def test_existing_output_needs_overwrite(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    argv = ["prune", "--model", str(model_dir), "--drop", "2", "--dataset", str(text_file), "--output", str(out), *FAST]
+    assert main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+    assert main(argv + ["--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
