@@ -113,3 +113,24 @@ def test_existing_output_needs_overwrite(model_dir, text_file, tmp_path, capsys)
     assert (out / "keep.txt").read_text() == "precious"
     assert main(argv + ["--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("extra, private", [([], True), (["--public"], False)])
+def test_push_to_hub_uploads_the_saved_folder(model_dir, text_file, tmp_path, monkeypatch, capsys, extra, private):
+    import sglp_llm.hub
+
+    calls = []
+
+    def fake_push(folder, repo_id, *, private=True, token=None, commit_message=None):
+        calls.append((folder, repo_id, private, sorted(p.name for p in folder.iterdir())))
+        return f"https://huggingface.co/{repo_id}"
+
+    monkeypatch.setattr(sglp_llm.hub, "push_folder", fake_push)
+    out = tmp_path / "out"
+    argv = ["prune", "--model", str(model_dir), "--drop", "2", "--dataset", str(text_file), "--output", str(out),
+            "--push-to-hub", "me/tiny-sglp", *extra, *FAST]
+    assert main(argv) == 0
+    ((folder, repo_id, was_private, files),) = calls
+    assert folder == out.resolve() and repo_id == "me/tiny-sglp" and was_private is private
+    assert {"config.json", "model.safetensors", "README.md", "sglp_report.json"} <= set(files)
+    assert "Uploaded to https://huggingface.co/me/tiny-sglp" in capsys.readouterr().out
