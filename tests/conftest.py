@@ -1,0 +1,35 @@
+"""Shared fixtures: offline tokenizers for tests that need text, not a Hub download."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+
+
+def word_tokenizer(
+    texts: Sequence[str], *, bos: bool = True, eos: bool = True
+) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer (words and punctuation) whose vocabulary is every token of `texts`.
+
+    Ids: <unk>=0, <s>=1, </s>=2, then the words; `bos`/`eos` say whether the tokenizer declares
+    those special tokens. It never adds special tokens to its inputs.
+    """
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    declared = {"unk_token": "<unk>"}
+    if bos:
+        declared["bos_token"] = "<s>"
+    if eos:
+        declared["eos_token"] = "</s>"
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **declared)
+
+
+@pytest.fixture(scope="session")
+def make_word_tokenizer() -> Callable[..., PreTrainedTokenizerFast]:
+    """`word_tokenizer` as a fixture: call it with the texts the test uses."""
+    return word_tokenizer
