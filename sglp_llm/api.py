@@ -1,13 +1,17 @@
 """The two entry points: `analyze` (what would SGLP drop, and why) and `prune` (drop it).
 
-One hooked forward+backward per calibration batch feeds both the streaming CKA (forward hooks)
-and the per-block GradNorm (gradient hooks), so the analysis costs about one training step per
-batch. Segmentation and selection then work on the L×L matrix and L scores alone.
+One hooked pass over the calibration batches feeds every statistic: the streaming CKA and the
+peer baselines' block scores from forward hooks and, for SGLP only, the per-block GradNorm from
+gradient hooks during one backward per batch, so the analysis costs about one training step per
+batch (one inference step for the baselines). Segmentation and selection then work on the L×L
+matrix and L scores alone.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +20,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .baselines import BASELINES
 from .blocks import DecoderBlocks, find_decoder_blocks, text_config
-from .capture import capture_blocks
+from .capture import BlockObserver, capture_blocks
 from .cka import MinibatchCKA
 from .config import ConfigError, SGLPConfig
 from .data import CalibrationSet, prepare_calibration
@@ -31,7 +36,7 @@ from .select import allocate_drops, best_subset, choose_drops, enumerate_keep_se
 @dataclass
 class BlockStatistics:
     cka: torch.Tensor
-    scores: torch.Tensor
+    scores: torch.Tensor  # the method's per-block score; NaN where it has none
     n_tokens: int
     n_batches: int
 
@@ -50,42 +55,71 @@ def collect_block_statistics(
     blocks: DecoderBlocks,
     calibration: CalibrationSet,
     config: SGLPConfig,
+    n_drop: int,
     *,
     progress: bool = True,
 ) -> BlockStatistics:
-    """CKA between all block outputs and per-block GradNorm, from one pass over the batches."""
+    """CKA between all block outputs and the method's block scores, from one pass over the
+    batches; the backward (GradNorm) runs only for SGLP, the baselines run under no_grad."""
+    num_blocks = len(blocks.layers)
     cka = MinibatchCKA(
-        len(blocks.layers),
+        num_blocks,
         minibatch_tokens=config.cka_minibatch_tokens,
         max_tokens_per_batch=config.cka_max_tokens_per_batch,
         dtype=getattr(torch, config.cka_dtype),
         seed=config.seed,
     )
-    grads = BlockGradNorms.for_blocks(blocks.layers)
+    baseline = BASELINES.get(config.method)  # None for SGLP
+    score = (
+        baseline.observer(num_blocks, n_drop)
+        if baseline is not None and baseline.observer is not None
+        else None
+    )
+    observers: list[BlockObserver] = [cka] + ([score] if score is not None else [])
+    grads = BlockGradNorms.for_blocks(blocks.layers) if baseline is None else None
+
+    def feed(index: int, block_input: torch.Tensor, block_output: torch.Tensor) -> None:
+        for observer in observers:
+            observer.on_block(index, block_input, block_output)
+
     device = input_device(model)
     was_training = model.training
     model.eval()  # no dropout: scores must be deterministic
+    n_batches = 0
     try:
-        with (
-            capture_blocks(blocks.layers, lambda i, _inp, out: cka.add(i, out)),
-            grad_only_for(model, grads.parameters()),
-            grads.hooks(),
-        ):
+        with ExitStack() as stack:
+            stack.enter_context(capture_blocks(blocks.layers, feed))
+            if grads is None:
+                stack.enter_context(torch.no_grad())
+            else:
+                stack.enter_context(grad_only_for(model, grads.parameters()))
+                stack.enter_context(grads.hooks())
             for batch in tqdm(calibration.batches, desc="SGLP calibration", disable=not progress):
                 batch = to_device(batch, device)
-                cka.start_batch(batch["attention_mask"].bool())
+                for observer in observers:
+                    observer.start_batch(batch["attention_mask"].bool())
                 loss = causal_lm_loss(model, batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"The calibration loss is {loss.item()}: the model overflows on this data. "
                         "Load it in float32 or bfloat16 instead of float16 (--dtype)."
                     )
-                cka.finish_batch()
-                loss.backward()
-                grads.end_batch()
+                for observer in observers:
+                    observer.finish_batch()
+                if grads is not None:
+                    loss.backward()
+                    grads.end_batch()
+                n_batches += 1
     finally:
         model.train(was_training)
-    return BlockStatistics(cka.compute().cpu(), grads.compute().cpu(), cka.n_tokens, grads.n_batches)
+    cka_matrix = cka.compute().cpu()
+    if grads is not None:
+        scores = grads.compute().cpu()
+    elif score is not None:
+        scores = score.compute().cpu()
+    else:
+        scores = torch.full((num_blocks,), math.nan, dtype=torch.float64)
+    return BlockStatistics(cka_matrix, scores, cka.n_tokens, n_batches)
 
 
 def _protected(num_blocks: int, config: SGLPConfig) -> set[int]:
@@ -142,6 +176,38 @@ def _subset_search(
     return sorted(dropped), searched
 
 
+def _sglp_selection(
+    model: nn.Module,
+    stats: BlockStatistics,
+    calibration: CalibrationSet,
+    config: SGLPConfig,
+    n_drop: int,
+    protected: set[int],
+    timings: dict[str, float],
+    extra: dict[str, Any],
+    progress: bool,
+) -> tuple[list[list[int]], list[int], list[int], list[float]]:
+    """SGLP's stages 2 and 3: segments, drops per segment, dropped blocks, segmentation losses."""
+    t = time.perf_counter()
+    segmentation = _segment(stats.cka, config, n_drop, protected)
+    segments = segmentation.segments
+    drops = allocate_drops(
+        [len(s) for s in segments], n_drop, capacity=_capacities(segments, protected)
+    )
+    timings["segmentation_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    extra["k"] = segmentation.k
+    if config.scoring == "subset":
+        dropped, extra["subset_search"] = _subset_search(
+            model, segments, drops, protected, calibration, config, progress
+        )
+    else:
+        dropped = choose_drops(segments, stats.scores.tolist(), drops, protected=protected)
+    timings["selection_s"] = time.perf_counter() - t
+    return segments, drops, dropped, list(segmentation.losses)
+
+
 def analyze(
     model: nn.Module,
     calibration: Any = None,
@@ -150,7 +216,8 @@ def analyze(
     tokenizer: Any = None,
     progress: bool = True,
 ) -> PruningPlan:
-    """Decide which decoder blocks of `model` to drop; the model is left unchanged.
+    """Decide which decoder blocks of `model` to drop (by `config.method`); the model is left
+    unchanged.
 
     `calibration` may be None (the config's dataset, or the built-in default text), a dataset
     name or local path, a list of strings, pre-tokenized batches, or a `CalibrationSet`.
@@ -172,26 +239,23 @@ def analyze(
     timings["calibration_data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    stats = collect_block_statistics(model, blocks, calibration, config, progress=progress)
+    stats = collect_block_statistics(model, blocks, calibration, config, n_drop, progress=progress)
     timings["statistics_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    segmentation = _segment(stats.cka, config, n_drop, protected)
-    segments = segmentation.segments
-    drops = allocate_drops(
-        [len(s) for s in segments], n_drop, capacity=_capacities(segments, protected)
-    )
-    timings["segmentation_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    extra: dict[str, Any] = {"protected": sorted(protected), "k": segmentation.k}
-    if config.scoring == "subset":
-        dropped, extra["subset_search"] = _subset_search(
-            model, segments, drops, protected, calibration, config, progress
+    scores = stats.scores.tolist()
+    extra: dict[str, Any] = {"protected": sorted(protected)}
+    baseline = BASELINES.get(config.method)  # None for SGLP
+    if baseline is None:
+        segments, drops, dropped, losses = _sglp_selection(
+            model, stats, calibration, config, n_drop, protected, timings, extra, progress
         )
+        score_kind = "gradnorm"
     else:
-        dropped = choose_drops(segments, stats.scores.tolist(), drops, protected=protected)
-    timings["selection_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        segments, drops, losses = [list(range(num_blocks))], [n_drop], []
+        dropped = baseline.choose(scores, n_drop, protected, config.seed)
+        score_kind = baseline.score_kind
+        timings["selection_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
 
     return PruningPlan(
@@ -199,7 +263,7 @@ def analyze(
         layers_path=blocks.path,
         cka=stats.cka.tolist(),
         segments=segments,
-        scores=stats.scores.tolist(),
+        scores=[None if math.isnan(x) else x for x in scores],  # JSON has no NaN
         keep_per_segment=[len(s) - d for s, d in zip(segments, drops)],
         dropped=list(dropped),
         kept=[i for i in range(num_blocks) if i not in set(dropped)],
@@ -207,7 +271,8 @@ def analyze(
         n_batches=stats.n_batches,
         config=config.to_dict(),
         timings=timings,
-        segmentation_losses=list(segmentation.losses),
+        segmentation_losses=losses,
+        score_kind=score_kind,
         model_name=getattr(model, "name_or_path", None) or None,
         calibration_source=calibration.source,
         extra=extra,

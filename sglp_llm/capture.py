@@ -7,12 +7,26 @@ block influence, ...) as the forward pass goes, and the hooks are removed even o
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
 
 BlockCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+class BlockObserver(Protocol):
+    """A streaming statistic over block inputs/outputs, so several share one forward pass:
+    `start_batch(token_mask)`, then `on_block` for every block, then `finish_batch()`; at the end
+    `compute()` gives the statistic."""
+
+    def start_batch(self, token_mask: torch.Tensor) -> None: ...
+
+    def on_block(self, index: int, block_input: torch.Tensor, block_output: torch.Tensor) -> None: ...
+
+    def finish_batch(self) -> None: ...
+
+    def compute(self) -> torch.Tensor: ...
 
 
 def block_input(args: tuple, kwargs: dict) -> torch.Tensor:

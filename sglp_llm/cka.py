@@ -99,6 +99,10 @@ class MinibatchCKA:
             grams.append((x @ x.T).to(self.device))
         self._grams[layer] = grams
 
+    def on_block(self, index: int, block_input: torch.Tensor, block_output: torch.Tensor) -> None:
+        """The `BlockObserver` entry point: CKA compares block outputs."""
+        self.add(index, block_output)
+
     def finish_batch(self) -> None:
         """Add this batch's HSIC for all pairs to the running sums."""
         if self._positions is None:

@@ -16,6 +16,7 @@ import yaml
 
 CONFIG_NAME = "sglp_config.json"
 
+METHODS = ("sglp", "block-influence", "angular", "last", "random")
 SCORING_MODES = ("block", "subset")
 SEGMENT_FEATURES = ("column_sum", "rows")
 CKA_DTYPES = ("float32", "float64")
@@ -33,9 +34,10 @@ class SGLPConfig:
     rounded to the nearest count).
     """
 
-    # -- how much to prune
+    # -- how much to prune, and how: SGLP or a peer baseline (see sglp_llm.baselines)
     drop: int | None = None
     ratio: float | None = None
+    method: str = "sglp"
 
     # -- calibration data (see sglp_llm.data)
     dataset: str | None = None
@@ -52,13 +54,14 @@ class SGLPConfig:
     cka_max_tokens_per_batch: int | None = None
     cka_dtype: str = "float64"
 
-    # -- segmentation (see sglp_llm.segment)
+    # -- segmentation (see sglp_llm.segment); used by method="sglp" only
     num_segments: int | None = None
     max_segments: int | None = None
     segment_feature: str = "column_sum"
     auto_k_threshold: float = 0.05
 
-    # -- selection (see sglp_llm.score and sglp_llm.select)
+    # -- selection (see sglp_llm.score and sglp_llm.select); scoring, max_candidates and
+    # subset_batches are used by method="sglp" only, protection by every method
     scoring: str = "block"
     max_candidates: int = 64
     subset_batches: int = 1
@@ -84,6 +87,8 @@ class SGLPConfig:
             raise ConfigError(f"`drop` must be a positive integer, got {self.drop!r}.")
         if self.ratio is not None and not (0.0 < float(self.ratio) < 1.0):
             raise ConfigError(f"`ratio` must be strictly between 0 and 1, got {self.ratio!r}.")
+        if self.method not in METHODS:
+            raise ConfigError(f"`method` must be one of {METHODS}, got {self.method!r}.")
         for name in ("seq_len", "n_samples", "batch_size", "max_candidates", "subset_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -17,6 +17,19 @@ from sglp_llm.plan import PruningPlan
 TAGS = ["sglp-llm", "depth-pruning", "pruned"]
 MODEL_ID = "<path-or-repo-id>"
 PAPER = "https://arxiv.org/abs/2410.14720"
+# per method: (name in the title, how the blocks were chosen)
+METHOD_TEXT = {
+    "sglp": ("SGLP", f"[SGLP]({PAPER}) (CKA similarity between block outputs, Fisher optimal "
+             "segmentation into groups of similar blocks, GradNorm selection within each group)"),
+    "block-influence": ("ShortGPT Block Influence", "ShortGPT's Block Influence "
+                        "([Men et al. 2024](https://arxiv.org/abs/2403.03853): the blocks whose "
+                        "output is closest in angle to their input)"),
+    "angular": ("angular distance", "the angular distance of [Gromov et al. 2024]"
+                "(https://arxiv.org/abs/2403.17887) (the contiguous run of blocks whose input and "
+                "output are closest in angle)"),
+    "last": ("last-n", "the last-n baseline (the deepest unprotected blocks)"),
+    "random": ("random", "the seeded random baseline"),
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -38,13 +51,12 @@ def render_model_card(
         pipeline_tag="text-generation",
     )
     before, after = plan.num_blocks, len(plan.kept)
+    name, how = METHOD_TEXT[plan.config.get("method", "sglp")]
     sections = [
-        f"# {base_model}, depth-pruned with SGLP ({after} of {before} blocks)",
+        f"# {base_model}, depth-pruned with {name} ({after} of {before} blocks)",
         f"This is `{base_model}` with {len(plan.dropped)} of "
-        f"its {before} decoder blocks removed by [SGLP]({PAPER}) (CKA similarity between block "
-        "outputs, Fisher optimal segmentation into groups of similar blocks, GradNorm selection "
-        "within each group), made with `sglp-llm`. The remaining blocks are unchanged; no "
-        "fine-tuning was applied after pruning.",
+        f"its {before} decoder blocks removed by {how}, made with `sglp-llm`. The remaining "
+        "blocks are unchanged; no fine-tuning was applied after pruning.",
         _removed_section(plan),
         _segments_section(plan),
         _calibration_section(plan),
@@ -86,7 +98,7 @@ def _segments_section(plan: PruningPlan) -> str:
     ]
     dropped = set(plan.dropped)
     for n, (segment, keep) in enumerate(zip(plan.segments, plan.keep_per_segment)):
-        scores = ", ".join(f"{i}: {plan.scores[i]:.4g}" for i in segment)
+        scores = ", ".join(f"{i}: {plan.score_text(i)}" for i in segment)
         gone = [i for i in segment if i in dropped]
         span = f"{segment[0]}–{segment[-1]}" if len(segment) > 1 else str(segment[0])
         rows.append(

@@ -21,7 +21,7 @@ class PruningPlan:
     layers_path: str
     cka: list[list[float]]
     segments: list[list[int]]
-    scores: list[float]
+    scores: list[float | None]  # None where the method has no score for a block
     keep_per_segment: list[int]
     dropped: list[int]
     kept: list[int]
@@ -30,7 +30,7 @@ class PruningPlan:
     config: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     segmentation_losses: list[float] = field(default_factory=list)
-    score_kind: str = "gradnorm"
+    score_kind: str = "gradnorm"  # or the baseline's score (sglp_llm.baselines), "none" if it has none
     model_name: str | None = None
     calibration_source: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -49,6 +49,11 @@ class PruningPlan:
     def load(cls, path: str | Path) -> "PruningPlan":
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    def score_text(self, block: int) -> str:
+        """Block `block`'s score for people: 4 significant digits, or "–" where there is none."""
+        score = self.scores[block]
+        return "–" if score is None else f"{score:.4g}"
+
     def summary(self) -> str:
         """A few human-readable lines: segments, scores and the decision."""
         lines = [
@@ -57,7 +62,7 @@ class PruningPlan:
         ]
         for seg, keep in zip(self.segments, self.keep_per_segment):
             drop = [i for i in seg if i in self.dropped]
-            scores = ", ".join(f"{i}:{self.scores[i]:.4g}" for i in seg)
+            scores = ", ".join(f"{i}:{self.score_text(i)}" for i in seg)
             lines.append(
                 f"  segment {seg[0]:>3}-{seg[-1]:<3} keep {keep}/{len(seg)}  "
                 f"drop {drop or '-'}  {self.score_kind}: {scores}"

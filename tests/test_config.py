@@ -14,6 +14,7 @@ from sglp_llm.config import ConfigError, SGLPConfig
         ({"drop": 2, "ratio": 0.1}, "exactly one of `drop`"),
         ({"drop": 0}, "`drop` must be a positive integer"),
         ({"ratio": 1.5}, "strictly between 0 and 1"),
+        ({"drop": 2, "method": "shortgpt"}, r"`method` must be one of \('sglp', 'block-influence', 'angular', 'last', 'random'\), got 'shortgpt'"),
         ({"drop": 2, "seq_len": 0}, "`seq_len` must be a positive integer"),
         ({"drop": 2, "cka_minibatch_tokens": 3}, "at least 4 tokens"),
         ({"drop": 2, "cka_dtype": "float16"}, "`cka_dtype` must be one of"),
@@ -39,7 +40,7 @@ def test_resolve_drop():
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_round_trip_through_disk(tmp_path, suffix):
-    config = SGLPConfig(ratio=0.3, dataset="data.jsonl", seq_len=64, scoring="subset", extra={"note": "x"})
+    config = SGLPConfig(ratio=0.3, method="angular", dataset="data.jsonl", seq_len=64, scoring="subset", extra={"note": "x"})
     path = tmp_path / f"config{suffix}"
     config.save(path)
     assert SGLPConfig.load(path) == config

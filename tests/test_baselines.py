@@ -1,0 +1,208 @@
+"""Peer methods (ShortGPT Block Influence, Gromov et al.'s angular distance, last-n, random) through
+the SGLP pipeline: scores against direct computations from independently captured hidden states,
+the choices against brute force, protection, and the pruned networks."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from sglp_llm import SGLPConfig, analyze, prune
+from sglp_llm.baselines import BASELINES, AngularDistance
+from sglp_llm.blocks import find_decoder_blocks
+from sglp_llm.capture import capture_blocks
+from sglp_llm.config import METHODS
+from sglp_llm.plan import PruningPlan
+from tiny_models import tiny_batch, tiny_model
+
+CONFIG = dict(cka_minibatch_tokens=16, seq_len=16, n_samples=8, batch_size=4)
+L = 8
+
+
+def _batches():
+    """Right padding (last row) in two batches and left padding (first row) in the third, so
+    "non-padding tokens" and "last token of each sequence" both matter."""
+    batches = [tiny_batch(batch_size=4, seq_len=16, seed=s, pad_last=p) for s, p in ((0, 5), (1, 0), (2, 9))]
+    batches[1]["attention_mask"][0, :6] = 0
+    return batches
+
+
+def _boundary_states(model, batch) -> list[torch.Tensor]:
+    """x_0..x_L: the input of every block and the output of the last one. The first L come from
+    output_hidden_states; its last entry is after the final norm, so x_L is that norm's input."""
+    captured = []
+    handle = model.model.norm.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True, use_cache=False).hidden_states
+    handle.remove()
+    return [h.double() for h in (*hidden[:-1], captured[0])]
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("qwen3", num_layers=L)
+
+
+def _plan(model, method, **kwargs):
+    return analyze(model, _batches(), SGLPConfig(method=method, **{**CONFIG, **kwargs}), progress=False)
+
+
+def test_every_configurable_method_is_implemented():
+    assert set(METHODS) == {"sglp", *BASELINES}
+
+
+def test_block_influence_equals_direct_computation_and_drops_the_lowest(model):
+    cos_sum, n_tokens = torch.zeros(L, dtype=torch.float64), 0
+    for batch in _batches():
+        states, mask = _boundary_states(model, batch), batch["attention_mask"].bool()
+        for block in range(L):
+            cos_sum[block] += _cos(states[block][mask], states[block + 1][mask]).sum()
+        n_tokens += int(mask.sum())
+    expected = 1.0 - cos_sum / n_tokens
+
+    plan = _plan(model, "block-influence", drop=3)
+    assert plan.score_kind == "block_influence"
+    torch.testing.assert_close(torch.tensor(plan.scores, dtype=torch.float64), expected, rtol=0, atol=1e-6)
+    assert plan.n_tokens == n_tokens
+    unprotected = sorted(range(1, L - 1), key=lambda b: expected[b].item())
+    assert plan.dropped == sorted(unprotected[:3])
+    assert plan.segments == [list(range(L))] and plan.keep_per_segment == [L - 3]
+
+
+def test_angular_distance_equals_direct_computation_and_picks_the_closest_free_run(model):
+    n = 2
+    total, n_sequences = torch.zeros(L - n + 1, dtype=torch.float64), 0
+    for batch in _batches():
+        states, mask = _boundary_states(model, batch), batch["attention_mask"].bool()
+        last = [int(row.nonzero().max()) for row in mask]
+        for start in range(L - n + 1):
+            a = torch.stack([states[start][r, t] for r, t in enumerate(last)])
+            b = torch.stack([states[start + n][r, t] for r, t in enumerate(last)])
+            total[start] += (torch.arccos(_cos(a, b)) / math.pi).sum()
+        n_sequences += len(last)
+    expected = (total / n_sequences).tolist()
+
+    free_plan = _plan(model, "angular", drop=n, protect_first=0, protect_last=0)
+    assert free_plan.score_kind == "angular_distance"
+    assert free_plan.scores[L - n + 1 :] == [None] * (n - 1)  # no run of n starts there
+    assert free_plan.scores[: L - n + 1] == pytest.approx(expected, rel=0, abs=1e-9)
+    best = min(range(L - n + 1), key=lambda s: expected[s])
+    assert free_plan.dropped == [best, best + 1]
+
+    # protect blocks so that this run is no longer allowed: the best remaining run wins
+    protect = dict(protect_first=best + 1) if best + 1 + n + 1 <= L else dict(protect_last=L - best - 1)
+    config = {"protect_first": 0, "protect_last": 0, **protect}
+    plan = _plan(model, "angular", drop=n, **config)
+    protected = set(range(config["protect_first"])) | set(range(L - config["protect_last"], L))
+    allowed = [s for s in range(L - n + 1) if protected.isdisjoint({s, s + 1})]
+    chosen = min(allowed, key=lambda s: expected[s])
+    assert best not in allowed and plan.dropped == [chosen, chosen + 1]
+
+
+def test_angular_distance_holds_at_most_a_run_of_block_states():
+    model = tiny_model("llama", num_layers=L)
+    layers = find_decoder_blocks(model).layers
+    for n in (1, 3):
+        observer, held = AngularDistance(L, n), []
+
+        def on_block(index, inp, out, observer=observer, held=held):
+            observer.on_block(index, inp, out)
+            held.append(len(observer._window))
+
+        batch = tiny_batch(batch_size=3, seq_len=10, pad_last=4)
+        observer.start_batch(batch["attention_mask"].bool())
+        with torch.no_grad(), capture_blocks(layers, on_block):
+            model(**batch)
+        observer.finish_batch()
+        assert max(held) == n - 1 and held[-1] == 0
+        assert observer.n_sequences == 3 and torch.isfinite(observer.compute()[: L - n + 1]).all()
+
+
+@pytest.mark.parametrize(
+    "protect_first, protect_last, expected",
+    [(1, 1, [4, 5, 6]), (1, 0, [5, 6, 7]), (0, 2, [3, 4, 5])],
+)
+def test_last_drops_the_deepest_unprotected_blocks(model, protect_first, protect_last, expected):
+    plan = _plan(model, "last", drop=3, protect_first=protect_first, protect_last=protect_last)
+    assert plan.dropped == expected
+    assert plan.score_kind == "none" and plan.scores == [None] * L
+    assert plan.n_batches == 3 and len(plan.cka) == L  # the data still went through: CKA is reported
+
+
+def test_random_is_seeded_and_respects_protection(model):
+    picks = {}
+    for seed in range(6):
+        plan = _plan(model, "random", drop=3, seed=seed, protect_first=2)
+        assert plan.dropped == sorted(random.Random(seed).sample(range(2, L - 1), 3))
+        assert _plan(model, "random", drop=3, seed=seed, protect_first=2).dropped == plan.dropped
+        picks[seed] = tuple(plan.dropped)
+    assert len(set(picks.values())) > 1
+
+
+def test_baselines_report_the_same_cka_as_sglp(model):
+    reference = _plan(model, "sglp", drop=2).cka
+    for method in BASELINES:
+        torch.testing.assert_close(torch.tensor(_plan(model, method, drop=2).cka), torch.tensor(reference))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_only_sglp_runs_a_backward(model, monkeypatch, method):
+    backward, grad_enabled = [], []
+    original = torch.Tensor.backward
+
+    def counting_backward(self, *args, **kwargs):
+        backward.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", counting_backward)
+    handle = find_decoder_blocks(model).layers[0].register_forward_hook(
+        lambda *_: grad_enabled.append(torch.is_grad_enabled())
+    )
+    try:
+        _plan(model, method, drop=2)
+    finally:
+        handle.remove()
+    sglp = method == "sglp"
+    assert len(backward) == (3 if sglp else 0)
+    assert grad_enabled == [sglp] * 3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pruned_model_equals_original_with_the_dropped_blocks_skipped(method):
+    model, reference = tiny_model("gemma2", num_layers=L), tiny_model("gemma2", num_layers=L)
+    result = prune(model, _batches(), SGLPConfig(method=method, drop=3, **CONFIG), progress=False)
+    assert len(result.plan.dropped) == 3 and not {0, L - 1} & set(result.plan.dropped)
+    layers = find_decoder_blocks(reference).layers
+    for i in result.plan.dropped:
+        layers[i].register_forward_hook(
+            lambda m, a, k, o: a[0] if a else k["hidden_states"], with_kwargs=True
+        )
+    batch = tiny_batch(pad_last=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=1e-5, atol=1e-5)
+    assert model.config.sglp["kept_layers"] == result.plan.kept
+    assert model.config.sglp["settings"]["method"] == method
+
+
+def test_a_baseline_plan_saves_as_strict_json_with_an_honest_card(tmp_path):
+    config = SGLPConfig(method="angular", drop=2, **CONFIG)
+    result = prune(tiny_model("llama", num_layers=6), _batches(), config, progress=False)
+    out = result.save_pretrained(tmp_path / "pruned")
+
+    def no_nan(name):
+        raise AssertionError(f"{name} in the report")
+
+    report = json.loads((out / "sglp_report.json").read_text(), parse_constant=no_nan)
+    assert report["scores"][-1] is None and report["score_kind"] == "angular_distance"
+    assert PruningPlan.load(out / "sglp_report.json") == result.plan
+    card = (out / "README.md").read_text()
+    assert "depth-pruned with angular distance (4 of 6 blocks)" in card and "Gromov et al. 2024" in card
+    assert "5: –" in card and "5:–" in result.plan.summary()
