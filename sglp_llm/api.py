@@ -4,23 +4,24 @@ One hooked pass over the calibration batches feeds every statistic: the streamin
 peer baselines' block scores from forward hooks and, for SGLP only, the per-block GradNorm from
 gradient hooks during one backward per batch, so the analysis costs about one training step per
 batch (one inference step for the baselines). Segmentation and selection then work on the L×L
-matrix and L scores alone.
+matrix and L scores alone, except the methods that score candidate pruned networks (SGLP's subset
+search, SLEB), which run the model again on the calibration batches.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .baselines import BASELINES
+from .baselines import BASELINES, SelectionContext
 from .blocks import DecoderBlocks, find_decoder_blocks, text_config
 from .capture import BlockObserver, capture_blocks
 from .cka import MinibatchCKA
@@ -28,7 +29,7 @@ from .config import ConfigError, SGLPConfig
 from .data import CalibrationSet, prepare_calibration
 from .plan import PruningPlan
 from .rewrite import SGLP_CONFIG_KEY, remove_blocks, skip_blocks
-from .score import BlockGradNorms, causal_lm_loss, grad_only_for, network_gradnorm
+from .score import BlockGradNorms, causal_lm_loss, check_finite, grad_only_for, network_gradnorm
 from .segment import segment_blocks
 from .select import allocate_drops, best_subset, choose_drops, enumerate_keep_sets
 
@@ -48,6 +49,17 @@ def input_device(model: nn.Module) -> torch.device:
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """No dropout while scoring, so scores and choices are deterministic; the mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def collect_block_statistics(
@@ -83,10 +95,8 @@ def collect_block_statistics(
             observer.on_block(index, block_input, block_output)
 
     device = input_device(model)
-    was_training = model.training
-    model.eval()  # no dropout: scores must be deterministic
     n_batches = 0
-    try:
+    with eval_mode(model):
         with ExitStack() as stack:
             stack.enter_context(capture_blocks(blocks.layers, feed))
             if grads is None:
@@ -98,20 +108,13 @@ def collect_block_statistics(
                 batch = to_device(batch, device)
                 for observer in observers:
                     observer.start_batch(batch["attention_mask"].bool())
-                loss = causal_lm_loss(model, batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"The calibration loss is {loss.item()}: the model overflows on this data. "
-                        "Load it in float32 or bfloat16 instead of float16 (--dtype)."
-                    )
+                loss = check_finite(causal_lm_loss(model, batch))
                 for observer in observers:
                     observer.finish_batch()
                 if grads is not None:
                     loss.backward()
                     grads.end_batch()
                 n_batches += 1
-    finally:
-        model.train(was_training)
     cka_matrix = cka.compute().cpu()
     if grads is not None:
         scores = grads.compute().cpu()
@@ -143,18 +146,12 @@ def _segment(cka: torch.Tensor, config: SGLPConfig, n_drop: int, protected: set[
 
 
 def _subset_search(
-    model: nn.Module,
-    segments: list[list[int]],
-    drops: list[int],
-    protected: set[int],
-    calibration: CalibrationSet,
-    config: SGLPConfig,
-    progress: bool,
+    context: SelectionContext, segments: list[list[int]], drops: list[int]
 ) -> tuple[list[int], dict[str, Any]]:
     """The paper's selection: in each segment keep the subset whose pruned network has the
     highest GradNorm (other segments intact)."""
-    device = input_device(model)
-    batches = [to_device(b, device) for b in calibration.batches[: config.subset_batches]]
+    model, config, protected = context.model, context.config, context.protected
+    batches = context.batches[: config.subset_batches]
     dropped: list[int] = []
     searched: dict[str, Any] = {}
     for segment, n_drop in zip(segments, drops):
@@ -165,7 +162,8 @@ def _subset_search(
             max_candidates=config.max_candidates, seed=config.seed,
         )
         scores = {}
-        for keep in tqdm(keep_sets, desc=f"SGLP subset search {segment[0]}-{segment[-1]}", disable=not progress):
+        desc = f"SGLP subset search {segment[0]}-{segment[-1]}"
+        for keep in tqdm(keep_sets, desc=desc, disable=not context.progress):
             with skip_blocks(model, [i for i in segment if i not in keep], layers_path=config.layers_path):
                 scores[tuple(keep)] = network_gradnorm(model, batches)
         best = best_subset(scores)
@@ -177,19 +175,12 @@ def _subset_search(
 
 
 def _sglp_selection(
-    model: nn.Module,
-    stats: BlockStatistics,
-    calibration: CalibrationSet,
-    config: SGLPConfig,
-    n_drop: int,
-    protected: set[int],
-    timings: dict[str, float],
-    extra: dict[str, Any],
-    progress: bool,
+    context: SelectionContext, timings: dict[str, float], extra: dict[str, Any]
 ) -> tuple[list[list[int]], list[int], list[int], list[float]]:
     """SGLP's stages 2 and 3: segments, drops per segment, dropped blocks, segmentation losses."""
+    config, n_drop, protected = context.config, context.n_drop, context.protected
     t = time.perf_counter()
-    segmentation = _segment(stats.cka, config, n_drop, protected)
+    segmentation = _segment(context.cka, config, n_drop, protected)
     segments = segmentation.segments
     drops = allocate_drops(
         [len(s) for s in segments], n_drop, capacity=_capacities(segments, protected)
@@ -199,11 +190,9 @@ def _sglp_selection(
     t = time.perf_counter()
     extra["k"] = segmentation.k
     if config.scoring == "subset":
-        dropped, extra["subset_search"] = _subset_search(
-            model, segments, drops, protected, calibration, config, progress
-        )
+        dropped, extra["subset_search"] = _subset_search(context, segments, drops)
     else:
-        dropped = choose_drops(segments, stats.scores.tolist(), drops, protected=protected)
+        dropped = choose_drops(segments, context.scores, drops, protected=protected)
     timings["selection_s"] = time.perf_counter() - t
     return segments, drops, dropped, list(segmentation.losses)
 
@@ -242,20 +231,30 @@ def analyze(
     stats = collect_block_statistics(model, blocks, calibration, config, n_drop, progress=progress)
     timings["statistics_s"] = time.perf_counter() - t
 
-    scores = stats.scores.tolist()
+    device = input_device(model)
+    context = SelectionContext(
+        model=model,
+        batches=[to_device(b, device) for b in calibration.batches],
+        cka=stats.cka,
+        scores=stats.scores.tolist(),
+        n_drop=n_drop,
+        protected=protected,
+        config=config,
+        progress=progress,
+    )
     extra: dict[str, Any] = {"protected": sorted(protected)}
     baseline = BASELINES.get(config.method)  # None for SGLP
-    if baseline is None:
-        segments, drops, dropped, losses = _sglp_selection(
-            model, stats, calibration, config, n_drop, protected, timings, extra, progress
-        )
-        score_kind = "gradnorm"
-    else:
-        t = time.perf_counter()
-        segments, drops, losses = [list(range(num_blocks))], [n_drop], []
-        dropped = baseline.choose(scores, n_drop, protected, config.seed)
-        score_kind = baseline.score_kind
-        timings["selection_s"] = time.perf_counter() - t
+    with eval_mode(model):
+        if baseline is None:
+            segments, drops, dropped, losses = _sglp_selection(context, timings, extra)
+            scores, score_kind = context.scores, "gradnorm"
+        else:
+            t = time.perf_counter()
+            selection = baseline.choose(context)
+            segments, drops, losses = [list(range(num_blocks))], [n_drop], []
+            dropped, scores, score_kind = selection.dropped, selection.scores, baseline.score_kind
+            extra.update(selection.extra)
+            timings["selection_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
 
     return PruningPlan(

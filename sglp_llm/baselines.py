@@ -6,22 +6,31 @@ forward pass, same rewrite and save), so a comparison differs only in how blocks
 - "angular": Gromov et al. 2024 (arXiv:2403.17887), drop the contiguous run of n blocks whose
   input and output are closest in angle;
 - "last": drop the n deepest unprotected blocks (with protect_last=1, the n before the final one);
-- "random": drop n unprotected blocks drawn with random.Random(seed).
+- "random": drop n unprotected blocks drawn with random.Random(seed);
+- "sleb": SLEB (Song et al. 2024, arXiv:2402.09025), remove blocks one at a time, each time the
+  one whose removal leaves the lowest calibration loss (forward passes only).
 
-Baselines do not segment: their plan has one segment holding every block.
+Baselines do not segment: their plan has one segment holding every block. A method chooses from a
+`SelectionContext` (the observer pass's scores, and the model and batches for methods that run
+candidate networks), so methods that check removals by running the model plug in like the others.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
 
 from .capture import BlockObserver
+from .config import SGLPConfig
+from .rewrite import skip_blocks
+from .score import causal_lm_loss, check_finite
 from .select import choose_drops
 
 
@@ -105,8 +114,45 @@ class AngularDistance:
         return distances
 
 
+@dataclass(frozen=True)
+class SelectionContext:
+    """What a method may use to choose blocks: the statistics of the one observer pass and, for
+    methods that score candidate networks, the model and the calibration batches (on its input
+    device)."""
+
+    model: nn.Module
+    batches: list[dict[str, torch.Tensor]]
+    cka: torch.Tensor
+    scores: list[float]  # the observer's per-block scores; NaN where there is none
+    n_drop: int
+    protected: set[int]
+    config: SGLPConfig
+    progress: bool
+
+
+@dataclass
+class Selection:
+    """The blocks to drop (sorted original indices), the per-block scores the plan reports, and
+    what else the method measured on the way (merged into the plan's `extra`)."""
+
+    dropped: list[int]
+    scores: list[float]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Chooser = Callable[[SelectionContext], Selection]
 # choose(scores, n_drop, protected, seed) -> sorted original indices of the blocks to drop
-Chooser = Callable[[list[float], int, set[int], int], list[int]]
+ScoreChooser = Callable[[list[float], int, set[int], int], list[int]]
+
+
+def _from_scores(choose: ScoreChooser) -> Chooser:
+    """A chooser that needs only the observer's scores, which the plan reports unchanged."""
+
+    def chooser(context: SelectionContext) -> Selection:
+        dropped = choose(context.scores, context.n_drop, context.protected, context.config.seed)
+        return Selection(dropped, context.scores)
+
+    return chooser
 
 
 def _lowest_influence(scores: list[float], n_drop: int, protected: set[int], seed: int) -> list[int]:
@@ -134,10 +180,64 @@ def _random(scores: list[float], n_drop: int, protected: set[int], seed: int) ->
     return sorted(random.Random(seed).sample(_unprotected(len(scores), protected), n_drop))
 
 
+@torch.no_grad()
+def calibration_nll(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    skipped: Sequence[int],
+    layers_path: str | None = None,
+) -> float:
+    """Mean next-token NLL per predicted (non-padding) token over `batches`, with the `skipped`
+    blocks removed: each batch's mean loss weighted by its number of predicted tokens."""
+    total, n_tokens = 0.0, 0
+    with skip_blocks(model, skipped, layers_path=layers_path):
+        for batch in batches:
+            loss = check_finite(
+                causal_lm_loss(model, batch), f"The calibration loss without blocks {sorted(skipped)}"
+            )
+            count = int(batch["attention_mask"][:, 1:].sum())  # the first token is never a target
+            total += loss.item() * count
+            n_tokens += count
+    return total / n_tokens
+
+
+def _sleb(context: SelectionContext) -> Selection:
+    """SLEB's greedy elimination: at each step every remaining unprotected block is removed in
+    turn (on top of those already gone) and the one leaving the lowest calibration NLL goes.
+
+    The reference minimises the summed NLL of its equal-length calibration samples, i.e. the
+    perplexity; the per-token mean here ranks candidates the same way and also weighs padded
+    batches fairly. A tie goes to the shallower block, as the reference's strict `<` does. A
+    block's score is the loss increase its removal caused at its step.
+    """
+    model, config = context.model, context.config
+    batches = context.batches[: config.sleb_batches]
+    num_blocks = len(context.scores)
+    candidates = _unprotected(num_blocks, context.protected)
+    removed: list[int] = []
+    scores = [math.nan] * num_blocks
+    steps: list[dict[str, Any]] = []
+    loss = calibration_nll(model, batches, removed, config.layers_path)
+    n_candidates = sum(len(candidates) - step for step in range(context.n_drop))
+    with tqdm(total=n_candidates, desc="SLEB candidates", disable=not context.progress) as bar:
+        for _ in range(context.n_drop):
+            losses = {}
+            for block in candidates:
+                losses[block] = calibration_nll(model, batches, removed + [block], config.layers_path)
+                bar.update()
+            best = min(candidates, key=lambda b: (losses[b], b))
+            scores[best] = losses[best] - loss
+            loss = losses[best]
+            removed.append(best)
+            candidates.remove(best)
+            steps.append({"block": best, "loss": loss})
+    return Selection(sorted(removed), scores, {"sleb_steps": steps})
+
+
 @dataclass(frozen=True)
 class Baseline:
-    """How a peer method scores blocks (`observer(num_blocks, n_drop)`, None if it needs no data)
-    and chooses them; `score_kind` names the score in the plan."""
+    """How a peer method scores blocks in the observer pass (`observer(num_blocks, n_drop)`, None
+    if it needs none) and chooses them; `score_kind` names the scores in the plan."""
 
     score_kind: str
     observer: Callable[[int, int], BlockObserver] | None
@@ -146,9 +246,12 @@ class Baseline:
 
 BASELINES = {
     "block-influence": Baseline(
-        "block_influence", lambda num_blocks, _n_drop: BlockInfluence(num_blocks), _lowest_influence
+        "block_influence",
+        lambda num_blocks, _n_drop: BlockInfluence(num_blocks),
+        _from_scores(_lowest_influence),
     ),
-    "angular": Baseline("angular_distance", AngularDistance, _closest_run),
-    "last": Baseline("none", None, _last),
-    "random": Baseline("none", None, _random),
+    "angular": Baseline("angular_distance", AngularDistance, _from_scores(_closest_run)),
+    "last": Baseline("none", None, _from_scores(_last)),
+    "random": Baseline("none", None, _from_scores(_random)),
+    "sleb": Baseline("sleb_loss", None, _sleb),
 }

@@ -16,7 +16,7 @@ import yaml
 
 CONFIG_NAME = "sglp_config.json"
 
-METHODS = ("sglp", "block-influence", "angular", "last", "random")
+METHODS = ("sglp", "block-influence", "angular", "last", "random", "sleb")
 SCORING_MODES = ("block", "subset")
 SEGMENT_FEATURES = ("column_sum", "rows")
 CKA_DTYPES = ("float32", "float64")
@@ -65,6 +65,9 @@ class SGLPConfig:
     scoring: str = "block"
     max_candidates: int = 64
     subset_batches: int = 1
+    # method="sleb" only: every candidate is scored on the first sleb_batches calibration batches
+    # (unset: all of them, as in the paper); SLEB costs about drop × blocks × sleb_batches forwards
+    sleb_batches: int | None = None
     protect_first: int = 1
     protect_last: int = 1
 
@@ -108,7 +111,7 @@ class SGLPConfig:
             )
         if self.scoring not in SCORING_MODES:
             raise ConfigError(f"`scoring` must be one of {SCORING_MODES}, got {self.scoring!r}.")
-        for name in ("num_segments", "max_segments"):
+        for name in ("num_segments", "max_segments", "sleb_batches"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"`{name}` must be a positive integer or unset, got {value!r}.")

@@ -24,6 +24,17 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss
 
 
+def check_finite(loss: torch.Tensor, what: str = "The calibration loss") -> torch.Tensor:
+    """`loss`, unless it is NaN or infinite (float16 overflow), which would silently corrupt
+    every score and choice made from it."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"{what} is {loss.item()}: the model overflows on this data. "
+            "Load it in float32 or bfloat16 instead of float16 (--dtype)."
+        )
+    return loss
+
+
 @contextmanager
 def grad_only_for(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[None]:
     """Let only `params` collect gradients (saves the memory of embedding/head gradients)."""

@@ -126,3 +126,11 @@ def test_missing_config_and_mismatched_plan_are_refused():
     plan = analyze(model, _batches(), SGLPConfig(drop=1, **CONFIG), progress=False)
     with pytest.raises(ConfigError, match="made for a model with 6 blocks, but this model has 8"):
         prune(tiny_model("llama", num_layers=8), plan=plan)
+
+
+def test_a_non_finite_calibration_loss_is_refused():
+    """The blocks stay finite (CKA accepts them); only the logits overflow."""
+    model = tiny_model("llama", num_layers=6)
+    model.lm_head.register_forward_hook(lambda m, a, o: o * float("inf"))
+    with pytest.raises(FloatingPointError, match=r"^The calibration loss is nan: the model overflows on this data\. Load it in float32 or bfloat16 instead of float16 \(--dtype\)\.$"):
+        analyze(model, _batches(), SGLPConfig(drop=1, **CONFIG), progress=False)

@@ -1,6 +1,6 @@
-"""Peer methods (ShortGPT Block Influence, Gromov et al.'s angular distance, last-n, random) through
-the SGLP pipeline: scores against direct computations from independently captured hidden states,
-the choices against brute force, protection, and the pruned networks."""
+"""Peer methods (ShortGPT Block Influence, Gromov et al.'s angular distance, last-n, random, SLEB)
+through the SGLP pipeline: scores against direct computations from independently captured hidden
+states, the choices against brute force, protection, and the pruned networks."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sglp_llm import SGLPConfig, analyze, prune
 from sglp_llm.baselines import BASELINES, AngularDistance
@@ -153,6 +154,114 @@ def test_baselines_report_the_same_cka_as_sglp(model):
         torch.testing.assert_close(torch.tensor(_plan(model, method, drop=2).cka), torch.tensor(reference))
 
 
+def _identity_hooks(model, blocks):
+    """Forward hooks that make `blocks` pass their input through unchanged."""
+    layers = find_decoder_blocks(model).layers
+    return [
+        layers[i].register_forward_hook(lambda m, a, k, o: a[0] if a else k["hidden_states"], with_kwargs=True)
+        for i in blocks
+    ]
+
+
+def _mean_nll(model, batches, skipped) -> float:
+    """NLL summed over every predicted non-padding token, from the logits, per such token."""
+    handles = _identity_hooks(model, skipped)
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                logits = model(**batch, use_cache=False).logits[:, :-1]
+                targets, mask = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].bool()
+                total += F.cross_entropy(logits[mask].double(), targets[mask], reduction="sum").item()
+                count += int(mask.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total / count
+
+
+def _greedy_elimination(model, batches, n_drop, candidates):
+    """SLEB from the paper, written independently: at each step remove the candidate whose removal
+    (with the blocks already removed) gives the lowest NLL. Returns the full model's NLL and the
+    (block, NLL) of each step."""
+    removed, steps, candidates = [], [], list(candidates)
+    for _ in range(n_drop):
+        losses = {b: _mean_nll(model, batches, removed + [b]) for b in candidates}
+        best = min(losses, key=losses.get)
+        steps.append((best, losses[best]))
+        removed.append(best)
+        candidates.remove(best)
+    return _mean_nll(model, batches, []), steps
+
+
+def _check_sleb(plan, base, steps):
+    """The plan removed the blocks of `steps`, in that order, with their losses and increases."""
+    blocks = [b for b, _ in steps]
+    losses = [base] + [loss for _, loss in steps]
+    assert plan.score_kind == "sleb_loss"
+    assert plan.dropped == sorted(blocks)
+    assert [s["block"] for s in plan.extra["sleb_steps"]] == blocks
+    assert [s["loss"] for s in plan.extra["sleb_steps"]] == pytest.approx(losses[1:], rel=1e-5)
+    expected = [None] * plan.num_blocks
+    for step, block in enumerate(blocks):
+        expected[block] = pytest.approx(losses[step + 1] - losses[step], rel=1e-3, abs=1e-6)
+    assert plan.scores == expected
+
+
+def test_sleb_removes_what_a_brute_force_greedy_search_removes(model):
+    base, steps = _greedy_elimination(model, _batches(), 3, range(1, L - 1))
+    for n in (1, 2, 3):
+        plan = _plan(model, "sleb", drop=n)
+        _check_sleb(plan, base, steps[:n])
+        assert plan.timings["total_s"] >= plan.timings["selection_s"] > 0
+
+
+def test_sleb_respects_protection_and_scores_on_sleb_batches(model):
+    batches = _batches()[:1]
+    base, free_steps = _greedy_elimination(model, batches, 2, range(L))
+    _check_sleb(_plan(model, "sleb", drop=2, sleb_batches=1, protect_first=0, protect_last=0), base, free_steps)
+
+    # protect the first block the free search removed: the search goes on without it
+    first = free_steps[0][0]
+    config = dict(protect_first=first + 1, protect_last=0) if first < L // 2 else dict(protect_first=0, protect_last=L - first)
+    protected = set(range(config["protect_first"])) | set(range(L - config["protect_last"], L))
+    _, steps = _greedy_elimination(model, batches, 2, [b for b in range(L) if b not in protected])
+    plan = _plan(model, "sleb", drop=2, sleb_batches=1, **config)
+    _check_sleb(plan, base, steps)
+    assert first not in plan.dropped
+
+
+def test_sleb_breaks_ties_towards_the_shallower_block():
+    """With every middle block an exact identity, all candidates leave the same loss."""
+    model = tiny_model("llama", num_layers=L)
+    with torch.no_grad():
+        for layer in find_decoder_blocks(model).layers[1:-1]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    plan = _plan(model, "sleb", drop=3)
+    assert plan.dropped == [1, 2, 3] and [s["block"] for s in plan.extra["sleb_steps"]] == [1, 2, 3]
+    assert plan.scores == [None, 0.0, 0.0, 0.0, None, None, None, None]
+
+
+def test_sleb_is_deterministic_and_scores_without_dropout():
+    model = tiny_model("llama", num_layers=L, attention_dropout=0.5).train()
+    first, second = _plan(model, "sleb", drop=2), _plan(model, "sleb", drop=2)
+    assert model.training
+    reference = _plan(model.eval(), "sleb", drop=2)
+    for plan in (first, second):
+        assert (plan.dropped, plan.scores, plan.extra) == (reference.dropped, reference.scores, reference.extra)
+
+
+def test_sleb_refuses_a_non_finite_candidate_loss():
+    """Block 4 overflows once a block before it is removed (its layer index changes)."""
+    model = tiny_model("llama", num_layers=L)
+    find_decoder_blocks(model).layers[4].register_forward_hook(
+        lambda m, a, k, o: o if m.self_attn.layer_idx == 4 else o * math.nan, with_kwargs=True
+    )
+    with pytest.raises(FloatingPointError, match=r"^The calibration loss without blocks \[1\] is nan: the model overflows on this data\. Load it in float32 or bfloat16 instead of float16 \(--dtype\)\.$"):
+        _plan(model, "sleb", drop=2)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_only_sglp_runs_a_backward(model, monkeypatch, method):
     backward, grad_enabled = [], []
@@ -172,7 +281,8 @@ def test_only_sglp_runs_a_backward(model, monkeypatch, method):
         handle.remove()
     sglp = method == "sglp"
     assert len(backward) == (3 if sglp else 0)
-    assert grad_enabled == [sglp] * 3
+    # SLEB: the observer pass, the full model, then 6 and 5 candidates (block 0 runs in each)
+    assert grad_enabled == [sglp] * 3 * ((1 + 1 + 6 + 5) if method == "sleb" else 1)
 
 
 @pytest.mark.parametrize("method", METHODS)
