@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .baselines import BASELINES, SelectionContext
+from .baselines import BASELINES, SelectionContext, calibration_nll
 from .blocks import DecoderBlocks, find_decoder_blocks, text_config
 from .capture import BlockObserver, capture_blocks
 from .cka import MinibatchCKA
@@ -174,6 +174,42 @@ def _subset_search(
     return sorted(dropped), searched
 
 
+def _loss_check(
+    context: SelectionContext, segments: list[list[int]], drops: list[int]
+) -> tuple[list[int], dict[str, Any]]:
+    """Segment-restricted loss check: remove one block at a time; the candidates are the
+    `loss_candidates` lowest-GradNorm blocks of every segment that still has drops to give, and
+    the one whose removal leaves the lowest calibration NLL goes (ties: the shallower block).
+    SLEB's criterion, but on a few GradNorm-chosen candidates per segment instead of every block.
+    """
+    config, scores = context.config, context.scores
+    batches = context.batches[: config.loss_batches]
+    left = dict(enumerate(drops))
+    removed: list[int] = []
+    steps: list[dict[str, Any]] = []
+    with tqdm(total=context.n_drop, desc="SGLP loss check", disable=not context.progress) as bar:
+        for _ in range(context.n_drop):
+            candidates = [
+                block
+                for index, segment in enumerate(segments)
+                if left[index] > 0
+                for block in sorted(
+                    (i for i in segment if i not in context.protected and i not in removed),
+                    key=lambda i: (scores[i], i),
+                )[: config.loss_candidates]
+            ]
+            losses = {
+                block: calibration_nll(context.model, batches, removed + [block], config.layers_path)
+                for block in candidates
+            }
+            best = min(candidates, key=lambda b: (losses[b], b))
+            removed.append(best)
+            left[next(i for i, s in enumerate(segments) if best in s)] -= 1
+            steps.append({"block": best, "loss": losses[best], "candidates": len(candidates)})
+            bar.update()
+    return sorted(removed), {"steps": steps}
+
+
 def _sglp_selection(
     context: SelectionContext, timings: dict[str, float], extra: dict[str, Any]
 ) -> tuple[list[list[int]], list[int], list[int], list[float]]:
@@ -191,6 +227,8 @@ def _sglp_selection(
     extra["k"] = segmentation.k
     if config.scoring == "subset":
         dropped, extra["subset_search"] = _subset_search(context, segments, drops)
+    elif config.scoring == "loss":
+        dropped, extra["loss_check"] = _loss_check(context, segments, drops)
     else:
         dropped = choose_drops(segments, context.scores, drops, protected=protected)
     timings["selection_s"] = time.perf_counter() - t

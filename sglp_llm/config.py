@@ -17,7 +17,7 @@ import yaml
 CONFIG_NAME = "sglp_config.json"
 
 METHODS = ("sglp", "block-influence", "angular", "last", "random", "sleb")
-SCORING_MODES = ("block", "subset")
+SCORING_MODES = ("block", "subset", "loss")
 SEGMENT_FEATURES = ("column_sum", "rows")
 CKA_DTYPES = ("float32", "float64")
 
@@ -60,11 +60,15 @@ class SGLPConfig:
     segment_feature: str = "column_sum"
     auto_k_threshold: float = 0.05
 
-    # -- selection (see sglp_llm.score and sglp_llm.select); scoring, max_candidates and
-    # subset_batches are used by method="sglp" only, protection by every method
+    # -- selection (see sglp_llm.score and sglp_llm.select); scoring, max_candidates,
+    # subset_batches and the loss_* settings are used by method="sglp" only, protection by every
+    # method. scoring="loss": removals are chosen one at a time by calibration loss among the
+    # loss_candidates lowest-GradNorm blocks of each segment that still has drops to give.
     scoring: str = "block"
     max_candidates: int = 64
     subset_batches: int = 1
+    loss_candidates: int = 2
+    loss_batches: int = 1
     # method="sleb" only: every candidate is scored on the first sleb_batches calibration batches
     # (unset: all of them, as in the paper); SLEB costs about drop × blocks × sleb_batches forwards
     sleb_batches: int | None = None
@@ -92,7 +96,10 @@ class SGLPConfig:
             raise ConfigError(f"`ratio` must be strictly between 0 and 1, got {self.ratio!r}.")
         if self.method not in METHODS:
             raise ConfigError(f"`method` must be one of {METHODS}, got {self.method!r}.")
-        for name in ("seq_len", "n_samples", "batch_size", "max_candidates", "subset_batches"):
+        for name in (
+            "seq_len", "n_samples", "batch_size", "max_candidates", "subset_batches",
+            "loss_candidates", "loss_batches",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"`{name}` must be a positive integer, got {value!r}.")

@@ -134,3 +134,38 @@ def test_a_non_finite_calibration_loss_is_refused():
     model.lm_head.register_forward_hook(lambda m, a, o: o * float("inf"))
     with pytest.raises(FloatingPointError, match=r"^The calibration loss is nan: the model overflows on this data\. Load it in float32 or bfloat16 instead of float16 \(--dtype\)\.$"):
         analyze(model, _batches(), SGLPConfig(drop=1, **CONFIG), progress=False)
+
+
+def test_loss_check_removes_the_best_gradnorm_candidate_by_calibration_loss():
+    """Brute force: at each step, among the `loss_candidates` lowest-GradNorm blocks of each
+    segment with drops left, the removal with the lowest calibration loss goes."""
+    from sglp_llm.rewrite import skip_blocks
+
+    model = tiny_model("llama", num_layers=10)
+    batches = _batches()
+    config = SGLPConfig(drop=3, num_segments=3, scoring="loss", loss_candidates=2, loss_batches=2, **CONFIG)
+    plan = analyze(model, batches, config, progress=False)
+
+    def loss(skipped):
+        total = count = 0
+        with torch.no_grad(), skip_blocks(model, skipped):
+            for b in batches[:2]:
+                n = int(b["attention_mask"][:, 1:].sum())
+                total += model(**b, labels=b["input_ids"]).loss.item() * n
+                count += n
+        return total / count
+
+    left = {i: len(s) - k for i, (s, k) in enumerate(zip(plan.segments, plan.keep_per_segment))}
+    removed = []
+    for step in plan.extra["loss_check"]["steps"]:
+        candidates = []
+        for i, seg in enumerate(plan.segments):
+            if left[i]:
+                free = [b for b in seg if b not in (0, 9) and b not in removed]
+                candidates += sorted(free, key=lambda b: (plan.scores[b], b))[:2]
+        assert step["candidates"] == len(candidates)
+        best = min(candidates, key=lambda b: (loss(removed + [b]), b))
+        assert step["block"] == best and step["loss"] == pytest.approx(loss(removed + [best]), rel=1e-6)
+        removed.append(best)
+        left[next(i for i, s in enumerate(plan.segments) if best in s)] -= 1
+    assert sorted(removed) == plan.dropped and len(removed) == 3
