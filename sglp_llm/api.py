@@ -30,7 +30,7 @@ from .data import CalibrationSet, prepare_calibration
 from .plan import PruningPlan
 from .rewrite import SGLP_CONFIG_KEY, remove_blocks, skip_blocks
 from .score import BlockGradNorms, causal_lm_loss, check_finite, grad_only_for, network_gradnorm
-from .segment import segment_blocks
+from .segment import redundancy, segment_blocks
 from .select import allocate_drops, best_subset, choose_drops, enumerate_keep_sets
 
 
@@ -136,7 +136,10 @@ def _capacities(segments: list[list[int]], protected: set[int]) -> list[int]:
 
 def _segment(cka: torch.Tensor, config: SGLPConfig, n_drop: int, protected: set[int]):
     """Fisher segmentation; an automatic k is lowered until the drop count fits the segments."""
-    kwargs = dict(feature=config.segment_feature, threshold=config.auto_k_threshold)
+    kwargs = dict(
+        feature=config.segment_feature, threshold=config.auto_k_threshold,
+        auto_k=config.auto_k, min_size=config.min_segment_size,
+    )
     result = segment_blocks(
         cka.numpy(), num_segments=config.num_segments, max_segments=config.max_segments, **kwargs
     )
@@ -218,8 +221,12 @@ def _sglp_selection(
     t = time.perf_counter()
     segmentation = _segment(context.cka, config, n_drop, protected)
     segments = segmentation.segments
+    weights = None
+    if config.allocation == "redundancy":
+        cka = context.cka.numpy()
+        weights = [len(s) * redundancy(cka, s) for s in segments]
     drops = allocate_drops(
-        [len(s) for s in segments], n_drop, capacity=_capacities(segments, protected)
+        [len(s) for s in segments], n_drop, weights=weights, capacity=_capacities(segments, protected)
     )
     timings["segmentation_s"] = time.perf_counter() - t
 

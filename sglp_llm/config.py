@@ -18,6 +18,8 @@ CONFIG_NAME = "sglp_config.json"
 
 METHODS = ("sglp", "block-influence", "angular", "last", "random", "sleb")
 SCORING_MODES = ("block", "subset", "loss")
+AUTO_K_RULES = ("reference", "elbow")
+ALLOCATIONS = ("size", "redundancy")
 SEGMENT_FEATURES = ("column_sum", "rows")
 CKA_DTYPES = ("float32", "float64")
 
@@ -59,6 +61,9 @@ class SGLPConfig:
     max_segments: int | None = None
     segment_feature: str = "column_sum"
     auto_k_threshold: float = 0.05
+    auto_k: str = "reference"  # "reference" (the paper's 5 % rule) or "elbow" of the DP loss curve
+    min_segment_size: int = 1
+    allocation: str = "size"  # drops per segment in proportion to "size" or "redundancy"
 
     # -- selection (see sglp_llm.score and sglp_llm.select); scoring, max_candidates,
     # subset_batches and the loss_* settings are used by method="sglp" only, protection by every
@@ -122,6 +127,14 @@ class SGLPConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"`{name}` must be a positive integer or unset, got {value!r}.")
+        if self.auto_k not in AUTO_K_RULES:
+            raise ConfigError(f"`auto_k` must be one of {AUTO_K_RULES}, got {self.auto_k!r}.")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"`allocation` must be one of {ALLOCATIONS}, got {self.allocation!r}.")
+        if not isinstance(self.min_segment_size, int) or self.min_segment_size < 1:
+            raise ConfigError(
+                f"`min_segment_size` must be a positive integer, got {self.min_segment_size!r}."
+            )
         if not (0.0 <= self.auto_k_threshold < 1.0):
             raise ConfigError("`auto_k_threshold` must be in [0, 1).")
         for name in ("protect_first", "protect_last"):

@@ -176,6 +176,20 @@ def choose_k(losses: list[float], threshold: float = 0.05) -> int:
     return k
 
 
+def choose_k_elbow(losses: list[float]) -> int:
+    """The elbow of the loss curve: the k farthest below the straight line from (1, loss(1)) to
+    (k_max, loss(k_max)), on axes scaled to [0, 1]. Unlike the 5 % rule it does not keep
+    splitting while small losses still drop by large fractions. Ties: the smaller k."""
+    if len(losses) == 0:
+        raise ValueError("choose_k_elbow needs the loss for at least k = 1; got an empty list.")
+    span = losses[0] - losses[-1]
+    if len(losses) < 3 or span <= 0:
+        return 1
+    ks = np.arange(len(losses)) / (len(losses) - 1)
+    drop = (losses[0] - np.asarray(losses)) / span
+    return int(np.argmax(drop - ks)) + 1
+
+
 def segment_blocks(
     cka: np.ndarray,
     *,
@@ -184,11 +198,13 @@ def segment_blocks(
     max_segments: int | None = None,
     threshold: float = 0.05,
     min_size: int = 1,
+    auto_k: str = "reference",
 ) -> SegmentationResult:
     """Partition blocks from their CKA matrix, with a fixed k or the reference automatic rule.
 
     With `num_segments` the partition has exactly that many segments. Otherwise k is chosen by
-    `choose_k` over k = 1..k_max, k_max = max_segments (default 16), clipped to L // min_size,
+    `choose_k` (auto_k="reference", the paper's 5 % rule) or `choose_k_elbow` (auto_k="elbow")
+    over k = 1..k_max, k_max = max_segments (default 16), clipped to L // min_size,
     the most segments the blocks allow; a model smaller than the default thus still works.
     """
     x = segment_features(cka, feature)
@@ -203,5 +219,21 @@ def segment_blocks(
         _check_k(k_max, length, min_size, "max_segments")
     cost, start = _fisher_dp(x, k_max, min_size)
     losses = [float(c) for c in cost[1:, length]]
-    k = num_segments if num_segments is not None else choose_k(losses, threshold)
+    if num_segments is not None:
+        k = num_segments
+    elif auto_k == "elbow":
+        k = choose_k_elbow(losses)
+    elif auto_k == "reference":
+        k = choose_k(losses, threshold)
+    else:
+        raise ValueError(f"auto_k must be 'reference' or 'elbow', got {auto_k!r}.")
     return SegmentationResult(_backtrack(start, k, length), k, losses, feature)
+
+
+def redundancy(cka: np.ndarray, segment: list[int]) -> float:
+    """Mean CKA between distinct blocks of `segment` (0 for a single block): how alike, and so
+    how interchangeable, its blocks are."""
+    if len(segment) < 2:
+        return 0.0
+    block = np.asarray(cka)[np.ix_(segment, segment)]
+    return float((block.sum() - np.trace(block)) / (len(segment) * (len(segment) - 1)))

@@ -169,3 +169,28 @@ def test_loss_check_removes_the_best_gradnorm_candidate_by_calibration_loss():
         removed.append(best)
         left[next(i for i, s in enumerate(plan.segments) if best in s)] -= 1
     assert sorted(removed) == plan.dropped and len(removed) == 3
+
+
+def test_redundancy_allocation_matches_a_hand_worked_example(monkeypatch):
+    """Segments [0-3] (mean CKA 0.9) and [4-9] (mean CKA 0.3), drop 4, nothing protected:
+    weights 4*0.9 = 3.6 and 6*0.3 = 1.8 -> quotas 4*3.6/5.4 = 2.67 and 1.33 -> 3 and 1
+    (by size it would be 1.6 and 2.4 -> 2 and 2)."""
+    import sglp_llm.api as api
+
+    groups = [0] * 4 + [1] * 6
+    cka = torch.tensor([[1.0 if a == b else 0.0 for b in groups] for a in groups], dtype=torch.float64)
+    for i in range(10):
+        for j in range(10):
+            if i != j and groups[i] == groups[j]:
+                cka[i, j] = 0.9 if groups[i] == 0 else 0.3
+    stats = api.BlockStatistics(cka, torch.arange(10, 0, -1, dtype=torch.float64), 10, 1)
+    monkeypatch.setattr(api, "collect_block_statistics", lambda *a, **k: stats)
+    model = tiny_model("llama", num_layers=10)
+    common = dict(drop=4, num_segments=2, protect_first=0, protect_last=0, **CONFIG)
+    plan = analyze(model, _batches(1), SGLPConfig(allocation="redundancy", **common), progress=False)
+    assert plan.segments == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    assert plan.keep_per_segment == [1, 5]
+    # scores fall with depth, so the deepest blocks of each segment go
+    assert plan.dropped == [1, 2, 3, 9]
+    by_size = analyze(model, _batches(1), SGLPConfig(allocation="size", **common), progress=False)
+    assert by_size.keep_per_segment == [2, 4]

@@ -281,3 +281,37 @@ def test_segment_blocks_max_segments_is_clipped_to_what_fits():
 def test_segment_blocks_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
         segment_blocks(blocky_cka([3, 3]), **kwargs)
+
+
+def test_elbow_picks_the_bend_of_the_curve():
+    from sglp_llm.segment import choose_k_elbow
+
+    # scaled: k=1..5 -> x = 0, .25, .5, .75, 1; drop = 0, .8, .9, .95, 1 -> drop - x peaks at k=2
+    assert choose_k_elbow([10.0, 2.0, 1.0, 0.5, 0.0]) == 2
+    assert choose_k_elbow([10.0, 9.0, 1.0, 0.5, 0.0]) == 3
+    assert choose_k_elbow([5.0, 5.0, 5.0]) == 1
+    assert choose_k_elbow([4.0]) == 1
+    with pytest.raises(ValueError, match="at least k = 1"):
+        choose_k_elbow([])
+
+
+def test_segment_blocks_elbow_and_min_size():
+    from sglp_llm.segment import segment_blocks
+
+    groups = [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
+    cka = np.array([[1.0 if a == b else 0.2 for b in groups] for a in groups])
+    cka += 0.01 * np.random.default_rng(0).standard_normal(cka.shape)
+    result = segment_blocks(cka, feature="rows", auto_k="elbow", max_segments=8)
+    assert result.segments == [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]
+    assert all(len(s) >= 4 for s in segment_blocks(cka, num_segments=2, min_size=4).segments)
+    with pytest.raises(ValueError, match="auto_k must be 'reference' or 'elbow'"):
+        segment_blocks(cka, auto_k="knee")
+
+
+def test_redundancy_is_the_mean_off_diagonal_cka():
+    from sglp_llm.segment import redundancy
+
+    cka = np.array([[1.0, 0.9, 0.5], [0.9, 1.0, 0.7], [0.5, 0.7, 1.0]])
+    assert redundancy(cka, [0, 1, 2]) == pytest.approx((0.9 + 0.5 + 0.7) / 3)
+    assert redundancy(cka, [1, 2]) == pytest.approx(0.7)
+    assert redundancy(cka, [2]) == 0.0
