@@ -40,6 +40,21 @@ class BlockStatistics:
     scores: torch.Tensor  # the method's per-block score; NaN where it has none
     n_tokens: int
     n_batches: int
+    seconds: float = 0.0  # wall time of the pass that measured them
+
+
+def statistics_key(config: SGLPConfig, n_drop: int) -> tuple:
+    """Two analyses with equal keys measure the same statistics, so one pass can serve both
+    (e.g. every SGLP variant and drop count in a comparison): the calibration and CKA settings,
+    and which score the pass collects (angular distance depends on the run length)."""
+    score = "gradnorm" if config.method == "sglp" else config.method
+    run_length = n_drop if config.method == "angular" else None
+    fields = (
+        "dataset", "dataset_config", "dataset_split", "text_column", "seq_len", "n_samples",
+        "batch_size", "seed", "cka_minibatch_tokens", "cka_max_tokens_per_batch", "cka_dtype",
+        "layers_path",
+    )
+    return (score, run_length, *(getattr(config, name) for name in fields))
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -73,6 +88,7 @@ def collect_block_statistics(
 ) -> BlockStatistics:
     """CKA between all block outputs and the method's block scores, from one pass over the
     batches; the backward (GradNorm) runs only for SGLP, the baselines run under no_grad."""
+    started = time.perf_counter()
     num_blocks = len(blocks.layers)
     cka = MinibatchCKA(
         num_blocks,
@@ -122,7 +138,7 @@ def collect_block_statistics(
         scores = score.compute().cpu()
     else:
         scores = torch.full((num_blocks,), math.nan, dtype=torch.float64)
-    return BlockStatistics(cka_matrix, scores, cka.n_tokens, n_batches)
+    return BlockStatistics(cka_matrix, scores, cka.n_tokens, n_batches, time.perf_counter() - started)
 
 
 def _protected(num_blocks: int, config: SGLPConfig) -> set[int]:
@@ -249,12 +265,15 @@ def analyze(
     *,
     tokenizer: Any = None,
     progress: bool = True,
+    statistics_cache: dict | None = None,
 ) -> PruningPlan:
     """Decide which decoder blocks of `model` to drop (by `config.method`); the model is left
     unchanged.
 
     `calibration` may be None (the config's dataset, or the built-in default text), a dataset
     name or local path, a list of strings, pre-tokenized batches, or a `CalibrationSet`.
+    `statistics_cache` (a dict kept by the caller) lets analyses that measure the same
+    statistics (`statistics_key`) share one pass; the reported times still include it.
     """
     if config is None:
         raise ConfigError("Pass an SGLPConfig, e.g. SGLPConfig(drop=4) or SGLPConfig(ratio=0.25).")
@@ -272,9 +291,13 @@ def analyze(
     )
     timings["calibration_data_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    stats = collect_block_statistics(model, blocks, calibration, config, n_drop, progress=progress)
-    timings["statistics_s"] = time.perf_counter() - t
+    key = statistics_key(config, n_drop)
+    cache = {} if statistics_cache is None else statistics_cache
+    reused = key in cache
+    if not reused:
+        cache[key] = collect_block_statistics(model, blocks, calibration, config, n_drop, progress=progress)
+    stats = cache[key]
+    timings["statistics_s"] = stats.seconds
 
     device = input_device(model)
     context = SelectionContext(
@@ -287,7 +310,7 @@ def analyze(
         config=config,
         progress=progress,
     )
-    extra: dict[str, Any] = {"protected": sorted(protected)}
+    extra: dict[str, Any] = {"protected": sorted(protected), "statistics_reused": reused}
     baseline = BASELINES.get(config.method)  # None for SGLP
     with eval_mode(model):
         if baseline is None:
@@ -300,7 +323,8 @@ def analyze(
             dropped, scores, score_kind = selection.dropped, selection.scores, baseline.score_kind
             extra.update(selection.extra)
             timings["selection_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - start
+    # a reused pass took no time now, but belongs to the cost of this analysis
+    timings["total_s"] = time.perf_counter() - start + (stats.seconds if reused else 0.0)
 
     return PruningPlan(
         num_blocks=num_blocks,

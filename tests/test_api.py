@@ -194,3 +194,26 @@ def test_redundancy_allocation_matches_a_hand_worked_example(monkeypatch):
     assert plan.dropped == [1, 2, 3, 9]
     by_size = analyze(model, _batches(1), SGLPConfig(allocation="size", **common), progress=False)
     assert by_size.keep_per_segment == [2, 4]
+
+
+def test_statistics_cache_shares_one_pass_and_gives_the_same_plans(monkeypatch):
+    import sglp_llm.api as api
+
+    passes = []
+    collect = api.collect_block_statistics
+    monkeypatch.setattr(api, "collect_block_statistics", lambda *a, **k: passes.append(1) or collect(*a, **k))
+    model = tiny_model("llama", num_layers=10)
+    cache: dict = {}
+    configs = [SGLPConfig(drop=n, **CONFIG) for n in (2, 4)] + [
+        SGLPConfig(drop=2, segment_feature="rows", **CONFIG),
+        SGLPConfig(drop=2, method="block-influence", **CONFIG),
+        SGLPConfig(drop=2, method="angular", **CONFIG),
+        SGLPConfig(drop=3, method="angular", **CONFIG),
+    ]
+    shared = [analyze(model, _batches(), c, progress=False, statistics_cache=cache) for c in configs]
+    assert len(passes) == 4  # gradnorm once, block influence once, angular per run length
+    fresh = [analyze(model, _batches(), c, progress=False) for c in configs]
+    for a, b in zip(shared, fresh):
+        assert a.dropped == b.dropped and a.scores == b.scores and a.cka == b.cka
+    assert [p.extra["statistics_reused"] for p in shared] == [False, True, True, False, False, False]
+    assert shared[1].timings["total_s"] >= shared[1].timings["statistics_s"] > 0
