@@ -1,4 +1,5 @@
-"""`sglp-llm` command line: `prune` writes a shallower model, `analyze` prints the plan, `eval` scores one.
+"""`sglp-llm` command line: `prune` writes a shallower model, `analyze` prints the plan, `eval` scores
+one, `compare` measures every method at several drop counts.
 
 Settings come from, in increasing priority: SGLPConfig defaults, a YAML recipe (`--recipe`),
 and the flags given on the command line.
@@ -15,13 +16,17 @@ from typing import Any, Sequence
 
 import yaml
 
-from .config import ConfigError, SCORING_MODES, SEGMENT_FEATURES, SGLPConfig
+from .config import METHODS, SCORING_MODES, SEGMENT_FEATURES, ConfigError, SGLPConfig
+from .data import FORTUNES, STDLIB_DOCS
 
 # recipe keys that describe the run rather than the SGLP settings
 RUN_KEYS = ("model", "dtype", "device_map", "output", "trust_remote_code")
+# `compare` scores the first N held-out texts: enough for stable perplexities, and quick enough to
+# repeat for every method and drop count
+DEFAULT_COMPARE_TEXTS = 500
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_model(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model", help="Hub id, local directory or .gguf file (default: the packaged SmolLM2-135M)")
     model.add_argument("--dtype", help="auto, float32, bfloat16 or float16 (default: auto)")
@@ -31,12 +36,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--layers-path", help="dotted path to the decoder blocks' ModuleList, e.g. model.layers")
     model.add_argument("--recipe", type=Path, help="YAML recipe; flags given here override it")
 
-    how_much = parser.add_argument_group("how much to prune").add_mutually_exclusive_group()
-    how_much.add_argument("--drop", type=int, help="number of decoder blocks to remove")
-    how_much.add_argument("--ratio", type=float, help="fraction of decoder blocks to remove")
 
+def _add_calibration(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("calibration data")
-    data.add_argument("--dataset", help="Hub dataset name or local file/directory (default: built-in English text)")
+    data.add_argument("--dataset", help=f"Hub dataset name, local file/directory, {STDLIB_DOCS} or {FORTUNES} "
+                                        f"(default: {STDLIB_DOCS})")
     data.add_argument("--dataset-config", help="dataset configuration name")
     data.add_argument("--split", dest="dataset_split", help="dataset split (default: train)")
     data.add_argument("--text-column", help="column holding the text (default: text)")
@@ -45,15 +49,47 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--batch-size", type=int, help="windows per forward/backward pass")
     data.add_argument("--seed", type=int, help="seed for window selection and CKA minibatches")
 
+
+def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     method = parser.add_argument_group("method")
     method.add_argument("--scoring", choices=SCORING_MODES, help="per-block GradNorm or the paper's subset search")
     method.add_argument("--segment-feature", choices=SEGMENT_FEATURES, help="CKA column sums or CKA rows")
     method.add_argument("--num-segments", type=int, help="fixed number of segments (default: automatic)")
     method.add_argument("--cka-minibatch-tokens", type=int, help="tokens per CKA minibatch")
     method.add_argument("--max-candidates", type=int, help="cap on keep-sets scored per segment (subset search)")
+    method.add_argument("--sleb-batches", type=int,
+                        help="calibration batches each SLEB candidate is scored on (default: all)")
+    method.add_argument("--protect-first", type=int, help="never drop the first N blocks (default: 1)")
+    method.add_argument("--protect-last", type=int, help="never drop the last N blocks (default: 1)")
+    return method
 
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    """The options of `prune` and `analyze`: one model, one method, one drop count."""
+    _add_model(parser)
+    how_much = parser.add_argument_group("how much to prune").add_mutually_exclusive_group()
+    how_much.add_argument("--drop", type=int, help="number of decoder blocks to remove")
+    how_much.add_argument("--ratio", type=float, help="fraction of decoder blocks to remove")
+    _add_calibration(parser)
+    _add_method_settings(parser).add_argument(
+        "--method", choices=METHODS, help="SGLP or a peer baseline (default: sglp)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--report", type=Path, help="also write the JSON report to this file")
+
+
+def _add_held_out(
+    parser: argparse.ArgumentParser, title: str, dataset_help: str, max_texts: int | None = None
+) -> argparse._ArgumentGroup:
+    """Where held-out text for perplexity comes from (`prune --eval-*`, `compare --eval-*`)."""
+    group = parser.add_argument_group(title)
+    group.add_argument("--eval-dataset", help=dataset_help)
+    group.add_argument("--eval-dataset-config", help="its dataset configuration name")
+    group.add_argument("--eval-split", default="train", help="its split (default: train)")
+    group.add_argument("--eval-text-column", default="text", help="its text column (default: text)")
+    group.add_argument("--eval-max-texts", type=int, default=max_texts,
+                       help=f"score only its first N texts (default: {max_texts or 'all'})")
+    return group
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,9 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     prune.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the saved folder to this Hub repo")
     prune.add_argument("--public", action="store_true", help="make the Hub repo public (private by default)")
+    _add_held_out(
+        prune, "evaluation of the dense and the pruned model (in memory; into the report and card)",
+        "perplexity on this held-out text (same kinds as --dataset), before and after pruning",
+    ).add_argument("--eval-tasks", help="comma-separated lm-eval tasks to run before and after pruning")
     analyze = sub.add_parser("analyze", help="print which blocks would be dropped, write nothing")
     _add_common(analyze)
     _add_eval(sub.add_parser("eval", help="perplexity and lm-eval tasks of a (pruned) model"))
+    _add_compare(sub.add_parser(
+        "compare", help="every method at several drop counts: held-out perplexity, analysis time, speed"
+    ))
     return parser
 
 
@@ -94,6 +137,37 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     tasks.add_argument("--limit", type=int, help="at most N documents per task (quick checks)")
 
     parser.add_argument("--output-json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--update-card", action="store_true",
+                        help="record the results in the folder's sglp_report.json and model card "
+                             "(a folder written by `prune`)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_compare(parser: argparse.ArgumentParser) -> None:
+    _add_model(parser)
+    how_much = parser.add_argument_group("drop counts to compare").add_mutually_exclusive_group(required=True)
+    how_much.add_argument("--drops", help="comma-separated block counts, e.g. 3,6,9")
+    how_much.add_argument("--ratios", help="comma-separated fractions of the blocks, e.g. 0.1,0.2,0.3")
+    _add_calibration(parser)
+    method = _add_method_settings(parser)
+    method.add_argument("--methods", help=f"comma-separated methods (default: all of {', '.join(METHODS)})")
+    method.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="also an SGLP run with these SGLPConfig settings, e.g. "
+                             "sglp-rows:segment_feature=rows (repeatable)")
+    held_out = _add_held_out(
+        parser, "held-out perplexity",
+        f"text to score the models on, same kinds as --dataset (default: {FORTUNES} when installed, "
+        "else the shipped evaluation text); must differ from the calibration data",
+        max_texts=DEFAULT_COMPARE_TEXTS,
+    )
+    held_out.add_argument("--eval-max-length", type=int, help="tokens per perplexity window")
+    held_out.add_argument("--eval-batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    speed = parser.add_argument_group("generation speed (greedy, KV cache, batch 1)")
+    speed.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default: 128)")
+    speed.add_argument("--new-tokens", type=int, default=32, help="tokens generated (default: 32)")
+    speed.add_argument("--repeats", type=int, default=5, help="timed runs, the median is reported (default: 5)")
+    parser.add_argument("--output", type=Path, help="folder for compare.json, compare.md and compare.png")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -118,8 +192,8 @@ def _read_recipe(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
     return {k: data[k] for k in RUN_KEYS if k in data}, dict(data.get("sglp") or {})
 
 
-def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], SGLPConfig]:
-    """Merge defaults, recipe and flags into run settings and a validated SGLPConfig."""
+def _merge_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run settings, SGLP settings): the recipe's, overridden by the flags given."""
     run, sglp = _read_recipe(args.recipe)
     names = {f for f in SGLPConfig.__dataclass_fields__}
     flags = {k: v for k, v in vars(args).items() if v is not None and k in names}
@@ -131,6 +205,12 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], SGLPConf
     for key in RUN_KEYS:
         if getattr(args, key, None) is not None:
             run[key] = getattr(args, key)
+    return run, sglp
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], SGLPConfig]:
+    """Merge defaults, recipe and flags into run settings and a validated SGLPConfig."""
+    run, sglp = _merge_settings(args)
     if "drop" not in sglp and "ratio" not in sglp:
         raise ConfigError("Say how many blocks to remove: --drop N or --ratio R (or in the recipe).")
     return run, SGLPConfig.from_dict(sglp)
@@ -172,6 +252,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 def run_prune(args: argparse.Namespace) -> int:
     from .api import prune
+    from .evaluate import warn_if_not_held_out
     from .save import check_destination
 
     start = time.perf_counter()
@@ -181,14 +262,20 @@ def run_prune(args: argparse.Namespace) -> int:
         raise ConfigError("Say where to write the pruned model: --output DIR (or `output:` in the recipe).")
     output = Path(output)
     check_destination(output, overwrite=args.overwrite)
+    if args.eval_dataset is not None:
+        warn_if_not_held_out(config, args.eval_dataset, config_name=args.eval_dataset_config, split=args.eval_split)
     loaded = _load(run)
     if config.dataset is None:
         print("No --dataset given: calibrating on the built-in English text.", file=sys.stderr)
+    evaluate = args.eval_dataset is not None or bool(args.eval_tasks)
+    evaluation = {"dense": _evaluate_in_memory(loaded, args, "dense")} if evaluate else None
     result = prune(loaded.model, None, config, tokenizer=loaded.tokenizer, progress=not args.no_progress)
     result.base_model = loaded.name
     result.plan.model_name = loaded.name
     print(result.plan.summary())
-    saved = result.save_pretrained(output, overwrite=args.overwrite)
+    if evaluation:
+        evaluation["pruned"] = _evaluate_in_memory(loaded, args, "pruned")
+    saved = result.save_pretrained(output, overwrite=args.overwrite, evaluation=evaluation)
     if args.report:
         result.plan.save(args.report)
     plan = result.plan
@@ -206,54 +293,149 @@ def run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import perplexity_on_source, run_lm_eval
+def _evaluate_in_memory(loaded, args: argparse.Namespace, label: str) -> dict[str, Any]:
+    """`prune --eval-*`: evaluate the model as it is now; one column of the card's table."""
+    from .evaluate import card_metrics, evaluate_model
 
-    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
-    loaded = _load({"model": args.model, "dtype": args.dtype})
-    results: dict[str, Any] = {"model": loaded.name}
-    if args.dataset is not None or not tasks:
-        if args.dataset is None:
-            print("No --dataset or --tasks given: perplexity on the built-in held-out English text.", file=sys.stderr)
-        ppl = perplexity_on_source(
-            loaded.model,
-            loaded.tokenizer,
-            args.dataset,
-            text_column=args.text_column,
-            split=args.split,
-            config_name=args.dataset_config,
-            max_texts=args.max_texts,
-            max_length=args.max_length,
-            stride=args.stride,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-        )
+    results = evaluate_model(
+        loaded.model,
+        loaded.tokenizer,
+        perplexity_source=args.eval_dataset,
+        with_perplexity=args.eval_dataset is not None,
+        tasks=_names(args.eval_tasks),
+        progress=not args.no_progress,
+        text_column=args.eval_text_column,
+        split=args.eval_split,
+        config_name=args.eval_dataset_config,
+        max_texts=args.eval_max_texts,
+    )
+    _print_results(results, f"{label} model: ")
+    return card_metrics(results)
+
+
+def _print_results(results: dict[str, Any], prefix: str = "") -> None:
+    if "perplexity" in results:
+        ppl = results["perplexity"]
         print(
-            f"Perplexity {ppl['perplexity']:.3f}   bits/byte {ppl['bits_per_byte']:.4f}   "
+            f"{prefix}Perplexity {ppl['perplexity']:.3f}   bits/byte {ppl['bits_per_byte']:.4f}   "
             f"({ppl['n_tokens']} tokens, {ppl['source']})"
         )
-        results["perplexity"] = ppl
-    if tasks:
-        results["tasks"] = run_lm_eval(
-            loaded.model,
-            loaded.tokenizer,
-            tasks=tasks,
-            include_path=args.include_path,
-            limit=args.limit,
-            batch_size=args.batch_size,
-        )
-        for task, metrics in results["tasks"].items():
-            print(f"{task}: " + "   ".join(f"{name} {value:.4g}" for name, value in metrics.items()))
+    for task, metrics in results.get("tasks", {}).items():
+        print(f"{prefix}{task}: " + "   ".join(f"{name} {value:.4g}" for name, value in metrics.items()))
+
+
+def _names(text: str | None) -> list[str]:
+    """The items of a comma-separated flag value, e.g. --tasks a,b."""
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _numbers(text: str, kind: type, flag: str, example: str) -> list:
+    try:
+        return [kind(item) for item in _names(text)]
+    except ValueError:
+        raise ConfigError(
+            f"{flag} takes comma-separated {kind.__name__} values, e.g. {flag} {example}; got {text!r}."
+        ) from None
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import card_metrics, evaluate_model
+    from .plan import REPORT_NAME
+    from .save import record_evaluation, saved_report
+
+    tasks = _names(args.tasks)
+    if args.update_card:
+        saved_report(args.model)  # fail before the evaluation, not after
+    loaded = _load({"model": args.model, "dtype": args.dtype})
+    if args.dataset is None and not tasks:
+        print("No --dataset or --tasks given: perplexity on the built-in held-out English text.", file=sys.stderr)
+    evaluation = evaluate_model(
+        loaded.model,
+        loaded.tokenizer,
+        perplexity_source=args.dataset,
+        with_perplexity=args.dataset is not None or not tasks,
+        tasks=tasks,
+        include_path=args.include_path,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        text_column=args.text_column,
+        split=args.split,
+        config_name=args.dataset_config,
+        max_texts=args.max_texts,
+        max_length=args.max_length,
+        stride=args.stride,
+    )
+    _print_results(evaluation)
     if args.output_json:
-        args.output_json.write_text(json.dumps(results, indent=2) + "\n")
+        args.output_json.write_text(json.dumps({"model": loaded.name, **evaluation}, indent=2) + "\n")
         print(f"Results written to {args.output_json}")
+    if args.update_card:
+        folder = record_evaluation(args.model, card_metrics(evaluation))
+        print(f"Results recorded in {folder / REPORT_NAME} and its model card README.md")
+    elif (Path(args.model) / REPORT_NAME).is_file():
+        print(
+            f"{args.model} holds an SGLP report: add --update-card to record these results in it "
+            "and in its model card.",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from .compare import COMPARE_JSON, COMPARE_MD, COMPARE_PNG, compare, default_eval_source, parse_variant
+    from .save import check_destination
+
+    run, sglp = _merge_settings(args)
+    # compare sets the drop count and method of every run; drop=1 only makes the shared
+    # settings a valid SGLPConfig
+    sglp.pop("ratio", None)
+    config = SGLPConfig.from_dict({**sglp, "drop": 1})
+    if run.get("output") is None:
+        raise ConfigError("Say where to write the comparison: --output DIR (or `output:` in the recipe).")
+    output = Path(run["output"])
+    check_destination(output, overwrite=args.overwrite)
+    drops = _numbers(args.drops, int, "--drops", "3,6,9") if args.drops else None
+    ratios = _numbers(args.ratios, float, "--ratios", "0.1,0.2,0.3") if args.ratios else None
+    variants = [parse_variant(spec) for spec in args.variant]
+    names = [name for name, _ in variants]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"Each --variant needs its own name; got {names}.")
+    loaded = _load(run)
+    if config.dataset is None:
+        print("No --dataset given: calibrating on the built-in English text.", file=sys.stderr)
+    result = compare(
+        loaded.model,
+        loaded.tokenizer,
+        config,
+        drops=drops,
+        ratios=ratios,
+        methods=_names(args.methods) if args.methods else METHODS,
+        variants=dict(variants),
+        eval_source=args.eval_dataset if args.eval_dataset is not None else default_eval_source(),
+        eval_config_name=args.eval_dataset_config,
+        eval_split=args.eval_split,
+        eval_text_column=args.eval_text_column,
+        eval_max_texts=args.eval_max_texts,
+        eval_max_length=args.eval_max_length,
+        eval_batch_size=args.eval_batch_size,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        model_name=loaded.name,
+        progress=not args.no_progress,
+    )
+    result.save(output)
+    print(result.table("perplexity"))
+    print(f"Comparison written to {output}: {COMPARE_JSON}, {COMPARE_MD}, {COMPARE_PNG}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"prune": run_prune, "analyze": run_analyze, "eval": run_eval}[args.command](args)
+        commands = {"prune": run_prune, "analyze": run_analyze, "eval": run_eval, "compare": run_compare}
+        return commands[args.command](args)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"sglp-llm: error: {err}", file=sys.stderr)
         return 2

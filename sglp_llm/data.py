@@ -11,10 +11,12 @@ import importlib
 import inspect
 import platform
 import random
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,16 @@ DEFAULT_MODULES = (
 )
 # Docstrings shorter than this are mostly one-liners ("Return self.") that add little language.
 _MIN_DOC_CHARS = 200
+
+# Built-in text sources, named like `--dataset builtin:fortunes`.
+BUILTIN_PREFIX = "builtin:"
+STDLIB_DOCS = "builtin:stdlib-docs"
+FORTUNES = "builtin:fortunes"
+# Debian's `fortunes` package: plain-text files of entries separated by lines holding only "%".
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+# Overstriking marks bold and underline for terminals: a backspace steps back over the character
+# before it, which the next character then overprints.
+_BACKSPACED = re.compile(r"[^\x08\n]\x08")
 
 
 class CalibrationError(ConfigError):
@@ -74,13 +86,21 @@ def load_texts(
 ) -> tuple[list[str], str]:
     """The non-empty texts of `source` and a one-line description of where they came from.
 
-    `source` is None (the built-in default text), a local file or directory, or a Hub dataset
-    name. A `.txt` file is one text (its paragraphs stay together, so packing keeps their
+    `source` is None (the built-in default text, same as "builtin:stdlib-docs"),
+    "builtin:fortunes" (Debian's fortunes, see `fortune_texts`), a local file or directory, or a
+    Hub dataset name. A `.txt` file is one text (its paragraphs stay together, so packing keeps their
     context); `.json`/`.jsonl`/`.csv`/`.parquet` give one text per row from `text_column`.
     `config_name` and `split` apply to Hub datasets only; local files are one split.
     """
-    if source is None:
+    if source is None or source == STDLIB_DOCS:
         return default_texts()
+    if source == FORTUNES:
+        return fortune_texts()
+    if source.startswith(BUILTIN_PREFIX):
+        raise CalibrationError(
+            f"Unknown built-in text {source!r}; the built-in texts are {STDLIB_DOCS!r} and "
+            f"{FORTUNES!r}."
+        )
     path = Path(source).expanduser()
     if path.exists():
         return _load_local(path, text_column)
@@ -132,6 +152,48 @@ def default_texts() -> tuple[list[str], str]:
         "standard-library modules (no dataset given)"
     )
     return texts, description
+
+
+def fortune_texts() -> tuple[list[str], str]:
+    """The entries of Debian's `fortunes` package (`FORTUNES_DIR`): English text that is not code
+    documentation, so it can hold out against the stdlib-docs calibration default.
+
+    Files are read in name order (the `.dat` indexes, `.u8` links and the offensive `off/`
+    folder are skipped) and their entries interleaved round-robin, one from each file in turn,
+    so the first N entries (`--max-texts`) span every category. Deterministic.
+    """
+    files = (
+        sorted(
+            f for f in FORTUNES_DIR.iterdir()
+            if f.is_file() and f.suffix not in (".dat", ".u8") and not f.name.startswith(".")
+        )
+        if FORTUNES_DIR.is_dir()
+        else []
+    )
+    if not files:
+        raise CalibrationError(
+            f"{FORTUNES!r} needs Debian's fortunes text in {FORTUNES_DIR}, which is missing or "
+            "empty: install it with `apt-get install fortunes`, or give another dataset."
+        )
+    per_file = [_fortune_entries(f.read_text(encoding="utf-8", errors="replace")) for f in files]
+    texts = [entry for round_ in zip_longest(*per_file) for entry in round_ if entry is not None]
+    description = f"built-in fortunes: {len(texts)} entries from {len(files)} files in {FORTUNES_DIR}"
+    return _nonempty(texts, description), description
+
+
+def _fortune_entries(content: str) -> list[str]:
+    """The non-empty entries of one fortune file, as printed (see `_without_overstriking`)."""
+    entries = re.split(r"^%$", _without_overstriking(content), flags=re.MULTILINE)
+    return [e.strip("\n") for e in entries if e.strip()]
+
+
+def _without_overstriking(text: str) -> str:
+    """The text a terminal shows: each backspace erases the character before it ("_\\bx",
+    "x\\bx" and "___\\b\\b\\bxyz" are underlined or bold "x" and "xyz")."""
+    while True:
+        text, n = _BACKSPACED.subn("", text)
+        if n == 0:
+            return text.replace("\x08", "")  # a backspace at the start of a line erases nothing
 
 
 def _own_objects(module: Any) -> Iterator[Any]:

@@ -1,4 +1,5 @@
-"""Evaluate a (pruned) model: strided perplexity and bits-per-byte, and lm-eval tasks.
+"""Evaluate a (pruned) model: strided perplexity and bits-per-byte, lm-eval tasks, and
+generation speed.
 
 Perplexity is computed here rather than through lm-eval so that it needs nothing beyond
 transformers and accepts the same data sources as calibration (`data.load_texts`). lm-eval
@@ -11,6 +12,10 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import statistics
+import time
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +23,12 @@ import datasets
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.generation.streamers import BaseStreamer
 
 from .api import input_device
 from .blocks import text_config
-from .config import ConfigError
-from .data import _nonempty_strings, load_texts
+from .config import ConfigError, SGLPConfig
+from .data import BUILTIN_PREFIX, STDLIB_DOCS, _nonempty_strings, load_texts
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 # The held-out text that `perplexity_on_source` uses when no source is given: written for this
@@ -156,23 +162,19 @@ def perplexity(
     }
 
 
-def perplexity_on_source(
-    model: nn.Module,
-    tokenizer: Any,
+def load_eval_texts(
     source: str | None = None,
     *,
     text_column: str = "text",
     split: str = "train",
     config_name: str | None = None,
     max_texts: int | None = None,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """`perplexity` on the texts of `source`, read like calibration data (`data.load_texts`).
+) -> tuple[list[str], str]:
+    """The texts to score and their description, read like calibration data (`data.load_texts`).
 
-    `source` is a local file or directory or a Hub dataset; None means the built-in evaluation
-    text (`EVAL_TEXT`, not the calibration default, so the model is measured on unseen text).
-    `max_texts` keeps the first texts only. `kwargs` go to `perplexity`; the result also names
-    the source.
+    `source` is a local file or directory, a Hub dataset or a built-in text; None means the
+    built-in evaluation text (`EVAL_TEXT`, not the calibration default, so the model is measured
+    on unseen text). `max_texts` keeps the first texts only.
     """
     if max_texts is not None and max_texts < 1:
         raise EvaluationError(f"max_texts={max_texts} must be at least 1 (or None for all texts).")
@@ -184,8 +186,169 @@ def perplexity_on_source(
     )
     if source is None:
         description = f"built-in evaluation text: {len(texts)} English paragraphs ({EVAL_TEXT.name})"
-    texts = texts[:max_texts]
+    return texts[:max_texts], description
+
+
+def perplexity_on_source(
+    model: nn.Module,
+    tokenizer: Any,
+    source: str | None = None,
+    *,
+    text_column: str = "text",
+    split: str = "train",
+    config_name: str | None = None,
+    max_texts: int | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """`perplexity` on the texts of `source` (see `load_eval_texts`); `kwargs` go to
+    `perplexity`, and the result also names the source."""
+    texts, description = load_eval_texts(
+        source, text_column=text_column, split=split, config_name=config_name, max_texts=max_texts
+    )
     return {**perplexity(model, tokenizer, texts, **kwargs), "source": description}
+
+
+def warn_if_not_held_out(
+    config: SGLPConfig, source: str | None, *, config_name: str | None = None, split: str = "train"
+) -> None:
+    """Warn when the evaluation text (`source`, None: `EVAL_TEXT`) is the calibration text of
+    `config`: the blocks were chosen to fit it, so its perplexity flatters the pruned model."""
+    calibration = _text_identity(config.dataset or STDLIB_DOCS, config.dataset_config, config.dataset_split)
+    if calibration == _text_identity(source or str(EVAL_TEXT), config_name, split):
+        warnings.warn(
+            f"The evaluation text {source or str(EVAL_TEXT)!r} is the calibration text: its "
+            "perplexity measures fit to the data the blocks were chosen on, not held-out "
+            "quality. Evaluate on another dataset.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def _text_identity(source: str, config_name: str | None, split: str) -> tuple[Any, ...]:
+    """What makes two text sources the same: the resolved path of a local file or folder, the
+    name of a built-in text, the name, config and split of a Hub dataset."""
+    if source.startswith(BUILTIN_PREFIX):
+        return (source,)
+    path = Path(source).expanduser()
+    if path.exists():
+        return (path.resolve(),)
+    return (source, config_name, split)
+
+
+def evaluate_model(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    perplexity_source: str | None = None,
+    with_perplexity: bool = True,
+    tasks: list[str] | None = None,
+    include_path: str | os.PathLike | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+    **text_kwargs: Any,
+) -> dict[str, Any]:
+    """{"perplexity": ..., "tasks": ...} of a model in memory: `perplexity_on_source` (when
+    `with_perplexity`, `text_kwargs` go to it) and `run_lm_eval` (when `tasks` are given)."""
+    results: dict[str, Any] = {}
+    if with_perplexity:
+        results["perplexity"] = perplexity_on_source(
+            model, tokenizer, perplexity_source, batch_size=batch_size, progress=progress, **text_kwargs
+        )
+    if tasks:
+        results["tasks"] = run_lm_eval(
+            model, tokenizer, tasks=tasks, include_path=include_path, limit=limit, batch_size=batch_size
+        )
+    return results
+
+
+def card_metrics(results: Mapping[str, Any]) -> dict[str, Any]:
+    """`evaluate_model` results as one column of the model card's evaluation table (and of the
+    report's `extra["evaluation"]`): metric -> value, the perplexity text named in its own row."""
+    metrics: dict[str, Any] = {}
+    if "perplexity" in results:
+        ppl = results["perplexity"]
+        metrics.update(
+            perplexity=ppl["perplexity"], bits_per_byte=ppl["bits_per_byte"], perplexity_text=ppl["source"]
+        )
+    for task, values in results.get("tasks", {}).items():
+        metrics.update({f"{task}/{name}": value for name, value in values.items()})
+    return metrics
+
+
+# ---------------------------------------------------------------------------------- speed
+class _TokenClock(BaseStreamer):
+    """The time of each chunk `generate` streams: the prompt, then every new token. Tokens are
+    streamed from the host once computed, so each stamp follows the work of its step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        """Nothing is buffered, so nothing to flush."""
+
+
+@torch.no_grad()
+def generation_speed(
+    model: nn.Module,
+    *,
+    prompt_tokens: int = 128,
+    new_tokens: int = 32,
+    repeats: int = 5,
+    seed: int = 0,
+) -> dict[str, float | int]:
+    """Prefill and decode throughput (tokens/s) of greedy `generate` with the KV cache, batch 1,
+    on a random prompt: medians over `repeats` runs after one warm-up run.
+
+    Prefill is the prompt length over the time from the prompt to the first new token; decode
+    is the other new tokens over the time from the first new token to the last. Both come from
+    the same `generate` call, so they measure what a user of the model gets.
+    """
+    if prompt_tokens < 1 or new_tokens < 2 or repeats < 1:
+        raise EvaluationError(
+            f"Speed needs prompt_tokens >= 1, new_tokens >= 2 and repeats >= 1; got "
+            f"{prompt_tokens}, {new_tokens} and {repeats}."
+        )
+    max_positions = getattr(text_config(model), "max_position_embeddings", None)
+    if max_positions is not None and prompt_tokens + new_tokens > max_positions:
+        raise EvaluationError(
+            f"prompt_tokens + new_tokens = {prompt_tokens + new_tokens} exceeds the model's "
+            f"max_position_embeddings={max_positions}; use a shorter prompt or fewer new tokens."
+        )
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(vocab, (1, prompt_tokens), generator=generator).to(input_device(model))
+    was_training = model.training
+    model.eval()
+    prefill, decode = [], []
+    try:
+        for run in range(repeats + 1):
+            clock = _TokenClock()
+            model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                use_cache=True,
+                streamer=clock,
+            )
+            if run:  # run 0 warms up (allocations, kernel selection)
+                prompt_at, first_at, last_at = clock.times[0], clock.times[1], clock.times[-1]
+                prefill.append(prompt_tokens / (first_at - prompt_at))
+                decode.append((len(clock.times) - 2) / (last_at - first_at))
+    finally:
+        model.train(was_training)
+    return {
+        "prefill_tokens_per_s": statistics.median(prefill),
+        "decode_tokens_per_s": statistics.median(decode),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+    }
 
 
 # ---------------------------------------------------------------------------------- lm-eval

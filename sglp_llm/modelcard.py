@@ -29,6 +29,8 @@ METHOD_TEXT = {
                 "output are closest in angle)"),
     "last": ("last-n", "the last-n baseline (the deepest unprotected blocks)"),
     "random": ("random", "the seeded random baseline"),
+    "sleb": ("SLEB", "SLEB ([Song et al. 2024](https://arxiv.org/abs/2402.09025): blocks removed one "
+             "at a time, each time the one whose removal leaves the lowest calibration loss)"),
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -1,8 +1,10 @@
-"""Write a pruned model with its report, settings, heatmap and model card as one folder.
+"""Write a pruned model with its report, settings, heatmap and model card as one folder, and
+later add evaluation results to that folder's report and card.
 
 Everything goes into a temporary folder next to the destination and is renamed into place at the
 end, so an interrupted or failed save never leaves a half-written model that looks complete, and
-an existing folder is only replaced once its successor is fully written.
+an existing folder is only replaced once its successor is fully written. Evaluation updates
+replace the report and the card file by file, each by an atomic rename.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,11 @@ def save_pruned(
     overwrite: bool = False,
     evaluation: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Save `model` (safetensors), `tokenizer` (if any) and the SGLP files to `output_dir`."""
+    """Save `model` (safetensors), `tokenizer` (if any) and the SGLP files to `output_dir`.
+
+    `evaluation` (metric -> value, or column -> {metric: value}) goes into the model card's
+    table and into the report as `plan.extra["evaluation"]`.
+    """
     output_dir = Path(output_dir).expanduser().resolve()
     check_destination(output_dir, overwrite=overwrite, model=model)
     num_layers = model.config.get_text_config().num_hidden_layers
@@ -44,6 +50,8 @@ def save_pruned(
     # Everything that can fail on bad input is built before anything is written.
     config = SGLPConfig.from_dict(plan.config)
     card = render_model_card(plan, base_model=base_model, evaluation=evaluation)
+    if evaluation:
+        plan.extra["evaluation"] = dict(evaluation)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(output_dir, "tmp")
@@ -61,6 +69,48 @@ def save_pruned(
         raise
     _move_into_place(tmp, output_dir)
     return output_dir
+
+
+def record_evaluation(folder: str | Path, metrics: Mapping[str, Any], *, column: str = "pruned") -> Path:
+    """Merge `metrics` (metric -> value) into the `column` of the evaluation recorded in a saved
+    folder's report, and re-render its model card with the table. Other columns (e.g. the dense
+    model's, from `sglp-llm prune --eval-dataset`) and the model files stay as they are.
+    """
+    report = saved_report(folder)
+    folder = report.parent
+    plan = PruningPlan.load(report)
+    recorded = plan.extra.get("evaluation") or {}
+    # a flat mapping (metric -> value, given to save_pretrained) describes the saved model
+    nested = all(isinstance(v, Mapping) for v in recorded.values())
+    columns = {k: dict(v) for k, v in recorded.items()} if nested else {column: dict(recorded)}
+    columns[column] = {**columns.get(column, {}), **metrics}
+    plan.extra["evaluation"] = columns
+    card = render_model_card(plan, base_model=plan.model_name or "unknown", evaluation=columns)
+    _replace_file(report, plan.save)
+    _replace_file(folder / README_NAME, lambda path: path.write_text(card))
+    return folder
+
+
+def saved_report(folder: str | Path) -> Path:
+    """The report of a folder written by `save_pruned`, or an error saying it is not one."""
+    report = Path(folder).expanduser() / REPORT_NAME
+    if not report.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {REPORT_NAME}: evaluation results can only be recorded in a folder "
+            "written by `sglp-llm prune` (or PruneResult.save_pretrained)."
+        )
+    return report
+
+
+def _replace_file(path: Path, write: Callable[[Path], None]) -> None:
+    """`write` a sibling temporary file, then rename it over `path`: never a half-written file."""
+    tmp = _sibling(path, "tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def check_destination(output_dir: Path, *, overwrite: bool, model: Any = None) -> None:

@@ -134,3 +134,101 @@ def test_push_to_hub_uploads_the_saved_folder(model_dir, text_file, tmp_path, mo
     assert folder == out.resolve() and repo_id == "me/tiny-sglp" and was_private is private
     assert {"config.json", "model.safetensors", "README.md", "sglp_report.json"} <= set(files)
     assert "Uploaded to https://huggingface.co/me/tiny-sglp" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, dropped, protected",
+    [
+        (["--method", "last"], {5, 6}, [0, 7]),  # the deepest unprotected blocks
+        (["--method", "last", "--protect-last", "0"], {6, 7}, [0]),
+        (["--method", "sglp", "--protect-first", "3", "--protect-last", "2"], {3, 4, 5}, [0, 1, 2, 6, 7]),
+    ],
+)
+def test_method_and_protection_flags_reach_the_plan(model_dir, text_file, tmp_path, flags, dropped, protected):
+    argv = ["analyze", "--model", str(model_dir), "--drop", "2", "--dataset", str(text_file),
+            "--report", str(tmp_path / "plan.json"), *flags, *FAST]
+    assert main(argv) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["config"]["method"] == flags[1]
+    assert len(plan["dropped"]) == 2 and set(plan["dropped"]) <= dropped
+    assert plan["extra"]["protected"] == protected
+
+
+def test_unknown_method_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["analyze", "--drop", "2", "--method", "shortgpt"])
+    assert "argument --method: invalid choice: 'shortgpt'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def eval_files(tmp_path_factory):
+    """Two held-out texts sources, in words the tiny tokenizer knows."""
+    root = tmp_path_factory.mktemp("held-out")
+    first = ["the value of a new list is returned", "if the file is not found an error is raised",
+             "this class is used to create a new object"]
+    (root / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in first))
+    (root / "b.txt").write_text("a function that returns the name of the module for each object")
+    return root / "a.jsonl", root / "b.txt", first
+
+
+def _ppl(folder, texts):
+    from sglp_llm.evaluate import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    return perplexity(model, tiny_tokenizer(), texts, progress=False)
+
+
+def test_prune_evaluates_before_and_after_then_eval_updates_the_card(model_dir, text_file, eval_files, tmp_path, capsys):
+    held_out, other, texts = eval_files
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", str(model_dir), "--drop", "2", "--dataset", str(text_file), "--output", str(out),
+            "--eval-dataset", str(held_out), "--eval-max-texts", "2", *FAST]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    dense, pruned = _ppl(model_dir, texts[:2]), _ppl(out, texts[:2])
+    assert f"dense model: Perplexity {dense['perplexity']:.3f}" in printed
+    assert f"pruned model: Perplexity {pruned['perplexity']:.3f}" in printed
+    evaluation = json.loads((out / "sglp_report.json").read_text())["extra"]["evaluation"]
+    assert evaluation["dense"]["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-5)
+    assert evaluation["pruned"]["bits_per_byte"] == pytest.approx(pruned["bits_per_byte"], rel=1e-5)
+    assert "a.jsonl" in evaluation["pruned"]["perplexity_text"]
+    card = (out / "README.md").read_text()
+    assert f"| perplexity | {evaluation['dense']['perplexity']:.4f} | {evaluation['pruned']['perplexity']:.4f} |" in card
+
+    before = _digest(out)
+    assert main(["eval", str(out), "--dataset", str(other), "--update-card", "--no-progress"]) == 0
+    assert f"Results recorded in {out / 'sglp_report.json'}" in capsys.readouterr().out
+    again = _ppl(out, [other.read_text()])
+    updated = json.loads((out / "sglp_report.json").read_text())["extra"]["evaluation"]
+    assert updated["dense"] == evaluation["dense"]
+    assert updated["pruned"]["perplexity"] == pytest.approx(again["perplexity"], rel=1e-5)
+    assert "b.txt" in updated["pruned"]["perplexity_text"]
+    card = (out / "README.md").read_text()
+    assert f"| perplexity | {updated['dense']['perplexity']:.4f} | {updated['pruned']['perplexity']:.4f} |" in card
+    after = _digest(out)
+    assert {k for k in after if after[k] != before[k]} == {"sglp_report.json", "README.md"}
+    assert set(after) == set(before)
+
+
+def test_eval_of_a_pruned_folder_suggests_update_card(model_dir, text_file, eval_files, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(model_dir), "--drop", "2", "--dataset", str(text_file),
+                 "--output", str(out), *FAST]) == 0
+    report = (out / "sglp_report.json").read_text()
+    assert main(["eval", str(out), "--dataset", str(eval_files[1]), "--no-progress"]) == 0
+    assert (f"{out} holds an SGLP report: add --update-card to record these results in it and in its "
+            "model card.") in capsys.readouterr().err
+    assert (out / "sglp_report.json").read_text() == report
+
+
+def test_update_card_needs_a_pruned_folder(model_dir, capsys):
+    assert main(["eval", str(model_dir), "--update-card", "--no-progress"]) == 2
+    assert (f"sglp-llm: error: {model_dir} has no sglp_report.json: evaluation results can only be "
+            "recorded in a folder written by `sglp-llm prune`") in capsys.readouterr().err
+
+
+def test_prune_warns_when_evaluating_on_the_calibration_text(model_dir, text_file, tmp_path):
+    argv = ["prune", "--model", str(model_dir), "--drop", "2", "--dataset", str(text_file),
+            "--output", str(tmp_path / "out"), "--eval-dataset", str(text_file), *FAST]
+    with pytest.warns(UserWarning, match="is the calibration text"):
+        assert main(argv) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import datasets
 import pyarrow as pa
@@ -182,6 +183,62 @@ def test_default_text_skips_missing_modules(monkeypatch):
     texts, source = load_texts(None)
     assert "docstrings of 1 Python" in source
     assert texts[0].startswith("JSON (JavaScript Object Notation)")
+
+
+def test_builtin_stdlib_docs_is_the_default_text():
+    assert load_texts("builtin:stdlib-docs") == load_texts(None)
+
+
+@pytest.fixture
+def fortunes_dir(tmp_path, monkeypatch):
+    """A fake /usr/share/games/fortunes: two categories, their strfile indexes and UTF-8 links,
+    the offensive off/ folder, an overstruck word, a blank entry and a % inside a line."""
+    root = tmp_path / "fortunes"
+    (root / "off").mkdir(parents=True)
+    (root / "people").write_text("Ann said:\n\n  \"Hello.\"\n%\nBob.\n%\n\n%\nCyd is 100% sure.\n%\n")
+    (root / "art").write_text("A _\x08b_\x08o_\x08l_\x08d word, B\x08Bo\x08ol\x08ld, ___\x08\x08\x08too.\n%\n\x08Paint.\n")
+    (root / "art.dat").write_bytes(b"\x00\x00\x00\x02%\n")
+    (root / "art.u8").symlink_to(root / "art")
+    (root / "off" / "rude").write_text("Not included.\n%\n")
+    monkeypatch.setattr(data, "FORTUNES_DIR", root)
+    return root
+
+
+def test_fortunes_entries_taken_in_turn_from_each_file(fortunes_dir):
+    texts, source = load_texts("builtin:fortunes")
+    # files in name order (art, people), one entry from each in turn
+    assert texts == ["A bold word, Bold, too.", "Ann said:\n\n  \"Hello.\"", "Paint.", "Bob.", "Cyd is 100% sure."]
+    assert source == f"built-in fortunes: 5 entries from 2 files in {fortunes_dir}"
+    assert load_texts("builtin:fortunes") == (texts, source)
+
+
+@pytest.mark.skipif(not data.FORTUNES_DIR.is_dir(), reason="Debian's fortunes package is not installed")
+def test_installed_fortunes_are_many_plain_entries():
+    texts, _ = load_texts("builtin:fortunes")
+    assert len(texts) > 1000
+    assert not any("\x08" in t or t.strip() == "%" or not t.strip() for t in texts)
+
+
+@pytest.mark.parametrize("make", [lambda root: None, lambda root: root.mkdir(), lambda root: (root / "off").mkdir(parents=True)])
+def test_missing_fortunes_say_how_to_install(tmp_path, monkeypatch, make):
+    root = tmp_path / "fortunes"
+    make(root)
+    monkeypatch.setattr(data, "FORTUNES_DIR", root)
+    with pytest.raises(
+        CalibrationError,
+        match=rf"'builtin:fortunes' needs Debian's fortunes text in {re.escape(str(root))}, which is "
+        r"missing or empty: install it with `apt-get install fortunes`, or give another dataset\.",
+    ):
+        load_texts("builtin:fortunes")
+
+
+def test_unknown_builtin_names_the_known_ones():
+    with pytest.raises(
+        CalibrationError,
+        match=r"Unknown built-in text 'builtin:wiki'; the built-in texts are 'builtin:stdlib-docs' "
+        r"and 'builtin:fortunes'\.",
+    ):
+        load_texts("builtin:wiki")
 
 
 def test_loading_errors(tmp_path, monkeypatch):

@@ -6,18 +6,24 @@ import json
 import math
 import re
 import sys
+import warnings
+from types import SimpleNamespace
 
 import datasets
 import pytest
 import torch
 
+from sglp_llm import evaluate
 from sglp_llm.cli import main
+from sglp_llm.config import SGLPConfig
 from sglp_llm.evaluate import (
     EVAL_TEXT,
     EvaluationError,
+    generation_speed,
     perplexity,
     perplexity_on_source,
     run_lm_eval,
+    warn_if_not_held_out,
 )
 from tiny_models import tiny_model
 
@@ -164,6 +170,88 @@ def test_nothing_to_predict_without_bos_or_eos(make_word_tokenizer):
 def test_max_texts_must_be_positive(model, tokenizer):
     with pytest.raises(EvaluationError, match=re.escape("max_texts=0 must be at least 1")):
         perplexity_on_source(model, tokenizer, max_texts=0)
+
+
+@pytest.mark.parametrize(
+    "calibration, source, eval_kwargs",
+    [
+        ({}, "builtin:stdlib-docs", {}),  # no dataset: calibration is the stdlib docs
+        ({"dataset": "builtin:fortunes"}, "builtin:fortunes", {}),
+        ({"dataset": str(EVAL_TEXT)}, None, {}),  # no source: evaluation is EVAL_TEXT
+        ({"dataset": "EVAL_DIR/../tasks/sglp_local_ppl.jsonl"}, str(EVAL_TEXT), {}),  # same file, other spelling
+        ({"dataset": "org/texts", "dataset_split": "test"}, "org/texts", {"split": "test"}),
+    ],
+)
+def test_warns_when_evaluation_text_is_calibration_text(calibration, source, eval_kwargs):
+    calibration = {k: v.replace("EVAL_DIR", str(EVAL_TEXT.parent)) for k, v in calibration.items()}
+    with pytest.warns(UserWarning, match=r"is the calibration text: its perplexity measures fit to the data the "
+                                         r"blocks were chosen on, not held-out quality\. Evaluate on another dataset\."):
+        warn_if_not_held_out(SGLPConfig(drop=1, **calibration), source, **eval_kwargs)
+
+
+@pytest.mark.parametrize(
+    "calibration, source, eval_kwargs",
+    [
+        ({}, None, {}),
+        ({}, "builtin:fortunes", {}),
+        ({"dataset": "org/texts"}, "org/texts", {"split": "test"}),  # another split is held out
+        ({"dataset": "org/texts", "dataset_config": "a"}, "org/texts", {"config_name": "b"}),
+    ],
+)
+def test_no_warning_for_held_out_text(calibration, source, eval_kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_not_held_out(SGLPConfig(drop=1, **calibration), source, **eval_kwargs)
+
+
+# ---------------------------------------------------------------------------------- speed
+def test_generation_speed_reads_the_streamed_token_times(model, monkeypatch):
+    """A scripted clock, read once per streamed chunk: the prompt, then each of 5 new tokens.
+    The warm-up run is slow and must not count; the others differ, so the median is tested."""
+    prompt_tokens, new_tokens = 8, 5
+    runs = [(50.0, 9.0), (2.0, 0.5), (4.0, 0.25), (3.0, 1.0)]  # (prefill s, s per decoded token)
+    stamps = iter(
+        t
+        for i, (prefill, step) in enumerate(runs)
+        for t in [100.0 * i] + [100.0 * i + prefill + step * k for k in range(new_tokens)]
+    )
+    monkeypatch.setattr(evaluate, "time", SimpleNamespace(perf_counter=lambda: next(stamps)))
+
+    speed = generation_speed(model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=3)
+
+    assert next(stamps, None) is None  # every run streamed the prompt and exactly 5 tokens
+    assert speed == {
+        "prefill_tokens_per_s": pytest.approx(prompt_tokens / 3.0),
+        "decode_tokens_per_s": pytest.approx(2.0),
+        "prompt_tokens": 8,
+        "new_tokens": 5,
+        "repeats": 3,
+    }
+
+
+def test_generation_speed_leaves_the_model_in_its_mode(model):
+    model.train()
+    try:
+        speed = generation_speed(model, prompt_tokens=4, new_tokens=2, repeats=1)
+        assert model.training
+    finally:
+        model.eval()
+    assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"new_tokens": 1}, "Speed needs prompt_tokens >= 1, new_tokens >= 2 and repeats >= 1; got 8, 1 and 5."),
+        ({"prompt_tokens": 0}, "Speed needs prompt_tokens >= 1, new_tokens >= 2 and repeats >= 1; got 0, 32 and 5."),
+        ({"repeats": 0}, "got 8, 32 and 0."),
+        ({"prompt_tokens": 100, "new_tokens": 29}, "prompt_tokens + new_tokens = 129 exceeds the model's "
+                                                    "max_position_embeddings=128; use a shorter prompt or fewer new tokens."),
+    ],
+)
+def test_generation_speed_errors(model, kwargs, message):
+    with pytest.raises(EvaluationError, match=re.escape(message)):
+        generation_speed(model, **{"prompt_tokens": 8, **kwargs})
 
 
 # ---------------------------------------------------------------------------------- lm-eval

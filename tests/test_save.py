@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -13,12 +14,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 import sglp_llm.save as save_module
-from sglp_llm.config import SGLPConfig
+from sglp_llm.config import METHODS, SGLPConfig
 from sglp_llm.heatmap import plot_cka_heatmap
 from sglp_llm.hub import push_folder
-from sglp_llm.modelcard import render_model_card
+from sglp_llm.modelcard import METHOD_TEXT, render_model_card
 from sglp_llm.plan import PruningPlan
-from sglp_llm.save import save_pruned
+from sglp_llm.save import record_evaluation, save_pruned
 
 BASE = "org/tiny-llama"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -104,11 +105,71 @@ def test_tokenizer_is_optional(tmp_path, model, plan):
     assert not (out / "tokenizer.json").exists()
 
 
-def test_evaluation_reaches_the_saved_card(tmp_path, model, plan):
+def test_evaluation_reaches_the_saved_card_and_report(tmp_path, model, plan):
     out = save_pruned(
         tmp_path / "pruned", model, None, plan, base_model=BASE, evaluation={"ppl": 12.5}
     )
     assert "| ppl | 12.5000 |" in (out / "README.md").read_text()
+    assert json.loads((out / "sglp_report.json").read_text())["extra"]["evaluation"] == {"ppl": 12.5}
+
+
+# ---------------------------------------------------------------- record_evaluation
+def _digests(folder, *skip):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name not in skip}
+
+
+@pytest.fixture
+def saved(tmp_path, model, tokenizer, plan):
+    dense_vs_pruned = {"dense": {"perplexity": 10.0, "acc": 0.7}, "pruned": {"perplexity": 14.0, "acc": 0.6}}
+    return save_pruned(tmp_path / "pruned", model, tokenizer, plan, base_model=BASE, evaluation=dense_vs_pruned)
+
+
+def test_record_evaluation_merges_into_report_and_card(saved, plan):
+    before = _digests(saved)
+    assert record_evaluation(saved, {"perplexity": 13.5, "hellaswag/acc": 0.41}) == saved
+
+    report = json.loads((saved / "sglp_report.json").read_text())
+    expected = {"dense": {"perplexity": 10.0, "acc": 0.7}, "pruned": {"perplexity": 13.5, "acc": 0.6, "hellaswag/acc": 0.41}}
+    assert report["extra"]["evaluation"] == expected
+    assert {k: v for k, v in report.items() if k != "extra"} == {k: v for k, v in plan.to_dict().items() if k != "extra"}
+    card = (saved / "README.md").read_text()
+    assert card == render_model_card(PruningPlan.from_dict(report), base_model=BASE, evaluation=expected)
+    assert "| perplexity | 10.0000 | 13.5000 |" in card and "| hellaswag/acc | – | 0.4100 |" in card
+    after = _digests(saved)
+    assert {k: v for k, v in after.items() if k not in ("sglp_report.json", "README.md")} == {
+        k: v for k, v in before.items() if k not in ("sglp_report.json", "README.md")
+    }
+    assert set(after) == set(before)  # no temporary files left
+
+
+def test_record_evaluation_turns_a_flat_record_into_a_column(tmp_path, model, plan):
+    out = save_pruned(tmp_path / "pruned", model, None, plan, base_model=BASE, evaluation={"ppl": 12.5})
+    record_evaluation(out, {"acc": 0.5}, column="after healing")
+    assert PruningPlan.load(out / "sglp_report.json").extra["evaluation"] == {
+        "after healing": {"ppl": 12.5, "acc": 0.5}
+    }
+
+
+def test_record_evaluation_needs_a_saved_folder(tmp_path):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"{tmp_path} has no sglp_report.json: evaluation results can only be recorded in a "
+        r"folder written by `sglp-llm prune` \(or PruneResult.save_pretrained\)\.",
+    ):
+        record_evaluation(tmp_path, {"acc": 0.5})
+
+
+def test_failed_record_keeps_the_old_files(saved, monkeypatch):
+    before = _digests(saved)
+
+    def half_written(self, path):
+        Path(path).write_text('{"num_blocks": ')
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PruningPlan, "save", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        record_evaluation(saved, {"acc": 0.5})
+    assert _digests(saved) == before
 
 
 def test_refuses_non_empty_dir_without_overwrite(tmp_path, model, plan):
@@ -290,6 +351,10 @@ def test_model_card_dense_vs_pruned_table(plan):
     ]
 
 
+def test_model_card_describes_every_method():
+    assert set(METHOD_TEXT) == set(METHODS)
+
+
 def test_model_card_rejects_mixed_evaluation(plan):
     with pytest.raises(ValueError, match="metric -> value .* not a mix of both"):
         render_model_card(plan, base_model=BASE, evaluation={"acc": 0.7, "pruned": {"acc": 0.6}})
@@ -358,7 +423,7 @@ def test_push_refuses_a_folder_without_a_model(tmp_path, fake_hub):
     ],
 )
 def test_card_front_matter_names_only_hub_ids(plan, base_model, front_matter):
-    from sglp_llm.modelcard import render_model_card
+    from sglp_llm.modelcard import METHOD_TEXT, render_model_card
 
     card = render_model_card(plan, base_model=base_model)
     header = card.split("---")[1]
