@@ -18,6 +18,7 @@ candidate networks), so methods that check removals by running the model plug in
 from __future__ import annotations
 
 import math
+import time
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -128,6 +129,10 @@ class SelectionContext:
     protected: set[int]
     config: SGLPConfig
     progress: bool
+    # analyze's statistics cache and this analysis' key in it: a method may keep work there
+    # that another analysis of the same statistics can reuse (SLEB's greedy steps)
+    cache: dict = field(default_factory=dict)
+    cache_key: tuple = ()
 
 
 @dataclass
@@ -138,6 +143,7 @@ class Selection:
     dropped: list[int]
     scores: list[float]
     extra: dict[str, Any] = field(default_factory=dict)
+    seconds: float | None = None  # the selection's cost, when part of it was done earlier
 
 
 Chooser = Callable[[SelectionContext], Selection]
@@ -208,30 +214,47 @@ def _sleb(context: SelectionContext) -> Selection:
     The reference minimises the summed NLL of its equal-length calibration samples, i.e. the
     perplexity; the per-token mean here ranks candidates the same way and also weighs padded
     batches fairly. A tie goes to the shallower block, as the reference's strict `<` does. A
-    block's score is the loss increase its removal caused at its step.
+    block's score is the loss increase its removal caused at its step. Being greedy, the first
+    n steps of a longer run are the run for n: steps are kept in the analysis cache, so a
+    comparison over several drop counts pays once, and each plan reports the time of its steps.
     """
     model, config = context.model, context.config
     batches = context.batches[: config.sleb_batches]
     num_blocks = len(context.scores)
-    candidates = _unprotected(num_blocks, context.protected)
-    removed: list[int] = []
-    scores = [math.nan] * num_blocks
-    steps: list[dict[str, Any]] = []
-    loss = calibration_nll(model, batches, removed, config.layers_path)
-    n_candidates = sum(len(candidates) - step for step in range(context.n_drop))
+    key = ("sleb-steps", context.cache_key, config.sleb_batches, tuple(sorted(context.protected)))
+    run = context.cache.setdefault(key, {"steps": [], "start": None})
+    if run["start"] is None:
+        started = time.perf_counter()
+        run["start"] = {"loss": calibration_nll(model, batches, [], config.layers_path),
+                        "seconds": time.perf_counter() - started}
+    removed = [step["block"] for step in run["steps"]]
+    candidates = [b for b in _unprotected(num_blocks, context.protected) if b not in removed]
+    missing = max(context.n_drop - len(removed), 0)
+    n_candidates = sum(len(candidates) - step for step in range(missing))
     with tqdm(total=n_candidates, desc="SLEB candidates", disable=not context.progress) as bar:
-        for _ in range(context.n_drop):
+        for _ in range(missing):
+            started = time.perf_counter()
             losses = {}
             for block in candidates:
                 losses[block] = calibration_nll(model, batches, removed + [block], config.layers_path)
                 bar.update()
             best = min(candidates, key=lambda b: (losses[b], b))
-            scores[best] = losses[best] - loss
-            loss = losses[best]
             removed.append(best)
             candidates.remove(best)
-            steps.append({"block": best, "loss": loss})
-    return Selection(sorted(removed), scores, {"sleb_steps": steps})
+            run["steps"].append({"block": best, "loss": losses[best], "seconds": time.perf_counter() - started})
+    steps = run["steps"][: context.n_drop]
+    scores = [math.nan] * num_blocks
+    previous = run["start"]["loss"]
+    for step in steps:
+        scores[step["block"]] = step["loss"] - previous
+        previous = step["loss"]
+    seconds = run["start"]["seconds"] + sum(step["seconds"] for step in steps)
+    return Selection(
+        sorted(step["block"] for step in steps),
+        scores,
+        {"sleb_steps": [{"block": s["block"], "loss": s["loss"]} for s in steps]},
+        seconds=seconds,
+    )
 
 
 @dataclass(frozen=True)

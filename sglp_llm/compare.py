@@ -228,13 +228,16 @@ def compare(
     dense = measure()
     bar.update()
     calibrations: dict[tuple, CalibrationSet] = {}
+    statistics: dict = {}  # one statistics pass (and one SLEB run) serves every drop count
     results = []
     for name, cfg in runs:
         bar.set_postfix_str(f"{name}, drop {cfg.drop}")
         key = _calibration_key(cfg)
         if key not in calibrations:
             calibrations[key] = prepare_calibration(None, tokenizer, cfg)
-        plan = analyze(model, calibrations[key], cfg, tokenizer=tokenizer, progress=False)
+        plan = analyze(
+            model, calibrations[key], cfg, tokenizer=tokenizer, progress=False, statistics_cache=statistics
+        )
         with skip_blocks(model, plan.dropped, layers_path=plan.layers_path):
             measured = measure()
         results.append({

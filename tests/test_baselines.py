@@ -316,3 +316,23 @@ def test_a_baseline_plan_saves_as_strict_json_with_an_honest_card(tmp_path):
     card = (out / "README.md").read_text()
     assert "depth-pruned with angular distance (4 of 6 blocks)" in card and "Gromov et al. 2024" in card
     assert "5: –" in card and "5:–" in result.plan.summary()
+
+
+def test_sleb_runs_for_several_drop_counts_share_their_greedy_steps():
+    from sglp_llm import SGLPConfig, analyze
+    from tiny_models import tiny_batch, tiny_model
+
+    model = tiny_model("llama", num_layers=8)
+    batches = [tiny_batch(batch_size=2, seq_len=12, seed=s) for s in range(2)]
+    common = dict(method="sleb", cka_minibatch_tokens=8)
+    cache: dict = {}
+    shared = {n: analyze(model, batches, SGLPConfig(drop=n, **common), progress=False, statistics_cache=cache)
+              for n in (3, 1, 2)}
+    for n, plan in shared.items():
+        fresh = analyze(model, batches, SGLPConfig(drop=n, **common), progress=False)
+        assert plan.dropped == fresh.dropped and plan.extra["sleb_steps"] == fresh.extra["sleb_steps"]
+        assert plan.scores == pytest.approx(fresh.scores, nan_ok=True)
+    (steps,) = [v["steps"] for k, v in cache.items() if k[0] == "sleb-steps"]
+    assert len(steps) == 3  # the runs for 1 and 2 reused the run for 3
+    # each plan is charged the time of its own steps
+    assert shared[1].timings["selection_s"] < shared[3].timings["selection_s"]
