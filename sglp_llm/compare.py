@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,10 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def load(cls, output_dir: str | Path) -> "Comparison":
+        return cls(**json.loads((Path(output_dir) / COMPARE_JSON).read_text()))
+
     def save(self, output_dir: str | Path) -> Path:
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +140,9 @@ class Comparison:
             "|---" * (len(self.drops) + 1) + "|",
         ]
         for name in self.run_names():
-            lines.append(f"| {name} | " + " | ".join(_format(cells[name, n], key, fmt) for n in self.drops) + " |")
+            lines.append(f"| {name} | " + " | ".join(
+                _format(cells[name, n], key, fmt) if (name, n) in cells else "–" for n in self.drops
+            ) + " |")
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:
@@ -188,6 +194,8 @@ def compare(
     repeats: int = 5,
     model_name: str | None = None,
     progress: bool = True,
+    resume: Comparison | None = None,
+    on_result: Callable[[Comparison], None] | None = None,
 ) -> Comparison:
     """Analyze `model` with every method in `methods` and every variant (name -> SGLPConfig
     overrides of an SGLP run) at each drop count (`drops`, or `ratios` of the blocks), starting
@@ -195,6 +203,10 @@ def compare(
     replaced). Each pruned model and the dense one are scored on the held-out `eval_source`
     (see `evaluate.load_eval_texts`) and timed with `evaluate.generation_speed`. The model is
     left unchanged.
+
+    Long comparisons: `on_result` receives the comparison so far after every measurement (e.g.
+    to save it), and `resume` (an earlier, possibly partial comparison of the same setup) keeps
+    its dense reference and runs instead of measuring them again.
     """
     num_blocks = len(find_decoder_blocks(model, config.layers_path).layers)
     contenders = _contenders(config, methods, variants or {})
@@ -223,14 +235,34 @@ def compare(
             "decode_tokens_per_s": speed["decode_tokens_per_s"],
         }
 
+    done = {(r["method"], r["drop"]): r for r in resume.runs} if resume is not None else {}
     bar = tqdm(total=len(runs) + 1, desc="Compare", disable=not progress)
     bar.set_postfix_str("dense")
-    dense = measure()
+    dense = resume.dense if resume is not None and resume.dense else measure()
     bar.update()
     calibrations: dict[tuple, CalibrationSet] = {}
     statistics: dict = {}  # one statistics pass (and one SLEB run) serves every drop count
-    results = []
+    results: list[dict[str, Any]] = []
+
+    def so_far() -> Comparison:
+        return Comparison(
+            model=model_name or getattr(model, "name_or_path", None) or "model",
+            num_blocks=num_blocks,
+            drops=counts,
+            calibration={name: _calibration_source(cfg, calibrations) for name, cfg in contenders.items()},
+            evaluation={"source": eval_description, "n_texts": len(texts), "n_tokens": dense["n_tokens"]},
+            speed={"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
+                   "device": str(input_device(model))},
+            dense=dense,
+            runs=list(results),
+            variants={name: dict(overrides) for name, overrides in (variants or {}).items()},
+        )
+
     for name, cfg in runs:
+        if (name, cfg.drop) in done:
+            results.append(done[name, cfg.drop])
+            bar.update()
+            continue
         bar.set_postfix_str(f"{name}, drop {cfg.drop}")
         key = _calibration_key(cfg)
         if key not in calibrations:
@@ -249,19 +281,16 @@ def compare(
             **measured,
         })
         bar.update()
+        if on_result is not None:
+            on_result(so_far())
     bar.close()
-    return Comparison(
-        model=model_name or getattr(model, "name_or_path", None) or "model",
-        num_blocks=num_blocks,
-        drops=counts,
-        calibration={name: calibrations[_calibration_key(cfg)].source for name, cfg in contenders.items()},
-        evaluation={"source": eval_description, "n_texts": len(texts), "n_tokens": dense["n_tokens"]},
-        speed={"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
-               "device": str(input_device(model))},
-        dense=dense,
-        runs=results,
-        variants={name: dict(overrides) for name, overrides in (variants or {}).items()},
-    )
+    return so_far()
+
+
+def _calibration_source(config: SGLPConfig, calibrations: dict[tuple, CalibrationSet]) -> str:
+    """The calibration text's description, or its setting while no run has prepared it yet."""
+    prepared = calibrations.get(_calibration_key(config))
+    return prepared.source if prepared is not None else str(config.dataset or data.STDLIB_DOCS)
 
 
 def _calibration_key(config: SGLPConfig) -> tuple:

@@ -252,3 +252,31 @@ def test_cli_compare_needs_drops_or_ratios(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--output", "x"])
     assert "one of the arguments --drops --ratios is required" in capsys.readouterr().err
+
+
+def test_resume_keeps_measured_runs_and_on_result_sees_each_step(run, tokenizer, held_out, monkeypatch):
+    import sglp_llm.compare as compare_module
+
+    _, _, full, _ = run
+    partial = compare_module.Comparison(**{**full.to_dict(), "runs": full.runs[:3]})
+    assert "–" in partial.markdown()  # missing cells render, so a partial result can be saved
+    calls = []
+    monkeypatch.setattr(compare_module, "perplexity", lambda *a, **k: calls.append(1) or perplexity(*a, **k))
+    seen = []
+    resumed = compare(
+        tiny_model("llama", num_layers=8), tokenizer, CONFIG, drops=[3, 1], methods=["block-influence", "last"],
+        variants={"sglp-rows": VARIANT}, eval_source=str(held_out), progress=False, resume=partial,
+        on_result=lambda c: seen.append(len(c.runs)), **SPEED,
+    )
+    assert len(calls) == len(full.runs) - 3  # neither the dense model nor the kept runs again
+    assert seen == list(range(4, len(full.runs) + 1))
+    key = lambda r: (r["method"], r["drop"])
+    for a, b in zip(sorted(resumed.runs, key=key), sorted(full.runs, key=key)):
+        assert a["dropped"] == b["dropped"] and a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-6)
+
+
+def test_comparison_loads_what_it_saved(run):
+    from sglp_llm.compare import Comparison
+
+    _, _, result, out = run
+    assert Comparison.load(out) == result

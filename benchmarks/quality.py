@@ -1,0 +1,81 @@
+"""Held-out quality of every method on real pretrained models, offline.
+
+SmolLM2-135M (30 blocks) and Gemma-3-270M (18 blocks), both packaged on PyPI; calibration on the
+Python standard-library docstrings, held-out perplexity on Debian's fortunes (a different
+source); about 10 %, 20 % and 30 % of the blocks dropped; every baseline, SGLP's default and the
+SGLP variants (scoring mode, segmentation feature, auto-k rule, allocation).
+
+    python benchmarks/quality.py                  # both models (hours on 2 CPU cores)
+    python benchmarks/quality.py --models smollm2-135m
+
+Each model's comparison is saved after every measurement and resumed on the next start, so an
+interrupted run loses at most one cell. Results: benchmarks/results/quality-<model>/compare.*,
+and benchmarks/results/quality.md gathers the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sglp_llm.compare import Comparison, compare
+from sglp_llm.config import SGLPConfig
+from sglp_llm.data import FORTUNES, STDLIB_DOCS
+from sglp_llm.loading import load_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ("smollm2-135m", "gemma-3-270m")
+RATIOS = (0.1, 0.2, 0.3)
+# cheapest first, SLEB (drop x blocks forward passes) last
+METHODS = ("block-influence", "angular", "last", "random", "sglp", "sleb")
+VARIANTS = {
+    "sglp-subset": {"scoring": "subset"},
+    "sglp-rows": {"segment_feature": "rows"},
+    "sglp-elbow": {"auto_k": "elbow"},
+    "sglp-loss": {"scoring": "loss"},
+    "sglp-loss-c4": {"scoring": "loss", "loss_candidates": 4},
+    "sglp-loss-elbow": {"scoring": "loss", "auto_k": "elbow"},
+    "sglp-loss-rows-elbow": {"scoring": "loss", "segment_feature": "rows", "auto_k": "elbow"},
+    "sglp-loss-redundancy": {"scoring": "loss", "allocation": "redundancy"},
+}
+CALIBRATION = SGLPConfig(drop=1, dataset=STDLIB_DOCS, seq_len=256, n_samples=16, batch_size=4, seed=0)
+
+
+def run_model(name: str, eval_max_texts: int) -> Comparison:
+    out = RESULTS / f"quality-{name}"
+    resume = Comparison.load(out) if (out / "compare.json").is_file() else None
+    loaded = load_model(name, dtype="float32")
+    return compare(
+        loaded.model, loaded.tokenizer, CALIBRATION,
+        ratios=RATIOS, methods=METHODS, variants=VARIANTS,
+        eval_source=FORTUNES, eval_max_texts=eval_max_texts, eval_max_length=256, eval_batch_size=8,
+        model_name=loaded.name, resume=resume, on_result=lambda c: c.save(out),
+    ).save(out)
+
+
+def gather(models: list[str]) -> Path:
+    """benchmarks/results/quality.md: each model's perplexity and analysis-time tables."""
+    parts = ["# Held-out quality by method (benchmarks/quality.py)", ""]
+    for name in models:
+        path = RESULTS / f"quality-{name}"
+        if (path / "compare.json").is_file():
+            comparison = Comparison.load(path)
+            parts += [comparison.markdown().replace("# Depth-pruning comparison", "## Model"), ""]
+    target = RESULTS / "quality.md"
+    target.write_text("\n".join(parts))
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--eval-max-texts", type=int, default=150)
+    args = parser.parse_args()
+    models = args.models.split(",")
+    for name in models:
+        run_model(name, args.eval_max_texts)
+        print(f"wrote {gather(models)}")
+
+
+if __name__ == "__main__":
+    main()
