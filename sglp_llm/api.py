@@ -25,7 +25,7 @@ from .baselines import BASELINES, SelectionContext, calibration_nll
 from .blocks import DecoderBlocks, find_decoder_blocks, text_config
 from .capture import BlockObserver, capture_blocks
 from .cka import MinibatchCKA
-from .config import ConfigError, SGLPConfig
+from .config import CALIBRATION_FIELDS, ConfigError, SGLPConfig
 from .data import CalibrationSet, prepare_calibration
 from .plan import PruningPlan
 from .rewrite import SGLP_CONFIG_KEY, remove_blocks, skip_blocks
@@ -49,11 +49,7 @@ def statistics_key(config: SGLPConfig, n_drop: int) -> tuple:
     and which score the pass collects (angular distance depends on the run length)."""
     score = "gradnorm" if config.method == "sglp" else config.method
     run_length = n_drop if config.method == "angular" else None
-    fields = (
-        "dataset", "dataset_config", "dataset_split", "text_column", "seq_len", "n_samples",
-        "batch_size", "seed", "cka_minibatch_tokens", "cka_max_tokens_per_batch", "cka_dtype",
-        "layers_path",
-    )
+    fields = (*CALIBRATION_FIELDS, "cka_minibatch_tokens", "cka_max_tokens_per_batch", "cka_dtype", "layers_path")
     return (score, run_length, *(getattr(config, name) for name in fields))
 
 

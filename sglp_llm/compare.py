@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .api import analyze, count_parameters, input_device
 from .blocks import find_decoder_blocks
 from . import data
-from .config import METHODS, ConfigError, SGLPConfig
+from .config import CALIBRATION_FIELDS, METHODS, ConfigError, SGLPConfig
 from .data import FORTUNES, CalibrationSet, prepare_calibration
 from .evaluate import generation_speed, load_eval_texts, perplexity, warn_if_not_held_out
 from .rewrite import skip_blocks
@@ -33,9 +33,6 @@ COMPARE_JSON = "compare.json"
 COMPARE_MD = "compare.md"
 COMPARE_PNG = "compare.png"
 # SGLPConfig fields that decide the calibration batches: runs that agree on them share one set
-CALIBRATION_FIELDS = (
-    "dataset", "dataset_config", "dataset_split", "text_column", "seq_len", "n_samples", "batch_size", "seed",
-)
 # per run: what compare.md shows, in which table, and how
 TABLES = (
     ("Held-out perplexity", "perplexity", "{:.3f}"),

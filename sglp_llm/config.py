@@ -19,6 +19,10 @@ CONFIG_NAME = "sglp_config.json"
 METHODS = ("sglp", "block-influence", "angular", "last", "random", "sleb")
 SCORING_MODES = ("block", "subset", "loss")
 AUTO_K_RULES = ("reference", "elbow")
+# the settings that decide which calibration batches a run uses
+CALIBRATION_FIELDS = (
+    "dataset", "dataset_config", "dataset_split", "text_column", "seq_len", "n_samples", "batch_size", "seed",
+)
 ALLOCATIONS = ("size", "redundancy")
 SEGMENT_FEATURES = ("column_sum", "rows")
 CKA_DTYPES = ("float32", "float64")
