@@ -29,7 +29,6 @@ RATIOS = (0.1, 0.2, 0.3)
 # cheapest first, SLEB (drop x blocks forward passes) last
 METHODS = ("block-influence", "angular", "last", "random", "sglp", "sleb")
 VARIANTS = {
-    "sglp-subset": {"scoring": "subset"},
     "sglp-rows": {"segment_feature": "rows"},
     "sglp-elbow": {"auto_k": "elbow"},
     "sglp-loss": {"scoring": "loss"},
@@ -37,6 +36,8 @@ VARIANTS = {
     "sglp-loss-elbow": {"scoring": "loss", "auto_k": "elbow"},
     "sglp-loss-rows-elbow": {"scoring": "loss", "segment_feature": "rows", "auto_k": "elbow"},
     "sglp-loss-redundancy": {"scoring": "loss", "allocation": "redundancy"},
+    # the paper's search: forward+backward per candidate keep-set, the slowest SGLP variant
+    "sglp-subset": {"scoring": "subset"},
 }
 CALIBRATION = SGLPConfig(drop=1, dataset=STDLIB_DOCS, seq_len=256, n_samples=16, batch_size=4, seed=0)
 
