@@ -251,7 +251,8 @@ def compare(
             speed={"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
                    "device": str(input_device(model))},
             dense=dense,
-            runs=list(results),
+            # runs of `resume` not reached yet stay in every intermediate save
+            runs=results + [r for key, r in done.items() if key not in {(x["method"], x["drop"]) for x in results}],
             variants={name: dict(overrides) for name, overrides in (variants or {}).items()},
         )
 

@@ -280,3 +280,18 @@ def test_comparison_loads_what_it_saved(run):
 
     _, _, result, out = run
     assert Comparison.load(out) == result
+
+
+def test_intermediate_saves_keep_resumed_runs_not_reached_yet(run, tokenizer, held_out):
+    _, _, full, _ = run
+    last_run = full.runs[-1]  # reached last: every intermediate save must still hold it
+    from sglp_llm.compare import Comparison
+
+    partial = Comparison(**{**full.to_dict(), "runs": [last_run]})
+    saved = []
+    compare(
+        tiny_model("llama", num_layers=8), tokenizer, CONFIG, drops=[3, 1], methods=["block-influence", "last"],
+        variants={"sglp-rows": VARIANT}, eval_source=str(held_out), progress=False, resume=partial,
+        on_result=lambda c: saved.append(c.runs), **SPEED,
+    )
+    assert all(last_run in runs for runs in saved)
