@@ -393,10 +393,11 @@ def prune(
     """Analyze (unless a `plan` is given) and remove the chosen blocks from `model` in place."""
     if plan is None:
         plan = analyze(model, calibration, config, tokenizer=tokenizer, progress=progress)
-    elif len(find_decoder_blocks(model, plan.layers_path).layers) != plan.num_blocks:
+    num_blocks = len(find_decoder_blocks(model, plan.layers_path).layers)
+    if num_blocks != plan.num_blocks:
         raise ConfigError(
             f"This plan was made for a model with {plan.num_blocks} blocks, but this model has "
-            f"{len(find_decoder_blocks(model, plan.layers_path).layers)}; analyze this model again."
+            f"{num_blocks}; analyze this model again."
         )
     params_before = count_parameters(model)
     base_model = plan.model_name or getattr(model, "name_or_path", None)
