@@ -7,7 +7,12 @@
 
 from .api import PruneResult, analyze, prune
 from .config import ConfigError, SGLPConfig
+from .heal import HealConfig, HealResult, heal, save_healed
+from .loading import load_pruned
 from .plan import PruningPlan
 
-__all__ = ["SGLPConfig", "ConfigError", "PruningPlan", "PruneResult", "analyze", "prune"]
+__all__ = [
+    "SGLPConfig", "ConfigError", "PruningPlan", "PruneResult", "analyze", "prune",
+    "HealConfig", "HealResult", "heal", "save_healed", "load_pruned",
+]
 __version__ = "0.1.0"

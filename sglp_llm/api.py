@@ -15,7 +15,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -24,14 +24,18 @@ from tqdm.auto import tqdm
 from .baselines import BASELINES, SelectionContext, calibration_nll
 from .blocks import DecoderBlocks, find_decoder_blocks, text_config
 from .capture import BlockObserver, capture_blocks
+from .checkpoint import StatisticsCheckpoint, fingerprint
 from .cka import MinibatchCKA
 from .config import CALIBRATION_FIELDS, ConfigError, SGLPConfig
 from .data import CalibrationSet, prepare_calibration
+from .devices import activation_checkpointing
+from .distributed import all_reduce_state, is_main_process, rank, world_size
 from .plan import PruningPlan
 from .rewrite import SGLP_CONFIG_KEY, remove_blocks, skip_blocks
 from .score import BlockGradNorms, causal_lm_loss, check_finite, grad_only_for, network_gradnorm
 from .segment import redundancy, segment_blocks
 from .select import allocate_drops, best_subset, choose_drops, enumerate_keep_sets
+from .sequential import sequential_pass
 
 
 @dataclass
@@ -49,13 +53,20 @@ def statistics_key(config: SGLPConfig, n_drop: int) -> tuple:
     and which score the pass collects (angular distance depends on the run length)."""
     score = "gradnorm" if config.method == "sglp" else config.method
     run_length = n_drop if config.method == "angular" else None
-    fields = (*CALIBRATION_FIELDS, "cka_minibatch_tokens", "cka_max_tokens_per_batch", "cka_dtype", "layers_path")
+    fields = (
+        *CALIBRATION_FIELDS, "cka_minibatch_tokens", "cka_max_tokens_per_batch", "cka_dtype", "offload", "layers_path",
+    )
     return (score, run_length, *(getattr(config, name) for name in fields))
 
 
 def input_device(model: nn.Module) -> torch.device:
-    """Where token ids must go: the device of the input embeddings (first device of a map)."""
-    return model.get_input_embeddings().weight.device
+    """Where token ids must go: the device of the input embeddings (first device of a map), or
+    for embeddings that accelerate offloads, the device they run on."""
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device
+    if device.type == "meta":
+        device = torch.device(getattr(getattr(embeddings, "_hf_hook", None), "execution_device", "cpu"))
+    return device
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -73,6 +84,27 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+class _AtIndices:
+    """Hands `cka` each batch's index in the calibration set, so a process's share of the
+    batches, or the batches left after a resume, draw the tokens of one uninterrupted pass."""
+
+    def __init__(self, cka: MinibatchCKA, indices: Sequence[int]) -> None:
+        self.cka = cka
+        self._indices = iter(indices)
+
+    def start_batch(self, token_mask: torch.Tensor) -> None:
+        self.cka.start_batch(token_mask, next(self._indices))
+
+    def on_block(self, index: int, block_input: torch.Tensor, block_output: torch.Tensor) -> None:
+        self.cka.on_block(index, block_input, block_output)
+
+    def finish_batch(self) -> None:
+        self.cka.finish_batch()
+
+    def compute(self) -> torch.Tensor:
+        return self.cka.compute()
+
+
 def collect_block_statistics(
     model: nn.Module,
     blocks: DecoderBlocks,
@@ -83,7 +115,12 @@ def collect_block_statistics(
     progress: bool = True,
 ) -> BlockStatistics:
     """CKA between all block outputs and the method's block scores, from one pass over the
-    batches; the backward (GradNorm) runs only for SGLP, the baselines run under no_grad."""
+    batches; the backward (GradNorm) runs only for SGLP, the baselines run under no_grad.
+
+    Under data parallelism (sglp_llm.distributed) each process runs its share of the batches and
+    the sums are reduced; with `config.checkpoint_dir` the sums are saved as the pass goes and a
+    rerun resumes from them (sglp_llm.checkpoint). Either way the statistics are those of one
+    uninterrupted single-process pass."""
     started = time.perf_counter()
     num_blocks = len(blocks.layers)
     cka = MinibatchCKA(
@@ -99,34 +136,67 @@ def collect_block_statistics(
         if baseline is not None and baseline.observer is not None
         else None
     )
-    observers: list[BlockObserver] = [cka] + ([score] if score is not None else [])
     grads = BlockGradNorms.for_blocks(blocks.layers) if baseline is None else None
+    accumulators = {"cka": cka, "score": score, "grads": grads}
+    accumulators = {name: a for name, a in accumulators.items() if a is not None}
+    batches = calibration.batches
+    store = None
+    if config.checkpoint_dir is not None:
+        key = statistics_key(config, n_drop)
+        store = StatisticsCheckpoint(config.checkpoint_dir, key, fingerprint(key, batches, model, blocks.layers))
+    # the main process holds the sums saved so far; the others add theirs at the end
+    done = store.resume(accumulators, load_sums=is_main_process()) if store is not None else 0
+    # under data parallelism, batch i of those left goes to process i % world_size
+    world, me = world_size(), rank()
+    todo = range(done + me, len(batches), world)
+    observers: list[BlockObserver] = [_AtIndices(cka, todo)] + ([score] if score is not None else [])
 
     def feed(index: int, block_input: torch.Tensor, block_output: torch.Tensor) -> None:
         for observer in observers:
             observer.on_block(index, block_input, block_output)
 
+    def summed() -> dict[str, dict]:
+        return {name: all_reduce_state(a.state_dict()) for name, a in accumulators.items()}
+
+    def save(batches_done: int, state: dict[str, dict]) -> None:
+        if store is not None and is_main_process():
+            store.save(batches_done, state)
+
     device = input_device(model)
-    n_batches = 0
     with eval_mode(model):
-        with ExitStack() as stack:
-            stack.enter_context(capture_blocks(blocks.layers, feed))
-            if grads is None:
-                stack.enter_context(torch.no_grad())
-            else:
-                stack.enter_context(grad_only_for(model, grads.parameters()))
-                stack.enter_context(grads.hooks())
-            for batch in tqdm(calibration.batches, desc="SGLP calibration", disable=not progress):
-                batch = to_device(batch, device)
-                for observer in observers:
-                    observer.start_batch(batch["attention_mask"].bool())
-                loss = check_finite(causal_lm_loss(model, batch))
-                for observer in observers:
-                    observer.finish_batch()
-                if grads is not None:
-                    loss.backward()
-                    grads.end_batch()
-                n_batches += 1
+        if config.offload == "sequential":
+            if todo:
+                sequential_pass(model, blocks.layers, [batches[i] for i in todo], observers, grads, progress=progress)
+        else:
+            with ExitStack() as stack:
+                stack.enter_context(capture_blocks(blocks.layers, feed))
+                if grads is None:
+                    stack.enter_context(torch.no_grad())
+                else:
+                    stack.enter_context(grad_only_for(model, grads.parameters()))
+                    stack.enter_context(grads.hooks())
+                    if config.gradient_checkpointing:
+                        stack.enter_context(activation_checkpointing(model, blocks.layers))
+                # one round: batches start .. start + world - 1, one per process
+                for start in tqdm(range(done, len(batches), world), desc="SGLP calibration", disable=not progress):
+                    if start + me < len(batches):
+                        batch = to_device(batches[start + me], device)
+                        for observer in observers:
+                            observer.start_batch(batch["attention_mask"].bool())
+                        loss = check_finite(causal_lm_loss(model, batch))
+                        for observer in observers:
+                            observer.finish_batch()
+                        if grads is not None:
+                            loss.backward()
+                            grads.end_batch()
+                    finished = min(start + world, len(batches))
+                    every = config.checkpoint_every
+                    if store is not None and finished < len(batches) and finished // every > start // every:
+                        save(finished, summed())  # every process takes part in the reduction
+    state = summed()
+    save(len(batches), state)  # a rerun, e.g. after a failed selection, skips the whole pass
+    for name, accumulator in accumulators.items():
+        accumulator.load_state_dict(state[name])
     cka_matrix = cka.compute().cpu()
     if grads is not None:
         scores = grads.compute().cpu()
@@ -134,7 +204,7 @@ def collect_block_statistics(
         scores = score.compute().cpu()
     else:
         scores = torch.full((num_blocks,), math.nan, dtype=torch.float64)
-    return BlockStatistics(cka_matrix, scores, cka.n_tokens, n_batches, time.perf_counter() - started)
+    return BlockStatistics(cka_matrix, scores, cka.n_tokens, len(batches), time.perf_counter() - started)
 
 
 def _protected(num_blocks: int, config: SGLPConfig) -> set[int]:

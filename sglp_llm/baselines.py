@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .capture import BlockObserver
 from .config import SGLPConfig
+from .distributed import all_reduce_state, shard
 from .rewrite import skip_blocks
 from .score import causal_lm_loss, check_finite
 from .select import choose_drops
@@ -48,25 +49,33 @@ class BlockInfluence:
     def __init__(self, num_blocks: int) -> None:
         self.cos_sum = torch.zeros(num_blocks, dtype=torch.float64)
         self.n_tokens = 0
-        self._positions = torch.empty(0, dtype=torch.long)
+        self._positions: torch.Tensor | None = None
 
     def start_batch(self, token_mask: torch.Tensor) -> None:
         self._positions = token_mask.reshape(-1).nonzero().squeeze(-1)
 
     def on_block(self, index: int, block_input: torch.Tensor, block_output: torch.Tensor) -> None:
-        # per-token cosines in float32 (BI is linear in them), summed in float64
-        cos = F.cosine_similarity(
-            _rows(block_input, self._positions, torch.float32),
-            _rows(block_output, self._positions, torch.float32),
-            dim=-1,
-        )
+        if self._positions is None:  # outside a batch, e.g. a block recomputed in a backward
+            return
+        # per-token cosines in float32 (BI is linear in them), summed in float64; under a device
+        # map a block's input may still be on the previous block's device
+        output = _rows(block_output, self._positions, torch.float32)
+        cos = F.cosine_similarity(_rows(block_input, self._positions, torch.float32).to(output.device), output, dim=-1)
         self.cos_sum[index] += cos.double().sum().cpu()
 
     def finish_batch(self) -> None:
         self.n_tokens += len(self._positions)
+        self._positions = None
 
     def compute(self) -> torch.Tensor:
         return 1.0 - self.cos_sum / self.n_tokens
+
+    def state_dict(self) -> dict:
+        return {"cos_sum": self.cos_sum.clone(), "n_tokens": self.n_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cos_sum = state["cos_sum"].to(torch.float64)
+        self.n_tokens = state["n_tokens"]
 
 
 class AngularDistance:
@@ -83,7 +92,7 @@ class AngularDistance:
         self.run_length = run_length
         self.sums = torch.zeros(num_blocks - run_length + 1, dtype=torch.float64)
         self.n_sequences = 0
-        self._last = torch.empty(0, dtype=torch.long)
+        self._last: torch.Tensor | None = None
         self._window: dict[int, torch.Tensor] = {}
 
     def start_batch(self, token_mask: torch.Tensor) -> None:
@@ -95,24 +104,34 @@ class AngularDistance:
         self._window = {}
 
     def on_block(self, index: int, block_input: torch.Tensor, block_output: torch.Tensor) -> None:
+        if self._last is None:  # outside a batch, e.g. a block recomputed in a backward
+            return
         # float64: arccos is ill-conditioned near cos = 1, where the deep blocks' distances lie
         if index < len(self.sums):
             self._window[index] = _rows(block_input, self._last, torch.float64)
         start = index + 1 - self.run_length
         if start >= 0:
-            cos = F.cosine_similarity(
-                self._window.pop(start), _rows(block_output, self._last, torch.float64), dim=-1
-            )
+            # under a device map the run's first and last blocks may sit on different devices
+            output = _rows(block_output, self._last, torch.float64)
+            cos = F.cosine_similarity(self._window.pop(start).to(output.device), output, dim=-1)
             self.sums[start] += (torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi).sum().cpu()
 
     def finish_batch(self) -> None:
         self.n_sequences += len(self._last)
+        self._last = None
 
     def compute(self) -> torch.Tensor:
         """The distance of the run starting at each block; NaN where no run of n blocks starts."""
         distances = torch.full((self.num_blocks,), math.nan, dtype=torch.float64)
         distances[: len(self.sums)] = self.sums / self.n_sequences
         return distances
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums.clone(), "n_sequences": self.n_sequences}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = state["sums"].to(torch.float64)
+        self.n_sequences = state["n_sequences"]
 
 
 @dataclass(frozen=True)
@@ -194,17 +213,21 @@ def calibration_nll(
     layers_path: str | None = None,
 ) -> float:
     """Mean next-token NLL per predicted (non-padding) token over `batches`, with the `skipped`
-    blocks removed: each batch's mean loss weighted by its number of predicted tokens."""
+    blocks removed: each batch's mean loss weighted by its number of predicted tokens.
+
+    Under data parallelism each process runs its share of `batches` and the (loss × count,
+    count) sums are reduced, so every process gets the same value and makes the same choice."""
     total, n_tokens = 0.0, 0
     with skip_blocks(model, skipped, layers_path=layers_path):
-        for batch in batches:
+        for batch in shard(batches):
             loss = check_finite(
                 causal_lm_loss(model, batch), f"The calibration loss without blocks {sorted(skipped)}"
             )
             count = int(batch["attention_mask"][:, 1:].sum())  # the first token is never a target
             total += loss.item() * count
             n_tokens += count
-    return total / n_tokens
+    sums = all_reduce_state({"total": total, "n_tokens": n_tokens})
+    return sums["total"] / sums["n_tokens"]
 
 
 def _sleb(context: SelectionContext) -> Selection:

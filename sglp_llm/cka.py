@@ -4,10 +4,15 @@ Full-batch CKA over every calibration token needs n×n Gram matrices; instead ea
 is cut into random minibatches of about `minibatch_tokens` tokens, the unbiased HSIC (Song et al.,
 2012) is computed for every pair of blocks on each minibatch, and only the L×L sums are kept:
 memory is O(L·n_batch·m + L²), whatever the number of calibration tokens.
+
+Each batch's token draw depends only on the seed and the batch's index in the calibration set,
+so a pass split over processes (sglp_llm.distributed) or resumed from a checkpoint
+(sglp_llm.checkpoint) draws exactly the tokens of one uninterrupted pass.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 MIN_TOKENS = 4  # the unbiased HSIC divides by n(n-3)
@@ -40,7 +45,8 @@ class MinibatchCKA:
 
     Call `start_batch(token_mask)`, then `add(layer, hidden)` for every layer (typically from
     forward hooks), then `finish_batch()`. The token selection and minibatch split are shared by
-    all layers of a batch, as CKA compares the same tokens across layers.
+    all layers of a batch, as CKA compares the same tokens across layers. Hidden states may come
+    from any device (each block's); the sums live on `device`, in `dtype`.
     """
 
     def __init__(
@@ -58,18 +64,22 @@ class MinibatchCKA:
         self.max_tokens_per_batch = max_tokens_per_batch
         self.dtype = dtype
         self.device = torch.device(device)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self.hsic_sum = torch.zeros(num_layers, num_layers, dtype=dtype, device=self.device)
         self.n_minibatches = 0
         self.n_tokens = 0
+        self.n_batches = 0  # batches started, the default index of the next one
         self._positions: torch.Tensor | None = None
         self._chunks: list[torch.Tensor] = []
         self._grams: list[list[torch.Tensor] | None] = []
 
-    def start_batch(self, token_mask: torch.Tensor) -> None:
-        """Choose the tokens of this batch (non-padding, optionally subsampled) and split them."""
+    def start_batch(self, token_mask: torch.Tensor, index: int | None = None) -> None:
+        """Choose the tokens of this batch (non-padding, optionally subsampled) and split them;
+        `index` is the batch's position in the calibration set (default: batches started so far)."""
+        index = self.n_batches if index is None else index
+        self.n_batches += 1
         positions = token_mask.reshape(-1).nonzero().squeeze(-1).cpu()
-        order = torch.randperm(len(positions), generator=self.generator)
+        order = torch.randperm(len(positions), generator=self._generator(index))
         if self.max_tokens_per_batch is not None:
             order = order[: self.max_tokens_per_batch]
         n = len(order)
@@ -81,8 +91,14 @@ class MinibatchCKA:
         )
         self._grams = [None] * self.num_layers
 
+    def _generator(self, index: int) -> torch.Generator:
+        """The batch's own random stream, from (seed, index) alone."""
+        seed = np.random.SeedSequence([self.seed % 2**64, index]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(seed))
+
     def add(self, layer: int, hidden: torch.Tensor) -> None:
-        """Fold one layer's output [batch, seq, hidden] for the current batch into Gram matrices."""
+        """Fold one layer's output [batch, seq, hidden] for the current batch into Gram matrices.
+        Outside a batch (e.g. a block recomputed in the backward) nothing happens."""
         if self._positions is None:
             return
         flat = hidden.detach().reshape(-1, hidden.shape[-1])
@@ -90,8 +106,8 @@ class MinibatchCKA:
         if not torch.isfinite(selected).all():
             raise FloatingPointError(
                 f"Block {layer} produced NaN or infinite activations on the calibration data. "
-                "Load the model in float32 or bfloat16 instead of float16 (--dtype), or check "
-                "the calibration text."
+                "Load the model in bfloat16 or float32 instead of float16 (--dtype bfloat16 or "
+                "--dtype float32), or check the calibration text."
             )
         grams = []
         for chunk in self._chunks:
@@ -126,15 +142,16 @@ class MinibatchCKA:
         return cka_from_hsic(self.hsic_sum / self.n_minibatches)
 
     def state_dict(self) -> dict:
+        """The sums only: states of several processes or runs add up (see sglp_llm.distributed)."""
         return {
             "hsic_sum": self.hsic_sum.cpu(),
             "n_minibatches": self.n_minibatches,
             "n_tokens": self.n_tokens,
-            "generator": self.generator.get_state(),
+            "n_batches": self.n_batches,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.hsic_sum = state["hsic_sum"].to(self.device, self.dtype)
         self.n_minibatches = state["n_minibatches"]
         self.n_tokens = state["n_tokens"]
-        self.generator.set_state(state["generator"])
+        self.n_batches = state["n_batches"]

@@ -1,5 +1,6 @@
 """`sglp-llm` command line: `prune` writes a shallower model, `analyze` prints the plan, `eval` scores
-one, `compare` measures every method at several drop counts.
+one, `compare` measures every method at several drop counts, `heal` fine-tunes a pruned model with
+LoRA.
 
 Settings come from, in increasing priority: SGLPConfig defaults, a YAML recipe (`--recipe`),
 and the flags given on the command line.
@@ -8,19 +9,25 @@ and the flags given on the command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 
-from .config import METHODS, SCORING_MODES, SEGMENT_FEATURES, ConfigError, SGLPConfig
+from .config import METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, ConfigError, SGLPConfig
 from .data import FORTUNES, STDLIB_DOCS
 
 # recipe keys that describe the run rather than the SGLP settings
-RUN_KEYS = ("model", "dtype", "device_map", "output", "trust_remote_code")
+RUN_KEYS = ("model", "dtype", "device_map", "max_memory", "offload_folder", "output", "trust_remote_code")
+# recipe sections: SGLPConfig settings, and heal.HealConfig settings (`prune --heal`, `heal`)
+SECTIONS = ("sglp", "heal")
+# the run keys that also apply to `heal`, whose model and output are its own arguments
+HEAL_RUN_KEYS = ("dtype", "device_map", "trust_remote_code")
 # `compare` scores the first N held-out texts: enough for stable perplexities, and quick enough to
 # repeat for every method and drop count
 DEFAULT_COMPARE_TEXTS = 500
@@ -30,7 +37,11 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model", help="Hub id, local directory or .gguf file (default: the packaged SmolLM2-135M)")
     model.add_argument("--dtype", help="auto, float32, bfloat16 or float16 (default: auto)")
-    model.add_argument("--device-map", help="accelerate device map: auto, balanced, sequential, cpu, ...")
+    model.add_argument("--device-map", help="accelerate device map: auto, balanced, balanced_low_0, sequential, a "
+                                            "device (cpu, cuda:1), or a JSON module->device mapping (inline or a "
+                                            ".json file; \"disk\" offloads to --offload-folder)")
+    model.add_argument("--max-memory", help="memory per device for the device map, e.g. 0=20GiB,1=20GiB,cpu=60GiB (or JSON)")
+    model.add_argument("--offload-folder", help="folder for the weights the device map offloads to disk")
     model.add_argument("--trust-remote-code", action="store_true", default=None,
                        help="allow the model repository's own Python code to run (off by default)")
     model.add_argument("--layers-path", help="dotted path to the decoder blocks' ModuleList, e.g. model.layers")
@@ -48,6 +59,11 @@ def _add_calibration(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--n-samples", type=int, help="number of calibration windows")
     data.add_argument("--batch-size", type=int, help="windows per forward/backward pass")
     data.add_argument("--seed", type=int, help="seed for window selection and CKA minibatches")
+    statistics = parser.add_argument_group("statistics pass (memory and long runs; the results do not change)")
+    statistics.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                            help="recompute block activations in the GradNorm backward: less memory, one more forward")
+    statistics.add_argument("--checkpoint-dir", help="save the pass's sums here as it goes; a rerun resumes from them")
+    statistics.add_argument("--checkpoint-every", type=int, help="calibration batches between saves (default: 1)")
 
 
 def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -56,6 +72,8 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     method.add_argument("--segment-feature", choices=SEGMENT_FEATURES, help="CKA column sums or CKA rows")
     method.add_argument("--num-segments", type=int, help="fixed number of segments (default: automatic)")
     method.add_argument("--cka-minibatch-tokens", type=int, help="tokens per CKA minibatch")
+    method.add_argument("--offload", choices=OFFLOAD_MODES,
+                        help="sequential: one decoder block on the device at a time (default: none)")
     method.add_argument("--max-candidates", type=int, help="cap on keep-sets scored per segment (subset search)")
     method.add_argument("--sleb-batches", type=int,
                         help="calibration batches each SLEB candidate is scored on (default: all)")
@@ -108,13 +126,77 @@ def build_parser() -> argparse.ArgumentParser:
         prune, "evaluation of the dense and the pruned model (in memory; into the report and card)",
         "perplexity on this held-out text (same kinds as --dataset), before and after pruning",
     ).add_argument("--eval-tasks", help="comma-separated lm-eval tasks to run before and after pruning")
+    healing = prune.add_argument_group("healing: LoRA after pruning (settings also from the recipe's `heal:` section)")
+    healing.add_argument("--heal", action="store_true",
+                         help="fine-tune the pruned model with LoRA (pip install 'sglp-llm[heal]') and save it merged")
+    _add_heal_settings(healing, "heal-")
     analyze = sub.add_parser("analyze", help="print which blocks would be dropped, write nothing")
     _add_common(analyze)
     _add_eval(sub.add_parser("eval", help="perplexity and lm-eval tasks of a (pruned) model"))
     _add_compare(sub.add_parser(
         "compare", help="every method at several drop counts: held-out perplexity, analysis time, speed"
     ))
+    _add_heal(sub.add_parser(
+        "heal", help="fine-tune a (pruned) model with LoRA; write the adapter or the merged model"
+    ))
     return parser
+
+
+def _add_heal(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model directory (e.g. written by `prune`), .gguf file or Hub id; only read")
+    model = parser.add_argument_group("model")
+    model.add_argument("--dtype", help="auto, float32, bfloat16 or float16 (default: auto)")
+    model.add_argument("--device-map", help="accelerate device map: auto, balanced, sequential, cpu, ...")
+    model.add_argument("--trust-remote-code", action="store_true", default=None,
+                       help="allow the model repository's own Python code to run (off by default)")
+    model.add_argument("--layers-path", help="dotted path to the decoder blocks' ModuleList, e.g. model.layers")
+    model.add_argument("--recipe", type=Path,
+                       help="YAML recipe: its `heal:` section and dtype/device_map; flags given here override it")
+    _add_heal_settings(parser.add_argument_group("healing settings"), "")
+    output = parser.add_argument_group("output")
+    output.add_argument("--output", type=Path, required=True,
+                        help="folder for the adapter (or, with --merge, the merged model and adapter/)")
+    output.add_argument("--merge", action="store_true",
+                        help="also merge the adapter into the weights: a model that loads with AutoModelForCausalLM")
+    output.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    output.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the saved folder to this Hub repo")
+    output.add_argument("--public", action="store_true", help="make the Hub repo public (private by default)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_heal_settings(group: argparse._ArgumentGroup, prefix: str) -> None:
+    """The HealConfig flags: `--steps` ... for `heal`, `--heal-steps` ... for `prune --heal`
+    (dests: the HealConfig field names, after `heal_` for prune)."""
+    dest = prefix.replace("-", "_")
+
+    def add(flag: str, field: str, **kwargs: Any) -> None:
+        group.add_argument(f"--{prefix}{flag}", dest=dest + field, **kwargs)
+
+    add("dataset", "dataset", help=f"training text: Hub dataset, local file/directory, {STDLIB_DOCS} or "
+                                   f"{FORTUNES} (default: {STDLIB_DOCS})")
+    add("dataset-config", "dataset_config", help="its dataset configuration name")
+    add("split", "dataset_split", help="its split (default: train)")
+    add("text-column", "text_column", help="its text column (default: text)")
+    add("seq-len", "seq_len", type=int, help="tokens per training window (default: 256)")
+    add("steps", "steps", type=int, help="optimizer steps (default: 200)")
+    add("batch-size", "batch_size", type=int, help="windows per step (default: 4)")
+    add("learning-rate", "learning_rate", type=float, help="AdamW learning rate (default: 2e-4)")
+    add("seed", "seed", type=int, help="seed for window choice and LoRA initialization (default: 0)")
+    add("gradient-checkpointing", "gradient_checkpointing", action="store_true", default=None,
+        help="recompute activations in the backward pass: less memory, slower")
+    add("rank", "rank", type=int, help="LoRA rank (default: 8)")
+    add("alpha", "alpha", type=float, help="LoRA alpha (default: 16)")
+    add("dropout", "dropout", type=float, help="LoRA dropout (default: 0.05)")
+    add("target-modules", "target_modules",
+        help="comma-separated Linear layer names inside the blocks (default: q/k/v/o and gate/up/down "
+             "projections where the blocks have them, else every Linear layer)")
+    add("eval-dataset", "eval_dataset",
+        help="held-out text for perplexity before and after (default: the evaluation text shipped "
+             "with the package)")
+    add("eval-dataset-config", "eval_dataset_config", help="its dataset configuration name")
+    add("eval-split", "eval_split", help="its split (default: train)")
+    add("eval-text-column", "eval_text_column", help="its text column (default: text)")
+    add("eval-max-texts", "eval_max_texts", type=int, help="score only its first N texts (default: all)")
 
 
 def _add_eval(parser: argparse.ArgumentParser) -> None:
@@ -173,8 +255,14 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
 
 def _read_recipe(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(run settings, SGLP settings) of a recipe file."""
+    data = _recipe(path)
+    return {k: data[k] for k in RUN_KEYS if k in data}, dict(data.get("sglp") or {})
+
+
+def _recipe(path: Path | None) -> dict[str, Any]:
+    """The settings of a recipe file (none without one), its keys checked."""
     if path is None:
-        return {}, {}
+        return {}
     if not path.is_file():
         raise ConfigError(f"Recipe {str(path)!r} does not exist.")
     try:
@@ -183,13 +271,14 @@ def _read_recipe(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ConfigError(f"Could not parse recipe {str(path)!r}: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"Recipe {str(path)!r} must be a YAML mapping.")
-    unknown = sorted(set(data) - set(RUN_KEYS) - {"sglp"})
+    unknown = sorted(set(data) - set(RUN_KEYS) - set(SECTIONS))
     if unknown:
         raise ConfigError(
-            f"Unknown recipe key(s) {unknown} in {str(path)!r}: a recipe has {list(RUN_KEYS)} "
-            "and an `sglp:` section with SGLPConfig settings."
+            f"Unknown recipe key(s) {unknown} in {str(path)!r}: a recipe has {list(RUN_KEYS)}, "
+            "an `sglp:` section with SGLPConfig settings and a `heal:` section with HealConfig "
+            "settings."
         )
-    return {k: data[k] for k in RUN_KEYS if k in data}, dict(data.get("sglp") or {})
+    return data
 
 
 def _merge_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -208,6 +297,19 @@ def _merge_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
     return run, sglp
 
 
+def resolve_heal_settings(args: argparse.Namespace, prefix: str = ""):
+    """The HealConfig of `heal` (prefix "") or `prune --heal` (prefix "heal_"): the recipe's
+    `heal:` section, overridden by the flags given."""
+    from .heal import HealConfig
+
+    settings = dict(_recipe(args.recipe).get("heal") or {})
+    for name in HealConfig.__dataclass_fields__:
+        value = getattr(args, prefix + name, None)
+        if value is not None:
+            settings[name] = _names(value) if name == "target_modules" else value
+    return HealConfig.from_dict(settings)
+
+
 def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], SGLPConfig]:
     """Merge defaults, recipe and flags into run settings and a validated SGLPConfig."""
     run, sglp = _merge_settings(args)
@@ -217,12 +319,19 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], SGLPConf
 
 
 def _load(run: dict[str, Any]):
+    from .devices import parse_device_map, parse_max_memory
+    from .distributed import process_device
     from .loading import load_model
 
+    device_map = parse_device_map(run.get("device_map"))
+    if device_map is None and (own := process_device()) is not None:
+        device_map = {"": str(own)}  # data parallel: a whole copy on each process's GPU
     loaded = load_model(
         run.get("model"),
         dtype=run.get("dtype", "auto"),
-        device_map=run.get("device_map"),
+        device_map=device_map,
+        max_memory=parse_max_memory(run.get("max_memory")),
+        offload_folder=run.get("offload_folder"),
         trust_remote_code=bool(run.get("trust_remote_code", False)),
     )
     if loaded.note:
@@ -236,13 +345,17 @@ def _format_count(n: int) -> str:
 
 def run_analyze(args: argparse.Namespace) -> int:
     from .api import analyze
+    from .distributed import is_main_process
 
     run, config = resolve_settings(args)
     loaded = _load(run)
     if config.dataset is None:
         print("No --dataset given: calibrating on the built-in English text.", file=sys.stderr)
-    plan = analyze(loaded.model, None, config, tokenizer=loaded.tokenizer, progress=not args.no_progress)
+    progress = not args.no_progress and is_main_process()
+    plan = analyze(loaded.model, None, config, tokenizer=loaded.tokenizer, progress=progress)
     plan.model_name = loaded.name
+    if not is_main_process():  # data parallel: every process has the same plan; one reports it
+        return 0
     print(plan.summary())
     if args.report:
         plan.save(args.report)
@@ -252,11 +365,13 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 def run_prune(args: argparse.Namespace) -> int:
     from .api import prune
+    from .distributed import is_main_process
     from .evaluate import warn_if_not_held_out
     from .save import check_destination
 
     start = time.perf_counter()
     run, config = resolve_settings(args)
+    heal_config = resolve_heal_settings(args, "heal_") if args.heal else None
     output = run.get("output")
     if output is None:
         raise ConfigError("Say where to write the pruned model: --output DIR (or `output:` in the recipe).")
@@ -269,13 +384,19 @@ def run_prune(args: argparse.Namespace) -> int:
         print("No --dataset given: calibrating on the built-in English text.", file=sys.stderr)
     evaluate = args.eval_dataset is not None or bool(args.eval_tasks)
     evaluation = {"dense": _evaluate_in_memory(loaded, args, "dense")} if evaluate else None
-    result = prune(loaded.model, None, config, tokenizer=loaded.tokenizer, progress=not args.no_progress)
+    progress = not args.no_progress and is_main_process()
+    result = prune(loaded.model, None, config, tokenizer=loaded.tokenizer, progress=progress)
+    if not is_main_process():  # data parallel: every process has the same pruned model; one writes it
+        return 0
     result.base_model = loaded.name
     result.plan.model_name = loaded.name
     print(result.plan.summary())
     if evaluation:
         evaluation["pruned"] = _evaluate_in_memory(loaded, args, "pruned")
-    saved = result.save_pretrained(output, overwrite=args.overwrite, evaluation=evaluation)
+    if heal_config is None:
+        saved = result.save_pretrained(output, overwrite=args.overwrite, evaluation=evaluation)
+    else:
+        saved = _heal_pruned(result, heal_config, output, args, evaluation)
     if args.report:
         result.plan.save(args.report)
     plan = result.plan
@@ -289,6 +410,61 @@ def run_prune(args: argparse.Namespace) -> int:
         from .hub import push_folder
 
         url = push_folder(saved, args.push_to_hub, private=not args.public)
+        print(f"Uploaded to {url}")
+    return 0
+
+
+def _heal_pruned(result, config, output: Path, args: argparse.Namespace, evaluation: dict | None) -> Path:
+    """`prune --heal`: heal the pruned model in memory and save it merged. Its adapter is left
+    out: the unhealed pruned model it applies to is saved nowhere."""
+    import dataclasses
+
+    from .heal import heal, heal_summary, save_healed
+
+    config = dataclasses.replace(config, layers_path=config.layers_path or result.plan.layers_path)
+    healed = heal(result.model, result.tokenizer, config, progress=not args.no_progress)
+    print(heal_summary(healed.report))
+    if evaluation:
+        result.plan.extra["evaluation"] = evaluation
+    return save_healed(
+        output, healed, base_model=result.base_model, merge=True, adapter=False, plan=result.plan,
+        overwrite=args.overwrite,
+    )
+
+
+def run_heal(args: argparse.Namespace) -> int:
+    from .heal import heal, heal_summary, save_healed
+    from .plan import REPORT_NAME, PruningPlan
+    from .save import check_destination
+
+    config = resolve_heal_settings(args)
+    recipe = _recipe(args.recipe)
+    run = {k: recipe[k] for k in HEAL_RUN_KEYS if k in recipe}
+    run.update({k: getattr(args, k) for k in HEAL_RUN_KEYS if getattr(args, k) is not None})
+    output = args.output.expanduser().resolve()
+    check_destination(output, overwrite=args.overwrite)
+    loaded = _load({**run, "model": args.model})
+    check_destination(output, overwrite=args.overwrite, model=loaded.model)  # never the input folder
+    report = Path(args.model) / REPORT_NAME
+    # merged, an SGLP-pruned model's folder stays a pruning output: report, heatmap, card
+    plan = PruningPlan.load(report) if args.merge and report.is_file() else None
+    healed = heal(loaded.model, loaded.tokenizer, config, progress=not args.no_progress)
+    print(heal_summary(healed.report))
+    saved = save_healed(
+        output, healed, base_model=(plan.model_name if plan else None) or loaded.name, merge=args.merge,
+        plan=plan, overwrite=args.overwrite,
+    )
+    if args.merge:
+        print(f"Healed model written to {saved} (load it with AutoModelForCausalLM.from_pretrained; "
+              "the adapter alone is in adapter/)")
+    else:
+        print(f"LoRA adapter written to {saved} (load it with peft's AutoPeftModelForCausalLM, or "
+              "heal again with --merge for a plain transformers model)")
+    if args.push_to_hub:
+        from .hub import push_folder
+
+        url = push_folder(saved, args.push_to_hub, private=not args.public,
+                          commit_message="Upload LoRA-healed model")
         print(f"Uploaded to {url}")
     return 0
 
@@ -431,11 +607,26 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _stdout_of_main_process() -> Iterator[None]:
+    """Under `accelerate launch` every process runs the command; only the main one prints."""
+    from .distributed import is_main_process
+
+    if is_main_process():
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"prune": run_prune, "analyze": run_analyze, "eval": run_eval, "compare": run_compare}
-        return commands[args.command](args)
+        commands = {
+            "prune": run_prune, "analyze": run_analyze, "eval": run_eval, "compare": run_compare, "heal": run_heal,
+        }
+        with _stdout_of_main_process():
+            return commands[args.command](args)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"sglp-llm: error: {err}", file=sys.stderr)
         return 2

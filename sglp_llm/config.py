@@ -26,19 +26,81 @@ CALIBRATION_FIELDS = (
 ALLOCATIONS = ("size", "redundancy")
 SEGMENT_FEATURES = ("column_sum", "rows")
 CKA_DTYPES = ("float32", "float64")
+OFFLOAD_MODES = ("none", "sequential")
 
 
 class ConfigError(ValueError):
     """A setting is missing, out of range or inconsistent; the message says what to change."""
 
 
+class SettingsFile:
+    """Saving and loading of a settings dataclass (`SGLPConfig`, `heal.HealConfig`) as JSON or
+    YAML, so every kind of run is reproducible from the file stored next to its output.
+
+    Subclasses name their file inside a model folder (`FILE_NAME`) and their section of a recipe
+    (`SECTION`).
+    """
+
+    FILE_NAME: str
+    SECTION: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        if not isinstance(data, dict):
+            raise ConfigError(f"A config must be a mapping of settings, got {type(data).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"Unknown setting(s) {unknown}. Valid settings: {sorted(known)}."
+            )
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = (
+            yaml.safe_dump(self.to_dict(), sort_keys=False)
+            if path.suffix in (".yaml", ".yml")
+            else json.dumps(self.to_dict(), indent=2)
+        )
+        path.write_text(text)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        """Load from a .json, .yaml or .yml file (a recipe's `SECTION:` section is accepted)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {str(path)!r} does not exist.")
+        text = path.read_text()
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(f"Could not parse {str(path)!r}: {err}") from err
+        if isinstance(data, dict) and cls.SECTION in data:
+            data = data[cls.SECTION]
+        return cls.from_dict(data or {})
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.save(Path(directory) / self.FILE_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path):
+        return cls.load(Path(directory) / cls.FILE_NAME)
+
+
 @dataclass
-class SGLPConfig:
+class SGLPConfig(SettingsFile):
     """Settings of one SGLP run.
 
     How many blocks go: exactly one of ``drop`` (a count) or ``ratio`` (a fraction of the blocks,
     rounded to the nearest count).
     """
+
+    FILE_NAME = CONFIG_NAME
+    SECTION = "sglp"
 
     # -- how much to prune, and how: SGLP or a peer baseline (see sglp_llm.baselines)
     drop: int | None = None
@@ -59,6 +121,9 @@ class SGLPConfig:
     cka_minibatch_tokens: int = 512
     cka_max_tokens_per_batch: int | None = None
     cka_dtype: str = "float64"
+    # "sequential": the same statistics with one decoder block on the device at a time, for
+    # models larger than its memory (see sglp_llm.sequential)
+    offload: str = "none"
 
     # -- segmentation (see sglp_llm.segment); used by method="sglp" only
     num_segments: int | None = None
@@ -73,10 +138,10 @@ class SGLPConfig:
     # subset_batches and the loss_* settings are used by method="sglp" only, protection by every
     # method. scoring="loss": removals are chosen one at a time by calibration loss among the
     # loss_candidates lowest-GradNorm blocks of each segment that still has drops to give.
-    scoring: str = "block"
+    scoring: str = "loss"  # measured default: benchmarks/results/quality.md
     max_candidates: int = 64
     subset_batches: int = 1
-    loss_candidates: int = 2
+    loss_candidates: int = 4
     loss_batches: int = 1
     # method="sleb" only: every candidate is scored on the first sleb_batches calibration batches
     # (unset: all of them, as in the paper); SLEB costs about drop × blocks × sleb_batches forwards
@@ -86,6 +151,14 @@ class SGLPConfig:
 
     # -- model structure
     layers_path: str | None = None
+
+    # -- running the statistics pass; none of these change the statistics (see sglp_llm.api).
+    # gradient_checkpointing: recompute block activations in the GradNorm backward (less memory,
+    # about one more forward). checkpoint_dir: save the pass's sums there every
+    # checkpoint_every batches, so a rerun resumes (see sglp_llm.checkpoint)
+    gradient_checkpointing: bool = False
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 1
 
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -121,6 +194,11 @@ class SGLPConfig:
             raise ConfigError("`cka_max_tokens_per_batch` must be >= 4 or unset.")
         if self.cka_dtype not in CKA_DTYPES:
             raise ConfigError(f"`cka_dtype` must be one of {CKA_DTYPES}, got {self.cka_dtype!r}.")
+        if self.offload not in OFFLOAD_MODES:
+            raise ConfigError(
+                f"`offload` must be one of {OFFLOAD_MODES} (\"sequential\": one decoder block on the "
+                f"device at a time, for models larger than its memory), got {self.offload!r}."
+            )
         if self.segment_feature not in SEGMENT_FEATURES:
             raise ConfigError(
                 f"`segment_feature` must be one of {SEGMENT_FEATURES}, got {self.segment_feature!r}."
@@ -145,6 +223,14 @@ class SGLPConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"`{name}` must be a non-negative integer, got {value!r}.")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(f"`gradient_checkpointing` must be true or false, got {self.gradient_checkpointing!r}.")
+        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
+            raise ConfigError(f"`checkpoint_dir` must be a directory path as a string, or unset; got {self.checkpoint_dir!r}.")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
+            raise ConfigError(
+                f"`checkpoint_every` must be a positive integer (batches between saves), got {self.checkpoint_every!r}."
+            )
 
     def resolve_drop(self, num_blocks: int) -> int:
         """The number of blocks to remove from a model with `num_blocks` blocks."""
@@ -164,21 +250,6 @@ class SGLPConfig:
         return n
 
     # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SGLPConfig":
-        if not isinstance(data, dict):
-            raise ConfigError(f"A config must be a mapping of settings, got {type(data).__name__}.")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"Unknown setting(s) {unknown}. Valid settings: {sorted(known)}."
-            )
-        return cls(**data)
-
     def replace(self, **changes: Any) -> "SGLPConfig":
         """A copy with `changes` applied (None values are ignored), validated again."""
         data = self.to_dict()
@@ -188,34 +259,3 @@ class SGLPConfig:
         elif changes.get("ratio") is not None:
             data["drop"] = None
         return SGLPConfig.from_dict(data)
-
-    def save(self, path: str | Path) -> None:
-        path = Path(path)
-        text = (
-            yaml.safe_dump(self.to_dict(), sort_keys=False)
-            if path.suffix in (".yaml", ".yml")
-            else json.dumps(self.to_dict(), indent=2)
-        )
-        path.write_text(text)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SGLPConfig":
-        """Load from a .json, .yaml or .yml file (a recipe's `sglp:` section is accepted)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {str(path)!r} does not exist.")
-        text = path.read_text()
-        try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise ConfigError(f"Could not parse {str(path)!r}: {err}") from err
-        if isinstance(data, dict) and "sglp" in data:
-            data = data["sglp"]
-        return cls.from_dict(data or {})
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        self.save(Path(directory) / CONFIG_NAME)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "SGLPConfig":
-        return cls.load(Path(directory) / CONFIG_NAME)

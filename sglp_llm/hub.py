@@ -1,4 +1,4 @@
-"""Push a folder written by `save_pruned` to the Hugging Face Hub.
+"""Push a folder written by `save_pruned` or `heal.save_healed` to the Hugging Face Hub.
 
 The token is handed to huggingface_hub untouched (argument, `HF_TOKEN` or the stored login) and
 never printed or logged here.
@@ -21,10 +21,10 @@ def push_folder(
 ) -> str:
     """Create `repo_id` if needed (private by default) and upload `folder`; return the repo URL."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
+    if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
         raise FileNotFoundError(
-            f"{folder} has no config.json; push a folder written by `save_pruned` (the output "
-            "directory of a pruning run)."
+            f"{folder} has no config.json; push a folder written by `sglp-llm prune` or "
+            "`sglp-llm heal` (a model, or a LoRA adapter with its adapter_config.json)."
         )
     api = HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True)

@@ -298,3 +298,23 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     loaded.eval()
     return LoadedModel(model=loaded, tokenizer=tokenizer, name=name, source=source, note=note)
+
+
+def load_pruned(path: str | os.PathLike, *, tokenizer: bool = True, **kwargs: Any) -> Any:
+    """A model written by `sglp-llm prune` or `heal --merge`, as (model, tokenizer), or the model
+    alone with ``tokenizer=False``.
+
+    Sugar only: such a folder (or Hub repo) is a plain transformers checkpoint, and this is
+    ``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` (``kwargs``: dtype, device_map, ...)
+    plus ``AutoTokenizer.from_pretrained(path)``. It also says what to do with a folder that
+    holds a LoRA adapter only (`heal` without --merge).
+    """
+    folder = Path(path).expanduser()
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"{folder} holds a LoRA adapter, not a model: load it with peft "
+            "(AutoPeftModelForCausalLM.from_pretrained), or run `sglp-llm heal ... --merge` for a "
+            "model with the adapter merged in."
+        )
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    return (model, AutoTokenizer.from_pretrained(str(path))) if tokenizer else model

@@ -54,14 +54,22 @@ def render_model_card(
     )
     before, after = plan.num_blocks, len(plan.kept)
     name, how = METHOD_TEXT[plan.config.get("method", "sglp")]
+    healing = plan.extra.get("healing")
     sections = [
-        f"# {base_model}, depth-pruned with {name} ({after} of {before} blocks)",
+        f"# {base_model}, depth-pruned with {name} ({after} of {before} blocks)"
+        + (" and healed with LoRA" if healing else ""),
         f"This is `{base_model}` with {len(plan.dropped)} of "
-        f"its {before} decoder blocks removed by {how}, made with `sglp-llm`. The remaining "
-        "blocks are unchanged; no fine-tuning was applied after pruning.",
+        f"its {before} decoder blocks removed by {how}, made with `sglp-llm`. "
+        + (
+            "The remaining blocks were then fine-tuned with LoRA and the adapter merged into "
+            "their weights (see Healing)."
+            if healing
+            else "The remaining blocks are unchanged; no fine-tuning was applied after pruning."
+        ),
         _removed_section(plan),
         _segments_section(plan),
         _calibration_section(plan),
+        *([healing_section(healing)] if healing else []),
         "## Settings\n\nThe full settings are in `sglp_config.json` and the full report (CKA "
         "matrix, scores, timings) in `sglp_report.json`.\n\n```yaml\n"
         + yaml.safe_dump(plan.config, sort_keys=False).rstrip()
@@ -72,6 +80,82 @@ def render_model_card(
         sections.append("## Evaluation\n\n" + _evaluation_table(evaluation))
     body = "\n\n".join(sections) + "\n"
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+
+def render_healed_card(
+    base_model: str, healing: Mapping[str, Any], *, evaluation: Mapping[str, Any] | None = None
+) -> str:
+    """README.md of a healing output that is no SGLP pruning folder: a LoRA adapter for
+    `base_model`, or `base_model` with the adapter merged (`healing["merged"]`)."""
+    merged = healing["merged"]
+    data = ModelCardData(
+        base_model=_hub_base_model(base_model),
+        library_name="transformers" if merged else "peft",
+        tags=[TAGS[0], "lora"],  # not necessarily pruned: heal takes any model
+        pipeline_tag="text-generation",
+    )
+    sections = [
+        f"# {base_model}, with a LoRA adapter merged into its weights" if merged
+        else f"# LoRA adapter for {base_model}",
+        f"Made with `sglp-llm heal`, the LoRA fine-tune that lets a depth-pruned model's remaining "
+        f"blocks make up for the removed ones. Base model: `{base_model}`.",
+        healing_section(healing),
+        _usage_section("A plain `transformers` checkpoint; neither custom code nor peft is needed.")
+        if merged
+        else _adapter_usage_section(),
+    ]
+    if evaluation:
+        sections.append("## Evaluation\n\n" + _evaluation_table(evaluation))
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"))
+
+
+def healing_section(healing: Mapping[str, Any]) -> str:
+    """The LoRA fine-tune of a `heal` report (sglp_llm.heal): data, settings, loss, perplexity."""
+    settings = healing["settings"]
+    loss, ppl = healing["loss"], healing["perplexity"]
+    adapter = healing.get("adapter_dir")
+    if healing["merged"]:
+        where = "merged into the weights" + (f"; also saved alone in `{adapter}/`" if adapter else "")
+    else:
+        where = "saved alone (not merged): load it with peft"
+    return "\n".join([
+        "## Healing",
+        "",
+        "A short LoRA fine-tune ([Hu et al. 2021](https://arxiv.org/abs/2106.09685)) on ordinary "
+        "text, made with `sglp-llm`; the full record is in `heal_report.json`, the settings in "
+        "`heal_config.json`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| training text | {healing['training_text']} |",
+        f"| steps | {settings['steps']} × {settings['batch_size']} windows of {settings['seq_len']} "
+        f"tokens ({healing['tokens']:,} tokens; {healing['passes']:.2f} passes over "
+        f"{healing['windows']} distinct windows) |",
+        f"| learning rate | {settings['learning_rate']:g} |",
+        f"| LoRA rank / alpha / dropout | {settings['rank']} / {settings['alpha']:g} / {settings['dropout']:g} |",
+        f"| target modules | {', '.join(healing['target_modules'])} |",
+        f"| trainable parameters | {healing['trainable_parameters']:,} |",
+        f"| training loss (first → last step) | {loss['first']:.4f} → {loss['last']:.4f} |",
+        f"| held-out perplexity (before → after) | {ppl['before']['perplexity']:.4f} → "
+        f"{ppl['after']['perplexity']:.4f} ({ppl['after']['n_texts']} texts of {ppl['after']['source']}) |",
+        f"| adapter | {where} |",
+    ])
+
+
+def _adapter_usage_section() -> str:
+    return f"""## How to load
+
+```python
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+
+model = AutoPeftModelForCausalLM.from_pretrained("{MODEL_ID}", dtype="auto")
+tokenizer = AutoTokenizer.from_pretrained("{MODEL_ID}")
+model = model.merge_and_unload()  # optional: a plain transformers model
+```
+
+Replace `{MODEL_ID}` with this folder or its Hub repo id; the base model is read from
+`adapter_config.json`."""
 
 
 def _removed_section(plan: PruningPlan) -> str:
@@ -119,10 +203,10 @@ def _calibration_section(plan: PruningPlan) -> str:
     )
 
 
-def _usage_section() -> str:
+def _usage_section(what: str = "A plain `transformers` checkpoint with fewer layers; no custom code is needed.") -> str:
     return f"""## How to load
 
-A plain `transformers` checkpoint with fewer layers; no custom code is needed.
+{what}
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -33,11 +33,13 @@ def save_pruned(
     base_model: str,
     overwrite: bool = False,
     evaluation: Mapping[str, Any] | None = None,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save `model` (safetensors), `tokenizer` (if any) and the SGLP files to `output_dir`.
 
     `evaluation` (metric -> value, or column -> {metric: value}) goes into the model card's
-    table and into the report as `plan.extra["evaluation"]`.
+    table and into the report as `plan.extra["evaluation"]`. `extra_files(folder)` writes more
+    files (a healing run's adapter and report) into the folder before it is moved into place.
     """
     output_dir = Path(output_dir).expanduser().resolve()
     check_destination(output_dir, overwrite=overwrite, model=model)
@@ -53,17 +55,33 @@ def save_pruned(
     if evaluation:
         plan.extra["evaluation"] = dict(evaluation)
 
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        plan.save(folder / REPORT_NAME)
+        config.save_pretrained(folder)
+        plot_cka_heatmap(plan, folder / HEATMAP_NAME)
+        (folder / README_NAME).write_text(card)
+        if extra_files is not None:
+            extra_files(folder)
+
+    return write_folder(output_dir, write, overwrite=overwrite, model=model)
+
+
+def write_folder(
+    output_dir: str | Path, write: Callable[[Path], None], *, overwrite: bool = False, model: Any = None
+) -> Path:
+    """Let `write` fill a temporary sibling folder, then rename it to `output_dir`: the one way
+    this package writes an output folder, so none is ever left half-written. `model` is the
+    model being saved, whose own folder is refused (see `check_destination`)."""
+    output_dir = Path(output_dir).expanduser().resolve()
+    check_destination(output_dir, overwrite=overwrite, model=model)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(output_dir, "tmp")
     tmp.mkdir()
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        plan.save(tmp / REPORT_NAME)
-        config.save_pretrained(tmp)
-        plot_cka_heatmap(plan, tmp / HEATMAP_NAME)
-        (tmp / README_NAME).write_text(card)
+        write(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -79,16 +97,22 @@ def record_evaluation(folder: str | Path, metrics: Mapping[str, Any], *, column:
     report = saved_report(folder)
     folder = report.parent
     plan = PruningPlan.load(report)
-    recorded = plan.extra.get("evaluation") or {}
-    # a flat mapping (metric -> value, given to save_pretrained) describes the saved model
-    nested = all(isinstance(v, Mapping) for v in recorded.values())
-    columns = {k: dict(v) for k, v in recorded.items()} if nested else {column: dict(recorded)}
+    columns = evaluation_columns(plan.extra.get("evaluation"), column)
     columns[column] = {**columns.get(column, {}), **metrics}
     plan.extra["evaluation"] = columns
     card = render_model_card(plan, base_model=plan.model_name or "unknown", evaluation=columns)
     _replace_file(report, plan.save)
     _replace_file(folder / README_NAME, lambda path: path.write_text(card))
     return folder
+
+
+def evaluation_columns(recorded: Mapping[str, Any] | None, flat_column: str = "pruned") -> dict[str, dict]:
+    """A recorded evaluation as column -> {metric: value}. A flat mapping (metric -> value, as
+    given to save_pretrained) describes the saved model: it becomes the column `flat_column`."""
+    recorded = recorded or {}
+    if all(isinstance(v, Mapping) for v in recorded.values()):
+        return {k: dict(v) for k, v in recorded.items()}
+    return {flat_column: dict(recorded)}
 
 
 def saved_report(folder: str | Path) -> Path:
@@ -115,16 +139,18 @@ def _replace_file(path: Path, write: Callable[[Path], None]) -> None:
 
 def check_destination(output_dir: Path, *, overwrite: bool, model: Any = None) -> None:
     """Refuse an output that is a file, a non-empty folder (without overwrite), or the model's
-    own folder. Also called before a long analysis so a bad --output fails fast."""
+    own folder, a folder inside it or one holding it. Also called before a long analysis so a
+    bad --output fails fast."""
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(
             f"{output_dir} exists and is not a directory; choose another output directory."
         )
     for source in _loaded_from(model) if model is not None else ():
-        if source == output_dir or output_dir in source.parents:
+        if source == output_dir or output_dir in source.parents or source in output_dir.parents:
             raise ValueError(
                 f"Refusing to write to {output_dir}: the model was loaded from {source}, and "
-                "saving there would overwrite or delete its files. Choose another output directory."
+                "saving there would overwrite, delete or add to its files. Choose another output "
+                "directory."
             )
     if not overwrite and output_dir.is_dir() and any(output_dir.iterdir()):
         raise FileExistsError(

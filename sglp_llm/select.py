@@ -25,7 +25,8 @@ def allocate_drops(
     """How many blocks each segment gives up, summing to `n_drop`.
 
     Shares are proportional to segment size (or to `weights`, e.g. per-segment redundancy) by
-    the largest-remainder (Hamilton) method in exact arithmetic. Segment i gives up at most
+    the largest-remainder (Hamilton) method in exact arithmetic; zero-weight segments give only
+    what the others cannot, shared by size. Segment i gives up at most
     min(size_i - 1, capacity_i) blocks, so no segment disappears and `capacity` can shield
     protected blocks. A segment whose share reaches its cap gets exactly the cap and the rest
     is shared again among the others by the same rule, until no share exceeds a cap. Leftover
@@ -42,8 +43,8 @@ def allocate_drops(
         weights = segment_sizes
     if len(weights) != k:
         raise ValueError(f"Got {len(weights)} weights for {k} segments; give one per segment.")
-    if not all(math.isfinite(w) and w > 0 for w in weights):
-        raise ValueError(f"Weights must be finite and positive, got {list(weights)}.")
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f"Weights must be finite and non-negative, got {list(weights)}.")
     if capacity is None:
         capacity = segment_sizes
     if len(capacity) != k:
@@ -63,6 +64,8 @@ def allocate_drops(
     left = n_drop
     while True:
         total = sum(Fraction(weights[i]) for i in open_)
+        if open_ and total == 0:  # only zero-weight segments are left to give: by size
+            weights, total = segment_sizes, sum(segment_sizes[i] for i in open_)
         quota = {i: left * Fraction(weights[i]) / total for i in open_} if open_ else {}
         full = [i for i in open_ if quota[i] >= caps[i]]
         if not full:

@@ -35,7 +35,7 @@ def test_analyze_leaves_model_unchanged_and_is_deterministic():
 
 def test_plan_respects_drop_count_protection_and_segments():
     model = tiny_model("qwen3", num_layers=12)
-    plan = analyze(model, _batches(), SGLPConfig(drop=5, **CONFIG), progress=False)
+    plan = analyze(model, _batches(), SGLPConfig(drop=5, scoring="block", **CONFIG), progress=False)
     assert len(plan.dropped) == 5 and sorted(plan.dropped + plan.kept) == list(range(12))
     assert 0 not in plan.dropped and 11 not in plan.dropped
     flat = [i for seg in plan.segments for i in seg]
@@ -186,7 +186,7 @@ def test_redundancy_allocation_matches_a_hand_worked_example(monkeypatch):
     stats = api.BlockStatistics(cka, torch.arange(10, 0, -1, dtype=torch.float64), 10, 1)
     monkeypatch.setattr(api, "collect_block_statistics", lambda *a, **k: stats)
     model = tiny_model("llama", num_layers=10)
-    common = dict(drop=4, num_segments=2, protect_first=0, protect_last=0, **CONFIG)
+    common = dict(drop=4, num_segments=2, protect_first=0, protect_last=0, scoring="block", **CONFIG)
     plan = analyze(model, _batches(1), SGLPConfig(allocation="redundancy", **common), progress=False)
     assert plan.segments == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9]]
     assert plan.keep_per_segment == [1, 5]

@@ -45,6 +45,14 @@ def test_allocate_drops_weights_replace_sizes():
     assert allocate_drops([4, 4], 4, weights=[0.1, 0.3]) == [1, 3]  # only ratios matter
 
 
+def test_allocate_drops_zero_weight_segments_give_only_what_others_cannot():
+    # single blocks have redundancy 0: quotas 9/16 * 6 = 3.375 and 7/16 * 6 = 2.625
+    assert allocate_drops([1, 1, 9, 1, 7, 2], 6, weights=[0, 0, 9, 0, 7, 0]) == [0, 0, 3, 0, 3, 0]
+    # the weighted segment gives its cap of 8; the remaining 2 are shared by size (3 : 2)
+    assert allocate_drops([3, 9, 2], 10, weights=[0, 9, 0]) == [1, 8, 1]
+    assert allocate_drops([4, 3], 4, weights=[0, 0]) == allocate_drops([4, 3], 4)
+
+
 def test_allocate_drops_zero_drops():
     assert allocate_drops([3, 4], 0) == [0, 0]
 
@@ -86,8 +94,8 @@ def test_allocate_drops_stays_within_one_of_every_quota_when_no_cap_binds():
         (([3, 0], 1), {}, r"Segment sizes must be positive integers, got \[3, 0\]"),
         (([3, 3], -1), {}, "n_drop must be a non-negative integer, got -1"),
         (([3, 3], 1), {"weights": [1.0]}, "Got 1 weights for 2 segments"),
-        (([3, 3], 1), {"weights": [1.0, 0.0]}, "Weights must be finite and positive"),
-        (([3, 3], 1), {"weights": [1.0, float("nan")]}, "Weights must be finite and positive"),
+        (([3, 3], 1), {"weights": [1.0, -1.0]}, "Weights must be finite and non-negative"),
+        (([3, 3], 1), {"weights": [1.0, float("nan")]}, "Weights must be finite and non-negative"),
         (([3, 3], 1), {"capacity": [1, 1, 1]}, "Got 3 capacities for 2 segments"),
         (([3, 3], 1), {"capacity": [1, -1]}, "Capacities must be non-negative"),
     ],

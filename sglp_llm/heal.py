@@ -1,0 +1,373 @@
+"""Healing: a short LoRA fine-tune that lets the remaining blocks of a pruned model make up for
+the removed ones.
+
+Depth pruning leaves blocks that were trained to feed the blocks now gone; a few hundred LoRA
+steps on ordinary text win back much of the lost perplexity (ShortGPT, Gromov et al. 2024). The
+text is read and packed like calibration data (`sglp_llm.data`), the adapter is trained with peft
+(`pip install 'sglp-llm[heal]'`), and it is saved alone or merged into the weights, so a healed
+model still loads with plain transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from .api import input_device, to_device
+from .blocks import find_decoder_blocks, text_config
+from .config import ConfigError, SettingsFile
+from .data import build_batches, load_texts
+from .devices import activation_checkpointing
+from .evaluate import card_metrics, perplexity_on_source, warn_if_not_held_out
+from .modelcard import render_healed_card
+from .plan import PruningPlan
+from .save import README_NAME, check_destination, evaluation_columns, save_pruned, write_folder
+
+HEAL_CONFIG_NAME = "heal_config.json"
+HEAL_REPORT_NAME = "heal_report.json"
+ADAPTER_DIR = "adapter"
+# LoRA targets of LLaMA, Mistral, Qwen and Gemma blocks: the attention and MLP projections
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# the layer types peft's LoRA adapts (GPT-2 style blocks use transformers' Conv1D)
+LORA_LAYERS = (nn.Linear, Conv1D)
+# gradients are clipped to this norm: one bad batch must not undo a short run
+MAX_GRAD_NORM = 1.0
+# the evaluation columns a healing run adds to a pruned model's report and card
+BEFORE, AFTER = "before healing", "after healing"
+
+
+class HealError(ConfigError):
+    """Healing cannot run as asked; the message says what to change."""
+
+
+@dataclass
+class HealConfig(SettingsFile):
+    """Settings of one healing run: its text, the LoRA adapter, training, held-out text."""
+
+    FILE_NAME = HEAL_CONFIG_NAME
+    SECTION = "heal"
+
+    # -- training text: the same kinds of source as calibration (see sglp_llm.data)
+    dataset: str | None = None
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    text_column: str = "text"
+    seq_len: int = 256
+
+    # -- training: `steps` optimizer steps of `batch_size` windows (the text is cycled through
+    # as often as that takes), AdamW at a constant `learning_rate`
+    steps: int = 200
+    batch_size: int = 4
+    learning_rate: float = 2e-4
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+    # -- LoRA; target_modules: names of Linear layers inside the decoder blocks (None: the
+    # attention and MLP projections `DEFAULT_TARGETS`, else every Linear layer in the blocks)
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+    layers_path: str | None = None
+
+    # -- held-out perplexity before and after (None: the evaluation text shipped with the package)
+    eval_dataset: str | None = None
+    eval_dataset_config: str | None = None
+    eval_split: str = "train"
+    eval_text_column: str = "text"
+    eval_max_texts: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("seq_len", "steps", "batch_size", "rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise HealError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name in ("learning_rate", "alpha"):
+            value = getattr(self, name)
+            # YAML reads 2e-4 as text (it wants 2.0e-4): say so rather than fail in the optimizer
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise HealError(f"`{name}` must be a positive number (in YAML, e.g. 2.0e-4), got {value!r}.")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise HealError(f"`dropout` must be a number in [0, 1), got {self.dropout!r}.")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise HealError(f"`gradient_checkpointing` must be true or false, got {self.gradient_checkpointing!r}.")
+        if not isinstance(self.seed, int):
+            raise HealError(f"`seed` must be an integer, got {self.seed!r}.")
+        if self.target_modules is not None and (
+            not isinstance(self.target_modules, list)
+            or not self.target_modules
+            or not all(isinstance(t, str) and t for t in self.target_modules)
+        ):
+            raise HealError(
+                "`target_modules` must be a non-empty list of layer names, e.g. [q_proj, v_proj] "
+                f"(--target-modules q_proj,v_proj), or unset; got {self.target_modules!r}."
+            )
+        if self.eval_max_texts is not None and (not isinstance(self.eval_max_texts, int) or self.eval_max_texts < 1):
+            raise HealError(f"`eval_max_texts` must be a positive integer or unset, got {self.eval_max_texts!r}.")
+
+
+@dataclass
+class HealResult:
+    """A healed model: `model` is the peft model (adapter not merged) until `merge()`."""
+
+    model: Any
+    tokenizer: Any
+    config: HealConfig
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def merge(self) -> nn.Module:
+        """Fold the adapter into the weights: a plain transformers model again."""
+        self.model = self.model.merge_and_unload()
+        return self.model
+
+    def evaluation(self) -> dict[str, dict[str, Any]]:
+        """Held-out perplexity before and after, as columns of a model card's evaluation table."""
+        ppl = self.report["perplexity"]
+        return {BEFORE: card_metrics({"perplexity": ppl["before"]}), AFTER: card_metrics({"perplexity": ppl["after"]})}
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as err:
+        raise HealError("Healing needs peft: pip install 'sglp-llm[heal]' (or pip install peft).") from err
+    return peft
+
+
+def lora_targets(model: nn.Module, config: HealConfig) -> tuple[str, list[str]]:
+    """(peft `target_modules` regex, layer names): the chosen Linear layers of the decoder blocks
+    only, so that e.g. `lm_head` is never adapted whatever the names."""
+    blocks = find_decoder_blocks(model, config.layers_path)
+    available = sorted({
+        name.rsplit(".", 1)[-1] for name, module in blocks.layers.named_modules() if isinstance(module, LORA_LAYERS)
+    })
+    if config.target_modules is not None:
+        unknown = [t for t in config.target_modules if t not in available]
+        if unknown:
+            raise HealError(
+                f"target module(s) {unknown} are not Linear layers of the decoder blocks "
+                f"({blocks.path}); the blocks have {available or 'none'}. Choose among those "
+                "(--target-modules q_proj,v_proj)."
+            )
+        names = list(config.target_modules)
+    else:
+        names = [t for t in DEFAULT_TARGETS if t in available] or available
+    if not names:
+        raise HealError(
+            f"The decoder blocks ({blocks.path}) hold no Linear layer for LoRA to adapt; this "
+            "model cannot be healed with LoRA."
+        )
+    pattern = rf"{re.escape(blocks.path)}\.\d+\.(?:.*\.)?(?:{'|'.join(map(re.escape, names))})"
+    return pattern, names
+
+
+def training_batches(model: nn.Module, tokenizer: Any, config: HealConfig) -> tuple[list[dict], str, int]:
+    """(batches, text description, distinct windows): up to steps × batch_size windows of the
+    training text, packed like calibration data; training cycles through them."""
+    texts, source = load_texts(
+        config.dataset, config_name=config.dataset_config, split=config.dataset_split, text_column=config.text_column
+    )
+    with warnings.catch_warnings():
+        # fewer windows than steps × batch_size is fine here: training passes over them again
+        warnings.filterwarnings("ignore", message="The calibration text has", category=UserWarning)
+        windows = build_batches(
+            tokenizer,
+            texts,
+            seq_len=config.seq_len,
+            n_samples=config.steps * config.batch_size,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            max_positions=getattr(text_config(model), "max_position_embeddings", None),
+            source=source,
+        )
+    return windows.batches, source, windows.n_samples
+
+
+def heal(model: nn.Module, tokenizer: Any, config: HealConfig | None = None, *, progress: bool = True) -> HealResult:
+    """Train a LoRA adapter on `model` (peft wraps it in place) and measure held-out perplexity
+    before and after. The result's model carries the adapter; `HealResult.merge` folds it in,
+    `save_healed` writes it."""
+    config = config or HealConfig()
+    peft = _peft()
+    pattern, names = lora_targets(model, config)
+    batches, source, n_windows = training_batches(model, tokenizer, config)
+    warn_if_not_held_out(config, config.eval_dataset, config_name=config.eval_dataset_config, split=config.eval_split)
+    before = _held_out_perplexity(model, tokenizer, config, progress)
+
+    torch.manual_seed(config.seed)  # LoRA's initial A matrices and dropout
+    lora = peft.LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=pattern,
+        task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        # peft calls transformers' deprecated `is_gradient_checkpointing`: not the user's concern
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapped = peft.get_peft_model(model, lora)
+    trainable, total = wrapped.get_nb_trainable_parameters()
+    started = time.perf_counter()
+    losses = _train(wrapped, batches, config, progress)
+    seconds = time.perf_counter() - started
+    after = _held_out_perplexity(wrapped, tokenizer, config, progress)
+
+    tokens = sum(int(batches[step % len(batches)]["input_ids"].numel()) for step in range(config.steps))
+    report = {
+        "settings": config.to_dict(),
+        "target_modules": names,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "training_text": source,
+        "windows": n_windows,
+        "tokens": tokens,
+        "passes": config.steps * config.batch_size / n_windows,
+        "loss": {"first": losses[0], "last": losses[-1], "per_step": losses},
+        # "after" is measured with the adapter applied, before any merge
+        "perplexity": {"before": before, "after": after},
+        "seconds": seconds,
+    }
+    return HealResult(model=wrapped, tokenizer=tokenizer, config=config, report=report)
+
+
+def _held_out_perplexity(model: nn.Module, tokenizer: Any, config: HealConfig, progress: bool) -> dict[str, Any]:
+    return perplexity_on_source(
+        model,
+        tokenizer,
+        config.eval_dataset,
+        text_column=config.eval_text_column,
+        split=config.eval_split,
+        config_name=config.eval_dataset_config,
+        max_texts=config.eval_max_texts,
+        progress=progress,
+    )
+
+
+def _train(model: nn.Module, batches: list[dict], config: HealConfig, progress: bool) -> list[float]:
+    """`config.steps` AdamW steps of the causal-LM loss on the adapter; the loss of each step."""
+    device = input_device(model)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
+    base = model.get_base_model()
+    checkpointing = (
+        activation_checkpointing(base, find_decoder_blocks(base, config.layers_path).layers)
+        if config.gradient_checkpointing
+        else contextlib.nullcontext()
+    )
+    losses: list[float] = []
+    model.train()
+    try:
+        with checkpointing:
+            bar = tqdm(range(config.steps), desc="Healing", disable=not progress)
+            for step in bar:
+                batch = to_device(batches[step % len(batches)], device)
+                loss = model(**batch, labels=batch["input_ids"], use_cache=False).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        model.eval()
+    return losses
+
+
+def save_healed(
+    output_dir: str | Path,
+    result: HealResult,
+    *,
+    base_model: str,
+    merge: bool = False,
+    adapter: bool = True,
+    plan: PruningPlan | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a healing run to `output_dir` atomically (see `save.write_folder`).
+
+    Without `merge`: the adapter (for `base_model`), tokenizer, `heal_config.json`,
+    `heal_report.json` and a model card. With `merge`: the merged model that loads with
+    `AutoModelForCausalLM`, the adapter in `adapter/` (unless `adapter=False`, e.g. when its base
+    model is saved nowhere) and the same files; with `plan` (the model was pruned with SGLP) the
+    folder is a whole pruning output whose report and card also describe the healing and hold the
+    held-out perplexity before and after. `base_model` is the model the card names.
+    """
+    output_dir = Path(output_dir).expanduser().resolve()
+    check_destination(output_dir, overwrite=overwrite, model=result.model.get_base_model())
+    adapter_dir = (ADAPTER_DIR if adapter else None) if merge else "."
+    report = {**result.report, "merged": merge, "adapter_dir": adapter_dir}
+    tokenizer = result.tokenizer
+
+    def write_heal_files(folder: Path) -> None:
+        result.config.save_pretrained(folder)
+        (folder / HEAL_REPORT_NAME).write_text(json.dumps(report, indent=2))
+
+    if not merge:
+        card = render_healed_card(base_model, report, evaluation=result.evaluation())
+
+        def write_adapter(folder: Path) -> None:
+            result.model.save_pretrained(folder)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+            write_heal_files(folder)
+            (folder / README_NAME).write_text(card)  # in place of peft's template card
+
+        return write_folder(output_dir, write_adapter, overwrite=overwrite, model=result.model.get_base_model())
+
+    evaluation = result.evaluation()
+    with tempfile.TemporaryDirectory(prefix="sglp-adapter-") as staged:
+        if adapter:  # saved before the merge removes it
+            result.model.save_pretrained(staged)
+            (Path(staged) / README_NAME).unlink(missing_ok=True)  # the folder's card describes it
+        merged = result.merge()
+
+        def write_extra(folder: Path) -> None:
+            write_heal_files(folder)
+            if adapter:
+                shutil.copytree(staged, folder / ADAPTER_DIR)
+
+        if plan is not None:
+            plan.extra["healing"] = report
+            columns = {**evaluation_columns(plan.extra.get("evaluation")), **evaluation}
+            return save_pruned(
+                output_dir, merged, tokenizer, plan, base_model=base_model, overwrite=overwrite,
+                evaluation=columns, extra_files=write_extra,
+            )
+        card = render_healed_card(base_model, report, evaluation=evaluation)
+
+        def write_merged(folder: Path) -> None:
+            merged.save_pretrained(folder)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+            write_extra(folder)
+            (folder / README_NAME).write_text(card)
+
+        return write_folder(output_dir, write_merged, overwrite=overwrite, model=merged)
+
+
+def heal_summary(report: Mapping[str, Any]) -> str:
+    """One line for people: loss and held-out perplexity before and after."""
+    loss, ppl = report["loss"], report["perplexity"]
+    return (
+        f"Healed {report['settings']['steps']} steps ({report['tokens']:,} tokens, "
+        f"{report['passes']:.2f} passes over {report['windows']} windows, {report['seconds']:.0f} s): loss "
+        f"{loss['first']:.3f} -> {loss['last']:.3f}   held-out perplexity "
+        f"{ppl['before']['perplexity']:.3f} -> {ppl['after']['perplexity']:.3f}"
+    )

@@ -1,0 +1,45 @@
+"""The workload of tests/test_distributed.py: run once as a plain single process and once under
+`accelerate launch --num_processes 2 --cpu`, whose plans must match. Several methods, so every
+reduced sum is exercised: CKA and GradNorm (all), the loss check's calibration NLL, the subset
+search's network GradNorm, a baseline observer, and the sequential (one block at a time) pass;
+then the CLI, which must write one report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from sglp_llm import SGLPConfig, analyze
+from sglp_llm.cli import main as cli_main
+from sglp_llm.distributed import is_main_process
+from tiny_models import tiny_batch, tiny_model
+
+# three batches: two processes get an uneven share (batches 0 and 2, and batch 1)
+SETTINGS = {
+    "sglp-loss": dict(scoring="loss", loss_batches=3),
+    "sglp-subset": dict(scoring="subset", subset_batches=3, max_candidates=3),
+    "block-influence": dict(method="block-influence"),
+    "sglp-sequential": dict(offload="sequential"),
+}
+
+
+def run(model_dir: Path, text_file: Path, out: Path) -> None:
+    model = tiny_model("llama", num_layers=6)
+    batches = [tiny_batch(batch_size=2, seq_len=16, seed=s) for s in range(3)]
+    plans = {}
+    for name, settings in SETTINGS.items():
+        config = SGLPConfig(drop=2, num_segments=2, cka_minibatch_tokens=8, **settings)
+        plan = analyze(model, batches, config, progress=False)
+        plans[name] = {k: getattr(plan, k) for k in ("cka", "scores", "dropped", "n_tokens", "n_batches", "extra")}
+    cli_main([
+        "analyze", "--model", str(model_dir), "--drop", "2", "--dataset", str(text_file), "--seq-len", "16",
+        "--n-samples", "6", "--batch-size", "2", "--cka-minibatch-tokens", "8", "--no-progress",
+        "--report", str(out / "report.json"),
+    ])
+    if is_main_process():
+        (out / "plans.json").write_text(json.dumps(plans))
+
+
+if __name__ == "__main__":
+    run(*(Path(arg) for arg in sys.argv[1:]))

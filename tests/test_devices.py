@@ -1,0 +1,167 @@
+"""Big-model settings on tiny models: device maps with blocks offloaded to disk, gradient
+checkpointing and half precision give the plain statistics, and overflow is caught by name."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sglp_llm import ConfigError, SGLPConfig, analyze
+from sglp_llm.api import collect_block_statistics
+from sglp_llm.blocks import find_decoder_blocks
+from sglp_llm.data import prepare_calibration
+from sglp_llm.devices import activation_checkpointing, parse_device_map, parse_max_memory
+from tiny_models import tiny_batch, tiny_model
+
+CONFIG = dict(cka_minibatch_tokens=16, seq_len=16, n_samples=8, batch_size=4)
+# some blocks in memory, others (and the embeddings and head) read from disk at every forward
+MIXED_MAP = {
+    "model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu",
+    "model.layers.3": "disk", "model.layers.4": "disk", "model.layers.5": "cpu", "model.norm": "cpu",
+    "model.rotary_emb": "cpu", "lm_head": "disk",
+}
+
+
+def _batches(n=2):
+    return [tiny_batch(batch_size=4, seq_len=16, seed=s) for s in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tiny_models import tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama-6")
+    tiny_model("llama", num_layers=6).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _statistics(model, config, batches):
+    blocks = find_decoder_blocks(model)
+    calibration = prepare_calibration(batches, None, config)
+    return collect_block_statistics(model, blocks, calibration, config, config.resolve_drop(len(blocks.layers)), progress=False)
+
+
+def test_device_map_and_max_memory_values_parse():
+    assert parse_device_map("auto") == "auto" and parse_device_map("cuda:1") == "cuda:1"
+    assert parse_device_map('{"model.layers.0": 0, "lm_head": "disk"}') == {"model.layers.0": 0, "lm_head": "disk"}
+    assert parse_max_memory("0=20GiB, 1=20GiB,cpu=60GiB") == {0: "20GiB", 1: "20GiB", "cpu": "60GiB"}
+    assert parse_max_memory('{"0": "20GiB", "cpu": 1000}') == {0: "20GiB", "cpu": 1000}
+    with pytest.raises(ConfigError, match="--device-map takes auto"):
+        parse_device_map("everywhere")
+    with pytest.raises(ConfigError, match="DEVICE=LIMIT pairs, e.g. --max-memory 0=20GiB"):
+        parse_max_memory("20GiB")
+    with pytest.raises(ConfigError, match="no file"):
+        parse_device_map("missing.json")
+
+
+@pytest.mark.filterwarnings("ignore:accelerate offloads weights of the network")  # the subset search's
+def test_blocks_offloaded_to_disk_give_the_plain_statistics_and_plan(model_dir, tmp_path):
+    """Offloaded weights are new Parameters at every forward: GradNorm must still see them."""
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        model_dir, device_map=MIXED_MAP, offload_folder=tmp_path / "offload", dtype=torch.float32
+    ).eval()
+    assert any(p.is_meta for p in find_decoder_blocks(offloaded).layers[1].parameters())
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for scoring in ("block", "subset"):
+        config = SGLPConfig(drop=2, num_segments=2, scoring=scoring, max_candidates=3, **CONFIG)
+        with pytest.warns(UserWarning, match="offloads weights of block 1, block 3, block 4: .*saves no memory for GradNorm.*--offload sequential"):
+            got = analyze(offloaded, _batches(), config, progress=False)
+        expected = analyze(plain, _batches(), config, progress=False)
+        torch.testing.assert_close(torch.tensor(got.cka), torch.tensor(expected.cka), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(torch.tensor(got.scores), torch.tensor(expected.scores), rtol=1e-5, atol=0)
+        assert all(s > 0 for s in got.scores) and got.dropped == expected.dropped
+        for segment, search in expected.extra.get("subset_search", {}).items():
+            assert got.extra["subset_search"][segment]["best_score"] == pytest.approx(search["best_score"], rel=1e-6)
+    assert all(p.grad is None for p in offloaded.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:accelerate offloads weights")
+def test_cli_passes_device_map_max_memory_and_offload_folder(model_dir, tmp_path, monkeypatch):
+    import sglp_llm.loading as loading
+    from sglp_llm.cli import main
+
+    seen = {}
+    real = loading.load_model
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs, loaded=real(*args, **kwargs))
+        return seen["loaded"]
+
+    monkeypatch.setattr(loading, "load_model", spy)
+    (tmp_path / "map.json").write_text(json.dumps(MIXED_MAP))
+    flags = ["analyze", "--model", str(model_dir), "--drop", "2", "--no-progress", "--seq-len", "16",
+             "--n-samples", "4", "--batch-size", "4", "--cka-minibatch-tokens", "16"]
+    assert main([*flags, "--report", str(tmp_path / "plain.json")]) == 0
+    assert main([*flags, "--device-map", str(tmp_path / "map.json"), "--offload-folder", str(tmp_path / "off"),
+                 "--max-memory", "cpu=1GiB", "--report", str(tmp_path / "offloaded.json")]) == 0
+    assert seen["device_map"] == MIXED_MAP and seen["max_memory"] == {"cpu": "1GiB"}
+    assert seen["offload_folder"] == str(tmp_path / "off")
+    assert seen["loaded"].model.hf_device_map["model.layers.1"] == "disk"
+    plain, offloaded = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "offloaded"))
+    assert offloaded["dropped"] == plain["dropped"]
+    assert offloaded["scores"] == pytest.approx(plain["scores"], rel=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_statistics_and_is_undone():
+    model = tiny_model("qwen3", num_layers=6)
+    layers = find_decoder_blocks(model).layers
+    calls, forward = [], layers[2].mlp.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    layers[2].mlp.forward = counted
+    config = SGLPConfig(drop=2, **CONFIG)
+    plain = _statistics(model, config, _batches())
+    assert len(calls) == 2
+    checkpointed = _statistics(model, config.replace(gradient_checkpointing=True), _batches())
+    assert len(calls) == 2 + 4, "each block must run again in the backward"
+    torch.testing.assert_close(checkpointed.cka, plain.cka, rtol=0, atol=0)
+    torch.testing.assert_close(checkpointed.scores, plain.scores, rtol=1e-6, atol=0)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert not model.training and not any(layer.training for layer in layers)
+    assert not getattr(model, "_require_grads_hooks", None)
+
+
+def test_gradient_checkpointing_keeps_a_model_that_had_it_on():
+    model = tiny_model("llama", num_layers=4)
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    with activation_checkpointing(model, find_decoder_blocks(model).layers):
+        pass
+    assert all(layer.gradient_checkpointing for layer in find_decoder_blocks(model).layers)
+
+
+def test_bfloat16_weights_give_finite_statistics_close_to_float32():
+    reference = tiny_model("llama", num_layers=6)
+    half = tiny_model("llama", num_layers=6).to(torch.bfloat16)
+    config = SGLPConfig(drop=2, **CONFIG)
+    expected, got = _statistics(reference, config, _batches()), _statistics(half, config, _batches())
+    assert got.cka.dtype == torch.float64 and got.scores.dtype == torch.float64
+    assert torch.isfinite(got.cka).all() and torch.isfinite(got.scores).all()
+    assert (got.cka - expected.cka).abs().max() < 0.02
+    torch.testing.assert_close(got.scores, expected.scores, rtol=0.05, atol=0)
+
+
+def test_nan_block_output_is_caught_naming_the_block():
+    model = tiny_model("llama", num_layers=6)
+    find_decoder_blocks(model).layers[3].register_forward_hook(lambda m, a, o: o * float("nan"))
+    with pytest.raises(FloatingPointError, match=r"Block 3 produced NaN .*--dtype bfloat16 or --dtype float32"):
+        analyze(model, _batches(), SGLPConfig(drop=2, **CONFIG), progress=False)
+
+
+def test_infinite_gradient_norm_is_caught_naming_the_block():
+    """The forward stays finite; only the gradient reaching block 4 from its output overflows."""
+    model = tiny_model("llama", num_layers=6)
+
+    def overflow_backward(module, args, output):
+        output.register_hook(lambda grad: grad * math.inf)
+
+    find_decoder_blocks(model).layers[4].mlp.register_forward_hook(overflow_backward)
+    with pytest.raises(FloatingPointError, match=r"^The gradient norm of block 4 is NaN or infinite on the calibration data, and so of the 4 blocks before it: .*--dtype bfloat16"):
+        analyze(model, _batches(), SGLPConfig(drop=2, **CONFIG), progress=False)

@@ -1,0 +1,76 @@
+"""Data-parallel calibration: two processes (gloo, CPU) launched with `accelerate launch` reach
+the single-process plan, and only the main process writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sglp_llm.distributed import all_reduce_state, is_main_process, shard, world_size
+from tiny_models import tiny_model, tiny_tokenizer
+
+HERE = Path(__file__).parent
+WORKLOAD = HERE / "data_parallel_run.py"
+
+
+def test_a_single_process_keeps_everything_and_reduces_nothing():
+    state = {"sums": torch.ones(3), "count": 4}
+    assert world_size() == 1 and is_main_process()
+    assert shard([1, 2, 3]) == [1, 2, 3]
+    assert all_reduce_state(state) is state
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="this torch build has no gloo backend to run two CPU processes")
+def test_two_processes_reach_the_single_process_plan(tmp_path):
+    model_dir, text_file = tmp_path / "model", tmp_path / "calib.txt"
+    tiny_model("llama", num_layers=6).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    text_file.write_text(" ".join(["the module returns a new object for each class and function"] * 100))
+    single, launched = tmp_path / "single", tmp_path / "launched"
+    single.mkdir(), launched.mkdir()
+    launch = [
+        "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+    ]
+    # one thread per process: the two share the machine's cores
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    for prefix, out in (([], single), (launch, launched)):
+        command = [sys.executable, *prefix, str(WORKLOAD), str(model_dir), str(text_file), str(out)]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # `done` is now the launched run
+
+    assert sorted(p.name for p in launched.iterdir()) == ["plans.json", "report.json"]
+    assert done.stdout.count("drop 2 blocks:") == 1, "only the main process prints the plan"
+    expected, got = (json.loads((d / "plans.json").read_text()) for d in (single, launched))
+    for name, plan in expected.items():
+        other = got[name]
+        torch.testing.assert_close(torch.tensor(other["cka"]), torch.tensor(plan["cka"]), rtol=1e-9, atol=1e-12)
+        scores = [torch.nan if s is None else s for s in plan["scores"]]
+        other_scores = [torch.nan if s is None else s for s in other["scores"]]
+        torch.testing.assert_close(torch.tensor(other_scores), torch.tensor(scores), rtol=1e-9, atol=0, equal_nan=True)
+        assert other["dropped"] == plan["dropped"], name
+        assert (other["n_tokens"], other["n_batches"]) == (plan["n_tokens"], plan["n_batches"]) == (96, 3)
+    steps = zip(got["sglp-loss"]["extra"]["loss_check"]["steps"], expected["sglp-loss"]["extra"]["loss_check"]["steps"])
+    for mine, theirs in steps:
+        assert mine["block"] == theirs["block"] and mine["loss"] == pytest.approx(theirs["loss"], rel=1e-12)
+    for segment, search in expected["sglp-subset"]["extra"]["subset_search"].items():
+        assert got["sglp-subset"]["extra"]["subset_search"][segment]["best_keep"] == search["best_keep"]
+        assert got["sglp-subset"]["extra"]["subset_search"][segment]["best_score"] == pytest.approx(search["best_score"], rel=1e-9)
+    reports = [json.loads((d / "report.json").read_text()) for d in (single, launched)]
+    assert reports[1]["dropped"] == reports[0]["dropped"] and reports[1]["n_batches"] == reports[0]["n_batches"] == 3
+    torch.testing.assert_close(torch.tensor(reports[1]["cka"]), torch.tensor(reports[0]["cka"]), rtol=1e-9, atol=1e-12)

@@ -1,0 +1,201 @@
+"""Sequential onloading: the same statistics and choices as the plain hooked pass, one block on the
+device at a time, blocks read from disk, the model left as it was, and clear refusals."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sglp_llm import ConfigError, SGLPConfig, analyze
+from sglp_llm.api import statistics_key
+from sglp_llm.blocks import find_decoder_blocks
+from sglp_llm.capture import capture_blocks
+from sglp_llm.cka import MinibatchCKA
+from sglp_llm.cli import build_parser, resolve_settings
+from sglp_llm.score import BlockGradNorms, causal_lm_loss, grad_only_for
+from sglp_llm.sequential import BLOCK_LOADER_ATTRIBUTE, MoveBlocks, load_with_blocks_on_disk, sequential_pass
+from tiny_models import tiny_batch, tiny_model
+
+# block scoring: the selection then runs no model, so every block run is the statistics pass's
+CONFIG = dict(drop=2, scoring="block", cka_minibatch_tokens=16, seq_len=16, n_samples=8, batch_size=4)
+L = 6
+
+
+def _batches():
+    """Right padding in the first batch, so the recorded attention masks matter."""
+    return [tiny_batch(batch_size=4, seq_len=16, seed=s, pad_last=p) for s, p in ((0, 5), (1, 0))]
+
+
+def _assert_same_plans(plain, sequential):
+    torch.testing.assert_close(torch.tensor(sequential.cka), torch.tensor(plain.cka), rtol=1e-4, atol=1e-6)
+    # angular distance has no score (None) where no run of n blocks starts
+    scores = [torch.tensor([0.0 if x is None else x for x in plan.scores]) for plan in (plain, sequential)]
+    torch.testing.assert_close(scores[1], scores[0], rtol=1e-4, atol=0)
+    assert sequential.dropped == plain.dropped and sequential.segments == plain.segments
+
+
+# llama; mistral and gemma3_text (sliding and full attention layers: a mask per layer type);
+# qwen2 (sliding window from a layer on); gemma2 (final logit softcapping); qwen2_moe (experts)
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3_text", "qwen2", "gemma2", "qwen2_moe"])
+def test_sglp_statistics_and_choice_match_the_plain_pass(family):
+    model = tiny_model(family, num_layers=L)
+    plain = analyze(model, _batches(), SGLPConfig(**CONFIG), progress=False)
+    sequential = analyze(model, _batches(), SGLPConfig(offload="sequential", **CONFIG), progress=False)
+    _assert_same_plans(plain, sequential)
+
+
+@pytest.mark.parametrize("method", ["block-influence", "angular"])
+def test_baseline_scores_match_the_plain_pass(method):
+    model = tiny_model("gemma3_text", num_layers=L)
+    config = SGLPConfig(method=method, **CONFIG)
+    plain = analyze(model, _batches(), config, progress=False)
+    sequential = analyze(model, _batches(), config.replace(offload="sequential"), progress=False)
+    _assert_same_plans(plain, sequential)
+
+
+def test_model_is_left_unchanged():
+    model = tiny_model("gemma2", num_layers=L)
+    model.model.embed_tokens.weight.requires_grad_(False)  # flags that differ must come back as they were
+    layers = find_decoder_blocks(model).layers
+    blocks, params = list(layers), list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    batch = tiny_batch()
+    with torch.no_grad():
+        before = model(**batch).logits
+    analyze(model, _batches(), SGLPConfig(offload="sequential", **CONFIG), progress=False)
+    assert list(layers) == blocks and list(model.parameters()) == params
+    assert [p.requires_grad for p in params] == flags
+    assert all(p.grad is None for p in params) and all(p.device.type == "cpu" for p in params)
+    assert not model.training
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=0)
+
+
+class TrackingLoader(MoveBlocks):
+    """Moves blocks like the default loader and records which are onloaded when a block runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.onloaded: set[int] = set()
+        self.most_at_once = 0
+        self.runs: list[tuple[int, set[int]]] = []
+
+    def onload(self, index, block, device):
+        super().onload(index, block, device)
+        self.onloaded.add(index)
+        self.most_at_once = max(self.most_at_once, len(self.onloaded))
+
+    def offload(self, index, block):
+        self.onloaded.remove(index)
+        super().offload(index, block)
+
+
+@pytest.mark.parametrize("method, passes", [("sglp", 2), ("block-influence", 1)])
+def test_one_block_at_a_time(method, passes):
+    model = tiny_model("mistral", num_layers=L)
+    loader = TrackingLoader()
+    setattr(model, BLOCK_LOADER_ATTRIBUTE, loader)
+    layers = find_decoder_blocks(model).layers
+    for index, block in enumerate(layers):
+        block.register_forward_pre_hook(
+            lambda module, args, index=index: loader.runs.append((index, set(loader.onloaded)))
+        )
+    analyze(model, _batches(), SGLPConfig(method=method, offload="sequential", **CONFIG), progress=False)
+    assert loader.most_at_once == 1 and not loader.onloaded
+    # every block runs once per batch and pass, each time the only block onloaded
+    assert all(onloaded == {index} for index, onloaded in loader.runs)
+    assert len(loader.runs) == passes * L * len(_batches())
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # gemma3_text ties lm_head to the embeddings
+def test_blocks_read_from_disk_give_the_same_plan(family, tmp_path):
+    model = tiny_model(family, num_layers=L)
+    model.save_pretrained(tmp_path)
+    lazy = load_with_blocks_on_disk(tmp_path)
+    block_params = list(find_decoder_blocks(lazy).layers.parameters())
+    assert all(p.is_meta for p in block_params)
+    if model.config.tie_word_embeddings:
+        assert lazy.lm_head.weight is lazy.get_input_embeddings().weight
+    plain = analyze(model, _batches(), SGLPConfig(**CONFIG), progress=False)
+    sequential = analyze(lazy, _batches(), SGLPConfig(offload="sequential", **CONFIG), progress=False)
+    _assert_same_plans(plain, sequential)
+    # every block went back to disk: the same (meta) parameters, no gradients
+    assert list(find_decoder_blocks(lazy).layers.parameters()) == block_params
+    assert all(p.is_meta and p.grad is None and p.requires_grad for p in block_params)
+    with pytest.raises(RuntimeError, match="blocks are on disk"):  # the loss check runs the network
+        analyze(lazy, _batches(), SGLPConfig(offload="sequential", **{**CONFIG, "scoring": "loss"}), progress=False)
+
+
+class TupleBlock(nn.Module):
+    """A block in the pre-v5 convention: hidden states in, a tuple (hidden states, ...) out."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.mix = nn.Linear(width, width)
+
+    def forward(self, hidden_states, mask=None):
+        return (hidden_states + torch.tanh(self.mix(hidden_states)) * mask, None)
+
+
+class TupleBlocksLM(nn.Module):
+    """The smallest causal LM whose blocks return tuples and take a keyword argument."""
+
+    def __init__(self, vocab: int = 96, width: int = 16, num_blocks: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, width)
+        self.layers = nn.ModuleList(TupleBlock(width) for _ in range(num_blocks))
+        self.head = nn.Linear(width, vocab)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def forward(self, input_ids, attention_mask, labels, use_cache):
+        hidden = self.embed(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, mask=attention_mask[..., None].float())[0]
+        logits = self.head(hidden)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return SimpleNamespace(loss=loss)
+
+
+def test_blocks_that_return_tuples():
+    model = TupleBlocksLM().eval()
+    batches = _batches()
+    plain_cka, plain_grads = MinibatchCKA(4, minibatch_tokens=16), BlockGradNorms.for_blocks(model.layers)
+    with capture_blocks(model.layers, plain_cka.on_block), grad_only_for(model, plain_grads.parameters()):
+        with plain_grads.hooks():
+            for batch in batches:
+                plain_cka.start_batch(batch["attention_mask"].bool())
+                loss = causal_lm_loss(model, batch)
+                plain_cka.finish_batch()
+                loss.backward()
+                plain_grads.end_batch()
+    cka, grads = MinibatchCKA(4, minibatch_tokens=16), BlockGradNorms.for_blocks(model.layers)
+    assert sequential_pass(model, model.layers, batches, [cka], grads, progress=False) == len(batches)
+    torch.testing.assert_close(cka.compute(), plain_cka.compute(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads.compute(), plain_grads.compute(), rtol=1e-4, atol=0)
+
+
+def test_refusals_and_settings():
+    with pytest.raises(ConfigError, match="offload"):
+        SGLPConfig(drop=1, offload="disk")
+    config = SGLPConfig(drop=1)
+    assert statistics_key(config, 1) != statistics_key(config.replace(offload="sequential"), 1)
+    args = build_parser().parse_args(["analyze", "--drop", "2", "--offload", "sequential"])
+    assert resolve_settings(args)[1].offload == "sequential"
+
+    with torch.device("meta"):
+        block = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="meta device"):
+        MoveBlocks().onload(0, block, torch.device("cpu"))
+
+
+def test_checkpoints_with_converted_weight_names_are_refused(tmp_path):
+    tiny_model("qwen2_moe", num_layers=2).save_pretrained(tmp_path)  # experts are fused on load
+    with pytest.raises(ValueError, match="converts them on load"):
+        load_with_blocks_on_disk(tmp_path)
