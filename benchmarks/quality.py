@@ -41,6 +41,9 @@ VARIANTS = {
     "sglp-loss-elbow": {**LOSS2, "auto_k": "elbow"},
     "sglp-loss-rows-elbow": {**LOSS2, "segment_feature": "rows", "auto_k": "elbow"},
     "sglp-loss-redundancy": {**LOSS2, "allocation": "redundancy"},
+    "sglp-loss-free": {"scoring": "loss", "loss_candidates": 4, "allocation": "loss"},
+    "sglp-loss-b4": {"scoring": "loss", "loss_candidates": 4, "loss_batches": 4},
+    "sglp-loss-free-b4": {"scoring": "loss", "loss_candidates": 4, "allocation": "loss", "loss_batches": 4},
     # the paper's search: forward+backward per candidate keep-set, the slowest SGLP variant
     "sglp-subset": {"scoring": "subset"},
 }

@@ -166,7 +166,10 @@ def collect_block_statistics(
     with eval_mode(model):
         if config.offload == "sequential":
             if todo:
-                sequential_pass(model, blocks.layers, [batches[i] for i in todo], observers, grads, progress=progress)
+                sequential_pass(
+                    model, blocks.layers, [batches[i] for i in todo], observers, grads,
+                    device=config.onload_device, progress=progress,
+                )
         else:
             with ExitStack() as stack:
                 stack.enter_context(capture_blocks(blocks.layers, feed))
@@ -260,16 +263,17 @@ def _subset_search(
 
 
 def _loss_check(
-    context: SelectionContext, segments: list[list[int]], drops: list[int]
+    context: SelectionContext, segments: list[list[int]], budgets: list[int]
 ) -> tuple[list[int], dict[str, Any]]:
     """Segment-restricted loss check: remove one block at a time; the candidates are the
-    `loss_candidates` lowest-GradNorm blocks of every segment that still has drops to give, and
+    `loss_candidates` lowest-GradNorm blocks of every segment that may still give up a block
+    (`budgets`: the allocated drops, or each segment's capacity with allocation="loss"), and
     the one whose removal leaves the lowest calibration NLL goes (ties: the shallower block).
     SLEB's criterion, but on a few GradNorm-chosen candidates per segment instead of every block.
     """
     config, scores = context.config, context.scores
     batches = context.batches[: config.loss_batches]
-    left = dict(enumerate(drops))
+    left = dict(enumerate(budgets))
     removed: list[int] = []
     steps: list[dict[str, Any]] = []
     with tqdm(total=context.n_drop, desc="SGLP loss check", disable=not context.progress) as bar:
@@ -307,9 +311,8 @@ def _sglp_selection(
     if config.allocation == "redundancy":
         cka = context.cka.numpy()
         weights = [len(s) * redundancy(cka, s) for s in segments]
-    drops = allocate_drops(
-        [len(s) for s in segments], n_drop, weights=weights, capacity=_capacities(segments, protected)
-    )
+    capacities = _capacities(segments, protected)
+    drops = allocate_drops([len(s) for s in segments], n_drop, weights=weights, capacity=capacities)
     timings["segmentation_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -317,7 +320,9 @@ def _sglp_selection(
     if config.scoring == "subset":
         dropped, extra["subset_search"] = _subset_search(context, segments, drops)
     elif config.scoring == "loss":
-        dropped, extra["loss_check"] = _loss_check(context, segments, drops)
+        budgets = capacities if config.allocation == "loss" else drops
+        dropped, extra["loss_check"] = _loss_check(context, segments, budgets)
+        drops = [sum(1 for b in dropped if b in s) for s in segments]
     else:
         dropped = choose_drops(segments, context.scores, drops, protected=protected)
     timings["selection_s"] = time.perf_counter() - t

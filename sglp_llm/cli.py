@@ -23,7 +23,9 @@ from .config import METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, Con
 from .data import FORTUNES, STDLIB_DOCS
 
 # recipe keys that describe the run rather than the SGLP settings
-RUN_KEYS = ("model", "dtype", "device_map", "max_memory", "offload_folder", "output", "trust_remote_code")
+RUN_KEYS = (
+    "model", "dtype", "device_map", "max_memory", "offload_folder", "blocks_on_disk", "output", "trust_remote_code",
+)
 # recipe sections: SGLPConfig settings, and heal.HealConfig settings (`prune --heal`, `heal`)
 SECTIONS = ("sglp", "heal")
 # the run keys that also apply to `heal`, whose model and output are its own arguments
@@ -42,6 +44,9 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
                                             ".json file; \"disk\" offloads to --offload-folder)")
     model.add_argument("--max-memory", help="memory per device for the device map, e.g. 0=20GiB,1=20GiB,cpu=60GiB (or JSON)")
     model.add_argument("--offload-folder", help="folder for the weights the device map offloads to disk")
+    model.add_argument("--blocks-on-disk", action="store_true", default=None,
+                       help="with --offload sequential: leave the decoder blocks of a local safetensors "
+                            "model on disk and read each when it runs, for models larger than memory")
     model.add_argument("--trust-remote-code", action="store_true", default=None,
                        help="allow the model repository's own Python code to run (off by default)")
     model.add_argument("--layers-path", help="dotted path to the decoder blocks' ModuleList, e.g. model.layers")
@@ -74,6 +79,8 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     method.add_argument("--cka-minibatch-tokens", type=int, help="tokens per CKA minibatch")
     method.add_argument("--offload", choices=OFFLOAD_MODES,
                         help="sequential: one decoder block on the device at a time (default: none)")
+    method.add_argument("--onload-device", help="with --offload sequential: where each block runs, e.g. cuda:0 "
+                                                "(default: the input embeddings' device)")
     method.add_argument("--max-candidates", type=int, help="cap on keep-sets scored per segment (subset search)")
     method.add_argument("--sleb-batches", type=int,
                         help="calibration batches each SLEB candidate is scored on (default: all)")
@@ -318,11 +325,33 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], SGLPConf
     return run, SGLPConfig.from_dict(sglp)
 
 
-def _load(run: dict[str, Any]):
+def _load(run: dict[str, Any], config: SGLPConfig | None = None):
+    """The model of the run settings; with `blocks_on_disk`, its blocks stay on disk for the
+    sequential pass of `config`."""
     from .devices import parse_device_map, parse_max_memory
     from .distributed import process_device
-    from .loading import load_model
+    from .loading import load_blocks_on_disk, load_model
 
+    if run.get("blocks_on_disk"):
+        if config is None or config.offload != "sequential":
+            raise ConfigError("--blocks-on-disk reads one block at a time, which needs --offload sequential.")
+        if config.method == "sleb" or (config.method == "sglp" and config.scoring != "block"):
+            raise ConfigError(
+                "With --blocks-on-disk only the statistics pass reads the blocks, one at a time; "
+                f"method {config.method!r} with scoring {config.scoring!r} runs the whole network. "
+                "Use --scoring block (or --method block-influence / angular)."
+            )
+        if run.get("device_map") is not None:
+            raise ConfigError(
+                "--blocks-on-disk and --device-map are two ways to place the weights; use one. Under "
+                "--offload sequential, --onload-device says where the blocks run."
+            )
+        loaded = load_blocks_on_disk(
+            run.get("model"), dtype=run.get("dtype", "auto"),
+            device=config.onload_device or "cpu", layers_path=config.layers_path,
+        )
+        print(loaded.note, file=sys.stderr)
+        return loaded
     device_map = parse_device_map(run.get("device_map"))
     if device_map is None and (own := process_device()) is not None:
         device_map = {"": str(own)}  # data parallel: a whole copy on each process's GPU
@@ -348,7 +377,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     from .distributed import is_main_process
 
     run, config = resolve_settings(args)
-    loaded = _load(run)
+    loaded = _load(run, config)
     if config.dataset is None:
         print("No --dataset given: calibrating on the built-in English text.", file=sys.stderr)
     progress = not args.no_progress and is_main_process()
@@ -379,10 +408,15 @@ def run_prune(args: argparse.Namespace) -> int:
     check_destination(output, overwrite=args.overwrite)
     if args.eval_dataset is not None:
         warn_if_not_held_out(config, args.eval_dataset, config_name=args.eval_dataset_config, split=args.eval_split)
-    loaded = _load(run)
+    evaluate = args.eval_dataset is not None or bool(args.eval_tasks)
+    if run.get("blocks_on_disk") and (evaluate or heal_config is not None):
+        raise ConfigError(
+            "With --blocks-on-disk the model is never whole in memory, so it cannot be evaluated or "
+            "healed here; prune first, then run `sglp-llm eval` / `sglp-llm heal` on the output."
+        )
+    loaded = _load(run, config)
     if config.dataset is None:
         print("No --dataset given: calibrating on the built-in English text.", file=sys.stderr)
-    evaluate = args.eval_dataset is not None or bool(args.eval_tasks)
     evaluation = {"dense": _evaluate_in_memory(loaded, args, "dense")} if evaluate else None
     progress = not args.no_progress and is_main_process()
     result = prune(loaded.model, None, config, tokenizer=loaded.tokenizer, progress=progress)

@@ -23,7 +23,7 @@ AUTO_K_RULES = ("reference", "elbow")
 CALIBRATION_FIELDS = (
     "dataset", "dataset_config", "dataset_split", "text_column", "seq_len", "n_samples", "batch_size", "seed",
 )
-ALLOCATIONS = ("size", "redundancy")
+ALLOCATIONS = ("size", "redundancy", "loss")
 SEGMENT_FEATURES = ("column_sum", "rows")
 CKA_DTYPES = ("float32", "float64")
 OFFLOAD_MODES = ("none", "sequential")
@@ -124,6 +124,9 @@ class SGLPConfig(SettingsFile):
     # "sequential": the same statistics with one decoder block on the device at a time, for
     # models larger than its memory (see sglp_llm.sequential)
     offload: str = "none"
+    # offload="sequential" only: where each block runs while it is onloaded (e.g. "cuda:0" for a
+    # model held in CPU memory); unset: the device of the input embeddings
+    onload_device: str | None = None
 
     # -- segmentation (see sglp_llm.segment); used by method="sglp" only
     num_segments: int | None = None
@@ -132,7 +135,10 @@ class SGLPConfig(SettingsFile):
     auto_k_threshold: float = 0.05
     auto_k: str = "reference"  # "reference" (the paper's 5 % rule) or "elbow" of the DP loss curve
     min_segment_size: int = 1
-    allocation: str = "size"  # drops per segment in proportion to "size" or "redundancy"
+    # drops per segment: in proportion to "size" or "redundancy", or "loss": the loss check
+    # (scoring="loss") takes each next block from whichever segment hurts least; every segment
+    # keeps at least one block
+    allocation: str = "size"
 
     # -- selection (see sglp_llm.score and sglp_llm.select); scoring, max_candidates,
     # subset_batches and the loss_* settings are used by method="sglp" only, protection by every
@@ -211,8 +217,29 @@ class SGLPConfig(SettingsFile):
                 raise ConfigError(f"`{name}` must be a positive integer or unset, got {value!r}.")
         if self.auto_k not in AUTO_K_RULES:
             raise ConfigError(f"`auto_k` must be one of {AUTO_K_RULES}, got {self.auto_k!r}.")
+        if self.onload_device is not None:
+            if self.offload != "sequential":
+                raise ConfigError(
+                    "`onload_device` says where blocks run under `offload: sequential`; set "
+                    f"offload to \"sequential\" or leave onload_device unset (got {self.onload_device!r})."
+                )
+            import torch
+
+            try:
+                torch.device(self.onload_device)
+            except (RuntimeError, TypeError) as error:
+                raise ConfigError(
+                    f"`onload_device` must name a torch device such as \"cuda:0\" or \"cpu\", got "
+                    f"{self.onload_device!r} ({error})."
+                ) from None
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"`allocation` must be one of {ALLOCATIONS}, got {self.allocation!r}.")
+        if self.allocation == "loss" and self.scoring != "loss":
+            raise ConfigError(
+                '`allocation: loss` lets the calibration-loss check decide how many blocks each '
+                f'segment gives up, so it needs `scoring: loss` (got scoring={self.scoring!r}); '
+                'or use allocation "size" or "redundancy".'
+            )
         if not isinstance(self.min_segment_size, int) or self.min_segment_size < 1:
             raise ConfigError(
                 f"`min_segment_size` must be a positive integer, got {self.min_segment_size!r}."

@@ -288,16 +288,51 @@ def load_model(
             "owner/name (e.g. HuggingFaceTB/SmolLM2-135M); check the path"
         )
 
+    _ensure_pad_token(tokenizer, name)
+    loaded.eval()
+    return LoadedModel(model=loaded, tokenizer=tokenizer, name=name, source=source, note=note)
+
+
+def load_blocks_on_disk(
+    model: str | os.PathLike | None,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    layers_path: str | None = None,
+) -> LoadedModel:
+    """A local safetensors checkpoint with everything but its decoder blocks on `device` and the
+    blocks left on disk, each read when it runs (`sequential.load_with_blocks_on_disk`): for
+    `offload: sequential` on models larger than memory. Pruned, it is written from the source
+    files (see `shards`)."""
+    from .sequential import load_with_blocks_on_disk
+
+    path = Path(str(model)).expanduser() if model is not None else None
+    if path is None or not path.is_dir():
+        raise ModelLoadError(
+            f"Reading blocks from disk needs a local model directory with safetensors weights, got "
+            f"{model!r}; download the model first (e.g. `hf download OWNER/NAME --local-dir DIR`) "
+            "and pass --model DIR"
+        )
+    _check_local_dir(path)
+    resolved = resolve_dtype(dtype)
+    loaded = load_with_blocks_on_disk(
+        path, dtype=None if resolved == "auto" else resolved, device=device, layers_path=layers_path
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    _ensure_pad_token(tokenizer, str(path))
+    note = f"The decoder blocks of {path} stay on disk; each is read when it runs"
+    return LoadedModel(model=loaded, tokenizer=tokenizer, name=str(path), source="local", note=note)
+
+
+def _ensure_pad_token(tokenizer: Any, name: str) -> None:
+    """Calibration batches are padded; the attention mask hides pad positions, so reusing EOS as
+    the pad token changes no result, it only lets batching work."""
     if tokenizer.pad_token is None:
-        # Calibration batches are padded; the attention mask hides pad positions, so reusing EOS
-        # as the pad token changes no result, it only lets batching work.
         if tokenizer.eos_token is None:
             raise ModelLoadError(
                 f"the tokenizer of {name} has neither a pad nor an EOS token; give it a pad token"
             )
         tokenizer.pad_token = tokenizer.eos_token
-    loaded.eval()
-    return LoadedModel(model=loaded, tokenizer=tokenizer, name=name, source=source, note=note)
 
 
 def load_pruned(path: str | os.PathLike, *, tokenizer: bool = True, **kwargs: Any) -> Any:

@@ -20,6 +20,7 @@ from sglp_llm.config import SGLPConfig
 from sglp_llm.heatmap import HEATMAP_NAME, plot_cka_heatmap
 from sglp_llm.modelcard import render_model_card
 from sglp_llm.plan import REPORT_NAME, PruningPlan
+from sglp_llm.shards import save_model
 
 README_NAME = "README.md"
 
@@ -56,7 +57,7 @@ def save_pruned(
         plan.extra["evaluation"] = dict(evaluation)
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder)
+        save_model(model, folder, plan.kept)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         plan.save(folder / REPORT_NAME)

@@ -62,7 +62,7 @@ class MoveBlocks:
         block.to(self._home.pop(index))
 
 
-def _weight_files(directory: Path) -> dict[str, Path]:
+def weight_files(directory: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file of a checkpoint (single file or sharded with an index)."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -80,7 +80,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def _read(files: dict[str, Path], names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+def read_tensors(files: dict[str, Path], names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     tensors: dict[str, torch.Tensor] = {}
@@ -111,14 +111,14 @@ class SafetensorsBlocks:
     """
 
     def __init__(self, directory: str | Path, layers_path: str) -> None:
-        self.files = _weight_files(Path(directory))
+        self.files = weight_files(Path(directory))
         self.layers_path = layers_path
         self._skeleton: dict[int, dict[str, torch.Tensor]] = {}
 
     def onload(self, index: int, block: nn.Module, device: torch.device) -> None:
         prefix = f"{self.layers_path}.{index}."
         names = [name for name in self.files if name.startswith(prefix)]
-        loaded = _read(self.files, names, device)
+        loaded = read_tensors(self.files, names, device)
         self._skeleton[index] = {
             name[len(prefix):]: _swap_tensor(block, name[len(prefix):], tensor) for name, tensor in loaded.items()
         }
@@ -180,7 +180,7 @@ def load_with_blocks_on_disk(
             "offload=\"sequential\" with blocks moved from CPU memory instead."
         )
     rest = [name for name in loader.files if not name.startswith(blocks.path + ".")]
-    for name, tensor in _read(loader.files, rest, torch.device(device)).items():
+    for name, tensor in read_tensors(loader.files, rest, torch.device(device)).items():
         _swap_tensor(model, name, tensor)
     model.tie_weights()
     blocks_prefix = blocks.path + "."

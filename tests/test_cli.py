@@ -232,3 +232,46 @@ def test_prune_warns_when_evaluating_on_the_calibration_text(model_dir, text_fil
             "--output", str(tmp_path / "out"), "--eval-dataset", str(text_file), *FAST]
     with pytest.warns(UserWarning, match="is the calibration text"):
         assert main(argv) == 0
+
+
+def test_prune_with_blocks_on_disk_equals_the_in_memory_prune(model_dir, text_file, tmp_path, capsys):
+    flags = ["--model", str(model_dir), "--drop", "2", "--dataset", str(text_file), "--scoring", "block", *FAST]
+    before = _digest(model_dir)
+    assert main(["prune", *flags, "--output", str(tmp_path / "memory")]) == 0
+    assert main(["prune", *flags, "--offload", "sequential", "--blocks-on-disk", "--onload-device", "cpu",
+                 "--output", str(tmp_path / "disk")]) == 0
+    assert "stay on disk" in capsys.readouterr().err
+    assert _digest(model_dir) == before
+    reports = [json.loads((tmp_path / name / "sglp_report.json").read_text()) for name in ("memory", "disk")]
+    assert reports[1]["dropped"] == reports[0]["dropped"]
+    assert reports[1]["config"]["onload_device"] == "cpu"
+    models = [AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("memory", "disk")]
+    assert models[0].state_dict().keys() == models[1].state_dict().keys()
+    assert all(torch.equal(v, models[1].state_dict()[k]) for k, v in models[0].state_dict().items())
+    assert (tmp_path / "disk" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--scoring", "block"], "needs --offload sequential"),
+        (["--offload", "sequential"], "Use --scoring block"),
+        (["--offload", "sequential", "--method", "sleb"], "Use --scoring block"),
+        (["--offload", "sequential", "--scoring", "block", "--device-map", "cpu"], "use one"),
+        (["--offload", "sequential", "--scoring", "block", "--eval-dataset", "stdlib-docs"], "cannot be evaluated or healed"),
+        (["--onload-device", "cuda:0"], "offload to \"sequential\""),
+    ],
+)
+def test_blocks_on_disk_refusals(model_dir, text_file, tmp_path, flags, message, capsys):
+    argv = ["prune", "--model", str(model_dir), "--drop", "2", "--dataset", str(text_file), "--blocks-on-disk",
+            "--output", str(tmp_path / "out"), *flags, *FAST]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_blocks_on_disk_needs_a_local_folder(text_file, tmp_path, capsys):
+    argv = ["analyze", "--model", "owner/model", "--drop", "2", "--blocks-on-disk", "--offload", "sequential",
+            "--scoring", "block", "--dataset", str(text_file), *FAST]
+    assert main(argv) == 2
+    assert "hf download" in capsys.readouterr().err

@@ -57,7 +57,9 @@ def test_recipe_is_valid_and_fits_the_model(path):
     assert 0 < config.resolve_drop(layers) < layers
     if data["model"] is not None:  # the big models: the ~20-25 % cut their comments cite
         assert 0.2 <= config.resolve_drop(layers) / layers <= 0.25
-        assert data["dtype"] == "bfloat16" and data["device_map"] == "auto"
+        assert data["dtype"] == "bfloat16"
+        # spread over the GPUs, or (models larger than one GPU) blocks read from disk one at a time
+        assert data.get("device_map") == "auto" or (data.get("blocks_on_disk") and config.offload == "sequential")
     assert data["dtype"] in DTYPES
 
 
