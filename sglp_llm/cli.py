@@ -471,6 +471,7 @@ def run_heal(args: argparse.Namespace) -> int:
     from .plan import REPORT_NAME, PruningPlan
     from .save import check_destination
 
+    _single_process("heal")
     config = resolve_heal_settings(args)
     recipe = _recipe(args.recipe)
     run = {k: recipe[k] for k in HEAL_RUN_KEYS if k in recipe}
@@ -548,11 +549,24 @@ def _numbers(text: str, kind: type, flag: str, example: str) -> list:
         ) from None
 
 
+def _single_process(command: str) -> None:
+    """`eval` and `heal` have no data-parallel mode: under `accelerate launch` every process would
+    repeat the work and write the same files."""
+    from .distributed import world_size
+
+    if world_size() > 1:
+        raise ConfigError(
+            f"`sglp-llm {command}` runs in one process; start it without `accelerate launch` (use "
+            "--device-map auto to spread a large model over several GPUs)."
+        )
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import card_metrics, evaluate_model
     from .plan import REPORT_NAME
     from .save import record_evaluation, saved_report
 
+    _single_process("eval")
     tasks = _names(args.tasks)
     if args.update_card:
         saved_report(args.model)  # fail before the evaluation, not after
@@ -594,6 +608,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     from .compare import COMPARE_JSON, COMPARE_MD, COMPARE_PNG, compare, default_eval_source, parse_variant
+    from .distributed import is_main_process
     from .save import check_destination
 
     run, sglp = _merge_settings(args)
@@ -611,6 +626,11 @@ def run_compare(args: argparse.Namespace) -> int:
     names = [name for name, _ in variants]
     if len(set(names)) < len(names):
         raise ConfigError(f"Each --variant needs its own name; got {names}.")
+    if run.get("blocks_on_disk"):
+        raise ConfigError(
+            "compare evaluates every pruned model, which needs the model whole in memory; drop "
+            "--blocks-on-disk (or blocks_on_disk in the recipe)."
+        )
     loaded = _load(run)
     if config.dataset is None:
         print("No --dataset given: calibrating on the built-in English text.", file=sys.stderr)
@@ -633,8 +653,10 @@ def run_compare(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         model_name=loaded.name,
-        progress=not args.no_progress,
+        progress=not args.no_progress and is_main_process(),
     )
+    if not is_main_process():  # data parallel: the analyses are shared; one process writes
+        return 0
     result.save(output)
     print(result.table("perplexity"))
     print(f"Comparison written to {output}: {COMPARE_JSON}, {COMPARE_MD}, {COMPARE_PNG}")

@@ -237,6 +237,7 @@ def test_cli_compare_writes_the_three_files(model_dir, held_out, tmp_path, capsy
          "Each --variant needs its own name; got ['a', 'a']."),
         (["--drops", "1", "--output", "OUT", "--variant", "a"], "Variant 'a' is not of the form"),
         (["--drops", "1", "--output", "FULL"], "already exists and is not empty"),
+        (["--drops", "1", "--output", "OUT", "--offload", "sequential", "--blocks-on-disk"], "needs the model whole"),
     ],
 )
 def test_cli_compare_errors(model_dir, tmp_path, capsys, argv, message):
@@ -295,3 +296,11 @@ def test_intermediate_saves_keep_resumed_runs_not_reached_yet(run, tokenizer, he
         on_result=lambda c: saved.append(c.runs), **SPEED,
     )
     assert all(last_run in runs for runs in saved)
+
+
+def test_cli_compare_writes_from_the_main_process_only(model_dir, held_out, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sglp_llm.distributed.is_main_process", lambda: False)
+    argv = ["compare", "--model", str(model_dir), "--drops", "1", "--methods", "last", "--eval-dataset",
+            str(held_out), "--eval-max-texts", "2", "--output", str(tmp_path / "cmp"), *CLI_FAST]
+    assert main(argv) == 0
+    assert not (tmp_path / "cmp").exists() and "Comparison written" not in capsys.readouterr().out
