@@ -32,7 +32,9 @@ METHODS = ("block-influence", "angular", "last", "random", "sglp", "sleb")
 # The paper's literal choice (the default until this benchmark picked the loss check); every
 # variant names all the settings it changes from the current defaults.
 PAPER = {"scoring": "block", "segment_feature": "column_sum", "auto_k": "reference", "allocation": "size"}
-LOSS2 = {"scoring": "loss", "loss_candidates": 2}
+# the loss check as first measured: every candidate measured at every step
+LOSS_FULL = {"scoring": "loss", "loss_lazy": False}
+LOSS2 = {**LOSS_FULL, "loss_candidates": 2}
 VARIANTS = {
     "sglp-paper": PAPER,
     "sglp-rows": {**PAPER, "segment_feature": "rows"},
@@ -41,9 +43,14 @@ VARIANTS = {
     "sglp-loss-elbow": {**LOSS2, "auto_k": "elbow"},
     "sglp-loss-rows-elbow": {**LOSS2, "segment_feature": "rows", "auto_k": "elbow"},
     "sglp-loss-redundancy": {**LOSS2, "allocation": "redundancy"},
-    "sglp-loss-free": {"scoring": "loss", "loss_candidates": 4, "allocation": "loss"},
-    "sglp-loss-b4": {"scoring": "loss", "loss_candidates": 4, "loss_batches": 4},
-    "sglp-loss-free-b4": {"scoring": "loss", "loss_candidates": 4, "allocation": "loss", "loss_batches": 4},
+    # the default until the loss-allocation runs: 4 candidates per segment, drops by size
+    "sglp-loss-c4": {**LOSS_FULL, "loss_candidates": 4, "allocation": "size"},
+    "sglp-loss-b4": {**LOSS_FULL, "loss_candidates": 4, "allocation": "size", "loss_batches": 4},
+    "sglp-loss-free": {**LOSS_FULL, "loss_candidates": 4, "allocation": "loss"},
+    "sglp-loss-free-b4": {**LOSS_FULL, "loss_candidates": 4, "allocation": "loss", "loss_batches": 4},
+    "sglp-lazy-free": {"scoring": "loss", "loss_lazy": True, "loss_candidates": 4, "allocation": "loss"},
+    "sglp-lazy-free-c8": {"scoring": "loss", "loss_lazy": True, "loss_candidates": 8, "allocation": "loss"},
+    "sglp-lazy-free-c8-b2": {"scoring": "loss", "loss_lazy": True, "loss_candidates": 8, "allocation": "loss", "loss_batches": 2},
     # the paper's search: forward+backward per candidate keep-set, the slowest SGLP variant
     "sglp-subset": {"scoring": "subset"},
 }

@@ -270,12 +270,18 @@ def _loss_check(
     (`budgets`: the allocated drops, or each segment's capacity with allocation="loss"), and
     the one whose removal leaves the lowest calibration NLL goes (ties: the shallower block).
     SLEB's criterion, but on a few GradNorm-chosen candidates per segment instead of every block.
-    """
+
+    With `loss_lazy`, a candidate's loss measured at an earlier step stands in as a lower bound
+    (removing more blocks rarely lowers the loss): only the candidate with the lowest bound is
+    measured again, until the lowest is a fresh measurement. That is the full search's choice
+    whenever the loss grows with the removed set, at a few forward passes per step instead of
+    one per candidate."""
     config, scores = context.config, context.scores
     batches = context.batches[: config.loss_batches]
     left = dict(enumerate(budgets))
     removed: list[int] = []
     steps: list[dict[str, Any]] = []
+    bound: dict[int, float] = {}  # block -> its loss when last measured
     with tqdm(total=context.n_drop, desc="SGLP loss check", disable=not context.progress) as bar:
         for _ in range(context.n_drop):
             candidates = [
@@ -287,14 +293,24 @@ def _loss_check(
                     key=lambda i: (scores[i], i),
                 )[: config.loss_candidates]
             ]
-            losses = {
-                block: calibration_nll(context.model, batches, removed + [block], config.layers_path)
-                for block in candidates
-            }
-            best = min(candidates, key=lambda b: (losses[b], b))
+            fresh: set[int] = set()
+
+            def measure(block: int) -> None:
+                bound[block] = calibration_nll(context.model, batches, removed + [block], config.layers_path)
+                fresh.add(block)
+
+            if not config.loss_lazy:
+                for block in candidates:
+                    measure(block)
+            while True:
+                # unmeasured candidates first: no bound yet
+                best = min(candidates, key=lambda b: (b in bound, bound.get(b, 0.0), b))
+                if best in fresh:
+                    break
+                measure(best)
             removed.append(best)
             left[next(i for i, s in enumerate(segments) if best in s)] -= 1
-            steps.append({"block": best, "loss": losses[best], "candidates": len(candidates)})
+            steps.append({"block": best, "loss": bound[best], "candidates": len(candidates), "measured": len(fresh)})
             bar.update()
     return sorted(removed), {"steps": steps}
 

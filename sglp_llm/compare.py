@@ -233,6 +233,9 @@ def compare(
         }
 
     done = {(r["method"], r["drop"]): r for r in resume.runs} if resume is not None else {}
+    # a resumed comparison keeps the descriptions of the runs earlier invocations made
+    earlier_calibration = resume.calibration if resume is not None else {}
+    earlier_variants = resume.variants if resume is not None else {}
     bar = tqdm(total=len(runs) + 1, desc="Compare", disable=not progress)
     bar.set_postfix_str("dense")
     dense = resume.dense if resume is not None and resume.dense else measure()
@@ -246,14 +249,14 @@ def compare(
             model=model_name or getattr(model, "name_or_path", None) or "model",
             num_blocks=num_blocks,
             drops=counts,
-            calibration={name: _calibration_source(cfg, calibrations) for name, cfg in contenders.items()},
+            calibration={**earlier_calibration, **{name: _calibration_source(cfg, calibrations) for name, cfg in contenders.items()}},
             evaluation={"source": eval_description, "n_texts": len(texts), "n_tokens": dense["n_tokens"]},
             speed={"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
                    "device": str(input_device(model))},
             dense=dense,
             # runs of `resume` not reached yet stay in every intermediate save
             runs=results + [r for key, r in done.items() if key not in {(x["method"], x["drop"]) for x in results}],
-            variants={name: dict(overrides) for name, overrides in (variants or {}).items()},
+            variants={**earlier_variants, **{name: dict(overrides) for name, overrides in (variants or {}).items()}},
         )
 
     for name, cfg in runs:

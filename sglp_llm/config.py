@@ -149,6 +149,8 @@ class SGLPConfig(SettingsFile):
     subset_batches: int = 1
     loss_candidates: int = 4
     loss_batches: int = 1
+    # re-measure only the most promising candidate's loss at each step (see api._loss_check)
+    loss_lazy: bool = True
     # method="sleb" only: every candidate is scored on the first sleb_batches calibration batches
     # (unset: all of them, as in the paper); SLEB costs about drop × blocks × sleb_batches forwards
     sleb_batches: int | None = None
@@ -250,8 +252,9 @@ class SGLPConfig(SettingsFile):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"`{name}` must be a non-negative integer, got {value!r}.")
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ConfigError(f"`gradient_checkpointing` must be true or false, got {self.gradient_checkpointing!r}.")
+        for name in ("gradient_checkpointing", "loss_lazy"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"`{name}` must be true or false, got {getattr(self, name)!r}.")
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
             raise ConfigError(f"`checkpoint_dir` must be a directory path as a string, or unset; got {self.checkpoint_dir!r}.")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:

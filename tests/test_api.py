@@ -136,14 +136,17 @@ def test_a_non_finite_calibration_loss_is_refused():
         analyze(model, _batches(), SGLPConfig(drop=1, **CONFIG), progress=False)
 
 
-def test_loss_check_removes_the_best_gradnorm_candidate_by_calibration_loss():
+@pytest.mark.parametrize("allocation", ["size", "loss"])
+def test_loss_check_removes_the_best_gradnorm_candidate_by_calibration_loss(allocation):
     """Brute force: at each step, among the `loss_candidates` lowest-GradNorm blocks of each
-    segment with drops left, the removal with the lowest calibration loss goes."""
+    segment with drops left (allocated by size, or any segment keeping one block with
+    allocation="loss"), the removal with the lowest calibration loss goes."""
     from sglp_llm.rewrite import skip_blocks
 
     model = tiny_model("llama", num_layers=10)
     batches = _batches()
-    config = SGLPConfig(drop=3, num_segments=3, scoring="loss", loss_candidates=2, loss_batches=2, **CONFIG)
+    config = SGLPConfig(drop=3, num_segments=3, scoring="loss", loss_candidates=2, loss_batches=2,
+                        loss_lazy=False, allocation=allocation, **CONFIG)
     plan = analyze(model, batches, config, progress=False)
 
     def loss(skipped):
@@ -155,7 +158,10 @@ def test_loss_check_removes_the_best_gradnorm_candidate_by_calibration_loss():
                 count += n
         return total / count
 
-    left = {i: len(s) - k for i, (s, k) in enumerate(zip(plan.segments, plan.keep_per_segment))}
+    if allocation == "size":
+        left = {i: len(s) - k for i, (s, k) in enumerate(zip(plan.segments, plan.keep_per_segment))}
+    else:
+        left = {i: min(len(s) - 1, sum(b not in (0, 9) for b in s)) for i, s in enumerate(plan.segments)}
     removed = []
     for step in plan.extra["loss_check"]["steps"]:
         candidates = []
@@ -169,8 +175,44 @@ def test_loss_check_removes_the_best_gradnorm_candidate_by_calibration_loss():
         removed.append(best)
         left[next(i for i, s in enumerate(plan.segments) if best in s)] -= 1
     assert sorted(removed) == plan.dropped and len(removed) == 3
+    assert [len(s) - k for s, k in zip(plan.segments, plan.keep_per_segment)] == [
+        sum(b in s for b in removed) for s in plan.segments
+    ]
 
 
+def _synthetic_losses(monkeypatch, loss):
+    """calibration_nll replaced by `loss(removed blocks)`; returns the list of measured sets."""
+    measured = []
+
+    def fake(model, batches, skipped, layers_path=None):
+        measured.append(sorted(skipped))
+        return loss(sorted(skipped))
+
+    monkeypatch.setattr("sglp_llm.api.calibration_nll", fake)
+    return measured
+
+
+def test_lazy_loss_check_makes_the_full_choice_with_fewer_measurements(monkeypatch):
+    """A loss that grows with the removed set (each block's cost, plus interactions between
+    neighbours): the lazy search must pick what the full search picks, measuring less."""
+    cost = {1: 5.0, 2: 1.0, 3: 1.2, 4: 3.0, 5: 1.1, 6: 0.9, 7: 4.0, 8: 1.3}
+
+    def loss(removed):
+        return sum(cost[b] for b in removed) + sum(2.0 for b in removed if b + 1 in removed)
+
+    model = tiny_model("llama", num_layers=10)
+    settings = dict(drop=4, num_segments=1, scoring="loss", loss_candidates=8, allocation="loss", **CONFIG)
+    plans, counts = {}, {}
+    for lazy in (False, True):
+        measured = _synthetic_losses(monkeypatch, loss)
+        plans[lazy] = analyze(model, _batches(), SGLPConfig(loss_lazy=lazy, **settings), progress=False)
+        counts[lazy] = len(measured)
+    # greedy by hand: 6 (0.9), 2 (1.0), 8 (1.3; 3 costs 1.2 + 2 next to 2), then 4 (3.0; 3 and 5
+    # cost 3.2 and 3.1 next to removed neighbours)
+    assert plans[True].dropped == plans[False].dropped == [2, 4, 6, 8]
+    assert counts[False] == 8 + 7 + 6 + 5
+    assert counts[True] < counts[False]
+    assert [s["measured"] for s in plans[True].extra["loss_check"]["steps"]][0] == 8
 def test_redundancy_allocation_matches_a_hand_worked_example(monkeypatch):
     """Segments [0-3] (mean CKA 0.9) and [4-9] (mean CKA 0.3), drop 4, nothing protected:
     weights 4*0.9 = 3.6 and 6*0.3 = 1.8 -> quotas 4*3.6/5.4 = 2.67 and 1.33 -> 3 and 1

@@ -304,3 +304,15 @@ def test_cli_compare_writes_from_the_main_process_only(model_dir, held_out, tmp_
             str(held_out), "--eval-max-texts", "2", "--output", str(tmp_path / "cmp"), *CLI_FAST]
     assert main(argv) == 0
     assert not (tmp_path / "cmp").exists() and "Comparison written" not in capsys.readouterr().out
+
+
+def test_resuming_with_other_variants_keeps_the_earlier_descriptions(run, tokenizer, held_out):
+    _, _, full, _ = run
+    assert "sglp-rows" in full.variants and "sglp-rows" in full.calibration
+    resumed = compare(
+        tiny_model("llama", num_layers=8), tokenizer, CONFIG, drops=[3, 1], methods=["last"],
+        variants={"k1": {"num_segments": 1}}, eval_source=str(held_out), progress=False, resume=full, **SPEED,
+    )
+    assert resumed.variants == {**full.variants, "k1": {"num_segments": 1}}
+    assert set(resumed.calibration) == set(full.calibration) | {"k1"}
+    assert {r["method"] for r in resumed.runs} >= {r["method"] for r in full.runs} | {"k1"}
