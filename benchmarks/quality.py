@@ -33,7 +33,7 @@ METHODS = ("block-influence", "angular", "last", "random", "sglp", "sleb")
 # variant names all the settings it changes from the current defaults.
 PAPER = {"scoring": "block", "segment_feature": "column_sum", "auto_k": "reference", "allocation": "size"}
 # the loss check as first measured: every candidate measured at every step
-LOSS_FULL = {"scoring": "loss", "loss_lazy": False}
+LOSS_FULL = {"scoring": "loss", "loss_lazy": False, "allocation": "size"}
 LOSS2 = {**LOSS_FULL, "loss_candidates": 2}
 VARIANTS = {
     "sglp-paper": PAPER,
@@ -51,6 +51,7 @@ VARIANTS = {
     "sglp-lazy-free": {"scoring": "loss", "loss_lazy": True, "loss_candidates": 4, "allocation": "loss"},
     "sglp-lazy-free-c8": {"scoring": "loss", "loss_lazy": True, "loss_candidates": 8, "allocation": "loss"},
     "sglp-lazy-free-c8-b2": {"scoring": "loss", "loss_lazy": True, "loss_candidates": 8, "allocation": "loss", "loss_batches": 2},
+    "sglp-lazy-free-c8-b4": {"scoring": "loss", "loss_lazy": True, "loss_candidates": 8, "allocation": "loss", "loss_batches": 4},
     # the paper's search: forward+backward per candidate keep-set, the slowest SGLP variant
     "sglp-subset": {"scoring": "subset"},
 }

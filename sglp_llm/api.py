@@ -324,7 +324,7 @@ def _sglp_selection(
     segmentation = _segment(context.cka, config, n_drop, protected)
     segments = segmentation.segments
     weights = None
-    if config.allocation == "redundancy":
+    if config.drop_allocation == "redundancy":
         cka = context.cka.numpy()
         weights = [len(s) * redundancy(cka, s) for s in segments]
     capacities = _capacities(segments, protected)
@@ -336,7 +336,7 @@ def _sglp_selection(
     if config.scoring == "subset":
         dropped, extra["subset_search"] = _subset_search(context, segments, drops)
     elif config.scoring == "loss":
-        budgets = capacities if config.allocation == "loss" else drops
+        budgets = capacities if config.drop_allocation == "loss" else drops
         dropped, extra["loss_check"] = _loss_check(context, segments, budgets)
         drops = [sum(1 for b in dropped if b in s) for s in segments]
     else:

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from .config import METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, ConfigError, SGLPConfig
+from .config import ALLOCATIONS, METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, ConfigError, SGLPConfig
 from .data import FORTUNES, STDLIB_DOCS
 
 # recipe keys that describe the run rather than the SGLP settings
@@ -81,6 +81,10 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                         help="sequential: one decoder block on the device at a time (default: none)")
     method.add_argument("--onload-device", help="with --offload sequential: where each block runs, e.g. cuda:0 "
                                                 "(default: the input embeddings' device)")
+    method.add_argument("--allocation", choices=ALLOCATIONS,
+                        help="drops per segment: by the loss check (auto with --scoring loss), size or redundancy")
+    method.add_argument("--loss-candidates", type=int, help="lowest-GradNorm blocks per segment the loss check tries")
+    method.add_argument("--loss-batches", type=int, help="calibration batches each loss-check candidate is scored on")
     method.add_argument("--max-candidates", type=int, help="cap on keep-sets scored per segment (subset search)")
     method.add_argument("--sleb-batches", type=int,
                         help="calibration batches each SLEB candidate is scored on (default: all)")

@@ -23,7 +23,7 @@ AUTO_K_RULES = ("reference", "elbow")
 CALIBRATION_FIELDS = (
     "dataset", "dataset_config", "dataset_split", "text_column", "seq_len", "n_samples", "batch_size", "seed",
 )
-ALLOCATIONS = ("size", "redundancy", "loss")
+ALLOCATIONS = ("auto", "size", "redundancy", "loss")
 SEGMENT_FEATURES = ("column_sum", "rows")
 CKA_DTYPES = ("float32", "float64")
 OFFLOAD_MODES = ("none", "sequential")
@@ -137,8 +137,8 @@ class SGLPConfig(SettingsFile):
     min_segment_size: int = 1
     # drops per segment: in proportion to "size" or "redundancy", or "loss": the loss check
     # (scoring="loss") takes each next block from whichever segment hurts least; every segment
-    # keeps at least one block
-    allocation: str = "size"
+    # keeps at least one block. "auto": "loss" under scoring="loss", else "size"
+    allocation: str = "auto"
 
     # -- selection (see sglp_llm.score and sglp_llm.select); scoring, max_candidates,
     # subset_batches and the loss_* settings are used by method="sglp" only, protection by every
@@ -147,7 +147,7 @@ class SGLPConfig(SettingsFile):
     scoring: str = "loss"  # measured default: benchmarks/results/quality.md
     max_candidates: int = 64
     subset_batches: int = 1
-    loss_candidates: int = 4
+    loss_candidates: int = 8
     loss_batches: int = 1
     # re-measure only the most promising candidate's loss at each step (see api._loss_check)
     loss_lazy: bool = True
@@ -174,6 +174,13 @@ class SGLPConfig(SettingsFile):
         self.validate()
 
     # ------------------------------------------------------------------ validation
+    @property
+    def drop_allocation(self) -> str:
+        """The allocation rule in force: "auto" resolved for the scoring mode."""
+        if self.allocation != "auto":
+            return self.allocation
+        return "loss" if self.scoring == "loss" else "size"
+
     def validate(self) -> None:
         if (self.drop is None) == (self.ratio is None):
             raise ConfigError(

@@ -284,3 +284,12 @@ def test_single_process_commands_refuse_accelerate_launch(model_dir, tmp_path, m
     assert main(argv) == 2
     assert f"`sglp-llm {command}` runs in one process" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_loss_check_flags_reach_the_config():
+    from sglp_llm.cli import build_parser, resolve_settings
+
+    args = build_parser().parse_args(["analyze", "--drop", "2", "--allocation", "size", "--loss-candidates", "3",
+                                      "--loss-batches", "2", "--offload", "sequential", "--onload-device", "cpu"])
+    _, config = resolve_settings(args)
+    assert (config.allocation, config.loss_candidates, config.loss_batches, config.onload_device) == ("size", 3, 2, "cpu")

@@ -78,3 +78,11 @@ def test_replace_switches_between_drop_and_ratio():
     config = SGLPConfig(ratio=0.2)
     assert config.replace(drop=4) == SGLPConfig(drop=4)
     assert config.replace(drop=4).replace(ratio=0.5) == SGLPConfig(ratio=0.5)
+
+
+def test_automatic_allocation_follows_the_scoring_mode():
+    assert SGLPConfig(drop=1).drop_allocation == "loss"
+    assert SGLPConfig(drop=1, scoring="block").drop_allocation == "size"
+    assert SGLPConfig(drop=1, scoring="block", allocation="redundancy").drop_allocation == "redundancy"
+    with pytest.raises(ConfigError, match="needs `scoring: loss`"):
+        SGLPConfig(drop=1, scoring="block", allocation="loss")
