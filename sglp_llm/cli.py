@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         prune, "evaluation of the dense and the pruned model (in memory; into the report and card)",
         "perplexity on this held-out text (same kinds as --dataset), before and after pruning",
     ).add_argument("--eval-tasks", help="comma-separated lm-eval tasks to run before and after pruning")
+    prune.add_argument("--eval-speed", action="store_true",
+                       help="also time greedy generation (prefill and decode tokens/s, median of 5) and count "
+                            "parameters, before and after pruning, into the report and card")
     healing = prune.add_argument_group("healing: LoRA after pruning (settings also from the recipe's `heal:` section)")
     healing.add_argument("--heal", action="store_true",
                          help="fine-tune the pruned model with LoRA (pip install 'sglp-llm[heal]') and save it merged")
@@ -412,7 +415,7 @@ def run_prune(args: argparse.Namespace) -> int:
     check_destination(output, overwrite=args.overwrite)
     if args.eval_dataset is not None:
         warn_if_not_held_out(config, args.eval_dataset, config_name=args.eval_dataset_config, split=args.eval_split)
-    evaluate = args.eval_dataset is not None or bool(args.eval_tasks)
+    evaluate = args.eval_dataset is not None or bool(args.eval_tasks) or args.eval_speed
     if run.get("blocks_on_disk") and (evaluate or heal_config is not None):
         raise ConfigError(
             "With --blocks-on-disk the model is never whole in memory, so it cannot be evaluated or "
@@ -510,22 +513,39 @@ def run_heal(args: argparse.Namespace) -> int:
 
 def _evaluate_in_memory(loaded, args: argparse.Namespace, label: str) -> dict[str, Any]:
     """`prune --eval-*`: evaluate the model as it is now; one column of the card's table."""
-    from .evaluate import card_metrics, evaluate_model
+    from .api import count_parameters
+    from .blocks import text_config
+    from .evaluate import card_metrics, evaluate_model, generation_speed
 
-    results = evaluate_model(
-        loaded.model,
-        loaded.tokenizer,
-        perplexity_source=args.eval_dataset,
-        with_perplexity=args.eval_dataset is not None,
-        tasks=_names(args.eval_tasks),
-        progress=not args.no_progress,
-        text_column=args.eval_text_column,
-        split=args.eval_split,
-        config_name=args.eval_dataset_config,
-        max_texts=args.eval_max_texts,
-    )
-    _print_results(results, f"{label} model: ")
-    return card_metrics(results)
+    results = {}
+    if args.eval_dataset is not None or args.eval_tasks:
+        results = evaluate_model(
+            loaded.model,
+            loaded.tokenizer,
+            perplexity_source=args.eval_dataset,
+            with_perplexity=args.eval_dataset is not None,
+            tasks=_names(args.eval_tasks),
+            progress=not args.no_progress,
+            text_column=args.eval_text_column,
+            split=args.eval_split,
+            config_name=args.eval_dataset_config,
+            max_texts=args.eval_max_texts,
+        )
+        _print_results(results, f"{label} model: ")
+    metrics = card_metrics(results)
+    if args.eval_speed:
+        max_positions = getattr(text_config(loaded.model), "max_position_embeddings", None) or 160
+        prompt = max(1, min(128, max_positions - 32))  # 128 prompt tokens where the model allows
+        speed = generation_speed(loaded.model, prompt_tokens=prompt, new_tokens=32)
+        metrics.update(
+            speed_text=f"greedy generate, batch 1, {prompt} prompt + 32 new tokens, median of 5 runs",
+            parameters=count_parameters(loaded.model),
+            prefill_tokens_per_s=speed["prefill_tokens_per_s"],
+            decode_tokens_per_s=speed["decode_tokens_per_s"],
+        )
+        print(f"{label} model: {metrics['parameters']:,} parameters   prefill {speed['prefill_tokens_per_s']:.1f} "
+              f"tokens/s   decode {speed['decode_tokens_per_s']:.1f} tokens/s")
+    return metrics
 
 
 def _print_results(results: dict[str, Any], prefix: str = "") -> None:

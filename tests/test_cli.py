@@ -293,3 +293,20 @@ def test_loss_check_flags_reach_the_config():
                                       "--loss-batches", "2", "--offload", "sequential", "--onload-device", "cpu"])
     _, config = resolve_settings(args)
     assert (config.allocation, config.loss_candidates, config.loss_batches, config.onload_device) == ("size", 3, 2, "cpu")
+
+
+def test_prune_eval_speed_reports_parameters_and_throughput_before_and_after(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(model_dir), "--drop", "2", "--dataset", str(text_file), "--output", str(out),
+                 "--eval-speed", *FAST]) == 0
+    evaluation = json.loads((out / "sglp_report.json").read_text())["extra"]["evaluation"]
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    original = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert evaluation["dense"]["parameters"] == sum(p.numel() for p in original.parameters())
+    assert evaluation["pruned"]["parameters"] == sum(p.numel() for p in saved.parameters())
+    assert evaluation["pruned"]["parameters"] < evaluation["dense"]["parameters"]
+    for column in ("dense", "pruned"):
+        assert evaluation[column]["prefill_tokens_per_s"] > 0 and evaluation[column]["decode_tokens_per_s"] > 0
+    card = (out / "README.md").read_text()
+    assert "| decode_tokens_per_s |" in card and f"| parameters | {evaluation['dense']['parameters']} |" in card
+    assert "tokens/s" in capsys.readouterr().out
