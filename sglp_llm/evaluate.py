@@ -205,6 +205,8 @@ def perplexity_on_source(
     texts, description = load_eval_texts(
         source, text_column=text_column, split=split, config_name=config_name, max_texts=max_texts
     )
+    if max_texts is not None:  # the report and card say what was scored, not only where from
+        description = f"{description}; scored its first {len(texts)} texts"
     return {**perplexity(model, tokenizer, texts, **kwargs), "source": description}
 
 

@@ -143,6 +143,9 @@ def test_perplexity_on_source_reads_data_like_calibration(model, tmp_path, token
     assert "eval.jsonl" in result["source"]
     assert {k: default[k] for k in direct} == direct  # the default is the shipped held-out text
     assert default["source"].startswith("built-in evaluation text: 36 English paragraphs")
+    assert result["source"].endswith("; scored its first 2 texts")  # what the card's row says
+    assert "scored its first" not in perplexity_on_source(model, tokenizer, str(path), text_column="body",
+                                                          progress=False)["source"]
 
 
 @pytest.mark.parametrize(
