@@ -48,11 +48,8 @@ VARIANTS = {
     "sglp-loss-c4": {**LOSS_FULL, "loss_candidates": 4, "allocation": "size"},
     "sglp-loss-b4": {**LOSS_FULL, "loss_candidates": 4, "allocation": "size", "loss_batches": 4},
     "sglp-loss-free": {**LOSS_FULL, "loss_candidates": 4, "allocation": "loss"},
-    "sglp-loss-free-b4": {**LOSS_FULL, "loss_candidates": 4, "allocation": "loss", "loss_batches": 4},
     "sglp-loss-elbow-auto": {"auto_k": "elbow"},
     "sglp-lazy-free": {"scoring": "loss", "loss_lazy": True, "loss_candidates": 4, "allocation": "loss"},
-    "sglp-lazy-free-c8-b2": {"scoring": "loss", "loss_lazy": True, "loss_candidates": 8, "allocation": "loss", "loss_batches": 2},
-    "sglp-lazy-free-c8-b4": {"scoring": "loss", "loss_lazy": True, "loss_candidates": 8, "allocation": "loss", "loss_batches": 4},
     # the paper's search: forward+backward per candidate keep-set, the slowest SGLP variant
     "sglp-subset": {"scoring": "subset"},
 }
