@@ -48,8 +48,11 @@ def main() -> None:
     folder = Path(tempfile.gettempdir()) / "sglp-llm-benchmarks"  # a stable path: runs resume
     folder.mkdir(exist_ok=True)
     sources = {"docs": STDLIB_DOCS, "reference": str(language_reference(folder))}
+    # the selection settings spelled out, so the cells keep their meaning if the defaults change
+    selection = {"scoring": "loss", "allocation": "loss", "loss_candidates": 8, "loss_lazy": True,
+                 "loss_batches": 1, "auto_k": "reference"}
     variants = {
-        f"sglp-{name}-{n}x{SEQ_LEN}": {"dataset": source, "n_samples": n}
+        f"sglp-{name}-{n}x{SEQ_LEN}": {**selection, "dataset": source, "n_samples": n}
         for name, source in sources.items() for n in BUDGETS
     }
     base = SGLPConfig(drop=1, dataset=STDLIB_DOCS, seq_len=SEQ_LEN, n_samples=16, batch_size=4, seed=0)

@@ -133,7 +133,7 @@ class SGLPConfig(SettingsFile):
     max_segments: int | None = None
     segment_feature: str = "column_sum"
     auto_k_threshold: float = 0.05
-    auto_k: str = "reference"  # "reference" (the paper's 5 % rule) or "elbow" of the DP loss curve
+    auto_k: str = "elbow"  # "elbow" of the DP loss curve (measured default) or "reference" (the paper's 5 % rule)
     min_segment_size: int = 1
     # drops per segment: in proportion to "size" or "redundancy", or "loss": the loss check
     # (scoring="loss") takes each next block from whichever segment hurts least; every segment

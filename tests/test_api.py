@@ -53,7 +53,7 @@ def test_plan_respects_drop_count_protection_and_segments():
 
 def test_automatic_k_is_lowered_until_the_drop_fits():
     model = tiny_model("llama", num_layers=8)
-    plan = analyze(model, _batches(), SGLPConfig(drop=5, auto_k_threshold=0.0, **CONFIG), progress=False)
+    plan = analyze(model, _batches(), SGLPConfig(drop=5, auto_k="reference", auto_k_threshold=0.0, **CONFIG), progress=False)
     import numpy as np
 
     from sglp_llm.segment import segment_blocks
