@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .blocks import find_decoder_blocks
 from .capture import BlockObserver, block_input, block_output
@@ -64,11 +65,11 @@ class MoveBlocks:
 
 def weight_files(directory: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file of a checkpoint (single file or sharded with an index)."""
-    index = directory / "model.safetensors.index.json"
+    index = directory / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return {name: directory / file for name, file in weight_map.items()}
-    single = directory / "model.safetensors"
+    single = directory / SAFE_WEIGHTS_NAME
     if not single.is_file():
         raise FileNotFoundError(
             f"No safetensors checkpoint in {str(directory)!r} (model.safetensors or "

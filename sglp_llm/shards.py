@@ -17,10 +17,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME as INDEX_NAME
+from transformers.utils import SAFE_WEIGHTS_NAME as WEIGHTS_NAME
+
 from .sequential import BLOCK_LOADER_ATTRIBUTE, SafetensorsBlocks, read_tensors
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 2**30
 
 
@@ -41,8 +42,8 @@ def renamed_tensors(
     return renamed
 
 
-def _shapes(files: dict[str, Path], names: Sequence[str]) -> dict[str, tuple[list[int], torch.dtype]]:
-    """Each tensor's shape and dtype, read from the safetensors headers (no tensor is loaded)."""
+def _shapes(files: dict[str, Path], names: Sequence[str]) -> dict[str, list[int]]:
+    """Each tensor's shape, read from the safetensors headers (no tensor is loaded)."""
     from safetensors import safe_open
 
     found = {}
@@ -84,7 +85,7 @@ def write_pruned_weights(
 
     renamed = renamed_tensors(list(files), layers_path, kept)
     targets = dict(model.state_dict(keep_vars=True))
-    missing = sorted(set(targets) - set(renamed.values()) - _tied_names(model))
+    missing = sorted(set(targets) - set(renamed.values()) - _tied_names(targets))
     if missing:
         raise ValueError(
             f"The source checkpoint has no tensors for {missing[:3]} of the pruned model, so its "
@@ -99,8 +100,7 @@ def write_pruned_weights(
     shards: list[list[str]] = [[]]
     size = 0
     for source in renamed:
-        element = torch.empty((), dtype=dtype(source) or torch.float32).element_size()
-        nbytes = element * math.prod(shapes[source])
+        nbytes = (dtype(source) or torch.float32).itemsize * math.prod(shapes[source])
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -121,7 +121,6 @@ def write_pruned_weights(
             total += tensor.numel() * tensor.element_size()
         save_file(tensors, folder / file_name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file_name))
-        del tensors
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
@@ -129,12 +128,12 @@ def write_pruned_weights(
     return [folder / WEIGHTS_NAME]
 
 
-def _tied_names(model: nn.Module) -> set[str]:
+def _tied_names(state: dict[str, torch.Tensor]) -> set[str]:
     """State-dict names that share their tensor with an earlier name (tied embeddings): the source
     checkpoint may store them once."""
     seen: dict[int, str] = {}
     tied = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in state.items():
         if id(tensor) in seen:
             tied.add(name)
         seen.setdefault(id(tensor), name)
