@@ -51,6 +51,9 @@ VARIANTS = {
     # the default with the paper's 5 % rule instead of the elbow
     "sglp-reference": {"auto_k": "reference"},
     "sglp-lazy-free": {"scoring": "loss", "loss_lazy": True, "loss_candidates": 4, "allocation": "loss", "auto_k": "reference"},
+    # the loss check tries every block of a segment (no GradNorm shortlist, no backward)
+    "sglp-all": {"loss_candidates": "all"},
+    "sglp-all-reference": {"loss_candidates": "all", "auto_k": "reference"},
     # the paper's search: forward+backward per candidate keep-set, the slowest SGLP variant
     "sglp-subset": {"scoring": "subset"},
 }

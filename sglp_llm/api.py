@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .baselines import BASELINES, SelectionContext, calibration_nll
+from .baselines import BASELINES, SelectionContext
 from .blocks import DecoderBlocks, find_decoder_blocks, text_config
 from .capture import BlockObserver, capture_blocks
 from .checkpoint import StatisticsCheckpoint, fingerprint
@@ -31,6 +31,7 @@ from .data import CalibrationSet, prepare_calibration
 from .devices import activation_checkpointing
 from .distributed import all_reduce_state, is_main_process, rank, world_size
 from .plan import PruningPlan
+from .removal import RemovalLoss
 from .rewrite import SGLP_CONFIG_KEY, remove_blocks, skip_blocks
 from .score import BlockGradNorms, causal_lm_loss, check_finite, grad_only_for, network_gradnorm
 from .segment import redundancy, segment_blocks
@@ -51,7 +52,7 @@ def statistics_key(config: SGLPConfig, n_drop: int) -> tuple:
     """Two analyses with equal keys measure the same statistics, so one pass can serve both
     (e.g. every SGLP variant and drop count in a comparison): the calibration and CKA settings,
     and which score the pass collects (angular distance depends on the run length)."""
-    score = "gradnorm" if config.method == "sglp" else config.method
+    score = config.method if config.method != "sglp" else "gradnorm" if config.uses_gradnorm else "cka"
     run_length = n_drop if config.method == "angular" else None
     fields = (
         *CALIBRATION_FIELDS, "cka_minibatch_tokens", "cka_max_tokens_per_batch", "cka_dtype", "offload", "layers_path",
@@ -115,7 +116,8 @@ def collect_block_statistics(
     progress: bool = True,
 ) -> BlockStatistics:
     """CKA between all block outputs and the method's block scores, from one pass over the
-    batches; the backward (GradNorm) runs only for SGLP, the baselines run under no_grad.
+    batches; the backward (GradNorm) runs only for SGLP (not for a loss check of every block), the
+    baselines run under no_grad.
 
     Under data parallelism (sglp_llm.distributed) each process runs its share of the batches and
     the sums are reduced; with `config.checkpoint_dir` the sums are saved as the pass goes and a
@@ -136,7 +138,7 @@ def collect_block_statistics(
         if baseline is not None and baseline.observer is not None
         else None
     )
-    grads = BlockGradNorms.for_blocks(blocks.layers) if baseline is None else None
+    grads = BlockGradNorms.for_blocks(blocks.layers) if config.uses_gradnorm else None
     accumulators = {"cka": cka, "score": score, "grads": grads}
     accumulators = {name: a for name, a in accumulators.items() if a is not None}
     batches = calibration.batches
@@ -269,7 +271,9 @@ def _loss_check(
     `loss_candidates` lowest-GradNorm blocks of every segment that may still give up a block
     (`budgets`: the allocated drops, or each segment's capacity with allocation="loss"), and
     the one whose removal leaves the lowest calibration NLL goes (ties: the shallower block).
-    SLEB's criterion, but on a few GradNorm-chosen candidates per segment instead of every block.
+    SLEB's criterion, but on a few GradNorm-chosen candidates per segment instead of every block
+    (or on every block of the segments that may still give one, with loss_candidates="all"), and
+    a candidate costs only the blocks after it (sglp_llm.removal.RemovalLoss).
 
     With `loss_lazy`, a candidate's loss measured at an earlier step stands in as a lower bound
     (removing more blocks rarely lowers the loss): only the candidate with the lowest bound is
@@ -277,9 +281,8 @@ def _loss_check(
     whenever the loss grows with the removed set, at a few forward passes per step instead of
     one per candidate."""
     config, scores = context.config, context.scores
-    batches = context.batches[: config.loss_batches]
+    removal = RemovalLoss(context.model, context.batches[: config.loss_batches], config.layers_path)
     left = dict(enumerate(budgets))
-    removed: list[int] = []
     steps: list[dict[str, Any]] = []
     bound: dict[int, float] = {}  # block -> its loss when last measured
     with tqdm(total=context.n_drop, desc="SGLP loss check", disable=not context.progress) as bar:
@@ -288,15 +291,12 @@ def _loss_check(
                 block
                 for index, segment in enumerate(segments)
                 if left[index] > 0
-                for block in sorted(
-                    (i for i in segment if i not in context.protected and i not in removed),
-                    key=lambda i: (scores[i], i),
-                )[: config.loss_candidates]
+                for block in _shortlist(segment, scores, context.protected | set(removal.removed), config.loss_candidates)
             ]
             fresh: set[int] = set()
 
             def measure(block: int) -> None:
-                bound[block] = calibration_nll(context.model, batches, removed + [block], config.layers_path)
+                bound[block] = removal.measure(block)
                 fresh.add(block)
 
             if not config.loss_lazy:
@@ -308,11 +308,22 @@ def _loss_check(
                 if best in fresh:
                     break
                 measure(best)
-            removed.append(best)
+            if not steps:
+                first = dict(bound)
+            removal.remove(best)
             left[next(i for i, s in enumerate(segments) if best in s)] -= 1
             steps.append({"block": best, "loss": bound[best], "candidates": len(candidates), "measured": len(fresh)})
             bar.update()
-    return sorted(removed), {"steps": steps}
+    # each block's loss when removed alone (None: not measured at the first step)
+    removal_losses = [first.get(i) for i in range(len(scores))]
+    return sorted(removal.removed), {"steps": steps, "removal_losses": removal_losses}
+
+
+def _shortlist(segment: list[int], scores: list[float], excluded: set[int], size: int | str) -> list[int]:
+    """The loss check's candidates in a segment: its `size` lowest-GradNorm blocks that may still
+    go, or all of them (in order) with size "all"."""
+    free = [i for i in segment if i not in excluded]
+    return free if size == "all" else sorted(free, key=lambda i: (scores[i], i))[:size]
 
 
 def _sglp_selection(
@@ -406,6 +417,9 @@ def analyze(
         if baseline is None:
             segments, drops, dropped, losses = _sglp_selection(context, timings, extra)
             scores, score_kind = context.scores, "gradnorm"
+            if not config.uses_gradnorm:  # the loss check measured every candidate at its first step
+                losses_alone = extra["loss_check"]["removal_losses"]
+                scores, score_kind = [math.nan if x is None else x for x in losses_alone], "removal_loss"
         else:
             t = time.perf_counter()
             selection = baseline.choose(context)

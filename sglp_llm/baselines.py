@@ -21,7 +21,7 @@ import math
 import time
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +30,7 @@ from tqdm.auto import tqdm
 
 from .capture import BlockObserver
 from .config import SGLPConfig
-from .distributed import all_reduce_state, shard
-from .rewrite import skip_blocks
-from .score import causal_lm_loss, check_finite
+from .removal import calibration_nll
 from .select import choose_drops
 
 
@@ -203,31 +201,6 @@ def _last(scores: list[float], n_drop: int, protected: set[int], seed: int) -> l
 
 def _random(scores: list[float], n_drop: int, protected: set[int], seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(_unprotected(len(scores), protected), n_drop))
-
-
-@torch.no_grad()
-def calibration_nll(
-    model: nn.Module,
-    batches: Sequence[dict[str, torch.Tensor]],
-    skipped: Sequence[int],
-    layers_path: str | None = None,
-) -> float:
-    """Mean next-token NLL per predicted (non-padding) token over `batches`, with the `skipped`
-    blocks removed: each batch's mean loss weighted by its number of predicted tokens.
-
-    Under data parallelism each process runs its share of `batches` and the (loss × count,
-    count) sums are reduced, so every process gets the same value and makes the same choice."""
-    total, n_tokens = 0.0, 0
-    with skip_blocks(model, skipped, layers_path=layers_path):
-        for batch in shard(batches):
-            loss = check_finite(
-                causal_lm_loss(model, batch), f"The calibration loss without blocks {sorted(skipped)}"
-            )
-            count = int(batch["attention_mask"][:, 1:].sum())  # the first token is never a target
-            total += loss.item() * count
-            n_tokens += count
-    sums = all_reduce_state({"total": total, "n_tokens": n_tokens})
-    return sums["total"] / sums["n_tokens"]
 
 
 def _sleb(context: SelectionContext) -> Selection:

@@ -83,7 +83,8 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                                                 "(default: the input embeddings' device)")
     method.add_argument("--allocation", choices=ALLOCATIONS,
                         help="drops per segment: by the loss check (auto with --scoring loss), size or redundancy")
-    method.add_argument("--loss-candidates", type=int, help="lowest-GradNorm blocks per segment the loss check tries")
+    method.add_argument("--loss-candidates", type=_count_or_all,
+                        help="lowest-GradNorm blocks per segment the loss check tries; 'all': every block, no GradNorm")
     method.add_argument("--loss-batches", type=int, help="calibration batches each loss-check candidate is scored on")
     method.add_argument("--max-candidates", type=int, help="cap on keep-sets scored per segment (subset search)")
     method.add_argument("--sleb-batches", type=int,
@@ -91,6 +92,15 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     method.add_argument("--protect-first", type=int, help="never drop the first N blocks (default: 1)")
     method.add_argument("--protect-last", type=int, help="never drop the last N blocks (default: 1)")
     return method
+
+
+def _count_or_all(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:

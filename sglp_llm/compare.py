@@ -279,6 +279,7 @@ def compare(
             "drop": cfg.drop,
             "dropped": plan.dropped,
             "analysis_s": plan.timings["total_s"],
+            "timings": plan.timings,  # where the analysis time went (statistics pass, selection)
             **measured,
         })
         bar.update()

@@ -143,11 +143,12 @@ class SGLPConfig(SettingsFile):
     # -- selection (see sglp_llm.score and sglp_llm.select); scoring, max_candidates,
     # subset_batches and the loss_* settings are used by method="sglp" only, protection by every
     # method. scoring="loss": removals are chosen one at a time by calibration loss among the
-    # loss_candidates lowest-GradNorm blocks of each segment that still has drops to give.
+    # loss_candidates lowest-GradNorm blocks of each segment that still has drops to give ("all":
+    # every block of the segment, and no GradNorm is computed).
     scoring: str = "loss"  # measured default: benchmarks/results/quality.md
     max_candidates: int = 64
     subset_batches: int = 1
-    loss_candidates: int = 8
+    loss_candidates: int | str = 8
     loss_batches: int = 1
     # re-measure only the most promising candidate's loss at each step (see api._loss_check)
     loss_lazy: bool = True
@@ -181,6 +182,12 @@ class SGLPConfig(SettingsFile):
             return self.allocation
         return "loss" if self.scoring == "loss" else "size"
 
+    @property
+    def uses_gradnorm(self) -> bool:
+        """Whether the analysis needs GradNorm (a backward per calibration batch): SGLP does,
+        except a loss check that tries every block of a segment."""
+        return self.method == "sglp" and not (self.scoring == "loss" and self.loss_candidates == "all")
+
     def validate(self) -> None:
         if (self.drop is None) == (self.ratio is None):
             raise ConfigError(
@@ -194,8 +201,7 @@ class SGLPConfig(SettingsFile):
         if self.method not in METHODS:
             raise ConfigError(f"`method` must be one of {METHODS}, got {self.method!r}.")
         for name in (
-            "seq_len", "n_samples", "batch_size", "max_candidates", "subset_batches",
-            "loss_candidates", "loss_batches",
+            "seq_len", "n_samples", "batch_size", "max_candidates", "subset_batches", "loss_batches",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -220,6 +226,11 @@ class SGLPConfig(SettingsFile):
             )
         if self.scoring not in SCORING_MODES:
             raise ConfigError(f"`scoring` must be one of {SCORING_MODES}, got {self.scoring!r}.")
+        if self.loss_candidates != "all" and (not isinstance(self.loss_candidates, int) or self.loss_candidates < 1):
+            raise ConfigError(
+                "`loss_candidates` must be a positive integer (the lowest-GradNorm blocks of a segment "
+                f"the loss check tries) or \"all\", got {self.loss_candidates!r}."
+            )
         for name in ("num_segments", "max_segments", "sleb_batches"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

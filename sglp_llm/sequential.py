@@ -227,12 +227,13 @@ class _Stub(nn.Module):
 
 
 @contextmanager
-def _stubbed(layers: nn.ModuleList, on_call: Callable[[int, tuple, dict], Any]) -> Iterator[None]:
-    """Replace every block by a stub calling `on_call(index, args, kwargs)`; always restored."""
+def stubbed_blocks(layers: nn.ModuleList, on_call: Callable[[int, nn.Module, tuple, dict], Any]) -> Iterator[None]:
+    """Replace every block by a stub calling `on_call(index, block, args, kwargs)` (the block
+    may be called from there, or not); always restored."""
     originals = list(layers)
     try:
         for index, block in enumerate(originals):
-            layers[index] = _Stub(block, lambda args, kwargs, index=index: on_call(index, args, kwargs))
+            layers[index] = _Stub(block, lambda args, kwargs, index=index, block=block: on_call(index, block, args, kwargs))
         yield
     finally:
         for index, block in enumerate(originals):
@@ -282,13 +283,13 @@ def _record_calls(
     """The first block's hidden-state input (the embedding output) and every block's call."""
     calls: list[tuple[int, tuple, dict]] = []
 
-    def record(index: int, args: tuple, kwargs: dict) -> torch.Tensor:
+    def record(index: int, block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         calls.append((index, args, kwargs))
         if index == len(layers) - 1:
             raise _StopForward
         return block_input(args, kwargs)
 
-    with torch.no_grad(), _stubbed(layers, record):
+    with torch.no_grad(), stubbed_blocks(layers, record):
         try:
             causal_lm_loss(model, batch)
         except _StopForward:
@@ -315,14 +316,14 @@ def _final_hidden_gradient(
     lm_head, logit softcapping, loss): the last stub returns the stored final hidden state."""
     leaf: list[torch.Tensor] = []
 
-    def pass_through(index: int, args: tuple, kwargs: dict) -> Any:
+    def pass_through(index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
         hidden = block_input(args, kwargs)
         if index == len(layers) - 1:
             hidden = final.to(hidden.device).requires_grad_()
             leaf.append(hidden)
         return (hidden,) if returns_tuple else hidden
 
-    with _stubbed(layers, pass_through):
+    with stubbed_blocks(layers, pass_through):
         loss = check_finite(causal_lm_loss(model, batch))
     loss.backward()
     return leaf[0].grad.detach().cpu()

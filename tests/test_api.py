@@ -136,16 +136,16 @@ def test_a_non_finite_calibration_loss_is_refused():
         analyze(model, _batches(), SGLPConfig(drop=1, **CONFIG), progress=False)
 
 
-@pytest.mark.parametrize("allocation", ["size", "loss"])
-def test_loss_check_removes_the_best_gradnorm_candidate_by_calibration_loss(allocation):
-    """Brute force: at each step, among the `loss_candidates` lowest-GradNorm blocks of each
-    segment with drops left (allocated by size, or any segment keeping one block with
-    allocation="loss"), the removal with the lowest calibration loss goes."""
+@pytest.mark.parametrize("allocation,candidates", [("size", 2), ("loss", 2), ("loss", "all")])
+def test_loss_check_removes_the_best_gradnorm_candidate_by_calibration_loss(allocation, candidates):
+    """Brute force: at each step, among the `loss_candidates` lowest-GradNorm blocks (or all
+    blocks) of each segment with drops left (allocated by size, or any segment keeping one block
+    with allocation="loss"), the removal with the lowest calibration loss goes."""
     from sglp_llm.rewrite import skip_blocks
 
     model = tiny_model("llama", num_layers=10)
     batches = _batches()
-    config = SGLPConfig(drop=3, num_segments=3, scoring="loss", loss_candidates=2, loss_batches=2,
+    config = SGLPConfig(drop=3, num_segments=3, scoring="loss", loss_candidates=candidates, loss_batches=2,
                         loss_lazy=False, allocation=allocation, **CONFIG)
     plan = analyze(model, batches, config, progress=False)
 
@@ -162,33 +162,40 @@ def test_loss_check_removes_the_best_gradnorm_candidate_by_calibration_loss(allo
         left = {i: len(s) - k for i, (s, k) in enumerate(zip(plan.segments, plan.keep_per_segment))}
     else:
         left = {i: min(len(s) - 1, sum(b not in (0, 9) for b in s)) for i, s in enumerate(plan.segments)}
-    removed = []
+    first_left, removed = dict(left), []
     for step in plan.extra["loss_check"]["steps"]:
         candidates = []
         for i, seg in enumerate(plan.segments):
             if left[i]:
                 free = [b for b in seg if b not in (0, 9) and b not in removed]
-                candidates += sorted(free, key=lambda b: (plan.scores[b], b))[:2]
+                candidates += free if config.loss_candidates == "all" else sorted(free, key=lambda b: (plan.scores[b], b))[:2]
         assert step["candidates"] == len(candidates)
         best = min(candidates, key=lambda b: (loss(removed + [b]), b))
         assert step["block"] == best and step["loss"] == pytest.approx(loss(removed + [best]), rel=1e-6)
         removed.append(best)
         left[next(i for i, s in enumerate(plan.segments) if best in s)] -= 1
     assert sorted(removed) == plan.dropped and len(removed) == 3
+    if config.loss_candidates == "all":  # no GradNorm: the plan reports each block's loss when removed alone
+        assert plan.score_kind == "removal_loss"
+        alone = [b for i, seg in enumerate(plan.segments) if first_left[i] for b in seg if b not in (0, 9)]
+        assert len(alone) > 3 and [s is not None for s in plan.scores] == [b in alone for b in range(10)]
+        for b in alone:
+            assert plan.scores[b] == pytest.approx(loss([b]), rel=1e-6)
     assert [len(s) - k for s, k in zip(plan.segments, plan.keep_per_segment)] == [
         sum(b in s for b in removed) for s in plan.segments
     ]
 
 
 def _synthetic_losses(monkeypatch, loss):
-    """calibration_nll replaced by `loss(removed blocks)`; returns the list of measured sets."""
+    """The loss check's measurements replaced by `loss(removed blocks)`; returns the list of
+    measured sets."""
     measured = []
 
-    def fake(model, batches, skipped, layers_path=None):
-        measured.append(sorted(skipped))
-        return loss(sorted(skipped))
+    def fake(self, block):
+        measured.append(sorted(self.removed + [block]))
+        return loss(measured[-1])
 
-    monkeypatch.setattr("sglp_llm.api.calibration_nll", fake)
+    monkeypatch.setattr("sglp_llm.api.RemovalLoss.measure", fake)
     return measured
 
 
@@ -259,3 +266,16 @@ def test_statistics_cache_shares_one_pass_and_gives_the_same_plans(monkeypatch):
         assert a.dropped == b.dropped and a.scores == b.scores and a.cka == b.cka
     assert [p.extra["statistics_reused"] for p in shared] == [False, True, True, False, False, False]
     assert shared[1].timings["total_s"] >= shared[1].timings["statistics_s"] > 0
+
+
+def test_a_loss_check_of_every_block_computes_no_gradnorm(monkeypatch):
+    """No backward: GradNorm would only order candidates that are all tried anyway."""
+    def no_backward(*args, **kwargs):
+        raise AssertionError("GradNorm computed")
+
+    monkeypatch.setattr("sglp_llm.api.BlockGradNorms.for_blocks", no_backward)
+    model = tiny_model("llama", num_layers=8)
+    plan = analyze(model, _batches(), SGLPConfig(drop=2, scoring="loss", loss_candidates="all", **CONFIG), progress=False)
+    assert len(plan.dropped) == 2 and plan.score_kind == "removal_loss"
+    with pytest.raises(AssertionError, match="GradNorm computed"):
+        analyze(model, _batches(), SGLPConfig(drop=2, scoring="loss", loss_candidates=4, **CONFIG), progress=False)

@@ -27,6 +27,7 @@ from sglp_llm.config import ConfigError, SGLPConfig
         ({"drop": 2, "allocation": "equal"}, "`allocation` must be one of"),
         ({"drop": 2, "min_segment_size": 0}, "`min_segment_size` must be a positive integer"),
         ({"drop": 2, "loss_candidates": 0}, "`loss_candidates` must be a positive integer"),
+        ({"drop": 2, "loss_candidates": "every"}, r"`loss_candidates` must be .* or \"all\", got 'every'"),
     ],
 )
 def test_invalid_settings_are_explained(kwargs, message):

@@ -1,0 +1,137 @@
+"""The calibration loss of a network with some decoder blocks removed: what SLEB and SGLP's loss
+check rank candidate removals by.
+
+`calibration_nll` runs the whole network for every candidate, as SLEB's reference does.
+`RemovalLoss` serves a greedy search, where every candidate is "the current network minus one more
+block": up to that block nothing changes, so the current network's output there is kept from one
+forward and only the blocks after it run. Removing block i then costs the blocks after i and the
+head instead of a whole forward, and the number is the same, because the model's own forward
+(masks, position embeddings, final norm, head, loss) still runs around stubbed-out blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .blocks import find_decoder_blocks
+from .distributed import all_reduce_state, shard
+from .rewrite import skip_blocks
+from .score import causal_lm_loss, check_finite
+from .sequential import stubbed_blocks
+
+
+def _predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["attention_mask"][:, 1:].sum())  # the first token is never a target
+
+
+def _token_mean(weighted: Iterable[tuple[float, int]]) -> float:
+    """Mean of per-batch losses weighted by their predicted tokens, summed over processes."""
+    total, n_tokens = 0.0, 0
+    for loss, count in weighted:
+        total += loss * count
+        n_tokens += count
+    sums = all_reduce_state({"total": total, "n_tokens": n_tokens})
+    return sums["total"] / sums["n_tokens"]
+
+
+def _checked(loss: torch.Tensor, skipped: Sequence[int]) -> float:
+    return check_finite(loss, f"The calibration loss without blocks {sorted(skipped)}").item()
+
+
+@torch.no_grad()
+def calibration_nll(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    skipped: Sequence[int],
+    layers_path: str | None = None,
+) -> float:
+    """Mean next-token NLL per predicted (non-padding) token over `batches`, with the `skipped`
+    blocks removed: each batch's mean loss weighted by its number of predicted tokens.
+
+    Under data parallelism each process runs its share of `batches` and the (loss × count,
+    count) sums are reduced, so every process gets the same value and makes the same choice."""
+    with skip_blocks(model, skipped, layers_path=layers_path):
+        return _token_mean(
+            (_checked(causal_lm_loss(model, batch), skipped), _predicted_tokens(batch)) for batch in shard(batches)
+        )
+
+
+class _Stop(Exception):
+    """Ends a forward once the last block output it was run for is kept."""
+
+
+class RemovalLoss:
+    """`calibration_nll(model, batches, removed + [block])` for the current `removed` set, reusing
+    the current network's hidden states: `measure(block)` runs only the blocks after `block`.
+
+    A kept output of block p stays valid while the removed blocks below p stay the same, so after
+    a greedy step (`remove`) only outputs below the new removal are reused and the others are
+    recomputed from the nearest valid one when next needed. Memory: one hidden state per batch
+    for each block a measurement started from."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], layers_path: str | None = None) -> None:
+        self.model = model
+        self.batches = shard(batches)
+        self.layers_path = layers_path
+        self.num_blocks = len(find_decoder_blocks(model, layers_path).layers)
+        self.removed: list[int] = []
+        # block -> (the removed blocks below it when computed, its raw output for each batch)
+        self._outputs: dict[int, tuple[frozenset[int], list[Any]]] = {}
+
+    def remove(self, block: int) -> None:
+        self.removed.append(block)
+
+    def _valid(self, block: int) -> bool:
+        entry = self._outputs.get(block)
+        return entry is not None and entry[0] == frozenset(b for b in self.removed if b < block)
+
+    def _previous_kept(self, block: int) -> int | None:
+        return max((i for i in range(block) if i not in self.removed), default=None)
+
+    @torch.no_grad()
+    def _run(self, skipped: list[int], start: int | None, keep: int | None) -> float | None:
+        """One pass of the network without `skipped` over the batches, blocks up to `start`
+        replaced by its kept output; with `keep`, stop once that block's output is stored (and
+        compute no loss), else return the loss."""
+        kept = [i for i in range(self.num_blocks) if i not in skipped]
+        start_position = -1 if start is None else kept.index(start)
+        stored: list[Any] = []
+        weighted: list[tuple[float, int]] = []
+        for b, batch in enumerate(self.batches):
+
+            def call(position: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
+                if position <= start_position:
+                    return self._outputs[start][1][b]
+                output = block(*args, **kwargs)
+                if kept[position] == keep:
+                    stored.append(output)
+                    raise _Stop
+                return output
+
+            with skip_blocks(self.model, skipped, layers_path=self.layers_path):
+                layers = find_decoder_blocks(self.model, self.layers_path).layers
+                with stubbed_blocks(layers, call):
+                    try:
+                        loss = causal_lm_loss(self.model, batch)
+                    except _Stop:
+                        continue
+            weighted.append((_checked(loss, skipped), _predicted_tokens(batch)))
+        if keep is not None:
+            self._outputs[keep] = (frozenset(b for b in self.removed if b < keep), stored)
+            return None
+        return _token_mean(weighted)
+
+    def _nearest_valid(self, below: int) -> int | None:
+        return max((i for i in self._outputs if i < below and i not in self.removed and self._valid(i)), default=None)
+
+    def measure(self, block: int) -> float:
+        """The calibration NLL of the current network without `block` as well."""
+        if block in self.removed:
+            raise ValueError(f"Block {block} is removed already.")
+        previous = self._previous_kept(block)
+        if previous is not None and not self._valid(previous):
+            self._run(list(self.removed), self._nearest_valid(previous), keep=previous)
+        return self._run(self.removed + [block], previous, keep=None)
