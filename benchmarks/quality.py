@@ -31,7 +31,8 @@ RATIOS = (0.1, 0.2, 0.3)
 METHODS = ("block-influence", "angular", "last", "random", "sglp", "sleb")
 # The paper's literal choice (the default until this benchmark picked the loss check); every
 # variant names all the settings it changes from the current defaults (scoring "loss", allocation
-# "auto" = by loss, 8 candidates per segment, lazy re-measurement, 1 batch, auto_k "elbow").
+# "auto" = by loss, every block of a segment a candidate, lazy re-measurement, 1 batch, auto_k
+# "elbow").
 PAPER = {"scoring": "block", "segment_feature": "column_sum", "auto_k": "reference", "allocation": "size"}
 # the loss check as first measured: every candidate measured at every step, the 5 % rule
 LOSS_FULL = {"scoring": "loss", "loss_lazy": False, "allocation": "size", "auto_k": "reference"}
@@ -48,12 +49,11 @@ VARIANTS = {
     "sglp-loss-c4": {**LOSS_FULL, "loss_candidates": 4, "allocation": "size"},
     "sglp-loss-b4": {**LOSS_FULL, "loss_candidates": 4, "allocation": "size", "loss_batches": 4},
     "sglp-loss-free": {**LOSS_FULL, "loss_candidates": 4, "allocation": "loss"},
-    # the default with the paper's 5 % rule instead of the elbow
-    "sglp-reference": {"auto_k": "reference"},
+    # the previous default: the 8 lowest-GradNorm blocks of a segment are the candidates
+    "sglp-gradnorm8": {"loss_candidates": 8},
+    # the previous default with the paper's 5 % rule instead of the elbow
+    "sglp-reference": {"loss_candidates": 8, "auto_k": "reference"},
     "sglp-lazy-free": {"scoring": "loss", "loss_lazy": True, "loss_candidates": 4, "allocation": "loss", "auto_k": "reference"},
-    # the loss check tries every block of a segment (no GradNorm shortlist, no backward)
-    "sglp-all": {"loss_candidates": "all"},
-    "sglp-all-reference": {"loss_candidates": "all", "auto_k": "reference"},
     # the paper's search: forward+backward per candidate keep-set, the slowest SGLP variant
     "sglp-subset": {"scoring": "subset"},
 }

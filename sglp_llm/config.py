@@ -148,7 +148,7 @@ class SGLPConfig(SettingsFile):
     scoring: str = "loss"  # measured default: benchmarks/results/quality.md
     max_candidates: int = 64
     subset_batches: int = 1
-    loss_candidates: int | str = 8
+    loss_candidates: int | str = "all"
     loss_batches: int = 1
     # re-measure only the most promising candidate's loss at each step (see api._loss_check)
     loss_lazy: bool = True

@@ -1,6 +1,7 @@
 """The workload of tests/test_distributed.py: run once as a plain single process and once under
 `accelerate launch --num_processes 2 --cpu`, whose plans must match. Several methods, so every
-reduced sum is exercised: CKA and GradNorm (all), the loss check's calibration NLL, the subset
+reduced sum is exercised: CKA (all), GradNorm, the loss check's calibration NLL (with and
+without a GradNorm shortlist), the subset
 search's network GradNorm, a baseline observer, and the sequential (one block at a time) pass;
 then the CLI, which must write one report."""
 
@@ -17,10 +18,11 @@ from tiny_models import tiny_batch, tiny_model
 
 # three batches: two processes get an uneven share (batches 0 and 2, and batch 1)
 SETTINGS = {
-    "sglp-loss": dict(scoring="loss", loss_batches=3),
+    "sglp-loss": dict(scoring="loss", loss_batches=3, loss_candidates=2),
+    "sglp-loss-all": dict(scoring="loss", loss_batches=3),  # the default: no GradNorm
     "sglp-subset": dict(scoring="subset", subset_batches=3, max_candidates=3),
     "block-influence": dict(method="block-influence"),
-    "sglp-sequential": dict(offload="sequential"),
+    "sglp-sequential": dict(offload="sequential", scoring="block"),
 }
 
 

@@ -117,7 +117,7 @@ def test_gradient_checkpointing_gives_the_same_statistics_and_is_undone():
         return forward(*args, **kwargs)
 
     layers[2].mlp.forward = counted
-    config = SGLPConfig(drop=2, **CONFIG)
+    config = SGLPConfig(drop=2, scoring="block", **CONFIG)  # GradNorm: a backward to checkpoint
     plain = _statistics(model, config, _batches())
     assert len(calls) == 2
     checkpointed = _statistics(model, config.replace(gradient_checkpointing=True), _batches())
@@ -140,7 +140,7 @@ def test_gradient_checkpointing_keeps_a_model_that_had_it_on():
 def test_bfloat16_weights_give_finite_statistics_close_to_float32():
     reference = tiny_model("llama", num_layers=6)
     half = tiny_model("llama", num_layers=6).to(torch.bfloat16)
-    config = SGLPConfig(drop=2, **CONFIG)
+    config = SGLPConfig(drop=2, scoring="block", **CONFIG)
     expected, got = _statistics(reference, config, _batches()), _statistics(half, config, _batches())
     assert got.cka.dtype == torch.float64 and got.scores.dtype == torch.float64
     assert torch.isfinite(got.cka).all() and torch.isfinite(got.scores).all()
@@ -164,4 +164,4 @@ def test_infinite_gradient_norm_is_caught_naming_the_block():
 
     find_decoder_blocks(model).layers[4].mlp.register_forward_hook(overflow_backward)
     with pytest.raises(FloatingPointError, match=r"^The gradient norm of block 4 is NaN or infinite on the calibration data, and so of the 4 blocks before it: .*--dtype bfloat16"):
-        analyze(model, _batches(), SGLPConfig(drop=2, **CONFIG), progress=False)
+        analyze(model, _batches(), SGLPConfig(drop=2, scoring="block", **CONFIG), progress=False)

@@ -65,9 +65,10 @@ def test_two_processes_reach_the_single_process_plan(tmp_path):
         torch.testing.assert_close(torch.tensor(other_scores), torch.tensor(scores), rtol=1e-9, atol=0, equal_nan=True)
         assert other["dropped"] == plan["dropped"], name
         assert (other["n_tokens"], other["n_batches"]) == (plan["n_tokens"], plan["n_batches"]) == (96, 3)
-    steps = zip(got["sglp-loss"]["extra"]["loss_check"]["steps"], expected["sglp-loss"]["extra"]["loss_check"]["steps"])
-    for mine, theirs in steps:
-        assert mine["block"] == theirs["block"] and mine["loss"] == pytest.approx(theirs["loss"], rel=1e-12)
+    for name in ("sglp-loss", "sglp-loss-all"):
+        steps = zip(got[name]["extra"]["loss_check"]["steps"], expected[name]["extra"]["loss_check"]["steps"], strict=True)
+        for mine, theirs in steps:
+            assert mine["block"] == theirs["block"] and mine["loss"] == pytest.approx(theirs["loss"], rel=1e-12)
     for segment, search in expected["sglp-subset"]["extra"]["subset_search"].items():
         assert got["sglp-subset"]["extra"]["subset_search"][segment]["best_keep"] == search["best_keep"]
         assert got["sglp-subset"]["extra"]["subset_search"][segment]["best_score"] == pytest.approx(search["best_score"], rel=1e-9)
