@@ -419,7 +419,7 @@ def analyze(
             scores, score_kind = context.scores, "gradnorm"
             if not config.uses_gradnorm:  # the loss check measured every candidate at its first step
                 losses_alone = extra["loss_check"]["removal_losses"]
-                scores, score_kind = [math.nan if x is None else x for x in losses_alone], "removal_loss"
+                scores, score_kind = [math.nan if x is None else x for x in losses_alone], "loss_without_block"
         else:
             t = time.perf_counter()
             selection = baseline.choose(context)

@@ -30,7 +30,7 @@ class PruningPlan:
     config: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     segmentation_losses: list[float] = field(default_factory=list)
-    score_kind: str = "gradnorm"  # or the baseline's score (sglp_llm.baselines), "none" if it has none
+    score_kind: str = "gradnorm"  # "loss_without_block" (the default loss check), or the baseline's score (sglp_llm.baselines), "none" if it has none
     model_name: str | None = None
     calibration_source: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -176,7 +176,7 @@ def test_loss_check_removes_the_best_gradnorm_candidate_by_calibration_loss(allo
         left[next(i for i, s in enumerate(plan.segments) if best in s)] -= 1
     assert sorted(removed) == plan.dropped and len(removed) == 3
     if config.loss_candidates == "all":  # no GradNorm: the plan reports each block's loss when removed alone
-        assert plan.score_kind == "removal_loss"
+        assert plan.score_kind == "loss_without_block"
         alone = [b for i, seg in enumerate(plan.segments) if first_left[i] for b in seg if b not in (0, 9)]
         assert len(alone) > 3 and [s is not None for s in plan.scores] == [b in alone for b in range(10)]
         for b in alone:
@@ -276,6 +276,6 @@ def test_a_loss_check_of_every_block_computes_no_gradnorm(monkeypatch):
     monkeypatch.setattr("sglp_llm.api.BlockGradNorms.for_blocks", no_backward)
     model = tiny_model("llama", num_layers=8)
     plan = analyze(model, _batches(), SGLPConfig(drop=2, scoring="loss", loss_candidates="all", **CONFIG), progress=False)
-    assert len(plan.dropped) == 2 and plan.score_kind == "removal_loss"
+    assert len(plan.dropped) == 2 and plan.score_kind == "loss_without_block"
     with pytest.raises(AssertionError, match="GradNorm computed"):
         analyze(model, _batches(), SGLPConfig(drop=2, scoring="loss", loss_candidates=4, **CONFIG), progress=False)

@@ -5,7 +5,7 @@ import torch
 
 from sglp_llm.removal import RemovalLoss, calibration_nll
 from sglp_llm.rewrite import skip_blocks
-from tiny_models import tiny_batch, tiny_model
+from tiny_models import FAMILIES, tiny_batch, tiny_model
 
 
 def _batches():
@@ -26,7 +26,7 @@ def test_calibration_nll_is_the_token_weighted_mean_nll():
     assert calibration_nll(model, batches, [1, 3]) == pytest.approx(total / count, rel=1e-6)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2_moe"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_measurements_equal_whole_network_losses_along_a_greedy_path(family):
     """Removals in an order that invalidates kept outputs (a shallower removal after a deeper
     one) and measurements of the first block (nothing to reuse) and of the last."""
