@@ -54,6 +54,8 @@ VARIANTS = {
     # the previous default with the paper's 5 % rule instead of the elbow
     "sglp-reference": {"loss_candidates": 8, "auto_k": "reference"},
     "sglp-lazy-free": {"scoring": "loss", "loss_lazy": True, "loss_candidates": 4, "allocation": "loss", "auto_k": "reference"},
+    # the lazy bound that assumes a block's damage does not shrink as others go
+    "sglp-marginal": {"loss_bound": "marginal"},
     # the paper's search: forward+backward per candidate keep-set, the slowest SGLP variant
     "sglp-subset": {"scoring": "subset"},
 }

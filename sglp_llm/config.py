@@ -18,6 +18,7 @@ CONFIG_NAME = "sglp_config.json"
 
 METHODS = ("sglp", "block-influence", "angular", "last", "random", "sleb")
 SCORING_MODES = ("block", "subset", "loss")
+LOSS_BOUNDS = ("stale", "marginal")
 AUTO_K_RULES = ("reference", "elbow")
 # the settings that decide which calibration batches a run uses
 CALIBRATION_FIELDS = (
@@ -152,6 +153,9 @@ class SGLPConfig(SettingsFile):
     loss_batches: int = 1
     # re-measure only the most promising candidate's loss at each step (see api._loss_check)
     loss_lazy: bool = True
+    # the lazy lower bound: "stale" (the earlier loss) or "marginal" (current loss + the earlier
+    # increase; assumes a block's damage does not shrink as others go)
+    loss_bound: str = "stale"
     # method="sleb" only: every candidate is scored on the first sleb_batches calibration batches
     # (unset: all of them, as in the paper); SLEB costs about drop × blocks × sleb_batches forwards
     sleb_batches: int | None = None
@@ -235,6 +239,8 @@ class SGLPConfig(SettingsFile):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"`{name}` must be a positive integer or unset, got {value!r}.")
+        if self.loss_bound not in LOSS_BOUNDS:
+            raise ConfigError(f"`loss_bound` must be one of {LOSS_BOUNDS}, got {self.loss_bound!r}.")
         if self.auto_k not in AUTO_K_RULES:
             raise ConfigError(f"`auto_k` must be one of {AUTO_K_RULES}, got {self.auto_k!r}.")
         if self.onload_device is not None:

@@ -127,6 +127,10 @@ class RemovalLoss:
     def _nearest_valid(self, below: int) -> int | None:
         return max((i for i in self._outputs if i < below and i not in self.removed and self._valid(i)), default=None)
 
+    def current(self) -> float:
+        """The calibration NLL of the current network, from its deepest kept output."""
+        return self._run(list(self.removed), self._nearest_valid(self.num_blocks), keep=None)
+
     def measure(self, block: int) -> float:
         """The calibration NLL of the current network without `block` as well."""
         if block in self.removed:

@@ -196,6 +196,7 @@ def _synthetic_losses(monkeypatch, loss):
         return loss(measured[-1])
 
     monkeypatch.setattr("sglp_llm.api.RemovalLoss.measure", fake)
+    monkeypatch.setattr("sglp_llm.api.RemovalLoss.current", lambda self: loss(sorted(self.removed)))
     return measured
 
 
@@ -210,16 +211,22 @@ def test_lazy_loss_check_makes_the_full_choice_with_fewer_measurements(monkeypat
     model = tiny_model("llama", num_layers=10)
     settings = dict(drop=4, num_segments=1, scoring="loss", loss_candidates=8, allocation="loss", **CONFIG)
     plans, counts = {}, {}
-    for lazy in (False, True):
+    modes = {False: dict(loss_lazy=False), True: dict(loss_lazy=True), "marginal": dict(loss_bound="marginal")}
+    for mode, chosen in modes.items():
         measured = _synthetic_losses(monkeypatch, loss)
-        plans[lazy] = analyze(model, _batches(), SGLPConfig(loss_lazy=lazy, **settings), progress=False)
-        counts[lazy] = len(measured)
+        plans[mode] = analyze(model, _batches(), SGLPConfig(**chosen, **settings), progress=False)
+        counts[mode] = len(measured)
     # greedy by hand: 6 (0.9), 2 (1.0), 8 (1.3; 3 costs 1.2 + 2 next to 2), then 4 (3.0; 3 and 5
     # cost 3.2 and 3.1 next to removed neighbours)
-    assert plans[True].dropped == plans[False].dropped == [2, 4, 6, 8]
+    assert plans[True].dropped == plans[False].dropped == plans["marginal"].dropped == [2, 4, 6, 8]
     assert counts[False] == 8 + 7 + 6 + 5
-    assert counts[True] < counts[False]
-    assert [s["measured"] for s in plans[True].extra["loss_check"]["steps"]][0] == 8
+    # a block's damage never shrinks here, so the marginal bound holds and is tighter. Stale, step
+    # 2 (loss 0.9 so far): 2, 5, 3 and 8 have stale losses below 2's fresh 1.9 and are measured.
+    # Marginal: 2's bound 0.9 + 1.0 is the lowest and its measurement confirms it; at step 3
+    # (1.9) 5 and 3 (bounds 3.0, 3.1) are measured (5.0, 5.1: next to removed blocks) before 8.
+    measured_per_step = {mode: [s["measured"] for s in plans[mode].extra["loss_check"]["steps"]] for mode in modes}
+    assert measured_per_step[True] == [8, 4, 3, 5] and measured_per_step["marginal"] == [8, 1, 3, 1]
+    assert counts["marginal"] == 13 < counts[True] == 20 < counts[False]
 def test_redundancy_allocation_matches_a_hand_worked_example(monkeypatch):
     """Segments [0-3] (mean CKA 0.9) and [4-9] (mean CKA 0.3), drop 4, nothing protected:
     weights 4*0.9 = 3.6 and 6*0.3 = 1.8 -> quotas 4*3.6/5.4 = 2.67 and 1.33 -> 3 and 1

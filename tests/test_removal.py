@@ -36,9 +36,10 @@ def test_measurements_equal_whole_network_losses_along_a_greedy_path(family):
     for step in ([], [4], [4, 2], [4, 2, 5]):
         for extra in step[len(removal.removed):]:
             removal.remove(extra)
+        runs.append((removal.current(), calibration_nll(model, batches, step)))
         for block in [b for b in range(7) if b not in step]:
             runs.append((removal.measure(block), calibration_nll(model, batches, step + [block])))
-    assert len(runs) == 7 + 6 + 5 + 4
+    assert len(runs) == 4 + 7 + 6 + 5 + 4
     for cached, whole in runs:
         assert cached == pytest.approx(whole, rel=1e-6, abs=1e-7)
     with pytest.raises(ValueError, match="Block 4 is removed already"):
