@@ -68,9 +68,9 @@ class RemovalLoss:
     the current network's hidden states: `measure(block)` runs only the blocks after `block`.
 
     A kept output of block p stays valid while the removed blocks below p stay the same, so after
-    a greedy step (`remove`) only outputs below the new removal are reused and the others are
-    recomputed from the nearest valid one when next needed. Memory: one hidden state per batch
-    for each block a measurement started from."""
+    a greedy step (`remove`) the outputs below the new removal are reused and the others dropped,
+    to be recomputed from the nearest kept one when next needed. Memory: at most one hidden state
+    per batch for each block a measurement started from."""
 
     def __init__(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], layers_path: str | None = None) -> None:
         self.model = model
@@ -83,6 +83,8 @@ class RemovalLoss:
 
     def remove(self, block: int) -> None:
         self.removed.append(block)
+        # outputs from this block on were computed with it in place: free them
+        self._outputs = {p: entry for p, entry in self._outputs.items() if p < block}
 
     def _valid(self, block: int) -> bool:
         entry = self._outputs.get(block)
