@@ -267,13 +267,13 @@ def _subset_search(
 def _loss_check(
     context: SelectionContext, segments: list[list[int]], budgets: list[int]
 ) -> tuple[list[int], dict[str, Any]]:
-    """Segment-restricted loss check: remove one block at a time; the candidates are the
-    `loss_candidates` lowest-GradNorm blocks of every segment that may still give up a block
-    (`budgets`: the allocated drops, or each segment's capacity with allocation="loss"), and
-    the one whose removal leaves the lowest calibration NLL goes (ties: the shallower block).
-    SLEB's criterion, but on a few GradNorm-chosen candidates per segment instead of every block
-    (or on every block of the segments that may still give one, with loss_candidates="all"), and
-    a candidate costs only the blocks after it (sglp_llm.removal.RemovalLoss).
+    """Segment-restricted loss check: remove one block at a time; the candidates are the blocks
+    of every segment that may still give one up (`budgets`: the allocated drops, or each
+    segment's capacity with allocation="loss") — all of them with loss_candidates="all", else
+    its `loss_candidates` lowest-GradNorm ones — and the one whose removal leaves the lowest
+    calibration NLL goes (ties: the shallower block). SLEB's criterion within the segments, with
+    stale measurements reused (below) and a candidate costing only the blocks after it
+    (sglp_llm.removal.RemovalLoss).
 
     With `loss_lazy`, a candidate's loss measured at an earlier step stands in as a lower bound
     (removing more blocks rarely lowers the loss): only the candidate with the lowest bound is
