@@ -20,7 +20,7 @@ from .blocks import find_decoder_blocks
 from .distributed import all_reduce_state, shard
 from .rewrite import skip_blocks
 from .score import causal_lm_loss, check_finite
-from .sequential import stubbed_blocks
+from .sequential import StopForward, stubbed_blocks
 
 
 def _predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -59,18 +59,14 @@ def calibration_nll(
         )
 
 
-class _Stop(Exception):
-    """Ends a forward once the last block output it was run for is kept."""
-
-
 class RemovalLoss:
     """`calibration_nll(model, batches, removed + [block])` for the current `removed` set, reusing
     the current network's hidden states: `measure(block)` runs only the blocks after `block`.
 
-    A kept output of block p stays valid while the removed blocks below p stay the same, so after
-    a greedy step (`remove`) the outputs below the new removal are reused and the others dropped,
-    to be recomputed from the nearest kept one when next needed. Memory: at most one hidden state
-    per batch for each block a measurement started from."""
+    A kept output of block p stays valid while the removed blocks below p stay the same, so a
+    greedy step (`remove`) keeps the outputs below the new removal and drops the others, to be
+    recomputed from the nearest kept one when next needed. Memory: at most one hidden state per
+    batch for each block a measurement started from."""
 
     def __init__(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], layers_path: str | None = None) -> None:
         self.model = model
@@ -78,20 +74,19 @@ class RemovalLoss:
         self.layers_path = layers_path
         self.num_blocks = len(find_decoder_blocks(model, layers_path).layers)
         self.removed: list[int] = []
-        # block -> (the removed blocks below it when computed, its raw output for each batch)
-        self._outputs: dict[int, tuple[frozenset[int], list[Any]]] = {}
+        # kept block -> its raw output in the current network, for each batch
+        self._outputs: dict[int, list[Any]] = {}
 
     def remove(self, block: int) -> None:
         self.removed.append(block)
-        # outputs from this block on were computed with it in place: free them
-        self._outputs = {p: entry for p, entry in self._outputs.items() if p < block}
-
-    def _valid(self, block: int) -> bool:
-        entry = self._outputs.get(block)
-        return entry is not None and entry[0] == frozenset(b for b in self.removed if b < block)
+        # outputs from this block on were computed with it in place
+        self._outputs = {p: outputs for p, outputs in self._outputs.items() if p < block}
 
     def _previous_kept(self, block: int) -> int | None:
         return max((i for i in range(block) if i not in self.removed), default=None)
+
+    def _nearest_kept_output(self, below: int) -> int | None:
+        return max((i for i in self._outputs if i < below), default=None)
 
     @torch.no_grad()
     def _run(self, skipped: list[int], start: int | None, keep: int | None) -> float | None:
@@ -102,42 +97,39 @@ class RemovalLoss:
         start_position = -1 if start is None else kept.index(start)
         stored: list[Any] = []
         weighted: list[tuple[float, int]] = []
-        for b, batch in enumerate(self.batches):
+        batch_index = 0
 
-            def call(position: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
-                if position <= start_position:
-                    return self._outputs[start][1][b]
-                output = block(*args, **kwargs)
-                if kept[position] == keep:
-                    stored.append(output)
-                    raise _Stop
-                return output
+        def call(position: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if position <= start_position:
+                return self._outputs[start][batch_index]
+            output = block(*args, **kwargs)
+            if kept[position] == keep:
+                stored.append(output)
+                raise StopForward
+            return output
 
-            with skip_blocks(self.model, skipped, layers_path=self.layers_path):
-                layers = find_decoder_blocks(self.model, self.layers_path).layers
-                with stubbed_blocks(layers, call):
+        with skip_blocks(self.model, skipped, layers_path=self.layers_path):
+            with stubbed_blocks(find_decoder_blocks(self.model, self.layers_path).layers, call):
+                for batch_index, batch in enumerate(self.batches):
                     try:
                         loss = causal_lm_loss(self.model, batch)
-                    except _Stop:
+                    except StopForward:
                         continue
-            weighted.append((_checked(loss, skipped), _predicted_tokens(batch)))
+                    weighted.append((_checked(loss, skipped), _predicted_tokens(batch)))
         if keep is not None:
-            self._outputs[keep] = (frozenset(b for b in self.removed if b < keep), stored)
+            self._outputs[keep] = stored
             return None
         return _token_mean(weighted)
 
-    def _nearest_valid(self, below: int) -> int | None:
-        return max((i for i in self._outputs if i < below and i not in self.removed and self._valid(i)), default=None)
-
     def current(self) -> float:
         """The calibration NLL of the current network, from its deepest kept output."""
-        return self._run(list(self.removed), self._nearest_valid(self.num_blocks), keep=None)
+        return self._run(list(self.removed), self._nearest_kept_output(self.num_blocks), keep=None)
 
     def measure(self, block: int) -> float:
         """The calibration NLL of the current network without `block` as well."""
         if block in self.removed:
             raise ValueError(f"Block {block} is removed already.")
         previous = self._previous_kept(block)
-        if previous is not None and not self._valid(previous):
-            self._run(list(self.removed), self._nearest_valid(previous), keep=previous)
+        if previous is not None and previous not in self._outputs:
+            self._run(list(self.removed), self._nearest_kept_output(previous), keep=previous)
         return self._run(self.removed + [block], previous, keep=None)

@@ -273,8 +273,8 @@ class _BlockCall:
         return block(*self.args, hidden_states=hidden, **self.kwargs)
 
 
-class _StopForward(Exception):
-    """Raised by the last stub of a recording: nothing after the blocks is needed."""
+class StopForward(Exception):
+    """Raised by a stub once the blocks it was run for are done: nothing after them is needed."""
 
 
 def _record_calls(
@@ -286,13 +286,13 @@ def _record_calls(
     def record(index: int, block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         calls.append((index, args, kwargs))
         if index == len(layers) - 1:
-            raise _StopForward
+            raise StopForward
         return block_input(args, kwargs)
 
     with torch.no_grad(), stubbed_blocks(layers, record):
         try:
             causal_lm_loss(model, batch)
-        except _StopForward:
+        except StopForward:
             pass
     order = [index for index, _, _ in calls]
     if order != list(range(len(layers))):
