@@ -27,7 +27,7 @@ from .capture import BlockObserver, capture_blocks
 from .checkpoint import StatisticsCheckpoint, fingerprint
 from .cka import MinibatchCKA
 from .config import CALIBRATION_FIELDS, ConfigError, SGLPConfig
-from .data import CalibrationSet, prepare_calibration
+from .data import CalibrationSet, first_samples, prepare_calibration
 from .devices import activation_checkpointing
 from .distributed import all_reduce_state, is_main_process, rank, world_size
 from .plan import PruningPlan
@@ -279,17 +279,26 @@ def _loss_check(
     (removing more blocks rarely lowers the loss): only the candidate with the lowest bound is
     measured again, until the lowest is a fresh measurement. That is the full search's choice
     whenever the loss grows with the removed set, at a few forward passes per step instead of
-    one per candidate. With `loss_bound="marginal"` the bound is the current loss plus what the
+    one per candidate. `loss_bound` tightens the bound to the current loss plus what the
     candidate's removal added when it was measured (a block's damage does not shrink as others
-    go), tighter after a removal that raised every loss, so fewer candidates are measured again;
-    it is the full search's choice when that assumption holds."""
+    go): for every candidate ("marginal"), or only for those whose kept neighbours are still the
+    same ("local"; removing a block next to a candidate can make the candidate cheaper to lose).
+    A tighter bound re-measures fewer candidates after a removal that raised every loss.
+
+    With `loss_screen_samples`, the first step ranks every candidate on that many calibration
+    sequences only, and those estimates stand in as the earlier measurements: only the
+    candidates they make promising are measured on the loss batches."""
     config, scores = context.config, context.scores
-    removal = RemovalLoss(context.model, context.batches[: config.loss_batches], config.layers_path)
+    batches = context.batches[: config.loss_batches]
+    removal = RemovalLoss(context.model, batches, config.layers_path)
     left = dict(enumerate(budgets))
     steps: list[dict[str, Any]] = []
     measured: dict[int, float] = {}  # block -> its loss when last measured
     increase: dict[int, float] = {}  # block -> how much that raised the loss of the network then
+    neighbours: dict[int, tuple] = {}  # block -> its kept neighbours when last measured
     current: float | None = None  # the loss of the network as pruned so far, once needed
+    tightened = config.loss_bound != "stale"
+    first: dict[int, float] = {}
     with tqdm(total=context.n_drop, desc="SGLP loss check", disable=not context.progress) as bar:
         for _ in range(context.n_drop):
             candidates = [
@@ -302,17 +311,23 @@ def _loss_check(
 
             def measure(block: int) -> None:
                 measured[block] = removal.measure(block)
-                if config.loss_bound == "marginal":
+                if tightened:
                     increase[block] = measured[block] - current
+                    neighbours[block] = removal.kept_neighbours(block)
                 fresh.add(block)
 
             def bound(block: int) -> float:
-                if block in fresh or config.loss_bound == "stale":
+                if block in fresh or block not in increase:
+                    return measured[block]
+                if config.loss_bound == "local" and removal.kept_neighbours(block) != neighbours[block]:
                     return measured[block]
                 return max(measured[block], current + increase[block])
 
-            if current is None and config.loss_bound == "marginal":
+            if current is None and (tightened or config.loss_screen_samples is not None):
                 current = removal.current()  # the unpruned network's loss, at the first step
+            if not steps and config.loss_screen_samples is not None:
+                first = _screen(context, batches, candidates, current)
+                measured.update(first)
             if not config.loss_lazy:
                 for block in candidates:
                     measure(block)
@@ -322,7 +337,7 @@ def _loss_check(
                 if best in fresh:
                     break
                 measure(best)
-            if not steps:
+            if not steps and not first:
                 first = dict(measured)
             removal.remove(best)
             current = measured[best]
@@ -332,6 +347,17 @@ def _loss_check(
     # each block's loss when removed alone (None: not measured at the first step)
     removal_losses = [first.get(i) for i in range(len(scores))]
     return sorted(removal.removed), {"steps": steps, "removal_losses": removal_losses}
+
+
+def _screen(
+    context: SelectionContext, batches: list[dict[str, Any]], candidates: list[int], loss: float
+) -> dict[int, float]:
+    """Each candidate's loss when removed alone, estimated on the first `loss_screen_samples`
+    sequences: the unpruned network's `loss` on the loss batches plus the increase on those."""
+    samples = first_samples(batches, context.config.loss_screen_samples)
+    screen = RemovalLoss(context.model, samples, context.config.layers_path)
+    base = screen.current()
+    return {block: loss + screen.measure(block) - base for block in candidates}
 
 
 def _shortlist(segment: list[int], scores: list[float], excluded: set[int], size: int | str) -> list[int]:

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from .config import ALLOCATIONS, METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, ConfigError, SGLPConfig
+from .config import ALLOCATIONS, LOSS_BOUNDS, METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, ConfigError, SGLPConfig
 from .data import FORTUNES, STDLIB_DOCS
 
 # recipe keys that describe the run rather than the SGLP settings
@@ -86,6 +86,10 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     method.add_argument("--loss-candidates", type=_count_or_all,
                         help="lowest-GradNorm blocks per segment the loss check tries; 'all': every block, no GradNorm")
     method.add_argument("--loss-batches", type=int, help="calibration batches each loss-check candidate is scored on")
+    method.add_argument("--loss-bound", choices=LOSS_BOUNDS,
+                        help="the loss check's lazy bound: stale (default), marginal or local")
+    method.add_argument("--loss-screen-samples", type=int,
+                        help="rank the loss check's first candidates on this many sequences first")
     method.add_argument("--max-candidates", type=int, help="cap on keep-sets scored per segment (subset search)")
     method.add_argument("--sleb-batches", type=int,
                         help="calibration batches each SLEB candidate is scored on (default: all)")

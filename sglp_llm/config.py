@@ -18,7 +18,7 @@ CONFIG_NAME = "sglp_config.json"
 
 METHODS = ("sglp", "block-influence", "angular", "last", "random", "sleb")
 SCORING_MODES = ("block", "subset", "loss")
-LOSS_BOUNDS = ("stale", "marginal")
+LOSS_BOUNDS = ("stale", "marginal", "local")
 AUTO_K_RULES = ("reference", "elbow")
 # the settings that decide which calibration batches a run uses
 CALIBRATION_FIELDS = (
@@ -153,9 +153,13 @@ class SGLPConfig(SettingsFile):
     loss_batches: int = 1
     # re-measure only the most promising candidate's loss at each step (see api._loss_check)
     loss_lazy: bool = True
-    # the lazy lower bound: "stale" (the earlier loss) or "marginal" (current loss + the earlier
-    # increase; assumes a block's damage does not shrink as others go)
+    # the lazy lower bound: "stale" (the earlier loss), "marginal" (current loss + the earlier
+    # increase; assumes a block's damage does not shrink as others go) or "local" (marginal
+    # except next to a removal since, where stale)
     loss_bound: str = "stale"
+    # rank the first step's candidates on this many calibration sequences; only the promising
+    # ones are measured on the loss batches (unset: every candidate is)
+    loss_screen_samples: int | None = None
     # method="sleb" only: every candidate is scored on the first sleb_batches calibration batches
     # (unset: all of them, as in the paper); SLEB costs about drop × blocks × sleb_batches forwards
     sleb_batches: int | None = None
@@ -235,7 +239,7 @@ class SGLPConfig(SettingsFile):
                 "`loss_candidates` must be a positive integer (the lowest-GradNorm blocks of a segment "
                 f"the loss check tries) or \"all\", got {self.loss_candidates!r}."
             )
-        for name in ("num_segments", "max_segments", "sleb_batches"):
+        for name in ("num_segments", "max_segments", "sleb_batches", "loss_screen_samples"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"`{name}` must be a positive integer or unset, got {value!r}.")

@@ -366,6 +366,18 @@ def build_batches(
     )
 
 
+def first_samples(batches: Sequence[dict[str, torch.Tensor]], n: int) -> list[dict[str, torch.Tensor]]:
+    """The first `n` sequences of `batches` (all of them if fewer), in batches of the same rows."""
+    taken: list[dict[str, torch.Tensor]] = []
+    for batch in batches:
+        if n <= 0:
+            break
+        rows = len(batch["input_ids"])
+        taken.append({key: value[:n] for key, value in batch.items()} if n < rows else batch)
+        n -= rows
+    return taken
+
+
 def _check_seq_len(seq_len: int, max_positions: int | None) -> None:
     if max_positions is not None and seq_len > max_positions:
         raise CalibrationError(

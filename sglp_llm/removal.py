@@ -85,6 +85,11 @@ class RemovalLoss:
     def _previous_kept(self, block: int) -> int | None:
         return max((i for i in range(block) if i not in self.removed), default=None)
 
+    def kept_neighbours(self, block: int) -> tuple[int | None, int | None]:
+        """The kept blocks just before and after `block` in the current network."""
+        after = min((i for i in range(block + 1, self.num_blocks) if i not in self.removed), default=None)
+        return self._previous_kept(block), after
+
     def _nearest_kept_output(self, below: int) -> int | None:
         return max((i for i in self._outputs if i < below), default=None)
 

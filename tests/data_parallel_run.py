@@ -20,6 +20,8 @@ from tiny_models import tiny_batch, tiny_model
 SETTINGS = {
     "sglp-loss": dict(scoring="loss", loss_batches=3, loss_candidates=2),
     "sglp-loss-all": dict(scoring="loss", loss_batches=3),  # the default: no GradNorm
+    # screened on the first sequence: in batch 0, which only one of the two processes holds
+    "sglp-loss-screen": dict(scoring="loss", loss_batches=3, loss_screen_samples=1, loss_bound="local"),
     "sglp-subset": dict(scoring="subset", subset_batches=3, max_candidates=3),
     "block-influence": dict(method="block-influence"),
     "sglp-sequential": dict(offload="sequential", scoring="block"),

@@ -227,6 +227,70 @@ def test_lazy_loss_check_makes_the_full_choice_with_fewer_measurements(monkeypat
     measured_per_step = {mode: [s["measured"] for s in plans[mode].extra["loss_check"]["steps"]] for mode in modes}
     assert measured_per_step[True] == [8, 4, 3, 5] and measured_per_step["marginal"] == [8, 1, 3, 1]
     assert counts["marginal"] == 13 < counts[True] == 20 < counts[False]
+
+def test_local_bound_keeps_the_neighbour_effects_that_the_marginal_bound_misses(monkeypatch):
+    """Blocks 4 and 5 are one redundant pair: with 5 gone, 4 costs only 0.1 more. The full
+    search takes 5 (1.0), then 4 (1.1). The marginal bound puts 4 at 1.0 + 2.9 and takes 2 (3.0)
+    without measuring 4 again; the local bound falls back to 4's stale 2.9, since its kept
+    neighbour changed, as it does for 6 (2.5, measured first: 3.5)."""
+    cost = {1: 5.0, 2: 2.0, 3: 4.0, 4: 2.9, 5: 1.0, 6: 2.5, 7: 4.0, 8: 5.0}
+
+    def loss(removed):
+        return sum(cost[b] for b in removed) - (2.8 if {4, 5} <= set(removed) else 0.0)
+
+    model = tiny_model("llama", num_layers=10)
+    settings = dict(drop=2, num_segments=1, scoring="loss", loss_candidates=8, allocation="loss", **CONFIG)
+    per_step = {}
+    for bound, dropped in (("stale", [4, 5]), ("local", [4, 5]), ("marginal", [2, 5])):
+        measured = _synthetic_losses(monkeypatch, loss)
+        plan = analyze(model, _batches(), SGLPConfig(loss_bound=bound, **settings), progress=False)
+        assert plan.dropped == dropped, bound
+        per_step[bound] = [s["measured"] for s in plan.extra["loss_check"]["steps"]]
+        assert sum(per_step[bound]) == len(measured)
+    assert per_step == {"stale": [8, 3], "local": [8, 2], "marginal": [8, 1]}
+
+
+def test_screened_first_step_estimates_each_removal_on_the_first_sequences():
+    """With loss_screen_samples, the first step's estimate of each removal is the unpruned
+    loss on the loss batches plus the increase on the first sequences (checked against direct
+    losses); every removal is still decided on a measurement of the loss batches. Screening on
+    every sequence of the loss batches is the unscreened search."""
+    from sglp_llm.rewrite import skip_blocks
+
+    model = tiny_model("llama", num_layers=10)
+    batches = _batches()
+
+    def loss(skipped, rows=None):
+        total = count = 0
+        with torch.no_grad(), skip_blocks(model, skipped):
+            for b in batches[:2]:
+                b = b if rows is None else {k: v[:rows] for k, v in b.items()}
+                n = int(b["attention_mask"][:, 1:].sum())
+                total += model(**b, labels=b["input_ids"]).loss.item() * n
+                count += n
+                if rows is not None:
+                    break
+        return total / count
+
+    settings = dict(drop=3, num_segments=2, scoring="loss", loss_batches=2, **CONFIG)
+    plain = analyze(model, batches, SGLPConfig(**settings), progress=False)
+    whole = analyze(model, batches, SGLPConfig(loss_screen_samples=8, **settings), progress=False)
+    assert whole.dropped == plain.dropped
+    assert whole.scores == pytest.approx(plain.scores, rel=1e-5, nan_ok=True)
+
+    screened = analyze(model, batches, SGLPConfig(loss_screen_samples=2, **settings), progress=False)
+    candidates = [b for b in range(1, 9)]
+    for b in candidates:
+        assert screened.scores[b] == pytest.approx(loss([]) + loss([b], rows=2) - loss([], rows=2), rel=1e-5)
+    removed = []
+    for step in screened.extra["loss_check"]["steps"]:
+        removed.append(step["block"])
+        assert step["loss"] == pytest.approx(loss(removed), rel=1e-6)
+    assert sorted(removed) == screened.dropped and len(removed) == 3
+    first = screened.extra["loss_check"]["steps"][0]
+    assert first["candidates"] == len(candidates) and first["measured"] < first["candidates"]
+
+
 def test_redundancy_allocation_matches_a_hand_worked_example(monkeypatch):
     """Segments [0-3] (mean CKA 0.9) and [4-9] (mean CKA 0.3), drop 4, nothing protected:
     weights 4*0.9 = 3.6 and 6*0.3 = 1.8 -> quotas 4*3.6/5.4 = 2.67 and 1.33 -> 3 and 1

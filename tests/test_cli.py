@@ -290,9 +290,11 @@ def test_loss_check_flags_reach_the_config():
     from sglp_llm.cli import build_parser, resolve_settings
 
     args = build_parser().parse_args(["analyze", "--drop", "2", "--allocation", "size", "--loss-candidates", "3",
-                                      "--loss-batches", "2", "--offload", "sequential", "--onload-device", "cpu"])
+                                      "--loss-batches", "2", "--loss-bound", "local", "--loss-screen-samples", "4",
+                                      "--offload", "sequential", "--onload-device", "cpu"])
     _, config = resolve_settings(args)
     assert (config.allocation, config.loss_candidates, config.loss_batches, config.onload_device) == ("size", 3, 2, "cpu")
+    assert (config.loss_bound, config.loss_screen_samples) == ("local", 4)
 
 
 def test_prune_eval_speed_reports_parameters_and_throughput_before_and_after(model_dir, text_file, tmp_path, capsys):

@@ -19,6 +19,7 @@ from sglp_llm.data import (
     CalibrationError,
     CalibrationSet,
     build_batches,
+    first_samples,
     load_texts,
     prepare_calibration,
 )
@@ -342,3 +343,12 @@ def test_prepare_errors():
         prepare_calibration(ids, None, CONFIG)
     with pytest.raises(CalibrationError, match=r"\(texts given in Python\) has no non-empty text"):
         prepare_calibration(["", " \n"], make_tokenizer(), CONFIG)
+
+
+def test_first_samples_takes_the_first_sequences_across_batches():
+    ids = torch.arange(5 * 3).reshape(5, 3)
+    batches = [{"input_ids": part, "attention_mask": torch.ones_like(part)} for part in ids.split(2)]
+    for n, rows in ((1, [[0, 1, 2]]), (3, [[0, 1, 2], [3, 4, 5], [6, 7, 8]]), (9, ids.tolist())):
+        taken = first_samples(batches, n)
+        assert torch.cat([b["input_ids"] for b in taken]).tolist() == rows
+        assert all(b["attention_mask"].shape == b["input_ids"].shape for b in taken)
