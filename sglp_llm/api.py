@@ -309,11 +309,14 @@ def _loss_check(
             ]
             fresh: set[int] = set()
 
-            def measure(block: int) -> None:
-                measured[block] = removal.measure(block)
+            def record(block: int, loss: float) -> None:
+                measured[block] = loss
                 if tightened:
-                    increase[block] = measured[block] - current
+                    increase[block] = loss - current
                     neighbours[block] = removal.kept_neighbours(block)
+
+            def measure(block: int) -> None:
+                record(block, removal.measure(block))
                 fresh.add(block)
 
             def bound(block: int) -> float:
@@ -327,7 +330,8 @@ def _loss_check(
                 current = removal.current()  # the unpruned network's loss, at the first step
             if not steps and config.loss_screen_samples is not None:
                 first = _screen(context, batches, candidates, current)
-                measured.update(first)
+                for block, estimate in first.items():
+                    record(block, estimate)
             if not config.loss_lazy:
                 for block in candidates:
                     measure(block)

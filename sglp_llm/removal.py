@@ -65,8 +65,9 @@ class RemovalLoss:
 
     A kept output of block p stays valid while the removed blocks below p stay the same, so a
     greedy step (`remove`) keeps the outputs below the new removal and drops the others, to be
-    recomputed from the nearest kept one when next needed. Memory: at most one hidden state per
-    batch for each block a measurement started from."""
+    recomputed from the nearest kept one when next needed (keeping every output on the way, so
+    candidates measured in any order share the work). Memory: at most one hidden state per batch
+    for each kept block."""
 
     def __init__(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], layers_path: str | None = None) -> None:
         self.model = model
@@ -96,11 +97,11 @@ class RemovalLoss:
     @torch.no_grad()
     def _run(self, skipped: list[int], start: int | None, keep: int | None) -> float | None:
         """One pass of the network without `skipped` over the batches, blocks up to `start`
-        replaced by its kept output; with `keep`, stop once that block's output is stored (and
-        compute no loss), else return the loss."""
+        replaced by its kept output; with `keep`, keep the outputs of the blocks that run, up to
+        that one, and stop there (no loss), else return the loss."""
         kept = [i for i in range(self.num_blocks) if i not in skipped]
         start_position = -1 if start is None else kept.index(start)
-        stored: list[Any] = []
+        stored: dict[int, list[Any]] = {}
         weighted: list[tuple[float, int]] = []
         batch_index = 0
 
@@ -108,9 +109,10 @@ class RemovalLoss:
             if position <= start_position:
                 return self._outputs[start][batch_index]
             output = block(*args, **kwargs)
-            if kept[position] == keep:
-                stored.append(output)
-                raise StopForward
+            if keep is not None:
+                stored.setdefault(kept[position], []).append(output)
+                if kept[position] == keep:
+                    raise StopForward
             return output
 
         with skip_blocks(self.model, skipped, layers_path=self.layers_path):
@@ -122,7 +124,7 @@ class RemovalLoss:
                         continue
                     weighted.append((_checked(loss, skipped), _predicted_tokens(batch)))
         if keep is not None:
-            self._outputs[keep] = stored
+            self._outputs.update(stored)
             return None
         return _token_mean(weighted)
 

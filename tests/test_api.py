@@ -241,13 +241,20 @@ def test_local_bound_keeps_the_neighbour_effects_that_the_marginal_bound_misses(
     model = tiny_model("llama", num_layers=10)
     settings = dict(drop=2, num_segments=1, scoring="loss", loss_candidates=8, allocation="loss", **CONFIG)
     per_step = {}
-    for bound, dropped in (("stale", [4, 5]), ("local", [4, 5]), ("marginal", [2, 5])):
+    for bound, screen, dropped in (
+        ("stale", None, [4, 5]), ("local", None, [4, 5]), ("marginal", None, [2, 5]), ("local", 4, [4, 5])
+    ):
         measured = _synthetic_losses(monkeypatch, loss)
-        plan = analyze(model, _batches(), SGLPConfig(loss_bound=bound, **settings), progress=False)
+        config = SGLPConfig(loss_bound=bound, loss_screen_samples=screen, **settings)
+        plan = analyze(model, _batches(), config, progress=False)
         assert plan.dropped == dropped, bound
-        per_step[bound] = [s["measured"] for s in plan.extra["loss_check"]["steps"]]
-        assert sum(per_step[bound]) == len(measured)
-    assert per_step == {"stale": [8, 3], "local": [8, 2], "marginal": [8, 1]}
+        per_step[bound, screen] = [s["measured"] for s in plan.extra["loss_check"]["steps"]]
+        assert sum(per_step[bound, screen]) == len(measured) - (8 if screen else 0)
+    # screened (here exact) estimates bound like measurements: 5 is confirmed at once, and at
+    # step 2, 2's bound is 1.0 + 2.0 (not its estimate 2.0, which would be measured first)
+    assert per_step == {
+        ("stale", None): [8, 3], ("local", None): [8, 2], ("marginal", None): [8, 1], ("local", 4): [1, 2]
+    }
 
 
 def test_screened_first_step_estimates_each_removal_on_the_first_sequences():

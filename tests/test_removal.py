@@ -52,9 +52,12 @@ def test_a_measurement_runs_only_the_blocks_after_the_removed_one():
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
     removal = RemovalLoss(model, batches)
-    removal.measure(4)  # one pass up to block 3 (kept), then blocks 5 on
+    removal.measure(4)  # one pass up to block 3 (blocks 0-3 kept), then blocks 5 on
     assert calls == [2, 2, 2, 2, 0, 2]
-    removal.measure(3)  # block 2's output is not kept yet: blocks 0-2 again, then 4 and 5
-    assert calls == [4, 4, 4, 2, 2, 4]
+    removal.measure(3)  # from block 2's kept output: blocks 4 and 5
+    assert calls == [2, 2, 2, 2, 2, 4]
     removal.measure(5)  # block 4's output: from block 3's kept output
-    assert calls == [4, 4, 4, 2, 4, 4]
+    assert calls == [2, 2, 2, 2, 4, 4]
+    removal.remove(2)  # outputs from block 2 on are no longer those of the network
+    removal.measure(4)  # block 3's output again, from block 1's
+    assert calls == [2, 2, 2, 4, 4, 6]
