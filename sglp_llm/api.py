@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .baselines import BASELINES, SelectionContext
 from .blocks import DecoderBlocks, find_decoder_blocks, text_config
-from .capture import BlockObserver, capture_blocks
+from .capture import BlockObserver, StopForward, capture_blocks, stop_after
 from .checkpoint import StatisticsCheckpoint, fingerprint
 from .cka import MinibatchCKA
 from .config import CALIBRATION_FIELDS, ConfigError, SGLPConfig
@@ -175,8 +175,9 @@ def collect_block_statistics(
         else:
             with ExitStack() as stack:
                 stack.enter_context(capture_blocks(blocks.layers, feed))
-                if grads is None:
+                if grads is None:  # no loss needed: stop after the last block's statistics
                     stack.enter_context(torch.no_grad())
+                    stack.enter_context(stop_after(blocks.layers[-1]))
                 else:
                     stack.enter_context(grad_only_for(model, grads.parameters()))
                     stack.enter_context(grads.hooks())
@@ -188,7 +189,10 @@ def collect_block_statistics(
                         batch = to_device(batches[start + me], device)
                         for observer in observers:
                             observer.start_batch(batch["attention_mask"].bool())
-                        loss = check_finite(causal_lm_loss(model, batch))
+                        try:
+                            loss = check_finite(causal_lm_loss(model, batch))
+                        except StopForward:  # without GradNorm: after the last block
+                            pass
                         for observer in observers:
                             observer.finish_batch()
                         if grads is not None:

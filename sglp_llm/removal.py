@@ -20,7 +20,8 @@ from .blocks import find_decoder_blocks
 from .distributed import all_reduce_state, shard
 from .rewrite import skip_blocks
 from .score import causal_lm_loss, check_finite
-from .sequential import StopForward, stubbed_blocks
+from .capture import StopForward
+from .sequential import stubbed_blocks
 
 
 def _predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -38,7 +39,8 @@ def _token_mean(weighted: Iterable[tuple[float, int]]) -> float:
 
 
 def _checked(loss: torch.Tensor, skipped: Sequence[int]) -> float:
-    return check_finite(loss, f"The calibration loss without blocks {sorted(skipped)}").item()
+    without = f" without blocks {sorted(skipped)}" if skipped else ""
+    return check_finite(loss, f"The calibration loss{without}").item()
 
 
 @torch.no_grad()

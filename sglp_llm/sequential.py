@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .blocks import find_decoder_blocks
-from .capture import BlockObserver, block_input, block_output
+from .capture import BlockObserver, StopForward, block_input, block_output
 from .score import BlockGradNorms, causal_lm_loss, check_finite, grad_only_for
 
 # a model carrying a loader under this attribute (see `load_with_blocks_on_disk`) is run with it
@@ -271,10 +271,6 @@ class _BlockCall:
         if self.positional:
             return block(hidden, *self.args, **self.kwargs)
         return block(*self.args, hidden_states=hidden, **self.kwargs)
-
-
-class StopForward(Exception):
-    """Raised by a stub once the blocks it was run for are done: nothing after them is needed."""
 
 
 def _record_calls(

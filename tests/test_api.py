@@ -128,12 +128,16 @@ def test_missing_config_and_mismatched_plan_are_refused():
         prune(tiny_model("llama", num_layers=8), plan=plan)
 
 
-def test_a_non_finite_calibration_loss_is_refused():
-    """The blocks stay finite (CKA accepts them); only the logits overflow."""
+@pytest.mark.parametrize("scoring", ["loss", "block"])
+def test_a_non_finite_calibration_loss_is_refused(scoring):
+    """The blocks stay finite (CKA accepts them); only the logits overflow. GradNorm's pass meets
+    the loss first; without GradNorm the pass stops before the head and the loss check does."""
     model = tiny_model("llama", num_layers=6)
     model.lm_head.register_forward_hook(lambda m, a, o: o * float("inf"))
-    with pytest.raises(FloatingPointError, match=r"^The calibration loss is nan: the model overflows on this data\. Load it in float32 or bfloat16 instead of float16 \(--dtype\)\.$"):
-        analyze(model, _batches(), SGLPConfig(drop=1, **CONFIG), progress=False)
+    without = r" without blocks \[1\]" if scoring == "loss" else ""
+    message = rf"^The calibration loss{without} is nan: the model overflows on this data\. Load it in float32 or bfloat16 instead of float16 \(--dtype\)\.$"
+    with pytest.raises(FloatingPointError, match=message):
+        analyze(model, _batches(), SGLPConfig(drop=1, scoring=scoring, **CONFIG), progress=False)
 
 
 @pytest.mark.parametrize("allocation,candidates", [("size", 2), ("loss", 2), ("loss", "all")])
@@ -344,6 +348,26 @@ def test_statistics_cache_shares_one_pass_and_gives_the_same_plans(monkeypatch):
         assert a.dropped == b.dropped and a.scores == b.scores and a.cka == b.cka
     assert [p.extra["statistics_reused"] for p in shared] == [False, True, True, False, False, False]
     assert shared[1].timings["total_s"] >= shared[1].timings["statistics_s"] > 0
+
+
+def test_the_statistics_pass_runs_the_head_only_for_gradnorm():
+    """CKA needs the blocks only; the head (most of a forward for a large vocabulary) runs
+    when GradNorm needs the loss, and the CKA is the same either way."""
+    from sglp_llm.api import collect_block_statistics
+    from sglp_llm.data import CalibrationSet
+
+    model = tiny_model("gemma3_text", num_layers=6)
+    heads = []
+    model.lm_head.register_forward_hook(lambda *args: heads.append(1))
+    blocks = find_decoder_blocks(model)
+    calibration = CalibrationSet(batches=_batches(), n_tokens=3 * 4 * 16, source="test", n_samples=12, seq_len=16)
+    stats = {}
+    for scoring in ("loss", "block"):
+        heads.clear()
+        stats[scoring] = collect_block_statistics(model, blocks, calibration, SGLPConfig(drop=2, scoring=scoring, **CONFIG), 2, progress=False)
+        assert len(heads) == (3 if scoring == "block" else 0)
+    torch.testing.assert_close(stats["loss"].cka, stats["block"].cka, rtol=1e-6, atol=1e-9)
+    assert stats["loss"].scores.isnan().all() and not stats["block"].scores.isnan().any()
 
 
 def test_a_loss_check_of_every_block_computes_no_gradnorm(monkeypatch):
