@@ -289,8 +289,8 @@ def _loss_check(
     same ("local"; removing a block next to a candidate can make the candidate cheaper to lose).
     A tighter bound re-measures fewer candidates after a removal that raised every loss.
 
-    With `loss_screen_samples`, the first step ranks every candidate on that many calibration
-    sequences only, and those estimates stand in as the earlier measurements: only the
+    With `loss_screen_samples` (0: off), the first step ranks every candidate on that many
+    calibration sequences only, and those estimates stand in as the earlier measurements: only the
     candidates they make promising are measured on the loss batches."""
     config, scores = context.config, context.scores
     batches = context.batches[: config.loss_batches]
@@ -330,9 +330,9 @@ def _loss_check(
                     return measured[block]
                 return max(measured[block], current + increase[block])
 
-            if current is None and (tightened or config.loss_screen_samples is not None):
+            if current is None and (tightened or config.loss_screen_samples):
                 current = removal.current()  # the unpruned network's loss, at the first step
-            if not steps and config.loss_screen_samples is not None:
+            if not steps and config.loss_screen_samples:
                 first = _screen(context, batches, candidates, current)
                 for block, estimate in first.items():
                     record(block, estimate)

@@ -89,7 +89,7 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     method.add_argument("--loss-bound", choices=LOSS_BOUNDS,
                         help="the loss check's lazy bound: stale (default), marginal or local")
     method.add_argument("--loss-screen-samples", type=int,
-                        help="rank the loss check's first candidates on this many sequences first")
+                        help="rank the loss check's first candidates on this many sequences first (0: off; default 1)")
     method.add_argument("--max-candidates", type=int, help="cap on keep-sets scored per segment (subset search)")
     method.add_argument("--sleb-batches", type=int,
                         help="calibration batches each SLEB candidate is scored on (default: all)")

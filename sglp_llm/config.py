@@ -155,11 +155,11 @@ class SGLPConfig(SettingsFile):
     loss_lazy: bool = True
     # the lazy lower bound: "stale" (the earlier loss), "marginal" (current loss + the earlier
     # increase; assumes a block's damage does not shrink as others go) or "local" (marginal
-    # except next to a removal since, where stale)
-    loss_bound: str = "stale"
+    # except next to a removal since, where stale; measured default)
+    loss_bound: str = "local"
     # rank the first step's candidates on this many calibration sequences; only the promising
-    # ones are measured on the loss batches (unset: every candidate is)
-    loss_screen_samples: int | None = None
+    # ones are measured on the loss batches (0: every candidate is; measured default: 1)
+    loss_screen_samples: int = 1
     # method="sleb" only: every candidate is scored on the first sleb_batches calibration batches
     # (unset: all of them, as in the paper); SLEB costs about drop × blocks × sleb_batches forwards
     sleb_batches: int | None = None
@@ -239,7 +239,7 @@ class SGLPConfig(SettingsFile):
                 "`loss_candidates` must be a positive integer (the lowest-GradNorm blocks of a segment "
                 f"the loss check tries) or \"all\", got {self.loss_candidates!r}."
             )
-        for name in ("num_segments", "max_segments", "sleb_batches", "loss_screen_samples"):
+        for name in ("num_segments", "max_segments", "sleb_batches"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"`{name}` must be a positive integer or unset, got {value!r}.")
@@ -276,7 +276,7 @@ class SGLPConfig(SettingsFile):
             )
         if not (0.0 <= self.auto_k_threshold < 1.0):
             raise ConfigError("`auto_k_threshold` must be in [0, 1).")
-        for name in ("protect_first", "protect_last"):
+        for name in ("protect_first", "protect_last", "loss_screen_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"`{name}` must be a non-negative integer, got {value!r}.")

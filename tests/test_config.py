@@ -22,7 +22,7 @@ from sglp_llm.config import ConfigError, SGLPConfig
         ({"drop": 2, "scoring": "magic"}, "`scoring` must be one of"),
         ({"drop": 2, "num_segments": 0}, "`num_segments` must be a positive integer"),
         ({"drop": 2, "sleb_batches": 0}, "`sleb_batches` must be a positive integer or unset, got 0"),
-        ({"drop": 2, "loss_screen_samples": 0}, "`loss_screen_samples` must be a positive integer or unset, got 0"),
+        ({"drop": 2, "loss_screen_samples": -1}, "`loss_screen_samples` must be a non-negative integer, got -1"),
         ({"drop": 2, "loss_bound": "tight"}, r"`loss_bound` must be one of \('stale', 'marginal', 'local'\), got 'tight'"),
         ({"drop": 2, "protect_first": -1}, "`protect_first` must be a non-negative"),
         ({"drop": 2, "auto_k": "knee"}, "`auto_k` must be one of"),
