@@ -32,10 +32,13 @@ METHODS = ("block-influence", "angular", "last", "random", "sglp", "sleb")
 # The paper's literal choice (the default until this benchmark picked the loss check); every
 # variant names all the settings it changes from the current defaults (scoring "loss", allocation
 # "auto" = by loss, every block of a segment a candidate, lazy re-measurement, 1 batch, auto_k
-# "elbow").
+# "elbow", the first step screened on 1 sequence, the local bound).
 PAPER = {"scoring": "block", "segment_feature": "column_sum", "auto_k": "reference", "allocation": "size"}
+# the loss check before screening and the local bound: every candidate of the first step
+# measured on the batch, the earlier loss as the lazy bound
+UNSCREENED = {"loss_screen_samples": 0, "loss_bound": "stale"}
 # the loss check as first measured: every candidate measured at every step, the 5 % rule
-LOSS_FULL = {"scoring": "loss", "loss_lazy": False, "allocation": "size", "auto_k": "reference"}
+LOSS_FULL = {**UNSCREENED, "scoring": "loss", "loss_lazy": False, "allocation": "size", "auto_k": "reference"}
 LOSS2 = {**LOSS_FULL, "loss_candidates": 2}
 VARIANTS = {
     "sglp-paper": PAPER,
@@ -49,13 +52,16 @@ VARIANTS = {
     "sglp-loss-c4": {**LOSS_FULL, "loss_candidates": 4, "allocation": "size"},
     "sglp-loss-b4": {**LOSS_FULL, "loss_candidates": 4, "allocation": "size", "loss_batches": 4},
     "sglp-loss-free": {**LOSS_FULL, "loss_candidates": 4, "allocation": "loss"},
-    # the previous default: the 8 lowest-GradNorm blocks of a segment are the candidates
-    "sglp-gradnorm8": {"loss_candidates": 8},
-    # the previous default with the paper's 5 % rule instead of the elbow
-    "sglp-reference": {"loss_candidates": 8, "auto_k": "reference"},
-    "sglp-lazy-free": {"scoring": "loss", "loss_lazy": True, "loss_candidates": 4, "allocation": "loss", "auto_k": "reference"},
-    # the lazy bound that assumes a block's damage does not shrink as others go
-    "sglp-marginal": {"loss_bound": "marginal"},
+    # the default before screening and the local bound
+    "sglp-stale": UNSCREENED,
+    # the default before that: the 8 lowest-GradNorm blocks of a segment are the candidates
+    "sglp-gradnorm8": {**UNSCREENED, "loss_candidates": 8},
+    # that with the paper's 5 % rule instead of the elbow
+    "sglp-reference": {**UNSCREENED, "loss_candidates": 8, "auto_k": "reference"},
+    "sglp-lazy-free": {**UNSCREENED, "scoring": "loss", "loss_lazy": True, "loss_candidates": 4, "allocation": "loss",
+                       "auto_k": "reference"},
+    # the lazy bound that assumes a block's damage never shrinks as others go, for every candidate
+    "sglp-marginal": {"loss_screen_samples": 0, "loss_bound": "marginal"},
     # the paper's search: forward+backward per candidate keep-set, the slowest SGLP variant
     "sglp-subset": {"scoring": "subset"},
 }

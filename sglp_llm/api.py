@@ -352,7 +352,7 @@ def _loss_check(
             left[next(i for i, s in enumerate(segments) if best in s)] -= 1
             steps.append({"block": best, "loss": measured[best], "candidates": len(candidates), "measured": len(fresh)})
             bar.update()
-    # each block's loss when removed alone (None: not measured at the first step)
+    # each block's loss when removed alone (screened: the estimate; None: not a first-step candidate)
     removal_losses = [first.get(i) for i in range(len(scores))]
     return sorted(removal.removed), {"steps": steps, "removal_losses": removal_losses}
 

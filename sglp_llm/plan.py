@@ -30,7 +30,9 @@ class PruningPlan:
     config: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     segmentation_losses: list[float] = field(default_factory=list)
-    score_kind: str = "gradnorm"  # "loss_without_block" (the default loss check), or the baseline's score (sglp_llm.baselines), "none" if it has none
+    # "loss_without_block" (the default loss check; estimated on loss_screen_samples sequences when
+    # screened), or the baseline's score (sglp_llm.baselines), "none" if it has none
+    score_kind: str = "gradnorm"
     model_name: str | None = None
     calibration_source: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
