@@ -97,12 +97,13 @@ class RemovalLoss:
         return max((i for i in self._outputs if i < below), default=None)
 
     @torch.no_grad()
-    def _run(self, skipped: list[int], start: int | None, keep: int | None) -> float | None:
+    def _run(self, skipped: list[int], start: int | None, stop: int | None = None) -> float | None:
         """One pass of the network without `skipped` over the batches, blocks up to `start`
-        replaced by its kept output; with `keep`, keep the outputs of the blocks that run, up to
-        that one, and stop there (no loss), else return the loss."""
+        replaced by its kept output; the loss, or with `stop`, none: the pass ends after that
+        block. The outputs of the current network's blocks are kept as they run."""
         kept = [i for i in range(self.num_blocks) if i not in skipped]
         start_position = -1 if start is None else kept.index(start)
+        keeping = sorted(skipped) == sorted(self.removed)
         stored: dict[int, list[Any]] = {}
         weighted: list[tuple[float, int]] = []
         batch_index = 0
@@ -111,10 +112,10 @@ class RemovalLoss:
             if position <= start_position:
                 return self._outputs[start][batch_index]
             output = block(*args, **kwargs)
-            if keep is not None:
+            if keeping:
                 stored.setdefault(kept[position], []).append(output)
-                if kept[position] == keep:
-                    raise StopForward
+            if kept[position] == stop:
+                raise StopForward
             return output
 
         with skip_blocks(self.model, skipped, layers_path=self.layers_path):
@@ -125,14 +126,12 @@ class RemovalLoss:
                     except StopForward:
                         continue
                     weighted.append((_checked(loss, skipped), _predicted_tokens(batch)))
-        if keep is not None:
-            self._outputs.update(stored)
-            return None
-        return _token_mean(weighted)
+        self._outputs.update(stored)
+        return None if stop is not None else _token_mean(weighted)
 
     def current(self) -> float:
         """The calibration NLL of the current network, from its deepest kept output."""
-        return self._run(list(self.removed), self._nearest_kept_output(self.num_blocks), keep=None)
+        return self._run(list(self.removed), self._nearest_kept_output(self.num_blocks))
 
     def measure(self, block: int) -> float:
         """The calibration NLL of the current network without `block` as well."""
@@ -140,5 +139,5 @@ class RemovalLoss:
             raise ValueError(f"Block {block} is removed already.")
         previous = self._previous_kept(block)
         if previous is not None and previous not in self._outputs:
-            self._run(list(self.removed), self._nearest_kept_output(previous), keep=previous)
-        return self._run(self.removed + [block], previous, keep=None)
+            self._run(list(self.removed), self._nearest_kept_output(previous), stop=previous)
+        return self._run(self.removed + [block], previous)

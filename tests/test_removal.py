@@ -61,3 +61,7 @@ def test_a_measurement_runs_only_the_blocks_after_the_removed_one():
     removal.remove(2)  # outputs from block 2 on are no longer those of the network
     removal.measure(4)  # block 3's output again, from block 1's
     assert calls == [2, 2, 2, 4, 4, 6]
+    removal.current()  # from block 3's kept output, keeping block 4's and 5's
+    assert calls == [2, 2, 2, 4, 6, 8]
+    removal.measure(5)  # from block 4's kept output: no block runs
+    assert calls == [2, 2, 2, 4, 6, 8]
