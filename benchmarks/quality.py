@@ -31,12 +31,12 @@ RATIOS = (0.1, 0.2, 0.3)
 METHODS = ("block-influence", "angular", "last", "random", "sglp", "sleb")
 # The paper's literal choice (the default until this benchmark picked the loss check); every
 # variant names all the settings it changes from the current defaults (scoring "loss", allocation
-# "auto" = by loss, every block of a segment a candidate, lazy re-measurement, 1 batch, auto_k
+# "auto" = by loss, every block of a segment a candidate, lazy re-measurement, 2 batches, auto_k
 # "elbow", the first step screened on 1 sequence, the local bound).
 PAPER = {"scoring": "block", "segment_feature": "column_sum", "auto_k": "reference", "allocation": "size"}
 # the loss check before screening and the local bound: every candidate of the first step
 # measured on the batch, the earlier loss as the lazy bound
-UNSCREENED = {"loss_screen_samples": 0, "loss_bound": "stale"}
+UNSCREENED = {"loss_screen_samples": 0, "loss_bound": "stale", "loss_batches": 1}
 # the loss check as first measured: every candidate measured at every step, the 5 % rule
 LOSS_FULL = {**UNSCREENED, "scoring": "loss", "loss_lazy": False, "allocation": "size", "auto_k": "reference"}
 LOSS2 = {**LOSS_FULL, "loss_candidates": 2}
@@ -52,7 +52,9 @@ VARIANTS = {
     "sglp-loss-c4": {**LOSS_FULL, "loss_candidates": 4, "allocation": "size"},
     "sglp-loss-b4": {**LOSS_FULL, "loss_candidates": 4, "allocation": "size", "loss_batches": 4},
     "sglp-loss-free": {**LOSS_FULL, "loss_candidates": 4, "allocation": "loss"},
-    # the default before screening and the local bound
+    # the default with the loss measured on one batch, not two
+    "sglp-batch1": {"loss_batches": 1},
+    # the default before screening and the local bound (one batch)
     "sglp-stale": UNSCREENED,
     # the default before that: the 8 lowest-GradNorm blocks of a segment are the candidates
     "sglp-gradnorm8": {**UNSCREENED, "loss_candidates": 8},
@@ -61,7 +63,7 @@ VARIANTS = {
     "sglp-lazy-free": {**UNSCREENED, "scoring": "loss", "loss_lazy": True, "loss_candidates": 4, "allocation": "loss",
                        "auto_k": "reference"},
     # the lazy bound that assumes a block's damage never shrinks as others go, for every candidate
-    "sglp-marginal": {"loss_screen_samples": 0, "loss_bound": "marginal"},
+    "sglp-marginal": {**UNSCREENED, "loss_bound": "marginal"},
     # the paper's search: forward+backward per candidate keep-set, the slowest SGLP variant
     "sglp-subset": {"scoring": "subset"},
 }
