@@ -87,7 +87,7 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                         help="lowest-GradNorm blocks per segment the loss check tries; 'all': every block, no GradNorm")
     method.add_argument("--loss-batches", type=int, help="calibration batches each loss-check candidate is scored on")
     method.add_argument("--loss-bound", choices=LOSS_BOUNDS,
-                        help="the loss check's lazy bound: stale (default), marginal or local")
+                        help="the loss check's lazy bound: local (default), stale or marginal")
     method.add_argument("--loss-screen-samples", type=int,
                         help="rank the loss check's first candidates on this many sequences first (0: off; default 1)")
     method.add_argument("--max-candidates", type=int, help="cap on keep-sets scored per segment (subset search)")

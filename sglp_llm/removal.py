@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from .blocks import find_decoder_blocks
+from .capture import StopForward
 from .distributed import all_reduce_state, shard
 from .rewrite import skip_blocks
 from .score import causal_lm_loss, check_finite
-from .capture import StopForward
 from .sequential import stubbed_blocks
 
 
