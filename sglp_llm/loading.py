@@ -285,7 +285,8 @@ def load_model(
     else:
         raise ModelLoadError(
             f"{text!r} is neither an existing directory or .gguf file nor a Hub id of the form "
-            "owner/name (e.g. HuggingFaceTB/SmolLM2-135M); check the path"
+            "owner/name (e.g. HuggingFaceTB/SmolLM2-135M); check the path. Models with an old "
+            "id without owner have one now (gpt2 is openai-community/gpt2): use that"
         )
 
     _ensure_pad_token(tokenizer, name)

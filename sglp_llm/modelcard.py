@@ -168,7 +168,7 @@ def _removed_section(plan: PruningPlan) -> str:
         f"| blocks after | {len(plan.kept)} |",
         f"| dropped (original indices) | {_indices(plan.dropped)} |",
         f"| kept (original indices) | {_indices(plan.kept)} |",
-        f"| block scores | {plan.score_kind} |",
+        f"| block scores | {plan.score_label()} |",
         f"| layers | `{plan.layers_path}` |",
         "",
         f"![CKA between block outputs, segments boxed, dropped blocks in red]({HEATMAP_NAME})",

@@ -56,11 +56,19 @@ class PruningPlan:
         score = self.scores[block]
         return "–" if score is None else f"{score:.4g}"
 
+    def score_label(self) -> str:
+        """`score_kind` for people, saying when some of the scores are the loss check's estimates."""
+        samples = self.config.get("loss_screen_samples")
+        if self.score_kind == "loss_without_block" and samples:
+            sequences = "sequence" if samples == 1 else "sequences"
+            return f"{self.score_kind} (where the first step did not measure it: estimated on {samples} {sequences})"
+        return self.score_kind
+
     def summary(self) -> str:
         """A few human-readable lines: segments, scores and the decision."""
         lines = [
             f"{self.num_blocks} blocks, {len(self.segments)} segments, "
-            f"{self.n_tokens} calibration tokens in {self.n_batches} batches",
+            f"{self.n_tokens} calibration tokens in {self.n_batches} batches; scores: {self.score_label()}",
         ]
         for seg, keep in zip(self.segments, self.keep_per_segment):
             drop = [i for i in seg if i in self.dropped]

@@ -209,6 +209,11 @@ def test_missing_path_that_is_no_hub_id_is_refused(model):
         load_model(model)
 
 
+def test_a_bare_legacy_id_is_told_its_owner_form():
+    with pytest.raises(ModelLoadError, match="gpt2 is openai-community/gpt2"):
+        load_model("gpt2")
+
+
 def test_missing_gguf_is_refused(tmp_path):
     with pytest.raises(
         ModelLoadError, match="GGUF file not found: .*; pass an existing local .gguf file"

@@ -61,6 +61,7 @@ def plan():
         config=SGLPConfig(drop=2, dataset="wikitext").to_dict(),
         timings={"cka": 1.5, "score": 0.4},
         segmentation_losses=[0.3, 0.1, 0.04],
+        score_kind="loss_without_block",
         model_name=BASE,
         calibration_source="wikitext/wikitext-2-raw-v1:train",
     )
@@ -313,6 +314,7 @@ def test_model_card_front_matter_and_decision(plan):
     assert "| blocks after | 4 |" in text
     assert "| dropped (original indices) | 2, 3 |" in text
     assert "| kept (original indices) | 0, 1, 4, 5 |" in text
+    assert "| block scores | loss_without_block (where the first step did not measure it: estimated on 1 sequence) |" in text
     assert "| 1 | 2–4 | 1 of 3 | 2, 3 | 2: 0.21, 3: 0.13, 4: 0.5 |" in text
     assert "| 2 | 5 | 1 of 1 | none | 5: 1.2 |" in text
     assert "- data: wikitext/wikitext-2-raw-v1:train" in text
@@ -325,6 +327,14 @@ def test_model_card_front_matter_and_decision(plan):
     assert "sglp-llm eval <path-or-repo-id>" in text
     assert "](cka_heatmap.png)" in text
     assert "## Evaluation" not in text
+
+
+def test_model_card_names_unscreened_and_other_scores_plainly(plan):
+    plan.config["loss_screen_samples"] = 0
+    assert "| block scores | loss_without_block |" in render_model_card(plan, base_model=BASE)
+    plan.score_kind = "gradnorm"
+    plan.config["loss_screen_samples"] = 1
+    assert "| block scores | gradnorm |" in render_model_card(plan, base_model=BASE)
 
 
 def test_model_card_calibration_falls_back_to_config_dataset(plan):
