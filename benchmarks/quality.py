@@ -66,6 +66,16 @@ VARIANTS = {
     "sglp-marginal": {**UNSCREENED, "loss_bound": "marginal"},
     # the paper's search: forward+backward per candidate keep-set, the slowest SGLP variant
     "sglp-subset": {"scoring": "subset"},
+    # the default's loss check within fixed drops per segment: by size, by redundancy
+    "sglp-size": {"allocation": "size"},
+    "sglp-redundancy": {"allocation": "redundancy"},
+    # the default with a fixed number of segments, and with segments of at least 3 blocks
+    "sglp-k4": {"num_segments": 4},
+    "sglp-min3": {"min_segment_size": 3},
+    # the same three on the paper's literal choice, where drops per segment follow the segments
+    "sglp-paper-redundancy": {**PAPER, "allocation": "redundancy"},
+    "sglp-paper-k4": {**PAPER, "num_segments": 4},
+    "sglp-paper-min3": {**PAPER, "min_segment_size": 3},
 }
 CALIBRATION = SGLPConfig(drop=1, dataset=STDLIB_DOCS, seq_len=256, n_samples=16, batch_size=4, seed=0)
 
