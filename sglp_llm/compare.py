@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -142,22 +144,46 @@ class Comparison:
             ) + " |")
         return "\n".join(lines)
 
+    def plot_order_and_ceiling(self) -> tuple[list[str], float]:
+        """The methods best first (by their mean log-ratio to the best perplexity at each drop
+        count they ran), and the plot's top: 4× the worst of the per-drop best, so the
+        competitive lines are not flattened by a method that exploded; lines above it leave the
+        chart."""
+        best: dict[int, float] = {}
+        for run in self.runs:
+            best[run["drop"]] = min(best.get(run["drop"], math.inf), run["perplexity"])
+        ratios: dict[str, list[float]] = {}
+        for run in self.runs:
+            ratios.setdefault(run["method"], []).append(math.log(run["perplexity"] / best[run["drop"]]))
+        order = sorted(ratios, key=lambda name: (sum(ratios[name]) / len(ratios[name]), name))
+        return order, 4 * max(best.values())
+
     def plot(self, path: str | Path) -> Path:
-        """Held-out perplexity against blocks dropped, one line per method, the dense model as
-        a horizontal reference; log-scale y, since pruning raises perplexity multiplicatively."""
-        fig = Figure(figsize=(7, 4.5), layout="constrained")
+        """Held-out perplexity against blocks dropped, one line per method (legend best first),
+        the dense model as a horizontal reference; log-scale y, since pruning raises perplexity
+        multiplicatively. SGLP's default is drawn thick, the peer baselines dashed."""
+        order, ceiling = self.plot_order_and_ceiling()
+        fig = Figure(figsize=(10, max(4.5, 0.22 * len(order) + 1)), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        for name in self.run_names():
+        colours = matplotlib.colormaps["tab20"].colors
+        for i, name in enumerate(order):
             runs = sorted((r for r in self.runs if r["method"] == name), key=lambda r: r["drop"])
-            ax.plot([r["drop"] for r in runs], [r["perplexity"] for r in runs], marker="o", label=name)
-        ax.axhline(self.dense["perplexity"], color="black", ls="--", lw=1, label="dense")
+            base = runs[0].get("base_method", name)
+            style = {"lw": 3, "color": "black", "zorder": 3} if name == "sglp" else {
+                "lw": 1.2, "color": colours[i % len(colours)], "ls": "--" if base != "sglp" else "-",
+            }
+            ax.plot([r["drop"] for r in runs], [r["perplexity"] for r in runs],
+                    marker="osD^v<>"[i % 7], label=name, **style)
+        dense = self.dense["perplexity"]
+        ax.axhline(dense, color="grey", ls=":", lw=1, label="dense")
         ax.set_yscale("log")
+        ax.set_ylim(0.9 * dense, ceiling)
         ax.set_xticks(self.drops)
         ax.set_xlabel(f"blocks dropped (of {self.num_blocks})")
-        ax.set_ylabel("held-out perplexity")
+        ax.set_ylabel(f"held-out perplexity (above {ceiling:.4g}: off the chart)")
         ax.set_title(self.model)
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), title="best first")
         fig.savefig(path, format="png", dpi=120)
         return Path(path)
 

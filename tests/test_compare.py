@@ -11,7 +11,7 @@ import torch
 from sglp_llm import data
 from sglp_llm.api import analyze
 from sglp_llm.cli import main
-from sglp_llm.compare import compare, default_eval_source, parse_variant
+from sglp_llm.compare import Comparison, compare, default_eval_source, parse_variant
 from sglp_llm.config import ConfigError, SGLPConfig
 from sglp_llm.evaluate import perplexity
 from sglp_llm.rewrite import remove_blocks
@@ -97,6 +97,19 @@ def test_the_model_is_left_dense_and_unchanged(run):
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == list(range(8))
     for name, value in model.state_dict().items():
         assert torch.equal(value, state[name]), name
+
+
+def test_plot_lists_methods_best_first_and_keeps_the_competitive_range(tmp_path):
+    """Ranked by the mean log-ratio to each drop count's best, so a method measured at the easy
+    drop count only does not rank first for it; the top is 4x the largest per-drop best."""
+    perplexities = {"good": {1: 10.0, 2: 20.0}, "partial": {1: 11.0}, "exploded": {1: 100.0, 2: 1e6},
+                    "close": {1: 10.5, 2: 20.5}}
+    runs = [{"method": m, "base_method": "sglp", "drop": d, "perplexity": p}
+            for m, cells in perplexities.items() for d, p in cells.items()]
+    comparison = Comparison(model="m", num_blocks=8, drops=[1, 2], calibration={}, evaluation={},
+                            speed={}, dense={"perplexity": 5.0}, runs=runs)
+    assert comparison.plot_order_and_ceiling() == (["good", "close", "partial", "exploded"], 80.0)
+    assert comparison.plot(tmp_path / "p.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
 def test_outputs_json_markdown_and_plot(run):
