@@ -67,16 +67,24 @@ def test_blocks_offloaded_to_disk_give_the_plain_statistics_and_plan(model_dir, 
     ).eval()
     assert any(p.is_meta for p in find_decoder_blocks(offloaded).layers[1].parameters())
     plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    for scoring in ("block", "subset"):
+    for scoring in ("block", "subset", "loss"):
         config = SGLPConfig(drop=2, num_segments=2, scoring=scoring, max_candidates=3, **CONFIG)
-        with pytest.warns(UserWarning, match="offloads weights of block 1, block 3, block 4: .*saves no memory for GradNorm.*--offload sequential"):
+        if scoring == "loss":  # the default: no GradNorm, so no warning
             got = analyze(offloaded, _batches(), config, progress=False)
+        else:
+            with pytest.warns(UserWarning, match="offloads weights of block 1, block 3, block 4: .*saves no memory for GradNorm.*--offload sequential"):
+                got = analyze(offloaded, _batches(), config, progress=False)
         expected = analyze(plain, _batches(), config, progress=False)
         torch.testing.assert_close(torch.tensor(got.cka), torch.tensor(expected.cka), rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(torch.tensor(got.scores), torch.tensor(expected.scores), rtol=1e-5, atol=0)
-        assert all(s > 0 for s in got.scores) and got.dropped == expected.dropped
+        scores = [[math.nan if s is None else s for s in plan.scores] for plan in (got, expected)]
+        torch.testing.assert_close(torch.tensor(scores[0]), torch.tensor(scores[1]), rtol=1e-5, atol=0, equal_nan=True)
+        assert all(s > 0 for s in scores[0] if not math.isnan(s)) and got.dropped == expected.dropped
         for segment, search in expected.extra.get("subset_search", {}).items():
             assert got.extra["subset_search"][segment]["best_score"] == pytest.approx(search["best_score"], rel=1e-6)
+        steps = [plan.extra.get("loss_check", {}).get("steps", []) for plan in (got, expected)]
+        assert len(steps[0]) == len(steps[1]) == (2 if scoring == "loss" else 0)
+        for step, plain_step in zip(*steps):
+            assert step["block"] == plain_step["block"] and step["loss"] == pytest.approx(plain_step["loss"], rel=1e-6)
     assert all(p.grad is None for p in offloaded.parameters())
 
 
