@@ -57,11 +57,11 @@ class PruningPlan:
         return "–" if score is None else f"{score:.4g}"
 
     def score_label(self) -> str:
-        """`score_kind` for people, saying when some of the scores are the loss check's estimates."""
+        """`score_kind` for people, saying when the scores are the loss check's screen estimates."""
         samples = self.config.get("loss_screen_samples")
         if self.score_kind == "loss_without_block" and samples:
-            sequences = "sequence" if samples == 1 else "sequences"
-            return f"{self.score_kind} (where the first step did not measure it: estimated on {samples} {sequences})"
+            sequences = "calibration sequence" if samples == 1 else f"{samples} calibration sequences"
+            return f"{self.score_kind} (estimated on the first {sequences})"
         return self.score_kind
 
     def summary(self) -> str:

@@ -314,7 +314,7 @@ def test_model_card_front_matter_and_decision(plan):
     assert "| blocks after | 4 |" in text
     assert "| dropped (original indices) | 2, 3 |" in text
     assert "| kept (original indices) | 0, 1, 4, 5 |" in text
-    assert "| block scores | loss_without_block (where the first step did not measure it: estimated on 1 sequence) |" in text
+    assert "| block scores | loss_without_block (estimated on the first calibration sequence) |" in text
     assert "| 1 | 2–4 | 1 of 3 | 2, 3 | 2: 0.21, 3: 0.13, 4: 0.5 |" in text
     assert "| 2 | 5 | 1 of 1 | none | 5: 1.2 |" in text
     assert "- data: wikitext/wikitext-2-raw-v1:train" in text
@@ -330,6 +330,8 @@ def test_model_card_front_matter_and_decision(plan):
 
 
 def test_model_card_names_unscreened_and_other_scores_plainly(plan):
+    plan.config["loss_screen_samples"] = 4
+    assert "| block scores | loss_without_block (estimated on the first 4 calibration sequences) |" in render_model_card(plan, base_model=BASE)
     plan.config["loss_screen_samples"] = 0
     assert "| block scores | loss_without_block |" in render_model_card(plan, base_model=BASE)
     plan.score_kind = "gradnorm"
