@@ -32,11 +32,13 @@ from .devices import activation_checkpointing
 from .distributed import all_reduce_state, is_main_process, rank, world_size
 from .plan import PruningPlan
 from .removal import RemovalLoss
-from .rewrite import SGLP_CONFIG_KEY, remove_blocks, skip_blocks
+from . import verify
+from .rewrite import SGLP_CONFIG_KEY, removing_blocks, skip_blocks
 from .score import BlockGradNorms, causal_lm_loss, check_finite, grad_only_for, network_gradnorm
 from .segment import redundancy, segment_blocks
 from .select import allocate_drops, best_subset, choose_drops, enumerate_keep_sets
 from .sequential import sequential_pass
+from .verify import Reference, make_probe, reference_outputs
 
 
 @dataclass
@@ -422,6 +424,14 @@ def analyze(
     `statistics_cache` (a dict kept by the caller) lets analyses that measure the same
     statistics (`statistics_key`) share one pass; the reported times still include it.
     """
+    return _analyze(model, calibration, config, tokenizer, progress, statistics_cache)[0]
+
+
+def _analyze(
+    model: nn.Module, calibration: Any, config: SGLPConfig | None, tokenizer: Any, progress: bool,
+    statistics_cache: dict | None,
+) -> tuple[PruningPlan, CalibrationSet]:
+    """`analyze`, also returning the calibration set (whose tokens `prune` verifies on)."""
     if config is None:
         raise ConfigError("Pass an SGLPConfig, e.g. SGLPConfig(drop=4) or SGLPConfig(ratio=0.25).")
     start = time.perf_counter()
@@ -430,6 +440,10 @@ def analyze(
     num_blocks = len(blocks.layers)
     n_drop = config.resolve_drop(num_blocks)
     protected = _protected(num_blocks, config)
+    if config.verify:  # a family the rewrite cannot handle is refused before the long work
+        t = time.perf_counter()
+        verify.preflight(model, config.to_dict(), config.layers_path)
+        timings["preflight_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     calibration = prepare_calibration(
@@ -481,7 +495,7 @@ def analyze(
     # work reused from the cache took no time now, but belongs to the cost of this analysis
     timings["total_s"] = time.perf_counter() - start + reused_seconds
 
-    return PruningPlan(
+    plan = PruningPlan(
         num_blocks=num_blocks,
         layers_path=blocks.path,
         cka=stats.cka.tolist(),
@@ -500,6 +514,7 @@ def analyze(
         calibration_source=calibration.source,
         extra=extra,
     )
+    return plan, calibration
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -514,6 +529,9 @@ class PruneResult:
     plan: PruningPlan
     tokenizer: Any = None
     base_model: str | None = None
+    # the original's outputs with the dropped blocks skipped: the saved folder is checked against
+    # them once reloaded (None: verification was turned off)
+    reference: Reference | None = None
 
     def save_pretrained(self, output_dir: str | Path, *, overwrite: bool = False, evaluation: dict | None = None) -> Path:
         from .save import save_pruned
@@ -521,7 +539,7 @@ class PruneResult:
         return save_pruned(
             output_dir, self.model, self.tokenizer, self.plan,
             base_model=self.base_model or self.plan.model_name or "unknown",
-            overwrite=overwrite, evaluation=evaluation,
+            overwrite=overwrite, evaluation=evaluation, reference=self.reference,
         )
 
     def push_to_hub(self, repo_id: str, *, private: bool = True, token: str | None = None) -> str:
@@ -544,9 +562,18 @@ def prune(
     plan: PruningPlan | None = None,
     progress: bool = True,
 ) -> PruneResult:
-    """Analyze (unless a `plan` is given) and remove the chosen blocks from `model` in place."""
+    """Analyze (unless a `plan` is given) and remove the chosen blocks from `model` in place.
+
+    With `verify` (the default), the pruned model must compute what the original computes with
+    the dropped blocks skipped (sglp_llm.verify); if it does not, the model is put back as it was
+    and a VerificationError says so."""
+    batches = None
     if plan is None:
-        plan = analyze(model, calibration, config, tokenizer=tokenizer, progress=progress)
+        plan, calibration_set = _analyze(model, calibration, config, tokenizer, progress, None)
+        batches = calibration_set.batches
+    elif calibration is not None:
+        settings = SGLPConfig.from_dict(plan.config)
+        batches = prepare_calibration(calibration, tokenizer, settings).batches
     num_blocks = len(find_decoder_blocks(model, plan.layers_path).layers)
     if num_blocks != plan.num_blocks:
         raise ConfigError(
@@ -555,7 +582,19 @@ def prune(
         )
     params_before = count_parameters(model)
     base_model = plan.model_name or getattr(model, "name_or_path", None)
-    remove_blocks(model, plan.dropped, layers_path=plan.layers_path)
+    reference = None
+    if plan.config.get("verify", True):
+        probe = make_probe(model, batches, seed=plan.config.get("seed", 0))
+        reference = reference_outputs(model, plan.dropped, probe, plan.config, plan.layers_path)
+    undo = removing_blocks(model, plan.dropped, layers_path=plan.layers_path)
+    if reference is not None:
+        try:
+            verify.check(reference, model, "The pruned model", indices=plan.kept, device=plan.config.get("onload_device"))
+        except BaseException:
+            undo()
+            raise
+        plan.extra["verification"] = verify.summary(reference)
+        plan.timings["verify_s"] = plan.extra["verification"]["seconds"]
     getattr(text_config(model), SGLP_CONFIG_KEY)["settings"] = plan.config
     plan.extra.update(params_before=params_before, params_after=count_parameters(model))
-    return PruneResult(model=model, plan=plan, tokenizer=tokenizer, base_model=base_model)
+    return PruneResult(model=model, plan=plan, tokenizer=tokenizer, base_model=base_model, reference=reference)

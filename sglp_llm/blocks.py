@@ -3,7 +3,7 @@
 Every family keeps its blocks in an `nn.ModuleList`, but not always at the same place
 (`model.layers`, `model.language_model.layers`, `transformer.h`, ...). Known families are
 looked up by `model_type`; anything else falls back to the one `ModuleList` whose length is
-the config's `num_hidden_layers`. Users can always name the path with `layers_path`.
+the config's block count (`block_counts`). Users can always name the path with `layers_path`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ class DecoderBlocks:
     parent: nn.Module
     attribute: str
     layers: nn.ModuleList
-    config: object  # the (text) config that owns num_hidden_layers
+    config: object  # the (text) config that owns the block count
+    count_field: str = "num_hidden_layers"  # the config field holding the block count
+
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -47,6 +49,27 @@ def text_config(model: nn.Module):
     config = model.config
     get_text_config = getattr(config, "get_text_config", None)
     return get_text_config() if callable(get_text_config) else config
+
+
+# config fields that may hold the block count, decoder ones first: the decoder of an
+# encoder-decoder family used as a causal LM (BART, Marian, ...) counts its blocks in
+# `decoder_layers`, while its `num_hidden_layers` maps to `encoder_layers`
+BLOCK_COUNT_FIELDS = (
+    "decoder_layers", "num_decoder_layers", "num_hidden_layers", "n_layer", "n_layers", "num_layers",
+)
+
+
+def block_counts(config) -> list[tuple[str, int]]:
+    """(real field name, value) of each block-count field the config sets, in preference order;
+    aliases (`attribute_map`) are resolved, so the field named is the one saved."""
+    aliases = getattr(config, "attribute_map", {}) or {}
+    found: dict[str, int] = {}
+    for name in BLOCK_COUNT_FIELDS:
+        real = aliases.get(name, name)
+        value = getattr(config, real, None)
+        if isinstance(value, int) and not isinstance(value, bool) and real not in found:
+            found[real] = value
+    return list(found.items())
 
 
 def _resolve(model: nn.Module, path: str) -> nn.Module | None:
@@ -70,17 +93,18 @@ def _generic_path(model: nn.Module, num_layers: int | None) -> str | None:
 def find_decoder_blocks(model: nn.Module, layers_path: str | None = None) -> DecoderBlocks:
     """Locate the decoder blocks: `layers_path` if given, else by family, else by length."""
     config = text_config(model)
-    num_layers = getattr(config, "num_hidden_layers", None)
+    counts = block_counts(config)
     model_type = getattr(model.config, "model_type", None)
     path = layers_path or KNOWN_LAYERS_PATHS.get(model_type)
     if path is None or (layers_path is None and _resolve(model, path) is None):
-        path = _generic_path(model, num_layers)
+        path = next((p for _, n in counts if (p := _generic_path(model, n)) is not None), None)
     if path is None:
         raise UnsupportedModelError(
             f"Could not find the decoder blocks of this {type(model).__name__} "
-            f"(model_type={model_type!r}): no single nn.ModuleList of length "
-            f"num_hidden_layers={num_layers}. Pass layers_path (CLI: --layers-path), the dotted "
-            "path to the ModuleList of decoder blocks, e.g. --layers-path model.layers."
+            f"(model_type={model_type!r}): no single nn.ModuleList as long as the config's block "
+            f"count ({', '.join(f'{k}={v}' for k, v in counts) or 'none found'}). Pass layers_path "
+            "(CLI: --layers-path), the dotted path to the ModuleList of decoder blocks, e.g. "
+            "--layers-path model.layers."
         )
     layers = _resolve(model, path)
     if not isinstance(layers, nn.ModuleList):
@@ -89,12 +113,15 @@ def find_decoder_blocks(model: nn.Module, layers_path: str | None = None) -> Dec
             f"(found {type(layers).__name__}). Pass the dotted path to the ModuleList of decoder "
             "blocks with --layers-path, e.g. model.layers."
         )
-    if num_layers is not None and len(layers) != num_layers:
+    count_field = next((k for k, n in counts if n == len(layers)), None)
+    if count_field is None:
         raise UnsupportedModelError(
-            f"layers_path {path!r} has {len(layers)} modules but the config says "
-            f"num_hidden_layers={num_layers}; pass the path of the decoder blocks with "
-            "--layers-path."
+            f"layers_path {path!r} has {len(layers)} modules but the config counts "
+            f"{', '.join(f'{k}={v}' for k, v in counts) or 'no blocks'}; pass the path of the "
+            "decoder blocks with --layers-path."
         )
     parent_path, _, attribute = path.rpartition(".")
     parent = _resolve(model, parent_path) if parent_path else model
-    return DecoderBlocks(path=path, parent=parent, attribute=attribute, layers=layers, config=config)
+    return DecoderBlocks(
+        path=path, parent=parent, attribute=attribute, layers=layers, config=config, count_field=count_field
+    )

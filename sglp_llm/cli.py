@@ -118,6 +118,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--method", choices=METHODS, help="SGLP or a peer baseline (default: sglp)"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--no-verify", dest="verify", action="store_false", default=None,
+                        help="skip checking that the pruned model (and the saved folder, reloaded) computes "
+                             "what the original computes with the dropped blocks skipped; by default a "
+                             "mismatch writes nothing, and a trial rewrite is checked before the analysis")
     parser.add_argument("--report", type=Path, help="also write the JSON report to this file")
 
 
@@ -418,6 +422,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from .distributed import is_main_process
     from .evaluate import warn_if_not_held_out
     from .save import check_destination
+    from .verify import describe
 
     start = time.perf_counter()
     run, config = resolve_settings(args)
@@ -460,6 +465,7 @@ def run_prune(args: argparse.Namespace) -> int:
         f"Parameters: {_format_count(plan.extra['params_before'])} -> {_format_count(plan.extra['params_after'])}   "
         f"Time: {time.perf_counter() - start:.0f} s"
     )
+    print(describe(plan.extra.get("verification")))
     print(f"Pruned model written to {saved} (load it with AutoModelForCausalLM.from_pretrained)")
     if args.push_to_hub:
         from .hub import push_folder

@@ -177,6 +177,10 @@ class SGLPConfig(SettingsFile):
     checkpoint_dir: str | None = None
     checkpoint_every: int = 1
 
+    # -- writing: run the pruned model (and the saved folder, reloaded) against the original with
+    # the dropped blocks skipped, and write nothing on a mismatch (see sglp_llm.verify)
+    verify: bool = True
+
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -280,7 +284,7 @@ class SGLPConfig(SettingsFile):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"`{name}` must be a non-negative integer, got {value!r}.")
-        for name in ("gradient_checkpointing", "loss_lazy"):
+        for name in ("gradient_checkpointing", "loss_lazy", "verify"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"`{name}` must be true or false, got {getattr(self, name)!r}.")
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):

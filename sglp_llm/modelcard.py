@@ -13,6 +13,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from sglp_llm.heatmap import HEATMAP_NAME
 from sglp_llm.plan import PruningPlan
+from sglp_llm.verify import describe
 
 TAGS = ["sglp-llm", "depth-pruning", "pruned"]
 MODEL_ID = "<path-or-repo-id>"
@@ -170,6 +171,8 @@ def _removed_section(plan: PruningPlan) -> str:
         f"| kept (original indices) | {_indices(plan.kept)} |",
         f"| block scores | {plan.score_label()} |",
         f"| layers | `{plan.layers_path}` |",
+        "",
+        describe(plan.extra.get("verification")),
         "",
         f"![CKA between block outputs, segments boxed, dropped blocks in red]({HEATMAP_NAME})",
     ])

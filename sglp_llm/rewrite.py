@@ -9,9 +9,14 @@ and some families decide a block's MLP type from its index (`mlp_only_layers`,
 
 from __future__ import annotations
 
+import inspect
+import math
+import re
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
+import torch
 from torch import nn
 
 from .blocks import DecoderBlocks, find_decoder_blocks
@@ -19,8 +24,11 @@ from .blocks import DecoderBlocks, find_decoder_blocks
 LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_id", "layer_index")
 # config fields holding "blocks with an original index below this value are special"
 THRESHOLD_FIELDS = ("first_k_dense_replace", "max_window_layers")
-# config fields holding a list of block indices
-INDEX_LIST_FIELDS = ("mlp_only_layers",)
+# config lists whose values are block indices (moe_layers, mlp_only_layers, hybrid_layer_ids, ...):
+# remapped to the new indices, never sliced
+INDEX_LIST_NAME = re.compile(r"(^|_)(layers|layer_ids|layer_indices|layer_idx|layers_idx)$")
+# config lists that are never per block, whatever their length (a 3-token eos on a 3-block model)
+NOT_PER_BLOCK_NAME = re.compile(r"(token_ids?|^architectures)$")
 # periodic patterns over block indices that a renumbering cannot express
 PERIODIC_FIELDS = ("moe_layer_freq", "interleave_moe_layer_step")
 
@@ -43,11 +51,36 @@ def kept_blocks(num_blocks: int, dropped: Sequence[int]) -> list[int]:
     return [i for i in range(num_blocks) if i not in dropped_set]
 
 
-def _config_changes(config, kept: list[int], num_blocks: int) -> dict[str, object]:
+def is_index_list(name: str, value: object, num_blocks: int) -> bool:
+    """Whether a config field lists block indices: named so, and strictly increasing valid indices."""
+    if not INDEX_LIST_NAME.search(name) or not isinstance(value, (list, tuple)) or not value:
+        return False
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_blocks for v in value):
+        return False
+    return all(a < b for a, b in zip(value, value[1:]))
+
+
+def remap_index_list(value: Sequence[int], kept: Sequence[int]) -> list[int]:
+    """The new indices of the kept blocks that `value` lists (dropped ones leave the list)."""
+    listed = set(value)
+    return [new for new, old in enumerate(kept) if old in listed]
+
+
+def is_per_block(name: str, value: object, num_blocks: int) -> bool:
+    """Whether a config list has one entry per block (sliced with the blocks)."""
+    return (
+        isinstance(value, (list, tuple)) and len(value) == num_blocks
+        and not NOT_PER_BLOCK_NAME.search(name) and not is_index_list(name, value, num_blocks)
+    )
+
+
+def _config_changes(config, kept: list[int], num_blocks: int, count_field: str) -> dict[str, object]:
     """New values for every config field that depends on which blocks exist."""
-    changes: dict[str, object] = {"num_hidden_layers": len(kept)}
+    changes: dict[str, object] = {count_field: len(kept)}
     for name, value in vars(config).items():
-        if isinstance(value, (list, tuple)) and len(value) == num_blocks and name not in INDEX_LIST_FIELDS:
+        if is_index_list(name, value, num_blocks):
+            changes[name] = type(value)(remap_index_list(value, kept))
+        elif is_per_block(name, value, num_blocks):
             changes[name] = type(value)(value[i] for i in kept)
     for name in THRESHOLD_FIELDS:
         value = getattr(config, name, None)
@@ -80,7 +113,7 @@ def _apply(blocks: DecoderBlocks, kept: list[int]) -> Callable[[], None]:
     """Rewrite model and config in place for `kept`; return a function that undoes it."""
     num_blocks = len(blocks.layers)
     config = blocks.config
-    changes = _config_changes(config, kept, num_blocks)
+    changes = _config_changes(config, kept, num_blocks, blocks.count_field)
     old_config = {name: getattr(config, name, None) for name in changes}
     old_indices: list[tuple[nn.Module, str, int]] = []
     for new_index, old_index in enumerate(kept):
@@ -103,30 +136,141 @@ def _apply(blocks: DecoderBlocks, kept: list[int]) -> Callable[[], None]:
     return undo
 
 
+def _constants(block: nn.Module) -> dict[str, object]:
+    """The plain values (numbers, strings) a block's modules hold: what their constructors derived
+    from the config and the block index, which a reloaded model derives again."""
+    return {
+        f"{prefix}.{name}".lstrip("."): value
+        for prefix, module in block.named_modules()
+        for name, value in vars(module).items()
+        if isinstance(value, (int, float, str)) and not name.startswith("_")
+        and name not in LAYER_INDEX_ATTRIBUTES and name != "training"
+    }
+
+
+def _rebuilt(block: nn.Module, config, index: int) -> nn.Module | None:
+    """A fresh block of the same class for `config` at `index`, on the meta device (no memory),
+    as `from_pretrained` would build it; None if its constructor takes more than config and index."""
+    parameters = list(inspect.signature(type(block).__init__).parameters.values())[1:]
+    index_name = next((p.name for p in parameters if p.name in LAYER_INDEX_ATTRIBUTES), None)
+    required = [p.name for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not required or set(required[1:]) - {index_name}:
+        return None
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            return type(block)(config, **({index_name: index} if index_name else {}))
+    except Exception:  # noqa: BLE001 - a constructor we cannot call: the reload check decides
+        return None
+
+
+def _differences(block: nn.Module, config, index: int) -> dict[str, tuple[object, object]]:
+    """Constants of `block` that a block rebuilt at `index` from `config` would not have."""
+    fresh = _rebuilt(block, config, index)
+    if fresh is None:
+        return {}
+    old, new = _constants(block), _constants(fresh)
+
+    def same(a: object, b: object) -> bool:
+        if isinstance(a, float) and isinstance(b, float):
+            return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+        return a == b
+
+    return {name: (value, new.get(name)) for name, value in old.items() if not same(value, new.get(name))}
+
+
+def _keep_block_constants(blocks: DecoderBlocks, kept: list[int]) -> dict[str, list[float]]:
+    """Make the rewritten config rebuild every kept block as it is. A block constant that scales
+    with the block count (MiniCPM3: `scale_depth / sqrt(num_hidden_layers)`) is kept by rescaling
+    the one float config field that restores it exactly; anything else (a constant derived from
+    the block's index, or with no such field) is refused. Returns field -> [old, new] changed."""
+    config = blocks.config
+    compensated: dict[str, list[float]] = {}
+    for index, block in enumerate(blocks.layers):
+        differences = _differences(block, config, index)
+        if not differences:
+            continue
+        ratios = {
+            old / new for old, new in differences.values()
+            if isinstance(old, float) and isinstance(new, float) and new != 0
+        }
+        field = None
+        if len(ratios) == 1 and len(differences) == len([v for v in differences.values() if isinstance(v[0], float)]):
+            (ratio,) = ratios
+            for name, value in vars(config).items():
+                if name in compensated or not isinstance(value, float) or value == 0 or not math.isfinite(value):
+                    continue
+                setattr(config, name, value * ratio)
+                if not _differences(block, config, index):
+                    field = name
+                    compensated[name] = [value, value * ratio]
+                    break
+                setattr(config, name, value)
+        if field is None:
+            name, (old, new) = next(iter(differences.items()))
+            raise RewriteError(
+                f"Block {kept[index]} of this {type(block).__name__} holds {name}={old!r}, derived from "
+                f"its index or the block count; a reloaded pruned model would rebuild it as {new!r} "
+                "and compute something else, and no config field restores it. Depth pruning of this "
+                "family is not supported."
+            )
+    for name, (value, new) in compensated.items():  # every block must now rebuild as it is
+        if any(_differences(block, config, i) for i, block in enumerate(blocks.layers)):
+            setattr(config, name, value)
+            raise RewriteError(
+                f"Rescaling the config's {name} cannot rebuild every kept block of this model as it "
+                "is; depth pruning of this family is not supported."
+            )
+    return compensated
+
+
 def remove_blocks(model: nn.Module, dropped: Sequence[int], *, layers_path: str | None = None) -> nn.Module:
     """Remove the `dropped` blocks (original indices) from `model`, in place, and return it.
 
     The kept original indices are recorded in `config.sglp` so the lineage survives saving.
     """
+    removing_blocks(model, dropped, layers_path=layers_path)
+    return model
+
+
+def removing_blocks(model: nn.Module, dropped: Sequence[int], *, layers_path: str | None = None) -> Callable[[], None]:
+    """`remove_blocks`, returning a function that puts the model back as it was (a rewrite that
+    fails verification is undone)."""
     blocks = find_decoder_blocks(model, layers_path)
     num_blocks = len(blocks.layers)
     kept = kept_blocks(num_blocks, dropped)
-    previous = getattr(blocks.config, SGLP_CONFIG_KEY, None) or {}
+    had_lineage = hasattr(blocks.config, SGLP_CONFIG_KEY)
+    previous = getattr(blocks.config, SGLP_CONFIG_KEY, None)
     # a model pruned twice keeps indices relative to the very first model
-    original_count = previous.get("original_num_hidden_layers", num_blocks)
-    original = previous.get("kept_layers", list(range(num_blocks)))
+    original_count = (previous or {}).get("original_num_hidden_layers", num_blocks)
+    original = (previous or {}).get("kept_layers", list(range(num_blocks)))
     kept_original = [original[i] for i in kept]
-    _apply(blocks, kept)
-    setattr(
-        blocks.config,
-        SGLP_CONFIG_KEY,
-        {
-            "kept_layers": kept_original,
-            "dropped_layers": sorted(set(range(original_count)) - set(kept_original)),
-            "original_num_hidden_layers": original_count,
-        },
-    )
-    return model
+    undo_rewrite = _apply(blocks, kept)
+    rewritten = find_decoder_blocks(model, layers_path)
+    try:
+        compensated = _keep_block_constants(rewritten, kept)
+    except BaseException:
+        undo_rewrite()
+        raise
+    lineage = {
+        "kept_layers": kept_original,
+        "dropped_layers": sorted(set(range(original_count)) - set(kept_original)),
+        "original_num_hidden_layers": original_count,
+    }
+    if compensated:
+        lineage["compensated_config"] = compensated
+    setattr(blocks.config, SGLP_CONFIG_KEY, lineage)
+
+    def undo() -> None:
+        for name, (value, _) in compensated.items():
+            setattr(blocks.config, name, value)
+        undo_rewrite()
+        if had_lineage:
+            setattr(blocks.config, SGLP_CONFIG_KEY, previous)
+        else:
+            delattr(blocks.config, SGLP_CONFIG_KEY)
+
+    return undo
 
 
 @contextmanager

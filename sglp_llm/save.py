@@ -16,11 +16,14 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from sglp_llm.blocks import find_decoder_blocks
 from sglp_llm.config import SGLPConfig
 from sglp_llm.heatmap import HEATMAP_NAME, plot_cka_heatmap
 from sglp_llm.modelcard import render_model_card
 from sglp_llm.plan import REPORT_NAME, PruningPlan
 from sglp_llm.shards import save_model
+from sglp_llm.verify import check_saved
+from sglp_llm.verify import summary as verification_summary
 
 README_NAME = "README.md"
 
@@ -35,8 +38,12 @@ def save_pruned(
     overwrite: bool = False,
     evaluation: Mapping[str, Any] | None = None,
     extra_files: Callable[[Path], None] | None = None,
+    reference: Any = None,
 ) -> Path:
     """Save `model` (safetensors), `tokenizer` (if any) and the SGLP files to `output_dir`.
+
+    With a `reference` (sglp_llm.verify), the written model is reloaded from the temporary folder
+    and checked against the original's outputs before anything is moved into place.
 
     `evaluation` (metric -> value, or column -> {metric: value}) goes into the model card's
     table and into the report as `plan.extra["evaluation"]`. `extra_files(folder)` writes more
@@ -44,7 +51,7 @@ def save_pruned(
     """
     output_dir = Path(output_dir).expanduser().resolve()
     check_destination(output_dir, overwrite=overwrite, model=model)
-    num_layers = model.config.get_text_config().num_hidden_layers
+    num_layers = len(find_decoder_blocks(model, plan.layers_path).layers)
     if num_layers != len(plan.kept):
         raise ValueError(
             f"The model has {num_layers} blocks but the plan keeps {len(plan.kept)} of "
@@ -52,12 +59,16 @@ def save_pruned(
         )
     # Everything that can fail on bad input is built before anything is written.
     config = SGLPConfig.from_dict(plan.config)
-    card = render_model_card(plan, base_model=base_model, evaluation=evaluation)
     if evaluation:
         plan.extra["evaluation"] = dict(evaluation)
 
     def write(folder: Path) -> None:
         save_model(model, folder, plan.kept)
+        if reference is not None:
+            check_saved(reference, folder, model, plan.config)
+            plan.extra["verification"] = verification_summary(reference)
+            plan.timings["verify_s"] = plan.extra["verification"]["seconds"]
+        card = render_model_card(plan, base_model=base_model, evaluation=evaluation)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         plan.save(folder / REPORT_NAME)

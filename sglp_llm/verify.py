@@ -1,0 +1,383 @@
+"""Proving a rewrite before anything is written: the pruned model must compute exactly what the
+original model computes with the dropped blocks skipped.
+
+Removing blocks also renumbers the kept ones, shrinks the config's block count and edits per-block
+config fields; any family whose code reads those in a way the rewrite does not know (a scale from
+the block count, an initialisation from the block index, a stack whose blocks share state) would
+silently compute something else. So before the rewrite the original runs on a short probe with
+each dropped block's output replaced by its input (forward hooks: the block is skipped), and its
+logits and greedy continuations, with and without the KV cache, become the reference. The
+pruned model must reproduce them, and so must the saved folder once reloaded. Under sequential
+onloading (and with blocks on disk) the models run block by block, as the analysis does, and
+their logits are compared.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .blocks import find_decoder_blocks, text_config
+from .capture import block_input, block_output
+
+# greedy tokens generated from the probe's first sequence, with and without the KV cache
+NEW_TOKENS = 4
+# probe tokens per sequence when the model has no sliding window to cross
+PROBE_TOKENS = 24
+PROBE_SEQUENCES = 2
+# the largest logit difference allowed, relative to the largest reference logit: equal
+# computations agree to rounding, a wrong model differs by far more
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+HALF_TOLERANCE = 2e-2
+
+
+class VerificationError(RuntimeError):
+    """The pruned model does not compute what the original does with the dropped blocks skipped."""
+
+
+@dataclass
+class Probe:
+    """The verification input: `input_ids` [PROBE_SEQUENCES, T] of calibration tokens."""
+
+    input_ids: torch.Tensor
+
+    @property
+    def batch(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": torch.ones_like(self.input_ids)}
+
+
+@dataclass
+class Outputs:
+    """What a model computed on the probe: logits (CPU, float32) and greedy continuations."""
+
+    logits: torch.Tensor
+    greedy: dict[str, torch.Tensor] = field(default_factory=dict)  # "cache"/"no cache" -> new ids
+
+
+@dataclass
+class Reference:
+    """The original model's outputs with the dropped blocks skipped, and what they were run on."""
+
+    probe: Probe
+    outputs: Outputs
+    dtype: torch.dtype
+    blockwise: bool
+    seconds: float
+    checks: dict[str, Any] = field(default_factory=dict)  # filled as the pruned models pass
+
+
+def sliding_window(config: Any) -> int | None:
+    """The attention window a probe must cross, when the model has an active one."""
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0 or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return window
+
+
+def make_probe(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]] | None, seed: int = 0) -> Probe:
+    """PROBE_SEQUENCES sequences of calibration tokens (seeded random ids without calibration),
+    long enough that the probe and its continuation cross the model's sliding window."""
+    config = text_config(model)
+    length = PROBE_TOKENS
+    window = sliding_window(config)
+    if window is not None:
+        length = max(length, window + 8)
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(max_positions, int) and max_positions > 0:
+        length = max(2, min(length, max_positions - NEW_TOKENS))
+    needed = PROBE_SEQUENCES * length
+    tokens = (
+        torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in batches]).cpu()
+        if batches else torch.empty(0, dtype=torch.long)
+    )
+    if tokens.numel() == 0:
+        vocab = int(getattr(config, "vocab_size", 2) or 2)
+        tokens = torch.randint(0, vocab, (needed,), generator=torch.Generator().manual_seed(seed))
+    tokens = tokens.repeat(math.ceil(needed / tokens.numel()))[:needed]
+    return Probe(tokens.view(PROBE_SEQUENCES, length))
+
+
+@contextmanager
+def skipped(layers: Sequence[nn.Module], dropped: Sequence[int]) -> Iterator[None]:
+    """Run the model as if the `dropped` blocks were not there: each still runs (so nothing the
+    model's loop expects from it is missing) but hands its input on in place of its output."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        hidden = block_input(args, kwargs)
+        if isinstance(output, tuple):
+            return (hidden, *output[1:])
+        if isinstance(output, list):
+            return [hidden, *output[1:]]
+        return hidden
+
+    handles = [layers[i].register_forward_hook(hook, with_kwargs=True) for i in dropped]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _device(model: nn.Module) -> torch.device:
+    from .api import input_device
+
+    return input_device(model)
+
+
+def _greedy(model: nn.Module, input_ids: torch.Tensor, use_cache: bool) -> torch.Tensor:
+    """NEW_TOKENS greedy tokens (no early stop), whatever the model's generation defaults."""
+    generated = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        num_beams=1,
+        use_cache=use_cache,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=getattr(model.generation_config, "pad_token_id", None) or 0,
+    )
+    return generated[:, input_ids.shape[1]:].cpu()
+
+
+def model_outputs(model: nn.Module, probe: Probe, *, generate: bool = True) -> Outputs:
+    """The model's logits on the probe and, with `generate`, its greedy continuations."""
+    device = _device(model)
+    batch = {k: v.to(device) for k, v in probe.batch.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(**batch, use_cache=False).logits.float().cpu()
+            greedy = {}
+            if generate:
+                prompt = batch["input_ids"][:1]
+                greedy = {"cache": _greedy(model, prompt, True), "no cache": _greedy(model, prompt, False)}
+    finally:
+        model.train(was_training)
+    return Outputs(logits, greedy)
+
+
+def blockwise_outputs(
+    model: nn.Module,
+    probe: Probe,
+    *,
+    device: str | torch.device | None = None,
+    indices: Sequence[int] | None = None,
+    skip: Sequence[int] = (),
+) -> Outputs:
+    """The logits of a model run one block at a time (sequential onloading, blocks on disk): its
+    own forward records every block's call, each block not in `skip` is onloaded and run, and the
+    model's head runs on the final hidden state. `indices`: the blocks' indices for the model's
+    loader (a pruned model's blocks keep their source indices on disk)."""
+    from .sequential import BLOCK_LOADER_ATTRIBUTE, MoveBlocks, _onloaded, _record_calls, stubbed_blocks
+
+    layers = find_decoder_blocks(model).layers
+    loader = getattr(model, BLOCK_LOADER_ATTRIBUTE, None) or MoveBlocks()
+    device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
+    indices = list(indices) if indices is not None else list(range(len(layers)))
+    batch = {k: v.to(model.get_input_embeddings().weight.device) for k, v in probe.batch.items()}
+    skip = set(skip)
+    returns_tuple = False
+    with torch.no_grad():
+        first, calls = _record_calls(model, layers, batch, device)
+        hidden = first.to(device)
+        for index, block in enumerate(layers):
+            if index in skip:
+                continue
+            with _onloaded(loader, indices[index], block, device):
+                output = calls[index].run(block, hidden)
+            returns_tuple = isinstance(output, (tuple, list))
+            hidden = block_output(output)
+        final = hidden
+
+        def head(index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
+            hidden = final.to(block_input(args, kwargs).device) if index == len(layers) - 1 else block_input(args, kwargs)
+            return (hidden,) if returns_tuple else hidden
+
+        with stubbed_blocks(layers, head):
+            logits = model(**batch, use_cache=False).logits
+    return Outputs(logits.float().cpu())
+
+
+def _runs_blockwise(model: nn.Module, settings: dict[str, Any]) -> bool:
+    from .sequential import BLOCK_LOADER_ATTRIBUTE
+
+    return settings.get("offload") == "sequential" or hasattr(model, BLOCK_LOADER_ATTRIBUTE)
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return min(floats, key=lambda d: torch.finfo(d).bits) if floats else torch.float32
+
+
+def _run(model: nn.Module, probe: Probe, blockwise: bool, generate: bool, what: str, **blockwise_args: Any) -> Outputs:
+    """The outputs of `model` on the probe; a crash becomes a VerificationError naming `what`."""
+    try:
+        if blockwise:
+            return blockwise_outputs(model, probe, **blockwise_args)
+        return model_outputs(model, probe, generate=generate)
+    except (VerificationError, KeyboardInterrupt):
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure means the rewrite is not proven
+        raise VerificationError(
+            f"{what} of this {type(model).__name__} could not run on the verification input "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Nothing was "
+            "written; the rewrite does not support this family. (--no-verify skips this check at your "
+            "own risk.)"
+        ) from error
+
+
+def reference_outputs(
+    model: nn.Module, dropped: Sequence[int], probe: Probe, settings: dict[str, Any], layers_path: str | None = None
+) -> Reference:
+    """Run the original `model` on `probe` with the `dropped` blocks skipped (before the rewrite)."""
+    started = time.perf_counter()
+    blockwise = _runs_blockwise(model, settings)
+    what = "The original model with the dropped blocks skipped"
+    if blockwise:
+        outputs = _run(model, probe, True, False, what, device=settings.get("onload_device"), skip=dropped)
+    else:
+        with skipped(find_decoder_blocks(model, layers_path).layers, dropped):
+            outputs = _run(model, probe, False, True, what)
+    return Reference(probe, outputs, _dtype(model), blockwise, time.perf_counter() - started)
+
+
+def preflight(model: nn.Module, settings: dict[str, Any], layers_path: str | None = None) -> None:
+    """Before any analysis, a trial rewrite (a third and two thirds of the way down removed) must
+    reproduce the original with those blocks skipped, so a family the rewrite cannot handle is
+    refused in seconds rather than after the analysis. Run block by block (a model larger than
+    memory) only the rewrite's own checks run: the full check waits for the real removal."""
+    from .rewrite import removing_blocks
+
+    num_blocks = len(find_decoder_blocks(model, layers_path).layers)
+    trial = sorted({num_blocks // 3, (2 * num_blocks) // 3} - {num_blocks - 1}) if num_blocks > 1 else []
+    if not trial:
+        return
+    reference = None
+    if not _runs_blockwise(model, settings):
+        probe = make_probe(model, None, seed=settings.get("seed", 0))
+        reference = reference_outputs(model, trial, probe, settings, layers_path)
+    undo = removing_blocks(model, trial, layers_path=layers_path)
+    try:
+        if reference is not None:
+            check(reference, model, f"A trial rewrite (blocks {trial} removed)")
+    finally:
+        undo()
+
+
+def compare(reference: Reference, outputs: Outputs, what: str, architecture: str) -> dict[str, Any]:
+    """Check `outputs` against the reference; the largest differences, or a VerificationError."""
+    ref = reference.outputs
+    if outputs.logits.shape != ref.logits.shape:
+        raise VerificationError(
+            f"{what} of this {architecture} gives logits of shape {tuple(outputs.logits.shape)}, "
+            f"the original with the dropped blocks skipped {tuple(ref.logits.shape)}."
+        )
+    scale = ref.logits.abs().max().item() or 1.0
+    difference = (outputs.logits - ref.logits).abs().max().item()
+    tolerance = TOLERANCE.get(reference.dtype, HALF_TOLERANCE)
+    problem = None
+    if not math.isfinite(difference) or difference > tolerance * scale:
+        problem = f"its logits differ by up to {difference:.3g} (largest logit {scale:.3g})"
+    for name, tokens in ref.greedy.items():
+        if problem is None and not torch.equal(outputs.greedy[name], tokens):
+            problem = f"its greedy generation {'with' if name == 'cache' else 'without'} the KV cache picks other tokens"
+    if problem is not None:
+        raise VerificationError(
+            f"{what} of this {architecture} does not compute what the original model computes with "
+            f"the dropped blocks skipped: {problem}. Nothing was written. This family's code depends "
+            "on the block count or on block indices in a way the rewrite does not handle; please "
+            "open an issue with the model id. (--no-verify skips this check at your own risk.)"
+        )
+    return {"max_logit_difference": difference, "relative": difference / scale, "greedy_equal": bool(ref.greedy)}
+
+
+def check(reference: Reference, model: nn.Module, what: str, *, indices: Sequence[int] | None = None,
+          device: str | torch.device | None = None) -> dict[str, Any]:
+    """Run `model` (pruned) the way the reference ran and compare; records the result."""
+    started = time.perf_counter()
+    outputs = _run(
+        model, reference.probe, reference.blockwise, bool(reference.outputs.greedy), what,
+        **({"device": device, "indices": indices} if reference.blockwise else {}),
+    )
+    result = compare(reference, outputs, what, type(model).__name__)
+    result["seconds"] = time.perf_counter() - started
+    reference.checks[what] = result
+    return result
+
+
+def _reload(folder: Any, model: nn.Module) -> nn.Module:
+    """The saved folder loaded as a user would, placed like `model`: plain `from_pretrained`,
+    or with the blocks left on disk when `model` was run that way."""
+    from transformers import AutoModelForCausalLM
+
+    from .sequential import BLOCK_LOADER_ATTRIBUTE, load_with_blocks_on_disk
+
+    if hasattr(model, BLOCK_LOADER_ATTRIBUTE):
+        return load_with_blocks_on_disk(folder, device=model.get_input_embeddings().weight.device)
+    devices = {p.device for p in model.parameters()}
+    placement: dict[str, Any] = {}
+    if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1:
+        placement = {"device_map": "auto"}
+    elif devices != {torch.device("cpu")} and len(devices) == 1:
+        placement = {"device_map": {"": str(next(iter(devices)))}}
+    return AutoModelForCausalLM.from_pretrained(
+        folder,
+        dtype="auto",
+        attn_implementation=getattr(model.config, "_attn_implementation", None),
+        # the model's own code already ran, so the user allowed it
+        trust_remote_code=type(model).__module__.startswith("transformers_modules"),
+        **placement,
+    )
+
+
+def check_saved(reference: Reference, folder: Any, model: nn.Module, settings: dict[str, Any]) -> dict[str, Any]:
+    """Reload the folder just written and check it against the reference."""
+    try:
+        reloaded = _reload(folder, model)
+    except Exception as error:  # noqa: BLE001 - a folder that does not load must not be written
+        raise VerificationError(
+            f"The saved {type(model).__name__} could not be reloaded with from_pretrained "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Nothing was "
+            "written."
+        ) from error
+    try:
+        return check(reference, reloaded, "The saved model, reloaded", device=settings.get("onload_device"),
+                     indices=None)
+    finally:
+        del reloaded
+
+
+def summary(reference: Reference) -> dict[str, Any]:
+    """The verification record for the report: what was compared, how closely, at what cost."""
+    checks = reference.checks
+    return {
+        "probe": list(reference.probe.input_ids.shape),
+        "compared": "logits (block by block)" if reference.blockwise else
+        f"logits and {NEW_TOKENS} greedy tokens with and without the KV cache",
+        "checks": checks,
+        "seconds": reference.seconds + sum(c["seconds"] for c in checks.values()),
+    }
+
+
+def describe(record: dict[str, Any] | None) -> str:
+    """One sentence for people: what the verification compared and found, at what cost."""
+    if not record:
+        return "Not verified (verification was turned off)."
+    checks = record["checks"]
+    worst = max((c["max_logit_difference"] for c in checks.values()), default=0.0)
+    who = " and ".join(name[4:] if name.startswith("The ") else name for name in checks)
+    return (
+        f"Verified: {who} reproduce the original model with the dropped blocks skipped "
+        f"({record['compared']} on {record['probe'][0]} x {record['probe'][1]} calibration tokens; "
+        f"largest logit difference {worst:.2g}); {record['seconds']:.1f} s."
+    )
