@@ -440,10 +440,12 @@ def _analyze(
     num_blocks = len(blocks.layers)
     n_drop = config.resolve_drop(num_blocks)
     protected = _protected(num_blocks, config)
-    if config.verify:  # a family the rewrite cannot handle is refused before the long work
+    cache = {} if statistics_cache is None else statistics_cache
+    # a family the rewrite cannot handle is refused before the long work (once per model)
+    if config.verify and cache.setdefault(("preflight", blocks.path), None) is None:
         t = time.perf_counter()
         verify.preflight(model, config.to_dict(), config.layers_path)
-        timings["preflight_s"] = time.perf_counter() - t
+        cache[("preflight", blocks.path)] = timings["preflight_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     calibration = prepare_calibration(
@@ -453,7 +455,6 @@ def _analyze(
     timings["calibration_data_s"] = time.perf_counter() - t
 
     key = statistics_key(config, n_drop)
-    cache = {} if statistics_cache is None else statistics_cache
     reused = key in cache
     if not reused:
         cache[key] = collect_block_statistics(model, blocks, calibration, config, n_drop, progress=progress)

@@ -27,8 +27,9 @@ THRESHOLD_FIELDS = ("first_k_dense_replace", "max_window_layers")
 # config lists whose values are block indices (moe_layers, mlp_only_layers, hybrid_layer_ids, ...):
 # remapped to the new indices, never sliced
 INDEX_LIST_NAME = re.compile(r"(^|_)(layers|layer_ids|layer_indices|layer_idx|layers_idx)$")
-# config lists that are never per block, whatever their length (a 3-token eos on a 3-block model)
-NOT_PER_BLOCK_NAME = re.compile(r"(token_ids?|^architectures)$")
+# config lists that are never per block, whatever their length: token ids (a 3-token eos on a
+# 3-block model, bad_words_ids, ...) and the class names
+NOT_PER_BLOCK_NAME = re.compile(r"(_ids?|^architectures)$")
 # periodic patterns over block indices that a renumbering cannot express
 PERIODIC_FIELDS = ("moe_layer_freq", "interleave_moe_layer_step")
 
@@ -148,6 +149,10 @@ def _constants(block: nn.Module) -> dict[str, object]:
     }
 
 
+def _shapes(block: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in block.named_parameters()}
+
+
 def _rebuilt(block: nn.Module, config, index: int) -> nn.Module | None:
     """A fresh block of the same class for `config` at `index`, on the meta device (no memory),
     as `from_pretrained` would build it; None if its constructor takes more than config and index."""
@@ -169,6 +174,15 @@ def _differences(block: nn.Module, config, index: int) -> dict[str, tuple[object
     fresh = _rebuilt(block, config, index)
     if fresh is None:
         return {}
+    old_shapes, new_shapes = _shapes(block), _shapes(fresh)
+    if old_shapes != new_shapes:
+        name = next(n for n in sorted(old_shapes.keys() | new_shapes.keys()) if old_shapes.get(n) != new_shapes.get(n))
+        raise RewriteError(
+            f"This family decides each block's structure from its index: the block moved to index {index} "
+            f"would be rebuilt differently ({name}: {old_shapes.get(name, 'absent')} here, "
+            f"{new_shapes.get(name, 'absent')} rebuilt), so no config describes the pruned stack. Depth "
+            f"pruning of {type(block).__name__} stacks is not supported."
+        )
     old, new = _constants(block), _constants(fresh)
 
     def same(a: object, b: object) -> bool:

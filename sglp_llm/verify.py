@@ -243,11 +243,14 @@ def reference_outputs(
     started = time.perf_counter()
     blockwise = _runs_blockwise(model, settings)
     what = "The original model with the dropped blocks skipped"
-    if blockwise:
-        outputs = _run(model, probe, True, False, what, device=settings.get("onload_device"), skip=dropped)
-    else:
-        with skipped(find_decoder_blocks(model, layers_path).layers, dropped):
-            outputs = _run(model, probe, False, True, what)
+    device = {"device": settings.get("onload_device")} if blockwise else {}
+    try:
+        with skipped(find_decoder_blocks(model, layers_path).layers, [] if blockwise else dropped):
+            outputs = _run(model, probe, blockwise, not blockwise, what, **device, **({"skip": dropped} if blockwise else {}))
+    except VerificationError:
+        # a model that fails without any block skipped is not the rewrite's doing: say that
+        _run(model, probe, blockwise, not blockwise, "The original model (nothing skipped)", **device)
+        raise
     return Reference(probe, outputs, _dtype(model), blockwise, time.perf_counter() - started)
 
 
