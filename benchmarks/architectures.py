@@ -61,7 +61,9 @@ def _passthrough(layers, dropped):
 
     def hook(module, args, kwargs, output):
         hidden = args[0] if args else kwargs["hidden_states"]
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        if isinstance(output, (tuple, list)):
+            return type(output)([hidden, *output[1:]])
+        return hidden
 
     return [layers[i].register_forward_hook(hook, with_kwargs=True) for i in dropped]
 
@@ -85,7 +87,10 @@ def classify(model_type: str) -> Outcome:
         model = tiny_causal_lm(model_type, num_blocks=NUM_BLOCKS, hidden=64)
     except CannotBuild as reason:
         return Outcome(model_type, "not built", str(reason))
-    vocab = model.get_input_embeddings().weight.shape[0]
+    # token ids every table of the model accepts (input and output vocabularies can differ)
+    sizes = [t.weight.shape[0] for t in (model.get_input_embeddings(), model.get_output_embeddings())
+             if isinstance(getattr(t, "weight", None), torch.Tensor)]
+    vocab = min([*sizes, model.config.get_text_config().vocab_size or 128])
     generator = torch.Generator().manual_seed(0)
     batches = [
         {"input_ids": torch.randint(3, vocab, (2, SEQ_LEN), generator=generator),
@@ -104,7 +109,9 @@ def classify(model_type: str) -> Outcome:
             return Outcome(model_type, "crash", f"{type(error).__name__}: {error}".splitlines()[0][:300],
                            seconds=time.perf_counter() - started)
         dropped = result.plan.dropped
-        reloaded = AutoModelForCausalLM.from_pretrained(
+        # as a user would load it: the Auto class, or the model's own where Auto lacks its config
+        auto = type(model.config) in AutoModelForCausalLM._model_mapping
+        reloaded = (AutoModelForCausalLM if auto else type(model)).from_pretrained(
             Path(tmp) / "pruned", attn_implementation=model.config._attn_implementation
         ).eval()
     # the original, rebuilt from its own config and weights, with the dropped blocks as identities

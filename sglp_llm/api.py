@@ -66,7 +66,8 @@ def input_device(model: nn.Module) -> torch.device:
     """Where token ids must go: the device of the input embeddings (first device of a map), or
     for embeddings that accelerate offloads, the device they run on."""
     embeddings = model.get_input_embeddings()
-    device = embeddings.weight.device
+    # one table, or several (one per codebook, e.g. MusicGen)
+    device = next(embeddings.parameters()).device
     if device.type == "meta":
         device = torch.device(getattr(getattr(embeddings, "_hf_hook", None), "execution_device", "cpu"))
     return device

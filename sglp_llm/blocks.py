@@ -82,12 +82,21 @@ def _resolve(model: nn.Module, path: str) -> nn.Module | None:
 
 
 def _generic_path(model: nn.Module, num_layers: int | None) -> str | None:
+    """The one ModuleList as long as the block count; among several (a vision tower as deep as
+    the text stack), the one inside the model's own decoder (`get_decoder()`)."""
     matches = [
-        name
+        (name, module)
         for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList) and name and len(module) == num_layers
     ]
-    return matches[0] if len(matches) == 1 else None
+    if len(matches) > 1 and callable(getattr(model, "get_decoder", None)):
+        try:
+            decoder = model.get_decoder()
+        except (AttributeError, NotImplementedError, ValueError):
+            decoder = None
+        inside = {id(m) for m in decoder.modules()} if isinstance(decoder, nn.Module) else set()
+        matches = [(name, module) for name, module in matches if id(module) in inside]
+    return matches[0][0] if len(matches) == 1 else None
 
 
 def find_decoder_blocks(model: nn.Module, layers_path: str | None = None) -> DecoderBlocks:

@@ -238,6 +238,21 @@ def _keep_block_constants(blocks: DecoderBlocks, kept: list[int]) -> dict[str, l
     return compensated
 
 
+def _check_config(config) -> None:
+    """The rewritten config must pass its own class's validation, as saving will require."""
+    validate = getattr(config, "validate", None)
+    if not callable(validate):
+        return
+    try:
+        validate()
+    except Exception as error:  # noqa: BLE001 - any validation failure: the config cannot be saved
+        cause = getattr(error, "__cause__", None) or error
+        raise RewriteError(
+            f"The rewritten {type(config).__name__} fails its own validation ({str(cause).strip().splitlines()[-1]}): "
+            "this family's config cannot describe the pruned stack. Depth pruning of it is not supported."
+        ) from error
+
+
 def remove_blocks(model: nn.Module, dropped: Sequence[int], *, layers_path: str | None = None) -> nn.Module:
     """Remove the `dropped` blocks (original indices) from `model`, in place, and return it.
 
@@ -262,6 +277,7 @@ def removing_blocks(model: nn.Module, dropped: Sequence[int], *, layers_path: st
     undo_rewrite = _apply(blocks, kept)
     rewritten = find_decoder_blocks(model, layers_path)
     try:
+        _check_config(blocks.config)
         compensated = _keep_block_constants(rewritten, kept)
     except BaseException:
         undo_rewrite()

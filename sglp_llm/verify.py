@@ -254,6 +254,26 @@ def reference_outputs(
     return Reference(probe, outputs, _dtype(model), blockwise, time.perf_counter() - started)
 
 
+def _check_loss(model: nn.Module, probe: Probe) -> None:
+    """Every analysis computes the next-token loss from input_ids and labels: a model whose
+    forward does not (an audio decoder with codebooks, ...) is refused here with the reason."""
+    from .blocks import UnsupportedModelError
+    from .score import causal_lm_loss
+
+    batch = {k: v.to(_device(model)) for k, v in probe.batch.items()}
+    try:
+        with torch.no_grad():
+            causal_lm_loss(model, batch)
+    except (ValueError, IndexError, TypeError, RuntimeError, AttributeError, KeyError) as error:
+        if isinstance(error, torch.OutOfMemoryError):
+            raise
+        raise UnsupportedModelError(
+            f"The next-token loss of this {type(model).__name__} could not be computed ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}): sglp-llm needs a causal LM "
+            "whose forward takes input_ids, attention_mask and labels and returns that loss."
+        ) from error
+
+
 def preflight(model: nn.Module, settings: dict[str, Any], layers_path: str | None = None) -> None:
     """Before any analysis, a trial rewrite (a third and two thirds of the way down removed) must
     reproduce the original with those blocks skipped, so a family the rewrite cannot handle is
@@ -268,6 +288,7 @@ def preflight(model: nn.Module, settings: dict[str, Any], layers_path: str | Non
     reference = None
     if not _runs_blockwise(model, settings):
         probe = make_probe(model, None, seed=settings.get("seed", 0))
+        _check_loss(model, probe)
         reference = reference_outputs(model, trial, probe, settings, layers_path)
     undo = removing_blocks(model, trial, layers_path=layers_path)
     try:
@@ -337,7 +358,10 @@ def _reload(folder: Any, model: nn.Module) -> nn.Module:
         placement = {"device_map": "auto"}
     elif devices != {torch.device("cpu")} and len(devices) == 1:
         placement = {"device_map": {"": str(next(iter(devices)))}}
-    return AutoModelForCausalLM.from_pretrained(
+    # the Auto class where it knows this config (what lm-eval and most users load with), else the
+    # model's own class (a text model whose config the Auto mapping leaves out)
+    loader = AutoModelForCausalLM if type(model.config) in AutoModelForCausalLM._model_mapping else type(model)
+    return loader.from_pretrained(
         folder,
         dtype="auto",
         attn_implementation=getattr(model.config, "_attn_implementation", None),

@@ -258,8 +258,9 @@ def test_sleb_refuses_a_non_finite_candidate_loss():
     find_decoder_blocks(model).layers[4].register_forward_hook(
         lambda m, a, k, o: o if m.self_attn.layer_idx == 4 else o * math.nan, with_kwargs=True
     )
+    # verify=False: the trial rewrite would rightly refuse a model that depends on layer_idx so
     with pytest.raises(FloatingPointError, match=r"^The calibration loss without blocks \[1\] is nan: the model overflows on this data\. Load it in float32 or bfloat16 instead of float16 \(--dtype\)\.$"):
-        _plan(model, "sleb", drop=2)
+        _plan(model, "sleb", drop=2, verify=False)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -275,8 +276,9 @@ def test_only_sglp_runs_a_backward(model, monkeypatch, method):
     handle = find_decoder_blocks(model).layers[0].register_forward_hook(
         lambda *_: grad_enabled.append(torch.is_grad_enabled())
     )
-    try:  # SGLP with a GradNorm shortlist (the default loss check of every block runs none)
-        _plan(model, method, drop=2, **({"loss_candidates": 4} if method == "sglp" else {}))
+    try:  # SGLP with a GradNorm shortlist (the default loss check of every block runs none);
+        # no trial rewrite (sglp_llm.verify) before the pass, whose forwards are counted here
+        _plan(model, method, drop=2, verify=False, **({"loss_candidates": 4} if method == "sglp" else {}))
     finally:
         handle.remove()
     sglp = method == "sglp"

@@ -43,5 +43,5 @@ def test_ambiguous_or_missing_blocks_name_the_override():
     assert find_decoder_blocks(_Homebrew(n_heads=3), "trunk.stack").path == "trunk.stack"
     with pytest.raises(UnsupportedModelError, match="does not name an nn.ModuleList"):
         find_decoder_blocks(_Homebrew(), "trunk")
-    with pytest.raises(UnsupportedModelError, match="has 2 modules but the config says"):
+    with pytest.raises(UnsupportedModelError, match="has 2 modules but the config counts"):
         find_decoder_blocks(_Homebrew(), "heads")
