@@ -14,6 +14,7 @@ their logits are compared.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ NEW_TOKENS = 4
 # probe tokens per sequence when the model has no sliding window to cross
 PROBE_TOKENS = 24
 PROBE_SEQUENCES = 2
-# the largest logit difference allowed, relative to the largest reference logit: equal
+# the largest difference allowed (logits, hidden states), relative to the largest reference value: equal
 # computations agree to rounding, a wrong model differs by far more
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 HALF_TOLERANCE = 2e-2
@@ -54,10 +55,13 @@ class Probe:
 
 @dataclass
 class Outputs:
-    """What a model computed on the probe: logits (CPU, float32) and greedy continuations."""
+    """What a model computed on the probe (CPU, float32): the logits (of the last position when
+    the final hidden states of every position are there instead: a large vocabulary makes full
+    logits the costliest part) and greedy continuations."""
 
     logits: torch.Tensor
     greedy: dict[str, torch.Tensor] = field(default_factory=dict)  # "cache"/"no cache" -> new ids
+    hidden: torch.Tensor | None = None  # the last entry of `hidden_states`, every position
 
 
 @dataclass
@@ -156,14 +160,24 @@ def model_outputs(model: nn.Module, probe: Probe, *, generate: bool = True) -> O
     model.eval()
     try:
         with torch.no_grad():
-            logits = model(**batch, use_cache=False).logits.float().cpu()
+            hidden = None
+            if "logits_to_keep" in inspect.signature(model.forward).parameters:
+                output = model(**batch, use_cache=False, logits_to_keep=1, output_hidden_states=True)
+                if output.hidden_states:
+                    hidden = output.hidden_states[-1].float().cpu()
+            if hidden is None:
+                output = model(**batch, use_cache=False)
             greedy = {}
             if generate:
+                # with the cache from the whole probe (its sliding-window path); without, from its
+                # start: each step is a plain forward, whose every position the logits check covered
                 prompt = batch["input_ids"][:1]
-                greedy = {"cache": _greedy(model, prompt, True), "no cache": _greedy(model, prompt, False)}
+                greedy = {
+                    "cache": _greedy(model, prompt, True), "no cache": _greedy(model, prompt[:, :PROBE_TOKENS], False),
+                }
     finally:
         model.train(was_training)
-    return Outputs(logits, greedy)
+    return Outputs(output.logits.float().cpu(), greedy, hidden)
 
 
 def blockwise_outputs(
@@ -306,16 +320,23 @@ def compare(reference: Reference, outputs: Outputs, what: str, architecture: str
             f"{what} of this {architecture} gives logits of shape {tuple(outputs.logits.shape)}, "
             f"the original with the dropped blocks skipped {tuple(ref.logits.shape)}."
         )
-    # a model that overflows does so in both: compare where the reference is finite
-    finite = torch.isfinite(ref.logits)
-    scale = ref.logits[finite].abs().max().item() if finite.any() else 1.0
-    difference = (outputs.logits - ref.logits)[finite].abs().max().item() if finite.any() else 0.0
     tolerance = TOLERANCE.get(reference.dtype, HALF_TOLERANCE)
-    problem = None
-    if not torch.equal(finite, torch.isfinite(outputs.logits)):
-        problem = "its logits are not finite where the original's are, or the other way round"
-    elif not math.isfinite(difference) or difference > tolerance * (scale or 1.0):
-        problem = f"its logits differ by up to {difference:.3g} (largest logit {scale:.3g})"
+    problem, difference = None, 0.0
+    pairs = [("logits", outputs.logits, ref.logits)]
+    if ref.hidden is not None and outputs.hidden is not None and outputs.hidden.shape == ref.hidden.shape:
+        pairs.insert(0, ("final hidden states", outputs.hidden, ref.hidden))
+    for name, got, want in pairs:
+        # a model that overflows does so in both: compare where the reference is finite
+        finite = torch.isfinite(want)
+        scale = want[finite].abs().max().item() if finite.any() else 1.0
+        gap = (got - want)[finite].abs().max().item() if finite.any() else 0.0
+        if not torch.equal(finite, torch.isfinite(got)):
+            problem = f"its {name} are not finite where the original's are, or the other way round"
+        elif not math.isfinite(gap) or gap > tolerance * (scale or 1.0):
+            problem = f"its {name} differ by up to {gap:.3g} (largest {scale:.3g})"
+        difference = max(difference, gap / (scale or 1.0))
+        if problem:
+            break
     for name, tokens in ref.greedy.items():
         if problem is None and not torch.equal(outputs.greedy[name], tokens):
             problem = f"its greedy generation {'with' if name == 'cache' else 'without'} the KV cache picks other tokens"
@@ -326,7 +347,7 @@ def compare(reference: Reference, outputs: Outputs, what: str, architecture: str
             "on the block count or on block indices in a way the rewrite does not handle; please "
             "open an issue with the model id. (--no-verify skips this check at your own risk.)"
         )
-    return {"max_logit_difference": difference, "relative": difference / scale, "greedy_equal": bool(ref.greedy)}
+    return {"max_relative_difference": difference, "greedy_equal": bool(ref.greedy)}
 
 
 def check(reference: Reference, model: nn.Module, what: str, *, indices: Sequence[int] | None = None,
@@ -394,7 +415,8 @@ def summary(reference: Reference) -> dict[str, Any]:
     return {
         "probe": list(reference.probe.input_ids.shape),
         "compared": "logits (block by block)" if reference.blockwise else
-        f"logits and {NEW_TOKENS} greedy tokens with and without the KV cache",
+        ("final hidden states and last-position logits" if reference.outputs.hidden is not None else "logits")
+        + f", and {NEW_TOKENS} greedy tokens with and without the KV cache",
         "checks": checks,
         "seconds": reference.seconds + sum(c["seconds"] for c in checks.values()),
     }
@@ -405,10 +427,10 @@ def describe(record: dict[str, Any] | None) -> str:
     if not record:
         return "Not verified (verification was turned off)."
     checks = record["checks"]
-    worst = max((c["max_logit_difference"] for c in checks.values()), default=0.0)
+    worst = max((c["max_relative_difference"] for c in checks.values()), default=0.0)
     who = " and ".join(name[4:] if name.startswith("The ") else name for name in checks)
     return (
         f"Verified: {who} reproduce the original model with the dropped blocks skipped "
         f"({record['compared']} on {record['probe'][0]} x {record['probe'][1]} calibration tokens; "
-        f"largest logit difference {worst:.2g}); {record['seconds']:.1f} s."
+        f"largest difference {worst:.2g} of the largest value); {record['seconds']:.1f} s."
     )

@@ -62,7 +62,7 @@ def test_every_family_verifies_exactly_in_memory_and_after_reloading(family, tmp
     result.save_pretrained(tmp_path / "out")
     record = result.plan.extra["verification"]
     assert set(record["checks"]) == {"The pruned model", "The saved model, reloaded"}
-    assert all(c["max_logit_difference"] == 0.0 and c["greedy_equal"] for c in record["checks"].values())
+    assert all(c["max_relative_difference"] == 0.0 and c["greedy_equal"] for c in record["checks"].values())
     assert "verify_s" in result.plan.timings
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Verified: pruned model and saved model, reloaded reproduce the original model" in card
@@ -96,13 +96,17 @@ def test_a_skipped_renumbering_is_caught_and_the_model_is_put_back(monkeypatch, 
 
 
 def test_a_wrong_rewrite_is_refused_before_the_analysis(monkeypatch):
-    """A broken rule (layer types left unsliced) is refused in seconds, before any statistics:
-    by the rewrite's own check of what each kept block would be rebuilt as, and, with that check
-    off, by the trial rewrite's run (the kept blocks get another attention pattern)."""
+    """A broken rule (layer types left unsliced) is refused in seconds, before any statistics: by
+    the config's own validation, by the rewrite's check of what each kept block would be rebuilt
+    as, and, with both off, by the trial rewrite's run (the kept blocks get another attention
+    pattern)."""
     model = tiny_model("gemma3_text", num_layers=8)
     monkeypatch.setattr(rewrite, "is_per_block", lambda *args: False)
     calls = []
     monkeypatch.setattr("sglp_llm.api.collect_block_statistics", lambda *a, **k: calls.append(1))
+    with pytest.raises(RewriteError, match=r"fails its own validation \(`num_hidden_layers` \(6\) must be equal"):
+        prune(model, BATCHES, settings(), progress=False)
+    monkeypatch.setattr(rewrite, "_check_config", lambda config: None)
     with pytest.raises(RewriteError, match="layer_type='sliding_attention'.* rebuild it as 'full_attention'"):
         prune(model, BATCHES, settings(), progress=False)
     monkeypatch.setattr(rewrite, "_keep_block_constants", lambda blocks, kept: {})
@@ -130,6 +134,7 @@ def test_block_by_block_verification_catches_a_wrong_rewrite(where, monkeypatch,
 
     broken = tiny_model("gemma3_text", num_layers=8) if where == "sequential" else load_with_blocks_on_disk(tmp_path / "src")
     monkeypatch.setattr(rewrite, "is_per_block", lambda *args: False)
+    monkeypatch.setattr(rewrite, "_check_config", lambda config: None)
     monkeypatch.setattr(rewrite, "_keep_block_constants", lambda blocks, kept: {})
     with pytest.raises(VerificationError, match="logits differ"):
         prune(broken, BATCHES, plan=plan_for(broken, [2, 3, 6], offload="sequential", scoring="block",
