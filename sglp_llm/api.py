@@ -591,7 +591,7 @@ def prune(
     undo = removing_blocks(model, plan.dropped, layers_path=plan.layers_path)
     if reference is not None:
         try:
-            verify.check(reference, model, "The pruned model", indices=plan.kept, device=plan.config.get("onload_device"))
+            verify.check(reference, model, verify.PRUNED, indices=plan.kept, device=plan.config.get("onload_device"))
         except BaseException:
             undo()
             raise

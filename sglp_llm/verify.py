@@ -38,7 +38,12 @@ TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 HALF_TOLERANCE = 2e-2
 
 
-class VerificationError(RuntimeError):
+# what each check ran, as the report names it and as people read it
+PRUNED, RELOADED = "The pruned model", "The saved model, reloaded"
+CHECK_NAMES = {PRUNED: "the pruned model in memory", RELOADED: "the saved folder reloaded with from_pretrained"}
+
+
+class VerificationError(ValueError):
     """The pruned model does not compute what the original does with the dropped blocks skipped."""
 
 
@@ -403,7 +408,7 @@ def check_saved(reference: Reference, folder: Any, model: nn.Module, settings: d
             "written."
         ) from error
     try:
-        return check(reference, reloaded, "The saved model, reloaded", device=settings.get("onload_device"),
+        return check(reference, reloaded, RELOADED, device=settings.get("onload_device"),
                      indices=None)
     finally:
         del reloaded
@@ -428,7 +433,7 @@ def describe(record: dict[str, Any] | None) -> str:
         return "Not verified (verification was turned off)."
     checks = record["checks"]
     worst = max((c["max_relative_difference"] for c in checks.values()), default=0.0)
-    who = " and ".join(name[4:] if name.startswith("The ") else name for name in checks)
+    who = " and ".join(CHECK_NAMES.get(name, name) for name in checks)
     return (
         f"Verified: {who} reproduce the original model with the dropped blocks skipped "
         f"({record['compared']} on {record['probe'][0]} x {record['probe'][1]} calibration tokens; "

@@ -312,3 +312,28 @@ def test_prune_eval_speed_reports_parameters_and_throughput_before_and_after(mod
     card = (out / "README.md").read_text()
     assert "| decode_tokens_per_s |" in card and f"| parameters | {evaluation['dense']['parameters']} |" in card
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_prune_says_what_it_verified_and_no_verify_skips_it(model_dir, text_file, tmp_path, capsys):
+    common = ["prune", "--model", str(model_dir), "--drop", "2", "--dataset", str(text_file), *FAST]
+    assert main([*common, "--output", str(tmp_path / "checked")]) == 0
+    assert "Verified: the pruned model in memory and the saved folder reloaded with from_pretrained reproduce the original" in capsys.readouterr().out
+    report = json.loads((tmp_path / "checked" / "sglp_report.json").read_text())
+    assert report["config"]["verify"] is True and report["timings"]["verify_s"] > 0
+    assert main([*common, "--output", str(tmp_path / "unchecked"), "--no-verify"]) == 0
+    assert "Not verified" in capsys.readouterr().out
+    report = json.loads((tmp_path / "unchecked" / "sglp_report.json").read_text())
+    assert report["config"]["verify"] is False and "verification" not in report["extra"]
+
+
+def test_a_rewrite_that_fails_verification_writes_nothing(model_dir, text_file, tmp_path, monkeypatch, capsys):
+    import sglp_llm.rewrite as rewrite
+
+    monkeypatch.setattr(rewrite, "LAYER_INDEX_ATTRIBUTES", ())  # renumbering skipped
+    monkeypatch.setattr(rewrite, "_keep_block_constants", lambda blocks, kept: {})
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(model_dir), "--drop", "2", "--dataset", str(text_file),
+                 "--output", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "of this LlamaForCausalLM" in err and "Nothing was written" in err
+    assert not [p for p in tmp_path.iterdir() if "pruned" in p.name], "no output, no temporary folder"

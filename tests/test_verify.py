@@ -65,7 +65,7 @@ def test_every_family_verifies_exactly_in_memory_and_after_reloading(family, tmp
     assert all(c["max_relative_difference"] == 0.0 and c["greedy_equal"] for c in record["checks"].values())
     assert "verify_s" in result.plan.timings
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "Verified: pruned model and saved model, reloaded reproduce the original model" in card
+    assert "Verified: the pruned model in memory and the saved folder reloaded with from_pretrained reproduce the original model" in card
 
 
 def test_the_reference_is_the_original_with_blocks_skipped():
