@@ -256,19 +256,22 @@ def _run(model: nn.Module, probe: Probe, blockwise: bool, generate: bool, what: 
 
 
 def reference_outputs(
-    model: nn.Module, dropped: Sequence[int], probe: Probe, settings: dict[str, Any], layers_path: str | None = None
+    model: nn.Module, dropped: Sequence[int], probe: Probe, settings: dict[str, Any], layers_path: str | None = None,
+    *, generate: bool = True,
 ) -> Reference:
-    """Run the original `model` on `probe` with the `dropped` blocks skipped (before the rewrite)."""
+    """Run the original `model` on `probe` with the `dropped` blocks skipped (before the rewrite);
+    `generate`: also its greedy continuations (not block by block)."""
     started = time.perf_counter()
     blockwise = _runs_blockwise(model, settings)
+    generate = generate and not blockwise
     what = "The original model with the dropped blocks skipped"
     device = {"device": settings.get("onload_device")} if blockwise else {}
     try:
         with skipped(find_decoder_blocks(model, layers_path).layers, [] if blockwise else dropped):
-            outputs = _run(model, probe, blockwise, not blockwise, what, **device, **({"skip": dropped} if blockwise else {}))
+            outputs = _run(model, probe, blockwise, generate, what, **device, **({"skip": dropped} if blockwise else {}))
     except VerificationError:
         # a model that fails without any block skipped is not the rewrite's doing: say that
-        _run(model, probe, blockwise, not blockwise, "The original model (nothing skipped)", **device)
+        _run(model, probe, blockwise, generate, "The original model (nothing skipped)", **device)
         raise
     return Reference(probe, outputs, _dtype(model), blockwise, time.perf_counter() - started)
 
@@ -307,8 +310,9 @@ def preflight(model: nn.Module, settings: dict[str, Any], layers_path: str | Non
     reference = None
     if not _runs_blockwise(model, settings):
         probe = make_probe(model, None, seed=settings.get("seed", 0))
-        _check_loss(model, probe)
-        reference = reference_outputs(model, trial, probe, settings, layers_path)
+        _check_loss(model, Probe(probe.input_ids[:1, :PROBE_TOKENS]))
+        # no generation: the check after the real removal runs it, and it is the costlier part
+        reference = reference_outputs(model, trial, probe, settings, layers_path, generate=False)
     undo = removing_blocks(model, trial, layers_path=layers_path)
     try:
         if reference is not None:
@@ -398,7 +402,9 @@ def _reload(folder: Any, model: nn.Module) -> nn.Module:
 
 
 def check_saved(reference: Reference, folder: Any, model: nn.Module, settings: dict[str, Any]) -> dict[str, Any]:
-    """Reload the folder just written and check it against the reference."""
+    """Reload the folder just written and check it against the reference (the load's time
+    counts in the check's)."""
+    started = time.perf_counter()
     try:
         reloaded = _reload(folder, model)
     except Exception as error:  # noqa: BLE001 - a folder that does not load must not be written
@@ -408,10 +414,11 @@ def check_saved(reference: Reference, folder: Any, model: nn.Module, settings: d
             "written."
         ) from error
     try:
-        return check(reference, reloaded, RELOADED, device=settings.get("onload_device"),
-                     indices=None)
+        result = check(reference, reloaded, RELOADED, device=settings.get("onload_device"))
     finally:
         del reloaded
+    result["seconds"] = time.perf_counter() - started
+    return result
 
 
 def summary(reference: Reference) -> dict[str, Any]:
