@@ -243,3 +243,27 @@ def test_the_probe_crosses_the_sliding_window():
     assert probe.input_ids.shape == (2, 48)
     tokens = torch.cat([b["input_ids"].flatten() for b in BATCHES])
     assert torch.equal(probe.input_ids.flatten()[: tokens.numel()], tokens[: probe.input_ids.numel()])
+
+
+def test_a_model_dispatched_with_weights_on_disk_is_verified_and_reloaded(tmp_path):
+    """accelerate's device map with blocks, embeddings and head offloaded to disk: the reference,
+    the pruned model and the reloaded folder all run through accelerate's hooks."""
+    tiny_model("llama", num_layers=6).save_pretrained(tmp_path / "src")
+    device_map = {
+        "model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu",
+        "model.layers.3": "disk", "model.layers.4": "disk", "model.layers.5": "cpu", "model.norm": "cpu",
+        "model.rotary_emb": "cpu", "lm_head": "disk",
+    }
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "src", device_map=device_map, offload_folder=tmp_path / "offload", dtype=torch.float32
+    ).eval()
+    result = prune(model, BATCHES, plan=plan_for(model, [1, 4]), progress=False)
+    result.save_pretrained(tmp_path / "out")
+    checks = result.plan.extra["verification"]["checks"]
+    assert set(checks) == {"The pruned model", "The saved model, reloaded"}
+    assert all(c["max_relative_difference"] == 0.0 and c["greedy_equal"] for c in checks.values())
+    source = tiny_model("llama", num_layers=6)
+    with skipped(source.model.layers, [1, 4]):
+        expected = logits(source, BATCHES[0])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(logits(reloaded, BATCHES[0]), expected, rtol=1e-5, atol=1e-5)
