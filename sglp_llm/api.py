@@ -48,6 +48,7 @@ class BlockStatistics:
     n_tokens: int
     n_batches: int
     seconds: float = 0.0  # wall time of the pass that measured them
+    n_sinks: int = 0  # tokens left out of the CKA sums as attention sinks
 
 
 def statistics_key(config: SGLPConfig, n_drop: int) -> tuple:
@@ -57,7 +58,8 @@ def statistics_key(config: SGLPConfig, n_drop: int) -> tuple:
     score = config.method if config.method != "sglp" else "gradnorm" if config.uses_gradnorm else "cka"
     run_length = n_drop if config.method == "angular" else None
     fields = (
-        *CALIBRATION_FIELDS, "cka_minibatch_tokens", "cka_max_tokens_per_batch", "cka_dtype", "offload", "layers_path",
+        *CALIBRATION_FIELDS, "cka_minibatch_tokens", "cka_max_tokens_per_batch", "cka_dtype", "cka_skip_sinks",
+        "offload", "layers_path",
     )
     return (score, run_length, *(getattr(config, name) for name in fields))
 
@@ -134,6 +136,7 @@ def collect_block_statistics(
         max_tokens_per_batch=config.cka_max_tokens_per_batch,
         dtype=getattr(torch, config.cka_dtype),
         seed=config.seed,
+        skip_sinks=config.cka_skip_sinks,
     )
     baseline = BASELINES.get(config.method)  # None for SGLP
     score = (
@@ -216,7 +219,7 @@ def collect_block_statistics(
         scores = score.compute().cpu()
     else:
         scores = torch.full((num_blocks,), math.nan, dtype=torch.float64)
-    return BlockStatistics(cka_matrix, scores, cka.n_tokens, len(batches), time.perf_counter() - started)
+    return BlockStatistics(cka_matrix, scores, cka.n_tokens, len(batches), time.perf_counter() - started, cka.n_sinks)
 
 
 def _protected(num_blocks: int, config: SGLPConfig) -> set[int]:
@@ -477,6 +480,8 @@ def _analyze(
         cache_key=key,
     )
     extra: dict[str, Any] = {"protected": sorted(protected), "statistics_reused": reused}
+    if config.cka_skip_sinks:
+        extra["cka_sinks_left_out"] = stats.n_sinks
     baseline = BASELINES.get(config.method)  # None for SGLP
     with eval_mode(model):
         if baseline is None:

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 
 MIN_TOKENS = 4  # the unbiased HSIC divides by n(n-3)
+# with skip_sinks, a token whose hidden-state norm at some block's output exceeds this many times
+# the median norm of its minibatch there is an attention sink / massive activation: left out
+SINK_NORM_RATIO = 10.0
 
 
 def unbiased_hsic_matrix(grams: torch.Tensor) -> torch.Tensor:
@@ -43,6 +46,11 @@ def cka_from_hsic(hsic: torch.Tensor) -> torch.Tensor:
 class MinibatchCKA:
     """Accumulates HSIC sums between `num_layers` representations, one forward batch at a time.
 
+    With `skip_sinks`, the attention-sink positions are left out of the sums, since their massive
+    activations dominate linear CKA (every later block then looks alike): the first token of each
+    sequence, and any token whose norm at some block's output exceeds SINK_NORM_RATIO times the
+    median norm of its minibatch at that output.
+
     Call `start_batch(token_mask)`, then `add(layer, hidden)` for every layer (typically from
     forward hooks), then `finish_batch()`. The token selection and minibatch split are shared by
     all layers of a batch, as CKA compares the same tokens across layers. Hidden states may come
@@ -58,8 +66,11 @@ class MinibatchCKA:
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        skip_sinks: bool = False,
     ) -> None:
         self.num_layers = num_layers
+        self.skip_sinks = skip_sinks
+        self.n_sinks = 0  # tokens left out as sinks (skip_sinks)
         self.minibatch_tokens = minibatch_tokens
         self.max_tokens_per_batch = max_tokens_per_batch
         self.dtype = dtype
@@ -78,6 +89,11 @@ class MinibatchCKA:
         `index` is the batch's position in the calibration set (default: batches started so far)."""
         index = self.n_batches if index is None else index
         self.n_batches += 1
+        if self.skip_sinks:  # each sequence's first token (after any left padding)
+            token_mask = token_mask.clone()
+            rows = token_mask.any(dim=1).nonzero().squeeze(-1)
+            token_mask[rows, token_mask[rows].int().argmax(dim=1)] = False
+            self.n_sinks += len(rows)
         positions = token_mask.reshape(-1).nonzero().squeeze(-1).cpu()
         order = torch.randperm(len(positions), generator=self._generator(index))
         if self.max_tokens_per_batch is not None:
@@ -127,10 +143,27 @@ class MinibatchCKA:
         if missing:
             raise RuntimeError(f"No activations were captured for layers {missing} in this batch.")
         for c in range(len(self._chunks)):
-            self.hsic_sum += unbiased_hsic_matrix(torch.stack([g[c] for g in self._grams]))
-        self.n_minibatches += len(self._chunks)
+            grams = torch.stack([g[c] for g in self._grams])
+            if self.skip_sinks:
+                grams = self._without_outliers(grams)
+                if grams is None:
+                    continue
+            self.hsic_sum += unbiased_hsic_matrix(grams)
+            self.n_minibatches += 1
         self.n_tokens += len(self._positions)
         self._positions, self._chunks, self._grams = None, [], []
+
+    def _without_outliers(self, grams: torch.Tensor) -> torch.Tensor | None:
+        """The minibatch's Gram matrices [L, n, n] without the massive-activation tokens (None if
+        fewer than MIN_TOKENS remain); the squared norms are the Grams' diagonals."""
+        squared_norms = grams.diagonal(dim1=1, dim2=2)
+        median = squared_norms.median(dim=1, keepdim=True).values
+        keep = ~(squared_norms > SINK_NORM_RATIO**2 * median).any(dim=0)
+        self.n_sinks += int((~keep).sum())
+        self.n_tokens -= int((~keep).sum())
+        if int(keep.sum()) < MIN_TOKENS:
+            return None
+        return grams[:, keep][:, :, keep]
 
     def compute(self) -> torch.Tensor:
         """The L×L CKA matrix from all batches so far."""
@@ -148,6 +181,7 @@ class MinibatchCKA:
             "n_minibatches": self.n_minibatches,
             "n_tokens": self.n_tokens,
             "n_batches": self.n_batches,
+            "n_sinks": self.n_sinks,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -155,3 +189,4 @@ class MinibatchCKA:
         self.n_minibatches = state["n_minibatches"]
         self.n_tokens = state["n_tokens"]
         self.n_batches = state["n_batches"]
+        self.n_sinks = state.get("n_sinks", 0)

@@ -77,6 +77,9 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     method.add_argument("--segment-feature", choices=SEGMENT_FEATURES, help="CKA column sums or CKA rows")
     method.add_argument("--num-segments", type=int, help="fixed number of segments (default: automatic)")
     method.add_argument("--cka-minibatch-tokens", type=int, help="tokens per CKA minibatch")
+    method.add_argument("--cka-skip-sinks", action="store_true", default=None,
+                        help="leave attention sinks out of CKA: each sequence's first token and tokens whose "
+                             "norm is over 10x the minibatch median at some block output")
     method.add_argument("--offload", choices=OFFLOAD_MODES,
                         help="sequential: one decoder block on the device at a time (default: none)")
     method.add_argument("--onload-device", help="with --offload sequential: where each block runs, e.g. cuda:0 "

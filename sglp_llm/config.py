@@ -122,6 +122,9 @@ class SGLPConfig(SettingsFile):
     cka_minibatch_tokens: int = 512
     cka_max_tokens_per_batch: int | None = None
     cka_dtype: str = "float64"
+    # leave attention sinks out of the CKA sums: each sequence's first token and massive-activation
+    # tokens (norm > 10x the minibatch median at some block output; sglp_llm.cka)
+    cka_skip_sinks: bool = False
     # "sequential": the same statistics with one decoder block on the device at a time, for
     # models larger than its memory (see sglp_llm.sequential)
     offload: str = "none"
@@ -284,7 +287,7 @@ class SGLPConfig(SettingsFile):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"`{name}` must be a non-negative integer, got {value!r}.")
-        for name in ("gradient_checkpointing", "loss_lazy", "verify"):
+        for name in ("gradient_checkpointing", "loss_lazy", "verify", "cka_skip_sinks"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"`{name}` must be true or false, got {getattr(self, name)!r}.")
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):

@@ -225,3 +225,37 @@ def test_hooks_removed_on_error():
         with capture_blocks(layers, boom):
             model(**tiny_batch())
     assert all(not layer._forward_hooks for layer in layers)
+
+
+def test_skip_sinks_leaves_out_exactly_the_first_tokens_and_massive_activations():
+    """Each sequence's first token (after left padding) and any token whose norm at some layer
+    is over SINK_NORM_RATIO x the minibatch median there are left out; the sums then equal the
+    HSIC of the remaining tokens computed directly (one minibatch: HSIC ignores token order)."""
+    from sglp_llm.cka import SINK_NORM_RATIO, MinibatchCKA, cka_from_hsic, unbiased_hsic_matrix
+
+    generator = torch.Generator().manual_seed(0)
+    batch, seq, dim, layers = 2, 12, 8, 3
+    hidden = [torch.randn(batch, seq, dim, generator=generator, dtype=torch.float64) for _ in range(layers)]
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    mask[1, :2] = False  # left padding: row 1 starts at position 2
+    hidden[1][0, 5] *= 3 * SINK_NORM_RATIO  # a massive activation at layer 1 only
+    hidden[2][1, 7] *= 3 * SINK_NORM_RATIO  # and one at layer 2
+    hidden[0][0, 9] *= 0.5 * SINK_NORM_RATIO / 3  # large, but not over the ratio: kept
+    cka = MinibatchCKA(layers, minibatch_tokens=1000, skip_sinks=True)
+    cka.start_batch(mask)
+    for i, h in enumerate(hidden):
+        cka.add(i, h)
+    cka.finish_batch()
+    left_out = {(0, 0), (1, 2), (0, 5), (1, 7)}
+    keep = [(b, t) for b in range(batch) for t in range(seq) if mask[b, t] and (b, t) not in left_out]
+    assert cka.n_sinks == 4 and cka.n_tokens == len(keep) == 18
+    grams = torch.stack([torch.stack([h[b, t] for b, t in keep]) @ torch.stack([h[b, t] for b, t in keep]).T for h in hidden])
+    torch.testing.assert_close(cka.hsic_sum, unbiased_hsic_matrix(grams))
+    torch.testing.assert_close(cka.compute(), cka_from_hsic(unbiased_hsic_matrix(grams)))
+    plain = MinibatchCKA(layers, minibatch_tokens=1000)
+    plain.start_batch(mask)
+    for i, h in enumerate(hidden):
+        plain.add(i, h)
+    plain.finish_batch()
+    assert plain.n_tokens == 22 and plain.n_sinks == 0
+    assert not torch.allclose(plain.hsic_sum, cka.hsic_sum)
