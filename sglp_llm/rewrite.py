@@ -198,8 +198,19 @@ def _keep_block_constants(blocks: DecoderBlocks, kept: list[int]) -> dict[str, l
     with the block count (MiniCPM3: `scale_depth / sqrt(num_hidden_layers)`) is kept by rescaling
     the one float config field that restores it exactly; anything else (a constant derived from
     the block's index, or with no such field) is refused. Returns field -> [old, new] changed."""
-    config = blocks.config
     compensated: dict[str, list[float]] = {}
+    try:
+        _rebuild_as_is(blocks, kept, compensated)
+    except RewriteError:
+        for name, (value, _) in compensated.items():  # the caller undoes the rest of the rewrite
+            setattr(blocks.config, name, value)
+        raise
+    return compensated
+
+
+def _rebuild_as_is(blocks: DecoderBlocks, kept: list[int], compensated: dict[str, list[float]]) -> None:
+    """`_keep_block_constants`' search; the fields it rescales go into `compensated`."""
+    config = blocks.config
     for index, block in enumerate(blocks.layers):
         differences = _differences(block, config, index)
         if not differences:
@@ -228,14 +239,12 @@ def _keep_block_constants(blocks: DecoderBlocks, kept: list[int]) -> dict[str, l
                 "and compute something else, and no config field restores it. Depth pruning of this "
                 "family is not supported."
             )
-    for name, (value, new) in compensated.items():  # every block must now rebuild as it is
-        if any(_differences(block, config, i) for i, block in enumerate(blocks.layers)):
-            setattr(config, name, value)
-            raise RewriteError(
-                f"Rescaling the config's {name} cannot rebuild every kept block of this model as it "
-                "is; depth pruning of this family is not supported."
-            )
-    return compensated
+    # a field rescaled for a later block must not have changed an earlier one
+    if compensated and any(_differences(block, config, i) for i, block in enumerate(blocks.layers)):
+        raise RewriteError(
+            f"Rescaling the config's {', '.join(compensated)} cannot rebuild every kept block of this "
+            "model as it is; depth pruning of this family is not supported."
+        )
 
 
 def _check_config(config) -> None:
