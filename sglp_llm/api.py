@@ -38,7 +38,6 @@ from .score import BlockGradNorms, causal_lm_loss, check_finite, grad_only_for, 
 from .segment import redundancy, segment_blocks
 from .select import allocate_drops, best_subset, choose_drops, enumerate_keep_sets
 from .sequential import sequential_pass
-from .verify import Reference, make_probe, reference_outputs
 
 
 @dataclass
@@ -538,7 +537,7 @@ class PruneResult:
     base_model: str | None = None
     # the original's outputs with the dropped blocks skipped: the saved folder is checked against
     # them once reloaded (None: verification was turned off)
-    reference: Reference | None = None
+    reference: verify.Reference | None = None
 
     def save_pretrained(self, output_dir: str | Path, *, overwrite: bool = False, evaluation: dict | None = None) -> Path:
         from .save import save_pruned
@@ -591,8 +590,8 @@ def prune(
     base_model = plan.model_name or getattr(model, "name_or_path", None)
     reference = None
     if plan.config.get("verify", True):
-        probe = make_probe(model, batches, seed=plan.config.get("seed", 0))
-        reference = reference_outputs(model, plan.dropped, probe, plan.config, plan.layers_path)
+        probe = verify.make_probe(model, batches, seed=plan.config.get("seed", 0))
+        reference = verify.reference_outputs(model, plan.dropped, probe, plan.config, plan.layers_path)
     undo = removing_blocks(model, plan.dropped, layers_path=plan.layers_path)
     if reference is not None:
         try:
@@ -600,8 +599,7 @@ def prune(
         except BaseException:
             undo()
             raise
-        plan.extra["verification"] = verify.summary(reference)
-        plan.timings["verify_s"] = plan.extra["verification"]["seconds"]
+        verify.record(reference, plan)
     getattr(text_config(model), SGLP_CONFIG_KEY)["settings"] = plan.config
     plan.extra.update(params_before=params_before, params_after=count_parameters(model))
     return PruneResult(model=model, plan=plan, tokenizer=tokenizer, base_model=base_model, reference=reference)

@@ -39,7 +39,6 @@ class DecoderBlocks:
     config: object  # the (text) config that owns the block count
     count_field: str = "num_hidden_layers"  # the config field holding the block count
 
-
     def __len__(self) -> int:
         return len(self.layers)
 

@@ -142,28 +142,28 @@ class MinibatchCKA:
         missing = [i for i, g in enumerate(self._grams) if g is None]
         if missing:
             raise RuntimeError(f"No activations were captured for layers {missing} in this batch.")
+        outliers = 0
         for c in range(len(self._chunks)):
             grams = torch.stack([g[c] for g in self._grams])
             if self.skip_sinks:
-                grams = self._without_outliers(grams)
-                if grams is None:
+                keep = self._not_outliers(grams)
+                outliers += int((~keep).sum())
+                if int(keep.sum()) < MIN_TOKENS:
                     continue
+                grams = grams[:, keep][:, :, keep]
             self.hsic_sum += unbiased_hsic_matrix(grams)
             self.n_minibatches += 1
-        self.n_tokens += len(self._positions)
+        self.n_sinks += outliers
+        self.n_tokens += len(self._positions) - outliers
         self._positions, self._chunks, self._grams = None, [], []
 
-    def _without_outliers(self, grams: torch.Tensor) -> torch.Tensor | None:
-        """The minibatch's Gram matrices [L, n, n] without the massive-activation tokens (None if
-        fewer than MIN_TOKENS remain); the squared norms are the Grams' diagonals."""
+    @staticmethod
+    def _not_outliers(grams: torch.Tensor) -> torch.Tensor:
+        """Which tokens of a minibatch's Gram matrices [L, n, n] are not massive activations; the
+        squared norms are the Grams' diagonals."""
         squared_norms = grams.diagonal(dim1=1, dim2=2)
         median = squared_norms.median(dim=1, keepdim=True).values
-        keep = ~(squared_norms > SINK_NORM_RATIO**2 * median).any(dim=0)
-        self.n_sinks += int((~keep).sum())
-        self.n_tokens -= int((~keep).sum())
-        if int(keep.sum()) < MIN_TOKENS:
-            return None
-        return grams[:, keep][:, :, keep]
+        return ~(squared_norms > SINK_NORM_RATIO**2 * median).any(dim=0)
 
     def compute(self) -> torch.Tensor:
         """The L×L CKA matrix from all batches so far."""

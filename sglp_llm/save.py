@@ -23,7 +23,7 @@ from sglp_llm.modelcard import render_model_card
 from sglp_llm.plan import REPORT_NAME, PruningPlan
 from sglp_llm.shards import save_model
 from sglp_llm.verify import check_saved
-from sglp_llm.verify import summary as verification_summary
+from sglp_llm.verify import record as record_verification
 
 README_NAME = "README.md"
 
@@ -66,8 +66,7 @@ def save_pruned(
         save_model(model, folder, plan.kept)
         if reference is not None:
             check_saved(reference, folder, model, plan.config)
-            plan.extra["verification"] = verification_summary(reference)
-            plan.timings["verify_s"] = plan.extra["verification"]["seconds"]
+            record_verification(reference, plan)
         card = render_model_card(plan, base_model=base_model, evaluation=evaluation)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)

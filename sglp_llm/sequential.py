@@ -310,19 +310,26 @@ def _final_hidden_gradient(
 ) -> torch.Tensor:
     """d loss / d final hidden state, the loss computed by the model's own code (final norm,
     lm_head, logit softcapping, loss): the last stub returns the stored final hidden state."""
-    leaf: list[torch.Tensor] = []
+    leaf = final.detach().requires_grad_()
+    with final_hidden_state(layers, leaf, returns_tuple):
+        loss = check_finite(causal_lm_loss(model, batch))
+    loss.backward()
+    return leaf.grad.detach().cpu()
+
+
+@contextmanager
+def final_hidden_state(layers: nn.ModuleList, final: torch.Tensor, returns_tuple: bool) -> Iterator[None]:
+    """Run the model's own head (final norm, lm_head, softcapping, loss) on `final`: every block
+    is a stub that passes its input on, the last one hands `final` instead."""
 
     def pass_through(index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
         hidden = block_input(args, kwargs)
         if index == len(layers) - 1:
-            hidden = final.to(hidden.device).requires_grad_()
-            leaf.append(hidden)
+            hidden = final.to(hidden.device)
         return (hidden,) if returns_tuple else hidden
 
     with stubbed_blocks(layers, pass_through):
-        loss = check_finite(causal_lm_loss(model, batch))
-    loss.backward()
-    return leaf[0].grad.detach().cpu()
+        yield
 
 
 def sequential_pass(

@@ -197,7 +197,7 @@ def blockwise_outputs(
     own forward records every block's call, each block not in `skip` is onloaded and run, and the
     model's head runs on the final hidden state. `indices`: the blocks' indices for the model's
     loader (a pruned model's blocks keep their source indices on disk)."""
-    from .sequential import BLOCK_LOADER_ATTRIBUTE, MoveBlocks, _onloaded, _record_calls, stubbed_blocks
+    from .sequential import BLOCK_LOADER_ATTRIBUTE, MoveBlocks, _onloaded, _record_calls, final_hidden_state
 
     layers = find_decoder_blocks(model).layers
     loader = getattr(model, BLOCK_LOADER_ATTRIBUTE, None) or MoveBlocks()
@@ -216,13 +216,7 @@ def blockwise_outputs(
                 output = calls[index].run(block, hidden)
             returns_tuple = isinstance(output, (tuple, list))
             hidden = block_output(output)
-        final = hidden
-
-        def head(index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
-            hidden = final.to(block_input(args, kwargs).device) if index == len(layers) - 1 else block_input(args, kwargs)
-            return (hidden,) if returns_tuple else hidden
-
-        with stubbed_blocks(layers, head):
+        with final_hidden_state(layers, hidden, returns_tuple):
             logits = model(**batch, use_cache=False).logits
     return Outputs(logits.float().cpu())
 
@@ -238,6 +232,12 @@ def _dtype(model: nn.Module) -> torch.dtype:
     return min(floats, key=lambda d: torch.finfo(d).bits) if floats else torch.float32
 
 
+def _reason(error: BaseException) -> str:
+    """An exception as one line for a message: its type and first line."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _run(model: nn.Module, probe: Probe, blockwise: bool, generate: bool, what: str, **blockwise_args: Any) -> Outputs:
     """The outputs of `model` on the probe; a crash becomes a VerificationError naming `what`."""
     try:
@@ -249,7 +249,7 @@ def _run(model: nn.Module, probe: Probe, blockwise: bool, generate: bool, what: 
     except Exception as error:  # noqa: BLE001 - any failure means the rewrite is not proven
         raise VerificationError(
             f"{what} of this {type(model).__name__} could not run on the verification input "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Nothing was "
+            f"({_reason(error)}). Nothing was "
             "written; the rewrite does not support this family. (--no-verify skips this check at your "
             "own risk.)"
         ) from error
@@ -290,8 +290,8 @@ def _check_loss(model: nn.Module, probe: Probe) -> None:
         if isinstance(error, torch.OutOfMemoryError):
             raise
         raise UnsupportedModelError(
-            f"The next-token loss of this {type(model).__name__} could not be computed ({type(error).__name__}: "
-            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}): sglp-llm needs a causal LM "
+            f"The next-token loss of this {type(model).__name__} could not be computed ({_reason(error)}): "
+            "sglp-llm needs a causal LM "
             "whose forward takes input_ids, attention_mask and labels and returns that loss."
         ) from error
 
@@ -410,7 +410,7 @@ def check_saved(reference: Reference, folder: Any, model: nn.Module, settings: d
     except Exception as error:  # noqa: BLE001 - a folder that does not load must not be written
         raise VerificationError(
             f"The saved {type(model).__name__} could not be reloaded with from_pretrained "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Nothing was "
+            f"({_reason(error)}). Nothing was "
             "written."
         ) from error
     try:
@@ -419,6 +419,12 @@ def check_saved(reference: Reference, folder: Any, model: nn.Module, settings: d
         del reloaded
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def record(reference: Reference, plan: Any) -> None:
+    """Put the verification so far into the plan's report and timings."""
+    plan.extra["verification"] = summary(reference)
+    plan.timings["verify_s"] = plan.extra["verification"]["seconds"]
 
 
 def summary(reference: Reference) -> dict[str, Any]:
