@@ -1,11 +1,11 @@
 """The two entry points: `analyze` (what would SGLP drop, and why) and `prune` (drop it).
 
 One hooked pass over the calibration batches feeds every statistic: the streaming CKA and the
-peer baselines' block scores from forward hooks and, for SGLP only, the per-block GradNorm from
-gradient hooks during one backward per batch, so the analysis costs about one training step per
-batch (one inference step for the baselines). Segmentation and selection then work on the L×L
-matrix and L scores alone, except the methods that score candidate pruned networks (SGLP's subset
-search, SLEB), which run the model again on the calibration batches.
+peer baselines' block scores from forward hooks and, for SGLP only, the gradient scores from one
+backward per batch (sglp_llm.score), so the analysis costs about one training step per batch (one
+inference step for the baselines). Then the registered selection the config names chooses the
+blocks (sglp_llm.selection): SGLP's groups and rules (sglp_llm.sglp_selection) or a peer's
+(sglp_llm.baselines); those that score candidate networks run the model again on the batches.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -21,46 +21,53 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .baselines import BASELINES, SelectionContext
 from .blocks import DecoderBlocks, find_decoder_blocks, text_config
 from .capture import BlockObserver, StopForward, capture_blocks, stop_after
 from .checkpoint import StatisticsCheckpoint, fingerprint
 from .cka import MinibatchCKA
 from .config import CALIBRATION_FIELDS, ConfigError, SGLPConfig
-from .data import CalibrationSet, first_samples, prepare_calibration
+from .data import CalibrationSet, prepare_calibration
 from .devices import activation_checkpointing
 from .distributed import all_reduce_state, is_main_process, rank, world_size
 from .plan import PruningPlan
-from .removal import RemovalLoss
 from . import verify
-from .rewrite import SGLP_CONFIG_KEY, removing_blocks, skip_blocks
-from .score import BlockGradNorms, causal_lm_loss, check_finite, grad_only_for, network_gradnorm
-from .segment import redundancy, segment_blocks
-from .select import allocate_drops, best_subset, choose_drops, enumerate_keep_sets
+from .rewrite import SGLP_CONFIG_KEY, removing_blocks
+from .score import BlockGradNorms, GateScores, causal_lm_loss, check_finite, grad_only_for
+from .selection import SelectionContext, selector_for
 from .sequential import sequential_pass
 
 
 @dataclass
 class BlockStatistics:
     cka: torch.Tensor
-    scores: torch.Tensor  # the method's per-block score; NaN where it has none
+    scores: torch.Tensor  # a baseline's per-block score; NaN where it has none
     n_tokens: int
     n_batches: int
     seconds: float = 0.0  # wall time of the pass that measured them
     n_sinks: int = 0  # tokens left out of the CKA sums as attention sinks
+    # every gradient score the pass measured (sglp_llm.score), by name; `scores` is one of them
+    gradient_scores: dict[str, list[float]] = field(default_factory=dict)
 
 
 def statistics_key(config: SGLPConfig, n_drop: int) -> tuple:
     """Two analyses with equal keys measure the same statistics, so one pass can serve both
     (e.g. every SGLP variant and drop count in a comparison): the calibration and CKA settings,
     and which score the pass collects (angular distance depends on the run length)."""
-    score = config.method if config.method != "sglp" else "gradnorm" if config.uses_gradnorm else "cka"
+    score = config.method if config.method != "sglp" else _gradient_pass(config) or "cka"
     run_length = n_drop if config.method == "angular" else None
     fields = (
         *CALIBRATION_FIELDS, "cka_minibatch_tokens", "cka_max_tokens_per_batch", "cka_dtype", "cka_skip_sinks",
         "offload", "layers_path",
     )
     return (score, run_length, *(getattr(config, name) for name in fields))
+
+
+def _gradient_pass(config: SGLPConfig) -> str | None:
+    """Which backward the statistics pass runs: "gate" (no weight gradients), "gradnorm" (the
+    gate scores and the paper's weight-gradient norms) or None (no backward)."""
+    if not config.needs_backward:
+        return None
+    return "gradnorm" if config.gradient_score == "gradnorm" else "gate"
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -120,8 +127,8 @@ def collect_block_statistics(
     progress: bool = True,
 ) -> BlockStatistics:
     """CKA between all block outputs and the method's block scores, from one pass over the
-    batches; the backward (GradNorm) runs only for SGLP (not for a loss check of every block), the
-    baselines run under no_grad.
+    batches; the backward (the gradient scores) runs only for SGLP (not for a loss check of every
+    block), the baselines run under no_grad.
 
     Under data parallelism (sglp_llm.distributed) each process runs its share of the batches and
     the sums are reduced; with `config.checkpoint_dir` the sums are saved as the pass goes and a
@@ -137,14 +144,12 @@ def collect_block_statistics(
         seed=config.seed,
         skip_sinks=config.cka_skip_sinks,
     )
-    baseline = BASELINES.get(config.method)  # None for SGLP
-    score = (
-        baseline.observer(num_blocks, n_drop)
-        if baseline is not None and baseline.observer is not None
-        else None
-    )
-    grads = BlockGradNorms.for_blocks(blocks.layers) if config.uses_gradnorm else None
-    accumulators = {"cka": cka, "score": score, "grads": grads}
+    observer = selector_for(config).observer
+    score = observer(num_blocks, n_drop) if observer is not None else None
+    backward = _gradient_pass(config)
+    gates = GateScores(num_blocks) if backward is not None else None
+    grads = BlockGradNorms.for_blocks(blocks.layers) if backward == "gradnorm" else None
+    accumulators = {"cka": cka, "score": score, "gates": gates, "grads": grads}
     accumulators = {name: a for name, a in accumulators.items() if a is not None}
     batches = calibration.batches
     store = None
@@ -174,35 +179,43 @@ def collect_block_statistics(
         if config.offload == "sequential":
             if todo:
                 sequential_pass(
-                    model, blocks.layers, [batches[i] for i in todo], observers, grads,
+                    model, blocks.layers, [batches[i] for i in todo], observers, grads, gates,
                     device=config.onload_device, progress=progress,
                 )
         else:
             with ExitStack() as stack:
                 stack.enter_context(capture_blocks(blocks.layers, feed))
-                if grads is None:  # no loss needed: stop after the last block's statistics
+                if gates is None:  # no loss needed: stop after the last block's statistics
                     stack.enter_context(torch.no_grad())
                     stack.enter_context(stop_after(blocks.layers[-1]))
                 else:
-                    stack.enter_context(grad_only_for(model, grads.parameters()))
-                    stack.enter_context(grads.hooks())
+                    stack.enter_context(grad_only_for(model, grads.parameters() if grads is not None else ()))
+                    stack.enter_context(gates.hooks(blocks.layers))
+                    if grads is not None:
+                        stack.enter_context(grads.hooks())
                     if config.gradient_checkpointing:
                         stack.enter_context(activation_checkpointing(model, blocks.layers))
                 # one round: batches start .. start + world - 1, one per process
                 for start in tqdm(range(done, len(batches), world), desc="SGLP calibration", disable=not progress):
                     if start + me < len(batches):
                         batch = to_device(batches[start + me], device)
+                        mask = batch["attention_mask"].bool()
                         for observer in observers:
-                            observer.start_batch(batch["attention_mask"].bool())
+                            observer.start_batch(mask)
+                        if gates is not None:
+                            gates.start_batch(mask)
                         try:
                             loss = check_finite(causal_lm_loss(model, batch))
-                        except StopForward:  # without GradNorm: after the last block
+                        except StopForward:  # without a backward: after the last block
                             pass
                         for observer in observers:
                             observer.finish_batch()
-                        if grads is not None:
+                        if gates is not None:
                             loss.backward()
+                        if grads is not None:
                             grads.end_batch()
+                        if gates is not None:
+                            gates.check_finite()
                     finished = min(start + world, len(batches))
                     every = config.checkpoint_every
                     if store is not None and finished < len(batches) and finished // every > start // every:
@@ -212,202 +225,21 @@ def collect_block_statistics(
     for name, accumulator in accumulators.items():
         accumulator.load_state_dict(state[name])
     cka_matrix = cka.compute().cpu()
+    gradient_scores = {name: value.cpu() for name, value in gates.compute().items()} if gates is not None else {}
     if grads is not None:
-        scores = grads.compute().cpu()
-    elif score is not None:
+        gradient_scores["gradnorm"] = grads.compute().cpu()
+    if score is not None:
         scores = score.compute().cpu()
     else:
         scores = torch.full((num_blocks,), math.nan, dtype=torch.float64)
-    return BlockStatistics(cka_matrix, scores, cka.n_tokens, len(batches), time.perf_counter() - started, cka.n_sinks)
+    return BlockStatistics(
+        cka_matrix, scores, cka.n_tokens, len(batches), time.perf_counter() - started, cka.n_sinks,
+        {name: value.tolist() for name, value in gradient_scores.items()},
+    )
 
 
 def _protected(num_blocks: int, config: SGLPConfig) -> set[int]:
     return set(range(config.protect_first)) | set(range(num_blocks - config.protect_last, num_blocks))
-
-
-def _capacities(segments: list[list[int]], protected: set[int]) -> list[int]:
-    """How many blocks each segment may give up: never all of it, never a protected block."""
-    return [min(len(s) - 1, sum(1 for i in s if i not in protected)) for s in segments]
-
-
-def _segment(cka: torch.Tensor, config: SGLPConfig, n_drop: int, protected: set[int]):
-    """Fisher segmentation; an automatic k is lowered until the drop count fits the segments."""
-    kwargs = dict(
-        feature=config.segment_feature, threshold=config.auto_k_threshold,
-        auto_k=config.auto_k, min_size=config.min_segment_size,
-    )
-    result = segment_blocks(
-        cka.numpy(), num_segments=config.num_segments, max_segments=config.max_segments, **kwargs
-    )
-    while config.num_segments is None and result.k > 1 and sum(_capacities(result.segments, protected)) < n_drop:
-        result = segment_blocks(cka.numpy(), num_segments=result.k - 1, **kwargs)
-    return result
-
-
-def _subset_search(
-    context: SelectionContext, segments: list[list[int]], drops: list[int]
-) -> tuple[list[int], dict[str, Any]]:
-    """The paper's selection: in each segment keep the subset whose pruned network has the
-    highest GradNorm (other segments intact)."""
-    model, config, protected = context.model, context.config, context.protected
-    batches = context.batches[: config.subset_batches]
-    dropped: list[int] = []
-    searched: dict[str, Any] = {}
-    for segment, n_drop in zip(segments, drops):
-        if n_drop == 0:
-            continue
-        keep_sets = enumerate_keep_sets(
-            segment, len(segment) - n_drop, protected=protected,
-            max_candidates=config.max_candidates, seed=config.seed,
-        )
-        scores = {}
-        desc = f"SGLP subset search {segment[0]}-{segment[-1]}"
-        for keep in tqdm(keep_sets, desc=desc, disable=not context.progress):
-            with skip_blocks(model, [i for i in segment if i not in keep], layers_path=config.layers_path):
-                scores[tuple(keep)] = network_gradnorm(model, batches)
-        best = best_subset(scores)
-        dropped += [i for i in segment if i not in best]
-        searched[f"{segment[0]}-{segment[-1]}"] = {
-            "candidates": len(scores), "best_keep": list(best), "best_score": scores[best],
-        }
-    return sorted(dropped), searched
-
-
-def _loss_check(
-    context: SelectionContext, segments: list[list[int]], budgets: list[int]
-) -> tuple[list[int], dict[str, Any]]:
-    """Segment-restricted loss check: remove one block at a time; the candidates are the blocks
-    of every segment that may still give one up (`budgets`: the allocated drops, or each
-    segment's capacity with allocation="loss") — all of them with loss_candidates="all", else
-    its `loss_candidates` lowest-GradNorm ones — and the one whose removal leaves the lowest
-    calibration NLL goes (ties: the shallower block). SLEB's criterion within the segments, with
-    stale measurements reused (below) and a candidate costing only the blocks after it
-    (sglp_llm.removal.RemovalLoss).
-
-    With `loss_lazy`, a candidate's loss measured at an earlier step stands in as a lower bound
-    (removing more blocks rarely lowers the loss): only the candidate with the lowest bound is
-    measured again, until the lowest is a fresh measurement. That is the full search's choice
-    whenever the loss grows with the removed set, at a few forward passes per step instead of
-    one per candidate. `loss_bound` tightens the bound to the current loss plus what the
-    candidate's removal added when it was measured (a block's damage does not shrink as others
-    go): for every candidate ("marginal"), or only for those whose kept neighbours are still the
-    same ("local"; removing a block next to a candidate can make the candidate cheaper to lose).
-    A tighter bound re-measures fewer candidates after a removal that raised every loss.
-
-    With `loss_screen_samples` (0: off), the first step ranks every candidate on that many
-    calibration sequences only, and those estimates stand in as the earlier measurements: only the
-    candidates they make promising are measured on the loss batches."""
-    config, scores = context.config, context.scores
-    batches = context.batches[: config.loss_batches]
-    removal = RemovalLoss(context.model, batches, config.layers_path)
-    left = dict(enumerate(budgets))
-    steps: list[dict[str, Any]] = []
-    measured: dict[int, float] = {}  # block -> its loss when last measured
-    increase: dict[int, float] = {}  # block -> how much that raised the loss of the network then
-    neighbours: dict[int, tuple] = {}  # block -> its kept neighbours when last measured
-    current: float | None = None  # the loss of the network as pruned so far, once needed
-    tightened = config.loss_bound != "stale"
-    first: dict[int, float] = {}
-    with tqdm(total=context.n_drop, desc="SGLP loss check", disable=not context.progress) as bar:
-        for _ in range(context.n_drop):
-            candidates = [
-                block
-                for index, segment in enumerate(segments)
-                if left[index] > 0
-                for block in _shortlist(segment, scores, context.protected | set(removal.removed), config.loss_candidates)
-            ]
-            fresh: set[int] = set()
-
-            def record(block: int, loss: float) -> None:
-                measured[block] = loss
-                if tightened:
-                    increase[block] = loss - current
-                    neighbours[block] = removal.kept_neighbours(block)
-
-            def measure(block: int) -> None:
-                record(block, removal.measure(block))
-                fresh.add(block)
-
-            def bound(block: int) -> float:
-                if block in fresh or block not in increase:
-                    return measured[block]
-                if config.loss_bound == "local" and removal.kept_neighbours(block) != neighbours[block]:
-                    return measured[block]
-                return max(measured[block], current + increase[block])
-
-            if current is None and (tightened or config.loss_screen_samples):
-                current = removal.current()  # the unpruned network's loss, at the first step
-            if not steps and config.loss_screen_samples:
-                first = _screen(context, batches, candidates, current)
-                for block, estimate in first.items():
-                    record(block, estimate)
-            if not config.loss_lazy:
-                for block in candidates:
-                    measure(block)
-            while True:
-                # unmeasured candidates first: no bound yet
-                best = min(candidates, key=lambda b: (b in measured, bound(b) if b in measured else 0.0, b))
-                if best in fresh:
-                    break
-                measure(best)
-            if not steps and not first:
-                first = dict(measured)
-            removal.remove(best)
-            current = measured[best]
-            left[next(i for i, s in enumerate(segments) if best in s)] -= 1
-            steps.append({"block": best, "loss": measured[best], "candidates": len(candidates), "measured": len(fresh)})
-            bar.update()
-    # each block's loss when removed alone (screened: the estimate; None: not a first-step candidate)
-    removal_losses = [first.get(i) for i in range(len(scores))]
-    return sorted(removal.removed), {"steps": steps, "removal_losses": removal_losses}
-
-
-def _screen(
-    context: SelectionContext, batches: list[dict[str, Any]], candidates: list[int], loss: float
-) -> dict[int, float]:
-    """Each candidate's loss when removed alone, estimated on the first `loss_screen_samples`
-    sequences: the unpruned network's `loss` on the loss batches plus the increase on those."""
-    samples = first_samples(batches, context.config.loss_screen_samples)
-    screen = RemovalLoss(context.model, samples, context.config.layers_path)
-    base = screen.current()
-    return {block: loss + screen.measure(block) - base for block in candidates}
-
-
-def _shortlist(segment: list[int], scores: list[float], excluded: set[int], size: int | str) -> list[int]:
-    """The loss check's candidates in a segment: its `size` lowest-GradNorm blocks that may still
-    go, or all of them (in order) with size "all"."""
-    free = [i for i in segment if i not in excluded]
-    return free if size == "all" else sorted(free, key=lambda i: (scores[i], i))[:size]
-
-
-def _sglp_selection(
-    context: SelectionContext, timings: dict[str, float], extra: dict[str, Any]
-) -> tuple[list[list[int]], list[int], list[int], list[float]]:
-    """SGLP's stages 2 and 3: segments, drops per segment, dropped blocks, segmentation losses."""
-    config, n_drop, protected = context.config, context.n_drop, context.protected
-    t = time.perf_counter()
-    segmentation = _segment(context.cka, config, n_drop, protected)
-    segments = segmentation.segments
-    weights = None
-    if config.drop_allocation == "redundancy":
-        cka = context.cka.numpy()
-        weights = [len(s) * redundancy(cka, s) for s in segments]
-    capacities = _capacities(segments, protected)
-    drops = allocate_drops([len(s) for s in segments], n_drop, weights=weights, capacity=capacities)
-    timings["segmentation_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    extra["k"] = segmentation.k
-    if config.scoring == "subset":
-        dropped, extra["subset_search"] = _subset_search(context, segments, drops)
-    elif config.scoring == "loss":
-        budgets = capacities if config.drop_allocation == "loss" else drops
-        dropped, extra["loss_check"] = _loss_check(context, segments, budgets)
-        drops = [sum(1 for b in dropped if b in s) for s in segments]
-    else:
-        dropped = choose_drops(segments, context.scores, drops, protected=protected)
-    timings["selection_s"] = time.perf_counter() - t
-    return segments, drops, dropped, list(segmentation.losses)
 
 
 def analyze(
@@ -470,7 +302,8 @@ def _analyze(
         model=model,
         batches=[to_device(b, device) for b in calibration.batches],
         cka=stats.cka,
-        scores=stats.scores.tolist(),
+        # SGLP's gradient score, else the baseline's (one pass serves every gradient score)
+        scores=stats.gradient_scores.get(config.gradient_score, stats.scores.tolist()),
         n_drop=n_drop,
         protected=protected,
         config=config,
@@ -481,41 +314,38 @@ def _analyze(
     extra: dict[str, Any] = {"protected": sorted(protected), "statistics_reused": reused}
     if config.cka_skip_sinks:
         extra["cka_sinks_left_out"] = stats.n_sinks
-    baseline = BASELINES.get(config.method)  # None for SGLP
+    if config.method == "sglp" and stats.gradient_scores:
+        extra["gradient_scores"] = stats.gradient_scores
     with eval_mode(model):
-        if baseline is None:
-            segments, drops, dropped, losses = _sglp_selection(context, timings, extra)
-            scores, score_kind = context.scores, "gradnorm"
-            if not config.uses_gradnorm:  # the loss check measured every candidate at its first step
-                losses_alone = extra["loss_check"]["removal_losses"]
-                scores, score_kind = [math.nan if x is None else x for x in losses_alone], "loss_without_block"
-        else:
-            t = time.perf_counter()
-            selection = baseline.choose(context)
-            segments, drops, losses = [list(range(num_blocks))], [n_drop], []
-            dropped, scores, score_kind = selection.dropped, selection.scores, baseline.score_kind
-            extra.update(selection.extra)
-            elapsed = time.perf_counter() - t
-            timings["selection_s"] = elapsed if selection.seconds is None else selection.seconds
-            reused_seconds += timings["selection_s"] - elapsed
+        t = time.perf_counter()
+        selection = selector_for(config).choose(context)
+        elapsed = time.perf_counter() - t
+    extra.update(selection.extra)
+    timings.update(selection.timings)
+    spent = elapsed - sum(selection.timings.values())
+    timings["selection_s"] = spent if selection.seconds is None else selection.seconds
+    reused_seconds += timings["selection_s"] - spent
     # work reused from the cache took no time now, but belongs to the cost of this analysis
     timings["total_s"] = time.perf_counter() - start + reused_seconds
 
+    # a peer's choice is over the whole stack, one group
+    segments = selection.segments or [list(range(num_blocks))]
+    drops = selection.drops or [n_drop]
     plan = PruningPlan(
         num_blocks=num_blocks,
         layers_path=blocks.path,
         cka=stats.cka.tolist(),
         segments=segments,
-        scores=[None if math.isnan(x) else x for x in scores],  # JSON has no NaN
+        scores=[None if math.isnan(x) else x for x in selection.scores],  # JSON has no NaN
         keep_per_segment=[len(s) - d for s, d in zip(segments, drops)],
-        dropped=list(dropped),
-        kept=[i for i in range(num_blocks) if i not in set(dropped)],
+        dropped=list(selection.dropped),
+        kept=[i for i in range(num_blocks) if i not in set(selection.dropped)],
         n_tokens=stats.n_tokens,
         n_batches=stats.n_batches,
         config=config.to_dict(),
         timings=timings,
-        segmentation_losses=losses,
-        score_kind=score_kind,
+        segmentation_losses=selection.segmentation_losses,
+        score_kind=selection.score_kind,
         model_name=getattr(model, "name_or_path", None) or None,
         calibration_source=calibration.source,
         extra=extra,

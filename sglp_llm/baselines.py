@@ -10,9 +10,8 @@ forward pass, same rewrite and save), so a comparison differs only in how blocks
 - "sleb": SLEB (Song et al. 2024, arXiv:2402.09025), remove blocks one at a time, each time the
   one whose removal leaves the lowest calibration loss (forward passes only).
 
-Baselines do not segment: their plan has one segment holding every block. A method chooses from a
-`SelectionContext` (the observer pass's scores, and the model and batches for methods that run
-candidate networks), so methods that check removals by running the model plug in like the others.
+Baselines do not segment: their plan has one segment holding every block. Each is a registered
+selection (sglp_llm.selection), like SGLP's own.
 """
 
 from __future__ import annotations
@@ -20,18 +19,15 @@ from __future__ import annotations
 import math
 import time
 import random
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import BlockObserver
-from .config import SGLPConfig
 from .removal import calibration_nll
 from .select import choose_drops
+from .selection import Selection, SelectionContext, Selector, register
 
 
 def _rows(hidden: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -132,48 +128,17 @@ class AngularDistance:
         self.n_sequences = state["n_sequences"]
 
 
-@dataclass(frozen=True)
-class SelectionContext:
-    """What a method may use to choose blocks: the statistics of the one observer pass and, for
-    methods that score candidate networks, the model and the calibration batches (on its input
-    device)."""
-
-    model: nn.Module
-    batches: list[dict[str, torch.Tensor]]
-    cka: torch.Tensor
-    scores: list[float]  # the observer's per-block scores; NaN where there is none
-    n_drop: int
-    protected: set[int]
-    config: SGLPConfig
-    progress: bool
-    # analyze's statistics cache and this analysis' key in it: a method may keep work there
-    # that another analysis of the same statistics can reuse (SLEB's greedy steps)
-    cache: dict = field(default_factory=dict)
-    cache_key: tuple = ()
-
-
-@dataclass
-class Selection:
-    """The blocks to drop (sorted original indices), the per-block scores the plan reports, and
-    what else the method measured on the way (merged into the plan's `extra`)."""
-
-    dropped: list[int]
-    scores: list[float]
-    extra: dict[str, Any] = field(default_factory=dict)
-    seconds: float | None = None  # the selection's cost, when part of it was done earlier
-
-
 Chooser = Callable[[SelectionContext], Selection]
 # choose(scores, n_drop, protected, seed) -> sorted original indices of the blocks to drop
 ScoreChooser = Callable[[list[float], int, set[int], int], list[int]]
 
 
-def _from_scores(choose: ScoreChooser) -> Chooser:
+def _from_scores(choose: ScoreChooser, score_kind: str) -> Chooser:
     """A chooser that needs only the observer's scores, which the plan reports unchanged."""
 
     def chooser(context: SelectionContext) -> Selection:
         dropped = choose(context.scores, context.n_drop, context.protected, context.config.seed)
-        return Selection(dropped, context.scores)
+        return Selection(dropped, context.scores, score_kind)
 
     return chooser
 
@@ -248,29 +213,21 @@ def _sleb(context: SelectionContext) -> Selection:
     return Selection(
         sorted(step["block"] for step in steps),
         scores,
+        "sleb_loss",
         {"sleb_steps": [{"block": s["block"], "loss": s["loss"]} for s in steps]},
         seconds=seconds,
     )
 
 
-@dataclass(frozen=True)
-class Baseline:
-    """How a peer method scores blocks in the observer pass (`observer(num_blocks, n_drop)`, None
-    if it needs none) and chooses them; `score_kind` names the scores in the plan."""
-
-    score_kind: str
-    observer: Callable[[int, int], BlockObserver] | None
-    choose: Chooser
-
-
+# the peers, registered as selections by method name
 BASELINES = {
-    "block-influence": Baseline(
-        "block_influence",
-        lambda num_blocks, _n_drop: BlockInfluence(num_blocks),
-        _from_scores(_lowest_influence),
+    "block-influence": Selector(
+        lambda num_blocks, _n_drop: BlockInfluence(num_blocks), _from_scores(_lowest_influence, "block_influence")
     ),
-    "angular": Baseline("angular_distance", AngularDistance, _from_scores(_closest_run)),
-    "last": Baseline("none", None, _from_scores(_last)),
-    "random": Baseline("none", None, _from_scores(_random)),
-    "sleb": Baseline("sleb_loss", None, _sleb),
+    "angular": Selector(AngularDistance, _from_scores(_closest_run, "angular_distance")),
+    "last": Selector(None, _from_scores(_last, "none")),
+    "random": Selector(None, _from_scores(_random, "none")),
+    "sleb": Selector(None, _sleb, ("sleb_batches",)),
 }
+for _name, _selector in BASELINES.items():
+    register(_name, _selector)

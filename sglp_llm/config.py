@@ -18,6 +18,7 @@ CONFIG_NAME = "sglp_config.json"
 
 METHODS = ("sglp", "block-influence", "angular", "last", "random", "sleb")
 SCORING_MODES = ("block", "subset", "loss")
+GRADIENT_SCORES = ("taylor", "fisher", "gradnorm")  # sglp_llm.score
 LOSS_BOUNDS = ("stale", "marginal", "local")
 AUTO_K_RULES = ("reference", "elbow")
 # the settings that decide which calibration batches a run uses
@@ -146,9 +147,14 @@ class SGLPConfig(SettingsFile):
 
     # -- selection (see sglp_llm.score and sglp_llm.select); scoring, max_candidates,
     # subset_batches and the loss_* settings are used by method="sglp" only, protection by every
-    # method. scoring="loss": removals are chosen one at a time by calibration loss among the
-    # loss_candidates lowest-GradNorm blocks of each segment that still has drops to give ("all":
-    # every block of the segment, and no GradNorm is computed).
+    # method. gradient_score: the score from one backward that ranks each segment's blocks (see
+    # sglp_llm.score): "taylor" (-dL/dα of a gate on the block: the first-order loss increase
+    # when it goes), "fisher" (that gate's per-sequence second moment) or "gradnorm" (the paper's
+    # norm of the block's weight gradients). scoring="block": the lowest-scored blocks of each
+    # segment go; scoring="loss": removals are chosen one at a time by calibration loss among the
+    # loss_candidates lowest-scored blocks of each segment that still has drops to give ("all":
+    # every block of the segment, and no backward runs).
+    gradient_score: str = "taylor"
     scoring: str = "loss"  # measured default: benchmarks/results/quality.md
     max_candidates: int = 64
     subset_batches: int = 1
@@ -198,9 +204,9 @@ class SGLPConfig(SettingsFile):
         return "loss" if self.scoring == "loss" else "size"
 
     @property
-    def uses_gradnorm(self) -> bool:
-        """Whether the analysis needs GradNorm (a backward per calibration batch): SGLP does,
-        except a loss check that tries every block of a segment."""
+    def needs_backward(self) -> bool:
+        """Whether the analysis needs a gradient score (a backward per calibration batch): SGLP
+        does, except a loss check that tries every block of a segment."""
         return self.method == "sglp" and not (self.scoring == "loss" and self.loss_candidates == "all")
 
     def validate(self) -> None:
@@ -239,11 +245,15 @@ class SGLPConfig(SettingsFile):
             raise ConfigError(
                 f"`segment_feature` must be one of {SEGMENT_FEATURES}, got {self.segment_feature!r}."
             )
+        if self.gradient_score not in GRADIENT_SCORES:
+            raise ConfigError(
+                f"`gradient_score` must be one of {GRADIENT_SCORES}, got {self.gradient_score!r}."
+            )
         if self.scoring not in SCORING_MODES:
             raise ConfigError(f"`scoring` must be one of {SCORING_MODES}, got {self.scoring!r}.")
         if self.loss_candidates != "all" and (not isinstance(self.loss_candidates, int) or self.loss_candidates < 1):
             raise ConfigError(
-                "`loss_candidates` must be a positive integer (the lowest-GradNorm blocks of a segment "
+                "`loss_candidates` must be a positive integer (the lowest-scored blocks of a segment "
                 f"the loss check tries) or \"all\", got {self.loss_candidates!r}."
             )
         for name in ("num_segments", "max_segments", "sleb_batches"):

@@ -1,10 +1,14 @@
-"""GradNorm, the zero-cost proxy SGLP uses to decide which blocks of a segment to keep.
+"""Gradient scores of decoder blocks, from one backward of the calibration loss.
 
-Two forms:
-- per block: the norm of the causal-LM loss gradient w.r.t. each block's own parameters, from one
-  backward per batch. Each parameter's gradient is folded into its block's squared norm the
-  moment it is accumulated and then freed, so no full set of gradients ever exists;
-- per network (the paper's): the norm over all parameters of a candidate pruned network.
+- The gate scores (`GateScores`): write block i as h + α·Δᵢ(h); at α = 1, dL/dα = Σ_tokens
+  ⟨∂L/∂h_out, Δᵢ⟩. "taylor" is −dL/dα, the first-order estimate of how much the loss rises when
+  the block is removed (α: 1 → 0); "fisher" is the per-sequence second moment E[(dL/dα)²], the
+  GradNorm proxy taken on that gate. Both need only the gradient of each block's output, not of
+  any weight, so the backward skips every weight gradient.
+- The paper's GradNorm, per block: the norm of the loss gradient w.r.t. each block's own
+  parameters. Each parameter's gradient is folded into its block's squared norm the moment it is
+  accumulated and then freed, so no full set of gradients ever exists;
+- and per network (the paper's subset search): the norm over all parameters of a candidate network.
 
 Squares are summed in float32 or wider whatever the weights' dtype, and a non-finite norm (the
 float16 backward overflows) is an error naming the block, not a silently useless score.
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .capture import block_input, block_output
 from .distributed import all_reduce_state, shard
 
 
@@ -74,6 +79,21 @@ class _ParameterUse(TorchFunctionMode):
                 if isinstance(item, nn.Parameter):
                     self.seen(item)
         return func(*args, **kwargs)
+
+
+def refuse_overflow(values: torch.Tensor, what: str, names: Sequence[str] | None = None) -> None:
+    """Stop on a NaN or infinite per-block gradient statistic, naming the deepest block affected
+    (where the backward overflowed: it reaches the shallower ones after it); `what` formats the
+    block's name into the statistic's."""
+    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+    if bad:
+        name = names[bad[-1]] if names is not None else f"block {bad[-1]}"
+        others = f", and so of the {len(bad) - 1} blocks before it" if len(bad) > 1 else ""
+        raise FloatingPointError(
+            f"{what.format(name)} is NaN or infinite on the calibration data{others}: the backward "
+            "overflows. Load the model in bfloat16 or float32 instead of float16 (--dtype bfloat16 "
+            "or --dtype float32)."
+        )
 
 
 class BlockGradNorms:
@@ -185,16 +205,8 @@ class BlockGradNorms:
                 handle.remove()
 
     def end_batch(self) -> None:
-        """Count the batch; a NaN or infinite norm stops the run here, naming the deepest block
-        affected (where the backward overflowed: it reaches the shallower ones after it)."""
-        bad = (~torch.isfinite(self.squared)).nonzero().flatten().tolist()
-        if bad:
-            others = f", and so of the {len(bad) - 1} blocks before it" if len(bad) > 1 else ""
-            raise FloatingPointError(
-                f"The gradient norm of {self.names[bad[-1]]} is NaN or infinite on the calibration "
-                f"data{others}: the backward overflows. Load the model in bfloat16 or float32 "
-                "instead of float16 (--dtype bfloat16 or --dtype float32)."
-            )
+        """Count the batch; a NaN or infinite norm stops the run here (`refuse_overflow`)."""
+        refuse_overflow(self.squared, "The gradient norm of {}", self.names)
         self.n_batches += 1
 
     def compute(self) -> torch.Tensor:
@@ -209,6 +221,101 @@ class BlockGradNorms:
     def load_state_dict(self, state: dict) -> None:
         self.squared = state["squared"].to(self.device, torch.float64)
         self.n_batches = state["n_batches"]
+
+
+class GateScores:
+    """Running sums for the gate scores of every block (see the module docstring).
+
+    Fed `start_batch(token_mask)`, then `on_gradient(index, delta, grad_output)` for each block as
+    the backward reaches its output (`delta` = block output − block input); a pass that runs
+    several batches' backwards interleaved passes each batch's `start_batch` result along.
+    The backward is of the batch's mean loss over its N predicted tokens, so N·Σ_t⟨g_t, Δ_t⟩ over
+    one sequence's tokens is the derivative of that sequence's summed token loss: exact per
+    sequence, whatever the batching. `compute()` gives taylor = −(Σ over sequences)/(all predicted
+    tokens), the derivative of the calibration set's mean token loss, and fisher = the mean over
+    sequences of (derivative of the sequence's own mean loss)².
+    """
+
+    def __init__(self, num_blocks: int, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.total = torch.zeros(num_blocks, dtype=torch.float64, device=self.device)
+        self.squared = torch.zeros(num_blocks, dtype=torch.float64, device=self.device)
+        self.n_tokens = 0
+        self.n_sequences = 0
+        self._predicted: torch.Tensor | None = None
+        self._seen: set[int] = set()  # blocks whose output is hooked in this batch (see hooks)
+
+    def start_batch(self, token_mask: torch.Tensor) -> torch.Tensor:
+        """Count the batch; returns its predicted tokens per sequence."""
+        self._seen.clear()
+        # position t predicts token t + 1: each sequence's first token is never a target
+        self._predicted = token_mask[:, 1:].sum(1).to(self.device, torch.float64)
+        self.n_tokens += int(self._predicted.sum())
+        self.n_sequences += int((self._predicted > 0).sum())
+        return self._predicted
+
+    def on_gradient(
+        self, index: int, delta: torch.Tensor, grad_output: torch.Tensor, predicted: torch.Tensor | None = None
+    ) -> None:
+        predicted = self._predicted if predicted is None else predicted
+        dtype = torch.promote_types(grad_output.dtype, torch.float32)
+        per_sequence = (grad_output.to(dtype) * delta.to(grad_output.device, dtype)).sum(dim=(1, 2))
+        summed = per_sequence.to(self.device, torch.float64) * predicted.sum()
+        self.total[index] += summed.sum()
+        scored = predicted > 0
+        self.squared[index] += (summed[scored] / predicted[scored]).pow(2).sum()
+
+    def check_finite(self) -> None:
+        """After a backward: stop on an overflow (`refuse_overflow`)."""
+        refuse_overflow(self.squared, "The gradient at the output of {}")
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        if self.n_sequences == 0:
+            raise ValueError("No sequence was scored; the calibration data is empty.")
+        return {"taylor": -self.total / self.n_tokens, "fisher": self.squared / self.n_sequences}
+
+    def state_dict(self) -> dict:
+        """The sums only: states of several processes or runs add up (see sglp_llm.distributed)."""
+        return {"total": self.total.cpu(), "squared": self.squared.cpu(),
+                "n_tokens": self.n_tokens, "n_sequences": self.n_sequences}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total = state["total"].to(self.device, torch.float64)
+        self.squared = state["squared"].to(self.device, torch.float64)
+        self.n_tokens, self.n_sequences = state["n_tokens"], state["n_sequences"]
+
+    @contextmanager
+    def hooks(self, layers: Sequence[nn.Module]) -> Iterator[None]:
+        """Feed the scores from a plain forward and backward of the whole model: each block's Δ is
+        taken in its forward and paired with its output's gradient when the backward reaches it.
+        The first block's input is made to require grad, so the backward runs with no weight
+        needing a gradient; a block run again in the same batch (activation checkpointing
+        recomputes it in the backward) is counted once."""
+
+        def track(index: int):
+            def hook(module, args, kwargs, output):
+                if index in self._seen:
+                    return
+                self._seen.add(index)
+                hidden, out = block_input(args, kwargs), block_output(output)
+                if out.requires_grad:
+                    delta = (out - hidden).detach()
+                    out.register_hook(lambda grad: self.on_gradient(index, delta, grad))
+
+            return hook
+
+        def needs_grad(module, args, kwargs):
+            hidden = block_input(args, kwargs)
+            if not self._seen and not hidden.requires_grad and hidden.is_floating_point():
+                hidden.requires_grad_()
+
+        handles = [layers[0].register_forward_pre_hook(needs_grad, with_kwargs=True)]
+        handles += [layer.register_forward_hook(track(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def network_gradnorm(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> float:

@@ -15,7 +15,7 @@ and the gradient goes down block by block, each block's forward recomputed with 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -27,7 +27,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .blocks import find_decoder_blocks
 from .capture import BlockObserver, StopForward, block_input, block_output
-from .score import BlockGradNorms, causal_lm_loss, check_finite, grad_only_for
+from .score import BlockGradNorms, GateScores, causal_lm_loss, check_finite, grad_only_for
 
 # a model carrying a loader under this attribute (see `load_with_blocks_on_disk`) is run with it
 BLOCK_LOADER_ATTRIBUTE = "sglp_block_loader"
@@ -338,13 +338,15 @@ def sequential_pass(
     batches: Sequence[dict[str, torch.Tensor]],
     observers: Sequence[BlockObserver],
     grads: BlockGradNorms | None = None,
+    gates: GateScores | None = None,
     *,
     device: str | torch.device | None = None,
     loader: BlockLoader | None = None,
     progress: bool = True,
 ) -> int:
-    """Feed `observers` and, if given, fold every block's GradNorm into `grads` (one group per
-    block) exactly as the plain hooked pass does, holding one block on `device` at a time.
+    """Feed `observers` and, if given, the gate scores `gates` and every block's GradNorm `grads`
+    (one group per block) exactly as the plain hooked pass does, holding one block on `device` at
+    a time.
 
     `device` defaults to that of the input embeddings; `loader` to the model's own (see
     `load_with_blocks_on_disk`), else moving blocks there and back. Run in eval mode (analyze
@@ -382,9 +384,10 @@ def sequential_pass(
         for observer in observers:
             observer.finish_batch()
 
-    if grads is not None:
+    if gates is not None or grads is not None:
+        gates = gates if gates is not None else GateScores(num_blocks)
         with grad_only_for(model, ()):
-            _backward(model, layers, batches, hidden, calls, grads, device, loader, returns_tuple, progress)
+            _backward(model, layers, batches, hidden, calls, gates, grads, device, loader, returns_tuple, progress)
     return len(batches)
 
 
@@ -394,32 +397,44 @@ def _backward(
     batches: list[dict[str, torch.Tensor]],
     hidden: list[list[torch.Tensor]],
     calls: list[list[_BlockCall]],
-    grads: BlockGradNorms,
+    gates: GateScores,
+    grads: BlockGradNorms | None,
     device: torch.device,
     loader: BlockLoader,
     returns_tuple: bool,
     progress: bool,
 ) -> None:
-    """Backpropagate each batch's loss block by block (last first), folding each block's
-    parameter gradients into its GradNorm; only one block's parameters ever get gradients."""
+    """Backpropagate each batch's loss block by block (last first), pairing the gradient of each
+    block's output with the block's Δ for the gate scores and, with `grads`, folding its parameter
+    gradients into its GradNorm; only one block's parameters ever get gradients."""
     num_blocks = len(layers)
     upstream = [
         _final_hidden_gradient(model, layers, batch, hidden[b][num_blocks], returns_tuple)
         for b, batch in enumerate(batches)
     ]
     blocks_down = tqdm(reversed(range(num_blocks)), total=num_blocks, desc="SGLP sequential backward", disable=not progress)
+    predicted = [gates.start_batch(batch["attention_mask"].bool()) for batch in batches]
     for index in blocks_down:
-        block = layers[index]
-        with _onloaded(loader, index, block, device), grad_only_for(block, block.parameters()):
-            scorer = BlockGradNorms([block.parameters()], device=grads.device)
-            with scorer.hooks():
-                for b in range(len(batches)):
-                    block_in = hidden[b][index].to(device).detach().requires_grad_(index > 0)
-                    output = block_output(calls[b][index].run(block, block_in))
-                    output.backward(upstream[b].to(output.device))
-                    if index > 0:
-                        upstream[b] = block_in.grad.cpu()
-                    hidden[b].pop()  # this block's output is no longer needed
-            grads.squared[index] += scorer.squared[0]
-    for _ in batches:
-        grads.end_batch()
+        for b in range(len(batches)):
+            gates.on_gradient(index, hidden[b][index + 1] - hidden[b][index], upstream[b], predicted[b])
+        # the first block runs again only for its weight gradients: its input needs none
+        if index > 0 or grads is not None:
+            block = layers[index]
+            weights = block.parameters() if grads is not None else ()
+            with _onloaded(loader, index, block, device), grad_only_for(block, weights):
+                scorer = BlockGradNorms([block.parameters()], device=gates.device) if grads is not None else None
+                with scorer.hooks() if scorer is not None else nullcontext():
+                    for b in range(len(batches)):
+                        block_in = hidden[b][index].to(device).detach().requires_grad_(index > 0)
+                        output = block_output(calls[b][index].run(block, block_in))
+                        output.backward(upstream[b].to(output.device))
+                        if index > 0:
+                            upstream[b] = block_in.grad.cpu()
+                if scorer is not None:
+                    grads.squared[index] += scorer.squared[0]
+        for b in range(len(batches)):
+            hidden[b].pop()  # this block's output is no longer needed
+    if grads is not None:
+        for _ in batches:
+            grads.end_batch()
+    gates.check_finite()

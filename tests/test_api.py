@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -204,8 +206,8 @@ def _synthetic_losses(monkeypatch, loss):
         measured.append(sorted(self.removed + [block]))
         return loss(measured[-1])
 
-    monkeypatch.setattr("sglp_llm.api.RemovalLoss.measure", fake)
-    monkeypatch.setattr("sglp_llm.api.RemovalLoss.current", lambda self: loss(sorted(self.removed)))
+    monkeypatch.setattr("sglp_llm.loss_check.RemovalLoss.measure", fake)
+    monkeypatch.setattr("sglp_llm.loss_check.RemovalLoss.current", lambda self: loss(sorted(self.removed)))
     return measured
 
 
@@ -356,9 +358,9 @@ def test_statistics_cache_shares_one_pass_and_gives_the_same_plans(monkeypatch):
     assert shared[1].timings["total_s"] >= shared[1].timings["statistics_s"] > 0
 
 
-def test_the_statistics_pass_runs_the_head_only_for_gradnorm():
+def test_the_statistics_pass_runs_the_head_only_for_a_gradient_score():
     """CKA needs the blocks only; the head (most of a forward for a large vocabulary) runs
-    when GradNorm needs the loss, and the CKA is the same either way."""
+    when a gradient score needs the loss, and the CKA is the same either way."""
     from sglp_llm.api import collect_block_statistics
     from sglp_llm.data import CalibrationSet
 
@@ -373,17 +375,18 @@ def test_the_statistics_pass_runs_the_head_only_for_gradnorm():
         stats[scoring] = collect_block_statistics(model, blocks, calibration, SGLPConfig(drop=2, scoring=scoring, **CONFIG), 2, progress=False)
         assert len(heads) == (3 if scoring == "block" else 0)
     torch.testing.assert_close(stats["loss"].cka, stats["block"].cka, rtol=1e-6, atol=1e-9)
-    assert stats["loss"].scores.isnan().all() and not stats["block"].scores.isnan().any()
+    assert not stats["loss"].gradient_scores and set(stats["block"].gradient_scores) == {"taylor", "fisher"}
+    assert all(map(math.isfinite, stats["block"].gradient_scores["taylor"]))
 
 
-def test_a_loss_check_of_every_block_computes_no_gradnorm(monkeypatch):
-    """No backward: GradNorm would only order candidates that are all tried anyway."""
+def test_a_loss_check_of_every_block_computes_no_gradient_score(monkeypatch):
+    """No backward: a gradient score would only order candidates that are all tried anyway."""
     def no_backward(*args, **kwargs):
-        raise AssertionError("GradNorm computed")
+        raise AssertionError("gradient score computed")
 
-    monkeypatch.setattr("sglp_llm.api.BlockGradNorms.for_blocks", no_backward)
+    monkeypatch.setattr("sglp_llm.api.GateScores", no_backward)
     model = tiny_model("llama", num_layers=8)
     plan = analyze(model, _batches(), SGLPConfig(drop=2, scoring="loss", loss_candidates="all", **CONFIG), progress=False)
     assert len(plan.dropped) == 2 and plan.score_kind == "loss_without_block"
-    with pytest.raises(AssertionError, match="GradNorm computed"):
+    with pytest.raises(AssertionError, match="gradient score computed"):
         analyze(model, _batches(), SGLPConfig(drop=2, scoring="loss", loss_candidates=4, **CONFIG), progress=False)

@@ -61,15 +61,16 @@ def test_device_map_and_max_memory_values_parse():
 
 @pytest.mark.filterwarnings("ignore:accelerate offloads weights of the network")  # the subset search's
 def test_blocks_offloaded_to_disk_give_the_plain_statistics_and_plan(model_dir, tmp_path):
-    """Offloaded weights are new Parameters at every forward: GradNorm must still see them."""
+    """Offloaded weights are new Parameters at every forward: GradNorm must still see them; the
+    gate scores need no weight gradient at all."""
     offloaded = AutoModelForCausalLM.from_pretrained(
         model_dir, device_map=MIXED_MAP, offload_folder=tmp_path / "offload", dtype=torch.float32
     ).eval()
     assert any(p.is_meta for p in find_decoder_blocks(offloaded).layers[1].parameters())
     plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    for scoring in ("block", "subset", "loss"):
-        config = SGLPConfig(drop=2, num_segments=2, scoring=scoring, max_candidates=3, **CONFIG)
-        if scoring == "loss":  # the default: no GradNorm, so no warning
+    for scoring, score in (("block", "gradnorm"), ("subset", "gradnorm"), ("block", "taylor"), ("loss", "taylor")):
+        config = SGLPConfig(drop=2, num_segments=2, scoring=scoring, max_candidates=3, gradient_score=score, **CONFIG)
+        if score == "taylor":  # no weight gradient, so no warning
             got = analyze(offloaded, _batches(), config, progress=False)
         else:
             with pytest.warns(UserWarning, match="offloads weights of block 1, block 3, block 4: .*saves no memory for GradNorm.*--offload sequential"):
@@ -78,7 +79,7 @@ def test_blocks_offloaded_to_disk_give_the_plain_statistics_and_plan(model_dir, 
         torch.testing.assert_close(torch.tensor(got.cka), torch.tensor(expected.cka), rtol=1e-6, atol=1e-9)
         scores = [[math.nan if s is None else s for s in plan.scores] for plan in (got, expected)]
         torch.testing.assert_close(torch.tensor(scores[0]), torch.tensor(scores[1]), rtol=1e-5, atol=0, equal_nan=True)
-        assert all(s > 0 for s in scores[0] if not math.isnan(s)) and got.dropped == expected.dropped
+        assert all(s > 0 or score != "gradnorm" for s in scores[0] if not math.isnan(s)) and got.dropped == expected.dropped
         for segment, search in expected.extra.get("subset_search", {}).items():
             assert got.extra["subset_search"][segment]["best_score"] == pytest.approx(search["best_score"], rel=1e-6)
         steps = [plan.extra.get("loss_check", {}).get("steps", []) for plan in (got, expected)]
@@ -125,13 +126,16 @@ def test_gradient_checkpointing_gives_the_same_statistics_and_is_undone():
         return forward(*args, **kwargs)
 
     layers[2].mlp.forward = counted
-    config = SGLPConfig(drop=2, scoring="block", **CONFIG)  # GradNorm: a backward to checkpoint
+    config = SGLPConfig(drop=2, scoring="block", gradient_score="gradnorm", **CONFIG)  # a backward to checkpoint
     plain = _statistics(model, config, _batches())
     assert len(calls) == 2
     checkpointed = _statistics(model, config.replace(gradient_checkpointing=True), _batches())
     assert len(calls) == 2 + 4, "each block must run again in the backward"
     torch.testing.assert_close(checkpointed.cka, plain.cka, rtol=0, atol=0)
-    torch.testing.assert_close(checkpointed.scores, plain.scores, rtol=1e-6, atol=0)
+    for name in ("gradnorm", "taylor", "fisher"):
+        torch.testing.assert_close(
+            torch.tensor(checkpointed.gradient_scores[name]), torch.tensor(plain.gradient_scores[name]), rtol=1e-5, atol=1e-9
+        )
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     assert not model.training and not any(layer.training for layer in layers)
     assert not getattr(model, "_require_grads_hooks", None)
@@ -148,12 +152,15 @@ def test_gradient_checkpointing_keeps_a_model_that_had_it_on():
 def test_bfloat16_weights_give_finite_statistics_close_to_float32():
     reference = tiny_model("llama", num_layers=6)
     half = tiny_model("llama", num_layers=6).to(torch.bfloat16)
-    config = SGLPConfig(drop=2, scoring="block", **CONFIG)
+    config = SGLPConfig(drop=2, scoring="block", gradient_score="gradnorm", **CONFIG)
     expected, got = _statistics(reference, config, _batches()), _statistics(half, config, _batches())
-    assert got.cka.dtype == torch.float64 and got.scores.dtype == torch.float64
-    assert torch.isfinite(got.cka).all() and torch.isfinite(got.scores).all()
-    assert (got.cka - expected.cka).abs().max() < 0.02
-    torch.testing.assert_close(got.scores, expected.scores, rtol=0.05, atol=0)
+    assert got.cka.dtype == torch.float64
+    assert torch.isfinite(got.cka).all() and (got.cka - expected.cka).abs().max() < 0.02
+    for name in ("gradnorm", "taylor", "fisher"):
+        scores, reference_scores = torch.tensor(got.gradient_scores[name]), torch.tensor(expected.gradient_scores[name])
+        assert torch.isfinite(scores).all()
+        # the Taylor score changes sign: its error is measured against its largest value
+        torch.testing.assert_close(scores, reference_scores, rtol=0.05, atol=0.05 * reference_scores.abs().max().item())
 
 
 def test_nan_block_output_is_caught_naming_the_block():
@@ -163,14 +170,22 @@ def test_nan_block_output_is_caught_naming_the_block():
         analyze(model, _batches(), SGLPConfig(drop=2, **CONFIG), progress=False)
 
 
-def test_infinite_gradient_norm_is_caught_naming_the_block():
-    """The forward stays finite; only the gradient reaching block 4 from its output overflows."""
+# the gradient of block 4's weights overflows, and that of its input (block 3's output) with them
+@pytest.mark.parametrize("score, message", [
+    ("gradnorm", "The gradient norm of block 4 is NaN or infinite on the calibration data, and so of the 4 blocks before it"),
+    ("taylor", "The gradient at the output of block 3 is NaN or infinite on the calibration data, and so of the 3 blocks before it"),
+])
+@pytest.mark.parametrize("offload", ["none", "sequential"])
+def test_infinite_gradient_is_caught_naming_the_block(score, message, offload):
+    """The forward stays finite; only the gradient inside block 4's MLP overflows."""
     model = tiny_model("llama", num_layers=6)
 
     def overflow_backward(module, args, output):
-        output.register_hook(lambda grad: grad * math.inf)
+        if output.requires_grad:  # not in the sequential forward, which runs without grad
+            output.register_hook(lambda grad: grad * math.inf)
 
     find_decoder_blocks(model).layers[4].mlp.register_forward_hook(overflow_backward)
-    with pytest.raises(FloatingPointError, match=r"^The gradient norm of block 4 is NaN or infinite on the calibration data, and so of the 4 blocks before it: .*--dtype bfloat16"):
+    config = SGLPConfig(drop=2, scoring="block", gradient_score=score, offload=offload, verify=False, **CONFIG)
+    with pytest.raises(FloatingPointError, match=f"^{message}: .*--dtype bfloat16"):
         # verify=False: the hook needs grad, which the trial rewrite's forwards run without
-        analyze(model, _batches(), SGLPConfig(drop=2, scoring="block", verify=False, **CONFIG), progress=False)
+        analyze(model, _batches(), config, progress=False)

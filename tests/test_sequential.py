@@ -16,7 +16,7 @@ from sglp_llm.blocks import find_decoder_blocks
 from sglp_llm.capture import capture_blocks
 from sglp_llm.cka import MinibatchCKA
 from sglp_llm.cli import build_parser, resolve_settings
-from sglp_llm.score import BlockGradNorms, causal_lm_loss, grad_only_for
+from sglp_llm.score import BlockGradNorms, GateScores, causal_lm_loss, grad_only_for
 from sglp_llm.sequential import BLOCK_LOADER_ATTRIBUTE, MoveBlocks, load_with_blocks_on_disk, sequential_pass
 from tiny_models import tiny_batch, tiny_model
 
@@ -40,12 +40,31 @@ def _assert_same_plans(plain, sequential):
 
 # llama; mistral and gemma3_text (sliding and full attention layers: a mask per layer type);
 # qwen2 (sliding window from a layer on); gemma2 (final logit softcapping); qwen2_moe (experts)
+# The paper's GradNorm pass also measures the gate scores, which the plan keeps beside it.
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma3_text", "qwen2", "gemma2", "qwen2_moe"])
 def test_sglp_statistics_and_choice_match_the_plain_pass(family):
     model = tiny_model(family, num_layers=L)
-    plain = analyze(model, _batches(), SGLPConfig(**CONFIG), progress=False)
-    sequential = analyze(model, _batches(), SGLPConfig(offload="sequential", **CONFIG), progress=False)
+    config = SGLPConfig(gradient_score="gradnorm", **CONFIG)
+    plain = analyze(model, _batches(), config, progress=False)
+    sequential = analyze(model, _batches(), config.replace(offload="sequential"), progress=False)
     _assert_same_plans(plain, sequential)
+    for name in ("taylor", "fisher", "gradnorm"):
+        torch.testing.assert_close(
+            torch.tensor(sequential.extra["gradient_scores"][name]), torch.tensor(plain.extra["gradient_scores"][name]),
+            rtol=1e-4, atol=1e-9,
+        )
+
+
+# the gate scores alone: the backward computes no weight gradient
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("score", ["taylor", "fisher"])
+def test_gate_scores_match_the_plain_pass(family, score):
+    model = tiny_model(family, num_layers=L)
+    config = SGLPConfig(gradient_score=score, **CONFIG)
+    plain = analyze(model, _batches(), config, progress=False)
+    sequential = analyze(model, _batches(), config.replace(offload="sequential"), progress=False)
+    _assert_same_plans(plain, sequential)
+    assert plain.score_kind == score and "gradnorm" not in plain.extra["gradient_scores"]
 
 
 @pytest.mark.parametrize("method", ["block-influence", "angular"])
@@ -94,8 +113,9 @@ class TrackingLoader(MoveBlocks):
         super().offload(index, block)
 
 
-@pytest.mark.parametrize("method, passes", [("sglp", 2), ("block-influence", 1)])
-def test_one_block_at_a_time(method, passes):
+# SGLP: a forward and a backward pass, whose gate scores need no rerun of the first block
+@pytest.mark.parametrize("method, runs", [("sglp", 2 * L - 1), ("block-influence", L)])
+def test_one_block_at_a_time(method, runs):
     model = tiny_model("mistral", num_layers=L)
     loader = TrackingLoader()
     setattr(model, BLOCK_LOADER_ATTRIBUTE, loader)
@@ -108,7 +128,7 @@ def test_one_block_at_a_time(method, passes):
     assert loader.most_at_once == 1 and not loader.onloaded
     # every block runs once per batch and pass, each time the only block onloaded
     assert all(onloaded == {index} for index, onloaded in loader.runs)
-    assert len(loader.runs) == passes * L * len(_batches())
+    assert len(loader.runs) == runs * len(_batches())
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # gemma3_text ties lm_head to the embeddings
@@ -167,18 +187,22 @@ def test_blocks_that_return_tuples():
     model = TupleBlocksLM().eval()
     batches = _batches()
     plain_cka, plain_grads = MinibatchCKA(4, minibatch_tokens=16), BlockGradNorms.for_blocks(model.layers)
+    plain_gates = GateScores(4)
     with capture_blocks(model.layers, plain_cka.on_block), grad_only_for(model, plain_grads.parameters()):
-        with plain_grads.hooks():
+        with plain_grads.hooks(), plain_gates.hooks(model.layers):
             for batch in batches:
                 plain_cka.start_batch(batch["attention_mask"].bool())
+                plain_gates.start_batch(batch["attention_mask"].bool())
                 loss = causal_lm_loss(model, batch)
                 plain_cka.finish_batch()
                 loss.backward()
                 plain_grads.end_batch()
-    cka, grads = MinibatchCKA(4, minibatch_tokens=16), BlockGradNorms.for_blocks(model.layers)
-    assert sequential_pass(model, model.layers, batches, [cka], grads, progress=False) == len(batches)
+    cka, grads, gates = MinibatchCKA(4, minibatch_tokens=16), BlockGradNorms.for_blocks(model.layers), GateScores(4)
+    assert sequential_pass(model, model.layers, batches, [cka], grads, gates, progress=False) == len(batches)
     torch.testing.assert_close(cka.compute(), plain_cka.compute(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grads.compute(), plain_grads.compute(), rtol=1e-4, atol=0)
+    for name, value in gates.compute().items():
+        torch.testing.assert_close(value, plain_gates.compute()[name], rtol=1e-4, atol=1e-9)
 
 
 def test_refusals_and_settings():

@@ -1,0 +1,122 @@
+"""SGLP's loss check: the blocks a segment gives up, chosen one removal at a time by the
+calibration loss of the network without them, among the candidates the gradient score ranks first.
+
+SLEB's criterion (the calibration NLL after a removal) restricted to SGLP's groups and to each
+group's lowest-scored blocks, with stale measurements reused as lower bounds (`loss_lazy`) and a
+candidate costing only the blocks after it (sglp_llm.removal.RemovalLoss).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .data import first_samples
+from .removal import RemovalLoss
+from .selection import SelectionContext
+
+
+def loss_check(
+    context: SelectionContext, segments: list[list[int]], budgets: list[int]
+) -> tuple[list[int], dict[str, Any]]:
+    """Remove one block at a time; the candidates are the blocks of every segment that may still
+    give one up (`budgets`: the allocated drops, or each segment's capacity with
+    allocation="loss") — all of them with loss_candidates="all", else its `loss_candidates`
+    lowest-scored ones by the gradient score — and the one whose removal leaves the lowest
+    calibration NLL goes (ties: the shallower block).
+
+    With `loss_lazy`, a candidate's loss measured at an earlier step stands in as a lower bound
+    (removing more blocks rarely lowers the loss): only the candidate with the lowest bound is
+    measured again, until the lowest is a fresh measurement. That is the full search's choice
+    whenever the loss grows with the removed set, at a few forward passes per step instead of
+    one per candidate. `loss_bound` tightens the bound to the current loss plus what the
+    candidate's removal added when it was measured (a block's damage does not shrink as others
+    go): for every candidate ("marginal"), or only for those whose kept neighbours are still the
+    same ("local"; removing a block next to a candidate can make the candidate cheaper to lose).
+    A tighter bound re-measures fewer candidates after a removal that raised every loss.
+
+    With `loss_screen_samples` (0: off), the first step ranks every candidate on that many
+    calibration sequences only, and those estimates stand in as the earlier measurements: only the
+    candidates they make promising are measured on the loss batches."""
+    config, scores = context.config, context.scores
+    batches = context.batches[: config.loss_batches]
+    removal = RemovalLoss(context.model, batches, config.layers_path)
+    left = dict(enumerate(budgets))
+    steps: list[dict[str, Any]] = []
+    measured: dict[int, float] = {}  # block -> its loss when last measured
+    increase: dict[int, float] = {}  # block -> how much that raised the loss of the network then
+    neighbours: dict[int, tuple] = {}  # block -> its kept neighbours when last measured
+    current: float | None = None  # the loss of the network as pruned so far, once needed
+    tightened = config.loss_bound != "stale"
+    first: dict[int, float] = {}
+    with tqdm(total=context.n_drop, desc="SGLP loss check", disable=not context.progress) as bar:
+        for _ in range(context.n_drop):
+            candidates = [
+                block
+                for index, segment in enumerate(segments)
+                if left[index] > 0
+                for block in _shortlist(segment, scores, context.protected | set(removal.removed), config.loss_candidates)
+            ]
+            fresh: set[int] = set()
+
+            def record(block: int, loss: float) -> None:
+                measured[block] = loss
+                if tightened:
+                    increase[block] = loss - current
+                    neighbours[block] = removal.kept_neighbours(block)
+
+            def measure(block: int) -> None:
+                record(block, removal.measure(block))
+                fresh.add(block)
+
+            def bound(block: int) -> float:
+                if block in fresh or block not in increase:
+                    return measured[block]
+                if config.loss_bound == "local" and removal.kept_neighbours(block) != neighbours[block]:
+                    return measured[block]
+                return max(measured[block], current + increase[block])
+
+            if current is None and (tightened or config.loss_screen_samples):
+                current = removal.current()  # the unpruned network's loss, at the first step
+            if not steps and config.loss_screen_samples:
+                first = _screen(context, batches, candidates, current)
+                for block, estimate in first.items():
+                    record(block, estimate)
+            if not config.loss_lazy:
+                for block in candidates:
+                    measure(block)
+            while True:
+                # unmeasured candidates first: no bound yet
+                best = min(candidates, key=lambda b: (b in measured, bound(b) if b in measured else 0.0, b))
+                if best in fresh:
+                    break
+                measure(best)
+            if not steps and not first:
+                first = dict(measured)
+            removal.remove(best)
+            current = measured[best]
+            left[next(i for i, s in enumerate(segments) if best in s)] -= 1
+            steps.append({"block": best, "loss": measured[best], "candidates": len(candidates), "measured": len(fresh)})
+            bar.update()
+    # each block's loss when removed alone (screened: the estimate; None: not a first-step candidate)
+    removal_losses = [first.get(i) for i in range(len(scores))]
+    return sorted(removal.removed), {"steps": steps, "removal_losses": removal_losses}
+
+
+def _screen(
+    context: SelectionContext, batches: list[dict[str, Any]], candidates: list[int], loss: float
+) -> dict[int, float]:
+    """Each candidate's loss when removed alone, estimated on the first `loss_screen_samples`
+    sequences: the unpruned network's `loss` on the loss batches plus the increase on those."""
+    samples = first_samples(batches, context.config.loss_screen_samples)
+    screen = RemovalLoss(context.model, samples, context.config.layers_path)
+    base = screen.current()
+    return {block: loss + screen.measure(block) - base for block in candidates}
+
+
+def _shortlist(segment: list[int], scores: list[float], excluded: set[int], size: int | str) -> list[int]:
+    """The loss check's candidates in a segment: its `size` lowest-scored blocks that may still
+    go, or all of them (in order) with size "all"."""
+    free = [i for i in segment if i not in excluded]
+    return free if size == "all" else sorted(free, key=lambda i: (scores[i], i))[:size]
