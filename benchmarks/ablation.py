@@ -34,17 +34,21 @@ from sglp_llm.rewrite import skip_blocks
 
 SOURCES = {"fortunes": FORTUNES, "paragraphs": None}  # None: the built-in evaluation text
 PEERS = ("block-influence", "angular", "sleb")
-# name -> settings changed from the defaults (a "method" key: a peer)
+# name -> settings changed from the defaults (a "method" key: a peer); every SGLP row names the
+# gradient score and the loss check's candidates, so the table does not depend on the defaults
+SCREENED = {"scoring": "loss", "loss_candidates": "all", "gradient_score": "taylor", "loss_screen": "taylor"}
 CONTENDERS = {
-    "default": {},
-    "no groups": {"num_segments": 1},
-    "no gradient ranking": {"loss_candidates": "all"},
-    "no loss check": {"scoring": "block", "allocation": "size"},
-    "fisher ranking": {"gradient_score": "fisher"},
-    "gradnorm ranking": {"gradient_score": "gradnorm"},
-    "sink-free groups": {"cka_skip_sinks": True},
+    # the gradient score orders the loss check's measurements (its first-step estimates)
+    "taylor screen": SCREENED,
+    "no gradient ranking": {"scoring": "loss", "loss_candidates": "all", "loss_screen": "sequences"},
+    # the gradient score shortlists the k lowest of each group, the loss confirms among them
+    "taylor top-3": {"scoring": "loss", "gradient_score": "taylor", "loss_candidates": 3},
+    "no groups (taylor screen)": {**SCREENED, "num_segments": 1},
+    "no loss check (taylor)": {"scoring": "block", "gradient_score": "taylor", "allocation": "size"},
     "paper": {"scoring": "block", "gradient_score": "gradnorm", "auto_k": "reference", "allocation": "size"},
     **{peer: {"method": peer} for peer in PEERS},
+    "fisher top-3": {"scoring": "loss", "gradient_score": "fisher", "loss_candidates": 3},
+    "sink-free groups (taylor screen)": {**SCREENED, "cka_skip_sinks": True},
 }
 
 
@@ -55,14 +59,20 @@ def run_model(name: str, contenders: list[str], eval_max_texts: int, sleb_from_q
     model, tokenizer = loaded.model, loaded.tokenizer
     num_blocks = len(find_decoder_blocks(model).layers)
     drops = sorted({CALIBRATION.replace(drop=None, ratio=r).resolve_drop(num_blocks) for r in RATIOS})
-    texts = {key: load_eval_texts(source, max_texts=eval_max_texts) for key, source in SOURCES.items()}
+    texts = {key: load_eval_texts(source, max_texts=eval_max_texts if source else None) for key, source in SOURCES.items()}
+
+    # runs that drop the same blocks share one evaluation (kept across restarts)
+    evaluated = result.setdefault("evaluated", {})
 
     def held_out(dropped: list[int]) -> dict[str, float]:
-        with skip_blocks(model, dropped):
-            return {
-                key: perplexity(model, tokenizer, t, max_length=256, batch_size=8, progress=False)["perplexity"]
-                for key, (t, _) in texts.items()
-            }
+        key = ",".join(map(str, sorted(dropped)))
+        if key not in evaluated:
+            with skip_blocks(model, dropped):
+                evaluated[key] = {
+                    name: perplexity(model, tokenizer, t, max_length=256, batch_size=8, progress=False)["perplexity"]
+                    for name, (t, _) in texts.items()
+                }
+        return evaluated[key]
 
     result.update(
         model=loaded.name, num_blocks=num_blocks, drops=drops, threads=torch.get_num_threads(),
@@ -143,7 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
-    parser.add_argument("--eval-max-texts", type=int, default=150)
+    parser.add_argument("--eval-max-texts", type=int, default=50, help="fortunes texts scored (the paragraphs: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sleb-from-quality", action="store_true")
     args = parser.parse_args()

@@ -4,8 +4,8 @@ On a packaged real model, one backward over the calibration batches gives three 
 (sglp_llm.score): the paper's GradNorm (norm of the block's weight gradients), the gate's Taylor
 estimate −dL/dα and the gate's second moment E[(dL/dα)²]; ShortGPT's block influence (forward
 only) is shown beside them. Each is rank-correlated (Spearman) with the true cost of removing
-that block alone: the calibration loss without it, and the held-out loss (perplexity on
-Debian's fortunes, another source) without it. Blocks are the unprotected ones (not the first or
+that block alone: the calibration loss without it, and the held-out loss without it (log
+perplexity on the built-in evaluation paragraphs, another source). Blocks are the unprotected ones (not the first or
 last). Writes benchmarks/results/gate-scores-<model>.md and .json.
 
     python benchmarks/gate_scores.py --model smollm2-135m
@@ -23,7 +23,7 @@ import torch
 
 from sglp_llm.api import collect_block_statistics
 from sglp_llm.blocks import find_decoder_blocks
-from sglp_llm.data import FORTUNES, STDLIB_DOCS, prepare_calibration
+from sglp_llm.data import STDLIB_DOCS, prepare_calibration
 from sglp_llm.config import SGLPConfig
 from sglp_llm.evaluate import load_eval_texts, perplexity
 from sglp_llm.loading import load_model
@@ -58,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--eval-max-texts", type=int, default=150)
+    parser.add_argument("--eval-max-texts", type=int, default=20, help="evaluation paragraphs scored per removed block")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, dtype="float32")
@@ -87,7 +87,7 @@ def main() -> None:
     base_loss = calibration_nll(model, batches, [])
     calibration_loss = {b: calibration_nll(model, batches, [b]) for b in candidates}
     timings["true removal loss, every block (calibration)"] = time.perf_counter() - started
-    texts, eval_description = load_eval_texts(FORTUNES, max_texts=args.eval_max_texts)
+    texts, eval_description = load_eval_texts(None, max_texts=args.eval_max_texts)
 
     def held_out() -> float:
         return math.log(perplexity(model, tokenizer, texts, max_length=256, batch_size=8, progress=False)["perplexity"])

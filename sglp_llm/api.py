@@ -28,6 +28,7 @@ from .cka import MinibatchCKA
 from .config import CALIBRATION_FIELDS, ConfigError, SGLPConfig
 from .data import CalibrationSet, prepare_calibration
 from .devices import activation_checkpointing
+from .explain import chosen_by, stages
 from .distributed import all_reduce_state, is_main_process, rank, world_size
 from .plan import PruningPlan
 from . import verify
@@ -350,6 +351,8 @@ def _analyze(
         calibration_source=calibration.source,
         extra=extra,
     )
+    plan.extra["stages"] = stages(plan.config)
+    plan.extra["chosen_by"] = {str(block): why for block, why in chosen_by(plan).items()}
     return plan, calibration
 
 

@@ -19,7 +19,11 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from .config import ALLOCATIONS, LOSS_BOUNDS, METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, ConfigError, SGLPConfig
+from .config import (
+    ALLOCATIONS, GRADIENT_SCORES, LOSS_BOUNDS, METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, ConfigError,
+    SGLPConfig,
+)
+from .explain import stages
 from .data import FORTUNES, STDLIB_DOCS
 
 # recipe keys that describe the run rather than the SGLP settings
@@ -66,14 +70,19 @@ def _add_calibration(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--seed", type=int, help="seed for window selection and CKA minibatches")
     statistics = parser.add_argument_group("statistics pass (memory and long runs; the results do not change)")
     statistics.add_argument("--gradient-checkpointing", action="store_true", default=None,
-                            help="recompute block activations in the GradNorm backward: less memory, one more forward")
+                            help="recompute block activations in the gradient-score backward: less memory, one more forward")
     statistics.add_argument("--checkpoint-dir", help="save the pass's sums here as it goes; a rerun resumes from them")
     statistics.add_argument("--checkpoint-every", type=int, help="calibration batches between saves (default: 1)")
 
 
 def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     method = parser.add_argument_group("method")
-    method.add_argument("--scoring", choices=SCORING_MODES, help="per-block GradNorm or the paper's subset search")
+    method.add_argument("--scoring", choices=SCORING_MODES,
+                        help="how each group gives up blocks: loss (the gradient score ranks, the calibration loss "
+                             "confirms; default), block (the gradient score alone) or subset (the paper's search)")
+    method.add_argument("--gradient-score", choices=GRADIENT_SCORES,
+                        help="the score from one backward that ranks each group's blocks: taylor (-dL/dα of a gate on "
+                             "the block), fisher (that gate's second moment) or gradnorm (the paper's weight-gradient norm)")
     method.add_argument("--segment-feature", choices=SEGMENT_FEATURES, help="CKA column sums or CKA rows")
     method.add_argument("--num-segments", type=int, help="fixed number of segments (default: automatic)")
     method.add_argument("--cka-minibatch-tokens", type=int, help="tokens per CKA minibatch")
@@ -87,7 +96,7 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     method.add_argument("--allocation", choices=ALLOCATIONS,
                         help="drops per segment: by the loss check (auto with --scoring loss), size or redundancy")
     method.add_argument("--loss-candidates", type=_count_or_all,
-                        help="lowest-GradNorm blocks per segment the loss check tries; 'all': every block, no GradNorm")
+                        help="lowest-scored blocks per group the loss check tries; 'all': every block, no backward")
     method.add_argument("--loss-batches", type=int, help="calibration batches each loss-check candidate is scored on")
     method.add_argument("--loss-bound", choices=LOSS_BOUNDS,
                         help="the loss check's lazy bound: local (default), stale or marginal")
@@ -145,7 +154,8 @@ def _add_held_out(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sglp-llm",
-        description="Depth-prune Hugging Face causal LMs with SGLP (CKA + Fisher segmentation + GradNorm).",
+        description="Depth-prune Hugging Face causal LMs with SGLP. The default run: "
+        + "; ".join(stages(SGLPConfig(drop=1).to_dict())) + ".",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     prune = sub.add_parser("prune", help="analyze a model and write the pruned model")

@@ -20,6 +20,7 @@ METHODS = ("sglp", "block-influence", "angular", "last", "random", "sleb")
 SCORING_MODES = ("block", "subset", "loss")
 GRADIENT_SCORES = ("taylor", "fisher", "gradnorm")  # sglp_llm.score
 LOSS_BOUNDS = ("stale", "marginal", "local")
+LOSS_SCREENS = ("sequences", "taylor")
 AUTO_K_RULES = ("reference", "elbow")
 # the settings that decide which calibration batches a run uses
 CALIBRATION_FIELDS = (
@@ -169,6 +170,10 @@ class SGLPConfig(SettingsFile):
     # rank the first step's candidates on this many calibration sequences; only the promising
     # ones are measured on the loss batches (0: every candidate is; measured default: 1)
     loss_screen_samples: int = 1
+    # what the first step's estimates come from: "sequences" (the loss on loss_screen_samples
+    # sequences, above) or "taylor" (the loss plus each block's Taylor gate score, from the
+    # statistics pass's backward: no extra forward)
+    loss_screen: str = "sequences"
     # method="sleb" only: every candidate is scored on the first sleb_batches calibration batches
     # (unset: all of them, as in the paper); SLEB costs about drop × blocks × sleb_batches forwards
     sleb_batches: int | None = None
@@ -207,7 +212,9 @@ class SGLPConfig(SettingsFile):
     def needs_backward(self) -> bool:
         """Whether the analysis needs a gradient score (a backward per calibration batch): SGLP
         does, except a loss check that tries every block of a segment."""
-        return self.method == "sglp" and not (self.scoring == "loss" and self.loss_candidates == "all")
+        if self.method != "sglp":
+            return False
+        return self.scoring != "loss" or self.loss_candidates != "all" or self.loss_screen == "taylor"
 
     def validate(self) -> None:
         if (self.drop is None) == (self.ratio is None):
@@ -248,6 +255,13 @@ class SGLPConfig(SettingsFile):
         if self.gradient_score not in GRADIENT_SCORES:
             raise ConfigError(
                 f"`gradient_score` must be one of {GRADIENT_SCORES}, got {self.gradient_score!r}."
+            )
+        if self.loss_screen not in LOSS_SCREENS:
+            raise ConfigError(f"`loss_screen` must be one of {LOSS_SCREENS}, got {self.loss_screen!r}.")
+        if self.loss_screen == "taylor" and self.gradient_score != "taylor":
+            raise ConfigError(
+                "`loss_screen: taylor` estimates each removal's loss from the Taylor gate score, so it needs "
+                f"`gradient_score: taylor` (got {self.gradient_score!r}); or use loss_screen \"sequences\"."
             )
         if self.scoring not in SCORING_MODES:
             raise ConfigError(f"`scoring` must be one of {SCORING_MODES}, got {self.scoring!r}.")

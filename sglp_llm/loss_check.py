@@ -38,7 +38,8 @@ def loss_check(
 
     With `loss_screen_samples` (0: off), the first step ranks every candidate on that many
     calibration sequences only, and those estimates stand in as the earlier measurements: only the
-    candidates they make promising are measured on the loss batches."""
+    candidates they make promising are measured on the loss batches. With `loss_screen: taylor`
+    the estimates are the loss plus each candidate's Taylor gate score instead: no forward at all."""
     config, scores = context.config, context.scores
     batches = context.batches[: config.loss_batches]
     removal = RemovalLoss(context.model, batches, config.layers_path)
@@ -77,10 +78,12 @@ def loss_check(
                     return measured[block]
                 return max(measured[block], current + increase[block])
 
-            if current is None and (tightened or config.loss_screen_samples):
+            taylor = config.loss_screen == "taylor"
+            if current is None and (tightened or config.loss_screen_samples or taylor):
                 current = removal.current()  # the unpruned network's loss, at the first step
-            if not steps and config.loss_screen_samples:
-                first = _screen(context, batches, candidates, current)
+            if not steps and (config.loss_screen_samples or taylor):
+                # the gate's first-order estimate costs nothing more: the statistics pass made it
+                first = {b: current + scores[b] for b in candidates} if taylor else _screen(context, batches, candidates, current)
                 for block, estimate in first.items():
                     record(block, estimate)
             if not config.loss_lazy:

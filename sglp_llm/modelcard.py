@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from sglp_llm.explain import chosen_by, stages
 from sglp_llm.heatmap import HEATMAP_NAME
 from sglp_llm.plan import PruningPlan
 from sglp_llm.verify import describe
@@ -20,8 +21,7 @@ MODEL_ID = "<path-or-repo-id>"
 PAPER = "https://arxiv.org/abs/2410.14720"
 # per method: (name in the title, how the blocks were chosen)
 METHOD_TEXT = {
-    "sglp": ("SGLP", f"[SGLP]({PAPER}) (CKA similarity between block outputs, Fisher optimal "
-             "segmentation into groups of similar blocks, GradNorm selection within each group)"),
+    "sglp": ("SGLP", f"[SGLP]({PAPER}) (the stages that ran are listed under How the blocks were chosen)"),
     "block-influence": ("ShortGPT Block Influence", "ShortGPT's Block Influence "
                         "([Men et al. 2024](https://arxiv.org/abs/2403.03853): the blocks whose "
                         "output is closest in angle to their input)"),
@@ -68,6 +68,7 @@ def render_model_card(
             else "The remaining blocks are unchanged; no fine-tuning was applied after pruning."
         ),
         _removed_section(plan),
+        _chosen_section(plan),
         _segments_section(plan),
         _calibration_section(plan),
         *([healing_section(healing)] if healing else []),
@@ -176,6 +177,12 @@ def _removed_section(plan: PruningPlan) -> str:
         "",
         f"![CKA between block outputs, segments boxed, dropped blocks in red]({HEATMAP_NAME})",
     ])
+
+
+def _chosen_section(plan: PruningPlan) -> str:
+    lines = ["## How the blocks were chosen", "", *(f"- {stage}" for stage in stages(plan.config)), ""]
+    lines += [f"- block {block}: {why}" for block, why in sorted(chosen_by(plan).items())]
+    return "\n".join(lines)
 
 
 def _segments_section(plan: PruningPlan) -> str:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .explain import chosen_by, stages
+
 REPORT_NAME = "sglp_report.json"
 
 
@@ -30,9 +32,10 @@ class PruningPlan:
     config: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     segmentation_losses: list[float] = field(default_factory=list)
-    # "loss_without_block" (the default loss check; estimated on loss_screen_samples sequences when
-    # screened), or the baseline's score (sglp_llm.baselines), "none" if it has none
-    score_kind: str = "gradnorm"
+    # SGLP's gradient score ("taylor", "fisher", "gradnorm"), "loss_without_block" (a loss check of
+    # every block; estimated on loss_screen_samples sequences when screened), or the baseline's
+    # score (sglp_llm.baselines), "none" if it has none
+    score_kind: str = "taylor"
     model_name: str | None = None
     calibration_source: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -65,10 +68,12 @@ class PruningPlan:
         return self.score_kind
 
     def summary(self) -> str:
-        """A few human-readable lines: segments, scores and the decision."""
+        """A few human-readable lines: the stages that ran, segments, scores and the decision
+        with what chose each dropped block."""
         lines = [
             f"{self.num_blocks} blocks, {len(self.segments)} segments, "
             f"{self.n_tokens} calibration tokens in {self.n_batches} batches; scores: {self.score_label()}",
+            *(f"  {stage}" for stage in stages(self.config)),
         ]
         for seg, keep in zip(self.segments, self.keep_per_segment):
             drop = [i for i in seg if i in self.dropped]
@@ -78,5 +83,6 @@ class PruningPlan:
                 f"drop {drop or '-'}  {self.score_kind}: {scores}"
             )
         lines.append(f"drop {len(self.dropped)} blocks: {self.dropped}")
+        lines += [f"  block {block}: {why}" for block, why in sorted(chosen_by(self).items())]
         lines.append(f"keep {len(self.kept)} blocks: {self.kept}")
         return "\n".join(lines)

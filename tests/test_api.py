@@ -390,3 +390,45 @@ def test_a_loss_check_of_every_block_computes_no_gradient_score(monkeypatch):
     assert len(plan.dropped) == 2 and plan.score_kind == "loss_without_block"
     with pytest.raises(AssertionError, match="gradient score computed"):
         analyze(model, _batches(), SGLPConfig(drop=2, scoring="loss", loss_candidates=4, **CONFIG), progress=False)
+
+
+def test_taylor_screen_estimates_each_first_removal_from_the_gate_score_and_measures_the_promising(monkeypatch):
+    """`loss_screen: taylor`: the first step's estimates are the unpruned loss plus each block's
+    Taylor score; candidates are measured lowest estimate first, until a measured loss is no
+    higher than every unmeasured candidate's estimate, and the lowest measured one goes."""
+    from sglp_llm.loss_check import RemovalLoss
+    from sglp_llm.removal import calibration_nll
+
+    measured = []
+    real = RemovalLoss.measure
+
+    def spy(self, block):
+        loss = real(self, block)
+        if not self.removed:
+            measured.append((block, loss))
+        return loss
+
+    monkeypatch.setattr(RemovalLoss, "measure", spy)
+    model = tiny_model("llama", num_layers=10)
+    batches = _batches()
+    config = SGLPConfig(drop=2, num_segments=2, scoring="loss", loss_screen="taylor", loss_bound="stale", **CONFIG)
+    plan = analyze(model, batches, config, progress=False)
+    check = plan.extra["loss_check"]
+    taylor = plan.extra["gradient_scores"]["taylor"]
+    assert plan.score_kind == "taylor" and plan.scores == taylor
+    base = calibration_nll(model, batches[: config.loss_batches], [])
+    estimates = {b: x for b, x in enumerate(check["removal_losses"]) if x is not None}
+    assert sorted(estimates) == list(range(1, 9))  # every unprotected block
+    for block, estimate in estimates.items():
+        assert estimate == pytest.approx(base + taylor[block], rel=1e-9)
+    first = check["steps"][0]
+    assert len(measured) == first["measured"] >= 1
+    # measured in the order of their estimates, each the lowest bound when measured
+    assert [b for b, _ in measured] == sorted(estimates, key=lambda b: (estimates[b], b))[: len(measured)]
+    losses = dict(measured)
+    assert first["block"] == min(losses, key=lambda b: (losses[b], b))
+    assert first["loss"] == pytest.approx(calibration_nll(model, batches[: config.loss_batches], [first["block"]]), rel=1e-6)
+    if len(losses) < len(estimates):  # the search stopped: no unmeasured estimate is lower
+        assert first["loss"] <= min(estimates[b] for b in estimates if b not in losses)
+    with pytest.raises(ConfigError, match="needs `gradient_score: taylor`"):
+        SGLPConfig(drop=2, loss_screen="taylor", gradient_score="fisher")

@@ -1,0 +1,95 @@
+"""What ran and what chose each block, in words: the one source for the CLI help and summary, the
+model card and the report, so that no output names a stage that did not run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GRADIENT_SCORE_TEXT = {
+    "taylor": "the Taylor gate score −dL/dα (the first-order rise of the calibration loss when the block goes)",
+    "fisher": "the gate's second moment E[(dL/dα)²] (GradNorm on a gate scaling the block's update)",
+    "gradnorm": "the paper's GradNorm (the norm of the block's weight gradients)",
+}
+PEER_TEXT = {
+    "block-influence": "ShortGPT's block influence (1 − cos(input, output)): the lowest-scored blocks of the whole stack",
+    "angular": "Gromov et al.'s angular distance: the contiguous run whose input and output are closest in angle",
+    "last": "the deepest unprotected blocks",
+    "random": "seeded random blocks",
+    "sleb": "SLEB: one removal at a time, each time the block whose removal leaves the lowest calibration loss",
+}
+
+
+def _needs_backward(config: dict[str, Any]) -> bool:
+    from .config import SGLPConfig
+
+    return SGLPConfig.from_dict(config).needs_backward
+
+
+def stages(config: dict[str, Any]) -> list[str]:
+    """The stages a run with these settings (SGLPConfig.to_dict()) performs, in order."""
+    method = config.get("method", "sglp")
+    if method != "sglp":
+        return [f"choice: {PEER_TEXT[method]}; no CKA groups, no gradient score"]
+    sinks = ", attention-sink tokens left out" if config.get("cka_skip_sinks") else ""
+    lines = [f"similarity: linear CKA between every pair of block outputs on the calibration tokens{sinks}"]
+    if config.get("num_segments") == 1:
+        lines.append("groups: none (one group holds every block)")
+    else:
+        feature = "column sums" if config.get("segment_feature", "column_sum") == "column_sum" else "rows"
+        k = (f"k = {config['num_segments']}" if config.get("num_segments")
+             else f"k chosen by the {'elbow' if config.get('auto_k') == 'elbow' else '5 %'} rule")
+        lines.append(f"groups: Fisher optimal segmentation of the CKA {feature} into contiguous groups ({k})")
+    score = config.get("gradient_score", "taylor")
+    if _needs_backward(config):
+        lines.append(f"gradient score, from one backward: {GRADIENT_SCORE_TEXT[score]}")
+    else:
+        lines.append("gradient score: none (no backward runs)")
+    scoring = config.get("scoring")
+    if scoring == "loss":
+        pool = ("every block of its group" if config.get("loss_candidates") == "all"
+                else f"the {config.get('loss_candidates')} lowest-scored blocks of each group")
+        share = ("each group giving as many as the loss decides, keeping at least one"
+                 if config.get("allocation") in ("auto", "loss") else f"drops per group by {config.get('allocation')}")
+        screen = ("; the first step measures only the candidates the Taylor estimates make promising"
+                  if config.get("loss_screen") == "taylor" else "")
+        lines.append(
+            f"choice: one removal at a time, the candidate whose removal leaves the lowest calibration loss "
+            f"({config.get('loss_batches')} batches), among {pool}; {share}{screen}"
+        )
+    elif scoring == "block":
+        lines.append("choice: the lowest-scored blocks of each group by the gradient score alone, drops per group "
+                     f"by {'size' if config.get('allocation') == 'auto' else config.get('allocation')}; no loss check")
+    else:
+        lines.append("choice: the paper's subset search, keeping in each group the subset whose network has the "
+                     "highest GradNorm")
+    return lines
+
+
+def chosen_by(plan: Any) -> dict[int, str]:
+    """For each dropped block of `plan` (a PruningPlan), what chose it."""
+    config, dropped = plan.config, plan.dropped
+    method = config.get("method", "sglp")
+    if method == "sleb":
+        steps = plan.extra.get("sleb_steps", [])
+        return {s["block"]: f"SLEB removal {n + 1}, calibration loss {s['loss']:.4f}" for n, s in enumerate(steps)}
+    if method != "sglp":
+        return {b: f"{plan.score_kind} {plan.score_text(b)}" for b in dropped}
+    reasons = {}
+    ranked = _needs_backward(config)
+    steps = {s["block"]: (n + 1, s["loss"]) for n, s in enumerate(plan.extra.get("loss_check", {}).get("steps", []))}
+    for segment in plan.segments:
+        order = sorted(segment, key=lambda b: (plan.scores[b] if plan.scores[b] is not None else float("inf"), b))
+        for block in segment:
+            if block not in dropped:
+                continue
+            parts = [f"group {segment[0]}-{segment[-1]}"]
+            if ranked:
+                parts.append(f"rank {order.index(block) + 1} of {len(segment)} by {plan.score_kind} ({plan.score_text(block)})")
+            if block in steps:
+                step, loss = steps[block]
+                parts.append(f"loss check removal {step}, calibration loss {loss:.4f}")
+            elif config.get("scoring") == "subset":
+                parts.append("outside the group's best keep-set by network GradNorm")
+            reasons[block] = "; ".join(parts)
+    return reasons

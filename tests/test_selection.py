@@ -1,0 +1,74 @@
+"""The one selection interface: every method and scoring mode is a registered selection whose
+documented settings exist, and every output says which stages ran and what chose each block."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from sglp_llm import SGLPConfig, analyze
+from sglp_llm.config import METHODS, SCORING_MODES
+from sglp_llm.explain import chosen_by, stages
+from sglp_llm.modelcard import render_model_card
+from sglp_llm.selection import SELECTIONS, selection_name, selector_for
+from tiny_models import tiny_batch, tiny_model
+
+CONFIG = dict(cka_minibatch_tokens=16, seq_len=16, n_samples=8, batch_size=4, verify=False)
+
+
+def _batches():
+    return [tiny_batch(batch_size=4, seq_len=16, seed=s) for s in range(2)]
+
+
+def test_every_method_and_scoring_mode_is_a_registered_selection_with_real_settings():
+    configs = [SGLPConfig(drop=1, method=m) for m in METHODS if m != "sglp"]
+    configs += [SGLPConfig(drop=1, scoring=s) for s in SCORING_MODES]
+    fields = {f.name for f in dataclasses.fields(SGLPConfig)}
+    for config in configs:
+        selector = selector_for(config)
+        assert SELECTIONS[selection_name(config)] is selector
+        assert set(selector.settings) <= fields, selection_name(config)
+    assert len({selection_name(c) for c in configs}) == len(configs) == len(SELECTIONS)
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"scoring": "loss", "loss_candidates": 2}, ["similarity", "groups: Fisher", "gradient score, from one backward: the Taylor",
+                                                 "choice: one removal at a time", "the 2 lowest-scored blocks of each group"]),
+    ({"scoring": "loss", "loss_candidates": "all"}, ["gradient score: none (no backward runs)", "among every block of its group"]),
+    ({"scoring": "block", "gradient_score": "fisher", "num_segments": 1}, ["groups: none", "second moment", "no loss check"]),
+    ({"method": "angular"}, ["angular distance", "no CKA groups, no gradient score"]),
+])
+def test_stages_name_what_runs(settings, expected):
+    text = "\n".join(stages(SGLPConfig(drop=1, **settings).to_dict()))
+    for part in expected:
+        assert part in text
+    if settings.get("loss_candidates") == "all" or "method" in settings:  # no backward: no score named
+        assert "Taylor" not in text and "GradNorm" not in text
+
+
+@pytest.mark.parametrize("settings", [
+    {"scoring": "loss", "loss_candidates": 2},
+    {"scoring": "block"},
+    {"method": "sleb"},
+])
+def test_every_dropped_block_says_what_chose_it_in_plan_summary_and_card(settings):
+    model = tiny_model("llama", num_layers=8)
+    plan = analyze(model, _batches(), SGLPConfig(drop=3, **settings, **CONFIG), progress=False)
+    reasons = chosen_by(plan)
+    assert sorted(reasons) == plan.dropped
+    assert plan.extra["stages"] == stages(plan.config)
+    assert plan.extra["chosen_by"] == {str(b): why for b, why in reasons.items()}
+    summary, card = plan.summary(), render_model_card(plan, base_model="tiny")
+    for block, why in reasons.items():
+        assert f"block {block}: {why}" in summary and f"- block {block}: {why}" in card
+    for stage in plan.extra["stages"]:
+        assert stage in summary and f"- {stage}" in card
+    if settings.get("scoring") == "loss":
+        steps = plan.extra["loss_check"]["steps"]
+        for n, step in enumerate(steps):
+            assert f"loss check removal {n + 1}, calibration loss {step['loss']:.4f}" in reasons[step["block"]]
+            assert "by taylor" in reasons[step["block"]]
+    if settings.get("scoring") == "block":  # the lowest-ranked blocks of their group
+        assert all("rank 1 of" in why or "rank 2 of" in why or "rank 3 of" in why for why in reasons.values())
+        assert "loss check" not in " ".join(reasons.values())
