@@ -36,19 +36,23 @@ SOURCES = {"fortunes": FORTUNES, "paragraphs": None}  # None: the built-in evalu
 PEERS = ("block-influence", "angular", "sleb")
 # name -> settings changed from the defaults (a "method" key: a peer); every SGLP row names the
 # gradient score and the loss check's candidates, so the table does not depend on the defaults
+DEFAULT = {"scoring": "loss", "loss_candidates": "all", "loss_screen": "sequences"}
 SCREENED = {"scoring": "loss", "loss_candidates": "all", "gradient_score": "taylor", "loss_screen": "taylor"}
 CONTENDERS = {
-    # the gradient score orders the loss check's measurements (its first-step estimates)
+    # groups, then the loss check of every block of each group, its first step screened on one
+    # calibration sequence; no backward
+    "default": DEFAULT,
+    **{peer: {"method": peer} for peer in PEERS},
+    "no groups": {**DEFAULT, "num_segments": 1},
+    # the gradient score orders the loss check's first measurements (its estimates)
     "taylor screen": SCREENED,
-    "no gradient ranking": {"scoring": "loss", "loss_candidates": "all", "loss_screen": "sequences"},
-    # the gradient score shortlists the k lowest of each group, the loss confirms among them
-    "taylor top-3": {"scoring": "loss", "gradient_score": "taylor", "loss_candidates": 3},
-    "no groups (taylor screen)": {**SCREENED, "num_segments": 1},
+    # the gradient score alone, in the groups
     "no loss check (taylor)": {"scoring": "block", "gradient_score": "taylor", "allocation": "size"},
     "paper": {"scoring": "block", "gradient_score": "gradnorm", "auto_k": "reference", "allocation": "size"},
-    **{peer: {"method": peer} for peer in PEERS},
+    "sink-free groups": {**DEFAULT, "cka_skip_sinks": True},
+    # the gradient score shortlists the 3 lowest of each group, the loss confirms among them
+    "taylor top-3": {"scoring": "loss", "gradient_score": "taylor", "loss_candidates": 3},
     "fisher top-3": {"scoring": "loss", "gradient_score": "fisher", "loss_candidates": 3},
-    "sink-free groups (taylor screen)": {**SCREENED, "cka_skip_sinks": True},
 }
 
 

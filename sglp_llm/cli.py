@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import yaml
 
 from .config import (
-    ALLOCATIONS, GRADIENT_SCORES, LOSS_BOUNDS, METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, ConfigError,
+    ALLOCATIONS, GRADIENT_SCORES, LOSS_BOUNDS, LOSS_SCREENS, METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, ConfigError,
     SGLPConfig,
 )
 from .explain import stages
@@ -100,6 +100,9 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     method.add_argument("--loss-batches", type=int, help="calibration batches each loss-check candidate is scored on")
     method.add_argument("--loss-bound", choices=LOSS_BOUNDS,
                         help="the loss check's lazy bound: local (default), stale or marginal")
+    method.add_argument("--loss-screen", choices=LOSS_SCREENS,
+                        help="the loss check's first estimates: sequences (the loss on --loss-screen-samples "
+                             "sequences; default) or taylor (the loss plus the Taylor gate score)")
     method.add_argument("--loss-screen-samples", type=int,
                         help="rank the loss check's first candidates on this many sequences first (0: off; default 1)")
     method.add_argument("--max-candidates", type=int, help="cap on keep-sets scored per segment (subset search)")

@@ -155,7 +155,10 @@ class SGLPConfig(SettingsFile):
     # segment go; scoring="loss": removals are chosen one at a time by calibration loss among the
     # loss_candidates lowest-scored blocks of each segment that still has drops to give ("all":
     # every block of the segment, and no backward runs).
-    gradient_score: str = "taylor"
+    # measured default: without the loss check, GradNorm in the groups chose far better blocks
+    # than the Taylor score (benchmarks/results/ablation.md), though no score predicts a
+    # block's removal cost well (benchmarks/results/gate-scores-*.md)
+    gradient_score: str = "gradnorm"
     scoring: str = "loss"  # measured default: benchmarks/results/quality.md
     max_candidates: int = 64
     subset_batches: int = 1

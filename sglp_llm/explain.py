@@ -78,14 +78,19 @@ def chosen_by(plan: Any) -> dict[int, str]:
     reasons = {}
     ranked = _needs_backward(config)
     steps = {s["block"]: (n + 1, s["loss"]) for n, s in enumerate(plan.extra.get("loss_check", {}).get("steps", []))}
+    protected = set(plan.extra.get("protected", []))
     for segment in plan.segments:
-        order = sorted(segment, key=lambda b: (plan.scores[b] if plan.scores[b] is not None else float("inf"), b))
+        # ranked among the blocks of the group that may go, lowest score first
+        free = [b for b in segment if b not in protected]
+        order = sorted(free, key=lambda b: (plan.scores[b] if plan.scores[b] is not None else float("inf"), b))
         for block in segment:
             if block not in dropped:
                 continue
             parts = [f"group {segment[0]}-{segment[-1]}"]
             if ranked:
-                parts.append(f"rank {order.index(block) + 1} of {len(segment)} by {plan.score_kind} ({plan.score_text(block)})")
+                parts.append(
+                    f"rank {order.index(block) + 1} of {len(free)} by {plan.score_kind} ({plan.score_text(block)})"
+                )
             if block in steps:
                 step, loss = steps[block]
                 parts.append(f"loss check removal {step}, calibration loss {loss:.4f}")

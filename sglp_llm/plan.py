@@ -35,7 +35,7 @@ class PruningPlan:
     # SGLP's gradient score ("taylor", "fisher", "gradnorm"), "loss_without_block" (a loss check of
     # every block; estimated on loss_screen_samples sequences when screened), or the baseline's
     # score (sglp_llm.baselines), "none" if it has none
-    score_kind: str = "taylor"
+    score_kind: str = "gradnorm"
     model_name: str | None = None
     calibration_source: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -375,7 +375,7 @@ def test_the_statistics_pass_runs_the_head_only_for_a_gradient_score():
         stats[scoring] = collect_block_statistics(model, blocks, calibration, SGLPConfig(drop=2, scoring=scoring, **CONFIG), 2, progress=False)
         assert len(heads) == (3 if scoring == "block" else 0)
     torch.testing.assert_close(stats["loss"].cka, stats["block"].cka, rtol=1e-6, atol=1e-9)
-    assert not stats["loss"].gradient_scores and set(stats["block"].gradient_scores) == {"taylor", "fisher"}
+    assert not stats["loss"].gradient_scores and set(stats["block"].gradient_scores) == {"taylor", "fisher", "gradnorm"}
     assert all(map(math.isfinite, stats["block"].gradient_scores["taylor"]))
 
 
@@ -411,7 +411,8 @@ def test_taylor_screen_estimates_each_first_removal_from_the_gate_score_and_meas
     monkeypatch.setattr(RemovalLoss, "measure", spy)
     model = tiny_model("llama", num_layers=10)
     batches = _batches()
-    config = SGLPConfig(drop=2, num_segments=2, scoring="loss", loss_screen="taylor", loss_bound="stale", **CONFIG)
+    config = SGLPConfig(drop=2, num_segments=2, scoring="loss", loss_screen="taylor", gradient_score="taylor",
+                        loss_bound="stale", **CONFIG)
     plan = analyze(model, batches, config, progress=False)
     check = plan.extra["loss_check"]
     taylor = plan.extra["gradient_scores"]["taylor"]

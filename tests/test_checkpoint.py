@@ -86,7 +86,7 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     analyze(model, _batches(), config.replace(cka_minibatch_tokens=8), progress=False)
     analyze(model, _batches(), config.replace(method="block-influence"), progress=False)
     names = sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.iterdir())
-    assert names == ["statistics-block-influence", "statistics-gate", "statistics-gate"]
+    assert names == ["statistics-block-influence", "statistics-gradnorm", "statistics-gradnorm"]
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ def test_every_method_and_scoring_mode_is_a_registered_selection_with_real_setti
 
 
 @pytest.mark.parametrize("settings, expected", [
-    ({"scoring": "loss", "loss_candidates": 2}, ["similarity", "groups: Fisher", "gradient score, from one backward: the Taylor",
+    ({"scoring": "loss", "loss_candidates": 2, "gradient_score": "taylor"}, ["similarity", "groups: Fisher", "gradient score, from one backward: the Taylor",
                                                  "choice: one removal at a time", "the 2 lowest-scored blocks of each group"]),
     ({"scoring": "loss", "loss_candidates": "all"}, ["gradient score: none (no backward runs)", "among every block of its group"]),
     ({"scoring": "block", "gradient_score": "fisher", "num_segments": 1}, ["groups: none", "second moment", "no loss check"]),
@@ -48,7 +48,7 @@ def test_stages_name_what_runs(settings, expected):
 
 
 @pytest.mark.parametrize("settings", [
-    {"scoring": "loss", "loss_candidates": 2},
+    {"scoring": "loss", "loss_candidates": 2, "gradient_score": "taylor"},
     {"scoring": "block"},
     {"method": "sleb"},
 ])
@@ -69,6 +69,19 @@ def test_every_dropped_block_says_what_chose_it_in_plan_summary_and_card(setting
         for n, step in enumerate(steps):
             assert f"loss check removal {n + 1}, calibration loss {step['loss']:.4f}" in reasons[step["block"]]
             assert "by taylor" in reasons[step["block"]]
-    if settings.get("scoring") == "block":  # the lowest-ranked blocks of their group
-        assert all("rank 1 of" in why or "rank 2 of" in why or "rank 3 of" in why for why in reasons.values())
-        assert "loss check" not in " ".join(reasons.values())
+    if settings.get("scoring") == "block":  # the d lowest-scored droppable blocks of each group
+        for segment in plan.segments:
+            gone = [b for b in segment if b in plan.dropped]
+            ranks = sorted(int(reasons[b].split("rank ")[1].split(" of")[0]) for b in gone)
+            assert ranks == list(range(1, len(gone) + 1))
+        assert "loss check" not in " ".join(reasons.values()) and "by gradnorm" in " ".join(reasons.values())
+
+
+def test_cli_help_describes_the_default_run_from_the_same_source():
+    from sglp_llm.cli import build_parser
+
+    description = build_parser().description
+    for stage in stages(SGLPConfig(drop=1).to_dict()):
+        assert stage in description
+    # the default runs no backward, so the help names no gradient score as used
+    assert "gradient score: none (no backward runs)" in description and "GradNorm" not in description

@@ -113,9 +113,11 @@ class TrackingLoader(MoveBlocks):
         super().offload(index, block)
 
 
-# SGLP: a forward and a backward pass, whose gate scores need no rerun of the first block
-@pytest.mark.parametrize("method, runs", [("sglp", 2 * L - 1), ("block-influence", L)])
-def test_one_block_at_a_time(method, runs):
+# SGLP: a forward and a backward pass; the gate scores alone need no rerun of the first block
+@pytest.mark.parametrize("method, score, runs", [
+    ("sglp", "gradnorm", 2 * L), ("sglp", "taylor", 2 * L - 1), ("block-influence", "gradnorm", L),
+])
+def test_one_block_at_a_time(method, score, runs):
     model = tiny_model("mistral", num_layers=L)
     loader = TrackingLoader()
     setattr(model, BLOCK_LOADER_ATTRIBUTE, loader)
@@ -124,7 +126,7 @@ def test_one_block_at_a_time(method, runs):
         block.register_forward_pre_hook(
             lambda module, args, index=index: loader.runs.append((index, set(loader.onloaded)))
         )
-    analyze(model, _batches(), SGLPConfig(method=method, offload="sequential", **CONFIG), progress=False)
+    analyze(model, _batches(), SGLPConfig(method=method, gradient_score=score, offload="sequential", **CONFIG), progress=False)
     assert loader.most_at_once == 1 and not loader.onloaded
     # every block runs once per batch and pass, each time the only block onloaded
     assert all(onloaded == {index} for index, onloaded in loader.runs)
