@@ -155,9 +155,10 @@ class SGLPConfig(SettingsFile):
     # segment go; scoring="loss": removals are chosen one at a time by calibration loss among the
     # loss_candidates lowest-scored blocks of each segment that still has drops to give ("all":
     # every block of the segment, and no backward runs).
-    # measured default: without the loss check, GradNorm in the groups chose far better blocks
-    # than the Taylor score (benchmarks/results/ablation.md), though no score predicts a
-    # block's removal cost well (benchmarks/results/gate-scores-*.md)
+    # the paper's score. Without the loss check neither choice is good and the evidence is mixed
+    # (benchmarks/results/ablation.md: GradNorm in the groups far better on SmolLM2, the Taylor
+    # score far better on Gemma-3-270M); no score predicts a block's removal cost better than
+    # the forward-only block influence (benchmarks/results/gate-scores-*.md)
     gradient_score: str = "gradnorm"
     scoring: str = "loss"  # measured default: benchmarks/results/quality.md
     max_candidates: int = 64
