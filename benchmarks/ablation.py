@@ -81,7 +81,8 @@ def run_model(name: str, contenders: list[str], eval_max_texts: int, sleb_from_q
     result.update(
         model=loaded.name, num_blocks=num_blocks, drops=drops, threads=torch.get_num_threads(),
         sources={key: description for key, (_, description) in texts.items()},
-        contenders={c: CONTENDERS[c] for c in contenders},
+        # a run of some rows keeps the rows earlier runs measured
+        contenders={**result.get("contenders", {}), **{c: CONTENDERS[c] for c in contenders}},
     )
     if "dense" not in result:
         result["dense"] = held_out([])
