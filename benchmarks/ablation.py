@@ -35,24 +35,26 @@ from sglp_llm.rewrite import skip_blocks
 SOURCES = {"fortunes": FORTUNES, "paragraphs": None}  # None: the built-in evaluation text
 PEERS = ("block-influence", "angular", "sleb")
 # name -> settings changed from the defaults (a "method" key: a peer); every SGLP row names the
-# gradient score and the loss check's candidates, so the table does not depend on the defaults
-DEFAULT = {"scoring": "loss", "loss_candidates": "all", "loss_screen": "sequences"}
-SCREENED = {"scoring": "loss", "loss_candidates": "all", "gradient_score": "taylor", "loss_screen": "taylor"}
+# gradient score, the loss check's candidates and the groups, so the table does not depend on the defaults
+DEFAULT = {"scoring": "loss", "loss_candidates": "all", "loss_screen": "sequences", "groups": False}
+GROUPED = {**DEFAULT, "groups": True}
 CONTENDERS = {
-    # groups, then the loss check of every block of each group, its first step screened on one
-    # calibration sequence; no backward
+    # the loss check of every unprotected block, its first step screened on one calibration
+    # sequence; no groups, no backward (measured before the groups left the default as
+    # num_segments=1 with the groups on: the same loss check, tests/test_selection.py)
     "default": DEFAULT,
     **{peer: {"method": peer} for peer in PEERS},
-    "no groups": {**DEFAULT, "num_segments": 1},
+    # the default kept to the Fisher groups (the default until they were measured to change nothing)
+    "groups": GROUPED,
     # the gradient score orders the loss check's first measurements (its estimates)
-    "taylor screen": SCREENED,
+    "taylor screen": {**GROUPED, "gradient_score": "taylor", "loss_screen": "taylor"},
     # the gradient score alone, in the groups
     "no loss check (taylor)": {"scoring": "block", "gradient_score": "taylor", "allocation": "size"},
     "paper": {"scoring": "block", "gradient_score": "gradnorm", "auto_k": "reference", "allocation": "size"},
-    "sink-free groups": {**DEFAULT, "cka_skip_sinks": True},
+    "sink-free groups": {**GROUPED, "cka_skip_sinks": True},
     # the gradient score shortlists the 3 lowest of each group, the loss confirms among them
-    "taylor top-3": {"scoring": "loss", "gradient_score": "taylor", "loss_candidates": 3},
-    "fisher top-3": {"scoring": "loss", "gradient_score": "fisher", "loss_candidates": 3},
+    "taylor top-3": {"scoring": "loss", "groups": True, "gradient_score": "taylor", "loss_candidates": 3},
+    "fisher top-3": {"scoring": "loss", "groups": True, "gradient_score": "fisher", "loss_candidates": 3},
 }
 
 

@@ -27,7 +27,7 @@ from .checkpoint import StatisticsCheckpoint, fingerprint
 from .cka import MinibatchCKA
 from .config import CALIBRATION_FIELDS, ConfigError, SGLPConfig
 from .data import CalibrationSet, prepare_calibration
-from .devices import activation_checkpointing
+from .devices import activation_checkpointing, devices_used
 from .explain import chosen_by, stages
 from .distributed import all_reduce_state, is_main_process, rank, world_size
 from .plan import PruningPlan
@@ -181,7 +181,8 @@ def collect_block_statistics(
             if todo:
                 sequential_pass(
                     model, blocks.layers, [batches[i] for i in todo], observers, grads, gates,
-                    device=config.onload_device, progress=progress,
+                    device=config.onload_device, hidden_states=config.hidden_states,
+                    hidden_states_dir=config.hidden_states_dir, progress=progress,
                 )
         else:
             with ExitStack() as stack:
@@ -312,7 +313,8 @@ def _analyze(
         cache=cache,
         cache_key=key,
     )
-    extra: dict[str, Any] = {"protected": sorted(protected), "statistics_reused": reused}
+    extra: dict[str, Any] = {"protected": sorted(protected), "statistics_reused": reused,
+                             "devices": devices_used(model, config)}
     if config.cka_skip_sinks:
         extra["cka_sinks_left_out"] = stats.n_sinks
     if config.method == "sglp" and stats.gradient_scores:

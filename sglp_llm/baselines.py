@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .removal import calibration_nll
+from .removal import removal_loss
 from .select import choose_drops
 from .selection import Selection, SelectionContext, Selector, register
 
@@ -179,14 +179,14 @@ def _sleb(context: SelectionContext) -> Selection:
     n steps of a longer run are the run for n: steps are kept in the analysis cache, so a
     comparison over several drop counts pays once, and each plan reports the time of its steps.
     """
-    model, config = context.model, context.config
-    batches = context.batches[: config.sleb_batches]
+    config = context.config
+    network = removal_loss(context.model, context.batches[: config.sleb_batches], config)
     num_blocks = len(context.scores)
     key = ("sleb-steps", context.cache_key, config.sleb_batches, tuple(sorted(context.protected)))
     run = context.cache.setdefault(key, {"steps": [], "start": None})
     if run["start"] is None:
         started = time.perf_counter()
-        run["start"] = {"loss": calibration_nll(model, batches, [], config.layers_path),
+        run["start"] = {"loss": network.loss_without([]),
                         "seconds": time.perf_counter() - started}
     removed = [step["block"] for step in run["steps"]]
     candidates = [b for b in _unprotected(num_blocks, context.protected) if b not in removed]
@@ -197,7 +197,7 @@ def _sleb(context: SelectionContext) -> Selection:
             started = time.perf_counter()
             losses = {}
             for block in candidates:
-                losses[block] = calibration_nll(model, batches, removed + [block], config.layers_path)
+                losses[block] = network.loss_without(removed + [block])
                 bar.update()
             best = min(candidates, key=lambda b: (losses[b], b))
             removed.append(best)

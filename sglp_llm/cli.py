@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import yaml
 
 from .config import (
-    ALLOCATIONS, GRADIENT_SCORES, LOSS_BOUNDS, LOSS_SCREENS, METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, ConfigError,
+    ALLOCATIONS, GRADIENT_SCORES, HIDDEN_STATES, LOSS_BOUNDS, LOSS_SCREENS, METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, ConfigError,
     SGLPConfig,
 )
 from .explain import stages
@@ -84,6 +84,10 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                         help="the score from one backward that ranks each group's blocks: taylor (-dL/dα of a gate on "
                              "the block), fisher (that gate's second moment) or gradnorm (the paper's weight-gradient norm)")
     method.add_argument("--segment-feature", choices=SEGMENT_FEATURES, help="CKA column sums or CKA rows")
+    method.add_argument("--groups", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the choice to the Fisher groups of CKA-similar blocks (default: on for "
+                             "--scoring block/subset, off for the loss check, whose choices they never changed "
+                             "in benchmarks/results/ablation.md)")
     method.add_argument("--num-segments", type=int, help="fixed number of segments (default: automatic)")
     method.add_argument("--cka-minibatch-tokens", type=int, help="tokens per CKA minibatch")
     method.add_argument("--cka-skip-sinks", action="store_true", default=None,
@@ -93,11 +97,18 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                         help="sequential: one decoder block on the device at a time (default: none)")
     method.add_argument("--onload-device", help="with --offload sequential: where each block runs, e.g. cuda:0 "
                                                 "(default: the input embeddings' device)")
+    method.add_argument("--hidden-states", choices=HIDDEN_STATES,
+                        help="with --offload sequential: keep every block's hidden states in memory or on disk "
+                             "(default auto: on disk when they would take over half the available memory)")
+    method.add_argument("--hidden-states-dir", help="where --hidden-states disk writes its temporary folder "
+                                                    "(default: the system's temporary folder)")
     method.add_argument("--allocation", choices=ALLOCATIONS,
                         help="drops per segment: by the loss check (auto with --scoring loss), size or redundancy")
     method.add_argument("--loss-candidates", type=_count_or_all,
                         help="lowest-scored blocks per group the loss check tries; 'all': every block, no backward")
-    method.add_argument("--loss-batches", type=int, help="calibration batches each loss-check candidate is scored on")
+    method.add_argument("--loss-tokens", type=int,
+                        help="calibration tokens each loss-check candidate is scored on, whatever the batch size "
+                             "(default 2048)")
     method.add_argument("--loss-bound", choices=LOSS_BOUNDS,
                         help="the loss check's lazy bound: local (default), stale or marginal")
     method.add_argument("--loss-screen", choices=LOSS_SCREENS,
@@ -367,20 +378,26 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], SGLPConf
 
 
 def _load(run: dict[str, Any], config: SGLPConfig | None = None):
-    """The model of the run settings; with `blocks_on_disk`, its blocks stay on disk for the
+    """The model of the run settings, and the config with the device chosen when none was named
+    (sglp_llm.devices.choose_devices); with `blocks_on_disk`, its blocks stay on disk for the
     sequential pass of `config`."""
-    from .devices import parse_device_map, parse_max_memory
-    from .distributed import process_device
+    from .devices import choose_devices, parse_device_map, parse_max_memory
+    from .distributed import process_device, world_size
     from .loading import load_blocks_on_disk, load_model
+    import torch
+
+    if world_size() == 1:
+        run, config, note = choose_devices(run, config, torch.cuda.device_count())
+        if note:
+            print(note, file=sys.stderr)
 
     if run.get("blocks_on_disk"):
         if config is None or config.offload != "sequential":
             raise ConfigError("--blocks-on-disk reads one block at a time, which needs --offload sequential.")
-        if config.method == "sleb" or (config.method == "sglp" and config.scoring != "block"):
+        if config.method == "sglp" and config.scoring == "subset":
             raise ConfigError(
-                "With --blocks-on-disk only the statistics pass reads the blocks, one at a time; "
-                f"method {config.method!r} with scoring {config.scoring!r} runs the whole network. "
-                "Use --scoring block (or --method block-influence / angular)."
+                "With --blocks-on-disk the blocks are read one at a time; the subset search (--scoring "
+                "subset) runs the whole network with gradients. Use the default loss check or --scoring block."
             )
         if run.get("device_map") is not None:
             raise ConfigError(
@@ -392,7 +409,7 @@ def _load(run: dict[str, Any], config: SGLPConfig | None = None):
             device=config.onload_device or "cpu", layers_path=config.layers_path,
         )
         print(loaded.note, file=sys.stderr)
-        return loaded
+        return loaded, config
     device_map = parse_device_map(run.get("device_map"))
     if device_map is None and (own := process_device()) is not None:
         device_map = {"": str(own)}  # data parallel: a whole copy on each process's GPU
@@ -406,7 +423,7 @@ def _load(run: dict[str, Any], config: SGLPConfig | None = None):
     )
     if loaded.note:
         print(loaded.note, file=sys.stderr)
-    return loaded
+    return loaded, config
 
 
 def _format_count(n: int) -> str:
@@ -418,7 +435,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     from .distributed import is_main_process
 
     run, config = resolve_settings(args)
-    loaded = _load(run, config)
+    loaded, config = _load(run, config)
     if config.dataset is None:
         print("No --dataset given: calibrating on the built-in English text.", file=sys.stderr)
     progress = not args.no_progress and is_main_process()
@@ -456,7 +473,7 @@ def run_prune(args: argparse.Namespace) -> int:
             "With --blocks-on-disk the model is never whole in memory, so it cannot be evaluated or "
             "healed here; prune first, then run `sglp-llm eval` / `sglp-llm heal` on the output."
         )
-    loaded = _load(run, config)
+    loaded, config = _load(run, config)
     if config.dataset is None:
         print("No --dataset given: calibrating on the built-in English text.", file=sys.stderr)
     evaluation = {"dense": _evaluate_in_memory(loaded, args, "dense")} if evaluate else None
@@ -521,7 +538,7 @@ def run_heal(args: argparse.Namespace) -> int:
     run.update({k: getattr(args, k) for k in HEAL_RUN_KEYS if getattr(args, k) is not None})
     output = args.output.expanduser().resolve()
     check_destination(output, overwrite=args.overwrite)
-    loaded = _load({**run, "model": args.model})
+    loaded, _ = _load({**run, "model": args.model})
     check_destination(output, overwrite=args.overwrite, model=loaded.model)  # never the input folder
     report = Path(args.model) / REPORT_NAME
     # merged, an SGLP-pruned model's folder stays a pruning output: report, heatmap, card
@@ -630,7 +647,7 @@ def run_eval(args: argparse.Namespace) -> int:
     tasks = _names(args.tasks)
     if args.update_card:
         saved_report(args.model)  # fail before the evaluation, not after
-    loaded = _load({"model": args.model, "dtype": args.dtype})
+    loaded, _ = _load({"model": args.model, "dtype": args.dtype})
     if args.dataset is None and not tasks:
         print("No --dataset or --tasks given: perplexity on the built-in held-out English text.", file=sys.stderr)
     evaluation = evaluate_model(
@@ -691,7 +708,7 @@ def run_compare(args: argparse.Namespace) -> int:
             "compare evaluates every pruned model, which needs the model whole in memory; drop "
             "--blocks-on-disk (or blocks_on_disk in the recipe)."
         )
-    loaded = _load(run)
+    loaded, config = _load(run, config)
     if config.dataset is None:
         print("No --dataset given: calibrating on the built-in English text.", file=sys.stderr)
     result = compare(

@@ -21,6 +21,7 @@ SCORING_MODES = ("block", "subset", "loss")
 GRADIENT_SCORES = ("taylor", "fisher", "gradnorm")  # sglp_llm.score
 LOSS_BOUNDS = ("stale", "marginal", "local")
 LOSS_SCREENS = ("sequences", "taylor")
+HIDDEN_STATES = ("auto", "memory", "disk")  # sglp_llm.hidden_states
 AUTO_K_RULES = ("reference", "elbow")
 # the settings that decide which calibration batches a run uses
 CALIBRATION_FIELDS = (
@@ -133,8 +134,19 @@ class SGLPConfig(SettingsFile):
     # offload="sequential" only: where each block runs while it is onloaded (e.g. "cuda:0" for a
     # model held in CPU memory); unset: the device of the input embeddings
     onload_device: str | None = None
+    # offload="sequential" only: where every block's hidden states wait between the forward, the
+    # statistics and the backward: "memory", "disk" (a temporary folder in hidden_states_dir, or
+    # the system's, removed at the end) or "auto" (disk when they would take over half the
+    # available memory); see sglp_llm.hidden_states
+    hidden_states: str = "auto"
+    hidden_states_dir: str | None = None
 
-    # -- segmentation (see sglp_llm.segment); used by method="sglp" only
+    # -- segmentation (see sglp_llm.segment); used by method="sglp" only. groups: whether the
+    # choice keeps to the Fisher groups of CKA-similar blocks (every group keeps a block, drops
+    # allocated per group). scoring "block" and "subset" choose within groups by definition;
+    # the loss check does not by default: the groups changed none of its choices on either
+    # real model (benchmarks/results/ablation.md). None: that rule; true/false: force it
+    groups: bool | None = None
     num_segments: int | None = None
     max_segments: int | None = None
     segment_feature: str = "column_sum"
@@ -164,7 +176,10 @@ class SGLPConfig(SettingsFile):
     max_candidates: int = 64
     subset_batches: int = 1
     loss_candidates: int | str = "all"
-    loss_batches: int = 2  # measured default: benchmarks/results/quality.md
+    # the calibration tokens (the first sequences holding at least this many) whose loss the loss
+    # check compares, whatever the batch size; 2048 = the measured default of 2 batches of
+    # 4 x 256 tokens (benchmarks/results/quality.md)
+    loss_tokens: int = 2048
     # re-measure only the most promising candidate's loss at each step (see api._loss_check)
     loss_lazy: bool = True
     # the lazy lower bound: "stale" (the earlier loss), "marginal" (current loss + the earlier
@@ -204,6 +219,17 @@ class SGLPConfig(SettingsFile):
     def __post_init__(self) -> None:
         self.validate()
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """A config from its dict; one saved before `loss_tokens` replaced `loss_batches` (a batch
+        count) loads with the tokens those batches held."""
+        if isinstance(data, dict) and "loss_batches" in data:
+            data = dict(data)
+            batches = data.pop("loss_batches")
+            rows = data.get("batch_size", cls.batch_size) * data.get("seq_len", cls.seq_len)
+            data.setdefault("loss_tokens", batches * rows if isinstance(batches, int) else batches)
+        return super().from_dict(data)
+
     # ------------------------------------------------------------------ validation
     @property
     def drop_allocation(self) -> str:
@@ -211,6 +237,11 @@ class SGLPConfig(SettingsFile):
         if self.allocation != "auto":
             return self.allocation
         return "loss" if self.scoring == "loss" else "size"
+
+    @property
+    def uses_groups(self) -> bool:
+        """Whether the choice keeps to the Fisher groups (the `groups` setting, resolved)."""
+        return self.groups if self.groups is not None else self.scoring != "loss"
 
     @property
     def needs_backward(self) -> bool:
@@ -233,7 +264,7 @@ class SGLPConfig(SettingsFile):
         if self.method not in METHODS:
             raise ConfigError(f"`method` must be one of {METHODS}, got {self.method!r}.")
         for name in (
-            "seq_len", "n_samples", "batch_size", "max_candidates", "subset_batches", "loss_batches",
+            "seq_len", "n_samples", "batch_size", "max_candidates", "subset_batches", "loss_tokens",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -282,6 +313,13 @@ class SGLPConfig(SettingsFile):
             raise ConfigError(f"`loss_bound` must be one of {LOSS_BOUNDS}, got {self.loss_bound!r}.")
         if self.auto_k not in AUTO_K_RULES:
             raise ConfigError(f"`auto_k` must be one of {AUTO_K_RULES}, got {self.auto_k!r}.")
+        if self.hidden_states not in HIDDEN_STATES:
+            raise ConfigError(f"`hidden_states` must be one of {HIDDEN_STATES}, got {self.hidden_states!r}.")
+        if self.hidden_states_dir is not None and not Path(self.hidden_states_dir).expanduser().is_dir():
+            raise ConfigError(
+                f"`hidden_states_dir` {self.hidden_states_dir!r} is not an existing folder; create it or "
+                "leave it unset (the system's temporary folder)."
+            )
         if self.onload_device is not None:
             if self.offload != "sequential":
                 raise ConfigError(
@@ -299,6 +337,19 @@ class SGLPConfig(SettingsFile):
                 ) from None
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"`allocation` must be one of {ALLOCATIONS}, got {self.allocation!r}.")
+        if self.groups is False and self.scoring != "loss":
+            raise ConfigError(
+                f"`scoring: {self.scoring}` chooses the blocks each Fisher group gives up, so it needs the "
+                "groups; drop `groups: false`, or use `scoring: loss`, which can choose over the whole stack."
+            )
+        if not self.uses_groups:
+            given = [f"{name}: {getattr(self, name)!r}" for name in ("num_segments", "max_segments") if getattr(self, name) is not None]
+            given += [f"allocation: {self.allocation!r}"] if self.allocation not in ("auto", "loss") else []
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)} shapes the Fisher groups, which the loss check does not use by default; "
+                    "add `groups: true` (--groups) to choose within them, or leave the setting out."
+                )
         if self.allocation == "loss" and self.scoring != "loss":
             raise ConfigError(
                 '`allocation: loss` lets the calibration-loss check decide how many blocks each '
@@ -318,6 +369,8 @@ class SGLPConfig(SettingsFile):
         for name in ("gradient_checkpointing", "loss_lazy", "verify", "cka_skip_sinks"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"`{name}` must be true or false, got {getattr(self, name)!r}.")
+        if self.groups is not None and not isinstance(self.groups, bool):
+            raise ConfigError(f"`groups` must be true, false or unset (the scoring's rule), got {self.groups!r}.")
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
             raise ConfigError(f"`checkpoint_dir` must be a directory path as a string, or unset; got {self.checkpoint_dir!r}.")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:

@@ -378,6 +378,19 @@ def first_samples(batches: Sequence[dict[str, torch.Tensor]], n: int) -> list[di
     return taken
 
 
+def first_tokens(batches: Sequence[dict[str, torch.Tensor]], n_tokens: int) -> list[dict[str, torch.Tensor]]:
+    """The first sequences of `batches` that hold at least `n_tokens` (non-padding) tokens, or all
+    of them: the same sequences whatever the batch size."""
+    rows = 0
+    for batch in batches:
+        for count in batch["attention_mask"].sum(dim=1).tolist():
+            if n_tokens <= 0:
+                return first_samples(batches, rows)
+            n_tokens -= count
+            rows += 1
+    return first_samples(batches, rows)
+
+
 def _check_seq_len(seq_len: int, max_positions: int | None) -> None:
     if max_positions is not None and seq_len > max_positions:
         raise CalibrationError(

@@ -123,3 +123,34 @@ def activation_checkpointing(model: nn.Module, layers: Sequence[nn.Module]) -> I
             disable()
             if not had_input_hooks:
                 model.disable_input_require_grads()
+
+
+def choose_devices(run: dict[str, Any], config: Any, n_gpus: int) -> tuple[dict[str, Any], Any, str]:
+    """The CLI's placement when the user named none (no `device_map`, no `onload_device` of the
+    SGLPConfig `config`, which may be None for commands without one): with a
+    GPU, the model goes there (accelerate's "auto" map: GPUs first, then CPU memory), or under
+    sequential onloading each block runs on the first GPU; without one, the CPU. Returns the run
+    settings, the SGLPConfig and a line saying where the run goes and how to move it."""
+    if run.get("device_map") is not None or getattr(config, "onload_device", None) is not None:
+        return run, config, ""
+    if n_gpus == 0:
+        return run, config, "Running on the CPU (no GPU found)."
+    if getattr(config, "offload", "none") == "sequential":
+        rest = "the embeddings and head on cuda:0 too" if run.get("blocks_on_disk") else "the rest of the model in CPU memory"
+        return run, config.replace(onload_device="cuda:0"), (
+            f"A GPU is present: each block runs on cuda:0, {rest}; pass --onload-device cpu to stay on the CPU."
+        )
+    return {**run, "device_map": "auto"}, config, (
+        "A GPU is present: the model is placed with --device-map auto (GPUs first, then CPU memory); "
+        "pass --device-map cpu to stay on the CPU."
+    )
+
+
+def devices_used(model: nn.Module, config: Any) -> list[str]:
+    """The devices a run's weights sit on (an accelerate map's "disk" included) and, under
+    sequential onloading, the device the blocks run on."""
+    found = {str(p.device) for p in model.parameters() if p.device.type != "meta"}
+    found |= {str(d) if not isinstance(d, int) else f"cuda:{d}" for d in (getattr(model, "hf_device_map", None) or {}).values()}
+    if config.offload == "sequential":
+        found.add(str(config.onload_device or model.get_input_embeddings().weight.device))
+    return sorted(found)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .config import SGLPConfig
+
 GRADIENT_SCORE_TEXT = {
     "taylor": "the Taylor gate score −dL/dα (the first-order rise of the calibration loss when the block goes)",
     "fisher": "the gate's second moment E[(dL/dα)²] (GradNorm on a gate scaling the block's update)",
@@ -20,18 +22,21 @@ PEER_TEXT = {
 }
 
 
-def _needs_backward(config: dict[str, Any]) -> bool:
-    from .config import SGLPConfig
-
-    return SGLPConfig.from_dict(config).needs_backward
-
-
 def stages(config: dict[str, Any]) -> list[str]:
     """The stages a run with these settings (SGLPConfig.to_dict()) performs, in order."""
     method = config.get("method", "sglp")
     if method != "sglp":
         return [f"choice: {PEER_TEXT[method]}; no CKA groups, no gradient score"]
     sinks = ", attention-sink tokens left out" if config.get("cka_skip_sinks") else ""
+    settings = SGLPConfig.from_dict(config)
+    if not settings.uses_groups:
+        return [
+            f"similarity: linear CKA between every pair of block outputs on the calibration tokens{sinks}, "
+            "for the report and heatmap only: the choice does not use it",
+            "groups: none (`groups: true` keeps the choice to the Fisher groups; they changed no choice of the "
+            "loss check on either benchmarked model)",
+            *_score_and_choice(config, settings),
+        ]
     lines = [f"similarity: linear CKA between every pair of block outputs on the calibration tokens{sinks}"]
     if config.get("num_segments") == 1:
         lines.append("groups: none (one group holds every block)")
@@ -40,22 +45,34 @@ def stages(config: dict[str, Any]) -> list[str]:
         k = (f"k = {config['num_segments']}" if config.get("num_segments")
              else f"k chosen by the {'elbow' if config.get('auto_k') == 'elbow' else '5 %'} rule")
         lines.append(f"groups: Fisher optimal segmentation of the CKA {feature} into contiguous groups ({k})")
+    return lines + _score_and_choice(config, settings)
+
+
+def _score_and_choice(config: dict[str, Any], settings: SGLPConfig) -> list[str]:
+    lines = []
     score = config.get("gradient_score", "taylor")
-    if _needs_backward(config):
+    if settings.needs_backward:
         lines.append(f"gradient score, from one backward: {GRADIENT_SCORE_TEXT[score]}")
     else:
         lines.append("gradient score: none (no backward runs)")
     scoring = config.get("scoring")
     if scoring == "loss":
-        pool = ("every block of its group" if config.get("loss_candidates") == "all"
-                else f"the {config.get('loss_candidates')} lowest-scored blocks of each group")
-        share = ("each group giving as many as the loss decides, keeping at least one"
-                 if config.get("allocation") in ("auto", "loss") else f"drops per group by {config.get('allocation')}")
+        size = config.get("loss_candidates")
+        if not settings.uses_groups:
+            pool = "every unprotected block" if size == "all" else f"the {size} lowest-scored unprotected blocks"
+            share = ""
+        else:
+            pool = "every block of its group" if size == "all" else f"the {size} lowest-scored blocks of each group"
+            share = ("; each group giving as many as the loss decides, keeping at least one"
+                     if config.get("allocation") in ("auto", "loss") else f"; drops per group by {config.get('allocation')}")
+        samples = config.get("loss_screen_samples")
         screen = ("; the first step measures only the candidates the Taylor estimates make promising"
-                  if config.get("loss_screen") == "taylor" else "")
+                  if config.get("loss_screen") == "taylor" else
+                  f"; the first step measures only the candidates that a screen on {samples} calibration "
+                  f"sequence{'s' if samples != 1 else ''} makes promising" if samples else "")
         lines.append(
             f"choice: one removal at a time, the candidate whose removal leaves the lowest calibration loss "
-            f"({config.get('loss_batches')} batches), among {pool}; {share}{screen}"
+            f"({config.get('loss_tokens')} tokens), among {pool}{share}{screen}"
         )
     elif scoring == "block":
         lines.append("choice: the lowest-scored blocks of each group by the gradient score alone, drops per group "
@@ -76,7 +93,8 @@ def chosen_by(plan: Any) -> dict[int, str]:
     if method != "sglp":
         return {b: f"{plan.score_kind} {plan.score_text(b)}" for b in dropped}
     reasons = {}
-    ranked = _needs_backward(config)
+    settings = SGLPConfig.from_dict(config)
+    ranked = settings.needs_backward
     steps = {s["block"]: (n + 1, s["loss"]) for n, s in enumerate(plan.extra.get("loss_check", {}).get("steps", []))}
     protected = set(plan.extra.get("protected", []))
     for segment in plan.segments:
@@ -86,7 +104,7 @@ def chosen_by(plan: Any) -> dict[int, str]:
         for block in segment:
             if block not in dropped:
                 continue
-            parts = [f"group {segment[0]}-{segment[-1]}"]
+            parts = [f"group {segment[0]}-{segment[-1]}"] if settings.uses_groups else []
             if ranked:
                 parts.append(
                     f"rank {order.index(block) + 1} of {len(free)} by {plan.score_kind} ({plan.score_text(block)})"

@@ -12,8 +12,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .data import first_samples
-from .removal import RemovalLoss
+from .data import first_samples, first_tokens
+from .removal import removal_loss
 from .selection import SelectionContext
 
 
@@ -41,8 +41,8 @@ def loss_check(
     candidates they make promising are measured on the loss batches. With `loss_screen: taylor`
     the estimates are the loss plus each candidate's Taylor gate score instead: no forward at all."""
     config, scores = context.config, context.scores
-    batches = context.batches[: config.loss_batches]
-    removal = RemovalLoss(context.model, batches, config.layers_path)
+    batches = first_tokens(context.batches, config.loss_tokens)
+    removal = removal_loss(context.model, batches, config)
     left = dict(enumerate(budgets))
     steps: list[dict[str, Any]] = []
     measured: dict[int, float] = {}  # block -> its loss when last measured
@@ -113,7 +113,7 @@ def _screen(
     """Each candidate's loss when removed alone, estimated on the first `loss_screen_samples`
     sequences: the unpruned network's `loss` on the loss batches plus the increase on those."""
     samples = first_samples(batches, context.config.loss_screen_samples)
-    screen = RemovalLoss(context.model, samples, context.config.layers_path)
+    screen = removal_loss(context.model, samples, context.config)
     base = screen.current()
     return {block: loss + screen.measure(block) - base for block in candidates}
 

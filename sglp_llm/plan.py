@@ -72,7 +72,8 @@ class PruningPlan:
         with what chose each dropped block."""
         lines = [
             f"{self.num_blocks} blocks, {len(self.segments)} segments, "
-            f"{self.n_tokens} calibration tokens in {self.n_batches} batches; scores: {self.score_label()}",
+            f"{self.n_tokens} calibration tokens in {self.n_batches} batches; scores: {self.score_label()}"
+            + (f"; ran on {', '.join(self.extra['devices'])}" if self.extra.get("devices") else ""),
             *(f"  {stage}" for stage in stages(self.config)),
         ]
         for seg, keep in zip(self.segments, self.keep_per_segment):

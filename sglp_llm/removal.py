@@ -7,6 +7,9 @@ block": up to that block nothing changes, so the current network's output there 
 forward and only the blocks after it run. Removing block i then costs the blocks after i and the
 head instead of a whole forward, and the number is the same, because the model's own forward
 (masks, position embeddings, final norm, head, loss) still runs around stubbed-out blocks.
+`BlockwiseRemovalLoss` is the same for a model run one block at a time (sequential onloading,
+blocks on disk): each pass goes block by block over all the loss batches, so a block is read once
+per pass. The head's loss is taken a chunk of positions at a time (sglp_llm.head).
 """
 
 from __future__ import annotations
@@ -17,30 +20,52 @@ import torch
 from torch import nn
 
 from .blocks import find_decoder_blocks
-from .capture import StopForward
+from .capture import StopForward, block_output
 from .distributed import all_reduce_state, shard
 from .rewrite import skip_blocks
+from .head import head_nll
 from .score import causal_lm_loss, check_finite
-from .sequential import stubbed_blocks
+from .sequential import BLOCK_LOADER_ATTRIBUTE, BlockLoader, MoveBlocks, _onloaded, _record_calls, stubbed_blocks
 
 
-def _predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int(batch["attention_mask"][:, 1:].sum())  # the first token is never a target
-
-
-def _token_mean(weighted: Iterable[tuple[float, int]]) -> float:
-    """Mean of per-batch losses weighted by their predicted tokens, summed over processes."""
+def _token_mean(summed: Iterable[tuple[float, int]], skipped: Sequence[int]) -> float:
+    """The mean NLL per predicted token from per-batch (NLL sum, count), summed over processes;
+    refused when not finite (float16 overflow)."""
     total, n_tokens = 0.0, 0
-    for loss, count in weighted:
-        total += loss * count
+    for nll, count in summed:
+        total += nll
         n_tokens += count
     sums = all_reduce_state({"total": total, "n_tokens": n_tokens})
-    return sums["total"] / sums["n_tokens"]
-
-
-def _checked(loss: torch.Tensor, skipped: Sequence[int]) -> float:
     without = f" without blocks {sorted(skipped)}" if skipped else ""
-    return check_finite(loss, f"The calibration loss{without}").item()
+    return check_finite(torch.tensor(sums["total"] / sums["n_tokens"]), f"The calibration loss{without}").item()
+
+
+def _output_of(model: nn.Module, layer: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """`layer`'s output in the model's forward on `batch` (stopped there), and whether the blocks
+    return tuples."""
+    found: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        found.update(hidden=block_output(output), returns_tuple=isinstance(output, (tuple, list)))
+        raise StopForward
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        causal_lm_loss(model, batch)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    return found["hidden"], found["returns_tuple"]
+
+
+def network_nll(model: nn.Module, batch: dict[str, torch.Tensor], layers_path: str | None = None) -> tuple[float, int]:
+    """The summed next-token NLL of `batch`'s predicted tokens and their count: the blocks run in
+    the model's own forward, the head a chunk of positions at a time (sglp_llm.head)."""
+    layers = find_decoder_blocks(model, layers_path).layers
+    final, returns_tuple = _output_of(model, layers[-1], batch)
+    total, count = head_nll(model, layers, batch, final, returns_tuple)
+    return total.item(), count
 
 
 @torch.no_grad()
@@ -51,14 +76,12 @@ def calibration_nll(
     layers_path: str | None = None,
 ) -> float:
     """Mean next-token NLL per predicted (non-padding) token over `batches`, with the `skipped`
-    blocks removed: each batch's mean loss weighted by its number of predicted tokens.
+    blocks removed.
 
-    Under data parallelism each process runs its share of `batches` and the (loss × count,
-    count) sums are reduced, so every process gets the same value and makes the same choice."""
+    Under data parallelism each process runs its share of `batches` and the (NLL sum, count) sums
+    are reduced, so every process gets the same value and makes the same choice."""
     with skip_blocks(model, skipped, layers_path=layers_path):
-        return _token_mean(
-            (_checked(causal_lm_loss(model, batch), skipped), _predicted_tokens(batch)) for batch in shard(batches)
-        )
+        return _token_mean((network_nll(model, batch, layers_path) for batch in shard(batches)), skipped)
 
 
 class RemovalLoss:
@@ -97,15 +120,15 @@ class RemovalLoss:
         return max((i for i in self._outputs if i < below), default=None)
 
     @torch.no_grad()
-    def _run(self, skipped: list[int], start: int | None, stop: int | None = None) -> float | None:
+    def _run(self, skipped: list[int], start: int | None, stop: int | None = None, keep: bool = True) -> float | None:
         """One pass of the network without `skipped` over the batches, blocks up to `start`
         replaced by its kept output; the loss, or with `stop`, none: the pass ends after that
-        block. The outputs of the current network's blocks are kept as they run."""
+        block. With `keep`, the outputs of the current network's blocks are kept as they run."""
         kept = [i for i in range(self.num_blocks) if i not in skipped]
         start_position = -1 if start is None else kept.index(start)
-        keeping = sorted(skipped) == sorted(self.removed)
+        keeping = keep and sorted(skipped) == sorted(self.removed)
         stored: dict[int, list[Any]] = {}
-        weighted: list[tuple[float, int]] = []
+        summed: list[tuple[float, int]] = []
         batch_index = 0
 
         def call(position: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -114,20 +137,24 @@ class RemovalLoss:
             output = block(*args, **kwargs)
             if keeping:
                 stored.setdefault(kept[position], []).append(output)
-            if kept[position] == stop:
-                raise StopForward
             return output
 
         with skip_blocks(self.model, skipped, layers_path=self.layers_path):
-            with stubbed_blocks(find_decoder_blocks(self.model, self.layers_path).layers, call):
-                for batch_index, batch in enumerate(self.batches):
-                    try:
-                        loss = causal_lm_loss(self.model, batch)
-                    except StopForward:
-                        continue
-                    weighted.append((_checked(loss, skipped), _predicted_tokens(batch)))
+            layers = find_decoder_blocks(self.model, self.layers_path).layers
+            last = kept.index(stop) if stop is not None else len(kept) - 1
+            for batch_index, batch in enumerate(self.batches):
+                with stubbed_blocks(layers, call):
+                    final, returns_tuple = _output_of(self.model, layers[last], batch)
+                if stop is None:
+                    total, count = head_nll(self.model, layers, batch, final, returns_tuple)
+                    summed.append((total.item(), count))
         self._outputs.update(stored)
-        return None if stop is not None else _token_mean(weighted)
+        return None if stop is not None else _token_mean(summed, skipped)
+
+    def loss_without(self, skipped: Sequence[int]) -> float:
+        """The calibration NLL of the whole network without the `skipped` blocks (one full pass,
+        as SLEB's reference measures every candidate)."""
+        return self._run(sorted(skipped), None, keep=False)
 
     def current(self) -> float:
         """The calibration NLL of the current network, from its deepest kept output."""
@@ -141,3 +168,67 @@ class RemovalLoss:
         if previous is not None and previous not in self._outputs:
             self._run(list(self.removed), self._nearest_kept_output(previous), stop=previous)
         return self._run(self.removed + [block], previous)
+
+
+class BlockwiseRemovalLoss(RemovalLoss):
+    """`RemovalLoss` with one block on `device` at a time: every block's call (masks, position
+    embeddings) is recorded once per batch from the model's own forward with stubbed blocks, and
+    a pass onloads each block it needs once, runs it on every batch and offloads it. The same
+    numbers as the in-memory pass, since the kept blocks see the calls they see there.
+
+    Memory: the current network's output of each kept block for every batch is kept on the CPU
+    (at most blocks × loss tokens × hidden size values, in the model's dtype), plus one block's
+    input per batch on `device` while a pass runs."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Sequence[dict[str, torch.Tensor]],
+        layers_path: str | None = None,
+        *,
+        device: str | torch.device | None = None,
+        loader: BlockLoader | None = None,
+    ) -> None:
+        super().__init__(model, batches, layers_path)
+        self.layers = find_decoder_blocks(model, layers_path).layers
+        self.device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
+        self.loader = loader or getattr(model, BLOCK_LOADER_ATTRIBUTE, None) or MoveBlocks()
+        self._inputs: list[torch.Tensor] = []  # the first block's input for each batch
+        self._calls = []
+        for batch in self.batches:
+            first, calls = _record_calls(model, self.layers, batch, self.device)
+            self._inputs.append(first)
+            self._calls.append(calls)
+        self._returns_tuple = False
+
+    @torch.no_grad()
+    def _run(self, skipped: list[int], start: int | None, stop: int | None = None, keep: bool = True) -> float | None:
+        kept = [i for i in range(self.num_blocks) if i not in skipped]
+        keeping = keep and sorted(skipped) == sorted(self.removed)
+        hidden = list(self._inputs) if start is None else list(self._outputs[start])
+        begin = 0 if start is None else kept.index(start) + 1
+        end = len(kept) if stop is None else kept.index(stop) + 1
+        for index in kept[begin:end]:
+            block = self.layers[index]
+            with _onloaded(self.loader, index, block, self.device):
+                for b, state in enumerate(hidden):
+                    output = self._calls[b][index].run(block, state.to(self.device))
+                    self._returns_tuple = isinstance(output, (tuple, list))
+                    hidden[b] = block_output(output)
+            if keeping:
+                self._outputs[index] = [state.cpu() for state in hidden]
+        if stop is not None:
+            return None
+        summed = []
+        for batch, final in zip(self.batches, hidden):
+            total, count = head_nll(self.model, self.layers, batch, final.to(self.device), self._returns_tuple)
+            summed.append((total.item(), count))
+        return _token_mean(summed, skipped)
+
+
+def removal_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], config: Any) -> RemovalLoss:
+    """The removal loss for how `config` (an SGLPConfig) runs `model`: block by block under
+    sequential onloading or with its blocks on disk, else in the model's own forward."""
+    if config.offload == "sequential" or hasattr(model, BLOCK_LOADER_ATTRIBUTE):
+        return BlockwiseRemovalLoss(model, batches, config.layers_path, device=config.onload_device)
+    return RemovalLoss(model, batches, config.layers_path)

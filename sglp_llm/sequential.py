@@ -27,6 +27,8 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .blocks import find_decoder_blocks
 from .capture import BlockObserver, StopForward, block_input, block_output
+from .head import head_nll
+from .hidden_states import BlockStates, spills
 from .score import BlockGradNorms, GateScores, causal_lm_loss, check_finite, grad_only_for
 
 # a model carrying a loader under this attribute (see `load_with_blocks_on_disk`) is run with it
@@ -141,10 +143,10 @@ def _refuse_unloaded(block: nn.Module, args: tuple) -> None:
     are still on disk means something runs the whole network, which needs every block at once."""
     if any(p.is_meta for p in block.parameters()):
         raise RuntimeError(
-            "This model's decoder blocks are on disk (load_with_blocks_on_disk): only the statistics "
-            "pass with offload=\"sequential\" reads them, one at a time. Methods that run the whole "
-            "network (scoring \"loss\" or \"subset\", SLEB) need the model loaded whole; use "
-            "scoring=\"block\" or an observer baseline (block-influence, angular)."
+            "This model's decoder blocks are on disk (load_with_blocks_on_disk): with "
+            "offload=\"sequential\" the statistics pass, the loss check and SLEB read them one at a "
+            "time, but the subset search (scoring \"subset\") runs the whole network with gradients "
+            "and needs the model loaded whole; use the default loss check or scoring=\"block\"."
         )
 
 
@@ -157,8 +159,8 @@ def load_with_blocks_on_disk(
 ) -> nn.Module:
     """A causal LM from a local safetensors checkpoint with everything but the decoder blocks on
     `device` and the blocks left on disk: `analyze` with `SGLPConfig(offload="sequential")`
-    reads one block at a time. For analysis only (block scoring or an observer baseline): methods
-    that run the whole network (subset search, loss check, SLEB) need every block at once.
+    reads one block at a time in the statistics pass, the loss check and SLEB (not in the subset
+    search, which needs every block at once).
 
     `dtype` defaults to the checkpoint's. Tensors are read under their checkpoint names, so
     families whose weights transformers renames or fuses on load (e.g. MoE experts) are refused.
@@ -311,25 +313,9 @@ def _final_hidden_gradient(
     """d loss / d final hidden state, the loss computed by the model's own code (final norm,
     lm_head, logit softcapping, loss): the last stub returns the stored final hidden state."""
     leaf = final.detach().requires_grad_()
-    with final_hidden_state(layers, leaf, returns_tuple):
-        loss = check_finite(causal_lm_loss(model, batch))
-    loss.backward()
+    total, count = head_nll(model, layers, batch, leaf, returns_tuple, backward=True)
+    check_finite(total / count)
     return leaf.grad.detach().cpu()
-
-
-@contextmanager
-def final_hidden_state(layers: nn.ModuleList, final: torch.Tensor, returns_tuple: bool) -> Iterator[None]:
-    """Run the model's own head (final norm, lm_head, softcapping, loss) on `final`: every block
-    is a stub that passes its input on, the last one hands `final` instead."""
-
-    def pass_through(index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
-        hidden = block_input(args, kwargs)
-        if index == len(layers) - 1:
-            hidden = final.to(hidden.device)
-        return (hidden,) if returns_tuple else hidden
-
-    with stubbed_blocks(layers, pass_through):
-        yield
 
 
 def sequential_pass(
@@ -342,6 +328,8 @@ def sequential_pass(
     *,
     device: str | torch.device | None = None,
     loader: BlockLoader | None = None,
+    hidden_states: str = "auto",
+    hidden_states_dir: str | Path | None = None,
     progress: bool = True,
 ) -> int:
     """Feed `observers` and, if given, the gate scores `gates` and every block's GradNorm `grads`
@@ -349,45 +337,53 @@ def sequential_pass(
     a time.
 
     `device` defaults to that of the input embeddings; `loader` to the model's own (see
-    `load_with_blocks_on_disk`), else moving blocks there and back. Run in eval mode (analyze
-    does). Returns the number of batches.
+    `load_with_blocks_on_disk`), else moving blocks there and back. Every block's states are kept
+    in memory or on disk under `hidden_states_dir` (sglp_llm.hidden_states: "auto" spills them when
+    they would not fit). Run in eval mode (analyze does). Returns the number of batches.
     """
     device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
     loader = loader or getattr(model, BLOCK_LOADER_ATTRIBUTE, None) or MoveBlocks()
     num_blocks = len(layers)
     batches = [{k: v.to(model.get_input_embeddings().weight.device) for k, v in b.items()} for b in batches]
-    # hidden[b][i]: the input of block i for batch b (i = num_blocks: the final hidden state), on CPU
-    hidden: list[list[torch.Tensor]] = []
+    firsts: list[torch.Tensor] = []
     calls: list[list[_BlockCall]] = []
     for batch in batches:
         first, batch_calls = _record_calls(model, layers, batch, device)
-        hidden.append([first])
+        firsts.append(first)
         calls.append(batch_calls)
+    total_bytes = (num_blocks + 1) * sum(first.numel() * first.element_size() for first in firsts)
+    with BlockStates(spills(hidden_states, total_bytes), hidden_states_dir) as states:
+        states.put(0, firsts)
+        current, returns_tuple = firsts, False
+        with torch.no_grad():
+            for index in tqdm(range(num_blocks), desc="SGLP sequential forward", disable=not progress):
+                block = layers[index]
+                with _onloaded(loader, index, block, device):
+                    outputs = []
+                    for b, state in enumerate(current):
+                        output = calls[b][index].run(block, state.to(device))
+                        returns_tuple = isinstance(output, (tuple, list))
+                        outputs.append(block_output(output).cpu())
+                states.put(index + 1, outputs)
+                current = outputs
+        del current, outputs
 
-    returns_tuple = False
-    with torch.no_grad():
-        for index in tqdm(range(num_blocks), desc="SGLP sequential forward", disable=not progress):
-            block = layers[index]
-            with _onloaded(loader, index, block, device):
-                for b in range(len(batches)):
-                    output = calls[b][index].run(block, hidden[b][index].to(device))
-                    returns_tuple = isinstance(output, (tuple, list))
-                    hidden[b].append(block_output(output).cpu())
-
-    for b, batch in enumerate(batches):
-        for observer in observers:
-            observer.start_batch(batch["attention_mask"].bool())
-        for index in range(num_blocks):
-            block_in, block_out = hidden[b][index].to(device), hidden[b][index + 1].to(device)
+        for b, batch in enumerate(batches):
             for observer in observers:
-                observer.on_block(index, block_in, block_out)
-        for observer in observers:
-            observer.finish_batch()
+                observer.start_batch(batch["attention_mask"].bool())
+            block_in = states.get(0, b).to(device)
+            for index in range(num_blocks):
+                block_out = states.get(index + 1, b).to(device)
+                for observer in observers:
+                    observer.on_block(index, block_in, block_out)
+                block_in = block_out
+            for observer in observers:
+                observer.finish_batch()
 
-    if gates is not None or grads is not None:
-        gates = gates if gates is not None else GateScores(num_blocks)
-        with grad_only_for(model, ()):
-            _backward(model, layers, batches, hidden, calls, gates, grads, device, loader, returns_tuple, progress)
+        if gates is not None or grads is not None:
+            gates = gates if gates is not None else GateScores(num_blocks)
+            with grad_only_for(model, ()):
+                _backward(model, layers, batches, states, calls, gates, grads, device, loader, returns_tuple, progress)
     return len(batches)
 
 
@@ -395,7 +391,7 @@ def _backward(
     model: nn.Module,
     layers: nn.ModuleList,
     batches: list[dict[str, torch.Tensor]],
-    hidden: list[list[torch.Tensor]],
+    states: BlockStates,
     calls: list[list[_BlockCall]],
     gates: GateScores,
     grads: BlockGradNorms | None,
@@ -409,14 +405,15 @@ def _backward(
     gradients into its GradNorm; only one block's parameters ever get gradients."""
     num_blocks = len(layers)
     upstream = [
-        _final_hidden_gradient(model, layers, batch, hidden[b][num_blocks], returns_tuple)
+        _final_hidden_gradient(model, layers, batch, states.get(num_blocks, b).to(device), returns_tuple)
         for b, batch in enumerate(batches)
     ]
     blocks_down = tqdm(reversed(range(num_blocks)), total=num_blocks, desc="SGLP sequential backward", disable=not progress)
     predicted = [gates.start_batch(batch["attention_mask"].bool()) for batch in batches]
     for index in blocks_down:
         for b in range(len(batches)):
-            gates.on_gradient(index, hidden[b][index + 1] - hidden[b][index], upstream[b], predicted[b])
+            gates.on_gradient(index, states.get(index + 1, b) - states.get(index, b), upstream[b], predicted[b])
+        states.drop(index + 1)  # this block's output is no longer needed
         # the first block runs again only for its weight gradients: its input needs none
         if index > 0 or grads is not None:
             block = layers[index]
@@ -425,15 +422,13 @@ def _backward(
                 scorer = BlockGradNorms([block.parameters()], device=gates.device) if grads is not None else None
                 with scorer.hooks() if scorer is not None else nullcontext():
                     for b in range(len(batches)):
-                        block_in = hidden[b][index].to(device).detach().requires_grad_(index > 0)
+                        block_in = states.get(index, b).to(device).detach().requires_grad_(index > 0)
                         output = block_output(calls[b][index].run(block, block_in))
                         output.backward(upstream[b].to(output.device))
                         if index > 0:
                             upstream[b] = block_in.grad.cpu()
                 if scorer is not None:
                     grads.squared[index] += scorer.squared[0]
-        for b in range(len(batches)):
-            hidden[b].pop()  # this block's output is no longer needed
     if grads is not None:
         for _ in batches:
             grads.end_batch()

@@ -28,7 +28,7 @@ from .selection import Selection, SelectionContext, Selector, register
 
 # what the group stage reads; each rule adds its own
 GROUP_SETTINGS = (
-    "num_segments", "max_segments", "segment_feature", "auto_k", "auto_k_threshold", "min_segment_size", "allocation",
+    "groups", "num_segments", "max_segments", "segment_feature", "auto_k", "auto_k_threshold", "min_segment_size", "allocation",
 )
 
 
@@ -64,8 +64,13 @@ def _segment(cka: torch.Tensor, config: SGLPConfig, n_drop: int, protected: set[
 
 
 def groups(context: SelectionContext) -> Groups:
+    """The Fisher groups, or with `groups` off one group of every block (no segmentation)."""
     config, n_drop, protected = context.config, context.n_drop, context.protected
     started = time.perf_counter()
+    if not config.uses_groups:
+        whole = list(range(len(context.scores)))
+        return Groups([whole], [n_drop], _capacities([whole], protected),
+                      SegmentationResult([whole], 1, [], "none"), time.perf_counter() - started)
     segmentation = _segment(context.cka, config, n_drop, protected)
     segments = segmentation.segments
     weights = None
@@ -80,10 +85,11 @@ def groups(context: SelectionContext) -> Groups:
 def _selection(context: SelectionContext, found: Groups, dropped: list[int], extra: dict[str, Any],
                drops: list[int] | None = None) -> Selection:
     """A grouped choice as a Selection: the gradient score as the plan's scores."""
+    grouped = context.config.uses_groups
     return Selection(
-        sorted(dropped), context.scores, context.config.gradient_score, {"k": found.segmentation.k, **extra},
+        sorted(dropped), context.scores, context.config.gradient_score, {"k": found.segmentation.k, **extra} if grouped else extra,
         segments=found.segments, drops=found.drops if drops is None else drops,
-        segmentation_losses=list(found.segmentation.losses), timings={"segmentation_s": found.seconds},
+        segmentation_losses=list(found.segmentation.losses), timings={"segmentation_s": found.seconds} if grouped else {},
     )
 
 
@@ -134,7 +140,7 @@ def _loss(context: SelectionContext) -> Selection:
     return selection
 
 
-LOSS_SETTINGS = ("loss_candidates", "loss_batches", "loss_lazy", "loss_bound", "loss_screen", "loss_screen_samples")
+LOSS_SETTINGS = ("loss_candidates", "loss_tokens", "loss_lazy", "loss_bound", "loss_screen", "loss_screen_samples")
 register("sglp-block", Selector(None, _per_block, (*GROUP_SETTINGS, "gradient_score")))
 register("sglp-subset", Selector(None, _subset_search, (*GROUP_SETTINGS, "max_candidates", "subset_batches")))
 register("sglp-loss", Selector(None, _loss, (*GROUP_SETTINGS, "gradient_score", *LOSS_SETTINGS)))

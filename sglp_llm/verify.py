@@ -197,7 +197,8 @@ def blockwise_outputs(
     own forward records every block's call, each block not in `skip` is onloaded and run, and the
     model's head runs on the final hidden state. `indices`: the blocks' indices for the model's
     loader (a pruned model's blocks keep their source indices on disk)."""
-    from .sequential import BLOCK_LOADER_ATTRIBUTE, MoveBlocks, _onloaded, _record_calls, final_hidden_state
+    from .head import final_hidden_state
+    from .sequential import BLOCK_LOADER_ATTRIBUTE, MoveBlocks, _onloaded, _record_calls
 
     layers = find_decoder_blocks(model).layers
     loader = getattr(model, BLOCK_LOADER_ATTRIBUTE, None) or MoveBlocks()

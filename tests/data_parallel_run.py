@@ -18,10 +18,10 @@ from tiny_models import tiny_batch, tiny_model
 
 # three batches: two processes get an uneven share (batches 0 and 2, and batch 1)
 SETTINGS = {
-    "sglp-loss": dict(scoring="loss", loss_batches=3, loss_candidates=2),
-    "sglp-loss-all": dict(scoring="loss", loss_batches=3),  # the default: no GradNorm
+    "sglp-loss": dict(scoring="loss", loss_tokens=96, loss_candidates=2),
+    "sglp-loss-all": dict(scoring="loss", loss_tokens=96),  # the default: no GradNorm
     # screened on the first sequence: in batch 0, which only one of the two processes holds
-    "sglp-loss-screen": dict(scoring="loss", loss_batches=3, loss_screen_samples=1, loss_bound="local"),
+    "sglp-loss-screen": dict(scoring="loss", loss_tokens=96, loss_screen_samples=1, loss_bound="local"),
     "sglp-subset": dict(scoring="subset", subset_batches=3, max_candidates=3),
     "block-influence": dict(method="block-influence"),
     "sglp-sequential": dict(offload="sequential", scoring="block"),
@@ -33,7 +33,7 @@ def run(model_dir: Path, text_file: Path, out: Path) -> None:
     batches = [tiny_batch(batch_size=2, seq_len=16, seed=s) for s in range(3)]
     plans = {}
     for name, settings in SETTINGS.items():
-        config = SGLPConfig(drop=2, num_segments=2, cka_minibatch_tokens=8, **settings)
+        config = SGLPConfig(drop=2, groups=True, num_segments=2, cka_minibatch_tokens=8, **settings)
         plan = analyze(model, batches, config, progress=False)
         plans[name] = {k: getattr(plan, k) for k in ("cka", "scores", "dropped", "n_tokens", "n_batches", "extra")}
     cli_main([

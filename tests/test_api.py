@@ -9,6 +9,7 @@ import torch
 
 from sglp_llm import ConfigError, SGLPConfig, analyze, prune
 from sglp_llm.blocks import find_decoder_blocks
+from sglp_llm.data import first_tokens
 from tiny_models import tiny_batch, tiny_model, tiny_tokenizer
 
 CONFIG = dict(cka_minibatch_tokens=16, seq_len=16, n_samples=8, batch_size=4)
@@ -55,7 +56,7 @@ def test_plan_respects_drop_count_protection_and_segments():
 
 def test_automatic_k_is_lowered_until_the_drop_fits():
     model = tiny_model("llama", num_layers=8)
-    plan = analyze(model, _batches(), SGLPConfig(drop=5, auto_k="reference", auto_k_threshold=0.0, **CONFIG), progress=False)
+    plan = analyze(model, _batches(), SGLPConfig(drop=5, groups=True, auto_k="reference", auto_k_threshold=0.0, **CONFIG), progress=False)
     import numpy as np
 
     from sglp_llm.segment import segment_blocks
@@ -70,7 +71,7 @@ def test_automatic_k_is_lowered_until_the_drop_fits():
 def test_fixed_segment_count_that_cannot_fit_is_refused():
     model = tiny_model("llama", num_layers=8)
     with pytest.raises(ValueError, match="at most"):
-        analyze(model, _batches(), SGLPConfig(drop=5, num_segments=6, **CONFIG), progress=False)
+        analyze(model, _batches(), SGLPConfig(drop=5, groups=True, num_segments=6, **CONFIG), progress=False)
 
 
 def test_prune_equals_original_with_dropped_blocks_skipped():
@@ -99,7 +100,7 @@ def test_subset_search_picks_the_best_keep_set_by_network_gradnorm():
 
     model = tiny_model("llama", num_layers=8)
     batches = _batches()
-    plan = analyze(model, batches, SGLPConfig(drop=3, num_segments=2, scoring="subset", **CONFIG), progress=False)
+    plan = analyze(model, batches, SGLPConfig(drop=3, groups=True, num_segments=2, scoring="subset", **CONFIG), progress=False)
     searched = 0
     for seg in plan.segments:
         dropped_here = [i for i in seg if i in plan.dropped]
@@ -156,7 +157,7 @@ def test_loss_check_removes_the_best_gradnorm_candidate_by_calibration_loss(allo
 
     model = tiny_model("llama", num_layers=10)
     batches = _batches()
-    config = SGLPConfig(drop=3, num_segments=3, scoring="loss", loss_candidates=candidates, loss_batches=2,
+    config = SGLPConfig(drop=3, groups=True, num_segments=3, scoring="loss", loss_candidates=candidates, loss_tokens=128,
                         loss_lazy=False, loss_screen_samples=0, allocation=allocation, **CONFIG)
     plan = analyze(model, batches, config, progress=False)
 
@@ -206,8 +207,8 @@ def _synthetic_losses(monkeypatch, loss):
         measured.append(sorted(self.removed + [block]))
         return loss(measured[-1])
 
-    monkeypatch.setattr("sglp_llm.loss_check.RemovalLoss.measure", fake)
-    monkeypatch.setattr("sglp_llm.loss_check.RemovalLoss.current", lambda self: loss(sorted(self.removed)))
+    monkeypatch.setattr("sglp_llm.removal.RemovalLoss.measure", fake)
+    monkeypatch.setattr("sglp_llm.removal.RemovalLoss.current", lambda self: loss(sorted(self.removed)))
     return measured
 
 
@@ -220,7 +221,7 @@ def test_lazy_loss_check_makes_the_full_choice_with_fewer_measurements(monkeypat
         return sum(cost[b] for b in removed) + sum(2.0 for b in removed if b + 1 in removed)
 
     model = tiny_model("llama", num_layers=10)
-    settings = dict(drop=4, num_segments=1, scoring="loss", loss_candidates=8, allocation="loss",
+    settings = dict(drop=4, groups=True, num_segments=1, scoring="loss", loss_candidates=8, allocation="loss",
                     loss_screen_samples=0, **CONFIG)
     plans, counts = {}, {}
     modes = {False: dict(loss_lazy=False), True: dict(loss_bound="stale"), "marginal": dict(loss_bound="marginal")}
@@ -251,7 +252,7 @@ def test_local_bound_keeps_the_neighbour_effects_that_the_marginal_bound_misses(
         return sum(cost[b] for b in removed) - (2.8 if {4, 5} <= set(removed) else 0.0)
 
     model = tiny_model("llama", num_layers=10)
-    settings = dict(drop=2, num_segments=1, scoring="loss", loss_candidates=8, allocation="loss", **CONFIG)
+    settings = dict(drop=2, groups=True, num_segments=1, scoring="loss", loss_candidates=8, allocation="loss", **CONFIG)
     per_step = {}
     for bound, screen, dropped in (
         ("stale", 0, [4, 5]), ("local", 0, [4, 5]), ("marginal", 0, [2, 5]), ("local", 4, [4, 5])
@@ -291,7 +292,7 @@ def test_screened_first_step_estimates_each_removal_on_the_first_sequences():
                     break
         return total / count
 
-    settings = dict(drop=3, num_segments=2, scoring="loss", loss_batches=2, **CONFIG)
+    settings = dict(drop=3, groups=True, num_segments=2, scoring="loss", loss_tokens=128, **CONFIG)
     plain = analyze(model, batches, SGLPConfig(loss_screen_samples=0, **settings), progress=False)
     whole = analyze(model, batches, SGLPConfig(loss_screen_samples=8, **settings), progress=False)
     assert whole.dropped == plain.dropped
@@ -325,7 +326,7 @@ def test_redundancy_allocation_matches_a_hand_worked_example(monkeypatch):
     stats = api.BlockStatistics(cka, torch.arange(10, 0, -1, dtype=torch.float64), 10, 1)
     monkeypatch.setattr(api, "collect_block_statistics", lambda *a, **k: stats)
     model = tiny_model("llama", num_layers=10)
-    common = dict(drop=4, num_segments=2, protect_first=0, protect_last=0, scoring="block", **CONFIG)
+    common = dict(drop=4, groups=True, num_segments=2, protect_first=0, protect_last=0, scoring="block", **CONFIG)
     plan = analyze(model, _batches(1), SGLPConfig(allocation="redundancy", **common), progress=False)
     assert plan.segments == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9]]
     assert plan.keep_per_segment == [1, 5]
@@ -396,7 +397,7 @@ def test_taylor_screen_estimates_each_first_removal_from_the_gate_score_and_meas
     """`loss_screen: taylor`: the first step's estimates are the unpruned loss plus each block's
     Taylor score; candidates are measured lowest estimate first, until a measured loss is no
     higher than every unmeasured candidate's estimate, and the lowest measured one goes."""
-    from sglp_llm.loss_check import RemovalLoss
+    from sglp_llm.removal import RemovalLoss
     from sglp_llm.removal import calibration_nll
 
     measured = []
@@ -411,13 +412,13 @@ def test_taylor_screen_estimates_each_first_removal_from_the_gate_score_and_meas
     monkeypatch.setattr(RemovalLoss, "measure", spy)
     model = tiny_model("llama", num_layers=10)
     batches = _batches()
-    config = SGLPConfig(drop=2, num_segments=2, scoring="loss", loss_screen="taylor", gradient_score="taylor",
+    config = SGLPConfig(drop=2, groups=True, num_segments=2, scoring="loss", loss_screen="taylor", gradient_score="taylor",
                         loss_bound="stale", **CONFIG)
     plan = analyze(model, batches, config, progress=False)
     check = plan.extra["loss_check"]
     taylor = plan.extra["gradient_scores"]["taylor"]
     assert plan.score_kind == "taylor" and plan.scores == taylor
-    base = calibration_nll(model, batches[: config.loss_batches], [])
+    base = calibration_nll(model, first_tokens(batches, config.loss_tokens), [])
     estimates = {b: x for b, x in enumerate(check["removal_losses"]) if x is not None}
     assert sorted(estimates) == list(range(1, 9))  # every unprotected block
     for block, estimate in estimates.items():
@@ -428,7 +429,7 @@ def test_taylor_screen_estimates_each_first_removal_from_the_gate_score_and_meas
     assert [b for b, _ in measured] == sorted(estimates, key=lambda b: (estimates[b], b))[: len(measured)]
     losses = dict(measured)
     assert first["block"] == min(losses, key=lambda b: (losses[b], b))
-    assert first["loss"] == pytest.approx(calibration_nll(model, batches[: config.loss_batches], [first["block"]]), rel=1e-6)
+    assert first["loss"] == pytest.approx(calibration_nll(model, first_tokens(batches, config.loss_tokens), [first["block"]]), rel=1e-6)
     if len(losses) < len(estimates):  # the search stopped: no unmeasured estimate is lower
         assert first["loss"] <= min(estimates[b] for b in estimates if b not in losses)
     with pytest.raises(ConfigError, match="needs `gradient_score: taylor`"):

@@ -235,7 +235,8 @@ def test_prune_warns_when_evaluating_on_the_calibration_text(model_dir, text_fil
 
 
 def test_prune_with_blocks_on_disk_equals_the_in_memory_prune(model_dir, text_file, tmp_path, capsys):
-    flags = ["--model", str(model_dir), "--drop", "2", "--dataset", str(text_file), "--scoring", "block", *FAST]
+    # the default selection (the loss check), run block by block from disk
+    flags = ["--model", str(model_dir), "--drop", "2", "--dataset", str(text_file), *FAST]
     before = _digest(model_dir)
     assert main(["prune", *flags, "--output", str(tmp_path / "memory")]) == 0
     assert main(["prune", *flags, "--offload", "sequential", "--blocks-on-disk", "--onload-device", "cpu",
@@ -244,6 +245,9 @@ def test_prune_with_blocks_on_disk_equals_the_in_memory_prune(model_dir, text_fi
     assert _digest(model_dir) == before
     reports = [json.loads((tmp_path / name / "sglp_report.json").read_text()) for name in ("memory", "disk")]
     assert reports[1]["dropped"] == reports[0]["dropped"]
+    steps = [report["extra"]["loss_check"]["steps"] for report in reports]
+    assert [s["block"] for s in steps[1]] == [s["block"] for s in steps[0]]
+    assert [s["loss"] for s in steps[1]] == pytest.approx([s["loss"] for s in steps[0]], rel=1e-5)
     assert reports[1]["config"]["onload_device"] == "cpu"
     models = [AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("memory", "disk")]
     assert models[0].state_dict().keys() == models[1].state_dict().keys()
@@ -255,8 +259,7 @@ def test_prune_with_blocks_on_disk_equals_the_in_memory_prune(model_dir, text_fi
     "flags, message",
     [
         (["--scoring", "block"], "needs --offload sequential"),
-        (["--offload", "sequential"], "Use --scoring block"),
-        (["--offload", "sequential", "--method", "sleb"], "Use --scoring block"),
+        (["--offload", "sequential", "--scoring", "subset"], "the subset search (--scoring subset) runs the whole network"),
         (["--offload", "sequential", "--scoring", "block", "--device-map", "cpu"], "use one"),
         (["--offload", "sequential", "--scoring", "block", "--eval-dataset", "stdlib-docs"], "cannot be evaluated or healed"),
         (["--onload-device", "cuda:0"], "offload to \"sequential\""),
@@ -289,11 +292,11 @@ def test_single_process_commands_refuse_accelerate_launch(model_dir, tmp_path, m
 def test_loss_check_flags_reach_the_config():
     from sglp_llm.cli import build_parser, resolve_settings
 
-    args = build_parser().parse_args(["analyze", "--drop", "2", "--allocation", "size", "--loss-candidates", "3",
-                                      "--loss-batches", "2", "--loss-bound", "local", "--loss-screen-samples", "4",
+    args = build_parser().parse_args(["analyze", "--drop", "2", "--groups", "--allocation", "size", "--loss-candidates", "3",
+                                      "--loss-tokens", "512", "--loss-bound", "local", "--loss-screen-samples", "4",
                                       "--offload", "sequential", "--onload-device", "cpu"])
     _, config = resolve_settings(args)
-    assert (config.allocation, config.loss_candidates, config.loss_batches, config.onload_device) == ("size", 3, 2, "cpu")
+    assert (config.allocation, config.loss_candidates, config.loss_tokens, config.onload_device) == ("size", 3, 512, "cpu")
     assert (config.loss_bound, config.loss_screen_samples) == ("local", 4)
 
 

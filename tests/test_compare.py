@@ -24,7 +24,7 @@ HELD_OUT = [
     "if the file is not found an error is raised",
     "this class is used to create a new object for each name",
 ]
-VARIANT = {"segment_feature": "rows", "num_segments": 2}
+VARIANT = {"groups": True, "segment_feature": "rows", "num_segments": 2}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -132,7 +132,7 @@ def test_outputs_json_markdown_and_plot(run):
     assert "| last | 6 | 4, 5, 6 |" in md
     assert f"dense model: perplexity {result.dense['perplexity']:.3f}" in md
     assert f"eval.jsonl'; scored 3 texts, {result.dense['n_tokens']:,} tokens" in md
-    assert "variants (SGLP runs with other settings): sglp-rows: segment_feature=rows, num_segments=2" in md
+    assert "variants (SGLP runs with other settings): sglp-rows: groups=True, segment_feature=rows, num_segments=2" in md
     assert (out / "compare.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
@@ -224,7 +224,7 @@ CLI_FAST = ["--seq-len", "16", "--n-samples", "8", "--batch-size", "4", "--cka-m
 def test_cli_compare_writes_the_three_files(model_dir, held_out, tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = ["compare", "--model", str(model_dir), "--drops", "2,1", "--methods", "last,random",
-            "--variant", "k1:num_segments=1", "--eval-dataset", str(held_out), "--eval-max-texts", "2",
+            "--variant", "k1:groups=true,num_segments=1", "--eval-dataset", str(held_out), "--eval-max-texts", "2",
             "--output", str(out), *CLI_FAST]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -324,8 +324,8 @@ def test_resuming_with_other_variants_keeps_the_earlier_descriptions(run, tokeni
     assert "sglp-rows" in full.variants and "sglp-rows" in full.calibration
     resumed = compare(
         tiny_model("llama", num_layers=8), tokenizer, CONFIG, drops=[3, 1], methods=["last"],
-        variants={"k1": {"num_segments": 1}}, eval_source=str(held_out), progress=False, resume=full, **SPEED,
+        variants={"k1": {"groups": True, "num_segments": 1}}, eval_source=str(held_out), progress=False, resume=full, **SPEED,
     )
-    assert resumed.variants == {**full.variants, "k1": {"num_segments": 1}}
+    assert resumed.variants == {**full.variants, "k1": {"groups": True, "num_segments": 1}}
     assert set(resumed.calibration) == set(full.calibration) | {"k1"}
     assert {r["method"] for r in resumed.runs} >= {r["method"] for r in full.runs} | {"k1"}

@@ -20,7 +20,12 @@ from sglp_llm.config import ConfigError, SGLPConfig
         ({"drop": 2, "cka_dtype": "float16"}, "`cka_dtype` must be one of"),
         ({"drop": 2, "segment_feature": "cols"}, "`segment_feature` must be one of"),
         ({"drop": 2, "scoring": "magic"}, "`scoring` must be one of"),
-        ({"drop": 2, "num_segments": 0}, "`num_segments` must be a positive integer"),
+        ({"drop": 2, "groups": True, "num_segments": 0}, "`num_segments` must be a positive integer"),
+        # group settings without the groups would silently do nothing
+        ({"drop": 2, "num_segments": 3}, r"num_segments: 3 shapes the Fisher groups, .* add `groups: true`"),
+        ({"drop": 2, "allocation": "size"}, r"allocation: 'size' shapes the Fisher groups"),
+        ({"drop": 2, "scoring": "block", "groups": False}, r"`scoring: block` chooses the blocks each Fisher group gives up"),
+        ({"drop": 2, "groups": "yes"}, r"`groups` must be true, false or unset"),
         ({"drop": 2, "sleb_batches": 0}, "`sleb_batches` must be a positive integer or unset, got 0"),
         ({"drop": 2, "loss_screen_samples": -1}, "`loss_screen_samples` must be a non-negative integer, got -1"),
         ({"drop": 2, "loss_bound": "tight"}, r"`loss_bound` must be one of \('stale', 'marginal', 'local'\), got 'tight'"),

@@ -20,6 +20,7 @@ from sglp_llm.data import (
     CalibrationSet,
     build_batches,
     first_samples,
+    first_tokens,
     load_texts,
     prepare_calibration,
 )
@@ -352,3 +353,35 @@ def test_first_samples_takes_the_first_sequences_across_batches():
         taken = first_samples(batches, n)
         assert torch.cat([b["input_ids"] for b in taken]).tolist() == rows
         assert all(b["attention_mask"].shape == b["input_ids"].shape for b in taken)
+
+
+def test_first_tokens_takes_the_same_sequences_whatever_the_batch_size():
+    ids = torch.arange(6 * 4).reshape(6, 4)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0  # the second sequence holds 2 tokens
+    for n_tokens, rows in ((1, 1), (4, 1), (5, 2), (6, 2), (7, 3), (100, 6)):
+        taken = [
+            torch.cat([b["input_ids"] for b in first_tokens(
+                [{"input_ids": i, "attention_mask": m} for i, m in zip(ids.split(size), mask.split(size))], n_tokens)])
+            for size in (1, 2, 4)
+        ]
+        assert all(t.tolist() == ids[:rows].tolist() for t in taken), (n_tokens, rows)
+
+
+def test_loss_check_scores_the_same_tokens_whatever_the_batch_size():
+    """`loss_tokens`, not a batch count: halving the batch size leaves the loss check's evidence,
+    and so its losses and choice, unchanged."""
+    from sglp_llm import SGLPConfig, analyze
+    from tiny_models import tiny_batch, tiny_model
+
+    model = tiny_model("llama", num_layers=6)
+    windows = torch.cat([tiny_batch(batch_size=4, seq_len=16, seed=s)["input_ids"] for s in range(2)])
+    plans = []
+    for size in (4, 2):
+        batches = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(size)]
+        config = SGLPConfig(drop=2, loss_tokens=6 * 16, batch_size=size, cka_minibatch_tokens=16, verify=False)
+        plans.append(analyze(model, batches, config, progress=False))
+    first, second = (p.extra["loss_check"]["steps"] for p in plans)
+    assert [s["block"] for s in first] == [s["block"] for s in second]
+    assert [s["loss"] for s in first] == pytest.approx([s["loss"] for s in second], rel=1e-6)
+    assert plans[0].dropped == plans[1].dropped

@@ -69,7 +69,7 @@ def test_blocks_offloaded_to_disk_give_the_plain_statistics_and_plan(model_dir, 
     assert any(p.is_meta for p in find_decoder_blocks(offloaded).layers[1].parameters())
     plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for scoring, score in (("block", "gradnorm"), ("subset", "gradnorm"), ("block", "taylor"), ("loss", "taylor")):
-        config = SGLPConfig(drop=2, num_segments=2, scoring=scoring, max_candidates=3, gradient_score=score, **CONFIG)
+        config = SGLPConfig(drop=2, groups=True, num_segments=2, scoring=scoring, max_candidates=3, gradient_score=score, **CONFIG)
         if score == "taylor":  # no weight gradient, so no warning
             got = analyze(offloaded, _batches(), config, progress=False)
         else:
@@ -189,3 +189,33 @@ def test_infinite_gradient_is_caught_naming_the_block(score, message, offload):
     with pytest.raises(FloatingPointError, match=f"^{message}: .*--dtype bfloat16"):
         # verify=False: the hook needs grad, which the trial rewrite's forwards run without
         analyze(model, _batches(), config, progress=False)
+
+
+@pytest.mark.parametrize("run, settings, n_gpus, expected_run, onload, note", [
+    ({}, {}, 0, {}, None, "Running on the CPU (no GPU found)."),
+    ({}, {}, 2, {"device_map": "auto"}, None, "pass --device-map cpu to stay on the CPU"),
+    ({}, {"offload": "sequential"}, 1, {}, "cuda:0", "each block runs on cuda:0, the rest of the model in CPU memory"),
+    ({"blocks_on_disk": True}, {"offload": "sequential"}, 1, {"blocks_on_disk": True}, "cuda:0",
+     "the embeddings and head on cuda:0 too"),
+    # the user said where: nothing is changed or printed
+    ({"device_map": "cpu"}, {}, 1, {"device_map": "cpu"}, None, ""),
+    ({}, {"offload": "sequential", "onload_device": "cpu"}, 1, {}, "cpu", ""),
+])
+def test_an_unplaced_run_goes_to_the_gpu_when_there_is_one_and_says_so(run, settings, n_gpus, expected_run, onload, note):
+    from sglp_llm.devices import choose_devices
+
+    placed, config, said = choose_devices(run, SGLPConfig(drop=1, **settings), n_gpus)
+    assert placed == expected_run and config.onload_device == onload
+    assert (note in said) if note else said == ""
+    assert choose_devices({}, None, 1)[0] == {"device_map": "auto"}  # commands without an SGLPConfig
+
+
+def test_the_plan_names_the_devices_it_ran_on():
+    model = tiny_model("llama", num_layers=4)
+    plan = analyze(model, [tiny_batch(batch_size=2, seq_len=16)], SGLPConfig(drop=1, scoring="block", cka_minibatch_tokens=8),
+                   progress=False)
+    assert plan.extra["devices"] == ["cpu"] and "; ran on cpu" in plan.summary().splitlines()[0]
+    sequential = analyze(model, [tiny_batch(batch_size=2, seq_len=16)],
+                         SGLPConfig(drop=1, scoring="block", cka_minibatch_tokens=8, offload="sequential", onload_device="cpu"),
+                         progress=False)
+    assert sequential.extra["devices"] == ["cpu"]

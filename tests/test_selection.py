@@ -33,9 +33,12 @@ def test_every_method_and_scoring_mode_is_a_registered_selection_with_real_setti
 
 
 @pytest.mark.parametrize("settings, expected", [
-    ({"scoring": "loss", "loss_candidates": 2, "gradient_score": "taylor"}, ["similarity", "groups: Fisher", "gradient score, from one backward: the Taylor",
+    ({"scoring": "loss", "loss_candidates": 2, "gradient_score": "taylor", "groups": True}, ["similarity", "groups: Fisher", "gradient score, from one backward: the Taylor",
                                                  "choice: one removal at a time", "the 2 lowest-scored blocks of each group"]),
-    ({"scoring": "loss", "loss_candidates": "all"}, ["gradient score: none (no backward runs)", "among every block of its group"]),
+    ({"scoring": "loss", "loss_candidates": "all", "groups": True},
+     ["gradient score: none (no backward runs)", "among every block of its group", "screen on 1 calibration sequence"]),
+    # the default: no groups, so the CKA only feeds the report
+    ({}, ["for the report and heatmap only", "groups: none", "no backward runs", "among every unprotected block"]),
     ({"scoring": "block", "gradient_score": "fisher", "num_segments": 1}, ["groups: none", "second moment", "no loss check"]),
     ({"method": "angular"}, ["angular distance", "no CKA groups, no gradient score"]),
 ])
@@ -43,7 +46,7 @@ def test_stages_name_what_runs(settings, expected):
     text = "\n".join(stages(SGLPConfig(drop=1, **settings).to_dict()))
     for part in expected:
         assert part in text
-    if settings.get("loss_candidates") == "all" or "method" in settings:  # no backward: no score named
+    if not SGLPConfig(drop=1, **settings).needs_backward:  # no backward: no score named
         assert "Taylor" not in text and "GradNorm" not in text
 
 
@@ -85,3 +88,16 @@ def test_cli_help_describes_the_default_run_from_the_same_source():
         assert stage in description
     # the default runs no backward, so the help names no gradient score as used
     assert "gradient score: none (no backward runs)" in description and "GradNorm" not in description
+
+
+def test_default_loss_check_without_groups_is_the_loss_check_over_one_group_of_every_block():
+    """Leaving the groups out (the default) must choose what the grouped rule chooses when one
+    group holds every block, and no output may name a group."""
+    model = tiny_model("llama", num_layers=8)
+    plan = analyze(model, _batches(), SGLPConfig(drop=3, **CONFIG), progress=False)
+    grouped = analyze(model, _batches(), SGLPConfig(drop=3, groups=True, num_segments=1, **CONFIG), progress=False)
+    assert plan.dropped == grouped.dropped and plan.extra["loss_check"] == grouped.extra["loss_check"]
+    assert plan.segments == [list(range(8))] and "k" not in plan.extra and "segmentation_s" not in plan.timings
+    assert grouped.extra["k"] == 1
+    assert not any("group" in why for why in chosen_by(plan).values())
+    assert all("group 0-7" in why for why in chosen_by(grouped).values())

@@ -148,8 +148,61 @@ def test_blocks_read_from_disk_give_the_same_plan(family, tmp_path):
     # every block went back to disk: the same (meta) parameters, no gradients
     assert list(find_decoder_blocks(lazy).layers.parameters()) == block_params
     assert all(p.is_meta and p.grad is None and p.requires_grad for p in block_params)
-    with pytest.raises(RuntimeError, match="blocks are on disk"):  # the loss check runs the network
-        analyze(lazy, _batches(), SGLPConfig(offload="sequential", **{**CONFIG, "scoring": "loss"}), progress=False)
+    with pytest.raises(RuntimeError, match="blocks are on disk"):  # the subset search runs the network
+        analyze(lazy, _batches(), SGLPConfig(offload="sequential", **{**CONFIG, "groups": True, "scoring": "subset"}),
+                progress=False)
+
+
+# the default selection (the loss check and its screen) and SLEB, block by block
+LOSS_CONFIG = dict(drop=2, cka_minibatch_tokens=16, seq_len=16, n_samples=8, batch_size=4, loss_tokens=6 * 16)
+
+
+def _assert_same_loss_choices(plain, sequential):
+    assert sequential.dropped == plain.dropped
+    for key in ("loss_check", "sleb_steps"):
+        if key in plain.extra:
+            steps = [p.extra[key]["steps"] if key == "loss_check" else p.extra[key] for p in (plain, sequential)]
+            assert [s["block"] for s in steps[1]] == [s["block"] for s in steps[0]]
+            assert [s["loss"] for s in steps[1]] == pytest.approx([s["loss"] for s in steps[0]], rel=1e-5)
+    if "loss_check" in plain.extra:
+        first = [p.extra["loss_check"]["removal_losses"] for p in (plain, sequential)]
+        assert [x is None for x in first[1]] == [x is None for x in first[0]]
+        assert [x for x in first[1] if x is not None] == pytest.approx([x for x in first[0] if x is not None], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gemma2", "qwen2_moe"])
+@pytest.mark.parametrize("settings", [{}, {"method": "sleb"}])
+def test_loss_selections_run_block_by_block_with_the_same_choices(family, settings):
+    model = tiny_model(family, num_layers=L)
+    config = SGLPConfig(**LOSS_CONFIG, **settings)
+    plain = analyze(model, _batches(), config, progress=False)
+    sequential = analyze(model, _batches(), config.replace(offload="sequential"), progress=False)
+    _assert_same_loss_choices(plain, sequential)
+
+
+@pytest.mark.parametrize("settings", [{}, {"method": "sleb"}])
+def test_loss_selections_onload_one_block_at_a_time(settings):
+    model = tiny_model("mistral", num_layers=L)
+    loader = TrackingLoader()
+    setattr(model, BLOCK_LOADER_ATTRIBUTE, loader)
+    for index, block in enumerate(find_decoder_blocks(model).layers):
+        block.register_forward_pre_hook(
+            lambda module, args, index=index: loader.runs.append((index, set(loader.onloaded)))
+        )
+    analyze(model, _batches(), SGLPConfig(offload="sequential", **LOSS_CONFIG, **settings), progress=False)
+    assert loader.most_at_once == 1 and not loader.onloaded
+    assert loader.runs and all(onloaded == {index} for index, onloaded in loader.runs)
+
+
+@pytest.mark.parametrize("settings", [{}, {"method": "sleb"}])
+def test_loss_selections_read_blocks_from_disk_with_the_same_choices(settings, tmp_path):
+    model = tiny_model("gemma3_text", num_layers=L)
+    model.save_pretrained(tmp_path)
+    lazy = load_with_blocks_on_disk(tmp_path)
+    plain = analyze(model, _batches(), SGLPConfig(**LOSS_CONFIG, **settings), progress=False)
+    sequential = analyze(lazy, _batches(), SGLPConfig(offload="sequential", **LOSS_CONFIG, **settings), progress=False)
+    _assert_same_loss_choices(plain, sequential)
+    assert all(p.is_meta for p in find_decoder_blocks(lazy).layers.parameters())
 
 
 class TupleBlock(nn.Module):
@@ -176,13 +229,14 @@ class TupleBlocksLM(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.embed
 
-    def forward(self, input_ids, attention_mask, labels, use_cache):
+    def forward(self, input_ids, attention_mask, labels=None, use_cache=False):
         hidden = self.embed(input_ids)
         for layer in self.layers:
             hidden = layer(hidden, mask=attention_mask[..., None].float())[0]
-        logits = self.head(hidden)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return SimpleNamespace(loss=loss)
+        logits = self.head(hidden)  # no `logits_to_keep`: the loss is taken from all logits at once
+        loss = None if labels is None else F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return SimpleNamespace(loss=loss, logits=logits)
 
 
 def test_blocks_that_return_tuples():
@@ -225,3 +279,43 @@ def test_checkpoints_with_converted_weight_names_are_refused(tmp_path):
     tiny_model("qwen2_moe", num_layers=2).save_pretrained(tmp_path)  # experts are fused on load
     with pytest.raises(ValueError, match="converts them on load"):
         load_with_blocks_on_disk(tmp_path)
+
+
+@pytest.mark.parametrize("score", ["gradnorm", "taylor"])
+def test_hidden_states_spilled_to_disk_give_the_same_statistics_and_are_removed(score, tmp_path, monkeypatch):
+    """On disk, only one block's states for each batch are in memory at a time; the statistics and
+    gradient scores are those of the in-memory pass, and the temporary folder goes at the end."""
+    import sglp_llm.hidden_states as hidden_states
+
+    model = tiny_model("gemma3_text", num_layers=L)
+    config = SGLPConfig(offload="sequential", gradient_score=score, **CONFIG)
+    memory = analyze(model, _batches(), config.replace(hidden_states="memory"), progress=False)
+    written, held = [], []
+    put, get = hidden_states.BlockStates.put, hidden_states.BlockStates.get
+
+    def spy_put(self, position, states):
+        assert self.on_disk and self.folder.parent == tmp_path
+        written.append(position)
+        put(self, position, states)
+        held.append(len(self._memory))
+
+    monkeypatch.setattr(hidden_states.BlockStates, "put", spy_put)
+    disk = analyze(model, _batches(), config.replace(hidden_states="disk", hidden_states_dir=str(tmp_path)),
+                   progress=False)
+    _assert_same_plans(memory, disk)
+    for name, values in memory.extra["gradient_scores"].items():
+        torch.testing.assert_close(torch.tensor(disk.extra["gradient_scores"][name]), torch.tensor(values), rtol=1e-6, atol=0)
+    assert written == list(range(L + 1)) and not any(held)  # nothing kept in memory by the store
+    assert list(tmp_path.iterdir()) == []  # the temporary folder is gone
+
+
+def test_auto_hidden_states_spill_only_what_would_not_fit(monkeypatch):
+    import sglp_llm.hidden_states as hidden_states
+
+    monkeypatch.setattr(hidden_states, "available_memory", lambda: 1000)
+    assert hidden_states.spills("auto", 501) and not hidden_states.spills("auto", 500)
+    assert hidden_states.spills("disk", 1) and not hidden_states.spills("memory", 10**15)
+    with pytest.raises(ConfigError, match="`hidden_states` must be one of"):
+        SGLPConfig(drop=1, hidden_states="ssd")
+    with pytest.raises(ConfigError, match="is not an existing folder"):
+        SGLPConfig(drop=1, hidden_states_dir="/no/such/folder")

@@ -1,0 +1,88 @@
+"""The causal-LM loss from a final hidden state, a chunk of positions at a time.
+
+A model's head (final norm, lm_head, logit softcapping) turns the last block's output into
+vocabulary logits: for LLaMA-3 (128k tokens) or Gemma-3 (262k) a float32 tensor of the whole batch
+is gigabytes, more than a decoder block. Here the model's own forward runs with every block
+stubbed out (the last one hands over the stored final hidden state) and `logits_to_keep` selecting
+a chunk of positions, so at most `max_logits_bytes` of float32 logits exist at a time, and the
+number is the model's own loss (softcapping and all), summed over chunks.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .blocks import text_config
+from .capture import block_input
+
+# at most this many bytes of float32 logits per chunk of positions
+MAX_LOGITS_BYTES = 256 * 2**20
+
+
+@contextmanager
+def final_hidden_state(layers: nn.ModuleList, final: torch.Tensor, returns_tuple: bool) -> Iterator[None]:
+    """Run the model's own head on `final`: every block is a stub that passes its input on, the
+    last one hands `final` instead."""
+    from .sequential import stubbed_blocks
+
+    def pass_through(index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
+        hidden = block_input(args, kwargs)
+        if index == len(layers) - 1:
+            hidden = final.to(hidden.device)
+        return (hidden,) if returns_tuple else hidden
+
+    with stubbed_blocks(layers, pass_through):
+        yield
+
+
+def chunk_positions(model: nn.Module, batch_size: int, max_logits_bytes: int = MAX_LOGITS_BYTES) -> int | None:
+    """How many positions of a batch one chunk holds (None: all of them, for a model whose forward
+    cannot select positions)."""
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return None
+    vocab = getattr(text_config(model), "vocab_size", None) or model.get_output_embeddings().weight.shape[0]
+    return max(1, max_logits_bytes // (batch_size * vocab * 4))
+
+
+def head_nll(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    batch: dict[str, torch.Tensor],
+    final: torch.Tensor,
+    returns_tuple: bool,
+    *,
+    max_logits_bytes: int = MAX_LOGITS_BYTES,
+    backward: bool = False,
+) -> tuple[torch.Tensor, int]:
+    """The summed next-token NLL of `batch`'s predicted (non-padding) tokens and their count, the
+    head run on the final hidden state `final` (with `layers`, the blocks as the model calls
+    them). With `backward`, the gradient of the mean NLL goes back into `final` chunk by chunk, so
+    no two chunks' logits are alive at once; the sum is returned detached."""
+    input_ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    n_positions = input_ids.shape[1] - 1  # the last position predicts nothing
+    targets = input_ids[:, 1:]
+    valid = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask[:, 1:].bool()
+    count = int(valid.sum())
+    chunk = chunk_positions(model, input_ids.shape[0], max_logits_bytes) or n_positions
+    total = None
+    with final_hidden_state(layers, final, returns_tuple):
+        for start in range(0, n_positions, chunk):
+            positions = torch.arange(start, min(start + chunk, n_positions), device=input_ids.device)
+            kwargs = {"logits_to_keep": positions} if chunk < n_positions else {}
+            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs).logits
+            logits = logits[:, :n_positions] if not kwargs else logits
+            nll = nn.functional.cross_entropy(
+                logits.float().transpose(1, 2), targets[:, positions].to(logits.device), reduction="none"
+            )
+            part = nll[valid[:, positions].to(nll.device)].sum()
+            if backward:
+                (part / count).backward()
+                part = part.detach()
+            total = part if total is None else total + part.to(total.device)
+    return total, count

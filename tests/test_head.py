@@ -1,0 +1,63 @@
+"""The loss from a final hidden state in chunks of positions equals the model's own loss, and no
+chunk's float32 logits exceed the stated budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglp_llm.blocks import find_decoder_blocks
+from sglp_llm.head import chunk_positions, head_nll
+from sglp_llm.removal import _output_of, network_nll
+from sglp_llm.score import causal_lm_loss
+from tiny_models import VOCAB, tiny_batch, tiny_model
+
+# gemma2: the head applies logit softcapping, which the chunks must keep
+FAMILIES = ("llama", "gemma2", "qwen3")
+
+
+def _final(model, batch):
+    layers = find_decoder_blocks(model).layers
+    with torch.no_grad():
+        final, returns_tuple = _output_of(model, layers[-1], batch)
+    return layers, final, returns_tuple
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_loss_equals_the_models_own_loss_and_keeps_chunks_within_the_budget(family):
+    model = tiny_model(family, num_layers=3, **({"final_logit_softcapping": 2.0} if family == "gemma2" else {}))
+    batch = tiny_batch(batch_size=3, seq_len=17, pad_last=5)
+    with torch.no_grad():
+        full = causal_lm_loss(model, batch).item()
+    layers, final, returns_tuple = _final(model, batch)
+    budget = 3 * 4 * VOCAB * 4  # four positions of the batch in float32
+    assert chunk_positions(model, 3, budget) == 4
+    shapes = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+    try:
+        with torch.no_grad():
+            total, count = head_nll(model, layers, batch, final, returns_tuple, max_logits_bytes=budget)
+    finally:
+        handle.remove()
+    assert count == 3 * 16 - 5
+    assert abs(total.item() / count - full) <= 1e-6
+    # 16 predicting positions in chunks of 4; none holds more logits than the budget
+    assert shapes == [(3, 4, VOCAB)] * 4
+    # the whole-network helper gives the same number with the default budget (one chunk here)
+    nll, n = network_nll(model, batch)
+    assert n == count and abs(nll / n - full) <= 1e-6
+
+
+def test_chunked_backward_gives_the_gradient_of_the_full_loss():
+    model = tiny_model("gemma2", num_layers=2, final_logit_softcapping=2.0)
+    batch = tiny_batch(batch_size=2, seq_len=13, pad_last=3)
+    layers, final, returns_tuple = _final(model, batch)
+    reference = final.detach().clone().requires_grad_()
+    total, count = head_nll(model, layers, batch, reference, returns_tuple)
+    (total / count).backward()
+    chunked = final.detach().clone().requires_grad_()
+    summed, same_count = head_nll(model, layers, batch, chunked, returns_tuple, max_logits_bytes=2 * 3 * VOCAB * 4,
+                                  backward=True)
+    assert same_count == count and not summed.requires_grad
+    torch.testing.assert_close(chunked.grad, reference.grad, rtol=1e-5, atol=1e-7)
+    assert abs(summed.item() - total.item()) <= 1e-5
