@@ -49,8 +49,8 @@ def main() -> None:
     folder.mkdir(exist_ok=True)
     sources = {"docs": STDLIB_DOCS, "reference": str(language_reference(folder))}
     # the selection settings spelled out, so the cells keep their meaning if the defaults change
-    selection = {"scoring": "loss", "allocation": "loss", "loss_candidates": 8, "loss_lazy": True,
-                 "loss_batches": 1, "auto_k": "reference", "loss_screen_samples": 0, "loss_bound": "stale"}
+    selection = {"scoring": "loss", "groups": True, "allocation": "loss", "loss_candidates": 8, "loss_lazy": True,
+                 "loss_tokens": 1024, "auto_k": "reference", "loss_screen_samples": 0, "loss_bound": "stale"}
     variants = {
         f"sglp-{name}-{n}x{SEQ_LEN}": {**selection, "dataset": source, "n_samples": n}
         for name, source in sources.items() for n in BUDGETS

@@ -36,7 +36,7 @@ METHODS = ("block-influence", "angular", "last", "random", "sglp", "sleb")
 PAPER = {"scoring": "block", "segment_feature": "column_sum", "auto_k": "reference", "allocation": "size"}
 # the loss check before screening and the local bound: every candidate of the first step
 # measured on the batch, the earlier loss as the lazy bound
-UNSCREENED = {"loss_screen_samples": 0, "loss_bound": "stale", "loss_batches": 1}
+UNSCREENED = {"loss_screen_samples": 0, "loss_bound": "stale", "loss_tokens": 1024}
 # the loss check as first measured: every candidate measured at every step, the 5 % rule
 LOSS_FULL = {**UNSCREENED, "scoring": "loss", "loss_lazy": False, "allocation": "size", "auto_k": "reference"}
 LOSS2 = {**LOSS_FULL, "loss_candidates": 2}
@@ -50,10 +50,10 @@ VARIANTS = {
     "sglp-loss-redundancy": {**LOSS2, "allocation": "redundancy"},
     # the default until the loss-allocation runs: 4 candidates per segment, drops by size
     "sglp-loss-c4": {**LOSS_FULL, "loss_candidates": 4, "allocation": "size"},
-    "sglp-loss-b4": {**LOSS_FULL, "loss_candidates": 4, "allocation": "size", "loss_batches": 4},
+    "sglp-loss-b4": {**LOSS_FULL, "loss_candidates": 4, "allocation": "size", "loss_tokens": 4096},
     "sglp-loss-free": {**LOSS_FULL, "loss_candidates": 4, "allocation": "loss"},
     # the default with the loss measured on one batch, not two
-    "sglp-batch1": {"loss_batches": 1},
+    "sglp-batch1": {"loss_tokens": 1024},
     # the default before screening and the local bound (one batch)
     "sglp-stale": UNSCREENED,
     # the default before that: the 8 lowest-GradNorm blocks of a segment are the candidates
@@ -77,6 +77,9 @@ VARIANTS = {
     "sglp-paper-k4": {**PAPER, "num_segments": 4},
     "sglp-paper-min3": {**PAPER, "min_segment_size": 3},
 }
+# every variant was measured with the Fisher groups, the default until benchmarks/ablation.py
+# showed they change no choice of the loss check
+VARIANTS = {name: {"groups": True, **settings} for name, settings in VARIANTS.items()}
 CALIBRATION = SGLPConfig(drop=1, dataset=STDLIB_DOCS, seq_len=256, n_samples=16, batch_size=4, seed=0)
 
 

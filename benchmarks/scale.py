@@ -9,11 +9,20 @@ LLaMA (LlamaConfig built here; over 1 GB of float32 weights) and random calibrat
     resident; each mode runs in its own process and reports its own ru_maxrss;
 (c) how the analysis time grows with calibration tokens (1x, 2x, 4x) and with layer count.
 
+(d) issue 16: the default selection (the loss check) on a random model with LLaMA-3-8B's shapes
+    (hidden 4096, intermediate 14336, 32 heads / 8 KV heads, vocab 128256; `--blocks` of them),
+    saved as sharded bfloat16 safetensors and pruned from disk (blocks read one at a time,
+    computing in float32, which these CPUs run ~300x faster than bfloat16), the pruned model
+    written from the source shards: peak RSS measured, beside the memory plan's prediction
+    (sglp_llm.memory_plan) and the target 1.5 x (embeddings + head + one block + the stated
+    hidden-state budget).
+
 Every measurement runs in a child process (this script with --role), so no mode inherits
-another's memory. Writes benchmarks/results/scale.json and scale.md.
+another's memory. Writes benchmarks/results/scale.json (a-c), scale-8b.json (d) and scale.md.
 
     python benchmarks/scale.py            # the full model (about 15 minutes on 2 shared CPU cores)
     python benchmarks/scale.py --quick    # a small model, to check the script
+    python benchmarks/scale.py --default-8b --blocks 8    # (d), about 15 minutes
 """
 
 from __future__ import annotations
@@ -37,6 +46,10 @@ QUICK = dict(hidden_size=256, num_hidden_layers=16, intermediate_size=704, num_a
              num_key_value_heads=4, vocab_size=4000)
 BATCH_SIZE, SEQ_LEN, BASE_BATCHES = 2, 128, 1  # 1x = one batch of 2 x 128 tokens
 TOKEN_SCALES = (1, 2, 4)
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 vocab_size=128256)
+# (d): calibration 8 x 128 tokens in batches of 2, the loss check on 512 of them, 25 % dropped
+CALIBRATION_8B = dict(n_samples=8, seq_len=128, batch_size=2, loss_tokens=512, ratio=0.25)
 LAYER_COUNTS = (4, 8, 16)
 
 
@@ -113,6 +126,52 @@ def role_build(checkpoint: str, dims: dict) -> dict:
     return {"parameters": n_params, "block_parameters": block_params, "weights_gb": n_params * 4 / 1e9}
 
 
+def role_build_8b(checkpoint: str, dims: dict) -> dict:
+    """LLaMA-3-8B's shapes with dims["num_hidden_layers"] blocks, random, in bfloat16, saved in
+    2 GB shards."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**dims, max_position_embeddings=1024, tie_word_embeddings=False, dtype="bfloat16")
+    torch.set_default_dtype(torch.bfloat16)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(checkpoint, max_shard_size="2GB")
+    n_params = sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    return {"parameters": n_params, "block_parameters": block, "files": len(list(Path(checkpoint).glob("*.safetensors")))}
+
+
+def _settings_8b():
+    from sglp_llm import SGLPConfig
+
+    return SGLPConfig(offload="sequential", **CALIBRATION_8B)
+
+
+def role_prune_8b(checkpoint: str, dims: dict) -> dict:
+    """Prune from disk with the default selection and write the result; peak RSS per phase."""
+    from sglp_llm import prune
+    from sglp_llm.sequential import load_with_blocks_on_disk
+
+    started = time.perf_counter()
+    model = load_with_blocks_on_disk(checkpoint, dtype=torch.float32)
+    loaded = _peak_rss_mb()
+    generator = torch.Generator().manual_seed(0)
+    rows, seq = CALIBRATION_8B["n_samples"], CALIBRATION_8B["seq_len"]
+    ids = torch.randint(3, dims["vocab_size"], (rows, seq), generator=generator)
+    batches = [{"input_ids": part, "attention_mask": torch.ones_like(part)}
+               for part in ids.split(CALIBRATION_8B["batch_size"])]
+    result = prune(model, batches, _settings_8b(), progress=False)
+    analysed = _peak_rss_mb()
+    with tempfile.TemporaryDirectory(prefix="sglp-scale-out-", dir=Path(checkpoint).parent) as out:
+        saved = result.save_pretrained(Path(out) / "pruned")
+        written = sorted(p.name for p in Path(saved).iterdir())
+    return {
+        "peak_rss_after_load_mb": loaded, "peak_rss_after_prune_mb": analysed, "peak_rss_mb": _peak_rss_mb(),
+        "dropped": result.plan.dropped, "timings": result.plan.timings, "seconds": time.perf_counter() - started,
+        "written": written, "verification": result.plan.extra.get("verification"),
+    }
+
+
 def role_imports(checkpoint: str, dims: dict) -> dict:
     """What the interpreter, torch, transformers and sglp_llm hold before any model exists."""
     import sglp_llm.api  # noqa: F401
@@ -159,6 +218,8 @@ ROLES = {
     "memory-plain": lambda c, d: role_memory(c, d, "none"),
     "memory-sequential": lambda c, d: role_memory(c, d, "sequential"),
     "timing": role_timing,
+    "build-8b": role_build_8b,
+    "prune-8b": role_prune_8b,
 }
 
 
@@ -229,9 +290,74 @@ def _markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_8b(blocks: int) -> dict:
+    """(d): build, measure in a child each, and the memory plan's prediction beside them."""
+    from transformers import AutoConfig
+
+    from sglp_llm.memory_plan import plan_memory
+
+    dims = {**LLAMA3_8B, "num_hidden_layers": blocks}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sglp-scale-8b-") as folder:
+        checkpoint = str(Path(folder) / "model")
+        built = _child("build-8b", checkpoint, dims)
+        imports = _child("imports", checkpoint, dims)
+        measured = _child("prune-8b", checkpoint, dims)
+        config = AutoConfig.from_pretrained(checkpoint)
+    plan = plan_memory(config, _settings_8b(), dtype=torch.float32, source_dtype=torch.bfloat16,
+                       blocks_on_disk=True, write=True)
+    parts = plan.phases["statistics forward"]["cpu"]
+    states = max(parts.get("hidden states of every block", 0),
+                 parts.get("hidden states of two block positions (the rest on disk)", 0),
+                 plan.phases["loss check"]["cpu"]["kept block outputs of the pruned network so far"])
+    budget = parts["embeddings, final norm, head"] + parts["one decoder block"] + states
+    predicted = plan.peak()["cpu"] / 2**20
+    return {
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads, CPU only",
+        "dims": dims, "calibration": CALIBRATION_8B, "model": built, "imports": imports, "measured": measured,
+        "plan": plan.to_dict(), "predicted_peak_mb": predicted,
+        "budget_mb": {"embeddings_head": parts["embeddings, final norm, head"] / 2**20,
+                      "one_block": parts["one decoder block"] / 2**20, "hidden_states": states / 2**20,
+                      "total": budget / 2**20},
+        "ratios": {"peak_over_budget": measured["peak_rss_mb"] / (budget / 2**20),
+                   "predicted_over_measured": predicted / measured["peak_rss_mb"]},
+        "benchmark_s": time.perf_counter() - started,
+    }
+
+
+def _markdown_8b(r: dict) -> str:
+    d, m, b, ratios = r["dims"], r["measured"], r["budget_mb"], r["ratios"]
+    c = r["calibration"]
+    plan_lines = [f"| {phase} | {sum(devices['cpu'].values()) / 2**20:.0f} |" for phase, devices in r["plan"]["phases"].items()]
+    return "\n".join([
+        "## (d) The default selection from disk, LLaMA-3-8B shapes (issue 16)", "",
+        f"Random LLaMA with hidden {d['hidden_size']}, intermediate {d['intermediate_size']}, "
+        f"{d['num_attention_heads']} heads / {d['num_key_value_heads']} KV heads, vocab {d['vocab_size']}, "
+        f"{d['num_hidden_layers']} blocks ({r['model']['parameters'] / 1e9:.2f} B parameters), saved as "
+        f"{r['model']['files']} bfloat16 safetensors shards; blocks read from disk one at a time "
+        f"(`load_with_blocks_on_disk`, float32 compute), calibration {c['n_samples']} x {c['seq_len']} random "
+        f"tokens in batches of {c['batch_size']}, loss check on {c['loss_tokens']} tokens, ratio {c['ratio']}; "
+        f"{r['machine']}.", "",
+        f"- dropped {m['dropped']} in {m['seconds']:.0f} s (analysis {m['timings']['total_s']:.0f} s); "
+        f"written: {len(m['written'])} files",
+        f"- peak RSS: {m['peak_rss_mb']:.0f} MB (after loading {m['peak_rss_after_load_mb']:.0f}, after the "
+        f"analysis and verification {m['peak_rss_after_prune_mb']:.0f}); interpreter and libraries alone "
+        f"{r['imports']['peak_rss_mb']:.0f} MB",
+        f"- budget: embeddings + head {b['embeddings_head']:.0f} MB + one block {b['one_block']:.0f} MB + "
+        f"stated hidden states {b['hidden_states']:.0f} MB = {b['total']:.0f} MB; peak / budget = "
+        f"**{ratios['peak_over_budget']:.2f}** (target at most 1.5)",
+        f"- memory plan (`sglp-llm analyze --plan-memory`): predicted peak {r['predicted_peak_mb']:.0f} MB; "
+        f"predicted / measured = **{ratios['predicted_over_measured']:.2f}** (target within 0.8-1.2)", "",
+        "| phase (plan) | predicted CPU MB |", "|---|---:|", *plan_lines, "",
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small model, to check the script")
+    parser.add_argument("--default-8b", action="store_true", help="(d) only: LLaMA-3-8B shapes from disk")
+    parser.add_argument("--blocks", type=int, default=8, help="(d): how many 8B-shaped blocks")
     parser.add_argument("--role", choices=ROLES, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--dims", help=argparse.SUPPRESS)
@@ -240,6 +366,14 @@ def main() -> None:
         print(json.dumps(ROLES[args.role](args.checkpoint, json.loads(args.dims))))
         return
 
+    if args.default_8b:
+        results = default_8b(args.blocks)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "scale-8b.json").write_text(json.dumps(results, indent=2))
+        earlier = json.loads((RESULTS / "scale.json").read_text()) if (RESULTS / "scale.json").is_file() else None
+        (RESULTS / "scale.md").write_text((_markdown(earlier) + "\n" if earlier else "") + _markdown_8b(results))
+        print(_markdown_8b(results))
+        return
     dims = QUICK if args.quick else FULL
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sglp-scale-") as checkpoint:
@@ -273,7 +407,9 @@ def main() -> None:
     if not args.quick:  # a check of the script records nothing
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "scale.json").write_text(json.dumps(results, indent=2))
-        (RESULTS / "scale.md").write_text(_markdown(results))
+        eight = RESULTS / "scale-8b.json"
+        (RESULTS / "scale.md").write_text(
+            _markdown(results) + ("\n" + _markdown_8b(json.loads(eight.read_text())) if eight.is_file() else ""))
     print(_markdown(results))
 
 

@@ -22,18 +22,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .blocks import DecoderBlocks, find_decoder_blocks, text_config
-from .capture import BlockObserver, StopForward, capture_blocks, stop_after
+from .capture import BlockObserver, capture_blocks
 from .checkpoint import StatisticsCheckpoint, fingerprint
 from .cka import MinibatchCKA
 from .config import CALIBRATION_FIELDS, ConfigError, SGLPConfig
 from .data import CalibrationSet, prepare_calibration
 from .devices import activation_checkpointing, devices_used
+from .head import backward_through_head, output_of
 from .explain import chosen_by, stages
 from .distributed import all_reduce_state, is_main_process, rank, world_size
 from .plan import PruningPlan
 from . import verify
 from .rewrite import SGLP_CONFIG_KEY, removing_blocks
-from .score import BlockGradNorms, GateScores, causal_lm_loss, check_finite, grad_only_for
+from .score import BlockGradNorms, GateScores, grad_only_for
 from .selection import SelectionContext, selector_for
 from .sequential import sequential_pass
 
@@ -187,9 +188,8 @@ def collect_block_statistics(
         else:
             with ExitStack() as stack:
                 stack.enter_context(capture_blocks(blocks.layers, feed))
-                if gates is None:  # no loss needed: stop after the last block's statistics
+                if gates is None:  # no loss needed: the forward stops after the last block
                     stack.enter_context(torch.no_grad())
-                    stack.enter_context(stop_after(blocks.layers[-1]))
                 else:
                     stack.enter_context(grad_only_for(model, grads.parameters() if grads is not None else ()))
                     stack.enter_context(gates.hooks(blocks.layers))
@@ -206,14 +206,11 @@ def collect_block_statistics(
                             observer.start_batch(mask)
                         if gates is not None:
                             gates.start_batch(mask)
-                        try:
-                            loss = check_finite(causal_lm_loss(model, batch))
-                        except StopForward:  # without a backward: after the last block
-                            pass
+                        final, returns_tuple = output_of(model, blocks.layers[-1], batch)
                         for observer in observers:
                             observer.finish_batch()
                         if gates is not None:
-                            loss.backward()
+                            backward_through_head(model, blocks.layers, batch, final, returns_tuple)
                         if grads is not None:
                             grads.end_batch()
                         if gates is not None:

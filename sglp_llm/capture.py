@@ -60,19 +60,3 @@ def capture_blocks(layers: Sequence[nn.Module], callback: BlockCallback) -> Iter
 
 class StopForward(Exception):
     """Raised once the blocks a forward pass was run for are done: nothing after them is needed."""
-
-
-@contextmanager
-def stop_after(layer: nn.Module) -> Iterator[None]:
-    """End every forward pass with StopForward after `layer` (and the hooks registered before
-    this one) has run: statistics of the blocks need neither the final norm nor the head, which
-    for a large vocabulary costs more than all the blocks."""
-
-    def hook(module, args, output):
-        raise StopForward
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()

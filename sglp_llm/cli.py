@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_heal_settings(healing, "heal-")
     analyze = sub.add_parser("analyze", help="print which blocks would be dropped, write nothing")
     _add_common(analyze)
+    analyze.add_argument("--plan-memory", action="store_true",
+                         help="print the predicted peak memory per device of this run (and of writing the "
+                              "pruned model) from the model's config alone, without loading any weight")
     _add_eval(sub.add_parser("eval", help="perplexity and lm-eval tasks of a (pruned) model"))
     _add_compare(sub.add_parser(
         "compare", help="every method at several drop counts: held-out perplexity, analysis time, speed"
@@ -430,11 +433,36 @@ def _format_count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
 
 
+def _plan_memory(run: dict[str, Any], config: SGLPConfig, report: Path | None) -> int:
+    """`analyze --plan-memory`: the memory plan of this run, from the model's config only."""
+    import torch
+
+    from .devices import choose_devices
+    from .loading import load_model_config, resolve_dtype
+    from .memory_plan import plan_memory
+
+    run, config, _ = choose_devices(run, config, torch.cuda.device_count())
+    model_config = load_model_config(run.get("model"), trust_remote_code=bool(run.get("trust_remote_code", False)))
+    source = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None) or torch.float32
+    source = getattr(torch, source) if isinstance(source, str) else source
+    dtype = resolve_dtype(run.get("dtype", "auto"))
+    dtype = source if dtype == "auto" else dtype
+    device = config.onload_device or ("cpu" if run.get("device_map") in (None, "cpu") else "cuda:0")
+    plan = plan_memory(model_config, config, dtype=dtype, source_dtype=source, execution_device=device,
+                       blocks_on_disk=bool(run.get("blocks_on_disk")), write=True)
+    print(plan.text())
+    if report is not None:
+        report.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    return 0
+
+
 def run_analyze(args: argparse.Namespace) -> int:
     from .api import analyze
     from .distributed import is_main_process
 
     run, config = resolve_settings(args)
+    if args.plan_memory:
+        return _plan_memory(run, config, args.report)
     loaded, config = _load(run, config)
     if config.dataset is None:
         print("No --dataset given: calibrating on the built-in English text.", file=sys.stderr)

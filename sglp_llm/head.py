@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .blocks import text_config
-from .capture import block_input
+from .capture import StopForward, block_input, block_output
 
 # at most this many bytes of float32 logits per chunk of positions
 MAX_LOGITS_BYTES = 256 * 2**20
@@ -40,11 +40,12 @@ def final_hidden_state(layers: nn.ModuleList, final: torch.Tensor, returns_tuple
         yield
 
 
-def chunk_positions(model: nn.Module, batch_size: int, max_logits_bytes: int = MAX_LOGITS_BYTES) -> int | None:
+def chunk_positions(model: nn.Module, batch_size: int, max_logits_bytes: int | None = None) -> int | None:
     """How many positions of a batch one chunk holds (None: all of them, for a model whose forward
-    cannot select positions)."""
+    cannot select positions); `max_logits_bytes` defaults to MAX_LOGITS_BYTES."""
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
         return None
+    max_logits_bytes = MAX_LOGITS_BYTES if max_logits_bytes is None else max_logits_bytes
     vocab = getattr(text_config(model), "vocab_size", None) or model.get_output_embeddings().weight.shape[0]
     return max(1, max_logits_bytes // (batch_size * vocab * 4))
 
@@ -56,7 +57,7 @@ def head_nll(
     final: torch.Tensor,
     returns_tuple: bool,
     *,
-    max_logits_bytes: int = MAX_LOGITS_BYTES,
+    max_logits_bytes: int | None = None,
     backward: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """The summed next-token NLL of `batch`'s predicted (non-padding) tokens and their count, the
@@ -86,3 +87,39 @@ def head_nll(
                 part = part.detach()
             total = part if total is None else total + part.to(total.device)
     return total, count
+
+
+def output_of(model: nn.Module, layer: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """`layer`'s output in the model's forward on `batch`, the forward stopped there (hooks
+    registered on it before run first), and whether the blocks return tuples."""
+    from .score import causal_lm_loss
+
+    found: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        found.update(hidden=block_output(output), returns_tuple=isinstance(output, (tuple, list)))
+        raise StopForward
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        causal_lm_loss(model, batch)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    return found["hidden"], found["returns_tuple"]
+
+
+def backward_through_head(
+    model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Tensor], final: torch.Tensor, returns_tuple: bool
+) -> torch.Tensor:
+    """Backpropagate the mean next-token loss from `final`, the last block's output with its
+    graph: the head's gradient is taken a chunk of positions at a time into a leaf, then sent
+    down the blocks in one backward. Returns the loss (refused when not finite)."""
+    from .score import check_finite
+
+    leaf = final.detach().requires_grad_()
+    total, count = head_nll(model, layers, batch, leaf, returns_tuple, backward=True)
+    loss = check_finite(total / count)
+    final.backward(leaf.grad)
+    return loss

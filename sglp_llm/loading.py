@@ -354,3 +354,22 @@ def load_pruned(path: str | os.PathLike, *, tokenizer: bool = True, **kwargs: An
         )
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     return (model, AutoTokenizer.from_pretrained(str(path))) if tokenizer else model
+
+
+def load_model_config(model: str | os.PathLike | None, *, trust_remote_code: bool = False) -> Any:
+    """The transformers config of what `load_model` would load (no weights): a packaged model or
+    .gguf file through its cached safetensors conversion, a local directory, or a Hub id (its
+    config file only)."""
+    from transformers import AutoConfig
+
+    packaged = DEFAULT_PACKAGED if model is None else str(model)
+    if packaged in PACKAGED_MODELS:
+        model = packaged_gguf_path(packaged)
+        if model is None:
+            raise ModelLoadError(f"The packaged model {packaged} is not installed: run `{PACKAGED_MODELS[packaged].install}`")
+    text = str(model)
+    if text.endswith(".gguf"):
+        text = str(convert_gguf(Path(text).expanduser())[0])
+    elif not Path(text).expanduser().is_dir() and not _HUB_ID.match(text):
+        raise ModelLoadError(f"{text!r} is neither a model directory, a .gguf file nor a Hub id (owner/name)")
+    return AutoConfig.from_pretrained(text, trust_remote_code=trust_remote_code)

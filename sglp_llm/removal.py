@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from .blocks import find_decoder_blocks
-from .capture import StopForward, block_output
+from .capture import block_output
 from .distributed import all_reduce_state, shard
 from .rewrite import skip_blocks
-from .head import head_nll
-from .score import causal_lm_loss, check_finite
+from .head import head_nll, output_of
+from .score import check_finite
 from .sequential import BLOCK_LOADER_ATTRIBUTE, BlockLoader, MoveBlocks, _onloaded, _record_calls, stubbed_blocks
 
 
@@ -40,30 +40,11 @@ def _token_mean(summed: Iterable[tuple[float, int]], skipped: Sequence[int]) -> 
     return check_finite(torch.tensor(sums["total"] / sums["n_tokens"]), f"The calibration loss{without}").item()
 
 
-def _output_of(model: nn.Module, layer: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
-    """`layer`'s output in the model's forward on `batch` (stopped there), and whether the blocks
-    return tuples."""
-    found: dict[str, Any] = {}
-
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
-        found.update(hidden=block_output(output), returns_tuple=isinstance(output, (tuple, list)))
-        raise StopForward
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        causal_lm_loss(model, batch)
-    except StopForward:
-        pass
-    finally:
-        handle.remove()
-    return found["hidden"], found["returns_tuple"]
-
-
 def network_nll(model: nn.Module, batch: dict[str, torch.Tensor], layers_path: str | None = None) -> tuple[float, int]:
     """The summed next-token NLL of `batch`'s predicted tokens and their count: the blocks run in
     the model's own forward, the head a chunk of positions at a time (sglp_llm.head)."""
     layers = find_decoder_blocks(model, layers_path).layers
-    final, returns_tuple = _output_of(model, layers[-1], batch)
+    final, returns_tuple = output_of(model, layers[-1], batch)
     total, count = head_nll(model, layers, batch, final, returns_tuple)
     return total.item(), count
 
@@ -144,7 +125,7 @@ class RemovalLoss:
             last = kept.index(stop) if stop is not None else len(kept) - 1
             for batch_index, batch in enumerate(self.batches):
                 with stubbed_blocks(layers, call):
-                    final, returns_tuple = _output_of(self.model, layers[last], batch)
+                    final, returns_tuple = output_of(self.model, layers[last], batch)
                 if stop is None:
                     total, count = head_nll(self.model, layers, batch, final, returns_tuple)
                     summed.append((total.item(), count))

@@ -183,8 +183,8 @@ def load_with_blocks_on_disk(
             "offload=\"sequential\" with blocks moved from CPU memory instead."
         )
     rest = [name for name in loader.files if not name.startswith(blocks.path + ".")]
-    for name, tensor in read_tensors(loader.files, rest, torch.device(device)).items():
-        _swap_tensor(model, name, tensor)
+    for name in rest:  # one at a time: a tensor cast to `dtype` never waits beside all the others as read
+        _swap_tensor(model, name, read_tensors(loader.files, [name], torch.device(device))[name])
     model.tie_weights()
     blocks_prefix = blocks.path + "."
     missing = [

@@ -22,7 +22,9 @@ from transformers.utils import SAFE_WEIGHTS_NAME as WEIGHTS_NAME
 
 from .sequential import BLOCK_LOADER_ATTRIBUTE, SafetensorsBlocks, read_tensors
 
-MAX_SHARD_BYTES = 5 * 2**30
+# a shard is held in memory while it is written, so it is kept small beside the model's
+# resident embeddings and head (transformers writes 5 GB shards from a model held whole)
+MAX_SHARD_BYTES = 2 * 2**30
 
 
 def renamed_tensors(
@@ -113,10 +115,15 @@ def write_pruned_weights(
     weight_map, total = {}, 0
     for shard, file_name in zip(shards, names):
         tensors = {}
-        for source, tensor in read_tensors(files, shard, torch.device("cpu")).items():
-            wanted = dtype(source)
-            if wanted is not None and tensor.is_floating_point() and wanted.is_floating_point:
-                tensor = tensor.to(wanted)
+        for source in shard:
+            held = targets.get(renamed[source])
+            if held is not None and not held.is_meta:  # in memory already (embeddings, head, norms)
+                tensor = held.detach().cpu()
+            else:  # a block's tensor, read one at a time and cast to the model's dtype
+                tensor = read_tensors(files, [source], torch.device("cpu"))[source]
+                wanted = dtype(source)
+                if wanted is not None and tensor.is_floating_point() and wanted.is_floating_point:
+                    tensor = tensor.to(wanted)
             tensors[renamed[source]] = tensor.contiguous()
             total += tensor.numel() * tensor.element_size()
         save_file(tensors, folder / file_name, metadata={"format": "pt"})

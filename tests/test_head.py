@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sglp_llm.blocks import find_decoder_blocks
-from sglp_llm.head import chunk_positions, head_nll
-from sglp_llm.removal import _output_of, network_nll
+from sglp_llm.head import backward_through_head, chunk_positions, head_nll, output_of
+from sglp_llm.removal import network_nll
 from sglp_llm.score import causal_lm_loss
 from tiny_models import VOCAB, tiny_batch, tiny_model
 
@@ -19,7 +19,7 @@ FAMILIES = ("llama", "gemma2", "qwen3")
 def _final(model, batch):
     layers = find_decoder_blocks(model).layers
     with torch.no_grad():
-        final, returns_tuple = _output_of(model, layers[-1], batch)
+        final, returns_tuple = output_of(model, layers[-1], batch)
     return layers, final, returns_tuple
 
 
@@ -61,3 +61,29 @@ def test_chunked_backward_gives_the_gradient_of_the_full_loss():
     assert same_count == count and not summed.requires_grad
     torch.testing.assert_close(chunked.grad, reference.grad, rtol=1e-5, atol=1e-7)
     assert abs(summed.item() - total.item()) <= 1e-5
+
+
+def test_backward_through_the_chunked_head_equals_the_full_loss_backward(monkeypatch):
+    """The statistics pass's backward: the same weight gradients as `loss.backward()`, with the
+    head's logits a few positions at a time."""
+    import sglp_llm.head as head
+
+    model = tiny_model("gemma2", num_layers=3, final_logit_softcapping=2.0)
+    batch = tiny_batch(batch_size=2, seq_len=11, pad_last=2)
+    layers = find_decoder_blocks(model).layers
+    causal_lm_loss(model, batch).backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(head, "MAX_LOGITS_BYTES", 2 * 3 * VOCAB * 4)
+    shapes = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+    final, returns_tuple = output_of(model, layers[-1], batch)
+    loss = backward_through_head(model, layers, batch, final, returns_tuple)
+    handle.remove()
+    assert shapes == [(2, 3, VOCAB)] * 3 + [(2, 1, VOCAB)]  # 10 predicting positions, 3 at a time
+    with torch.no_grad():
+        assert abs(loss.item() - causal_lm_loss(model, batch).item()) <= 1e-6
+    # the head's own weights are reached through the leaf only: compare the blocks' gradients
+    for name, grad in reference.items():
+        if name.startswith("model.layers."):
+            torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-7)

@@ -291,7 +291,7 @@ def test_hidden_states_spilled_to_disk_give_the_same_statistics_and_are_removed(
     config = SGLPConfig(offload="sequential", gradient_score=score, **CONFIG)
     memory = analyze(model, _batches(), config.replace(hidden_states="memory"), progress=False)
     written, held = [], []
-    put, get = hidden_states.BlockStates.put, hidden_states.BlockStates.get
+    put = hidden_states.BlockStates.put
 
     def spy_put(self, position, states):
         assert self.on_disk and self.folder.parent == tmp_path
