@@ -168,7 +168,7 @@ def _add_held_out(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sglp-llm",
-        description="Depth-prune Hugging Face causal LMs with SGLP. The default run: "
+        description="Depth-prune Hugging Face causal LMs (SGLP's stages, SLEB's loss criterion). The default run: "
         + "; ".join(stages(SGLPConfig(drop=1).to_dict())) + ".",
     )
     sub = parser.add_subparsers(dest="command", required=True)
