@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -25,6 +25,7 @@ from .blocks import DecoderBlocks, find_decoder_blocks, text_config
 from .capture import BlockObserver, capture_blocks
 from .checkpoint import StatisticsCheckpoint, fingerprint
 from .cka import MinibatchCKA
+from .compensate import Compensation, applied, fit_compensation, fold
 from .config import CALIBRATION_FIELDS, ConfigError, SGLPConfig
 from .data import CalibrationSet, prepare_calibration
 from .devices import activation_checkpointing, devices_used
@@ -391,6 +392,23 @@ class PruneResult:
             return push_folder(folder, repo_id, private=private, token=token)
 
 
+def _compensation(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]] | None, plan: PruningPlan) -> Compensation | None:
+    """The plan's compensation fitted on the calibration batches (None when off), recorded in
+    the plan: where each T goes and how well it fits."""
+    method = plan.config.get("compensation", "none")
+    if method == "none":
+        return None
+    if batches is None:
+        raise ConfigError("Compensation is fitted on calibration text: pass the calibration data with the plan.")
+    device = input_device(model)
+    compensation = fit_compensation(
+        model, [to_device(b, device) for b in batches], plan.dropped,
+        layers_path=plan.layers_path, ridge=plan.config.get("compensation_ridge", 0.0),
+    )
+    plan.extra["compensation"] = {"method": method, "folded": {str(p): fit for p, fit in compensation.fits.items()}}
+    return compensation
+
+
 def prune(
     model: nn.Module,
     calibration: Any = None,
@@ -420,16 +438,21 @@ def prune(
         )
     params_before = count_parameters(model)
     base_model = plan.model_name or getattr(model, "name_or_path", None)
+    compensation = _compensation(model, batches, plan)
     reference = None
     if plan.config.get("verify", True):
         probe = verify.make_probe(model, batches, seed=plan.config.get("seed", 0))
-        reference = verify.reference_outputs(model, plan.dropped, probe, plan.config, plan.layers_path)
+        # the original with the dropped blocks skipped and, compensated, T applied explicitly
+        with applied(model, compensation.transforms, plan.layers_path) if compensation else nullcontext():
+            reference = verify.reference_outputs(model, plan.dropped, probe, plan.config, plan.layers_path)
+    unfold = fold(model, compensation, plan.layers_path) if compensation else (lambda: None)
     undo = removing_blocks(model, plan.dropped, layers_path=plan.layers_path)
     if reference is not None:
         try:
             verify.check(reference, model, verify.PRUNED, indices=plan.kept, device=plan.config.get("onload_device"))
         except BaseException:
             undo()
+            unfold()
             raise
         verify.record(reference, plan)
     getattr(text_config(model), SGLP_CONFIG_KEY)["settings"] = plan.config

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import yaml
 
 from .config import (
-    ALLOCATIONS, GRADIENT_SCORES, HIDDEN_STATES, LOSS_BOUNDS, LOSS_SCREENS, METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, ConfigError,
+    ALLOCATIONS, COMPENSATIONS, GRADIENT_SCORES, HIDDEN_STATES, LOSS_BOUNDS, LOSS_SCREENS, METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, ConfigError,
     SGLPConfig,
 )
 from .explain import stages
@@ -84,6 +84,10 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                         help="the score from one backward that ranks each group's blocks: taylor (-dL/dα of a gate on "
                              "the block), fisher (that gate's second moment) or gradnorm (the paper's weight-gradient norm)")
     method.add_argument("--segment-feature", choices=SEGMENT_FEATURES, help="CKA column sums or CKA rows")
+    method.add_argument("--compensation", choices=COMPENSATIONS,
+                        help="fold a least-squares map for each removed run into the block before it "
+                             "(ReplaceMe; default none: it did not help on held-out text here)")
+    method.add_argument("--compensation-ridge", type=float, help="ridge of the compensation's least squares")
     method.add_argument("--groups", action=argparse.BooleanOptionalAction, default=None,
                         help="keep the choice to the Fisher groups of CKA-similar blocks (default: on for "
                              "--scoring block/subset, off for the loss check, whose choices they never changed "

@@ -22,8 +22,19 @@ PEER_TEXT = {
 }
 
 
+COMPENSATION_TEXT = {
+    "least_squares": "compensation: a d x d map T for each removed run (ReplaceMe), least squares on the "
+                     "calibration tokens, folded into the MLP down projection of the block before the run",
+}
+
+
 def stages(config: dict[str, Any]) -> list[str]:
     """The stages a run with these settings (SGLPConfig.to_dict()) performs, in order."""
+    compensation = config.get("compensation", "none")
+    return _choice_stages(config) + ([COMPENSATION_TEXT[compensation]] if compensation != "none" else [])
+
+
+def _choice_stages(config: dict[str, Any]) -> list[str]:
     method = config.get("method", "sglp")
     if method != "sglp":
         return [f"choice: {PEER_TEXT[method]}; no CKA groups, no gradient score"]
