@@ -16,9 +16,10 @@ import re
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -166,13 +167,37 @@ def convert_gguf(
     return target, True
 
 
+@contextmanager
+def _gguf_read_once() -> Iterator[None]:
+    """transformers parses a GGUF file's header once for the config, once for the weights and
+    once for the tokenizer: half a minute each for Gemma-3's 262k-token vocabulary. Meanwhile the
+    reader of each file is made once and shared (it only reads)."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple, Any] = {}
+
+    def shared(path: Any, *args: Any, **kwargs: Any) -> Any:
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _write_plain_checkpoint(gguf: Path, out: Path) -> None:
     """Dequantize ``gguf`` (float32) and save it as an unquantized model plus its tokenizer."""
     logger.info("Converting %s to safetensors in %s (once)", gguf, out)
-    quantized = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with _gguf_read_once():
+        quantized = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = quantized.config.to_dict()
     config.pop("quantization_config", None)  # the GGUF marker that makes save_pretrained refuse
     config.pop("_model_name_or_path", None)  # GGUF general.name, which is no loadable name

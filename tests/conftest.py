@@ -1,8 +1,18 @@
-"""Shared fixtures: offline tokenizers for tests that need text, not a Hub download."""
+"""Shared fixtures: offline tokenizers for tests that need text, not a Hub download.
+
+Under pytest-xdist (the README's `-n 2`) each worker process gets one torch thread, and so do
+the processes tests start: two workers on two cores, not four threads fighting over them."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers

@@ -15,7 +15,7 @@ def _commands() -> list[str]:
 def test_readme_starts_with_install_and_run_then_install_and_test():
     first, second = _commands()[:2]
     assert first.startswith("pip install torch==2.13.0") and "sglp-llm prune" in first
-    assert second.startswith("pip install torch==2.13.0") and second.endswith("python -m pytest -q")
+    assert second.startswith("pip install torch==2.13.0") and second.endswith("python -m pytest -q -n 2")
 
 
 def test_ci_runs_the_readme_test_command():
