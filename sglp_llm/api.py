@@ -402,7 +402,7 @@ def _compensation(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]] |
         raise ConfigError("Compensation is fitted on calibration text: pass the calibration data with the plan.")
     device = input_device(model)
     compensation = fit_compensation(
-        model, [to_device(b, device) for b in batches], plan.dropped,
+        model, [to_device(b, device) for b in batches], plan.dropped, method=method,
         layers_path=plan.layers_path, ridge=plan.config.get("compensation_ridge", 0.0),
     )
     plan.extra["compensation"] = {"method": method, "folded": {str(p): fit for p, fit in compensation.fits.items()}}
@@ -443,7 +443,7 @@ def prune(
     if plan.config.get("verify", True):
         probe = verify.make_probe(model, batches, seed=plan.config.get("seed", 0))
         # the original with the dropped blocks skipped and, compensated, T applied explicitly
-        with applied(model, compensation.transforms, plan.layers_path) if compensation else nullcontext():
+        with applied(model, compensation, plan.layers_path) if compensation else nullcontext():
             reference = verify.reference_outputs(model, plan.dropped, probe, plan.config, plan.layers_path)
     unfold = fold(model, compensation, plan.layers_path) if compensation else (lambda: None)
     undo = removing_blocks(model, plan.dropped, layers_path=plan.layers_path)

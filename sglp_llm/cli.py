@@ -85,8 +85,9 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                              "the block), fisher (that gate's second moment) or gradnorm (the paper's weight-gradient norm)")
     method.add_argument("--segment-feature", choices=SEGMENT_FEATURES, help="CKA column sums or CKA rows")
     method.add_argument("--compensation", choices=COMPENSATIONS,
-                        help="fold a least-squares map for each removed run into the block before it "
-                             "(ReplaceMe; default none: it did not help on held-out text here)")
+                        help="fold a least-squares map (least_squares: d x d, ReplaceMe; rescale: per channel) "
+                             "for each removed run into the block before it (default none: see "
+                             "benchmarks/results/compensation.md)")
     method.add_argument("--compensation-ridge", type=float, help="ridge of the compensation's least squares")
     method.add_argument("--groups", action=argparse.BooleanOptionalAction, default=None,
                         help="keep the choice to the Fisher groups of CKA-similar blocks (default: on for "

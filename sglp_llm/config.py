@@ -22,7 +22,7 @@ GRADIENT_SCORES = ("taylor", "fisher", "gradnorm")  # sglp_llm.score
 LOSS_BOUNDS = ("stale", "marginal", "local")
 LOSS_SCREENS = ("sequences", "taylor")
 HIDDEN_STATES = ("auto", "memory", "disk")  # sglp_llm.hidden_states
-COMPENSATIONS = ("none", "least_squares")  # sglp_llm.compensate
+COMPENSATIONS = ("none", "least_squares", "rescale")  # sglp_llm.compensate
 AUTO_K_RULES = ("reference", "elbow")
 # the settings that decide which calibration batches a run uses
 CALIBRATION_FIELDS = (

@@ -25,6 +25,9 @@ PEER_TEXT = {
 COMPENSATION_TEXT = {
     "least_squares": "compensation: a d x d map T for each removed run (ReplaceMe), least squares on the "
                      "calibration tokens, folded into the MLP down projection of the block before the run",
+    "rescale": "compensation: a per-channel scale of the MLP branch's output for each removed run, least squares "
+               "on the calibration tokens, folded into the down projection (or post-feedforward norm) of the "
+               "block before the run",
 }
 
 

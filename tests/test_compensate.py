@@ -66,7 +66,7 @@ def test_fold_equals_the_explicit_transform_on_the_mlp_output(family):
     dropped = [3, 4, 6]
     compensation = fit_compensation(model, _batches(), dropped)
     batch = tiny_batch(batch_size=2, seq_len=12, seed=9, pad_last=2)
-    with torch.no_grad(), applied(model, compensation.transforms), skip_blocks(model, dropped):
+    with torch.no_grad(), applied(model, compensation), skip_blocks(model, dropped):
         expected = model(**batch).logits
     folded = copy.deepcopy(model)
     fold(folded, compensation)
@@ -108,9 +108,9 @@ def test_prune_with_compensation_writes_a_plain_model_equal_to_the_explicit_tran
     saved = result.save_pretrained(tmp_path / "out")  # verified: in memory and reloaded
     assert result.plan.extra["verification"]["checks"]
     reloaded = AutoModelForCausalLM.from_pretrained(saved)
-    transforms = fit_compensation(original, _batches(), result.plan.dropped).transforms
+    refit = fit_compensation(original, _batches(), result.plan.dropped)
     batch = tiny_batch(batch_size=2, seq_len=12, seed=7)
-    with torch.no_grad(), applied(original, transforms), skip_blocks(original, result.plan.dropped):
+    with torch.no_grad(), applied(original, refit), skip_blocks(original, result.plan.dropped):
         expected = original(**batch).logits
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, expected, rtol=1e-5, atol=1e-5)
@@ -128,3 +128,48 @@ def test_prune_refuses_compensation_where_it_cannot_fold_and_leaves_the_model_un
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ConfigError, match="offload: sequential"):
         SGLPConfig(drop=1, compensation="least_squares", offload="sequential")
+
+
+def _stacked_branch(model, batches, p, b, module):
+    """The branch output (`module` of block p) and h_b − Y, as `_stacked` does for the MLP."""
+    layers = find_decoder_blocks(model).layers
+    ms, zs, seen = [], [], {}
+    handles = [module.register_forward_hook(lambda m, a, o: seen.__setitem__("m", o)),
+               layers[p].register_forward_hook(lambda m, a, o: seen.__setitem__("p", o[0] if isinstance(o, tuple) else o)),
+               layers[b].register_forward_hook(lambda m, a, o: seen.__setitem__("b", o[0] if isinstance(o, tuple) else o))]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+            mask = batch["attention_mask"].bool().clone()
+            mask[:, 0] = False
+            ms.append(seen["m"][mask])
+            zs.append((seen["b"] - (seen["p"] - seen["m"]))[mask])
+    for handle in handles:
+        handle.remove()
+    return torch.cat(ms).double(), torch.cat(zs).double()
+
+
+# llama: the scale folds into the down projection; gemma2/gemma3 (weight offset 1) and olmo2
+# (offset 0): into the post-feedforward norm
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text", "olmo2"])
+def test_rescale_is_each_channels_least_squares_scale_and_folds_exactly(family):
+    model = tiny_model(family, num_layers=8)
+    batches = _batches()
+    dropped = [3, 4, 6]
+    compensation = fit_compensation(model, batches, dropped, method="rescale")
+    layers = find_decoder_blocks(model).layers
+    for p, b in ((2, 4), (5, 6)):
+        module = getattr(layers[p], "post_feedforward_layernorm", None) or layers[p].mlp
+        m, z = _stacked_branch(model, batches, p, b, module)
+        reference = (m * z).sum(0) / (m * m).sum(0)
+        torch.testing.assert_close(compensation.transforms[p], torch.diag(reference), rtol=1e-6, atol=1e-9)
+        assert compensation.fits[p]["relative_residual"] <= compensation.fits[p]["relative_residual_dropped"]
+    batch = tiny_batch(batch_size=2, seq_len=12, seed=9, pad_last=2)
+    with torch.no_grad(), applied(model, compensation), skip_blocks(model, dropped):
+        expected = model(**batch).logits
+    folded = copy.deepcopy(model)
+    unfold = fold(folded, compensation)
+    with torch.no_grad(), skip_blocks(folded, dropped):
+        torch.testing.assert_close(folded(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+    unfold()
+    assert all(torch.equal(a, b) for a, b in zip(folded.state_dict().values(), model.state_dict().values()))
