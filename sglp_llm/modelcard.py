@@ -182,6 +182,13 @@ def _removed_section(plan: PruningPlan) -> str:
 def _chosen_section(plan: PruningPlan) -> str:
     lines = ["## How the blocks were chosen", "", *(f"- {stage}" for stage in stages(plan.config)), ""]
     lines += [f"- block {block}: {why}" for block, why in sorted(chosen_by(plan).items())]
+    folded = plan.extra.get("compensation", {}).get("folded", {})
+    lines += [
+        f"- compensation folded into block {p} (before removed blocks {f['run'][0]}-{f['run'][1]}): relative "
+        f"residual {f['relative_residual']:.3f} on {f['tokens']} calibration tokens (dropped plainly: "
+        f"{f['relative_residual_dropped']:.3f})"
+        for p, f in sorted(folded.items(), key=lambda item: int(item[0]))
+    ]
     return "\n".join(lines)
 
 

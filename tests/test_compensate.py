@@ -107,6 +107,9 @@ def test_prune_with_compensation_writes_a_plain_model_equal_to_the_explicit_tran
     assert stages(result.plan.config)[-1].startswith("compensation: a d x d map T")
     saved = result.save_pretrained(tmp_path / "out")  # verified: in memory and reloaded
     assert result.plan.extra["verification"]["checks"]
+    card = (saved / "README.md").read_text()
+    for p, f in folded.items():
+        assert f"compensation folded into block {p} (before removed blocks {f['run'][0]}-{f['run'][1]})" in card
     reloaded = AutoModelForCausalLM.from_pretrained(saved)
     refit = fit_compensation(original, _batches(), result.plan.dropped)
     batch = tiny_batch(batch_size=2, seq_len=12, seed=7)
