@@ -27,21 +27,7 @@ def test_removed_runs_are_the_contiguous_runs():
 
 def _stacked(model, batches, p, b):
     """M (block p's MLP output) and h_b − Y, every non-padding token but each row's first."""
-    layers = find_decoder_blocks(model).layers
-    ms, zs, seen = [], [], {}
-    handles = [layers[p].mlp.register_forward_hook(lambda m, a, o: seen.__setitem__("m", o)),
-               layers[p].register_forward_hook(lambda m, a, o: seen.__setitem__("p", o[0] if isinstance(o, tuple) else o)),
-               layers[b].register_forward_hook(lambda m, a, o: seen.__setitem__("b", o[0] if isinstance(o, tuple) else o))]
-    with torch.no_grad():
-        for batch in batches:
-            model(**batch)
-            mask = batch["attention_mask"].bool().clone()
-            mask[:, 0] = False
-            ms.append(seen["m"][mask])
-            zs.append((seen["b"] - (seen["p"] - seen["m"]))[mask])
-    for handle in handles:
-        handle.remove()
-    return torch.cat(ms).double(), torch.cat(zs).double()
+    return _stacked_branch(model, batches, p, b, find_decoder_blocks(model).layers[p].mlp)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -134,7 +120,7 @@ def test_prune_refuses_compensation_where_it_cannot_fold_and_leaves_the_model_un
 
 
 def _stacked_branch(model, batches, p, b, module):
-    """The branch output (`module` of block p) and h_b − Y, as `_stacked` does for the MLP."""
+    """`module`'s output (block p's branch) and h_b − Y, every non-padding token but each row's first."""
     layers = find_decoder_blocks(model).layers
     ms, zs, seen = [], [], {}
     handles = [module.register_forward_hook(lambda m, a, o: seen.__setitem__("m", o)),
