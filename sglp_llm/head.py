@@ -110,16 +110,24 @@ def output_of(model: nn.Module, layer: nn.Module, batch: dict[str, torch.Tensor]
     return found["hidden"], found["returns_tuple"]
 
 
-def backward_through_head(
+def head_gradient(
     model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Tensor], final: torch.Tensor, returns_tuple: bool
-) -> torch.Tensor:
-    """Backpropagate the mean next-token loss from `final`, the last block's output with its
-    graph: the head's gradient is taken a chunk of positions at a time into a leaf, then sent
-    down the blocks in one backward. Returns the loss (refused when not finite)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean next-token loss on the final hidden state `final` (refused when not finite) and
+    its gradient there, taken a chunk of positions at a time."""
     from .score import check_finite
 
     leaf = final.detach().requires_grad_()
     total, count = head_nll(model, layers, batch, leaf, returns_tuple, backward=True)
-    loss = check_finite(total / count)
-    final.backward(leaf.grad)
+    return check_finite(total / count), leaf.grad
+
+
+def backward_through_head(
+    model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Tensor], final: torch.Tensor, returns_tuple: bool
+) -> torch.Tensor:
+    """Backpropagate the mean next-token loss from `final`, the last block's output with its
+    graph: the head's gradient (`head_gradient`), then one backward down the blocks. Returns
+    the loss."""
+    loss, gradient = head_gradient(model, layers, batch, final, returns_tuple)
+    final.backward(gradient)
     return loss

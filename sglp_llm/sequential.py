@@ -27,9 +27,9 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .blocks import find_decoder_blocks
 from .capture import BlockObserver, StopForward, block_input, block_output
-from .head import head_nll
+from .head import head_gradient
 from .hidden_states import BlockStates, spills
-from .score import BlockGradNorms, GateScores, causal_lm_loss, check_finite, grad_only_for
+from .score import BlockGradNorms, GateScores, causal_lm_loss, grad_only_for
 
 # a model carrying a loader under this attribute (see `load_with_blocks_on_disk`) is run with it
 BLOCK_LOADER_ATTRIBUTE = "sglp_block_loader"
@@ -312,10 +312,7 @@ def _final_hidden_gradient(
 ) -> torch.Tensor:
     """d loss / d final hidden state, the loss computed by the model's own code (final norm,
     lm_head, logit softcapping, loss): the last stub returns the stored final hidden state."""
-    leaf = final.detach().requires_grad_()
-    total, count = head_nll(model, layers, batch, leaf, returns_tuple, backward=True)
-    check_finite(total / count)
-    return leaf.grad.detach().cpu()
+    return head_gradient(model, layers, batch, final, returns_tuple)[1].cpu()
 
 
 def sequential_pass(
