@@ -37,7 +37,7 @@ from . import verify
 from .rewrite import SGLP_CONFIG_KEY, removing_blocks
 from .score import BlockGradNorms, GateScores, grad_only_for
 from .selection import SelectionContext, selector_for
-from .sequential import sequential_pass
+from .sequential import BLOCK_LOADER_ATTRIBUTE, MoveBlocks, sequential_pass
 
 
 @dataclass
@@ -401,9 +401,12 @@ def _compensation(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]] |
     if batches is None:
         raise ConfigError("Compensation is fitted on calibration text: pass the calibration data with the plan.")
     device = input_device(model)
+    sequential = plan.config.get("offload") == "sequential"
     compensation = fit_compensation(
         model, [to_device(b, device) for b in batches], plan.dropped, method=method,
         layers_path=plan.layers_path, ridge=plan.config.get("compensation_ridge", 0.0),
+        fit_on=plan.config.get("compensation_fit", "original"),
+        **({"device": plan.config.get("onload_device") or device, "loader": MoveBlocks()} if sequential else {}),
     )
     plan.extra["compensation"] = {"method": method, "folded": {str(p): fit for p, fit in compensation.fits.items()}}
     return compensation
@@ -424,6 +427,12 @@ def prune(
     the dropped blocks skipped (sglp_llm.verify); if it does not, the model is put back as it was
     and a VerificationError says so."""
     batches = None
+    compensated = (plan.config if plan is not None else (config or SGLPConfig()).to_dict()).get("compensation", "none")
+    if compensated != "none" and hasattr(model, BLOCK_LOADER_ATTRIBUTE):  # before any analysis
+        raise ConfigError(
+            "Compensation folds its maps into kept blocks' weights, which a model with its blocks on disk "
+            "does not hold in memory; load it in CPU memory with offload: sequential, or use compensation: none."
+        )
     if plan is None:
         plan, calibration_set = _analyze(model, calibration, config, tokenizer, progress, None)
         batches = calibration_set.batches

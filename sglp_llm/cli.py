@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import yaml
 
 from .config import (
-    ALLOCATIONS, COMPENSATIONS, GRADIENT_SCORES, HIDDEN_STATES, LOSS_BOUNDS, LOSS_SCREENS, METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, ConfigError,
+    ALLOCATIONS, COMPENSATION_FITS, COMPENSATIONS, GRADIENT_SCORES, HIDDEN_STATES, LOSS_BOUNDS, LOSS_SCREENS, METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, ConfigError,
     SGLPConfig,
 )
 from .explain import stages
@@ -85,10 +85,13 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                              "the block), fisher (that gate's second moment) or gradnorm (the paper's weight-gradient norm)")
     method.add_argument("--segment-feature", choices=SEGMENT_FEATURES, help="CKA column sums or CKA rows")
     method.add_argument("--compensation", choices=COMPENSATIONS,
-                        help="fold a least-squares map (least_squares: d x d, ReplaceMe; rescale: per channel) "
-                             "for each removed run into the block before it (default none: see "
-                             "benchmarks/results/compensation.md)")
+                        help="fold a map fitted on the calibration tokens (least_squares: d x d, ReplaceMe; cosine: "
+                             "its cosine-distance variant; rescale: per channel) for each removed run into the "
+                             "block before it (default none: see benchmarks/results/compensation.md)")
     method.add_argument("--compensation-ridge", type=float, help="ridge of the compensation's least squares")
+    method.add_argument("--compensation-fit", choices=COMPENSATION_FITS,
+                        help="fit each run's map on the original network (default) or run by run on the network "
+                             "pruned and compensated so far (pruned)")
     method.add_argument("--groups", action=argparse.BooleanOptionalAction, default=None,
                         help="keep the choice to the Fisher groups of CKA-similar blocks (default: on for "
                              "--scoring block/subset, off for the loss check, whose choices they never changed "

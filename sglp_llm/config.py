@@ -22,7 +22,8 @@ GRADIENT_SCORES = ("taylor", "fisher", "gradnorm")  # sglp_llm.score
 LOSS_BOUNDS = ("stale", "marginal", "local")
 LOSS_SCREENS = ("sequences", "taylor")
 HIDDEN_STATES = ("auto", "memory", "disk")  # sglp_llm.hidden_states
-COMPENSATIONS = ("none", "least_squares", "rescale")  # sglp_llm.compensate
+COMPENSATIONS = ("none", "least_squares", "cosine", "rescale")  # sglp_llm.compensate
+COMPENSATION_FITS = ("original", "pruned")
 AUTO_K_RULES = ("reference", "elbow")
 # the settings that decide which calibration batches a run uses
 CALIBRATION_FIELDS = (
@@ -212,11 +213,15 @@ class SGLPConfig(SettingsFile):
     checkpoint_every: int = 1
 
     # -- compensation (see sglp_llm.compensate): after any selection, fit on the calibration
-    # tokens a d x d map T for the block before each removed run and fold it into that block's
-    # MLP down projection ("least_squares", ReplaceMe); compensation_ridge: λ as a fraction of
-    # the mean diagonal of MᵀM. Off by default: benchmarks/results/compensation.md
+    # tokens a map T for the block before each removed run and fold it into that block's MLP
+    # output projections ("least_squares": d x d, ReplaceMe; "cosine": its cosine-distance
+    # variant; "rescale": per channel, also into a post-feedforward norm); compensation_ridge: λ
+    # as a fraction of the mean diagonal of MᵀM; compensation_fit: fit every run on the original
+    # network, or run by run on the network pruned and compensated so far ("pruned"). Off by
+    # default: benchmarks/results/compensation.md
     compensation: str = "none"
     compensation_ridge: float = 0.0
+    compensation_fit: str = "original"
 
     # -- writing: run the pruned model (and the saved folder, reloaded) against the original with
     # the dropped blocks skipped, and write nothing on a mismatch (see sglp_llm.verify)
@@ -325,11 +330,8 @@ class SGLPConfig(SettingsFile):
             raise ConfigError(f"`compensation` must be one of {COMPENSATIONS}, got {self.compensation!r}.")
         if not isinstance(self.compensation_ridge, (int, float)) or self.compensation_ridge < 0:
             raise ConfigError(f"`compensation_ridge` must be a non-negative number, got {self.compensation_ridge!r}.")
-        if self.compensation != "none" and self.offload == "sequential":
-            raise ConfigError(
-                "compensation fits its maps in one forward of the whole network, which offload: sequential "
-                "does not run yet; load the model in memory (or with --device-map) or use compensation: none."
-            )
+        if self.compensation_fit not in COMPENSATION_FITS:
+            raise ConfigError(f"`compensation_fit` must be one of {COMPENSATION_FITS}, got {self.compensation_fit!r}.")
         if self.hidden_states not in HIDDEN_STATES:
             raise ConfigError(f"`hidden_states` must be one of {HIDDEN_STATES}, got {self.hidden_states!r}.")
         if self.hidden_states_dir is not None and not Path(self.hidden_states_dir).expanduser().is_dir():

@@ -24,17 +24,27 @@ PEER_TEXT = {
 
 COMPENSATION_TEXT = {
     "least_squares": "compensation: a d x d map T for each removed run (ReplaceMe), least squares on the "
-                     "calibration tokens, folded into the MLP down projection of the block before the run",
+                     "calibration tokens, folded into the MLP output projections of the block before the run",
+    "cosine": "compensation: a d x d map T for each removed run (ReplaceMe's cosine variant), minimising the "
+              "cosine distance on the calibration tokens with a least-squares scale, folded into the MLP output "
+              "projections of the block before the run",
     "rescale": "compensation: a per-channel scale of the MLP branch's output for each removed run, least squares "
-               "on the calibration tokens, folded into the down projection (or post-feedforward norm) of the "
+               "on the calibration tokens, folded into the output projections (or post-feedforward norm) of the "
                "block before the run",
+}
+COMPENSATION_FIT_TEXT = {
+    "original": "each fitted on the original network",
+    "pruned": "fitted run by run on the network pruned and compensated so far",
 }
 
 
 def stages(config: dict[str, Any]) -> list[str]:
     """The stages a run with these settings (SGLPConfig.to_dict()) performs, in order."""
     compensation = config.get("compensation", "none")
-    return _choice_stages(config) + ([COMPENSATION_TEXT[compensation]] if compensation != "none" else [])
+    if compensation == "none":
+        return _choice_stages(config)
+    fit = COMPENSATION_FIT_TEXT[config.get("compensation_fit", "original")]
+    return _choice_stages(config) + [f"{COMPENSATION_TEXT[compensation]}, {fit}"]
 
 
 def _choice_stages(config: dict[str, Any]) -> list[str]:

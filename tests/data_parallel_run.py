@@ -3,7 +3,7 @@
 reduced sum is exercised: CKA (all), GradNorm, the loss check's calibration NLL (with and
 without a GradNorm shortlist), the subset
 search's network GradNorm, a baseline observer, and the sequential (one block at a time) pass;
-then the CLI, which must write one report."""
+the compensation's Gram sums and cosine gradients; then the CLI, which must write one report."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sglp_llm import SGLPConfig, analyze
 from sglp_llm.cli import main as cli_main
+from sglp_llm.compensate import fit_compensation
 from sglp_llm.distributed import is_main_process
 from tiny_models import tiny_batch, tiny_model
 
@@ -27,11 +28,20 @@ SETTINGS = {
     "sglp-sequential": dict(offload="sequential", scoring="block"),
 }
 
+COMPENSATIONS = {
+    "least_squares": {}, "run-by-run": dict(fit_on="pruned"), "cosine": dict(method="cosine", cosine_steps=5),
+    "rescale": dict(method="rescale"),
+}
+
 
 def run(model_dir: Path, text_file: Path, out: Path) -> None:
     model = tiny_model("llama", num_layers=6)
     batches = [tiny_batch(batch_size=2, seq_len=16, seed=s) for s in range(3)]
     plans = {}
+    compensations = {}
+    for name, settings in COMPENSATIONS.items():
+        fitted = fit_compensation(model, batches, [2, 4], **settings)
+        compensations[name] = {str(p): t.tolist() for p, t in fitted.transforms.items()}
     for name, settings in SETTINGS.items():
         config = SGLPConfig(drop=2, groups=True, num_segments=2, cka_minibatch_tokens=8, **settings)
         plan = analyze(model, batches, config, progress=False)
@@ -42,7 +52,7 @@ def run(model_dir: Path, text_file: Path, out: Path) -> None:
         "--report", str(out / "report.json"),
     ])
     if is_main_process():
-        (out / "plans.json").write_text(json.dumps(plans))
+        (out / "plans.json").write_text(json.dumps({"plans": plans, "compensations": compensations}))
 
 
 if __name__ == "__main__":

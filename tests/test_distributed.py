@@ -56,7 +56,15 @@ def test_two_processes_reach_the_single_process_plan(tmp_path):
 
     assert sorted(p.name for p in launched.iterdir()) == ["plans.json", "report.json"]
     assert done.stdout.count("drop 2 blocks:") == 1, "only the main process prints the plan"
-    expected, got = (json.loads((d / "plans.json").read_text()) for d in (single, launched))
+    (expected, expected_compensations), (got, got_compensations) = (
+        (lambda saved: (saved["plans"], saved["compensations"]))(json.loads((d / "plans.json").read_text()))
+        for d in (single, launched))
+    for name, transforms in expected_compensations.items():  # the reduced Gram sums (and cosine gradients)
+        assert transforms.keys() == got_compensations[name].keys() == {"1", "3"}
+        for p, transform in transforms.items():
+            tolerance = 1e-4 if name == "cosine" else 1e-9  # Adam's steps see the gradients' rounding
+            torch.testing.assert_close(torch.tensor(got_compensations[name][p]), torch.tensor(transform),
+                                       rtol=tolerance, atol=tolerance * 1e-3)
     for name, plan in expected.items():
         other = got[name]
         torch.testing.assert_close(torch.tensor(other["cka"]), torch.tensor(plan["cka"]), rtol=1e-9, atol=1e-12)
