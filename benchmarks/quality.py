@@ -103,6 +103,9 @@ def gather(models: list[str]) -> Path:
         if (path / "compare.json").is_file():
             comparison = Comparison.load(path)
             parts += [comparison.markdown().replace("# Depth-pruning comparison", "## Model"), ""]
+    compensation = RESULTS / "compensation.md"  # benchmarks/compensation.py: the same blocks, compensated
+    if compensation.is_file():
+        parts += [compensation.read_text().replace("\n#", "\n##").replace("# Compensation", "## Compensation", 1), ""]
     target = RESULTS / "quality.md"
     target.write_text("\n".join(parts))
     return target

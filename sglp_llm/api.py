@@ -392,6 +392,20 @@ class PruneResult:
             return push_folder(folder, repo_id, private=private, token=token)
 
 
+def fit_plan_compensation(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], plan: PruningPlan,
+                          method: str) -> Compensation:
+    """Compensation `method` for the plan's dropped blocks, fitted on the calibration batches with
+    the plan's settings (ridge, fit, sequential onloading)."""
+    device = input_device(model)
+    sequential = plan.config.get("offload") == "sequential"
+    return fit_compensation(
+        model, [to_device(b, device) for b in batches], plan.dropped, method=method,
+        layers_path=plan.layers_path, ridge=plan.config.get("compensation_ridge", 0.0),
+        fit_on=plan.config.get("compensation_fit", "original"),
+        **({"device": plan.config.get("onload_device") or device, "loader": MoveBlocks()} if sequential else {}),
+    )
+
+
 def _compensation(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]] | None, plan: PruningPlan) -> Compensation | None:
     """The plan's compensation fitted on the calibration batches (None when off), recorded in
     the plan: where each T goes and how well it fits."""
@@ -400,14 +414,7 @@ def _compensation(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]] |
         return None
     if batches is None:
         raise ConfigError("Compensation is fitted on calibration text: pass the calibration data with the plan.")
-    device = input_device(model)
-    sequential = plan.config.get("offload") == "sequential"
-    compensation = fit_compensation(
-        model, [to_device(b, device) for b in batches], plan.dropped, method=method,
-        layers_path=plan.layers_path, ridge=plan.config.get("compensation_ridge", 0.0),
-        fit_on=plan.config.get("compensation_fit", "original"),
-        **({"device": plan.config.get("onload_device") or device, "loader": MoveBlocks()} if sequential else {}),
-    )
+    compensation = fit_plan_compensation(model, batches, plan, method)
     plan.extra["compensation"] = {"method": method, "folded": {str(p): fit for p, fit in compensation.fits.items()}}
     return compensation
 

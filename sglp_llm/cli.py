@@ -92,6 +92,9 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     method.add_argument("--compensation-fit", choices=COMPENSATION_FITS,
                         help="fit each run's map on the original network (default) or run by run on the network "
                              "pruned and compensated so far (pruned)")
+    method.add_argument("--compensation-aware", action="store_true", default=None,
+                        help="the loss check (or SLEB) measures each candidate removal with its compensation "
+                             "fitted and applied")
     method.add_argument("--groups", action=argparse.BooleanOptionalAction, default=None,
                         help="keep the choice to the Fisher groups of CKA-similar blocks (default: on for "
                              "--scoring block/subset, off for the loss check, whose choices they never changed "
@@ -306,6 +309,9 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="also an SGLP run with these SGLPConfig settings, e.g. "
                              "sglp-rows:segment_feature=rows (repeatable)")
+    method.add_argument("--compensations",
+                        help=f"comma-separated compensations to measure every plan with, each a run "
+                             f"<method>+<compensation> ({', '.join(COMPENSATIONS)}; default: --compensation's)")
     held_out = _add_held_out(
         parser, "held-out perplexity",
         f"text to score the models on, same kinds as --dataset (default: {FORTUNES} when installed, "
@@ -755,6 +761,7 @@ def run_compare(args: argparse.Namespace) -> int:
         ratios=ratios,
         methods=_names(args.methods) if args.methods else METHODS,
         variants=dict(variants),
+        compensations=_names(args.compensations) if args.compensations else None,
         eval_source=args.eval_dataset if args.eval_dataset is not None else default_eval_source(),
         eval_config_name=args.eval_dataset_config,
         eval_split=args.eval_split,

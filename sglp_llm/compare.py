@@ -1,5 +1,7 @@
 """Compare pruning methods on one model: every method (and named SGLP variants) at several drop
-counts, scored by held-out perplexity, analysis time and generation speed.
+counts, each with every compensation asked for (sglp_llm.compensate, folded into the kept weights
+for the measurement and taken out after), scored by held-out perplexity, analysis time and
+generation speed.
 
 The model is loaded once. Each plan is applied with `rewrite.skip_blocks`, which really takes the
 dropped blocks out of the ModuleList, so the perplexity and speed measured inside are those of
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +26,11 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from .api import analyze, count_parameters, input_device
+from .api import analyze, count_parameters, fit_plan_compensation, input_device
+from .compensate import fold
 from .blocks import find_decoder_blocks
 from . import data
-from .config import CALIBRATION_FIELDS, METHODS, ConfigError, SGLPConfig
+from .config import CALIBRATION_FIELDS, COMPENSATIONS, METHODS, ConfigError, SGLPConfig
 from .data import FORTUNES, CalibrationSet, prepare_calibration
 from .evaluate import generation_speed, load_eval_texts, perplexity, warn_if_not_held_out
 from .rewrite import skip_blocks
@@ -82,6 +86,8 @@ class Comparison:
     dense: dict[str, Any]
     runs: list[dict[str, Any]] = field(default_factory=list)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # run name -> why its compensation could not be folded (e.g. a post-feedforward norm)
+    refused: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,6 +131,9 @@ class Comparison:
                 f"{name}: " + ", ".join(f"{k}={v}" for k, v in overrides.items())
                 for name, overrides in self.variants.items()
             ))
+        if self.refused:
+            lines.append("- not measured, the compensation refused: " + "; ".join(
+                f"{name}: {why}" for name, why in self.refused.items()))
         for title, key, _ in TABLES:
             lines += ["", f"## {title}", "", self.table(key)]
         return "\n".join(lines) + "\n"
@@ -205,6 +214,7 @@ def compare(
     ratios: Sequence[float] | None = None,
     methods: Sequence[str] = METHODS,
     variants: Mapping[str, Mapping[str, Any]] | None = None,
+    compensations: Sequence[str] | None = None,
     eval_source: str | None = None,
     eval_config_name: str | None = None,
     eval_split: str = "train",
@@ -223,7 +233,9 @@ def compare(
     """Analyze `model` with every method in `methods` and every variant (name -> SGLPConfig
     overrides of an SGLP run) at each drop count (`drops`, or `ratios` of the blocks), starting
     from `config` (calibration data and shared settings; its drop/ratio and method are
-    replaced). Each pruned model and the dense one are scored on the held-out `eval_source`
+    replaced). Every plan is measured with each of `compensations` (default: `config`'s), a run
+    named "<method>+<compensation>" for each but "none". Each pruned model and the dense one are
+    scored on the held-out `eval_source`
     (see `evaluate.load_eval_texts`) and timed with `evaluate.generation_speed`. The model is
     left unchanged.
 
@@ -233,6 +245,10 @@ def compare(
     """
     num_blocks = len(find_decoder_blocks(model, config.layers_path).layers)
     contenders = _contenders(config, methods, variants or {})
+    compensations = list(dict.fromkeys(compensations or [config.compensation]))
+    unknown = [c for c in compensations if c not in COMPENSATIONS]
+    if unknown:
+        raise ConfigError(f"Unknown compensation(s) {unknown}: choose from {', '.join(COMPENSATIONS)}.")
     counts = _drop_counts(config, drops, ratios, num_blocks)
     runs = [(name, cfg.replace(drop=n)) for name, cfg in contenders.items() for n in counts]
     for _, cfg in runs:  # fail before hours of analysis, not in the middle
@@ -262,7 +278,8 @@ def compare(
     # a resumed comparison keeps the descriptions of the runs earlier invocations made
     earlier_calibration = resume.calibration if resume is not None else {}
     earlier_variants = resume.variants if resume is not None else {}
-    bar = tqdm(total=len(runs) + 1, desc="Compare", disable=not progress)
+    refused = dict(resume.refused) if resume is not None else {}
+    bar = tqdm(total=len(runs) * len(compensations) + 1, desc="Compare", disable=not progress)
     bar.set_postfix_str("dense")
     dense = resume.dense if resume is not None and resume.dense else measure()
     bar.update()
@@ -283,12 +300,15 @@ def compare(
             # runs of `resume` not reached yet stay in every intermediate save
             runs=results + [r for key, r in done.items() if key not in {(x["method"], x["drop"]) for x in results}],
             variants={**earlier_variants, **{name: dict(overrides) for name, overrides in (variants or {}).items()}},
+            refused=dict(refused),
         )
 
     for name, cfg in runs:
-        if (name, cfg.drop) in done:
-            results.append(done[name, cfg.drop])
-            bar.update()
+        names = {c: name if c == "none" else f"{name}+{c}" for c in compensations}
+        todo = [c for c, run_name in names.items() if (run_name, cfg.drop) not in done and run_name not in refused]
+        results += [done[run_name, cfg.drop] for run_name in names.values() if (run_name, cfg.drop) in done]
+        bar.update(len(names) - len(todo))
+        if not todo:
             continue
         bar.set_postfix_str(f"{name}, drop {cfg.drop}")
         key = _calibration_key(cfg)
@@ -297,20 +317,37 @@ def compare(
         plan = analyze(
             model, calibrations[key], cfg, tokenizer=tokenizer, progress=False, statistics_cache=statistics
         )
-        with skip_blocks(model, plan.dropped, layers_path=plan.layers_path):
-            measured = measure()
-        results.append({
-            "method": name,
-            "base_method": cfg.method,
-            "drop": cfg.drop,
-            "dropped": plan.dropped,
-            "analysis_s": plan.timings["total_s"],
-            "timings": plan.timings,  # where the analysis time went (statistics pass, selection)
-            **measured,
-        })
-        bar.update()
-        if on_result is not None:
-            on_result(so_far())
+        for compensation in todo:
+            unfold, started = None, time.perf_counter()
+            if compensation != "none":
+                try:
+                    unfold = fold(model, fit_plan_compensation(model, calibrations[key].batches, plan, compensation),
+                                  plan.layers_path)
+                except ConfigError as error:
+                    refused[names[compensation]] = str(error)
+                    bar.update()
+                    continue
+            compensation_s = time.perf_counter() - started
+            try:
+                with skip_blocks(model, plan.dropped, layers_path=plan.layers_path):
+                    measured = measure()
+            finally:
+                if unfold is not None:
+                    unfold()
+            results.append({
+                "method": names[compensation],
+                "base_method": cfg.method,
+                "compensation": compensation,
+                "drop": cfg.drop,
+                "dropped": plan.dropped,
+                "analysis_s": plan.timings["total_s"],
+                "timings": plan.timings,  # where the analysis time went (statistics pass, selection)
+                "compensation_s": compensation_s,  # fitting and folding T (0 for none)
+                **measured,
+            })
+            bar.update()
+            if on_result is not None:
+                on_result(so_far())
     bar.close()
     return so_far()
 

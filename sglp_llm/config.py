@@ -222,6 +222,9 @@ class SGLPConfig(SettingsFile):
     compensation: str = "none"
     compensation_ridge: float = 0.0
     compensation_fit: str = "original"
+    # the loss check (or SLEB) measures every candidate removal with its compensation fitted and
+    # applied, instead of the plain removal
+    compensation_aware: bool = False
 
     # -- writing: run the pruned model (and the saved folder, reloaded) against the original with
     # the dropped blocks skipped, and write nothing on a mismatch (see sglp_llm.verify)
@@ -332,6 +335,20 @@ class SGLPConfig(SettingsFile):
             raise ConfigError(f"`compensation_ridge` must be a non-negative number, got {self.compensation_ridge!r}.")
         if self.compensation_fit not in COMPENSATION_FITS:
             raise ConfigError(f"`compensation_fit` must be one of {COMPENSATION_FITS}, got {self.compensation_fit!r}.")
+        if self.compensation != "none" and self.protect_first < 1:
+            raise ConfigError("Compensation folds into the block before each removed run, so block 0 must stay: "
+                              "set protect_first >= 1 or compensation: none.")
+        if self.compensation_aware:
+            if self.compensation == "none":
+                raise ConfigError("`compensation_aware` measures candidates with their compensation: choose one "
+                                  "(compensation: least_squares, cosine or rescale) or drop compensation_aware.")
+            if not (self.method == "sleb" or (self.method == "sglp" and self.scoring == "loss")):
+                raise ConfigError("`compensation_aware` changes how the loss check and SLEB measure a removal; "
+                                  f"method {self.method!r} with scoring {self.scoring!r} measures none. Use the "
+                                  "default loss check or method: sleb.")
+            if self.offload == "sequential":
+                raise ConfigError("`compensation_aware` runs each candidate in the model's own forward, not one "
+                                  "block at a time; load the model in memory or drop compensation_aware.")
         if self.hidden_states not in HIDDEN_STATES:
             raise ConfigError(f"`hidden_states` must be one of {HIDDEN_STATES}, got {self.hidden_states!r}.")
         if self.hidden_states_dir is not None and not Path(self.hidden_states_dir).expanduser().is_dir():

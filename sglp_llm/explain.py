@@ -44,7 +44,10 @@ def stages(config: dict[str, Any]) -> list[str]:
     if compensation == "none":
         return _choice_stages(config)
     fit = COMPENSATION_FIT_TEXT[config.get("compensation_fit", "original")]
-    return _choice_stages(config) + [f"{COMPENSATION_TEXT[compensation]}, {fit}"]
+    choice = _choice_stages(config)
+    if config.get("compensation_aware"):
+        choice[-1] += f"; each candidate removal measured with its {compensation} compensation fitted and applied"
+    return choice + [f"{COMPENSATION_TEXT[compensation]}, {fit}"]
 
 
 def _choice_stages(config: dict[str, Any]) -> list[str]:

@@ -21,6 +21,7 @@ from torch import nn
 
 from .blocks import find_decoder_blocks
 from .capture import block_output
+from .compensate import Compensation, applied, fit_compensation, removed_runs
 from .distributed import all_reduce_state, shard
 from .rewrite import skip_blocks
 from .head import head_nll, output_of
@@ -207,9 +208,52 @@ class BlockwiseRemovalLoss(RemovalLoss):
         return _token_mean(summed, skipped)
 
 
+class CompensatedRemovalLoss(RemovalLoss):
+    """`RemovalLoss` of the network with each removed run compensated (sglp_llm.compensate): a
+    removed set is measured with its maps fitted on the loss batches and applied, so the choice
+    sees what the compensated model will compute. Fitted on the original network, a run's map
+    depends on the run alone and is fitted once; run by run, every set is fitted again. Each
+    measurement is a whole forward: a map changes the block before its run, so no kept output
+    of the current network stays valid."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], layers_path: str | None,
+                 *, method: str, ridge: float, fit_on: str) -> None:
+        super().__init__(model, batches, layers_path)
+        self._unsharded = list(batches)  # the fit shards and reduces by itself
+        self._fit = dict(method=method, ridge=ridge, fit_on=fit_on, layers_path=layers_path)
+        self._runs: dict[tuple[int, int], Compensation] = {}  # fit_on="original": run -> its map
+
+    def compensation(self, skipped: Sequence[int]) -> Compensation:
+        if self._fit["fit_on"] == "pruned":
+            return fit_compensation(self.model, self._unsharded, skipped, **self._fit)
+        result = Compensation(self._fit["method"])
+        for a, b in removed_runs(skipped):
+            if (a, b) not in self._runs:
+                self._runs[a, b] = fit_compensation(self.model, self._unsharded, range(a, b + 1), **self._fit)
+            result.transforms.update(self._runs[a, b].transforms)
+            result.fits.update(self._runs[a, b].fits)
+        return result
+
+    def loss_without(self, skipped: Sequence[int]) -> float:
+        with applied(self.model, self.compensation(skipped), self.layers_path):
+            return self._run(sorted(skipped), None, keep=False)
+
+    def current(self) -> float:
+        return self.loss_without(self.removed)
+
+    def measure(self, block: int) -> float:
+        if block in self.removed:
+            raise ValueError(f"Block {block} is removed already.")
+        return self.loss_without(self.removed + [block])
+
+
 def removal_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], config: Any) -> RemovalLoss:
-    """The removal loss for how `config` (an SGLPConfig) runs `model`: block by block under
-    sequential onloading or with its blocks on disk, else in the model's own forward."""
+    """The removal loss for how `config` (an SGLPConfig) runs `model`: with each candidate
+    compensated (`compensation_aware`); block by block under sequential onloading or with its
+    blocks on disk; else in the model's own forward."""
+    if config.compensation_aware:
+        return CompensatedRemovalLoss(model, batches, config.layers_path, method=config.compensation,
+                                      ridge=config.compensation_ridge, fit_on=config.compensation_fit)
     if config.offload == "sequential" or hasattr(model, BLOCK_LOADER_ATTRIBUTE):
         return BlockwiseRemovalLoss(model, batches, config.layers_path, device=config.onload_device)
     return RemovalLoss(model, batches, config.layers_path)

@@ -225,16 +225,16 @@ def test_cli_compare_writes_the_three_files(model_dir, held_out, tmp_path, capsy
     out = tmp_path / "cmp"
     argv = ["compare", "--model", str(model_dir), "--drops", "2,1", "--methods", "last,random",
             "--variant", "k1:groups=true,num_segments=1", "--eval-dataset", str(held_out), "--eval-max-texts", "2",
-            "--output", str(out), *CLI_FAST]
+            "--compensations", "none,rescale", "--output", str(out), *CLI_FAST]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     written = json.loads((out / "compare.json").read_text())
     assert [(r["method"], r["drop"]) for r in written["runs"]] == [
-        ("last", 1), ("last", 2), ("random", 1), ("random", 2), ("k1", 1), ("k1", 2),
+        (name, drop) for method in ("last", "random", "k1") for drop in (1, 2) for name in (method, method + "+rescale")
     ]
     assert written["evaluation"]["n_texts"] == 2 and written["model"] == str(model_dir)
-    expected = perplexity(pruned_copy(written["runs"][1]["dropped"]), tiny_tokenizer(), HELD_OUT[:2], progress=False)
-    assert written["runs"][1]["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
+    expected = perplexity(pruned_copy(written["runs"][2]["dropped"]), tiny_tokenizer(), HELD_OUT[:2], progress=False)
+    assert written["runs"][2]["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
     assert "| method | drop 1 | drop 2 |" in printed
     assert f"Comparison written to {out}: compare.json, compare.md, compare.png" in printed
     assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md", "compare.png"]
@@ -329,3 +329,39 @@ def test_resuming_with_other_variants_keeps_the_earlier_descriptions(run, tokeni
     assert resumed.variants == {**full.variants, "k1": {"groups": True, "num_segments": 1}}
     assert set(resumed.calibration) == set(full.calibration) | {"k1"}
     assert {r["method"] for r in resumed.runs} >= {r["method"] for r in full.runs} | {"k1"}
+
+
+def test_compensations_cross_every_plan_and_equal_prune_with_that_compensation(tokenizer, held_out):
+    from sglp_llm import prune
+
+    model = tiny_model("llama", num_layers=8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    result = compare(model, tokenizer, CONFIG, drops=[2], methods=["last", "block-influence"],
+                     compensations=["none", "least_squares", "rescale"], eval_source=str(held_out), progress=False,
+                     **SPEED)
+    assert [(r["method"], r["base_method"], r["compensation"]) for r in result.runs] == [
+        ("last", "last", "none"), ("last+least_squares", "last", "least_squares"), ("last+rescale", "last", "rescale"),
+        ("block-influence", "block-influence", "none"),
+        ("block-influence+least_squares", "block-influence", "least_squares"),
+        ("block-influence+rescale", "block-influence", "rescale"),
+    ]
+    for cell in result.runs:
+        settings = CONFIG.replace(drop=2, method=cell["base_method"], compensation=cell["compensation"])
+        pruned = prune(tiny_model("llama", num_layers=8), None, settings, tokenizer=tokenizer, progress=False)
+        assert pruned.plan.dropped == cell["dropped"]
+        expected = perplexity(pruned.model, tokenizer, HELD_OUT, progress=False)["perplexity"]
+        assert cell["perplexity"] == pytest.approx(expected, rel=1e-5), cell["method"]
+    assert len({round(c["perplexity"], 6) for c in result.runs}) == 6  # each compensation changes the model
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # folded, then taken out
+    assert "| last+rescale |" in result.markdown()
+
+
+def test_a_compensation_that_cannot_fold_is_reported_not_measured(tokenizer, held_out):
+    result = compare(tiny_model("gemma2", num_layers=6), tokenizer, CONFIG, drops=[1], methods=["last"],
+                     compensations=["least_squares", "rescale"], eval_source=str(held_out), progress=False, **SPEED)
+    assert [r["method"] for r in result.runs] == ["last+rescale"]
+    assert "added to the residual stream as it is" in result.refused["last+least_squares"]
+    assert "not measured, the compensation refused: last+least_squares:" in result.markdown()
+    with pytest.raises(ConfigError, match="Unknown compensation"):
+        compare(tiny_model("llama", num_layers=4), tokenizer, CONFIG, drops=[1], methods=["last"],
+                compensations=["lstsq"], eval_source=str(held_out), progress=False, **SPEED)

@@ -306,3 +306,52 @@ def test_device_map_with_offloaded_blocks_fits_the_plain_transforms_and_refuses_
     torch.testing.assert_close(got.transforms[2], expected.transforms[2], rtol=1e-6, atol=1e-9)
     with pytest.raises(ConfigError, match="not in memory"):
         fit_compensation(mapped, _batches(1), [2])  # block 1, which would take T, is on disk
+
+
+def _compensated_nll(model, batches, skipped, method, fit_on):
+    """The brute force: fit the maps for `skipped` from scratch, apply them, run the whole network."""
+    from sglp_llm.removal import calibration_nll
+
+    with applied(model, fit_compensation(model, batches, skipped, method=method, fit_on=fit_on)):
+        return calibration_nll(model, batches, skipped)
+
+
+@pytest.mark.parametrize("method, selection, fit_on", [
+    ("least_squares", "sglp", "original"), ("rescale", "sglp", "pruned"), ("least_squares", "sleb", "original")])
+def test_compensation_aware_selection_is_the_greedy_search_on_compensated_losses(method, selection, fit_on):
+    from sglp_llm import SGLPConfig, analyze
+
+    model = tiny_model("llama", num_layers=7)
+    batches = _batches(2)
+    config = SGLPConfig(drop=2, method=selection, compensation=method, compensation_fit=fit_on, compensation_aware=True,
+                        loss_lazy=False, loss_tokens=10**6, cka_minibatch_tokens=16)
+    plan = analyze(model, batches, config, progress=False)
+    steps = plan.extra["sleb_steps"] if selection == "sleb" else plan.extra["loss_check"]["steps"]
+    removed: list[int] = []
+    for step in steps:  # each step removes the block whose compensated removal leaves the lowest loss
+        losses = {b: _compensated_nll(model, batches, removed + [b], method, fit_on)
+                  for b in range(1, 6) if b not in removed}
+        best = min(losses, key=lambda b: (losses[b], b))
+        assert step["block"] == best and step["loss"] == pytest.approx(losses[best], rel=1e-5)
+        removed.append(best)
+    assert sorted(removed) == plan.dropped
+    plain = analyze(model, batches, config.replace(compensation_aware=False), progress=False)
+    plain_steps = plain.extra["sleb_steps"] if selection == "sleb" else plain.extra["loss_check"]["steps"]
+    assert [s["loss"] for s in plain_steps] != pytest.approx([s["loss"] for s in steps], rel=1e-3)
+
+
+def test_compensation_aware_settings_are_checked():
+    from sglp_llm import SGLPConfig
+    from sglp_llm.explain import stages
+
+    with pytest.raises(ConfigError, match="choose one"):
+        SGLPConfig(drop=1, compensation_aware=True)
+    with pytest.raises(ConfigError, match="measures none"):
+        SGLPConfig(drop=1, method="block-influence", compensation="rescale", compensation_aware=True)
+    with pytest.raises(ConfigError, match="one block at a time"):
+        SGLPConfig(drop=1, compensation="rescale", compensation_aware=True, offload="sequential")
+    with pytest.raises(ConfigError, match="protect_first >= 1"):
+        SGLPConfig(drop=1, compensation="rescale", protect_first=0)
+    lines = stages(SGLPConfig(drop=1, compensation="rescale", compensation_fit="pruned", compensation_aware=True).to_dict())
+    assert lines[-2].endswith("each candidate removal measured with its rescale compensation fitted and applied")
+    assert lines[-1].endswith("fitted run by run on the network pruned and compensated so far")
