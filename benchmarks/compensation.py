@@ -27,7 +27,7 @@ import torch
 
 from calibration import language_reference
 from quality import CALIBRATION, MODELS, RESULTS, gather
-from sglp_llm.compensate import fit_compensation, fold
+from sglp_llm.compensate import fit_compensation, fold, removed_runs
 from sglp_llm.config import ConfigError, SGLPConfig
 from sglp_llm.data import FORTUNES, prepare_calibration
 from sglp_llm.evaluate import load_eval_texts, perplexity
@@ -50,7 +50,7 @@ VARIANTS = {
     "rescale, run by run, varied text": dict(method="rescale", fit_on="pruned", text="varied"),
 }
 # measured by default (the ridge, and least squares on the varied text: only where asked)
-DEFAULT_VARIANTS = ("least_squares", "least_squares, run by run", "cosine", "rescale", "rescale, run by run",
+DEFAULT_VARIANTS = ("least_squares", "cosine", "rescale", "least_squares, run by run", "rescale, run by run",
                     "rescale, run by run, varied text")
 
 
@@ -93,6 +93,23 @@ def _compensated(model, tokenizer, texts, calibrations, dropped, variant):
     return result
 
 
+def _key(dropped) -> str:
+    return ",".join(map(str, sorted(dropped)))
+
+
+def _measure(model, tokenizer, texts, calibrations, dropped, label, done) -> dict:
+    """The variant's result; run by run on a single removed run is the fit on the original
+    network (the run sees the original network either way), so that result is copied."""
+    on_original = label.replace(", run by run", "")
+    if on_original != label and len(removed_runs(dropped)) == 1 and on_original in VARIANTS:
+        if {**VARIANTS[on_original], "fit_on": "pruned"} == VARIANTS[label] and on_original in done:
+            return {**done[on_original], "same_as": on_original}
+    try:
+        return _compensated(model, tokenizer, texts, calibrations, dropped, VARIANTS[label])
+    except ConfigError as error:
+        return {"refused": str(error)}
+
+
 def _calibrations(tokenizer) -> dict[str, list]:
     """The selection's calibration sequences, and the varied set: 32 windows each of the
     docstrings and of the language reference."""
@@ -115,8 +132,7 @@ def _measured_before(name: str) -> dict[str, dict]:
         if result.get("key") != name:
             continue
         for cell in result["cells"]:
-            key = ",".join(map(str, sorted(cell["dropped"])))
-            measured.setdefault(key, {}).update({label: cell[label] for label in VARIANTS if label in cell})
+            measured.setdefault(_key(cell["dropped"]), {}).update({label: cell[label] for label in VARIANTS if label in cell})
     return measured
 
 
@@ -132,19 +148,17 @@ def run_model(name: str, variants: list[str], save) -> dict:
     for drop in drops:
         for selection in SELECTIONS:
             dropped = ablation["runs"][f"{selection}|{drop}"]["dropped"]
-            key = ",".join(map(str, sorted(dropped)))
-            done = measured.setdefault(key, {})
-            cell = {"selection": selection, "drop": drop, "dropped": dropped, "plain": ablation["evaluated"][key]}
-            out["cells"].append(cell)
-            for label in variants:
-                if label not in done:
-                    try:
-                        done[label] = _compensated(model, tokenizer, texts, calibrations, dropped, VARIANTS[label])
-                    except ConfigError as error:
-                        done[label] = {"refused": str(error)}
-                    print(json.dumps({"blocks": key, label: done[label]}), flush=True)
-                cell.update({label: done[label] for label in VARIANTS if label in done})
-                save(out)
+            out["cells"].append({"selection": selection, "drop": drop, "dropped": dropped,
+                                 "plain": ablation["evaluated"][_key(dropped)]})
+    for label in variants:  # variant by variant: the first ones complete first
+        for cell in out["cells"]:
+            done = measured.setdefault(_key(cell["dropped"]), {})
+            if label not in done:
+                done[label] = _measure(model, tokenizer, texts, calibrations, cell["dropped"], label, done)
+                print(json.dumps({"blocks": _key(cell["dropped"]), label: done[label]}), flush=True)
+            for each in out["cells"]:
+                each.update(measured.get(_key(each["dropped"]), {}))
+            save(out)
     return out
 
 

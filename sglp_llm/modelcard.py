@@ -187,6 +187,8 @@ def _chosen_section(plan: PruningPlan) -> str:
         f"- compensation folded into block {p} (before removed blocks {f['run'][0]}-{f['run'][1]}): relative "
         f"residual {f['relative_residual']:.3f} on {f['tokens']} calibration tokens (dropped plainly: "
         f"{f['relative_residual_dropped']:.3f})"
+        + (f", mean cosine distance {f['cosine_distance']:.4f} (least squares: {f['cosine_distance_least_squares']:.4f})"
+           if "cosine_distance" in f else "")
         for p, f in sorted(folded.items(), key=lambda item: int(item[0]))
     ]
     return "\n".join(lines)

@@ -71,7 +71,7 @@ class PruningPlan:
         """A few human-readable lines: the stages that ran, segments, scores and the decision
         with what chose each dropped block."""
         lines = [
-            f"{self.num_blocks} blocks, {len(self.segments)} segments, "
+            f"{self.num_blocks} blocks, {len(self.segments)} segment{'s' if len(self.segments) != 1 else ''}, "
             f"{self.n_tokens} calibration tokens in {self.n_batches} batches; scores: {self.score_label()}"
             + (f"; ran on {', '.join(self.extra['devices'])}" if self.extra.get("devices") else ""),
             *(f"  {stage}" for stage in stages(self.config)),

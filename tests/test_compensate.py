@@ -77,7 +77,8 @@ def test_a_run_from_the_first_block_is_refused():
         fit_compensation(tiny_model("llama", num_layers=4), _batches(1), [0, 1])
 
 
-def test_prune_with_compensation_writes_a_plain_model_equal_to_the_explicit_transform(tmp_path):
+@pytest.mark.parametrize("method", ["least_squares", "cosine"])
+def test_prune_with_compensation_writes_a_plain_model_equal_to_the_explicit_transform(tmp_path, method):
     from transformers import AutoModelForCausalLM
 
     from sglp_llm import SGLPConfig, prune
@@ -85,8 +86,7 @@ def test_prune_with_compensation_writes_a_plain_model_equal_to_the_explicit_tran
 
     model = tiny_model("llama", num_layers=8)
     original = copy.deepcopy(model)
-    config = SGLPConfig(drop=3, compensation="least_squares", cka_minibatch_tokens=16, seq_len=16, n_samples=12,
-                        batch_size=4)
+    config = SGLPConfig(drop=3, compensation=method, cka_minibatch_tokens=16, seq_len=16, n_samples=12, batch_size=4)
     result = prune(model, _batches(), config, progress=False)
     folded = result.plan.extra["compensation"]["folded"]
     runs = removed_runs(result.plan.dropped)
@@ -98,8 +98,9 @@ def test_prune_with_compensation_writes_a_plain_model_equal_to_the_explicit_tran
     card = (saved / "README.md").read_text()
     for p, f in folded.items():
         assert f"compensation folded into block {p} (before removed blocks {f['run'][0]}-{f['run'][1]})" in card
+        assert ("mean cosine distance" in card) == (method == "cosine") == ("cosine_distance" in f)
     reloaded = AutoModelForCausalLM.from_pretrained(saved)
-    refit = fit_compensation(original, _batches(), result.plan.dropped)
+    refit = fit_compensation(original, _batches(), result.plan.dropped, method=method)
     batch = tiny_batch(batch_size=2, seq_len=12, seed=7)
     with torch.no_grad(), applied(original, refit), skip_blocks(original, result.plan.dropped):
         expected = original(**batch).logits
