@@ -92,9 +92,9 @@ def _score_and_choice(config: dict[str, Any], settings: SGLPConfig) -> list[str]
             pool = "every block of its group" if size == "all" else f"the {size} lowest-scored blocks of each group"
             share = ("; each group giving as many as the loss decides, keeping at least one"
                      if config.get("allocation") in ("auto", "loss") else f"; drops per group by {config.get('allocation')}")
-        samples = config.get("loss_screen_samples")
+        samples = 0 if config.get("compensation_aware") else config.get("loss_screen_samples")
         screen = ("; the first step measures only the candidates the Taylor estimates make promising"
-                  if config.get("loss_screen") == "taylor" else
+                  if config.get("loss_screen") == "taylor" and not config.get("compensation_aware") else
                   f"; the first step measures only the candidates that a screen on {samples} calibration "
                   f"sequence{'s' if samples != 1 else ''} makes promising" if samples else "")
         lines.append(

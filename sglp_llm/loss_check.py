@@ -39,7 +39,8 @@ def loss_check(
     With `loss_screen_samples` (0: off), the first step ranks every candidate on that many
     calibration sequences only, and those estimates stand in as the earlier measurements: only the
     candidates they make promising are measured on the loss batches. With `loss_screen: taylor`
-    the estimates are the loss plus each candidate's Taylor gate score instead: no forward at all."""
+    the estimates are the loss plus each candidate's Taylor gate score instead: no forward at all.
+    With `compensation_aware` there is no screen: a removal is measured with its compensation."""
     config, scores = context.config, context.scores
     batches = first_tokens(context.batches, config.loss_tokens)
     removal = removal_loss(context.model, batches, config)
@@ -78,10 +79,12 @@ def loss_check(
                     return measured[block]
                 return max(measured[block], current + increase[block])
 
-            taylor = config.loss_screen == "taylor"
-            if current is None and (tightened or config.loss_screen_samples or taylor):
+            # a compensated removal has no plain estimate to screen it by: every candidate is measured
+            taylor = config.loss_screen == "taylor" and not config.compensation_aware
+            screened = taylor or (config.loss_screen_samples and not config.compensation_aware)
+            if current is None and (tightened or screened):
                 current = removal.current()  # the unpruned network's loss, at the first step
-            if not steps and (config.loss_screen_samples or taylor):
+            if not steps and screened:
                 # the gate's first-order estimate costs nothing more: the statistics pass made it
                 first = {b: current + scores[b] for b in candidates} if taylor else _screen(context, batches, candidates, current)
                 for block, estimate in first.items():

@@ -300,6 +300,18 @@ def test_loss_check_flags_reach_the_config():
     assert (config.loss_bound, config.loss_screen_samples) == ("local", 4)
 
 
+def test_compensation_flags_reach_the_config():
+    from sglp_llm.cli import build_parser, resolve_settings
+
+    args = build_parser().parse_args(["analyze", "--drop", "2", "--compensation", "cosine", "--compensation-ridge", "0.1",
+                                      "--compensation-fit", "pruned", "--compensation-aware"])
+    _, config = resolve_settings(args)
+    assert (config.compensation, config.compensation_ridge, config.compensation_fit) == ("cosine", 0.1, "pruned")
+    assert config.compensation_aware is True
+    _, plain = resolve_settings(build_parser().parse_args(["analyze", "--drop", "2"]))
+    assert (plain.compensation, plain.compensation_fit, plain.compensation_aware) == ("none", "original", False)
+
+
 def test_prune_eval_speed_reports_parameters_and_throughput_before_and_after(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "pruned"
     assert main(["prune", "--model", str(model_dir), "--drop", "2", "--dataset", str(text_file), "--output", str(out),

@@ -356,3 +356,19 @@ def test_compensation_aware_settings_are_checked():
     lines = stages(SGLPConfig(drop=1, compensation="rescale", compensation_fit="pruned", compensation_aware=True).to_dict())
     assert lines[-2].endswith("each candidate removal measured with its rescale compensation fitted and applied")
     assert lines[-1].endswith("fitted run by run on the network pruned and compensated so far")
+
+
+def test_compensation_aware_loss_check_measures_every_first_candidate_without_a_screen():
+    from sglp_llm import SGLPConfig, analyze
+
+    model = tiny_model("llama", num_layers=7)
+    batches = _batches(2)
+    config = SGLPConfig(drop=2, compensation="rescale", compensation_aware=True, loss_tokens=10**6,
+                        cka_minibatch_tokens=16)  # the default lazy search and its one-sequence screen
+    assert config.loss_lazy and config.loss_screen_samples == 1
+    steps = analyze(model, batches, config, progress=False).extra["loss_check"]["steps"]
+    assert steps[0]["measured"] == steps[0]["candidates"] == 5  # blocks 1-5, none screened away
+    removed: list[int] = []
+    for step in steps:  # every recorded loss is the compensated network's
+        removed.append(step["block"])
+        assert step["loss"] == pytest.approx(_compensated_nll(model, batches, removed, "rescale", "original"), rel=1e-5)
