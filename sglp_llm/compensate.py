@@ -12,8 +12,8 @@ T = argmin ‖M T − (h_b − Y)‖² over calibration tokens, from two d × d 
   the stream as it is; families that normalise it first (Gemma 2/3's and OLMo 2's
   post-feedforward norm) are refused with a message (a check reruns block p with M zeroed).
 - "cosine" (ReplaceMe's variant): T minimises the mean cosine distance between M T and h_b − Y,
-  from the least-squares T by full-batch Adam steps; the cosine cannot fix T's scale, so the
-  scale is then least squares. It needs M and h_b − Y of the fitted tokens in memory.
+  from the least-squares T by full-batch L-BFGS; the cosine cannot fix T's scale, so the scale
+  is then least squares. It needs M and h_b − Y of the fitted tokens in memory.
 - "rescale" (in the spirit of Prune&Comp, arXiv 2507.18212): T is diagonal, each channel's
   least-squares scale. It folds into the output projections' rows, or into the weight of a
   post-feedforward norm (the branch then ends with that norm), so it serves those families too.
@@ -43,7 +43,7 @@ from .sequential import BLOCK_LOADER_ATTRIBUTE, BlockLoader, MoveBlocks, _onload
 
 DIAGONAL = ("rescale",)  # methods whose T is diagonal
 FIT_ON = ("original", "pruned")
-COSINE_STEPS = 200
+COSINE_STEPS = 100  # L-BFGS iterations
 
 
 def removed_runs(dropped: Sequence[int]) -> list[tuple[int, int]]:
@@ -187,20 +187,29 @@ def _cosine_distances(m: torch.Tensor, z: torch.Tensor, transform: torch.Tensor)
 
 
 def _fit_cosine(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], start: torch.Tensor, steps: int) -> torch.Tensor:
-    """Full-batch Adam on the mean cosine distance from `start` (float32); the gradient is summed
-    over the batches and processes, so every process takes the same steps."""
+    """Full-batch L-BFGS (at most `steps` iterations, strong Wolfe line search) on the mean
+    cosine distance from `start`, in float32; the loss and gradient are summed over the batches
+    and processes, so every process takes the same steps. (On SmolLM2 it reached in 10 s the
+    distance 1,000 Adam steps reach in 78.)"""
     device = pairs[0][0].device if pairs else torch.device("cpu")
-    transform = start.float().to(device).clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([transform], lr=1e-3 * float(start.abs().mean().clamp_min(1e-6)))
+    transform = start.float().to(device).contiguous().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([transform], max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-9, tolerance_change=1e-12)
     count = all_reduce_state({"count": sum(len(m) for m, _ in pairs)})["count"]
-    for _ in range(steps):
-        optimizer.zero_grad()
+
+    def closure() -> torch.Tensor:
         transform.grad = torch.zeros_like(transform)
+        loss = torch.zeros((), dtype=torch.float64)
         for m, z in pairs:
             with torch.enable_grad():
-                (_cosine_distances(m, z, transform).sum() / count).backward()
-        transform.grad = all_reduce_state({"grad": transform.grad})["grad"]
-        optimizer.step()
+                part = _cosine_distances(m, z, transform).sum() / count
+                part.backward()
+            loss += part.detach().double().cpu()
+        summed = all_reduce_state({"loss": loss, "grad": transform.grad})
+        transform.grad = summed["grad"].contiguous()
+        return summed["loss"].float()
+
+    optimizer.step(closure)
     return transform.detach().double().cpu()
 
 
