@@ -28,7 +28,7 @@ from .cka import MinibatchCKA
 from .compensate import Compensation, applied, fit_compensation, fold
 from .config import CALIBRATION_FIELDS, ConfigError, SGLPConfig
 from .data import CalibrationSet, prepare_calibration
-from .devices import activation_checkpointing, devices_used
+from .devices import activation_checkpointing, devices_used, input_device
 from .head import backward_through_head, output_of
 from .explain import chosen_by, stages
 from .distributed import all_reduce_state, is_main_process, rank, world_size
@@ -71,17 +71,6 @@ def _gradient_pass(config: SGLPConfig) -> str | None:
     if not config.needs_backward:
         return None
     return "gradnorm" if config.gradient_score == "gradnorm" else "gate"
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where token ids must go: the device of the input embeddings (first device of a map), or
-    for embeddings that accelerate offloads, the device they run on."""
-    embeddings = model.get_input_embeddings()
-    # one table, or several (one per codebook, e.g. MusicGen)
-    device = next(embeddings.parameters()).device
-    if device.type == "meta":
-        device = torch.device(getattr(getattr(embeddings, "_hf_hook", None), "execution_device", "cpu"))
-    return device
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

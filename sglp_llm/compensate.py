@@ -39,7 +39,8 @@ from .blocks import find_decoder_blocks
 from .capture import block_output
 from .config import ConfigError
 from .distributed import all_reduce_state, shard
-from .sequential import BLOCK_LOADER_ATTRIBUTE, BlockLoader, MoveBlocks, _onloaded, _record_calls
+from .devices import input_device
+from .sequential import BlockLoader, _onloaded, _record_calls
 
 DIAGONAL = ("rescale",)  # methods whose T is diagonal
 FIT_ON = ("original", "pruned")
@@ -304,7 +305,8 @@ def fit_compensation(
     network or (`fit_on="pruned"`) run by run on the pruned, compensated one; `skip_first`
     leaves each sequence's first token (the attention sink, whose massive activations would
     dominate the sums) out. `device` and `loader`: where and how blocks run one at a time under
-    sequential onloading; by default each block runs where it is."""
+    sequential onloading (e.g. sglp_llm.sequential.MoveBlocks); by default each block runs where
+    it is (in memory, or where a device map put it)."""
     if fit_on not in FIT_ON:
         raise ConfigError(f"`compensation_fit` must be one of {FIT_ON}, got {fit_on!r}.")
     layers = find_decoder_blocks(model, layers_path).layers
@@ -317,14 +319,13 @@ def fit_compensation(
     after = {b: a - 1 for a, b in runs}
     branches = {p: branch(layers[p], p, method, width) for p in before}
     batches = shard(batches)
-    if device is None and loader is None:
-        device, loader = next(model.parameters()).device, _InPlace()
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    loader = loader or getattr(model, BLOCK_LOADER_ATTRIBUTE, None) or MoveBlocks()
+    device = torch.device(device) if device is not None else input_device(model)
+    loader = loader or _InPlace()
     recorded = [_record_calls(model, layers, batch, device) for batch in batches]
     calls = [c for _, c in recorded]
     original = [first.to(device) for first, _ in recorded]  # the original network's stream
-    pruned = list(original)  # the pruned network's (fit_on="pruned"; the same tensors until a run)
+    # the pruned network's: fitted on the original, the same list; run by run, the same tensors until a run
+    pruned = original if fit_on == "original" else list(original)
     masks = [_fit_tokens(batch, skip_first) for batch in batches]
     pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # p -> (M, Y) of each batch
     result = Compensation(method)
@@ -333,15 +334,14 @@ def fit_compensation(
         with _onloaded(loader, index, block, device):
             for j, batch_calls in enumerate(calls):
                 call = batch_calls[index]
-                diverged = fit_on == "pruned" and pruned[j] is not original[j]
+                diverged = pruned[j] is not original[j]
                 if index in before:
-                    stream = pruned[j] if fit_on == "pruned" else original[j]
                     captured: list[torch.Tensor] = []
                     with _output_replaced(branches[index], lambda output: captured.append(output) or output):
-                        output = block_output(call.run(block, stream))
+                        output = block_output(call.run(block, pruned[j]))
                     m = captured[0]
                     if j == 0:
-                        _check_added_as_is(index, block, branches[index], lambda: call.run(block, stream), output, m)
+                        _check_added_as_is(index, block, branches[index], lambda: call.run(block, pruned[j]), output, m)
                     pending[index] = pending.get(index, []) + [(m, output - m)]
                     if diverged:
                         original[j] = block_output(call.run(block, original[j]))

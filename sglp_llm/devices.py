@@ -154,3 +154,14 @@ def devices_used(model: nn.Module, config: Any) -> list[str]:
     if config.offload == "sequential":
         found.add(str(config.onload_device or model.get_input_embeddings().weight.device))
     return sorted(found)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where token ids must go: the device of the input embeddings (first device of a map), or
+    for embeddings that accelerate offloads, the device they run on."""
+    embeddings = model.get_input_embeddings()
+    # one table, or several (one per codebook, e.g. MusicGen)
+    device = next(embeddings.parameters()).device
+    if device.type == "meta":
+        device = torch.device(getattr(getattr(embeddings, "_hf_hook", None), "execution_device", "cpu"))
+    return device
