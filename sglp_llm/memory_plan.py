@@ -176,6 +176,21 @@ def plan_memory(
         plan.add("loss check", run, "activations of one block", activations(batch * seq, batch))
         plan.add("loss check", run, "one chunk of the head's logits", head(batch, seq))
 
+    if config.compensation != "none":  # the block-by-block fit (sglp_llm.compensate), where blocks run
+        weights("compensation fit")
+        runs = config.resolve_drop(num_blocks)  # at most one removed run per dropped block
+        streams = 1 if config.compensation_fit == "original" else 2
+        plan.add("compensation fit", run, "hidden states of the original network" + (
+            " and the pruned one" if streams == 2 else "") + ", every calibration batch", streams * state)
+        plan.add("compensation fit", run, "M and Y of the run being fitted, every calibration batch", 2 * state)
+        plan.add("compensation fit", host, "recorded block calls (masks)", config.n_samples * seq * seq * size * (
+            2 if getattr(text, "sliding_window", None) else 1))
+        plan.add("compensation fit", run, "activations of one block", activations(batch * seq, batch))
+        plan.add("compensation fit", host, "Gram sums of one run and the maps of every run (float64)",
+                 (2 + runs) * hidden * hidden * 8)
+        if config.compensation == "cosine":
+            plan.add("compensation fit", run, "M and h_b - Y of the fitted tokens (float32, cosine)", 2 * tokens * hidden * 4)
+
     if write and blocks_on_disk:
         weights("writing the pruned model", block=False)
         # the blocks' tensors of one output shard, read one at a time and cast (the embeddings

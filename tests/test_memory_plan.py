@@ -72,3 +72,18 @@ def test_plan_memory_reads_no_weights_and_prints_the_plan(tmp_path, monkeypatch,
     saved = json.loads(report.read_text())
     assert saved["mode"] == "blocks on disk" and saved["peak_bytes"]["cpu"] > RUNTIME_BYTES
     assert tiny_config("llama", 6).num_hidden_layers == 6
+
+
+@pytest.mark.parametrize("method, fit_on", [("rescale", "original"), ("cosine", "pruned")])
+def test_compensation_fit_counts_its_streams_the_pending_run_and_the_maps(method, fit_on):
+    config, _, _, total = _sizes()
+    settings = SGLPConfig(compensation=method, compensation_fit=fit_on, **SETTINGS)
+    fit = plan_memory(config, settings, dtype=torch.float32).phases["compensation fit"]["cpu"]
+    state = 8 * 16 * 32 * 4  # 128 calibration tokens, width 32, float32
+    streams = [part for part in fit if part.startswith("hidden states of the original network")]
+    assert len(streams) == 1 and fit[streams[0]] == (1 if fit_on == "original" else 2) * state
+    assert fit["M and Y of the run being fitted, every calibration batch"] == 2 * state
+    assert fit["Gram sums of one run and the maps of every run (float64)"] == (2 + 2) * 32 * 32 * 8  # drop 2
+    assert fit["whole model"] == total * 4
+    assert ("M and h_b - Y of the fitted tokens (float32, cosine)" in fit) == (method == "cosine")
+    assert "compensation fit" not in plan_memory(config, SGLPConfig(**SETTINGS), dtype=torch.float32).phases
