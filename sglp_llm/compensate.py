@@ -5,6 +5,9 @@ For each removed contiguous run of blocks a..b, the kept block p = a − 1 write
 output M into the residual stream, h_p = Y + M (Y: the stream after its attention). A map T makes
 Y + M T approximate h_b, what the run's last block produced in the original network:
 T = argmin ‖M T − (h_b − Y)‖² over calibration tokens, from two d × d Gram sums in float64.
+Every token is fitted, each sequence's first (the attention sink) included: left out, its massive
+activations pass through a T that never saw them, which broke SmolLM2 at 30 % dropped
+(perplexity over 10⁵; benchmarks/results/compensation.md).
 
 - "least_squares" (ReplaceMe, arXiv 2505.02819): T is d × d and folds into the MLP's output
   projections (W ← Tᵀ W, c ← Tᵀ c): the down projection, or every expert's and the shared
@@ -294,7 +297,7 @@ def fit_compensation(
     *,
     method: str = "least_squares",
     layers_path: str | None = None,
-    skip_first: bool = True,
+    skip_first: bool = False,
     ridge: float = 0.0,
     fit_on: str = "original",
     device: str | torch.device | None = None,
@@ -303,8 +306,8 @@ def fit_compensation(
 ) -> Compensation:
     """Fit T (`method`) for every removed run of `dropped` over `batches`, on the original
     network or (`fit_on="pruned"`) run by run on the pruned, compensated one; `skip_first`
-    leaves each sequence's first token (the attention sink, whose massive activations would
-    dominate the sums) out. `device` and `loader`: where and how blocks run one at a time under
+    leaves each sequence's first token (the attention sink) out, as measured against in the
+    module's docstring. `device` and `loader`: where and how blocks run one at a time under
     sequential onloading (e.g. sglp_llm.sequential.MoveBlocks); by default each block runs where
     it is (in memory, or where a device map put it)."""
     if fit_on not in FIT_ON:

@@ -26,19 +26,19 @@ def test_removed_runs_are_the_contiguous_runs():
     assert removed_runs([]) == []
 
 
-def _stacked(model, batches, p, b):
-    """M (block p's MLP output) and h_b − Y, every non-padding token but each row's first."""
-    return _stacked_branch(model, batches, p, b, find_decoder_blocks(model).layers[p].mlp)
+def _stacked(model, batches, p, b, skip_first=False):
+    """M (block p's MLP output) and h_b − Y, every non-padding token (but each row's first)."""
+    return _stacked_branch(model, batches, p, b, find_decoder_blocks(model).layers[p].mlp, skip_first)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_fitted_transform_is_the_least_squares_solution(family):
+@pytest.mark.parametrize("family, skip_first", [("llama", False), ("qwen3", False), ("llama", True)])
+def test_fitted_transform_is_the_least_squares_solution(family, skip_first):
     model = tiny_model(family, num_layers=8)
     batches = _batches()
-    compensation = fit_compensation(model, batches, [3, 4, 6])
+    compensation = fit_compensation(model, batches, [3, 4, 6], skip_first=skip_first)
     assert sorted(compensation.transforms) == [2, 5]
     for p, b in ((2, 4), (5, 6)):
-        m, z = _stacked(model, batches, p, b)
+        m, z = _stacked(model, batches, p, b, skip_first)
         reference = torch.linalg.lstsq(m, z).solution
         torch.testing.assert_close(compensation.transforms[p], reference, rtol=1e-6, atol=1e-8)
         fit = compensation.fits[p]
@@ -122,8 +122,8 @@ def test_prune_refuses_compensation_where_it_cannot_fold_and_leaves_the_model_un
         SGLPConfig(drop=1, compensation="least_squares", compensation_fit="later")
 
 
-def _stacked_branch(model, batches, p, b, module):
-    """`module`'s output (block p's branch) and h_b − Y, every non-padding token but each row's first."""
+def _stacked_branch(model, batches, p, b, module, skip_first=False):
+    """`module`'s output (block p's branch) and h_b − Y, every non-padding token (but each row's first)."""
     layers = find_decoder_blocks(model).layers
     ms, zs, seen = [], [], {}
     handles = [module.register_forward_hook(lambda m, a, o: seen.__setitem__("m", o)),
@@ -133,7 +133,8 @@ def _stacked_branch(model, batches, p, b, module):
         for batch in batches:
             model(**batch)
             mask = batch["attention_mask"].bool().clone()
-            mask[:, 0] = False
+            if skip_first:
+                mask[:, 0] = False
             ms.append(seen["m"][mask])
             zs.append((seen["b"] - (seen["p"] - seen["m"]))[mask])
     for handle in handles:
@@ -168,8 +169,8 @@ def test_rescale_is_each_channels_least_squares_scale_and_folds_exactly(family):
 
 
 def _outputs(model, batches, modules, skipped=(), compensation=None):
-    """Each of `modules`' output (first item of a tuple), stacked over `batches`' tokens but each
-    row's first, from `model` with the `skipped` blocks removed and `compensation` applied."""
+    """Each of `modules`' output (first item of a tuple), stacked over `batches`' non-padding
+    tokens, from `model` with the `skipped` blocks removed and `compensation` applied."""
     outputs = {name: [] for name in modules}
     seen = {}
     handles = [module.register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name, o[0] if isinstance(o, tuple) else o))
@@ -179,7 +180,6 @@ def _outputs(model, batches, modules, skipped=(), compensation=None):
         for batch in batches:
             model(**batch)
             mask = batch["attention_mask"].bool().clone()
-            mask[:, 0] = False
             for name in modules:
                 outputs[name].append(seen[name][mask])
     for handle in handles:
