@@ -172,14 +172,16 @@ def _reduction(value: dict, plain: dict) -> float:
 def markdown(results: list[dict]) -> str:
     lines = ["# Compensation on held-out text (benchmarks/compensation.py)", "",
              "Perplexity fortunes / paragraphs of the same blocks dropped plainly and with T folded in "
-             "(each sequence's first token left out of the fit; the ridge, where chosen, on the last "
-             "quarter of the calibration sequences). Calibration 16 x 256 docstring tokens, seed 0 (the "
+             "(every token in the fit, or, \"first token out\", each sequence's first left out; the ridge, "
+             "where chosen, on the last quarter of the calibration sequences; \"run by run\": fitted on the "
+             "network pruned and compensated so far). Calibration 16 x 256 docstring tokens, seed 0 (the "
              "varied text: 32 x 256 docstring and 32 x 256 Python language reference tokens); blocks from "
              "benchmarks/results/ablation-<model>.json. Bold: at least 15 % below plain on both sources "
              "(the issue's target). Float32 on the CPU, one torch thread.", ""]
     for result in results:
-        lines += [f"## {result['model']}", "", "| selection | drop | blocks | plain | " + " | ".join(VARIANTS) + " |",
-                  "|---" * (4 + len(VARIANTS)) + "|"]
+        labels = [label for label in VARIANTS if any(label in cell for cell in result["cells"])]
+        lines += [f"## {result['model']}", "", "| selection | drop | blocks | plain | " + " | ".join(labels) + " |",
+                  "|---" * (4 + len(labels)) + "|"]
         best: dict[int, float] = {}
         for cell in result["cells"]:
             plain = cell["plain"]
@@ -192,13 +194,46 @@ def markdown(results: list[dict]) -> str:
 
             lines.append(f"| {cell['selection']} | {cell['drop']} | {' '.join(map(str, cell['dropped']))} | "
                          f"{plain['fortunes']:.1f} / {plain['paragraphs']:.1f} | "
-                         + " | ".join(text(cell[v]) if v in cell else "-" for v in VARIANTS) + " |")
-            for label in VARIANTS:
+                         + " | ".join(text(cell[v]) if v in cell else "-" for v in labels) + " |")
+            for label in labels:
                 if label in cell and "refused" not in cell[label]:
                     best[cell["drop"]] = max(best.get(cell["drop"], -1e9), _reduction(cell[label], plain))
         lines += ["", "Best reduction on both sources, over selections and variants: " + ", ".join(
             f"drop {drop}: {100 * value:+.0f} %" for drop, value in best.items()), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _aware_section())
+
+
+def _aware_section() -> list[str]:
+    """benchmarks/compensation_aware.py's results: the loss check measuring every candidate with
+    its compensation, against the default's choice."""
+    path = RESULTS / "compensation-aware.json"
+    if not path.is_file():
+        return []
+    lines = ["## Compensation-aware selection (benchmarks/compensation_aware.py)", "",
+             "The default loss check with each candidate removal measured with its compensation fitted on the "
+             "loss tokens and applied (no screen), against the default's plain choice; perplexity fortunes / "
+             "paragraphs. These runs left each sequence's first token out of every fit (the default when they "
+             "ran); one torch thread, sharing the two cores with another benchmark.", "",
+             "| model | compensation | drop | aware choice | compensated | default's choice | plainly | aware analysis (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for entry in json.loads(path.read_text()).values():
+        plain_runs = {c["drop"]: c["plain"] for r in _saved() if r["model"] == entry["model"] for c in r["cells"]
+                      if c["selection"] == "default"}
+        for drop, cell in entry["drops"].items():
+            ours = cell.get("compensated")
+            default = plain_runs.get(int(drop))
+            lines.append(
+                f"| {entry['model'].split(' (')[0]} | {entry['compensation']} | {drop} | {' '.join(map(str, cell['aware']))} | "
+                + (f"{ours['fortunes']:.1f} / {ours['paragraphs']:.1f}" if ours else "same blocks") + " | "
+                + f"{' '.join(map(str, cell['plain_choice']))} | "
+                + (f"{default['fortunes']:.1f} / {default['paragraphs']:.1f}" if default else "-")
+                + f" | {entry['analysis_s']:.0f} |")
+    return lines + [""]
+
+
+def _saved() -> list[dict]:
+    path = RESULTS / "compensation.json"
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def main() -> None:
