@@ -127,10 +127,8 @@ def _calibrations(tokenizer) -> dict[str, list]:
 
 def _measured_before(name: str) -> dict[str, dict]:
     """dropped blocks -> variant -> result, from an earlier compensation.json."""
-    path = RESULTS / "compensation.json"
-    previous = json.loads(path.read_text()) if path.is_file() else []
     measured: dict[str, dict] = {}
-    for result in previous:
+    for result in _saved():
         if result.get("key") != name:
             continue
         for cell in result["cells"]:
@@ -249,11 +247,10 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {unknown}")
     path = RESULTS / "compensation.json"
-    results = {r["key"]: r for r in (json.loads(path.read_text()) if path.is_file() else [])}
+    results: dict[str, dict] = {}
 
     def save(result: dict) -> None:  # re-read: another process may be measuring the other model
-        saved = {r["key"]: r for r in (json.loads(path.read_text()) if path.is_file() else [])}
-        results.update(saved)
+        results.update({r["key"]: r for r in _saved()})
         results[result["key"]] = result
         ordered = [results[key] for key in MODELS if key in results]
         path.write_text(json.dumps(ordered, indent=2) + "\n")

@@ -423,7 +423,7 @@ def prune(
     the dropped blocks skipped (sglp_llm.verify); if it does not, the model is put back as it was
     and a VerificationError says so."""
     batches = None
-    compensated = (plan.config if plan is not None else (config or SGLPConfig()).to_dict()).get("compensation", "none")
+    compensated = plan.config.get("compensation", "none") if plan is not None else getattr(config, "compensation", "none")
     if compensated != "none" and hasattr(model, BLOCK_LOADER_ATTRIBUTE):  # before any analysis
         raise ConfigError(
             "Compensation folds its maps into kept blocks' weights, which a model with its blocks on disk "

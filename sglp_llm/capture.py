@@ -33,6 +33,15 @@ def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def without_sequence_starts(token_mask: torch.Tensor) -> torch.Tensor:
+    """`token_mask` less each row's first token (after any left padding): the attention sink,
+    whose massive activations some statistics leave out."""
+    token_mask = token_mask.clone()
+    rows = token_mask.any(dim=1).nonzero().squeeze(-1)
+    token_mask[rows, token_mask[rows].int().argmax(dim=1)] = False
+    return token_mask
+
+
 def block_output(output) -> torch.Tensor:
     """Decoder blocks return a tensor (transformers v5) or a tuple whose first item it is."""
     return output[0] if isinstance(output, (tuple, list)) else output

@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .capture import without_sequence_starts
+
 MIN_TOKENS = 4  # the unbiased HSIC divides by n(n-3)
 # with skip_sinks, a token whose hidden-state norm at some block's output exceeds this many times
 # the median norm of its minibatch there is an attention sink / massive activation: left out
@@ -90,10 +92,8 @@ class MinibatchCKA:
         index = self.n_batches if index is None else index
         self.n_batches += 1
         if self.skip_sinks:  # each sequence's first token (after any left padding)
-            token_mask = token_mask.clone()
-            rows = token_mask.any(dim=1).nonzero().squeeze(-1)
-            token_mask[rows, token_mask[rows].int().argmax(dim=1)] = False
-            self.n_sinks += len(rows)
+            self.n_sinks += int(token_mask.any(dim=1).sum())
+            token_mask = without_sequence_starts(token_mask)
         positions = token_mask.reshape(-1).nonzero().squeeze(-1).cpu()
         order = torch.randperm(len(positions), generator=self._generator(index))
         if self.max_tokens_per_batch is not None:

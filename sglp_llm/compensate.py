@@ -39,14 +39,13 @@ import torch
 from torch import nn
 
 from .blocks import find_decoder_blocks
-from .capture import block_output
-from .config import ConfigError
+from .capture import block_output, without_sequence_starts
+from .config import COMPENSATION_FITS, ConfigError
 from .distributed import all_reduce_state, shard
 from .devices import input_device
 from .sequential import BlockLoader, _onloaded, _record_calls
 
 DIAGONAL = ("rescale",)  # methods whose T is diagonal
-FIT_ON = ("original", "pruned")
 COSINE_STEPS = 100  # L-BFGS iterations
 
 
@@ -270,13 +269,9 @@ def _check_added_as_is(index: int, block: nn.Module, module: nn.Module, rerun: C
 
 def _fit_tokens(batch: dict[str, torch.Tensor], skip_first: bool) -> torch.Tensor:
     """The positions the fit uses: every non-padding token, less each row's first with `skip_first`."""
-    ids = batch["input_ids"]
-    mask = batch["attention_mask"].bool().clone() if batch.get("attention_mask") is not None else torch.ones_like(
-        ids, dtype=torch.bool)
-    if skip_first:
-        rows = mask.any(dim=1).nonzero().squeeze(-1)
-        mask[rows, mask[rows].int().argmax(dim=1)] = False
-    return mask
+    mask = batch["attention_mask"].bool() if batch.get("attention_mask") is not None else torch.ones_like(
+        batch["input_ids"], dtype=torch.bool)
+    return without_sequence_starts(mask) if skip_first else mask
 
 
 class _InPlace:
@@ -310,14 +305,15 @@ def fit_compensation(
     module's docstring. `device` and `loader`: where and how blocks run one at a time under
     sequential onloading (e.g. sglp_llm.sequential.MoveBlocks); by default each block runs where
     it is (in memory, or where a device map put it)."""
-    if fit_on not in FIT_ON:
-        raise ConfigError(f"`compensation_fit` must be one of {FIT_ON}, got {fit_on!r}.")
+    if fit_on not in COMPENSATION_FITS:
+        raise ConfigError(f"`compensation_fit` must be one of {COMPENSATION_FITS}, got {fit_on!r}.")
     layers = find_decoder_blocks(model, layers_path).layers
     runs = removed_runs(dropped)
     if any(a == 0 for a, _ in runs):
         raise ConfigError("Compensation folds into the block before a removed run; block 0 has none before it. "
                           "Protect it (protect_first >= 1) or use compensation: none.")
     width = _width(model)
+    removed = set(dropped)
     before = {a - 1: b for a, b in runs}  # kept block p -> the run's last block
     after = {b: a - 1 for a, b in runs}
     branches = {p: branch(layers[p], p, method, width) for p in before}
@@ -345,7 +341,7 @@ def fit_compensation(
                     m = captured[0]
                     if j == 0:
                         _check_added_as_is(index, block, branches[index], lambda: call.run(block, pruned[j]), output, m)
-                    pending[index] = pending.get(index, []) + [(m, output - m)]
+                    pending.setdefault(index, []).append((m, output - m))
                     if diverged:
                         original[j] = block_output(call.run(block, original[j]))
                         pruned[j] = output
@@ -353,7 +349,7 @@ def fit_compensation(
                         original[j] = pruned[j] = output
                     continue
                 output = block_output(call.run(block, original[j]))
-                if fit_on == "pruned" and any(a - 1 < index <= b for a, b in runs):
+                if fit_on == "pruned" and index in removed:
                     original[j] = output  # the pruned stream skips the block
                 elif diverged:
                     original[j], pruned[j] = output, block_output(call.run(block, pruned[j]))

@@ -260,6 +260,17 @@ class SGLPConfig(SettingsFile):
         return self.groups if self.groups is not None else self.scoring != "loss"
 
     @property
+    def first_step_screen(self) -> str | None:
+        """What screens the loss check's first step: "taylor" (the gate's estimates), "sequences"
+        (`loss_screen_samples` calibration sequences) or None. A compensated removal
+        (`compensation_aware`) has no plain estimate to screen it by."""
+        if self.compensation_aware:
+            return None
+        if self.loss_screen == "taylor":
+            return "taylor"
+        return "sequences" if self.loss_screen_samples else None
+
+    @property
     def needs_backward(self) -> bool:
         """Whether the analysis needs a gradient score (a backward per calibration batch): SGLP
         does, except a loss check that tries every block of a segment."""

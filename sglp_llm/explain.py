@@ -41,10 +41,10 @@ COMPENSATION_FIT_TEXT = {
 def stages(config: dict[str, Any]) -> list[str]:
     """The stages a run with these settings (SGLPConfig.to_dict()) performs, in order."""
     compensation = config.get("compensation", "none")
-    if compensation == "none":
-        return _choice_stages(config)
-    fit = COMPENSATION_FIT_TEXT[config.get("compensation_fit", "original")]
     choice = _choice_stages(config)
+    if compensation == "none":
+        return choice
+    fit = COMPENSATION_FIT_TEXT[config.get("compensation_fit", "original")]
     if config.get("compensation_aware"):
         choice[-1] += f"; each candidate removal measured with its {compensation} compensation fitted and applied"
     return choice + [f"{COMPENSATION_TEXT[compensation]}, {fit}"]
@@ -92,11 +92,13 @@ def _score_and_choice(config: dict[str, Any], settings: SGLPConfig) -> list[str]
             pool = "every block of its group" if size == "all" else f"the {size} lowest-scored blocks of each group"
             share = ("; each group giving as many as the loss decides, keeping at least one"
                      if config.get("allocation") in ("auto", "loss") else f"; drops per group by {config.get('allocation')}")
-        samples = 0 if config.get("compensation_aware") else config.get("loss_screen_samples")
-        screen = ("; the first step measures only the candidates the Taylor estimates make promising"
-                  if config.get("loss_screen") == "taylor" and not config.get("compensation_aware") else
-                  f"; the first step measures only the candidates that a screen on {samples} calibration "
-                  f"sequence{'s' if samples != 1 else ''} makes promising" if samples else "")
+        samples = config.get("loss_screen_samples")
+        screen = {
+            "taylor": "; the first step measures only the candidates the Taylor estimates make promising",
+            "sequences": f"; the first step measures only the candidates that a screen on {samples} calibration "
+                         f"sequence{'s' if samples != 1 else ''} makes promising",
+            None: "",
+        }[settings.first_step_screen]
         lines.append(
             f"choice: one removal at a time, the candidate whose removal leaves the lowest calibration loss "
             f"({config.get('loss_tokens')} tokens), among {pool}{share}{screen}"

@@ -79,14 +79,12 @@ def loss_check(
                     return measured[block]
                 return max(measured[block], current + increase[block])
 
-            # a compensated removal has no plain estimate to screen it by: every candidate is measured
-            taylor = config.loss_screen == "taylor" and not config.compensation_aware
-            screened = taylor or (config.loss_screen_samples and not config.compensation_aware)
-            if current is None and (tightened or screened):
+            screen = config.first_step_screen
+            if current is None and (tightened or screen):
                 current = removal.current()  # the unpruned network's loss, at the first step
-            if not steps and screened:
+            if not steps and screen:
                 # the gate's first-order estimate costs nothing more: the statistics pass made it
-                first = {b: current + scores[b] for b in candidates} if taylor else _screen(context, batches, candidates, current)
+                first = {b: current + scores[b] for b in candidates} if screen == "taylor" else _screen(context, batches, candidates, current)
                 for block, estimate in first.items():
                     record(block, estimate)
             if not config.loss_lazy:

@@ -236,7 +236,7 @@ class CompensatedRemovalLoss(RemovalLoss):
 
     def loss_without(self, skipped: Sequence[int]) -> float:
         with applied(self.model, self.compensation(skipped), self.layers_path):
-            return self._run(sorted(skipped), None, keep=False)
+            return super().loss_without(skipped)
 
     def current(self) -> float:
         return self.loss_without(self.removed)
