@@ -36,6 +36,7 @@ from .plan import PruningPlan
 from . import verify
 from .rewrite import SGLP_CONFIG_KEY, removing_blocks
 from .score import BlockGradNorms, GateScores, grad_only_for
+from .stability import choice_stability
 from .selection import SelectionContext, selector_for
 from .sequential import BLOCK_LOADER_ATTRIBUTE, MoveBlocks, sequential_pass
 
@@ -342,6 +343,15 @@ def _analyze(
     )
     plan.extra["stages"] = stages(plan.config)
     plan.extra["chosen_by"] = {str(block): why for block, why in chosen_by(plan).items()}
+    if config.stability_check:
+        halves = config.replace(stability_check=False)
+        preflighted = {k: v for k, v in cache.items() if k[0] == "preflight"}
+        plan.extra["stability"] = choice_stability(
+            calibration, plan.dropped,
+            lambda half: _analyze(model, half, halves, tokenizer, False, dict(preflighted))[0].dropped,
+        )
+        if "seconds" in plan.extra["stability"]:
+            plan.timings["stability_s"] = plan.extra["stability"]["seconds"]
     return plan, calibration
 
 

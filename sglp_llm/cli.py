@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import yaml
 
 from .config import (
-    ALLOCATIONS, COMPENSATION_FITS, COMPENSATIONS, GRADIENT_SCORES, HIDDEN_STATES, LOSS_BOUNDS, LOSS_SCREENS, METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, ConfigError,
+    ALLOCATIONS, COMPENSATION_FITS, COMPENSATIONS, GRADIENT_SCORES, HIDDEN_STATES, LOSS_BOUNDS, LOSS_OBJECTIVES, LOSS_SCREENS, METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, ConfigError,
     SGLPConfig,
 )
 from .explain import stages
@@ -120,6 +120,12 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     method.add_argument("--loss-tokens", type=int,
                         help="calibration tokens each loss-check candidate is scored on, whatever the batch size "
                              "(default 2048)")
+    method.add_argument("--loss-objective", choices=LOSS_OBJECTIVES,
+                        help="what a removal's loss is: nll (the calibration text's next tokens, SLEB's) or kl "
+                             "(the divergence from the original model's next-token distribution)")
+    method.add_argument("--loss-beam", type=int,
+                        help="follow the K best removal sets instead of one, and choose among them on the next "
+                             "--loss-tokens calibration tokens, held back from the search (default 1: greedy)")
     method.add_argument("--loss-bound", choices=LOSS_BOUNDS,
                         help="the loss check's lazy bound: local (default), stale or marginal")
     method.add_argument("--loss-screen", choices=LOSS_SCREENS,
@@ -159,6 +165,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="skip checking that the pruned model (and the saved folder, reloaded) computes "
                              "what the original computes with the dropped blocks skipped; by default a "
                              "mismatch writes nothing, and a trial rewrite is checked before the analysis")
+    parser.add_argument("--no-stability-check", dest="stability_check", action="store_false", default=None,
+                        help="skip analysing each half of the calibration sequences as well (by default the report "
+                             "says how far the halves' choices agree, and a warning says when they mostly differ)")
     parser.add_argument("--report", type=Path, help="also write the JSON report to this file")
 
 
@@ -486,10 +495,19 @@ def run_analyze(args: argparse.Namespace) -> int:
     if not is_main_process():  # data parallel: every process has the same plan; one reports it
         return 0
     print(plan.summary())
+    _warn_if_unstable(plan)
     if args.report:
         plan.save(args.report)
         print(f"Report written to {args.report}")
     return 0
+
+
+def _warn_if_unstable(plan) -> None:
+    from .stability import stability_warning
+
+    warning = stability_warning(plan.extra.get("stability"))
+    if warning:
+        print(f"Warning: {warning}", file=sys.stderr)
 
 
 def run_prune(args: argparse.Namespace) -> int:
@@ -526,6 +544,7 @@ def run_prune(args: argparse.Namespace) -> int:
     result.base_model = loaded.name
     result.plan.model_name = loaded.name
     print(result.plan.summary())
+    _warn_if_unstable(result.plan)
     if evaluation:
         evaluation["pruned"] = _evaluate_in_memory(loaded, args, "pruned")
     if heal_config is None:

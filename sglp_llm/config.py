@@ -21,6 +21,7 @@ SCORING_MODES = ("block", "subset", "loss")
 GRADIENT_SCORES = ("taylor", "fisher", "gradnorm")  # sglp_llm.score
 LOSS_BOUNDS = ("stale", "marginal", "local")
 LOSS_SCREENS = ("sequences", "taylor")
+LOSS_OBJECTIVES = ("nll", "kl")  # sglp_llm.removal
 HIDDEN_STATES = ("auto", "memory", "disk")  # sglp_llm.hidden_states
 COMPENSATIONS = ("none", "least_squares", "cosine", "rescale")  # sglp_llm.compensate
 COMPENSATION_FITS = ("original", "pruned")
@@ -182,6 +183,12 @@ class SGLPConfig(SettingsFile):
     # check compares, whatever the batch size; 2048 = the measured default of 2 batches of
     # 4 x 256 tokens (benchmarks/results/quality.md)
     loss_tokens: int = 2048
+    # what a removal's loss is: "nll", the next-token NLL of the calibration text (SLEB's), or
+    # "kl", the KL divergence from the original model's next-token distribution on it
+    loss_objective: str = "nll"
+    # 1: the greedy loss check; k > 1: a beam of the k best removal sets, the final choice among
+    # them made on the next loss_tokens calibration tokens, held back from the search
+    loss_beam: int = 1
     # re-measure only the most promising candidate's loss at each step (see api._loss_check)
     loss_lazy: bool = True
     # the lazy lower bound: "stale" (the earlier loss), "marginal" (current loss + the earlier
@@ -229,6 +236,9 @@ class SGLPConfig(SettingsFile):
     # -- writing: run the pruned model (and the saved folder, reloaded) against the original with
     # the dropped blocks skipped, and write nothing on a mismatch (see sglp_llm.verify)
     verify: bool = True
+    # analyse each half of the calibration sequences as well and report how far the two choices
+    # agree (sglp_llm.stability): a choice that moves with the sample fits its noise
+    stability_check: bool = True
 
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -291,7 +301,7 @@ class SGLPConfig(SettingsFile):
         if self.method not in METHODS:
             raise ConfigError(f"`method` must be one of {METHODS}, got {self.method!r}.")
         for name in (
-            "seq_len", "n_samples", "batch_size", "max_candidates", "subset_batches", "loss_tokens",
+            "seq_len", "n_samples", "batch_size", "max_candidates", "subset_batches", "loss_tokens", "loss_beam",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -409,11 +419,18 @@ class SGLPConfig(SettingsFile):
             )
         if not (0.0 <= self.auto_k_threshold < 1.0):
             raise ConfigError("`auto_k_threshold` must be in [0, 1).")
+        if self.loss_beam > 1 and (self.method != "sglp" or self.scoring != "loss" or self.uses_groups):
+            raise ConfigError(
+                f"loss_beam={self.loss_beam} searches removal sets over the whole stack with the loss check: it needs "
+                "method sglp, scoring loss and no groups; use loss_beam: 1 for the other choices."
+            )
+        if self.loss_objective not in LOSS_OBJECTIVES:
+            raise ConfigError(f"`loss_objective` must be one of {LOSS_OBJECTIVES}, got {self.loss_objective!r}.")
         for name in ("protect_first", "protect_last", "loss_screen_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"`{name}` must be a non-negative integer, got {value!r}.")
-        for name in ("gradient_checkpointing", "loss_lazy", "verify", "cka_skip_sinks"):
+        for name in ("gradient_checkpointing", "loss_lazy", "verify", "cka_skip_sinks", "stability_check"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"`{name}` must be true or false, got {getattr(self, name)!r}.")
         if self.groups is not None and not isinstance(self.groups, bool):

@@ -50,6 +50,9 @@ STDLIB_DOCS = "builtin:stdlib-docs"
 FORTUNES = "builtin:fortunes"
 # Debian's `fortunes` package: plain-text files of entries separated by lines holding only "%".
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
+LICENSES = "builtin:licenses"
+# Debian's base-files: the full text of the common free-software licences, legal English
+LICENSES_DIR = Path("/usr/share/common-licenses")
 # Overstriking marks bold and underline for terminals: a backspace steps back over the character
 # before it, which the next character then overprints.
 _BACKSPACED = re.compile(r"[^\x08\n]\x08")
@@ -96,10 +99,12 @@ def load_texts(
         return default_texts()
     if source == FORTUNES:
         return fortune_texts()
+    if source == LICENSES:
+        return license_texts()
     if source.startswith(BUILTIN_PREFIX):
         raise CalibrationError(
-            f"Unknown built-in text {source!r}; the built-in texts are {STDLIB_DOCS!r} and "
-            f"{FORTUNES!r}."
+            f"Unknown built-in text {source!r}; the built-in texts are {STDLIB_DOCS!r}, "
+            f"{FORTUNES!r} and {LICENSES!r}."
         )
     path = Path(source).expanduser()
     if path.exists():
@@ -176,9 +181,37 @@ def fortune_texts() -> tuple[list[str], str]:
             "empty: install it with `apt-get install fortunes`, or give another dataset."
         )
     per_file = [_fortune_entries(f.read_text(encoding="utf-8", errors="replace")) for f in files]
-    texts = [entry for round_ in zip_longest(*per_file) for entry in round_ if entry is not None]
+    texts = _round_robin(per_file)
     description = f"built-in fortunes: {len(texts)} entries from {len(files)} files in {FORTUNES_DIR}"
     return _nonempty(texts, description), description
+
+
+def license_texts() -> tuple[list[str], str]:
+    """The paragraphs (of at least `_MIN_DOC_CHARS`) of the licence texts in `LICENSES_DIR`, legal
+    English unlike docstrings or fortunes: a third held-out source. Files are read in name order
+    (links to them skipped) and their paragraphs interleaved as in `fortune_texts`. Deterministic."""
+    files = (
+        sorted(f for f in LICENSES_DIR.iterdir() if f.is_file() and not f.is_symlink() and not f.name.startswith("."))
+        if LICENSES_DIR.is_dir()
+        else []
+    )
+    if not files:
+        raise CalibrationError(
+            f"{LICENSES!r} needs the licence texts in {LICENSES_DIR} (Debian's base-files), which are missing; "
+            "give another dataset."
+        )
+    per_file = [
+        [p.strip() for p in re.split(r"\n\s*\n", f.read_text(encoding="utf-8", errors="replace")) if len(p.strip()) >= _MIN_DOC_CHARS]
+        for f in files
+    ]
+    texts = _round_robin(per_file)
+    description = f"built-in licences: {len(texts)} paragraphs from {len(files)} files in {LICENSES_DIR}"
+    return _nonempty(texts, description), description
+
+
+def _round_robin(per_file: list[list[str]]) -> list[str]:
+    """One entry of each file in turn, so that the first N entries span every file."""
+    return [entry for round_ in zip_longest(*per_file) for entry in round_ if entry is not None]
 
 
 def _fortune_entries(content: str) -> list[str]:
@@ -376,6 +409,17 @@ def first_samples(batches: Sequence[dict[str, torch.Tensor]], n: int) -> list[di
         taken.append({key: value[:n] for key, value in batch.items()} if n < rows else batch)
         n -= rows
     return taken
+
+
+def skip_samples(batches: Sequence[dict[str, torch.Tensor]], n: int) -> list[dict[str, torch.Tensor]]:
+    """`batches` without their first `n` sequences (a batch across the cut keeps its other rows)."""
+    kept: list[dict[str, torch.Tensor]] = []
+    for batch in batches:
+        rows = len(batch["input_ids"])
+        if n < rows:
+            kept.append({key: value[max(n, 0):] for key, value in batch.items()} if n > 0 else batch)
+        n -= rows
+    return kept
 
 
 def first_tokens(batches: Sequence[dict[str, torch.Tensor]], n_tokens: int) -> list[dict[str, torch.Tensor]]:

@@ -100,7 +100,7 @@ def _score_and_choice(config: dict[str, Any], settings: SGLPConfig) -> list[str]
             None: "",
         }[settings.first_step_screen]
         lines.append(
-            f"choice: one removal at a time, the candidate whose removal leaves the lowest calibration loss "
+            f"choice: one removal at a time, the candidate whose removal leaves the lowest {loss_name(config)} "
             f"({config.get('loss_tokens')} tokens), among {pool}{share}{screen}"
         )
     elif scoring == "block":
@@ -110,6 +110,13 @@ def _score_and_choice(config: dict[str, Any], settings: SGLPConfig) -> list[str]
         lines.append("choice: the paper's subset search, keeping in each group the subset whose network has the "
                      "highest GradNorm")
     return lines
+
+
+def loss_name(config: dict[str, Any]) -> str:
+    """What the loss check's loss is, for people."""
+    if config.get("loss_objective", "nll") == "kl":
+        return "KL divergence to the original model's next-token distribution on the calibration tokens"
+    return "calibration loss"
 
 
 def chosen_by(plan: Any) -> dict[int, str]:
@@ -140,7 +147,7 @@ def chosen_by(plan: Any) -> dict[int, str]:
                 )
             if block in steps:
                 step, loss = steps[block]
-                parts.append(f"loss check removal {step}, calibration loss {loss:.4f}")
+                parts.append(f"loss check removal {step}, {loss_name(config)} {loss:.4f}")
             elif config.get("scoring") == "subset":
                 parts.append("outside the group's best keep-set by network GradNorm")
             reasons[block] = "; ".join(parts)

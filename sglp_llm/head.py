@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -50,6 +51,34 @@ def chunk_positions(model: nn.Module, batch_size: int, max_logits_bytes: int | N
     return max(1, max_logits_bytes // (batch_size * vocab * 4))
 
 
+def _head_logits(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    batch: dict[str, torch.Tensor],
+    final: torch.Tensor,
+    returns_tuple: bool,
+    max_logits_bytes: int | None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The head's logits on `final` a chunk of positions at a time: (positions, logits
+    [batch, len(positions), vocab]) for every position that predicts a next token."""
+    input_ids = batch["input_ids"]
+    n_positions = input_ids.shape[1] - 1  # the last position predicts nothing
+    chunk = chunk_positions(model, input_ids.shape[0], max_logits_bytes) or n_positions
+    with final_hidden_state(layers, final, returns_tuple):
+        for start in range(0, n_positions, chunk):
+            positions = torch.arange(start, min(start + chunk, n_positions), device=input_ids.device)
+            kwargs = {"logits_to_keep": positions} if chunk < n_positions else {}
+            logits = model(input_ids=input_ids, attention_mask=batch.get("attention_mask"), use_cache=False, **kwargs).logits
+            yield positions, logits[:, :n_positions] if not kwargs else logits
+
+
+def _predicted(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Which positions of `batch` predict a (non-padding) next token: [batch, length - 1]."""
+    mask = batch.get("attention_mask")
+    targets = batch["input_ids"][:, 1:]
+    return torch.ones_like(targets, dtype=torch.bool) if mask is None else mask[:, 1:].bool()
+
+
 def head_nll(
     model: nn.Module,
     layers: nn.ModuleList,
@@ -64,29 +93,92 @@ def head_nll(
     head run on the final hidden state `final` (with `layers`, the blocks as the model calls
     them). With `backward`, the gradient of the mean NLL goes back into `final` chunk by chunk, so
     no two chunks' logits are alive at once; the sum is returned detached."""
-    input_ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    n_positions = input_ids.shape[1] - 1  # the last position predicts nothing
-    targets = input_ids[:, 1:]
-    valid = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask[:, 1:].bool()
+    targets = batch["input_ids"][:, 1:]
+    valid = _predicted(batch)
     count = int(valid.sum())
-    chunk = chunk_positions(model, input_ids.shape[0], max_logits_bytes) or n_positions
     total = None
-    with final_hidden_state(layers, final, returns_tuple):
-        for start in range(0, n_positions, chunk):
-            positions = torch.arange(start, min(start + chunk, n_positions), device=input_ids.device)
-            kwargs = {"logits_to_keep": positions} if chunk < n_positions else {}
-            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs).logits
-            logits = logits[:, :n_positions] if not kwargs else logits
-            nll = nn.functional.cross_entropy(
-                logits.float().transpose(1, 2), targets[:, positions].to(logits.device), reduction="none"
-            )
-            part = nll[valid[:, positions].to(nll.device)].sum()
-            if backward:
-                (part / count).backward()
-                part = part.detach()
-            total = part if total is None else total + part.to(total.device)
+    for positions, logits in _head_logits(model, layers, batch, final, returns_tuple, max_logits_bytes):
+        nll = nn.functional.cross_entropy(
+            logits.float().transpose(1, 2), targets[:, positions].to(logits.device), reduction="none"
+        )
+        part = nll[valid[:, positions].to(nll.device)].sum()
+        if backward:
+            (part / count).backward()
+            part = part.detach()
+        total = part if total is None else total + part.to(total.device)
     return total, count
+
+
+@dataclass
+class ReferenceDistribution:
+    """The original model's next-token distribution on one batch, kept small: at each predicted
+    position its `k` most likely tokens' log-probabilities and the log of the rest's mass.
+
+    The KL divergence from it to a pruned model's distribution, both coarsened to those k tokens
+    and one "any other token" class, is never more than the full KL (coarsening loses
+    information) and equals it when k is the vocabulary size."""
+
+    token_ids: torch.Tensor  # [rows, k] int64: the top tokens of every predicted position, flattened
+    log_probs: torch.Tensor  # [rows, k] float32
+    rest_log_mass: torch.Tensor  # [rows] float32: log(1 - the top tokens' mass)
+
+
+def _coarse_log_probs(log_probs: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`log_probs` [rows, vocab] coarsened to the classes `token_ids` [rows, k] and the rest:
+    (their log-probabilities [rows, k], the rest's log-mass [rows])."""
+    top = log_probs.gather(1, token_ids)
+    # log(1 - sum(exp(top))), kept finite when the top tokens hold (almost) all the mass
+    rest = torch.log1p(-torch.exp(torch.logsumexp(top, dim=1)).clamp(max=1 - 1e-7))
+    return top, rest
+
+
+def reference_distribution(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    batch: dict[str, torch.Tensor],
+    final: torch.Tensor,
+    returns_tuple: bool,
+    top_k: int,
+    *,
+    max_logits_bytes: int | None = None,
+) -> ReferenceDistribution:
+    """The `ReferenceDistribution` of the head on `final` (the original model's last block
+    output) at `batch`'s predicted positions, on the CPU."""
+    valid = _predicted(batch)
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for positions, logits in _head_logits(model, layers, batch, final, returns_tuple, max_logits_bytes):
+        log_probs = torch.log_softmax(logits.float(), dim=-1)[valid[:, positions].to(logits.device)]
+        token_ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1).indices
+        top, rest = _coarse_log_probs(log_probs, token_ids)
+        parts.append((token_ids.cpu(), top.cpu(), rest.cpu()))
+    return ReferenceDistribution(*(torch.cat(column) for column in zip(*parts)))
+
+
+def head_kl(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    batch: dict[str, torch.Tensor],
+    final: torch.Tensor,
+    returns_tuple: bool,
+    reference: ReferenceDistribution,
+    *,
+    max_logits_bytes: int | None = None,
+) -> tuple[torch.Tensor, int]:
+    """The summed KL divergence KL(reference ‖ head on `final`) over `batch`'s predicted
+    positions and their count, both distributions coarsened to the reference's top tokens and
+    the rest (`ReferenceDistribution`)."""
+    valid = _predicted(batch)
+    total, row = None, 0
+    for positions, logits in _head_logits(model, layers, batch, final, returns_tuple, max_logits_bytes):
+        log_probs = torch.log_softmax(logits.float(), dim=-1)[valid[:, positions].to(logits.device)]
+        rows = slice(row, row + log_probs.shape[0])
+        row = rows.stop
+        device = log_probs.device
+        top, rest = _coarse_log_probs(log_probs, reference.token_ids[rows].to(device))
+        p_top, p_rest = reference.log_probs[rows].to(device), reference.rest_log_mass[rows].to(device)
+        part = (p_top.exp() * (p_top - top)).sum() + (p_rest.exp() * (p_rest - rest)).sum()
+        total = part if total is None else total + part
+    return total, row
 
 
 def output_of(model: nn.Module, layer: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:

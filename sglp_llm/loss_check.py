@@ -12,8 +12,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .data import first_samples, first_tokens
-from .removal import removal_loss
+from .config import ConfigError
+from .data import first_samples, first_tokens, skip_samples
+from .removal import RemovalLoss, removal_loss
 from .selection import SelectionContext
 
 
@@ -43,7 +44,7 @@ def loss_check(
     With `compensation_aware` there is no screen: a removal is measured with its compensation."""
     config, scores = context.config, context.scores
     batches = first_tokens(context.batches, config.loss_tokens)
-    removal = removal_loss(context.model, batches, config)
+    removal = removal_loss(context.model, batches, config, config.loss_objective)
     left = dict(enumerate(budgets))
     steps: list[dict[str, Any]] = []
     measured: dict[int, float] = {}  # block -> its loss when last measured
@@ -114,7 +115,7 @@ def _screen(
     """Each candidate's loss when removed alone, estimated on the first `loss_screen_samples`
     sequences: the unpruned network's `loss` on the loss batches plus the increase on those."""
     samples = first_samples(batches, context.config.loss_screen_samples)
-    screen = removal_loss(context.model, samples, context.config)
+    screen = removal_loss(context.model, samples, context.config, context.config.loss_objective)
     base = screen.current()
     return {block: loss + screen.measure(block) - base for block in candidates}
 
@@ -124,3 +125,60 @@ def _shortlist(segment: list[int], scores: list[float], excluded: set[int], size
     go, or all of them (in order) with size "all"."""
     free = [i for i in segment if i not in excluded]
     return free if size == "all" else sorted(free, key=lambda i: (scores[i], i))[:size]
+
+
+def held_back_search(context: SelectionContext) -> tuple[list[int], dict[str, Any]]:
+    """Beam search of width `loss_beam` over removal sets by the loss on the loss tokens, the
+    final choice among the beam's last sets made on held-back tokens: the `loss_tokens`
+    calibration tokens that follow the loss tokens, which the search never saw. A set that only
+    fits the search tokens' noise loses there.
+
+    Each beam state keeps its own `RemovalLoss` (a candidate costs only the blocks after it);
+    sets reached twice are merged. Ties: the shallower set (in sorted order)."""
+    config = context.config
+    search_batches = first_tokens(context.batches, config.loss_tokens)
+    n_search = sum(len(b["input_ids"]) for b in search_batches)
+    held_back = first_tokens(skip_samples(context.batches, n_search), config.loss_tokens)
+    if not held_back:
+        raise ConfigError(
+            f"loss_beam={config.loss_beam} decides on held-back calibration tokens, but the first loss_tokens="
+            f"{config.loss_tokens} take every calibration sequence; give more calibration text (--n-samples) "
+            "or fewer --loss-tokens."
+        )
+    free = [b for b in range(len(context.scores)) if b not in context.protected]
+    first: dict[int, float] = {}  # each block's loss when removed alone
+    beam: list[tuple[tuple[int, ...], list[float], RemovalLoss]] = [((), [], removal_loss(context.model, search_batches, config, config.loss_objective))]
+    with tqdm(total=context.n_drop, desc="SGLP held-back beam", disable=not context.progress) as bar:
+        for _ in range(context.n_drop):
+            extended: dict[tuple[int, ...], tuple[tuple[int, ...], list[float], RemovalLoss]] = {}  # set -> best way there
+            for path, losses, removal in beam:
+                for block in free:
+                    if block in path:
+                        continue
+                    key = tuple(sorted(path + (block,)))
+                    loss = removal.measure(block)
+                    if not path:
+                        first[block] = loss
+                    if key not in extended or loss < extended[key][1][-1]:
+                        extended[key] = (path + (block,), losses + [loss], removal)
+            chosen = sorted(extended.values(), key=lambda state: (state[1][-1], sorted(state[0])))[: config.loss_beam]
+            beam = [(path, losses, parent.branch(path[-1])) for path, losses, parent in chosen]
+            bar.update()
+    judge = removal_loss(context.model, held_back, config, config.loss_objective)
+    finalists = [
+        {"dropped": sorted(path), "search_loss": losses[-1], "held_back_loss": judge.loss_without(path), "path": list(path), "losses": losses}
+        for path, losses, _ in beam
+    ]
+    best = min(finalists, key=lambda f: (f["held_back_loss"], f["dropped"]))
+    steps = [{"block": b, "loss": loss} for b, loss in zip(best["path"], best["losses"])]
+    record = {
+        "steps": steps,
+        "removal_losses": [first.get(i) for i in range(len(context.scores))],
+        "held_back": {
+            "beam": config.loss_beam,
+            "search_tokens": sum(int(b["attention_mask"].sum()) for b in search_batches),
+            "held_back_tokens": sum(int(b["attention_mask"].sum()) for b in held_back),
+            "finalists": [{k: v for k, v in f.items() if k not in ("path", "losses")} for f in finalists],
+        },
+    }
+    return best["dropped"], record

@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from sglp_llm.explain import chosen_by, stages
 from sglp_llm.heatmap import HEATMAP_NAME
 from sglp_llm.plan import PruningPlan
+from sglp_llm.stability import describe_stability
 from sglp_llm.verify import describe
 
 TAGS = ["sglp-llm", "depth-pruning", "pruned"]
@@ -182,6 +183,9 @@ def _removed_section(plan: PruningPlan) -> str:
 def _chosen_section(plan: PruningPlan) -> str:
     lines = ["## How the blocks were chosen", "", *(f"- {stage}" for stage in stages(plan.config)), ""]
     lines += [f"- block {block}: {why}" for block, why in sorted(chosen_by(plan).items())]
+    stability = describe_stability(plan.extra.get("stability"))
+    if stability:
+        lines.append(f"- {stability}")
     folded = plan.extra.get("compensation", {}).get("folded", {})
     lines += [
         f"- compensation folded into block {p} (before removed blocks {f['run'][0]}-{f['run'][1]}): relative "

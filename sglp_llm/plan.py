@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .stability import describe_stability
 from .explain import chosen_by, stages
 
 REPORT_NAME = "sglp_report.json"
@@ -86,4 +87,7 @@ class PruningPlan:
         lines.append(f"drop {len(self.dropped)} blocks: {self.dropped}")
         lines += [f"  block {block}: {why}" for block, why in sorted(chosen_by(self).items())]
         lines.append(f"keep {len(self.kept)} blocks: {self.kept}")
+        stability = describe_stability(self.extra.get("stability"))
+        if stability:
+            lines.append(stability)
         return "\n".join(lines)

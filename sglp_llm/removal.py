@@ -14,6 +14,7 @@ per pass. The head's loss is taken a chunk of positions at a time (sglp_llm.head
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -22,15 +23,21 @@ from torch import nn
 from .blocks import find_decoder_blocks
 from .capture import block_output
 from .compensate import Compensation, applied, fit_compensation, removed_runs
+from .config import LOSS_OBJECTIVES
 from .distributed import all_reduce_state, shard
 from .rewrite import skip_blocks
-from .head import head_nll, output_of
+from .head import ReferenceDistribution, head_kl, head_nll, output_of, reference_distribution
 from .score import check_finite
 from .sequential import BLOCK_LOADER_ATTRIBUTE, BlockLoader, MoveBlocks, _onloaded, _record_calls, stubbed_blocks
 
 
+# the original model's distribution is kept at this many most likely tokens per position (and the
+# rest's mass) for the KL objective: 2048 tokens of a 262k vocabulary then take 25 MB, not 2 GB
+KL_TOP_K = 1024
+
+
 def _token_mean(summed: Iterable[tuple[float, int]], skipped: Sequence[int]) -> float:
-    """The mean NLL per predicted token from per-batch (NLL sum, count), summed over processes;
+    """The mean loss per predicted token from per-batch (loss sum, count), summed over processes;
     refused when not finite (float16 overflow)."""
     total, n_tokens = 0.0, 0
     for nll, count in summed:
@@ -70,20 +77,62 @@ class RemovalLoss:
     """`calibration_nll(model, batches, removed + [block])` for the current `removed` set, reusing
     the current network's hidden states: `measure(block)` runs only the blocks after `block`.
 
+    With `objective="kl"` the loss is not the NLL of the calibration text's next tokens but the
+    KL divergence from the original model's next-token distribution (kept at its `KL_TOP_K` most
+    likely tokens, `head.ReferenceDistribution`) to the pruned network's, per predicted token:
+    how much a removal changes what the model says, rather than how well it fits this text.
+
     A kept output of block p stays valid while the removed blocks below p stay the same, so a
     greedy step (`remove`) keeps the outputs below the new removal and drops the others, to be
     recomputed from the nearest kept one when next needed (keeping every output on the way, so
     candidates measured in any order share the work). Memory: at most one hidden state per batch
     for each kept block."""
 
-    def __init__(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], layers_path: str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], layers_path: str | None = None,
+        objective: str = "nll",
+    ) -> None:
+        if objective not in LOSS_OBJECTIVES:
+            raise ValueError(f"objective={objective!r}; choose one of {LOSS_OBJECTIVES}")
         self.model = model
         self.batches = shard(batches)
         self.layers_path = layers_path
         self.num_blocks = len(find_decoder_blocks(model, layers_path).layers)
         self.removed: list[int] = []
+        self.objective = objective
         # kept block -> its raw output in the current network, for each batch
         self._outputs: dict[int, list[Any]] = {}
+        # objective "kl": the original model's distribution on each batch, from its first pass
+        self._reference: list[ReferenceDistribution] | None = None
+
+    def _loss(self, index: int, layers: nn.ModuleList, final: torch.Tensor, returns_tuple: bool) -> tuple[float, int]:
+        """The summed loss of batch `index` from its final hidden state, and its count."""
+        batch = self.batches[index]
+        if self.objective == "nll":
+            total, count = head_nll(self.model, layers, batch, final, returns_tuple)
+            return total.item(), count
+        if len(self._reference) < len(self.batches):  # the original network's pass (`_references`)
+            self._reference.append(reference_distribution(self.model, layers, batch, final, returns_tuple, KL_TOP_K))
+            return 0.0, int(self._reference[-1].rest_log_mass.numel())
+        total, count = head_kl(self.model, layers, batch, final, returns_tuple, self._reference[index])
+        return total.item(), count
+
+    def _references(self) -> None:
+        """Objective "kl": before the first measurement, one pass of the original network takes
+        its distributions (and keeps its block outputs for the measurements)."""
+        if self.objective == "kl" and self._reference is None:
+            if self.removed:
+                raise RuntimeError("The KL objective's reference is the original network: measure before removing.")
+            self._reference = []
+            self._run([], None)
+
+    def branch(self, block: int) -> "RemovalLoss":
+        """A copy with `block` removed as well, for a search that follows several sets at once:
+        it shares the model, the batches, the reference and the outputs still valid."""
+        other = copy.copy(self)
+        other.removed = list(self.removed)
+        other.remove(block)
+        return other
 
     def remove(self, block: int) -> None:
         self.removed.append(block)
@@ -128,24 +177,26 @@ class RemovalLoss:
                 with stubbed_blocks(layers, call):
                     final, returns_tuple = output_of(self.model, layers[last], batch)
                 if stop is None:
-                    total, count = head_nll(self.model, layers, batch, final, returns_tuple)
-                    summed.append((total.item(), count))
+                    summed.append(self._loss(batch_index, layers, final, returns_tuple))
         self._outputs.update(stored)
         return None if stop is not None else _token_mean(summed, skipped)
 
     def loss_without(self, skipped: Sequence[int]) -> float:
         """The calibration NLL of the whole network without the `skipped` blocks (one full pass,
         as SLEB's reference measures every candidate)."""
+        self._references()
         return self._run(sorted(skipped), None, keep=False)
 
     def current(self) -> float:
         """The calibration NLL of the current network, from its deepest kept output."""
+        self._references()
         return self._run(list(self.removed), self._nearest_kept_output(self.num_blocks))
 
     def measure(self, block: int) -> float:
         """The calibration NLL of the current network without `block` as well."""
         if block in self.removed:
             raise ValueError(f"Block {block} is removed already.")
+        self._references()
         previous = self._previous_kept(block)
         if previous is not None and previous not in self._outputs:
             self._run(list(self.removed), self._nearest_kept_output(previous), stop=previous)
@@ -167,11 +218,12 @@ class BlockwiseRemovalLoss(RemovalLoss):
         model: nn.Module,
         batches: Sequence[dict[str, torch.Tensor]],
         layers_path: str | None = None,
+        objective: str = "nll",
         *,
         device: str | torch.device | None = None,
         loader: BlockLoader | None = None,
     ) -> None:
-        super().__init__(model, batches, layers_path)
+        super().__init__(model, batches, layers_path, objective)
         self.layers = find_decoder_blocks(model, layers_path).layers
         self.device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
         self.loader = loader or getattr(model, BLOCK_LOADER_ATTRIBUTE, None) or MoveBlocks()
@@ -201,10 +253,7 @@ class BlockwiseRemovalLoss(RemovalLoss):
                 self._outputs[index] = [state.cpu() for state in hidden]
         if stop is not None:
             return None
-        summed = []
-        for batch, final in zip(self.batches, hidden):
-            total, count = head_nll(self.model, self.layers, batch, final.to(self.device), self._returns_tuple)
-            summed.append((total.item(), count))
+        summed = [self._loss(b, self.layers, final.to(self.device), self._returns_tuple) for b, final in enumerate(hidden)]
         return _token_mean(summed, skipped)
 
 
@@ -217,8 +266,8 @@ class CompensatedRemovalLoss(RemovalLoss):
     of the current network stays valid."""
 
     def __init__(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], layers_path: str | None,
-                 *, method: str, ridge: float, fit_on: str) -> None:
-        super().__init__(model, batches, layers_path)
+                 objective: str = "nll", *, method: str, ridge: float, fit_on: str) -> None:
+        super().__init__(model, batches, layers_path, objective)
         self._unsharded = list(batches)  # the fit shards and reduces by itself
         self._fit = dict(method=method, ridge=ridge, fit_on=fit_on, layers_path=layers_path)
         self._runs: dict[tuple[int, int], Compensation] = {}  # fit_on="original": run -> its map
@@ -235,6 +284,7 @@ class CompensatedRemovalLoss(RemovalLoss):
         return result
 
     def loss_without(self, skipped: Sequence[int]) -> float:
+        self._references()  # of the original network, uncompensated
         with applied(self.model, self.compensation(skipped), self.layers_path):
             return super().loss_without(skipped)
 
@@ -247,13 +297,13 @@ class CompensatedRemovalLoss(RemovalLoss):
         return self.loss_without(self.removed + [block])
 
 
-def removal_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], config: Any) -> RemovalLoss:
-    """The removal loss for how `config` (an SGLPConfig) runs `model`: with each candidate
+def removal_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], config: Any, objective: str = "nll") -> RemovalLoss:
+    """The removal loss (`objective`) for how `config` (an SGLPConfig) runs `model`: with each candidate
     compensated (`compensation_aware`); block by block under sequential onloading or with its
     blocks on disk; else in the model's own forward."""
     if config.compensation_aware:
-        return CompensatedRemovalLoss(model, batches, config.layers_path, method=config.compensation,
+        return CompensatedRemovalLoss(model, batches, config.layers_path, objective, method=config.compensation,
                                       ridge=config.compensation_ridge, fit_on=config.compensation_fit)
     if config.offload == "sequential" or hasattr(model, BLOCK_LOADER_ATTRIBUTE):
-        return BlockwiseRemovalLoss(model, batches, config.layers_path, device=config.onload_device)
-    return RemovalLoss(model, batches, config.layers_path)
+        return BlockwiseRemovalLoss(model, batches, config.layers_path, objective, device=config.onload_device)
+    return RemovalLoss(model, batches, config.layers_path, objective)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .loss_check import loss_check
+from .loss_check import held_back_search, loss_check
 from .rewrite import skip_blocks
 from .score import network_gradnorm
 from .segment import SegmentationResult, redundancy, segment_blocks
@@ -131,7 +131,10 @@ def _loss(context: SelectionContext) -> Selection:
     found = groups(context)
     config = context.config
     budgets = found.capacities if config.drop_allocation == "loss" else found.drops
-    dropped, checked = loss_check(context, found.segments, budgets)
+    if config.loss_beam > 1:
+        dropped, checked = held_back_search(context)
+    else:
+        dropped, checked = loss_check(context, found.segments, budgets)
     drops = [sum(1 for b in dropped if b in s) for s in found.segments]
     selection = _selection(context, found, dropped, {"loss_check": checked}, drops)
     if not config.needs_backward:  # no gradient score: the loss check measured every candidate at its first step
@@ -140,7 +143,7 @@ def _loss(context: SelectionContext) -> Selection:
     return selection
 
 
-LOSS_SETTINGS = ("loss_candidates", "loss_tokens", "loss_lazy", "loss_bound", "loss_screen", "loss_screen_samples")
+LOSS_SETTINGS = ("loss_candidates", "loss_tokens", "loss_objective", "loss_beam", "loss_lazy", "loss_bound", "loss_screen", "loss_screen_samples")
 register("sglp-block", Selector(None, _per_block, (*GROUP_SETTINGS, "gradient_score")))
 register("sglp-subset", Selector(None, _subset_search, (*GROUP_SETTINGS, "max_candidates", "subset_batches")))
 register("sglp-loss", Selector(None, _loss, (*GROUP_SETTINGS, "gradient_score", *LOSS_SETTINGS)))

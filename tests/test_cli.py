@@ -352,3 +352,24 @@ def test_a_rewrite_that_fails_verification_writes_nothing(model_dir, text_file, 
     err = capsys.readouterr().err
     assert "of this LlamaForCausalLM" in err and "Nothing was written" in err
     assert not [p for p in tmp_path.iterdir() if "pruned" in p.name], "no output, no temporary folder"
+
+
+def test_objective_and_stability_flags_reach_the_config():
+    from sglp_llm.cli import build_parser, resolve_settings
+
+    _, config = resolve_settings(build_parser().parse_args(["analyze", "--drop", "2", "--loss-objective", "kl", "--no-stability-check"]))
+    assert (config.loss_objective, config.stability_check) == ("kl", False)
+    _, plain = resolve_settings(build_parser().parse_args(["analyze", "--drop", "2"]))
+    assert plain.stability_check is True
+
+
+def test_analyze_states_the_stability_and_warns_exactly_when_the_halves_disagree(model_dir, text_file, tmp_path, capsys):
+    report = tmp_path / "plan.json"
+    assert main(["analyze", "--model", str(model_dir), "--drop", "3", "--dataset", str(text_file), *FAST,
+                 "--report", str(report)]) == 0
+    out, err = capsys.readouterr()
+    stability = json.loads(report.read_text())["extra"]["stability"]
+    a, b = stability["halves"]
+    assert f"drops {a} and {b}" in out
+    assert stability["agreement"] == len(set(a) & set(b)) / 3
+    assert ("Warning: The choice is unstable" in err) == (stability["agreement"] < 0.5)

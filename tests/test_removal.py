@@ -65,3 +65,74 @@ def test_a_measurement_runs_only_the_blocks_after_the_removed_one():
     assert calls == [2, 2, 2, 4, 6, 8]
     removal.measure(5)  # from block 4's kept output: no block runs
     assert calls == [2, 2, 2, 4, 6, 8]
+
+
+def _direct_kl(model, batches, skipped, top_k=None):
+    """KL(original ‖ pruned) per predicted token, written out from the two models' full logits;
+    with `top_k`, both distributions coarsened to the original's top-k tokens and the rest."""
+    total = count = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            mask = batch["attention_mask"][:, 1:].bool()
+            p = torch.log_softmax(model(**batch).logits[:, :-1][mask].double(), -1)
+            with skip_blocks(model, skipped):
+                q = torch.log_softmax(model(**batch).logits[:, :-1][mask].double(), -1)
+            if top_k is not None:
+                top = p.topk(top_k, dim=-1).indices
+                p_top, q_top = p.gather(1, top), q.gather(1, top)
+                p = torch.cat([p_top, torch.log1p(-p_top.exp().sum(1, keepdim=True))], 1)
+                q = torch.cat([q_top, torch.log1p(-q_top.exp().sum(1, keepdim=True))], 1)
+            total += (p.exp() * (p - q)).sum().item()
+            count += mask.sum().item()
+    return total / count
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_the_kl_objective_is_the_kl_to_the_original_along_a_greedy_path(family, monkeypatch):
+    """With every token kept (KL_TOP_K = vocabulary) the coarsened KL is the full KL."""
+    import sglp_llm.removal as removal_module
+    from tiny_models import VOCAB
+
+    monkeypatch.setattr(removal_module, "KL_TOP_K", VOCAB)
+    model, batches = tiny_model(family, num_layers=6), _batches()
+    removal = RemovalLoss(model, batches, objective="kl")
+    assert removal.current() == pytest.approx(0.0, abs=1e-6)
+    for block in (3, 1, 5):
+        assert removal.measure(block) == pytest.approx(_direct_kl(model, batches, removal.removed + [block]), rel=1e-4)
+        removal.remove(block)
+    assert removal.current() == pytest.approx(_direct_kl(model, batches, [3, 1, 5]), rel=1e-4)
+    assert removal.loss_without([2]) == pytest.approx(_direct_kl(model, batches, [2]), rel=1e-4)
+
+
+def test_the_kl_objective_with_few_tokens_is_the_kl_of_the_coarsened_distributions(monkeypatch):
+    """A reference of the top 5 tokens and the rest: the KL of those 6 classes, at most the full KL."""
+    import sglp_llm.removal as removal_module
+
+    monkeypatch.setattr(removal_module, "KL_TOP_K", 5)
+    model, batches = tiny_model("llama", num_layers=5), _batches()
+    coarse = RemovalLoss(model, batches, objective="kl").measure(2)
+    assert coarse == pytest.approx(_direct_kl(model, batches, [2], top_k=5), rel=1e-4)
+    assert 0 < coarse < _direct_kl(model, batches, [2])
+
+
+def test_blockwise_kl_equals_the_in_memory_kl():
+    from sglp_llm.removal import BlockwiseRemovalLoss
+
+    model, batches = tiny_model("qwen2", num_layers=6), _batches()
+    plain, blockwise = RemovalLoss(model, batches, objective="kl"), BlockwiseRemovalLoss(model, batches, objective="kl")
+    for block in (2, 4):
+        assert blockwise.measure(block) == pytest.approx(plain.measure(block), rel=1e-5)
+        plain.remove(block), blockwise.remove(block)
+    assert blockwise.current() == pytest.approx(plain.current(), rel=1e-5)
+    with pytest.raises(ValueError, match="objective='mse'"):
+        RemovalLoss(model, batches, objective="mse")
+
+
+def test_a_branch_measures_its_own_set_and_leaves_its_parent_alone():
+    model, batches = tiny_model("llama", num_layers=6), _batches()
+    parent = RemovalLoss(model, batches)
+    parent.measure(3)
+    child = parent.branch(3)
+    assert (parent.removed, child.removed) == ([], [3])
+    assert child.measure(1) == pytest.approx(calibration_nll(model, batches, [3, 1]), rel=1e-6)
+    assert parent.measure(1) == pytest.approx(calibration_nll(model, batches, [1]), rel=1e-6)

@@ -1,0 +1,202 @@
+"""Does a choice hold on text nobody calibrated on? Every method on both real models, over two
+calibration window lengths and two seeds, judged on three held-out sources (issue 23).
+
+Calibration: the tool's default sample size (32 windows) of the standard-library docstrings, at
+128 and 256 tokens per window, seeds 0 and 1; about 10/20/30 % of the blocks dropped. Held out:
+Debian's fortunes, the built-in evaluation paragraphs and the licence texts, none of them the
+calibration source. A greedy method (the loss check, SLEB's criterion) runs once at the deepest
+drop: its first n steps are its choice at drop n (no groups: every step's candidates are the same
+whatever the drop), and its time is that of the whole run.
+
+    python benchmarks/robustness.py --models gemma-3-270m --threads 1
+
+Results: benchmarks/results/robustness-<model>.json (resumed on the next start) and robustness.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from quality import MODELS, RATIOS, RESULTS
+from sglp_llm.api import analyze
+from sglp_llm.blocks import find_decoder_blocks
+from sglp_llm.config import SGLPConfig
+from sglp_llm.data import FORTUNES, LICENSES, STDLIB_DOCS, prepare_calibration
+from sglp_llm.evaluate import load_eval_texts, perplexity
+from sglp_llm.loading import load_model
+from sglp_llm.rewrite import skip_blocks
+
+SOURCES = {"fortunes": FORTUNES, "paragraphs": None, "licences": LICENSES}  # None: the built-in evaluation text
+SEQ_LENS = (128, 256)
+SEEDS = (0, 1)
+PEERS = ("block-influence", "angular", "sleb")
+# SLEB's criterion (the calibration NLL after each removal, greedily) on every calibration token,
+# computed by the loss check without a screen and with the stale lazy bound: SLEB's own full search
+# wherever the loss rises with the removed set, at a fraction of its time
+SLEB = {"loss_tokens": 10**9, "loss_screen_samples": 0, "loss_bound": "stale", "loss_objective": "nll"}
+# name -> settings changed from the defaults ("method": a peer); greedy ones are read by prefix
+METHODS = {
+    "default": {},
+    "nll": {"loss_objective": "nll"},
+    "kl": {"loss_objective": "kl"},
+    "kl-all": {**SLEB, "loss_objective": "kl"},
+    "block-influence": {"method": "block-influence"},
+    "angular": {"method": "angular"},
+    "sleb": SLEB,
+}
+GREEDY = {name for name, settings in METHODS.items() if "method" not in settings}
+
+
+def run_model(name: str, methods: list[str], eval_max_texts: int) -> dict:
+    out = RESULTS / f"robustness-{name}.json"
+    result = json.loads(out.read_text()) if out.is_file() else {"runs": {}, "evaluated": {}}
+    loaded = load_model(name, dtype="float32")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    num_blocks = len(find_decoder_blocks(model).layers)
+    base = SGLPConfig(drop=1, dataset=STDLIB_DOCS, stability_check=False)
+    drops = sorted({base.replace(drop=None, ratio=r).resolve_drop(num_blocks) for r in RATIOS})
+    texts = {key: load_eval_texts(source, max_texts=eval_max_texts) for key, source in SOURCES.items()}
+    evaluated = result["evaluated"]
+
+    def held_out(dropped: list[int]) -> dict[str, float]:
+        key = ",".join(map(str, sorted(dropped)))
+        if key not in evaluated:
+            with skip_blocks(model, dropped):
+                evaluated[key] = {
+                    source: perplexity(model, tokenizer, t, max_length=256, batch_size=8, progress=False)["perplexity"]
+                    for source, (t, _) in texts.items()
+                }
+        return evaluated[key]
+
+    result.update(
+        model=loaded.name, num_blocks=num_blocks, drops=drops, threads=torch.get_num_threads(),
+        n_samples=base.n_samples, sources={key: description for key, (_, description) in texts.items()},
+        methods={**result.get("methods", {}), **{m: METHODS[m] for m in methods}},
+    )
+    result["dense"] = held_out([])
+    for seq_len in SEQ_LENS:
+        for seed in SEEDS:
+            calibration_config = base.replace(seq_len=seq_len, seed=seed)
+            calibration = prepare_calibration(None, tokenizer, calibration_config)
+            statistics: dict = {}
+            for method in methods:
+                key = f"{seq_len}|{seed}|{method}"
+                if key in result["runs"]:
+                    continue
+                run: dict = {"dropped": {}, "seconds": {}}
+                for drop in ([drops[-1]] if method in GREEDY else drops):
+                    started = time.perf_counter()
+                    plan = analyze(model, calibration, calibration_config.replace(drop=drop, **METHODS[method]),
+                                   progress=False, statistics_cache=statistics)
+                    seconds = time.perf_counter() - started
+                    if method in GREEDY:
+                        order = [step["block"] for step in plan.extra["loss_check"]["steps"]]
+                        run["order"] = order
+                        for d in drops:
+                            run["dropped"][str(d)] = sorted(order[:d])
+                        run["seconds"][str(drop)] = seconds
+                    else:
+                        run["dropped"][str(drop)] = plan.dropped
+                        run["seconds"][str(drop)] = seconds
+                for blocks in run["dropped"].values():
+                    held_out(blocks)
+                result["runs"][key] = run
+                out.write_text(json.dumps(result, indent=2) + "\n")
+                print(name, key, run["dropped"], {d: round(s, 1) for d, s in run["seconds"].items()}, flush=True)
+    return result
+
+
+def _ppl(result: dict, blocks: list[int], source: str) -> float:
+    return result["evaluated"][",".join(map(str, blocks))][source]
+
+
+def markdown(result: dict) -> str:
+    """Per cell (drop, window length, seed, source): each method's perplexity and its ratio to the
+    best peer; per method, the worst ratio and how its choice moves with the calibration."""
+    drops, runs, sources = result["drops"], result["runs"], list(result["sources"])
+    methods = [m for m in result["methods"] if any(k.endswith(f"|{m}") for k in runs)]
+    settings = [(s, seed) for s in SEQ_LENS for seed in SEEDS if all(f"{s}|{seed}|{p}" in runs for p in PEERS)]
+    lines = [
+        f"## {result['model']}", "",
+        f"- blocks: {result['num_blocks']}; calibration: {result['n_samples']} windows of the standard-library "
+        f"docstrings at {', '.join(map(str, SEQ_LENS))} tokens, seeds {', '.join(map(str, SEEDS))}; "
+        f"{result['threads']} torch thread(s)",
+        *(f"- held-out `{key}`: {description}" for key, description in result["sources"].items()),
+        "- dense: " + ", ".join(f"{key} {ppl:.1f}" for key, ppl in result["dense"].items()),
+        "- settings: " + "; ".join(f"{m}: " + (", ".join(f"{k}={v}" for k, v in s.items()) or "the defaults")
+                                   for m, s in result["methods"].items() if m in methods),
+        "", "### Ratio to the best peer (block influence, angular, SLEB), worst over sources and settings", "",
+        "| method | " + " | ".join(f"drop {d}" for d in drops) + " | worst |", "|---" * (len(drops) + 2) + "|",
+    ]
+    worst: dict[str, dict[int, float]] = {}
+    for m in methods:
+        for d in drops:
+            ratios = []
+            for s, seed in settings:
+                if f"{s}|{seed}|{m}" not in runs:
+                    continue
+                for source in sources:
+                    best = min(_ppl(result, runs[f"{s}|{seed}|{p}"]["dropped"][str(d)], source) for p in PEERS)
+                    ratios.append(_ppl(result, runs[f"{s}|{seed}|{m}"]["dropped"][str(d)], source) / best)
+            if ratios:
+                worst.setdefault(m, {})[d] = max(ratios)
+        if m in worst:
+            lines.append(f"| {m} | " + " | ".join(f"{worst[m].get(d, float('nan')):.2f}" for d in drops)
+                         + f" | {max(worst[m].values()):.2f} |")
+    for d in drops:
+        lines += ["", f"### Drop {d}: perplexity fortunes / paragraphs / licences, and the blocks", "",
+                  "| method | " + " | ".join(f"{s} tokens, seed {seed}" for s, seed in settings) + " |",
+                  "|---" * (len(settings) + 1) + "|"]
+        for m in methods:
+            cells = []
+            for s, seed in settings:
+                run = runs.get(f"{s}|{seed}|{m}")
+                if run is None:
+                    cells.append("–")
+                    continue
+                blocks = run["dropped"][str(d)]
+                cells.append(" / ".join(f"{_ppl(result, blocks, src):.1f}" for src in sources) + f" [{' '.join(map(str, blocks))}]")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "### Analysis time (s; a greedy method: one run at the deepest drop)", "",
+              "| method | " + " | ".join(f"{s} tokens, seed {seed}" for s, seed in settings) + " |",
+              "|---" * (len(settings) + 1) + "|"]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(
+            ", ".join(f"{t:.0f}" for t in runs[f"{s}|{seed}|{m}"]["seconds"].values()) if f"{s}|{seed}|{m}" in runs else "–"
+            for s, seed in settings) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def gather() -> None:
+    parts = ["# Robustness of the choice across calibration samples and held-out sources (benchmarks/robustness.py)", ""]
+    for name in MODELS:
+        path = RESULTS / f"robustness-{name}.json"
+        if path.is_file():
+            parts.append(markdown(json.loads(path.read_text())))
+    (RESULTS / "robustness.md").write_text("\n".join(parts))
+    print(f"wrote {RESULTS / 'robustness.md'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--methods", default="block-influence,angular,default,kl,sleb")
+    parser.add_argument("--eval-max-texts", type=int, default=30, help="texts scored per held-out source")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    for name in args.models.split(","):
+        run_model(name, methods, args.eval_max_texts)
+    gather()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""How stable a choice is: the same analysis on two disjoint halves of the calibration sequences.
+
+A choice that changes with the calibration sample fits that sample's noise, and a model pruned by
+it may break on other text (benchmarks/results/robustness.md). Each half is analysed with the same
+settings as the whole, so the two choices are what two other samples of the same size and source
+would have given; their agreement (the share of the dropped blocks both drop) says how much the
+choice owes to the sample. Below `WARN_BELOW` the user is told to calibrate on more text.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from .data import CalibrationSet
+
+# the halves agree on fewer than half the blocks: the choice mostly fits the sample
+WARN_BELOW = 0.5
+
+
+def calibration_halves(calibration: CalibrationSet) -> tuple[CalibrationSet, CalibrationSet] | None:
+    """The first and the second half of the calibration sequences (a batch across the middle is
+    split in two), or None with fewer than two sequences."""
+    from .data import CalibrationSet
+
+    rows = sum(len(b["input_ids"]) for b in calibration.batches)
+    if rows < 2:
+        return None
+    halves: tuple[list, list] = ([], [])
+    seen = 0
+    for batch in calibration.batches:
+        n = len(batch["input_ids"])
+        cut = min(max(rows // 2 - seen, 0), n)
+        if cut:
+            halves[0].append({k: v[:cut] for k, v in batch.items()})
+        if cut < n:
+            halves[1].append({k: v[cut:] for k, v in batch.items()})
+        seen += n
+    return tuple(
+        CalibrationSet(batches=half, n_tokens=sum(int(b["attention_mask"].sum()) for b in half),
+                       source=f"{calibration.source} ({which} half of its sequences)",
+                       n_samples=sum(len(b["input_ids"]) for b in half), seq_len=calibration.seq_len)
+        for which, half in (("first", halves[0]), ("second", halves[1]))
+    )
+
+
+def choice_stability(
+    calibration: CalibrationSet, dropped: list[int], choose: Callable[[CalibrationSet], list[int]]
+) -> dict[str, Any]:
+    """The stability record of a choice `dropped` made on `calibration`: `choose` (the same
+    analysis) run on each half, the halves' agreement |A ∩ B| / |A| and each half's agreement
+    with the whole's choice. None-valued agreement: too few sequences to split."""
+    halves = calibration_halves(calibration)
+    if halves is None:
+        return {"agreement": None, "reason": "fewer than two calibration sequences: nothing to split"}
+    started = time.perf_counter()
+    chosen = [sorted(choose(half)) for half in halves]
+    n = max(len(dropped), 1)
+    return {
+        "halves": chosen,
+        "half_tokens": [half.n_tokens for half in halves],
+        "agreement": len(set(chosen[0]) & set(chosen[1])) / n,
+        "agreement_with_choice": [len(set(c) & set(dropped)) / n for c in chosen],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def stability_warning(stability: dict[str, Any] | None) -> str | None:
+    """What to tell the user when the halves disagree on most blocks, else None."""
+    if not stability or stability.get("agreement") is None or stability["agreement"] >= WARN_BELOW:
+        return None
+    a, b = stability["halves"]
+    return (
+        f"The choice is unstable: the two halves of the calibration text drop {a} and {b}, agreeing on "
+        f"{len(set(a) & set(b))} of {len(a)} blocks, so it fits this sample and may not hold on other text. "
+        "Calibrate on more text (--n-samples), longer windows (--seq-len) or more varied text (--dataset), "
+        "and check the pruned model on text unlike the calibration (sglp-llm evaluate)."
+    )
+
+
+def describe_stability(stability: dict[str, Any] | None) -> str | None:
+    """One line for people: what each half chose and how far they agree (None: not checked)."""
+    if not stability:
+        return None
+    if stability.get("agreement") is None:
+        return f"stability: not measured ({stability.get('reason', 'no record')})"
+    a, b = stability["halves"]
+    both = len(set(a) & set(b))
+    verdict = "stable" if stability["agreement"] >= WARN_BELOW else "UNSTABLE"
+    return (
+        f"stability: {verdict}; the same analysis on each half of the calibration sequences "
+        f"({stability['half_tokens'][0]} and {stability['half_tokens'][1]} tokens) drops {a} and {b}: "
+        f"they agree on {both} of {len(a)} blocks ({stability['agreement']:.0%}); with this choice on "
+        f"{stability['agreement_with_choice'][0]:.0%} and {stability['agreement_with_choice'][1]:.0%}"
+    )

@@ -1,0 +1,78 @@
+"""The held-back decision (loss_beam > 1): a beam search on the loss tokens, the final choice made
+on the tokens after them; checked against brute force over the same removal sets."""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import pytest
+
+from sglp_llm import ConfigError, SGLPConfig, analyze
+from sglp_llm.data import first_tokens, skip_samples
+from sglp_llm.removal import calibration_nll
+from tiny_models import tiny_batch, tiny_model
+
+BATCHES = [tiny_batch(batch_size=2, seq_len=12, seed=s) for s in range(4)]  # 8 sequences of 12 tokens
+CONFIG = SGLPConfig(drop=2, loss_beam=3, loss_tokens=36, cka_minibatch_tokens=16, stability_check=False)
+
+
+def _search_and_held_back():
+    search = first_tokens(BATCHES, 36)  # 3 sequences
+    return search, first_tokens(skip_samples(BATCHES, 3), 36)
+
+
+def _beam_by_brute_force(model, search, width, drop, free):
+    """Every extension of every kept set, measured by a whole forward; the `width` lowest kept."""
+    beam = [()]
+    for _ in range(drop):
+        losses = {}
+        for kept in beam:
+            for block in free:
+                if block not in kept:
+                    key = tuple(sorted(kept + (block,)))
+                    losses[key] = min(losses.get(key, float("inf")), calibration_nll(model, search, list(key)))
+        beam = sorted(losses, key=lambda k: (losses[k], k))[:width]
+    return beam
+
+
+def test_the_held_back_decision_equals_brute_force_over_the_same_sets():
+    model = tiny_model("llama", num_layers=7)
+    plan = analyze(model, BATCHES, CONFIG, progress=False)
+    record = plan.extra["loss_check"]["held_back"]
+    search, held_back = _search_and_held_back()
+    assert (record["search_tokens"], record["held_back_tokens"]) == (36, 36)
+    finalists = _beam_by_brute_force(model, search, 3, 2, range(1, 6))
+    assert [tuple(f["dropped"]) for f in record["finalists"]] == finalists
+    held = {k: calibration_nll(model, held_back, list(k)) for k in finalists}
+    for f in record["finalists"]:
+        assert f["held_back_loss"] == pytest.approx(held[tuple(f["dropped"])], rel=1e-6)
+        assert f["search_loss"] == pytest.approx(calibration_nll(model, search, f["dropped"]), rel=1e-6)
+    assert plan.dropped == list(min(finalists, key=lambda k: (held[k], k)))
+    assert [s["block"] for s in plan.extra["loss_check"]["steps"]] and sorted(
+        s["block"] for s in plan.extra["loss_check"]["steps"]) == plan.dropped
+
+
+def test_a_beam_as_wide_as_every_set_finds_the_best_set_on_the_search_tokens():
+    model = tiny_model("qwen2", num_layers=6)
+    config = CONFIG.replace(loss_beam=6, drop=2)  # C(4, 2) = 6 sets of 2 among blocks 1-4
+    plan = analyze(model, BATCHES, config, progress=False)
+    search, held_back = _search_and_held_back()
+    every = list(combinations(range(1, 5), 2))
+    assert sorted(tuple(f["dropped"]) for f in plan.extra["loss_check"]["held_back"]["finalists"]) == every
+    assert plan.dropped == list(min(every, key=lambda k: (calibration_nll(model, held_back, list(k)), k)))
+
+
+def test_the_beam_with_the_kl_objective_is_the_kl_beam():
+    model = tiny_model("llama", num_layers=6)
+    plan = analyze(model, BATCHES, CONFIG.replace(loss_objective="kl"), progress=False)
+    finalists = plan.extra["loss_check"]["held_back"]["finalists"]
+    assert len(finalists) == 3 and plan.dropped in [f["dropped"] for f in finalists]
+    assert all(f["search_loss"] > 0 and f["held_back_loss"] > 0 for f in finalists)
+
+
+def test_refusals():
+    model = tiny_model("llama", num_layers=6)
+    with pytest.raises(ConfigError, match="held-back calibration tokens"):
+        analyze(model, BATCHES, CONFIG.replace(loss_tokens=10**6), progress=False)
+    with pytest.raises(ConfigError, match="no groups"):
+        CONFIG.replace(groups=True)

@@ -1,0 +1,123 @@
+"""The choice's stability: the same analysis on each half of the calibration sequences, on a tiny
+model built so that each half has a block that does nothing on its tokens (a planted choice)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglp_llm import SGLPConfig, analyze
+from sglp_llm.data import CalibrationSet
+from sglp_llm.modelcard import render_model_card
+from sglp_llm.stability import calibration_halves, choice_stability, stability_warning
+from tiny_models import VOCAB, tiny_batch, tiny_model
+
+HALF = 16  # hidden coordinates 0-15 carry tokens of the low half of the vocabulary, 16-31 the high half
+
+
+def _two_subspace_model(idle_on: dict[int, set[int]]):
+    """A tiny llama whose residual stream keeps two subspaces apart: low tokens live in
+    coordinates 0-15, high tokens in 16-31, and every block reads and writes each subspace on its
+    own (heads, key/value heads and MLP units split in halves). Block b's part for subspace s is
+    zeroed for each s in `idle_on[b]`: b does exactly nothing to text of those tokens."""
+    model = tiny_model("llama", num_layers=8)
+    hidden = model.config.hidden_size
+    side = lambda n: (torch.arange(n) >= n // 2).long()  # noqa: E731  halves of heads and units
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight
+        low = torch.arange(VOCAB) < VOCAB // 2
+        embed[low, HALF:] = 0
+        embed[~low, :HALF] = 0
+        for index, layer in enumerate(model.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                out_side = side(linear.weight.shape[0])
+                linear.weight *= (out_side[:, None] == side(hidden)[None, :])
+            for linear, in_size in ((attn.o_proj, attn.o_proj.weight.shape[1]), (mlp.down_proj, mlp.down_proj.weight.shape[1])):
+                linear.weight *= (side(hidden)[:, None] == side(in_size)[None, :])
+            for s in idle_on.get(index, ()):
+                for linear in (attn.o_proj, mlp.down_proj):
+                    linear.weight[side(hidden) == s] = 0
+    return model
+
+
+def _calibration(first_low: bool, second_low: bool) -> list[dict[str, torch.Tensor]]:
+    """4 batches of 2 sequences; the first two batches' tokens from one half of the vocabulary,
+    the last two's from the other (low: ids 3 to VOCAB/2 - 1)."""
+    batches = []
+    for n, low in enumerate([first_low, first_low, second_low, second_low]):
+        batch = tiny_batch(batch_size=2, seq_len=16, seed=n)
+        ids = 3 + batch["input_ids"] % (VOCAB // 2 - 3)
+        batch["input_ids"] = ids if low else ids + VOCAB // 2 - 3
+        batches.append(batch)
+    return batches
+
+
+CONFIG = SGLPConfig(drop=1, loss_objective="kl", loss_tokens=64, cka_minibatch_tokens=16)
+
+
+def test_a_planted_unstable_choice_is_reported_and_warned_about():
+    """Block 5 does nothing on low tokens and block 2 nothing on high ones: the first half (low
+    text) can drop 5 at no cost, the second (high text) 2; they agree on nothing."""
+    model = _two_subspace_model({5: {0}, 2: {1}})
+    plan = analyze(model, _calibration(True, False), CONFIG, progress=False)
+    stability = plan.extra["stability"]
+    assert stability["halves"] == [[5], [2]]
+    assert stability["agreement"] == 0.0
+    assert stability["half_tokens"] == [64, 64]
+    assert sorted(stability["agreement_with_choice"]) == [0.0, 1.0]
+    assert plan.dropped in ([5], [2])
+    warning = stability_warning(stability)
+    assert "drop [5] and [2], agreeing on 0 of 1 blocks" in warning and "--n-samples" in warning
+    assert "stability: UNSTABLE" in plan.summary()
+    assert "stability: UNSTABLE" in render_model_card(plan, base_model="tiny")
+
+
+def test_a_planted_stable_choice_agrees():
+    """Block 5 does nothing on either kind of text: both halves drop it."""
+    model = _two_subspace_model({5: {0, 1}})
+    plan = analyze(model, _calibration(True, False), CONFIG.replace(drop=1), progress=False)
+    assert plan.dropped == [5]
+    assert plan.extra["stability"]["halves"] == [[5], [5]]
+    assert plan.extra["stability"]["agreement"] == 1.0
+    assert stability_warning(plan.extra["stability"]) is None
+    assert "stability: stable" in plan.summary()
+
+
+def test_each_half_is_the_analysis_of_that_half_alone():
+    """The halves' choices equal separate analyses of the first and the last sequences (the NLL
+    loss check, where a random model's choice is anybody's guess)."""
+    model = tiny_model("llama", num_layers=8)
+    batches = [tiny_batch(batch_size=3, seq_len=12, seed=s) for s in range(3)]  # 9 sequences: 4 and 5
+    config = SGLPConfig(drop=2, loss_tokens=40, cka_minibatch_tokens=16)
+    plan = analyze(model, batches, config, progress=False)
+    alone = config.replace(stability_check=False)
+    rows = torch.cat([b["input_ids"] for b in batches])
+    first = analyze(model, [{"input_ids": rows[:4], "attention_mask": torch.ones_like(rows[:4])}], alone, progress=False)
+    second = analyze(model, [{"input_ids": rows[4:], "attention_mask": torch.ones_like(rows[4:])}], alone, progress=False)
+    assert plan.extra["stability"]["halves"] == [first.dropped, second.dropped]
+    assert "stability" not in first.extra
+    assert plan.timings["stability_s"] > 0 and "stability_s" not in first.timings
+
+
+def test_halves_split_a_batch_across_the_middle_and_keep_every_row():
+    batches = [tiny_batch(batch_size=3, seq_len=6, seed=s, pad_last=2 * (s == 1)) for s in range(2)]
+    calibration = CalibrationSet(batches=batches, n_tokens=34, source="test", n_samples=6, seq_len=6)
+    first, second = calibration_halves(calibration)
+    assert [len(b["input_ids"]) for b in first.batches] == [3]
+    assert [len(b["input_ids"]) for b in second.batches] == [3]
+    assert (first.n_tokens, second.n_tokens, first.n_samples) == (18, 16, 3)
+    odd = CalibrationSet(batches=batches[:1], n_tokens=18, source="test", n_samples=3, seq_len=6)
+    a, b = calibration_halves(odd)
+    assert torch.equal(torch.cat([a.batches[0]["input_ids"], b.batches[0]["input_ids"]]), batches[0]["input_ids"])
+    assert [len(x.batches[0]["input_ids"]) for x in (a, b)] == [1, 2]
+    one = CalibrationSet(batches=[{k: v[:1] for k, v in batches[0].items()}], n_tokens=6, source="t", n_samples=1, seq_len=6)
+    assert calibration_halves(one) is None
+    assert choice_stability(one, [1], lambda half: pytest.fail("nothing to split"))["agreement"] is None
+
+
+def test_the_check_can_be_turned_off():
+    model = tiny_model("llama", num_layers=6)
+    plan = analyze(model, [tiny_batch(batch_size=4, seq_len=12)], SGLPConfig(drop=1, stability_check=False,
+                                                                               cka_minibatch_tokens=16), progress=False)
+    assert "stability" not in plan.extra and "stability" not in plan.summary()
