@@ -23,14 +23,13 @@ import json
 
 import torch
 
-from quality import CALIBRATION, MODELS, RATIOS, RESULTS
+from quality import CALIBRATION, MODELS, RATIOS, RESULTS, held_out_evaluator
 from sglp_llm.api import analyze
 from sglp_llm.blocks import find_decoder_blocks
 from sglp_llm.compare import Comparison
 from sglp_llm.data import FORTUNES, prepare_calibration
-from sglp_llm.evaluate import load_eval_texts, perplexity
+from sglp_llm.evaluate import load_eval_texts
 from sglp_llm.loading import load_model
-from sglp_llm.rewrite import skip_blocks
 
 SOURCES = {"fortunes": FORTUNES, "paragraphs": None}  # None: the built-in evaluation text
 PEERS = ("block-influence", "angular", "sleb")
@@ -69,16 +68,7 @@ def run_model(name: str, contenders: list[str], eval_max_texts: int, sleb_from_q
 
     # runs that drop the same blocks share one evaluation (kept across restarts)
     evaluated = result.setdefault("evaluated", {})
-
-    def held_out(dropped: list[int]) -> dict[str, float]:
-        key = ",".join(map(str, sorted(dropped)))
-        if key not in evaluated:
-            with skip_blocks(model, dropped):
-                evaluated[key] = {
-                    name: perplexity(model, tokenizer, t, max_length=256, batch_size=8, progress=False)["perplexity"]
-                    for name, (t, _) in texts.items()
-                }
-        return evaluated[key]
+    held_out = held_out_evaluator(model, tokenizer, texts, evaluated)
 
     result.update(
         model=loaded.name, num_blocks=num_blocks, drops=drops, threads=torch.get_num_threads(),

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable
 
 from sglp_llm.compare import Comparison, compare
 from sglp_llm.config import SGLPConfig
 from sglp_llm.data import FORTUNES, STDLIB_DOCS
+from sglp_llm.evaluate import perplexity
 from sglp_llm.loading import load_model
+from sglp_llm.rewrite import skip_blocks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("smollm2-135m", "gemma-3-270m")
@@ -81,6 +84,24 @@ VARIANTS = {
 # showed they change no choice of the loss check
 VARIANTS = {name: {"groups": True, **settings} for name, settings in VARIANTS.items()}
 CALIBRATION = SGLPConfig(drop=1, dataset=STDLIB_DOCS, seq_len=256, n_samples=16, batch_size=4, seed=0)
+
+
+def held_out_evaluator(model, tokenizer, texts: dict[str, tuple[list[str], str]], evaluated: dict) -> Callable[[list[int]], dict[str, float]]:
+    """dropped blocks -> the held-out perplexity on each of `texts` (name -> (texts, description))
+    with those blocks skipped; runs that drop the same blocks share one evaluation, kept in
+    `evaluated` (saved with the results, so restarts keep it too)."""
+
+    def held_out(dropped: list[int]) -> dict[str, float]:
+        key = ",".join(map(str, sorted(dropped)))
+        if key not in evaluated:
+            with skip_blocks(model, dropped):
+                evaluated[key] = {
+                    name: perplexity(model, tokenizer, t, max_length=256, batch_size=8, progress=False)["perplexity"]
+                    for name, (t, _) in texts.items()
+                }
+        return evaluated[key]
+
+    return held_out
 
 
 def run_model(name: str, eval_max_texts: int, methods: list[str], variants: list[str]) -> Comparison:

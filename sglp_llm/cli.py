@@ -126,6 +126,9 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     method.add_argument("--loss-beam", type=int,
                         help="follow the K best removal sets instead of one, and choose among them on the next "
                              "--loss-tokens calibration tokens, held back from the search (default 1: greedy)")
+    method.add_argument("--loss-confirm", type=int,
+                        help="at each removal, measure the loss check's K best candidates on the next --loss-tokens "
+                             "calibration tokens, held back from the search, and remove the best there (default 1: off)")
     method.add_argument("--loss-bound", choices=LOSS_BOUNDS,
                         help="the loss check's lazy bound: local (default), stale or marginal")
     method.add_argument("--loss-screen", choices=LOSS_SCREENS,

@@ -189,6 +189,9 @@ class SGLPConfig(SettingsFile):
     # 1: the greedy loss check; k > 1: a beam of the k best removal sets, the final choice among
     # them made on the next loss_tokens calibration tokens, held back from the search
     loss_beam: int = 1
+    # 1: the greedy step takes the search's best candidate; k > 1: its k best are measured on the
+    # held-back tokens (as loss_beam's) and the best there goes
+    loss_confirm: int = 1
     # re-measure only the most promising candidate's loss at each step (see api._loss_check)
     loss_lazy: bool = True
     # the lazy lower bound: "stale" (the earlier loss), "marginal" (current loss + the earlier
@@ -301,7 +304,7 @@ class SGLPConfig(SettingsFile):
         if self.method not in METHODS:
             raise ConfigError(f"`method` must be one of {METHODS}, got {self.method!r}.")
         for name in (
-            "seq_len", "n_samples", "batch_size", "max_candidates", "subset_batches", "loss_tokens", "loss_beam",
+            "seq_len", "n_samples", "batch_size", "max_candidates", "subset_batches", "loss_tokens", "loss_beam", "loss_confirm",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -424,6 +427,8 @@ class SGLPConfig(SettingsFile):
                 f"loss_beam={self.loss_beam} searches removal sets over the whole stack with the loss check: it needs "
                 "method sglp, scoring loss and no groups; use loss_beam: 1 for the other choices."
             )
+        if self.loss_beam > 1 and self.loss_confirm > 1:
+            raise ConfigError("loss_beam and loss_confirm are two ways to decide on held-back tokens: set one of them.")
         if self.loss_objective not in LOSS_OBJECTIVES:
             raise ConfigError(f"`loss_objective` must be one of {LOSS_OBJECTIVES}, got {self.loss_objective!r}.")
         for name in ("protect_first", "protect_last", "loss_screen_samples"):

@@ -99,10 +99,21 @@ def _score_and_choice(config: dict[str, Any], settings: SGLPConfig) -> list[str]
                          f"sequence{'s' if samples != 1 else ''} makes promising",
             None: "",
         }[settings.first_step_screen]
-        lines.append(
-            f"choice: one removal at a time, the candidate whose removal leaves the lowest {loss_name(config)} "
-            f"({config.get('loss_tokens')} tokens), among {pool}{share}{screen}"
-        )
+        tokens = config.get("loss_tokens")
+        if config.get("loss_beam", 1) > 1:
+            lines.append(
+                f"choice: a beam of the {config['loss_beam']} removal sets with the lowest {loss_name(config)} "
+                f"({tokens} tokens), among {pool}; the final choice among them by the same loss on the next "
+                f"{tokens} calibration tokens, held back from the search"
+            )
+        else:
+            confirm = config.get("loss_confirm", 1)
+            held = (f"; at each step the {confirm} best are measured on the next {tokens} calibration tokens, "
+                    "held back from the search, and the best there goes") if confirm > 1 else ""
+            lines.append(
+                f"choice: one removal at a time, the candidate whose removal leaves the lowest {loss_name(config)} "
+                f"({tokens} tokens), among {pool}{share}{screen}{held}"
+            )
     elif scoring == "block":
         lines.append("choice: the lowest-scored blocks of each group by the gradient score alone, drops per group "
                      f"by {'size' if config.get('allocation') == 'auto' else config.get('allocation')}; no loss check")
@@ -131,7 +142,7 @@ def chosen_by(plan: Any) -> dict[int, str]:
     reasons = {}
     settings = SGLPConfig.from_dict(config)
     ranked = settings.needs_backward
-    steps = {s["block"]: (n + 1, s["loss"]) for n, s in enumerate(plan.extra.get("loss_check", {}).get("steps", []))}
+    steps = {s["block"]: (n + 1, s) for n, s in enumerate(plan.extra.get("loss_check", {}).get("steps", []))}
     protected = set(plan.extra.get("protected", []))
     for segment in plan.segments:
         # ranked among the blocks of the group that may go, lowest score first
@@ -146,8 +157,11 @@ def chosen_by(plan: Any) -> dict[int, str]:
                     f"rank {order.index(block) + 1} of {len(free)} by {plan.score_kind} ({plan.score_text(block)})"
                 )
             if block in steps:
-                step, loss = steps[block]
-                parts.append(f"loss check removal {step}, {loss_name(config)} {loss:.4f}")
+                step, record = steps[block]
+                parts.append(f"loss check removal {step}, {loss_name(config)} {record['loss']:.4f}")
+                if "held_back" in record:
+                    parts.append(f"on the held-back tokens {record['held_back'][str(block)]:.4f}, "
+                                 f"the best of the search's {len(record['held_back'])} best")
             elif config.get("scoring") == "subset":
                 parts.append("outside the group's best keep-set by network GradNorm")
             reasons[block] = "; ".join(parts)

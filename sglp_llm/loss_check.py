@@ -41,10 +41,16 @@ def loss_check(
     calibration sequences only, and those estimates stand in as the earlier measurements: only the
     candidates they make promising are measured on the loss batches. With `loss_screen: taylor`
     the estimates are the loss plus each candidate's Taylor gate score instead: no forward at all.
-    With `compensation_aware` there is no screen: a removal is measured with its compensation."""
+    With `compensation_aware` there is no screen: a removal is measured with its compensation.
+
+    With `loss_confirm` k > 1, the search only proposes: at each step its k best candidates are
+    measured fresh, and the one whose removal leaves the lowest loss on held-back tokens (the
+    `loss_tokens` calibration tokens after the search's, `held_back_batches`) goes, so a
+    candidate that only fits the search tokens' noise loses."""
     config, scores = context.config, context.scores
     batches = first_tokens(context.batches, config.loss_tokens)
     removal = removal_loss(context.model, batches, config, config.loss_objective)
+    judge = removal_loss(context.model, held_back_batches(context), config, config.loss_objective) if config.loss_confirm > 1 else None
     left = dict(enumerate(budgets))
     steps: list[dict[str, Any]] = []
     measured: dict[int, float] = {}  # block -> its loss when last measured
@@ -91,18 +97,29 @@ def loss_check(
             if not config.loss_lazy:
                 for block in candidates:
                     measure(block)
+            width = config.loss_confirm if judge is not None else 1
             while True:
-                # unmeasured candidates first: no bound yet
-                best = min(candidates, key=lambda b: (b in measured, bound(b) if b in measured else 0.0, b))
-                if best in fresh:
+                # unmeasured candidates first: no bound yet; the `width` lowest must be fresh
+                finalists = sorted(candidates, key=lambda b: (b in measured, bound(b) if b in measured else 0.0, b))[:width]
+                stale = [b for b in finalists if b not in fresh]
+                if not stale:
                     break
-                measure(best)
+                measure(stale[0])
+            finalists.sort(key=lambda b: (measured[b], b))
+            held_back: dict[int, float] = {}
+            if judge is not None:
+                held_back = {b: judge.measure(b) for b in finalists}
+                best = min(finalists, key=lambda b: (held_back[b], b))
+                judge.remove(best)
+            else:
+                best = finalists[0]
             if not steps and not first:
                 first = dict(measured)
             removal.remove(best)
             current = measured[best]
             left[next(i for i, s in enumerate(segments) if best in s)] -= 1
-            steps.append({"block": best, "loss": measured[best], "candidates": len(candidates), "measured": len(fresh)})
+            steps.append({"block": best, "loss": measured[best], "candidates": len(candidates), "measured": len(fresh),
+                          **({"held_back": {str(b): loss for b, loss in held_back.items()}} if held_back else {})})
             bar.update()
     # each block's loss when removed alone (screened: the estimate; None: not a first-step candidate)
     removal_losses = [first.get(i) for i in range(len(scores))]
@@ -127,6 +144,21 @@ def _shortlist(segment: list[int], scores: list[float], excluded: set[int], size
     return free if size == "all" else sorted(free, key=lambda i: (scores[i], i))[:size]
 
 
+def held_back_batches(context: SelectionContext) -> list[dict[str, Any]]:
+    """The `loss_tokens` calibration tokens after the loss check's own: a search never sees them,
+    so they can judge what it proposes. Refused when the calibration has none left."""
+    config = context.config
+    n_search = sum(len(b["input_ids"]) for b in first_tokens(context.batches, config.loss_tokens))
+    held_back = first_tokens(skip_samples(context.batches, n_search), config.loss_tokens)
+    if not held_back:
+        raise ConfigError(
+            f"Deciding on held-back tokens (loss_beam, loss_confirm) needs calibration tokens after the first "
+            f"loss_tokens={config.loss_tokens}, but those take every calibration sequence; give more calibration "
+            "text (--n-samples) or fewer --loss-tokens."
+        )
+    return held_back
+
+
 def held_back_search(context: SelectionContext) -> tuple[list[int], dict[str, Any]]:
     """Beam search of width `loss_beam` over removal sets by the loss on the loss tokens, the
     final choice among the beam's last sets made on held-back tokens: the `loss_tokens`
@@ -137,14 +169,7 @@ def held_back_search(context: SelectionContext) -> tuple[list[int], dict[str, An
     sets reached twice are merged. Ties: the shallower set (in sorted order)."""
     config = context.config
     search_batches = first_tokens(context.batches, config.loss_tokens)
-    n_search = sum(len(b["input_ids"]) for b in search_batches)
-    held_back = first_tokens(skip_samples(context.batches, n_search), config.loss_tokens)
-    if not held_back:
-        raise ConfigError(
-            f"loss_beam={config.loss_beam} decides on held-back calibration tokens, but the first loss_tokens="
-            f"{config.loss_tokens} take every calibration sequence; give more calibration text (--n-samples) "
-            "or fewer --loss-tokens."
-        )
+    held_back = held_back_batches(context)
     free = [b for b in range(len(context.scores)) if b not in context.protected]
     first: dict[int, float] = {}  # each block's loss when removed alone
     beam: list[tuple[tuple[int, ...], list[float], RemovalLoss]] = [((), [], removal_loss(context.model, search_batches, config, config.loss_objective))]

@@ -54,8 +54,13 @@ def choice_stability(
     halves = calibration_halves(calibration)
     if halves is None:
         return {"agreement": None, "reason": "fewer than two calibration sequences: nothing to split"}
+    from .config import ConfigError
+
     started = time.perf_counter()
-    chosen = [sorted(choose(half)) for half in halves]
+    try:
+        chosen = [sorted(choose(half)) for half in halves]
+    except ConfigError as error:  # e.g. a half too small for the settings: the choice stands, unchecked
+        return {"agreement": None, "reason": f"a half of the calibration cannot be analysed alike: {error}"}
     n = max(len(dropped), 1)
     return {
         "halves": chosen,

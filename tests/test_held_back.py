@@ -72,7 +72,36 @@ def test_the_beam_with_the_kl_objective_is_the_kl_beam():
 
 def test_refusals():
     model = tiny_model("llama", num_layers=6)
-    with pytest.raises(ConfigError, match="held-back calibration tokens"):
+    with pytest.raises(ConfigError, match="calibration tokens after the first"):
         analyze(model, BATCHES, CONFIG.replace(loss_tokens=10**6), progress=False)
     with pytest.raises(ConfigError, match="no groups"):
         CONFIG.replace(groups=True)
+
+
+def test_confirming_each_step_on_held_back_tokens_equals_brute_force():
+    """loss_confirm=3: at every step the 3 best removals on the search tokens are judged on the
+    held-back tokens; every candidate measured (no lazy bound, no screen) for an exact reference."""
+    model = tiny_model("llama", num_layers=7)
+    config = CONFIG.replace(loss_beam=1, loss_confirm=3, drop=3, loss_lazy=False, loss_screen_samples=0)
+    plan = analyze(model, BATCHES, config, progress=False)
+    search, held_back = _search_and_held_back()
+    removed: list[int] = []
+    for step in plan.extra["loss_check"]["steps"]:
+        free = [b for b in range(1, 6) if b not in removed]
+        top = sorted(free, key=lambda b: (calibration_nll(model, search, removed + [b]), b))[:3]
+        judged = {b: calibration_nll(model, held_back, removed + [b]) for b in top}
+        assert sorted(map(int, step["held_back"])) == sorted(top)
+        for b, loss in step["held_back"].items():
+            assert loss == pytest.approx(judged[int(b)], rel=1e-6)
+        assert step["block"] == min(top, key=lambda b: (judged[b], b))
+        removed.append(step["block"])
+    assert plan.dropped == sorted(removed)
+
+
+def test_the_lazy_confirmed_search_judges_the_same_finalists():
+    """With the lazy bound the 3 finalists are still measured fresh: the same choice as above."""
+    model = tiny_model("llama", num_layers=7)
+    exact = analyze(model, BATCHES, CONFIG.replace(loss_beam=1, loss_confirm=3, drop=3, loss_lazy=False,
+                                                   loss_screen_samples=0), progress=False)
+    lazy = analyze(model, BATCHES, CONFIG.replace(loss_beam=1, loss_confirm=3, drop=3), progress=False)
+    assert lazy.dropped == exact.dropped

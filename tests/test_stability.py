@@ -121,3 +121,13 @@ def test_the_check_can_be_turned_off():
     plan = analyze(model, [tiny_batch(batch_size=4, seq_len=12)], SGLPConfig(drop=1, stability_check=False,
                                                                                cka_minibatch_tokens=16), progress=False)
     assert "stability" not in plan.extra and "stability" not in plan.summary()
+
+
+def test_a_half_too_small_for_the_settings_leaves_the_choice_unchecked():
+    """Held-back tokens after 36 search tokens exist in the whole (8 sequences) but not in a half (4)."""
+    model = tiny_model("llama", num_layers=6)
+    batches = [tiny_batch(batch_size=2, seq_len=12, seed=s) for s in range(4)]
+    plan = analyze(model, batches, SGLPConfig(drop=1, loss_confirm=2, loss_tokens=48, cka_minibatch_tokens=16), progress=False)
+    assert plan.extra["stability"]["agreement"] is None
+    assert "cannot be analysed alike" in plan.extra["stability"]["reason"]
+    assert "stability: not measured" in plan.summary()
