@@ -23,7 +23,7 @@ import json
 
 import torch
 
-from quality import CALIBRATION, MODELS, RATIOS, RESULTS, held_out_evaluator
+from quality import CALIBRATION, MODELS, RATIOS, RESULTS, gather_results, held_out_evaluator
 from sglp_llm.api import analyze
 from sglp_llm.blocks import find_decoder_blocks
 from sglp_llm.compare import Comparison
@@ -162,13 +162,7 @@ def main() -> None:
     models = args.models.split(",")
     for name in models:
         run_model(name, contenders, args.eval_max_texts, args.sleb_from_quality)
-    parts = ["# What each SGLP stage buys (benchmarks/ablation.py)", ""]
-    for name in MODELS:
-        path = RESULTS / f"ablation-{name}.json"
-        if path.is_file():
-            parts.append(markdown(json.loads(path.read_text())))
-    (RESULTS / "ablation.md").write_text("\n".join(parts))
-    print(f"wrote {RESULTS / 'ablation.md'}")
+    gather_results("ablation", "What each SGLP stage buys (benchmarks/ablation.py)", markdown)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ and benchmarks/results/quality.md gathers the tables.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -102,6 +103,19 @@ def held_out_evaluator(model, tokenizer, texts: dict[str, tuple[list[str], str]]
         return evaluated[key]
 
     return held_out
+
+
+def gather_results(kind: str, title: str, markdown: Callable[[dict], str]) -> Path:
+    """benchmarks/results/<kind>.md: `title`, then `markdown` of each model's <kind>-<model>.json."""
+    parts = [f"# {title}", ""]
+    for name in MODELS:
+        path = RESULTS / f"{kind}-{name}.json"
+        if path.is_file():
+            parts.append(markdown(json.loads(path.read_text())))
+    target = RESULTS / f"{kind}.md"
+    target.write_text("\n".join(parts))
+    print(f"wrote {target}")
+    return target
 
 
 def run_model(name: str, eval_max_texts: int, methods: list[str], variants: list[str]) -> Comparison:

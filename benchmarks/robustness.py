@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from quality import MODELS, RATIOS, RESULTS, held_out_evaluator
+from quality import MODELS, RATIOS, RESULTS, gather_results, held_out_evaluator
 from sglp_llm.api import analyze
 from sglp_llm.blocks import find_decoder_blocks
 from sglp_llm.config import SGLPConfig
@@ -113,7 +113,9 @@ def markdown(result: dict) -> str:
     best peer; per method, the worst ratio and how its choice moves with the calibration."""
     drops, runs, sources = result["drops"], result["runs"], list(result["sources"])
     methods = [m for m in result["methods"] if any(k.endswith(f"|{m}") for k in runs)]
-    settings = [(s, seed) for s, seed in SETTINGS if all(f"{s}|{seed}|{p}" in runs for p in PEERS)]
+    # a setting counts once the forward-only peers ran; SLEB (the slowest) only where it ran
+    settings = [(s, seed) for s, seed in SETTINGS if all(f"{s}|{seed}|{p}" in runs for p in PEERS[:2])]
+    sleb_in = [f"{s} tokens, seed {seed}" for s, seed in settings if f"{s}|{seed}|sleb" in runs]
     lines = [
         f"## {result['model']}", "",
         f"- blocks: {result['num_blocks']}; calibration: {result['n_samples']} windows of the standard-library "
@@ -124,7 +126,9 @@ def markdown(result: dict) -> str:
         "- dense: " + ", ".join(f"{key} {ppl:.1f}" for key, ppl in result["dense"].items()),
         "- settings: " + "; ".join(f"{m}: " + (", ".join(f"{k}={v}" for k, v in s.items()) or "the defaults")
                                    for m, s in result["methods"].items() if m in methods),
-        "", "### Ratio to the best peer (block influence, angular, SLEB), worst over sources and settings", "",
+        f"- SLEB measured in: {', '.join(sleb_in) or 'none of the settings (too slow for this run)'}; elsewhere the best "
+        "peer is the better of block influence and angular",
+        "", "### Ratio to the best peer (block influence, angular, SLEB where run), worst over sources and settings", "",
         "| method | " + " | ".join(f"drop {d}" for d in drops) + " | worst |", "|---" * (len(drops) + 2) + "|",
     ]
     worst: dict[str, dict[int, float]] = {}
@@ -135,7 +139,8 @@ def markdown(result: dict) -> str:
                 if f"{s}|{seed}|{m}" not in runs:
                     continue
                 for source in sources:
-                    best = min(_ppl(result, runs[f"{s}|{seed}|{p}"]["dropped"][str(d)], source) for p in PEERS)
+                    best = min(_ppl(result, runs[f"{s}|{seed}|{p}"]["dropped"][str(d)], source)
+                               for p in PEERS if f"{s}|{seed}|{p}" in runs)
                     ratios.append(_ppl(result, runs[f"{s}|{seed}|{m}"]["dropped"][str(d)], source) / best)
             if ratios:
                 worst.setdefault(m, {})[d] = max(ratios)
@@ -167,13 +172,8 @@ def markdown(result: dict) -> str:
 
 
 def gather() -> None:
-    parts = ["# Robustness of the choice across calibration samples and held-out sources (benchmarks/robustness.py)", ""]
-    for name in MODELS:
-        path = RESULTS / f"robustness-{name}.json"
-        if path.is_file():
-            parts.append(markdown(json.loads(path.read_text())))
-    (RESULTS / "robustness.md").write_text("\n".join(parts))
-    print(f"wrote {RESULTS / 'robustness.md'}")
+    gather_results("robustness", "Robustness of the choice across calibration samples and held-out sources "
+                   "(benchmarks/robustness.py)", markdown)
 
 
 def main() -> None:

@@ -132,6 +132,17 @@ def _coarse_log_probs(log_probs: torch.Tensor, token_ids: torch.Tensor) -> tuple
     return top, rest
 
 
+def _predicted_log_probs(
+    model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Tensor], final: torch.Tensor,
+    returns_tuple: bool, max_logits_bytes: int | None,
+) -> Iterator[torch.Tensor]:
+    """The head's next-token log-probabilities on `final` at `batch`'s predicted (non-padding)
+    positions, a chunk at a time: [positions in the chunk, vocab], rows in batch-major order."""
+    valid = _predicted(batch)
+    for positions, logits in _head_logits(model, layers, batch, final, returns_tuple, max_logits_bytes):
+        yield torch.log_softmax(logits.float(), dim=-1)[valid[:, positions].to(logits.device)]
+
+
 def reference_distribution(
     model: nn.Module,
     layers: nn.ModuleList,
@@ -144,10 +155,8 @@ def reference_distribution(
 ) -> ReferenceDistribution:
     """The `ReferenceDistribution` of the head on `final` (the original model's last block
     output) at `batch`'s predicted positions, on the CPU."""
-    valid = _predicted(batch)
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for positions, logits in _head_logits(model, layers, batch, final, returns_tuple, max_logits_bytes):
-        log_probs = torch.log_softmax(logits.float(), dim=-1)[valid[:, positions].to(logits.device)]
+    for log_probs in _predicted_log_probs(model, layers, batch, final, returns_tuple, max_logits_bytes):
         token_ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1).indices
         top, rest = _coarse_log_probs(log_probs, token_ids)
         parts.append((token_ids.cpu(), top.cpu(), rest.cpu()))
@@ -167,10 +176,8 @@ def head_kl(
     """The summed KL divergence KL(reference ‖ head on `final`) over `batch`'s predicted
     positions and their count, both distributions coarsened to the reference's top tokens and
     the rest (`ReferenceDistribution`)."""
-    valid = _predicted(batch)
     total, row = None, 0
-    for positions, logits in _head_logits(model, layers, batch, final, returns_tuple, max_logits_bytes):
-        log_probs = torch.log_softmax(logits.float(), dim=-1)[valid[:, positions].to(logits.device)]
+    for log_probs in _predicted_log_probs(model, layers, batch, final, returns_tuple, max_logits_bytes):
         rows = slice(row, row + log_probs.shape[0])
         row = rows.stop
         device = log_probs.device
