@@ -129,7 +129,7 @@ def markdown(result: dict) -> str:
         f"- SLEB measured in: {', '.join(sleb_in) or 'none of the settings (too slow for this run)'}; elsewhere the best "
         "peer is the better of block influence and angular",
         "", "### Ratio to the best peer (block influence, angular, SLEB where run), worst over sources and settings", "",
-        "| method | " + " | ".join(f"drop {d}" for d in drops) + " | worst |", "|---" * (len(drops) + 2) + "|",
+        "| method | " + " | ".join(f"drop {d}" for d in drops) + " | worst | settings measured |", "|---" * (len(drops) + 3) + "|",
     ]
     worst: dict[str, dict[int, float]] = {}
     for m in methods:
@@ -145,8 +145,9 @@ def markdown(result: dict) -> str:
             if ratios:
                 worst.setdefault(m, {})[d] = max(ratios)
         if m in worst:
+            ran = sum(f"{s}|{seed}|{m}" in runs for s, seed in settings)
             lines.append(f"| {m} | " + " | ".join(f"{worst[m].get(d, float('nan')):.2f}" for d in drops)
-                         + f" | {max(worst[m].values()):.2f} |")
+                         + f" | {max(worst[m].values()):.2f} | {ran} of {len(settings)} |")
     for d in drops:
         lines += ["", f"### Drop {d}: perplexity fortunes / paragraphs / licences, and the blocks", "",
                   "| method | " + " | ".join(f"{s} tokens, seed {seed}" for s, seed in settings) + " |",
