@@ -237,8 +237,8 @@ def test_missing_fortunes_say_how_to_install(tmp_path, monkeypatch, make):
 def test_unknown_builtin_names_the_known_ones():
     with pytest.raises(
         CalibrationError,
-        match=r"Unknown built-in text 'builtin:wiki'; the built-in texts are 'builtin:stdlib-docs' "
-        r"and 'builtin:fortunes'\.",
+        match=r"Unknown built-in text 'builtin:wiki'; the built-in texts are 'builtin:stdlib-docs', "
+        r"'builtin:fortunes' and 'builtin:licenses'\.",
     ):
         load_texts("builtin:wiki")
 
@@ -385,3 +385,18 @@ def test_loss_check_scores_the_same_tokens_whatever_the_batch_size():
     assert [s["block"] for s in first] == [s["block"] for s in second]
     assert [s["loss"] for s in first] == pytest.approx([s["loss"] for s in second], rel=1e-6)
     assert plans[0].dropped == plans[1].dropped
+
+
+def test_licence_paragraphs_interleave_the_files(tmp_path, monkeypatch):
+    import sglp_llm.data as data
+
+    (tmp_path / "A").write_text("a" * 250 + "\n\nshort\n\n" + "b" * 300)
+    (tmp_path / "B").write_text("c" * 220)
+    (tmp_path / "C").symlink_to(tmp_path / "A")
+    monkeypatch.setattr(data, "LICENSES_DIR", tmp_path)
+    texts, description = load_texts("builtin:licenses")
+    assert texts == ["a" * 250, "c" * 220, "b" * 300]
+    assert "3 paragraphs from 2 files" in description
+    monkeypatch.setattr(data, "LICENSES_DIR", tmp_path / "missing")
+    with pytest.raises(data.CalibrationError, match="licence texts"):
+        load_texts("builtin:licenses")

@@ -21,7 +21,8 @@ from sglp_llm.sequential import BLOCK_LOADER_ATTRIBUTE, MoveBlocks, load_with_bl
 from tiny_models import tiny_batch, tiny_model
 
 # block scoring: the selection then runs no model, so every block run is the statistics pass's
-CONFIG = dict(drop=2, scoring="block", cka_minibatch_tokens=16, seq_len=16, n_samples=8, batch_size=4)
+# the blocks onloaded are counted here: the stability halves (tests/test_stability.py) would onload them again
+CONFIG = dict(drop=2, scoring="block", cka_minibatch_tokens=16, seq_len=16, n_samples=8, batch_size=4, stability_check=False)
 L = 6
 
 
@@ -154,7 +155,8 @@ def test_blocks_read_from_disk_give_the_same_plan(family, tmp_path):
 
 
 # the default selection (the loss check and its screen) and SLEB, block by block
-LOSS_CONFIG = dict(drop=2, cka_minibatch_tokens=16, seq_len=16, n_samples=8, batch_size=4, loss_tokens=6 * 16)
+LOSS_CONFIG = dict(drop=2, cka_minibatch_tokens=16, seq_len=16, n_samples=8, batch_size=4, loss_tokens=6 * 16,
+                   stability_check=False)
 
 
 def _assert_same_loss_choices(plain, sequential):
