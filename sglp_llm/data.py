@@ -411,6 +411,11 @@ def first_samples(batches: Sequence[dict[str, torch.Tensor]], n: int) -> list[di
     return taken
 
 
+def token_count(batches: Sequence[dict[str, torch.Tensor]]) -> int:
+    """The (non-padding) tokens of `batches`."""
+    return int(sum(int(b["attention_mask"].sum()) for b in batches))
+
+
 def skip_samples(batches: Sequence[dict[str, torch.Tensor]], n: int) -> list[dict[str, torch.Tensor]]:
     """`batches` without their first `n` sequences (a batch across the cut keeps its other rows)."""
     kept: list[dict[str, torch.Tensor]] = []
@@ -480,7 +485,7 @@ def _from_batches(
     _check_seq_len(seq_len, max_positions)
     return CalibrationSet(
         batches=checked,
-        n_tokens=int(sum(b["attention_mask"].sum() for b in checked)),
+        n_tokens=token_count(checked),
         source=f"{len(checked)} pre-tokenized batches given in Python",
         n_samples=sum(b["input_ids"].shape[0] for b in checked),
         seq_len=seq_len,

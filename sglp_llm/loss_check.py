@@ -13,7 +13,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .config import ConfigError
-from .data import first_samples, first_tokens, skip_samples
+from .data import first_samples, first_tokens, skip_samples, token_count
 from .removal import RemovalLoss, removal_loss
 from .selection import SelectionContext
 
@@ -201,8 +201,8 @@ def held_back_search(context: SelectionContext) -> tuple[list[int], dict[str, An
         "removal_losses": [first.get(i) for i in range(len(context.scores))],
         "held_back": {
             "beam": config.loss_beam,
-            "search_tokens": sum(int(b["attention_mask"].sum()) for b in search_batches),
-            "held_back_tokens": sum(int(b["attention_mask"].sum()) for b in held_back),
+            "search_tokens": token_count(search_batches),
+            "held_back_tokens": token_count(held_back),
             "finalists": [{k: v for k, v in f.items() if k not in ("path", "losses")} for f in finalists],
         },
     }

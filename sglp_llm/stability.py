@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from .config import ConfigError
+
 if TYPE_CHECKING:
     from .data import CalibrationSet
 
@@ -22,23 +24,14 @@ WARN_BELOW = 0.5
 def calibration_halves(calibration: CalibrationSet) -> tuple[CalibrationSet, CalibrationSet] | None:
     """The first and the second half of the calibration sequences (a batch across the middle is
     split in two), or None with fewer than two sequences."""
-    from .data import CalibrationSet
+    from .data import CalibrationSet, first_samples, skip_samples, token_count
 
     rows = sum(len(b["input_ids"]) for b in calibration.batches)
     if rows < 2:
         return None
-    halves: tuple[list, list] = ([], [])
-    seen = 0
-    for batch in calibration.batches:
-        n = len(batch["input_ids"])
-        cut = min(max(rows // 2 - seen, 0), n)
-        if cut:
-            halves[0].append({k: v[:cut] for k, v in batch.items()})
-        if cut < n:
-            halves[1].append({k: v[cut:] for k, v in batch.items()})
-        seen += n
+    halves = (first_samples(calibration.batches, rows // 2), skip_samples(calibration.batches, rows // 2))
     return tuple(
-        CalibrationSet(batches=half, n_tokens=sum(int(b["attention_mask"].sum()) for b in half),
+        CalibrationSet(batches=half, n_tokens=token_count(half),
                        source=f"{calibration.source} ({which} half of its sequences)",
                        n_samples=sum(len(b["input_ids"]) for b in half), seq_len=calibration.seq_len)
         for which, half in (("first", halves[0]), ("second", halves[1]))
@@ -54,8 +47,6 @@ def choice_stability(
     halves = calibration_halves(calibration)
     if halves is None:
         return {"agreement": None, "reason": "fewer than two calibration sequences: nothing to split"}
-    from .config import ConfigError
-
     started = time.perf_counter()
     try:
         chosen = [sorted(choose(half)) for half in halves]
