@@ -83,7 +83,8 @@ def describe_stability(stability: dict[str, Any] | None) -> str | None:
         return f"stability: not measured ({stability.get('reason', 'no record')})"
     a, b = stability["halves"]
     both = len(set(a) & set(b))
-    verdict = "stable" if stability["agreement"] >= WARN_BELOW else "UNSTABLE"
+    agreement = stability["agreement"]
+    verdict = "stable" if agreement == 1 else "partly stable" if agreement >= WARN_BELOW else "UNSTABLE"
     return (
         f"stability: {verdict}; the same analysis on each half of the calibration sequences "
         f"({stability['half_tokens'][0]} and {stability['half_tokens'][1]} tokens) drops {a} and {b}: "

@@ -131,3 +131,12 @@ def test_a_half_too_small_for_the_settings_leaves_the_choice_unchecked():
     assert plan.extra["stability"]["agreement"] is None
     assert "cannot be analysed alike" in plan.extra["stability"]["reason"]
     assert "stability: not measured" in plan.summary()
+
+
+def test_halves_that_agree_on_half_the_blocks_are_called_partly_stable():
+    from sglp_llm.stability import describe_stability
+
+    record = {"halves": [[1, 2], [2, 3]], "half_tokens": [8, 8], "agreement": 0.5, "agreement_with_choice": [1.0, 0.5]}
+    assert describe_stability(record).startswith("stability: partly stable;")
+    assert stability_warning(record) is None
+    assert describe_stability({**record, "agreement": 0.0, "halves": [[1, 2], [3, 4]]}).startswith("stability: UNSTABLE;")
