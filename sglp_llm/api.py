@@ -30,6 +30,7 @@ from .config import CALIBRATION_FIELDS, ConfigError, SGLPConfig
 from .data import CalibrationSet, prepare_calibration
 from .devices import activation_checkpointing, devices_used, input_device
 from .head import backward_through_head, output_of
+from .loss_check import sequences_read
 from .explain import chosen_by, stages
 from .distributed import all_reduce_state, is_main_process, rank, world_size
 from .plan import PruningPlan
@@ -349,6 +350,7 @@ def _analyze(
         plan.extra["stability"] = choice_stability(
             calibration, plan.dropped,
             lambda half: _analyze(model, half, halves, tokenizer, False, dict(preflighted))[0].dropped,
+            sequences_read(config, calibration.batches),
         )
         if "seconds" in plan.extra["stability"]:
             plan.timings["stability_s"] = plan.extra["stability"]["seconds"]

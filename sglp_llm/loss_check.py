@@ -148,8 +148,7 @@ def held_back_batches(context: SelectionContext) -> list[dict[str, Any]]:
     """The `loss_tokens` calibration tokens after the loss check's own: a search never sees them,
     so they can judge what it proposes. Refused when the calibration has none left."""
     config = context.config
-    n_search = sum(len(b["input_ids"]) for b in first_tokens(context.batches, config.loss_tokens))
-    held_back = first_tokens(skip_samples(context.batches, n_search), config.loss_tokens)
+    held_back = _token_windows(context.batches, config.loss_tokens)[1]
     if not held_back:
         raise ConfigError(
             f"Deciding on held-back tokens (loss_beam, loss_confirm) needs calibration tokens after the first "
@@ -157,6 +156,28 @@ def held_back_batches(context: SelectionContext) -> list[dict[str, Any]]:
             "text (--n-samples) or fewer --loss-tokens."
         )
     return held_back
+
+
+def sequences_read(config: Any, batches: list[dict[str, Any]]) -> int | None:
+    """How many leading calibration sequences the choice depends on: for a loss check over the
+    whole stack of every block (no groups, no gradient score), the search's and any held-back
+    tokens; None when the choice also reads statistics of every sequence. The same analysis on any
+    calibration that starts with those sequences makes the same choice."""
+    reads_only_losses = (
+        config.method == "sglp" and config.scoring == "loss" and not config.uses_groups
+        and config.loss_candidates == "all" and config.first_step_screen != "taylor" and not config.compensation_aware
+    )
+    if not reads_only_losses:
+        return None
+    search, held_back = _token_windows(batches, config.loss_tokens)
+    read = search + held_back if config.loss_confirm > 1 or config.loss_beam > 1 else search
+    return sum(len(b["input_ids"]) for b in read)
+
+
+def _token_windows(batches: list[dict[str, Any]], n_tokens: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The first sequences holding `n_tokens` tokens (the search's) and the next ones (held back)."""
+    search = first_tokens(batches, n_tokens)
+    return search, first_tokens(skip_samples(batches, sum(len(b["input_ids"]) for b in search)), n_tokens)
 
 
 def held_back_search(context: SelectionContext) -> tuple[list[int], dict[str, Any]]:

@@ -84,18 +84,21 @@ def test_a_planted_stable_choice_agrees():
     assert "stability: stable" in plan.summary()
 
 
-def test_each_half_is_the_analysis_of_that_half_alone():
+@pytest.mark.parametrize("loss_tokens, reused", [(40, True), (60, False)])
+def test_each_half_is_the_analysis_of_that_half_alone(loss_tokens, reused):
     """The halves' choices equal separate analyses of the first and the last sequences (the NLL
-    loss check, where a random model's choice is anybody's guess)."""
+    loss check, where a random model's choice is anybody's guess), also where the first half's is
+    the whole's choice, not made again: 40 loss tokens lie in its 4 sequences, 60 do not."""
     model = tiny_model("llama", num_layers=8)
     batches = [tiny_batch(batch_size=3, seq_len=12, seed=s) for s in range(3)]  # 9 sequences: 4 and 5
-    config = SGLPConfig(drop=2, loss_tokens=40, cka_minibatch_tokens=16)
+    config = SGLPConfig(drop=2, loss_tokens=loss_tokens, cka_minibatch_tokens=16)
     plan = analyze(model, batches, config, progress=False)
     alone = config.replace(stability_check=False)
     rows = torch.cat([b["input_ids"] for b in batches])
     first = analyze(model, [{"input_ids": rows[:4], "attention_mask": torch.ones_like(rows[:4])}], alone, progress=False)
     second = analyze(model, [{"input_ids": rows[4:], "attention_mask": torch.ones_like(rows[4:])}], alone, progress=False)
     assert plan.extra["stability"]["halves"] == [first.dropped, second.dropped]
+    assert plan.extra["stability"]["first_half_is_choice"] is reused
     assert "stability" not in first.extra
     assert plan.timings["stability_s"] > 0 and "stability_s" not in first.timings
 
@@ -114,6 +117,28 @@ def test_halves_split_a_batch_across_the_middle_and_keep_every_row():
     one = CalibrationSet(batches=[{k: v[:1] for k, v in batches[0].items()}], n_tokens=6, source="t", n_samples=1, seq_len=6)
     assert calibration_halves(one) is None
     assert choice_stability(one, [1], lambda half: pytest.fail("nothing to split"))["agreement"] is None
+
+
+def test_only_a_choice_read_from_the_first_half_alone_is_taken_as_its_choice():
+    """The first half's analysis is skipped only when the choice read no sequence beyond it: a
+    loss check over the whole stack reads its loss tokens (and held-back ones when it confirms);
+    one within the groups or with a gradient score reads statistics of every sequence."""
+    from sglp_llm.loss_check import sequences_read
+
+    batches = [tiny_batch(batch_size=2, seq_len=12, seed=s) for s in range(4)]  # 8 sequences of 12 tokens
+    calibration = CalibrationSet(batches=batches, n_tokens=96, source="test", n_samples=8, seq_len=12)
+    base = SGLPConfig(drop=1, loss_tokens=30)
+    assert sequences_read(base, batches) == 3
+    assert sequences_read(base.replace(loss_confirm=2), batches) == 6
+    assert sequences_read(base.replace(groups=True), batches) is None
+    assert sequences_read(base.replace(loss_candidates=2), batches) is None
+    assert sequences_read(base.replace(method="block-influence"), batches) is None
+    made = []
+    choose = lambda half: made.append(half.n_samples) or [2]  # noqa: E731
+    record = choice_stability(calibration, [1], choose, sequences_read=3)
+    assert made == [4] and record["halves"] == [[1], [2]] and record["first_half_is_choice"]
+    record = choice_stability(calibration, [1], choose, sequences_read=6)
+    assert made == [4, 4, 4] and record["halves"] == [[2], [2]] and not record["first_half_is_choice"]
 
 
 def test_the_check_can_be_turned_off():
