@@ -269,6 +269,21 @@ def _add_heal_settings(group: argparse._ArgumentGroup, prefix: str) -> None:
     add("seed", "seed", type=int, help="seed for window choice and LoRA initialization (default: 0)")
     add("gradient-checkpointing", "gradient_checkpointing", action="store_true", default=None,
         help="recompute activations in the backward pass: less memory, slower")
+    add("gradient-accumulation-steps", "gradient_accumulation_steps", type=int,
+        help="batches per optimizer step (default: 1)")
+    add("teacher", "teacher",
+        help="distil from this model (directory, .gguf, packaged name or Hub id); auto: the model the pruned "
+             "one was made from, as its config records (next-token loss when it records none); none: the "
+             "text's next tokens only (default: auto)")
+    add("temperature", "temperature", type=float, help="distillation temperature (default: 1)")
+    add("teacher-top-k", "teacher_top_k", type=int,
+        help="write the teacher's top-k next-token targets to disk in one pass, then train without it in "
+             "memory (a teacher that does not fit beside the student; default: the teacher runs beside)")
+    add("next-token-weight", "next_token_weight", type=float,
+        help="add the text's next-token loss with this weight (default: 0)")
+    add("hidden-weight", "hidden_weight", type=float,
+        help="add each kept block's output error to the teacher's at its original index, with this weight "
+             "(teacher beside only; default: 0)")
     add("rank", "rank", type=int, help="LoRA rank (default: 8)")
     add("alpha", "alpha", type=float, help="LoRA alpha (default: 16)")
     add("dropout", "dropout", type=float, help="LoRA dropout (default: 0.05)")
@@ -553,7 +568,7 @@ def run_prune(args: argparse.Namespace) -> int:
     if heal_config is None:
         saved = result.save_pretrained(output, overwrite=args.overwrite, evaluation=evaluation)
     else:
-        saved = _heal_pruned(result, heal_config, output, args, evaluation)
+        saved = _heal_pruned(result, heal_config, output, args, evaluation, run)
     if args.report:
         result.plan.save(args.report)
     plan = result.plan
@@ -572,7 +587,16 @@ def run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _heal_pruned(result, config, output: Path, args: argparse.Namespace, evaluation: dict | None) -> Path:
+def _teacher_kwargs(run: dict[str, Any]) -> dict[str, Any]:
+    """How a distillation teacher is loaded: as the run loads its model."""
+    from .devices import parse_device_map
+
+    return {"dtype": run.get("dtype") or "auto", "device_map": parse_device_map(run.get("device_map")),
+            "trust_remote_code": bool(run.get("trust_remote_code"))}
+
+
+def _heal_pruned(result, config, output: Path, args: argparse.Namespace, evaluation: dict | None,
+                 run: dict[str, Any]) -> Path:
     """`prune --heal`: heal the pruned model in memory and save it merged. Its adapter is left
     out: the unhealed pruned model it applies to is saved nowhere."""
     import dataclasses
@@ -580,7 +604,8 @@ def _heal_pruned(result, config, output: Path, args: argparse.Namespace, evaluat
     from .heal import heal, heal_summary, save_healed
 
     config = dataclasses.replace(config, layers_path=config.layers_path or result.plan.layers_path)
-    healed = heal(result.model, result.tokenizer, config, progress=not args.no_progress)
+    healed = heal(result.model, result.tokenizer, config, teacher_kwargs=_teacher_kwargs(run),
+                  progress=not args.no_progress)
     print(heal_summary(healed.report))
     if evaluation:
         result.plan.extra["evaluation"] = evaluation
@@ -607,7 +632,7 @@ def run_heal(args: argparse.Namespace) -> int:
     report = Path(args.model) / REPORT_NAME
     # merged, an SGLP-pruned model's folder stays a pruning output: report, heatmap, card
     plan = PruningPlan.load(report) if args.merge and report.is_file() else None
-    healed = heal(loaded.model, loaded.tokenizer, config, progress=not args.no_progress)
+    healed = heal(loaded.model, loaded.tokenizer, config, teacher_kwargs=_teacher_kwargs(run), progress=not args.no_progress)
     print(heal_summary(healed.report))
     saved = save_healed(
         output, healed, base_model=(plan.model_name if plan else None) or loaded.name, merge=args.merge,

@@ -122,6 +122,19 @@ class ReferenceDistribution:
     log_probs: torch.Tensor  # [rows, k] float32
     rest_log_mass: torch.Tensor  # [rows] float32: log(1 - the top tokens' mass)
 
+    def rows(self, rows: slice | torch.Tensor, device: torch.device | None = None) -> "ReferenceDistribution":
+        """The distribution at some of its rows (a slice or an index tensor), on `device`."""
+        return ReferenceDistribution(*(t[rows].to(device) for t in (self.token_ids, self.log_probs, self.rest_log_mass)))
+
+
+def coarse_kl(reference: ReferenceDistribution, log_probs: torch.Tensor) -> torch.Tensor:
+    """The summed KL(reference ‖ log_probs) over rows, both coarsened to the reference's top
+    tokens and the rest: `log_probs` [rows, vocab] is another model's next-token log-probabilities
+    at the same positions (differentiable)."""
+    top, rest = _coarse_log_probs(log_probs, reference.token_ids.long())
+    p_top, p_rest = reference.log_probs, reference.rest_log_mass
+    return (p_top.exp() * (p_top - top)).sum() + (p_rest.exp() * (p_rest - rest)).sum()
+
 
 def _coarse_log_probs(log_probs: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`log_probs` [rows, vocab] coarsened to the classes `token_ids` [rows, k] and the rest:
@@ -180,10 +193,7 @@ def head_kl(
     for log_probs in _predicted_log_probs(model, layers, batch, final, returns_tuple, max_logits_bytes):
         rows = slice(row, row + log_probs.shape[0])
         row = rows.stop
-        device = log_probs.device
-        top, rest = _coarse_log_probs(log_probs, reference.token_ids[rows].to(device))
-        p_top, p_rest = reference.log_probs[rows].to(device), reference.rest_log_mass[rows].to(device)
-        part = (p_top.exp() * (p_top - top)).sum() + (p_rest.exp() * (p_rest - rest)).sum()
+        part = coarse_kl(reference.rows(rows, log_probs.device), log_probs)
         total = part if total is None else total + part
     return total, row
 

@@ -15,27 +15,30 @@ import json
 import re
 import shutil
 import tempfile
-import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .api import input_device, to_device
 from .blocks import find_decoder_blocks, text_config
 from .config import ConfigError, SettingsFile
 from .data import build_batches, load_texts
-from .devices import activation_checkpointing
+from .devices import activation_checkpointing, input_device
+from .distill import TEACHER_TARGETS_NAME, DistillationTerms, TeacherBeside, TeacherCache, TeacherError, check_teacher, kept_original_indices, write_teacher_cache
+from .distributed import world_size
+from .loading import ModelLoadError, load_model
 from .evaluate import card_metrics, perplexity_on_source, warn_if_not_held_out
-from .modelcard import render_healed_card
+from .modelcard import describe_objective, render_healed_card
 from .plan import PruningPlan
+from .rewrite import SGLP_CONFIG_KEY
 from .save import README_NAME, check_destination, evaluation_columns, save_pruned, write_folder
+from .training import DistillationObjective, NextTokenObjective, WindowDataset, train
 
 HEAL_CONFIG_NAME = "heal_config.json"
 HEAL_REPORT_NAME = "heal_report.json"
@@ -68,13 +71,29 @@ class HealConfig(SettingsFile):
     text_column: str = "text"
     seq_len: int = 256
 
-    # -- training: `steps` optimizer steps of `batch_size` windows (the text is cycled through
-    # as often as that takes), AdamW at a constant `learning_rate`
+    # -- training: `steps` optimizer steps of `batch_size` windows per process times
+    # `gradient_accumulation_steps` (the text is cycled through as often as that takes), AdamW at
+    # a constant `learning_rate`, on transformers' Trainer (DDP / FSDP under `accelerate launch`)
     steps: int = 200
     batch_size: int = 4
+    gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-4
     gradient_checkpointing: bool = False
     seed: int = 0
+
+    # -- the objective (see sglp_llm.distill). teacher: "auto" distils from the model the pruned
+    # one was made from (recorded in its config) when it records one, else trains on the next
+    # tokens; a directory, .gguf file, packaged name or Hub id: that teacher; "none": the text's
+    # next tokens. teacher_top_k: None runs the teacher beside the student; k writes its top-k
+    # targets to disk in one pass first, and training reads them (a teacher that does not fit
+    # beside the student). The loss: temperature² · KL at `temperature`, plus the text's
+    # next-token NLL × next_token_weight, plus each kept block's relative output error to the
+    # teacher's at its original index × hidden_weight (teacher beside only)
+    teacher: str = "auto"
+    temperature: float = 1.0
+    teacher_top_k: int | None = None
+    next_token_weight: float = 0.0
+    hidden_weight: float = 0.0
 
     # -- LoRA; target_modules: names of Linear layers inside the decoder blocks (None: the
     # attention and MLP projections `DEFAULT_TARGETS`, else every Linear layer in the blocks)
@@ -95,7 +114,7 @@ class HealConfig(SettingsFile):
         self.validate()
 
     def validate(self) -> None:
-        for name in ("seq_len", "steps", "batch_size", "rank"):
+        for name in ("seq_len", "steps", "batch_size", "gradient_accumulation_steps", "rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise HealError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -104,6 +123,20 @@ class HealConfig(SettingsFile):
             # YAML reads 2e-4 as text (it wants 2.0e-4): say so rather than fail in the optimizer
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise HealError(f"`{name}` must be a positive number (in YAML, e.g. 2.0e-4), got {value!r}.")
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) or self.temperature <= 0:
+            raise HealError(f"`temperature` must be a positive number, got {self.temperature!r}.")
+        for name in ("next_token_weight", "hidden_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise HealError(f"`{name}` must be a number >= 0, got {value!r}.")
+        if not isinstance(self.teacher, str) or not self.teacher:
+            raise HealError(f"`teacher` must be auto, none, or a model (directory, .gguf, Hub id), got {self.teacher!r}.")
+        if self.teacher_top_k is not None and (not isinstance(self.teacher_top_k, int) or isinstance(self.teacher_top_k, bool) or self.teacher_top_k < 1):
+            raise HealError(f"`teacher_top_k` must be a positive integer or unset (the teacher beside), got {self.teacher_top_k!r}.")
+        if self.teacher == "none" and (self.hidden_weight or self.next_token_weight or self.teacher_top_k):
+            raise HealError("`hidden_weight`, `next_token_weight` and `teacher_top_k` shape distillation; with teacher: none leave them unset.")
+        if self.hidden_weight and self.teacher_top_k is not None:
+            raise HealError("The hidden-state term (`hidden_weight`) needs the teacher beside the student; unset `teacher_top_k`.")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise HealError(f"`dropout` must be a number in [0, 1), got {self.dropout!r}.")
         if not isinstance(self.gradient_checkpointing, bool):
@@ -200,51 +233,137 @@ def training_batches(model: nn.Module, tokenizer: Any, config: HealConfig) -> tu
     return windows.batches, source, windows.n_samples
 
 
-def heal(model: nn.Module, tokenizer: Any, config: HealConfig | None = None, *, progress: bool = True) -> HealResult:
+def heal(
+    model: nn.Module, tokenizer: Any, config: HealConfig | None = None, *, teacher: nn.Module | None = None,
+    teacher_tokenizer: Any = None, teacher_kwargs: dict[str, Any] | None = None, progress: bool = True,
+) -> HealResult:
     """Train a LoRA adapter on `model` (peft wraps it in place) and measure held-out perplexity
-    before and after. The result's model carries the adapter; `HealResult.merge` folds it in,
-    `save_healed` writes it."""
+    before and after. The objective is distillation from `teacher` (a model in memory) or from
+    the one `config.teacher` names (loaded with `teacher_kwargs`, e.g. dtype), else the text's
+    next tokens (see HealConfig.teacher). The result's model carries the adapter;
+    `HealResult.merge` folds it in, `save_healed` writes it."""
     config = config or HealConfig()
     peft = _peft()
     pattern, names = lora_targets(model, config)
     batches, source, n_windows = training_batches(model, tokenizer, config)
     warn_if_not_held_out(config, config.eval_dataset, config_name=config.eval_dataset_config, split=config.eval_split)
-    before = _held_out_perplexity(model, tokenizer, config, progress)
+    with tempfile.TemporaryDirectory(prefix="sglp-teacher-") as scratch:
+        # the teacher is checked (and any cache written) before anything is trained
+        objective, teacher_record = _objective(model, tokenizer, config, batches, teacher, teacher_tokenizer,
+                                               teacher_kwargs or {}, Path(scratch), progress)
+        before = _held_out_perplexity(model, tokenizer, config, progress)
 
-    torch.manual_seed(config.seed)  # LoRA's initial A matrices and dropout
-    lora = peft.LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
-        target_modules=pattern,
-        task_type="CAUSAL_LM",
-    )
-    with warnings.catch_warnings():
-        # peft calls transformers' deprecated `is_gradient_checkpointing`: not the user's concern
-        warnings.simplefilter("ignore", FutureWarning)
-        wrapped = peft.get_peft_model(model, lora)
-    trainable, total = wrapped.get_nb_trainable_parameters()
-    started = time.perf_counter()
-    losses = _train(wrapped, batches, config, progress)
-    seconds = time.perf_counter() - started
+        torch.manual_seed(config.seed)  # LoRA's initial A matrices and dropout
+        lora = peft.LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=pattern,
+            task_type="CAUSAL_LM",
+        )
+        with warnings.catch_warnings():
+            # peft calls transformers' deprecated `is_gradient_checkpointing`: not the user's concern
+            warnings.simplefilter("ignore", FutureWarning)
+            wrapped = peft.get_peft_model(model, lora)
+        trainable, total = wrapped.get_nb_trainable_parameters()
+        base = wrapped.get_base_model()
+        checkpointing = (
+            activation_checkpointing(base, find_decoder_blocks(base, config.layers_path).layers)
+            if config.gradient_checkpointing
+            else contextlib.nullcontext()
+        )
+        with checkpointing:
+            losses, seconds = train(wrapped, WindowDataset(batches), objective, config, progress=progress,
+                                    max_grad_norm=MAX_GRAD_NORM)
     after = _held_out_perplexity(wrapped, tokenizer, config, progress)
 
-    tokens = sum(int(batches[step % len(batches)]["input_ids"].numel()) for step in range(config.steps))
+    steps_tokens = config.steps * config.batch_size * config.gradient_accumulation_steps * world_size()
+    tokens = steps_tokens * batches[0]["input_ids"].shape[1]
     report = {
         "settings": config.to_dict(),
+        "objective": teacher_record,
         "target_modules": names,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "training_text": source,
         "windows": n_windows,
         "tokens": tokens,
-        "passes": config.steps * config.batch_size / n_windows,
+        "passes": steps_tokens / n_windows,
         "loss": {"first": losses[0], "last": losses[-1], "per_step": losses},
         # "after" is measured with the adapter applied, before any merge
         "perplexity": {"before": before, "after": after},
         "seconds": seconds,
     }
     return HealResult(model=wrapped, tokenizer=tokenizer, config=config, report=report)
+
+
+def _objective(
+    model: nn.Module, tokenizer: Any, config: HealConfig, batches: list[dict], teacher: nn.Module | None,
+    teacher_tokenizer: Any, teacher_kwargs: dict[str, Any], scratch: Path, progress: bool,
+) -> tuple[Any, dict[str, Any]]:
+    """The training objective and what the report says about it: distillation from the teacher
+    (loaded here if named, its targets cached in `scratch` with teacher_top_k), or next-token."""
+    lineage = getattr(text_config(model), SGLP_CONFIG_KEY, None) or {}
+    name = getattr(teacher, "name_or_path", None) or "the model passed in"
+    if teacher is None:
+        if config.teacher == "none":
+            return NextTokenObjective(), {"name": "next-token", "why": "teacher: none"}
+        wanted = lineage.get("source_model") if config.teacher == "auto" else config.teacher
+        if wanted is None:
+            return NextTokenObjective(), {
+                "name": "next-token",
+                "why": "teacher: auto, and the model records no source to distil from (pass --teacher PATH|HUB_ID)",
+            }
+        _check_teacher_fits(model, lineage, config)
+        try:
+            loaded = load_model(wanted, **teacher_kwargs)
+        except (ModelLoadError, OSError) as error:
+            where = "recorded in the pruned model's config" if config.teacher == "auto" else "given"
+            raise TeacherError(
+                f"The teacher {wanted} ({where}) cannot be loaded: {error}. Pass the original model with "
+                "--teacher PATH|HUB_ID, or --teacher none for the next-token loss."
+            ) from error
+        teacher, teacher_tokenizer, name = loaded.model, loaded.tokenizer, wanted
+    check_teacher(model, teacher.get_output_embeddings().weight.shape[0], teacher_tokenizer, tokenizer)
+    num_blocks = len(find_decoder_blocks(model, config.layers_path).layers)
+    kept = kept_original_indices(model, num_blocks)
+    if config.hidden_weight:
+        teacher_blocks = len(find_decoder_blocks(teacher).layers)
+        if teacher_blocks != lineage.get("original_num_hidden_layers", num_blocks):
+            raise TeacherError(
+                f"The hidden-state term matches each kept block with the teacher's at its original index, but the "
+                f"teacher has {teacher_blocks} blocks and the student was pruned from "
+                f"{lineage.get('original_num_hidden_layers', num_blocks)}; pass the model it was pruned from, or "
+                "hidden_weight: 0."
+            )
+    terms = DistillationTerms(config.temperature, config.next_token_weight, config.hidden_weight)
+    record = {"name": "distillation", "teacher": str(name), "temperature": config.temperature,
+              "next_token_weight": config.next_token_weight, "hidden_weight": config.hidden_weight}
+    if config.teacher_top_k is None:
+        return DistillationObjective(TeacherBeside(teacher, terms), terms, kept), {**record, "teacher_runs": "beside"}
+    path = write_teacher_cache(teacher, batches, scratch / TEACHER_TARGETS_NAME, top_k=config.teacher_top_k,
+                               temperature=config.temperature, progress=progress)
+    return DistillationObjective(TeacherCache(path, terms), terms, kept), {
+        **record, "teacher_runs": f"cached: top {config.teacher_top_k} tokens per position, written in one pass"}
+
+
+def _check_teacher_fits(model: nn.Module, lineage: dict[str, Any], config: HealConfig) -> None:
+    """Refuse, before loading it, a teacher that will not fit beside the student: its size is
+    the student's plus the dropped blocks' (estimated from the student's mean block)."""
+    if config.teacher_top_k is not None:
+        return
+    blocks = find_decoder_blocks(model, config.layers_path).layers
+    student = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_block = sum(p.numel() * p.element_size() for p in blocks.parameters()) / max(len(blocks), 1)
+    teacher = student + per_block * len(lineage.get("dropped_layers", []))
+    device = input_device(model)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    if teacher > free:
+        raise TeacherError(
+            f"The teacher (about {teacher / 2**30:.1f} GiB) does not fit beside the student in the "
+            f"{free / 2**30:.1f} GiB free on {device}: set teacher_top_k (--teacher-top-k 64) to write its "
+            "targets to disk in one pass first, or --teacher none for the next-token loss."
+        )
 
 
 def _held_out_perplexity(model: nn.Module, tokenizer: Any, config: HealConfig, progress: bool) -> dict[str, Any]:
@@ -258,36 +377,6 @@ def _held_out_perplexity(model: nn.Module, tokenizer: Any, config: HealConfig, p
         max_texts=config.eval_max_texts,
         progress=progress,
     )
-
-
-def _train(model: nn.Module, batches: list[dict], config: HealConfig, progress: bool) -> list[float]:
-    """`config.steps` AdamW steps of the causal-LM loss on the adapter; the loss of each step."""
-    device = input_device(model)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
-    base = model.get_base_model()
-    checkpointing = (
-        activation_checkpointing(base, find_decoder_blocks(base, config.layers_path).layers)
-        if config.gradient_checkpointing
-        else contextlib.nullcontext()
-    )
-    losses: list[float] = []
-    model.train()
-    try:
-        with checkpointing:
-            bar = tqdm(range(config.steps), desc="Healing", disable=not progress)
-            for step in bar:
-                batch = to_device(batches[step % len(batches)], device)
-                loss = model(**batch, labels=batch["input_ids"], use_cache=False).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    finally:
-        model.eval()
-    return losses
 
 
 def save_healed(
@@ -366,7 +455,8 @@ def heal_summary(report: Mapping[str, Any]) -> str:
     """One line for people: loss and held-out perplexity before and after."""
     loss, ppl = report["loss"], report["perplexity"]
     return (
-        f"Healed {report['settings']['steps']} steps ({report['tokens']:,} tokens, "
+        f"Healed {report['settings']['steps']} steps by {describe_objective(report.get('objective'))} "
+        f"({report['tokens']:,} tokens, "
         f"{report['passes']:.2f} passes over {report['windows']} windows, {report['seconds']:.0f} s): loss "
         f"{loss['first']:.3f} -> {loss['last']:.3f}   held-out perplexity "
         f"{ppl['before']['perplexity']:.3f} -> {ppl['after']['perplexity']:.3f}"

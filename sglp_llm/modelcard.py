@@ -112,6 +112,18 @@ def render_healed_card(
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"))
 
 
+def describe_objective(record: dict[str, Any] | None) -> str:
+    """The healing objective of a heal report, in words."""
+    if not record or record.get("name") != "distillation":
+        why = (record or {}).get("why")
+        return "the text's next-token loss" + (f" ({why})" if why else "")
+    extras = [f"+ {record[key]:g} × {label}" for key, label in (("next_token_weight", "next-token loss"),
+                                                                   ("hidden_weight", "kept blocks' output error"))
+              if record.get(key)]
+    return " ".join([f"distillation from {record['teacher']} (KL at temperature {record['temperature']:g}, "
+                     f"teacher {record['teacher_runs']})", *extras])
+
+
 def healing_section(healing: Mapping[str, Any]) -> str:
     """The LoRA fine-tune of a `heal` report (sglp_llm.heal): data, settings, loss, perplexity."""
     settings = healing["settings"]
@@ -125,11 +137,12 @@ def healing_section(healing: Mapping[str, Any]) -> str:
         "## Healing",
         "",
         "A short LoRA fine-tune ([Hu et al. 2021](https://arxiv.org/abs/2106.09685)) on ordinary "
-        "text, made with `sglp-llm`; the full record is in `heal_report.json`, the settings in "
+        "text, learning the original model's next-token distribution where it was at hand, made with `sglp-llm`; the full record is in `heal_report.json`, the settings in "
         "`heal_config.json`.",
         "",
         "| | |",
         "|---|---|",
+        f"| objective | {describe_objective(healing.get('objective'))} |",
         f"| training text | {healing['training_text']} |",
         f"| steps | {settings['steps']} × {settings['batch_size']} windows of {settings['seq_len']} "
         f"tokens ({healing['tokens']:,} tokens; {healing['passes']:.2f} passes over "

@@ -14,6 +14,7 @@ import math
 import re
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -38,6 +39,15 @@ SGLP_CONFIG_KEY = "sglp"
 
 class RewriteError(ValueError):
     """The requested set of blocks cannot be removed from this model."""
+
+
+def _loadable_source(model: nn.Module) -> str | None:
+    """The directory (made absolute) or Hub id `model` was loaded from, if it says."""
+    name = getattr(model, "name_or_path", None) or ""
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
 
 
 def kept_blocks(num_blocks: int, dropped: Sequence[int]) -> list[int]:
@@ -296,6 +306,9 @@ def removing_blocks(model: nn.Module, dropped: Sequence[int], *, layers_path: st
         "dropped_layers": sorted(set(range(original_count)) - set(kept_original)),
         "original_num_hidden_layers": original_count,
     }
+    source = (previous or {}).get("source_model") or _loadable_source(model)
+    if source:  # where the original can be loaded again: the teacher when healing distils
+        lineage["source_model"] = source
     if compensated:
         lineage["compensated_config"] = compensated
     setattr(blocks.config, SGLP_CONFIG_KEY, lineage)

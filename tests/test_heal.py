@@ -21,8 +21,9 @@ pytest.importorskip("peft")
 
 PRUNE_FAST = ["--seq-len", "16", "--n-samples", "8", "--batch-size", "4", "--cka-minibatch-tokens", "16", "--no-progress"]
 # a short run that still learns: the tiny model starts random, so the drop is large and sure
+# the text's next tokens: a random tiny teacher knows nothing of English to distil (tests/test_distill.py)
 HEAL_FAST = ["--steps", "30", "--seq-len", "32", "--batch-size", "8", "--learning-rate", "0.003",
-             "--eval-max-texts", "6", "--no-progress"]
+             "--eval-max-texts", "6", "--no-progress", "--teacher", "none"]
 HELD_OUT_TEXTS = 6  # the first texts of the shipped evaluation text, as --eval-max-texts above
 
 
