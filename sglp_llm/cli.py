@@ -557,7 +557,9 @@ def run_prune(args: argparse.Namespace) -> int:
     evaluation = {"dense": _evaluate_in_memory(loaded, args, "dense")} if evaluate else None
     progress = not args.no_progress and is_main_process()
     result = prune(loaded.model, None, config, tokenizer=loaded.tokenizer, progress=progress)
-    if not is_main_process():  # data parallel: every process has the same pruned model; one writes it
+    # data parallel: every process heals its share of each batch (the Trainer's DDP)
+    healed = _heal_pruned(result, heal_config, args, run) if heal_config is not None else None
+    if not is_main_process():  # every process has the same model; one writes it
         return 0
     result.base_model = loaded.name
     result.plan.model_name = loaded.name
@@ -565,10 +567,17 @@ def run_prune(args: argparse.Namespace) -> int:
     _warn_if_unstable(result.plan)
     if evaluation:
         evaluation["pruned"] = _evaluate_in_memory(loaded, args, "pruned")
-    if heal_config is None:
+    if healed is None:
         saved = result.save_pretrained(output, overwrite=args.overwrite, evaluation=evaluation)
     else:
-        saved = _heal_pruned(result, heal_config, output, args, evaluation, run)
+        from .heal import heal_summary, save_healed
+
+        print(heal_summary(healed.report))
+        if evaluation:
+            result.plan.extra["evaluation"] = evaluation
+        # merged; the adapter is left out: the unhealed pruned model it applies to is saved nowhere
+        saved = save_healed(output, healed, base_model=result.base_model, merge=True, adapter=False,
+                            plan=result.plan, overwrite=args.overwrite)
     if args.report:
         result.plan.save(args.report)
     plan = result.plan
@@ -595,32 +604,24 @@ def _teacher_kwargs(run: dict[str, Any]) -> dict[str, Any]:
             "trust_remote_code": bool(run.get("trust_remote_code"))}
 
 
-def _heal_pruned(result, config, output: Path, args: argparse.Namespace, evaluation: dict | None,
-                 run: dict[str, Any]) -> Path:
-    """`prune --heal`: heal the pruned model in memory and save it merged. Its adapter is left
-    out: the unhealed pruned model it applies to is saved nowhere."""
+def _heal_pruned(result, config, args: argparse.Namespace, run: dict[str, Any]):
+    """`prune --heal`: heal the pruned model in memory (its blocks are where the pruning found
+    them)."""
     import dataclasses
 
-    from .heal import heal, heal_summary, save_healed
+    from .distributed import is_main_process
+    from .heal import heal
 
     config = dataclasses.replace(config, layers_path=config.layers_path or result.plan.layers_path)
-    healed = heal(result.model, result.tokenizer, config, teacher_kwargs=_teacher_kwargs(run),
-                  progress=not args.no_progress)
-    print(heal_summary(healed.report))
-    if evaluation:
-        result.plan.extra["evaluation"] = evaluation
-    return save_healed(
-        output, healed, base_model=result.base_model, merge=True, adapter=False, plan=result.plan,
-        overwrite=args.overwrite,
-    )
-
+    return heal(result.model, result.tokenizer, config, teacher_kwargs=_teacher_kwargs(run),
+                progress=not args.no_progress and is_main_process())
 
 def run_heal(args: argparse.Namespace) -> int:
+    from .distributed import is_main_process
     from .heal import heal, heal_summary, save_healed
     from .plan import REPORT_NAME, PruningPlan
     from .save import check_destination
 
-    _single_process("heal")
     config = resolve_heal_settings(args)
     recipe = _recipe(args.recipe)
     run = {k: recipe[k] for k in HEAL_RUN_KEYS if k in recipe}
@@ -632,7 +633,11 @@ def run_heal(args: argparse.Namespace) -> int:
     report = Path(args.model) / REPORT_NAME
     # merged, an SGLP-pruned model's folder stays a pruning output: report, heatmap, card
     plan = PruningPlan.load(report) if args.merge and report.is_file() else None
-    healed = heal(loaded.model, loaded.tokenizer, config, teacher_kwargs=_teacher_kwargs(run), progress=not args.no_progress)
+    # under `accelerate launch` every process trains on its share of each batch (DDP); one writes
+    healed = heal(loaded.model, loaded.tokenizer, config, teacher_kwargs=_teacher_kwargs(run),
+                  progress=not args.no_progress and is_main_process())
+    if not is_main_process():
+        return 0
     print(heal_summary(healed.report))
     saved = save_healed(
         output, healed, base_model=(plan.model_name if plan else None) or loaded.name, merge=args.merge,
@@ -716,8 +721,8 @@ def _numbers(text: str, kind: type, flag: str, example: str) -> list:
 
 
 def _single_process(command: str) -> None:
-    """`eval` and `heal` have no data-parallel mode: under `accelerate launch` every process would
-    repeat the work and write the same files."""
+    """`eval` has no data-parallel mode: under `accelerate launch` every process would repeat the
+    work and write the same files."""
     from .distributed import world_size
 
     if world_size() > 1:

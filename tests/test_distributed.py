@@ -35,24 +35,45 @@ def _free_port() -> int:
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="this torch build has no gloo backend to run two CPU processes")
+def _launch(tmp_path, workload: Path, *args: str) -> list[subprocess.CompletedProcess]:
+    """`workload` with `args` as one plain process, then under `accelerate launch` as two (gloo,
+    CPU, one thread each: the two share the machine's cores)."""
+    launch = [
+        "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    runs = []
+    for prefix, out in (([], "single"), (launch, "launched")):
+        (tmp_path / out).mkdir()
+        done = subprocess.run([sys.executable, *prefix, str(workload), *args, str(tmp_path / out)],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        runs.append(done)
+    return runs
+
+
+def test_two_processes_heal_to_the_single_process_adapter(tmp_path):
+    """Distillation healing on the Trainer under DDP: 2 processes × 2 windows per step give the
+    adapter of 1 process × 4 windows, within float tolerance."""
+    from safetensors.torch import load_file
+
+    _launch(tmp_path, HERE / "heal_parallel_run.py")
+    single, launched = (load_file(tmp_path / d / "adapter.safetensors") for d in ("single", "launched"))
+    assert single.keys() == launched.keys() and single
+    for key in single:
+        torch.testing.assert_close(launched[key], single[key], rtol=1e-4, atol=1e-5)
+    losses = [(tmp_path / d / "losses.txt").read_text().split("\n") for d in ("single", "launched")]
+    assert losses[0][1] == losses[1][1] == str(4 * 4 * 16), "tokens: steps × global batch × window"
+
+
 def test_two_processes_reach_the_single_process_plan(tmp_path):
     model_dir, text_file = tmp_path / "model", tmp_path / "calib.txt"
     tiny_model("llama", num_layers=6).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     text_file.write_text(" ".join(["the module returns a new object for each class and function"] * 100))
+    done = _launch(tmp_path, WORKLOAD, str(model_dir), str(text_file))[1]  # the launched run
     single, launched = tmp_path / "single", tmp_path / "launched"
-    single.mkdir(), launched.mkdir()
-    launch = [
-        "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-    ]
-    # one thread per process: the two share the machine's cores
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    for prefix, out in (([], single), (launch, launched)):
-        command = [sys.executable, *prefix, str(WORKLOAD), str(model_dir), str(text_file), str(out)]
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    # `done` is now the launched run
 
     assert sorted(p.name for p in launched.iterdir()) == ["plans.json", "report.json"]
     assert done.stdout.count("drop 2 blocks:") == 1, "only the main process prints the plan"
