@@ -305,9 +305,9 @@ def _objective(
     (loaded here if named, its targets cached in `scratch` with teacher_top_k), or next-token."""
     lineage = getattr(text_config(model), SGLP_CONFIG_KEY, None) or {}
     name = getattr(teacher, "name_or_path", None) or "the model passed in"
+    if config.teacher == "none":  # whatever teacher is at hand
+        return NextTokenObjective(), {"name": "next-token", "why": "teacher: none"}
     if teacher is None:
-        if config.teacher == "none":
-            return NextTokenObjective(), {"name": "next-token", "why": "teacher: none"}
         wanted = lineage.get("source_model") if config.teacher == "auto" else config.teacher
         if wanted is None:
             return NextTokenObjective(), {

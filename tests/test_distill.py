@@ -185,6 +185,18 @@ def test_a_recorded_source_that_is_gone_is_refused(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_teacher_none_trains_on_the_next_tokens_even_with_a_teacher_at_hand():
+    losses = {}
+    for teacher in ("none", "auto"):
+        student, original = _student_and_teacher()
+        config = HealConfig(steps=2, seq_len=16, batch_size=2, eval_max_texts=1, teacher=teacher)
+        healed = heal(student, tiny_tokenizer(), config, teacher=original, teacher_tokenizer=tiny_tokenizer(), progress=False)
+        losses[healed.report["objective"]["name"]] = healed.report["loss"]["first"]
+    assert set(losses) == {"next-token", "distillation"}
+    # the next-token loss of a random model is about log(vocabulary); its KL to a near twin is small
+    assert losses["next-token"] > 3 > 10 * losses["distillation"]
+
+
 def test_a_model_with_no_record_heals_on_the_next_tokens():
     model = tiny_model("llama", num_layers=4)
     healed = heal(model, tiny_tokenizer(), HealConfig(steps=1, seq_len=16, batch_size=2, eval_max_texts=1), progress=False)
