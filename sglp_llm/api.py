@@ -25,6 +25,7 @@ from .blocks import DecoderBlocks, find_decoder_blocks, text_config
 from .capture import BlockObserver, capture_blocks
 from .checkpoint import StatisticsCheckpoint, fingerprint
 from .cka import MinibatchCKA
+from .block_recovery import BlockRecovery, recover_blocks
 from .compensate import Compensation, applied, fit_compensation, fold
 from .config import CALIBRATION_FIELDS, ConfigError, SGLPConfig
 from .data import CalibrationSet, prepare_calibration
@@ -420,6 +421,27 @@ def _compensation(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]] |
     return compensation
 
 
+def _recovery(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]] | None, plan: PruningPlan,
+              progress: bool) -> BlockRecovery | None:
+    """The plan's block-local recovery trained on the calibration batches (None when off), in
+    place, one block at a time as the plan's offloading runs them; recorded in the plan."""
+    if plan.config.get("recover", "none") == "none":
+        return None
+    if batches is None:
+        raise ConfigError("Block-local recovery trains on calibration text: pass the calibration data with the plan.")
+    device = input_device(model)
+    loader = getattr(model, BLOCK_LOADER_ATTRIBUTE, None)
+    one_at_a_time = loader is not None or plan.config.get("offload") == "sequential"
+    recovery = recover_blocks(
+        model, [to_device(b, device) for b in batches], plan.dropped, steps=plan.config.get("recover_steps", 200),
+        learning_rate=plan.config.get("recover_learning_rate", 1e-4), layers_path=plan.layers_path, progress=progress,
+        **({"device": plan.config.get("onload_device") or device, "loader": loader or MoveBlocks()} if one_at_a_time else {}),
+    )
+    plan.extra["recovery"] = recovery.record()
+    plan.timings["recovery_s"] = recovery.seconds
+    return recovery
+
+
 def prune(
     model: nn.Module,
     calibration: Any = None,
@@ -456,10 +478,13 @@ def prune(
     params_before = count_parameters(model)
     base_model = plan.model_name or getattr(model, "name_or_path", None)
     compensation = _compensation(model, batches, plan)
+    recovery = _recovery(model, batches, plan, progress)
+    restore = recovery.restore if recovery else (lambda: None)
     reference = None
     if plan.config.get("verify", True):
         probe = verify.make_probe(model, batches, seed=plan.config.get("seed", 0))
-        # the original with the dropped blocks skipped and, compensated, T applied explicitly
+        # the original with the dropped blocks skipped and, compensated, T applied explicitly;
+        # recovered, with the trained blocks' weights in place
         with applied(model, compensation, plan.layers_path) if compensation else nullcontext():
             reference = verify.reference_outputs(model, plan.dropped, probe, plan.config, plan.layers_path)
     unfold = fold(model, compensation, plan.layers_path) if compensation else (lambda: None)
@@ -470,6 +495,7 @@ def prune(
         except BaseException:
             undo()
             unfold()
+            restore()
             raise
         verify.record(reference, plan)
     getattr(text_config(model), SGLP_CONFIG_KEY)["settings"] = plan.config

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import yaml
 
 from .config import (
-    ALLOCATIONS, COMPENSATION_FITS, COMPENSATIONS, GRADIENT_SCORES, HIDDEN_STATES, LOSS_BOUNDS, LOSS_OBJECTIVES, LOSS_SCREENS, METHODS, OFFLOAD_MODES, SCORING_MODES, SEGMENT_FEATURES, ConfigError,
+    ALLOCATIONS, COMPENSATION_FITS, COMPENSATIONS, GRADIENT_SCORES, HIDDEN_STATES, LOSS_BOUNDS, LOSS_OBJECTIVES, LOSS_SCREENS, METHODS, OFFLOAD_MODES, RECOVERIES, SCORING_MODES, SEGMENT_FEATURES, ConfigError,
     SGLPConfig,
 )
 from .explain import stages
@@ -95,6 +95,12 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     method.add_argument("--compensation-aware", action="store_true", default=None,
                         help="the loss check (or SLEB) measures each candidate removal with its compensation "
                              "fitted and applied")
+    method.add_argument("--recover", choices=RECOVERIES,
+                        help="after the removal, train each kept block that feeds a removed run to give the original's "
+                             "state after the run, one block at a time on the calibration tokens (blocks; default "
+                             "none: see benchmarks/results/recovery.md)")
+    method.add_argument("--recover-steps", type=int, help="AdamW steps per trained block (one calibration batch each)")
+    method.add_argument("--recover-learning-rate", type=float, help="learning rate of the block-local recovery")
     method.add_argument("--groups", action=argparse.BooleanOptionalAction, default=None,
                         help="keep the choice to the Fisher groups of CKA-similar blocks (default: on for "
                              "--scoring block/subset, off for the loss check, whose choices they never changed "

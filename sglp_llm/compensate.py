@@ -43,7 +43,7 @@ from .capture import block_output, without_sequence_starts
 from .config import COMPENSATION_FITS, ConfigError
 from .distributed import all_reduce_state, shard
 from .devices import input_device
-from .sequential import BlockLoader, _onloaded, _record_calls
+from .sequential import BlockLoader, InPlace, _onloaded, _record_calls
 
 DIAGONAL = ("rescale",)  # methods whose T is diagonal
 COSINE_STEPS = 100  # L-BFGS iterations
@@ -274,16 +274,6 @@ def _fit_tokens(batch: dict[str, torch.Tensor], skip_first: bool) -> torch.Tenso
     return without_sequence_starts(mask) if skip_first else mask
 
 
-class _InPlace:
-    """The loader for a model in memory or spread by a device map: each block runs where it is."""
-
-    def onload(self, index: int, block: nn.Module, device: torch.device) -> None:
-        pass
-
-    def offload(self, index: int, block: nn.Module) -> None:
-        pass
-
-
 @torch.no_grad()
 def fit_compensation(
     model: nn.Module,
@@ -319,7 +309,7 @@ def fit_compensation(
     branches = {p: branch(layers[p], p, method, width) for p in before}
     batches = shard(batches)
     device = torch.device(device) if device is not None else input_device(model)
-    loader = loader or _InPlace()
+    loader = loader or InPlace()
     recorded = [_record_calls(model, layers, batch, device) for batch in batches]
     calls = [c for _, c in recorded]
     original = [first.to(device) for first, _ in recorded]  # the original network's stream

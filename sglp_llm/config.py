@@ -25,6 +25,7 @@ LOSS_OBJECTIVES = ("nll", "kl")  # sglp_llm.removal
 HIDDEN_STATES = ("auto", "memory", "disk")  # sglp_llm.hidden_states
 COMPENSATIONS = ("none", "least_squares", "cosine", "rescale")  # sglp_llm.compensate
 COMPENSATION_FITS = ("original", "pruned")
+RECOVERIES = ("none", "blocks")  # sglp_llm.block_recovery
 AUTO_K_RULES = ("reference", "elbow")
 # the settings that decide which calibration batches a run uses
 CALIBRATION_FIELDS = (
@@ -236,6 +237,15 @@ class SGLPConfig(SettingsFile):
     # applied, instead of the plain removal
     compensation_aware: bool = False
 
+    # -- recovery (see sglp_llm.block_recovery): after the removal, "blocks" trains each kept
+    # block that feeds a gap (all its weights, one block at a time) to give the original's state
+    # at the gap's far side from the input the pruned network gives it, on the calibration
+    # tokens: recover_steps AdamW steps of one calibration batch each at recover_learning_rate.
+    # Off by default: benchmarks/results/recovery.md
+    recover: str = "none"
+    recover_steps: int = 200
+    recover_learning_rate: float = 1e-4
+
     # -- writing: run the pruned model (and the saved folder, reloaded) against the original with
     # the dropped blocks skipped, and write nothing on a mismatch (see sglp_llm.verify)
     verify: bool = True
@@ -373,6 +383,17 @@ class SGLPConfig(SettingsFile):
             if self.offload == "sequential":
                 raise ConfigError("`compensation_aware` runs each candidate in the model's own forward, not one "
                                   "block at a time; load the model in memory or drop compensation_aware.")
+        if self.recover not in RECOVERIES:
+            raise ConfigError(f"`recover` must be one of {RECOVERIES}, got {self.recover!r}.")
+        if not isinstance(self.recover_steps, int) or isinstance(self.recover_steps, bool) or self.recover_steps < 1:
+            raise ConfigError(f"`recover_steps` must be a positive integer, got {self.recover_steps!r}.")
+        if (not isinstance(self.recover_learning_rate, (int, float)) or isinstance(self.recover_learning_rate, bool)
+                or self.recover_learning_rate <= 0):
+            raise ConfigError("`recover_learning_rate` must be a positive number (in YAML, e.g. 1.0e-4), got "
+                              f"{self.recover_learning_rate!r}.")
+        if self.recover != "none" and self.compensation != "none":
+            raise ConfigError("Recovery trains the block before each removed run, which compensation also changes; "
+                              "choose one (recover: none or compensation: none).")
         if self.hidden_states not in HIDDEN_STATES:
             raise ConfigError(f"`hidden_states` must be one of {HIDDEN_STATES}, got {self.hidden_states!r}.")
         if self.hidden_states_dir is not None and not Path(self.hidden_states_dir).expanduser().is_dir():

@@ -42,6 +42,12 @@ def stages(config: dict[str, Any]) -> list[str]:
     """The stages a run with these settings (SGLPConfig.to_dict()) performs, in order."""
     compensation = config.get("compensation", "none")
     choice = _choice_stages(config)
+    if config.get("recover", "none") == "blocks":
+        choice.append(
+            "recovery: each kept block that feeds a removed run trained (all its weights, "
+            f"{config.get('recover_steps')} AdamW steps at lr {config.get('recover_learning_rate')}) to give the "
+            "original's state after the run from the input the pruned network gives it, on the calibration tokens"
+        )
     if compensation == "none":
         return choice
     fit = COMPENSATION_FIT_TEXT[config.get("compensation_fit", "original")]

@@ -208,6 +208,12 @@ def _chosen_section(plan: PruningPlan) -> str:
            if "cosine_distance" in f else "")
         for p, f in sorted(folded.items(), key=lambda item: int(item[0]))
     ]
+    trained = plan.extra.get("recovery", {}).get("trained", {})
+    lines += [
+        f"- block {k} trained to stand in for removed blocks {r['stands_in_for']}: relative error to {r['target']} "
+        f"{r['relative_error_before']:.3f} -> {r['relative_error_after']:.3f} on the calibration tokens"
+        for k, r in sorted(trained.items(), key=lambda item: int(item[0]))
+    ]
     return "\n".join(lines)
 
 

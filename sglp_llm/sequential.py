@@ -43,6 +43,16 @@ class BlockLoader(Protocol):
     def offload(self, index: int, block: nn.Module) -> None: ...
 
 
+class InPlace:
+    """The loader for a model in memory or spread by a device map: each block runs where it is."""
+
+    def onload(self, index: int, block: nn.Module, device: torch.device) -> None:
+        pass
+
+    def offload(self, index: int, block: nn.Module) -> None:
+        pass
+
+
 class MoveBlocks:
     """The default loader, for a model held in (CPU) memory: move the block to the execution
     device, and back to where it was."""

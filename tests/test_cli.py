@@ -310,6 +310,17 @@ def test_compensation_flags_reach_the_config():
     assert (plain.compensation, plain.compensation_fit, plain.compensation_aware) == ("none", "original", False)
 
 
+def test_recover_flags_reach_the_report_and_card(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(model_dir), "--drop", "2", "--dataset", str(text_file), "--output", str(out),
+                 "--recover", "blocks", "--recover-steps", "3", "--recover-learning-rate", "0.001", *FAST]) == 0
+    report = json.loads((out / "sglp_report.json").read_text())
+    assert (report["config"]["recover"], report["config"]["recover_steps"]) == ("blocks", 3)
+    recovery = report["extra"]["recovery"]
+    assert recovery["steps"] == 3 and recovery["learning_rate"] == 0.001 and recovery["trained"]
+    assert "3 AdamW steps at lr 0.001" in (out / "README.md").read_text()
+
+
 def test_prune_eval_speed_reports_parameters_and_throughput_before_and_after(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "pruned"
     assert main(["prune", "--model", str(model_dir), "--drop", "2", "--dataset", str(text_file), "--output", str(out),
