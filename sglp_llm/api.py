@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -421,23 +422,29 @@ def _compensation(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]] |
     return compensation
 
 
-def _recovery(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]] | None, plan: PruningPlan,
-              progress: bool) -> BlockRecovery | None:
-    """The plan's block-local recovery trained on the calibration batches (None when off), in
-    place, one block at a time as the plan's offloading runs them; recorded in the plan."""
-    if plan.config.get("recover", "none") == "none":
+def _recovery(model: nn.Module, calibration: Any, tokenizer: Any, plan: PruningPlan, progress: bool) -> BlockRecovery | None:
+    """The plan's block-local recovery (None when off), trained in place, one block at a time as
+    the plan's offloading runs them, and recorded in the plan. Its windows come from the
+    calibration source, recover_steps × batch_size of them so that each step reads new text
+    (pre-tokenized calibration batches are used as given, cycled)."""
+    settings = SGLPConfig.from_dict(plan.config)
+    if settings.recover == "none":
         return None
-    if batches is None:
-        raise ConfigError("Block-local recovery trains on calibration text: pass the calibration data with the plan.")
+    wanted = settings.recover_steps * settings.batch_size
+    with warnings.catch_warnings():  # less text than that is cycled through, as the report says
+        warnings.filterwarnings("ignore", message="The calibration text has", category=UserWarning)
+        windows = prepare_calibration(calibration, tokenizer, settings.replace(n_samples=wanted),
+                                      max_positions=getattr(text_config(model), "max_position_embeddings", None))
     device = input_device(model)
     loader = getattr(model, BLOCK_LOADER_ATTRIBUTE, None)
-    one_at_a_time = loader is not None or plan.config.get("offload") == "sequential"
+    one_at_a_time = loader is not None or settings.offload == "sequential"
     recovery = recover_blocks(
-        model, [to_device(b, device) for b in batches], plan.dropped, steps=plan.config.get("recover_steps", 200),
-        learning_rate=plan.config.get("recover_learning_rate", 1e-4), layers_path=plan.layers_path, progress=progress,
-        **({"device": plan.config.get("onload_device") or device, "loader": loader or MoveBlocks()} if one_at_a_time else {}),
+        model, [to_device(b, device) for b in windows.batches], plan.dropped, steps=settings.recover_steps,
+        learning_rate=settings.recover_learning_rate, layers_path=plan.layers_path, progress=progress,
+        **({"device": settings.onload_device or device, "loader": loader or MoveBlocks()} if one_at_a_time else {}),
     )
-    plan.extra["recovery"] = recovery.record()
+    plan.extra["recovery"] = {**recovery.record(), "text": windows.source, "windows": windows.n_samples,
+                              "passes": wanted / windows.n_samples}
     plan.timings["recovery_s"] = recovery.seconds
     return recovery
 
@@ -478,7 +485,7 @@ def prune(
     params_before = count_parameters(model)
     base_model = plan.model_name or getattr(model, "name_or_path", None)
     compensation = _compensation(model, batches, plan)
-    recovery = _recovery(model, batches, plan, progress)
+    recovery = _recovery(model, calibration, tokenizer, plan, progress)
     restore = recovery.restore if recovery else (lambda: None)
     reference = None
     if plan.config.get("verify", True):

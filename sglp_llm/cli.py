@@ -277,6 +277,9 @@ def _add_heal_settings(group: argparse._ArgumentGroup, prefix: str) -> None:
         help="recompute activations in the backward pass: less memory, slower")
     add("gradient-accumulation-steps", "gradient_accumulation_steps", type=int,
         help="batches per optimizer step (default: 1)")
+    add("checkpoint-dir", "checkpoint_dir",
+        help="save the training state here every --checkpoint-every steps; rerun with the same settings to resume")
+    add("checkpoint-every", "checkpoint_every", type=int, help="steps between checkpoints (default: 50)")
     add("teacher", "teacher",
         help="distil from this model (directory, .gguf, packaged name or Hub id); auto: the model the pruned "
              "one was made from, as its config records (next-token loss when it records none); none: the "

@@ -239,9 +239,9 @@ class SGLPConfig(SettingsFile):
 
     # -- recovery (see sglp_llm.block_recovery): after the removal, "blocks" trains each kept
     # block that feeds a gap (all its weights, one block at a time) to give the original's state
-    # at the gap's far side from the input the pruned network gives it, on the calibration
-    # tokens: recover_steps AdamW steps of one calibration batch each at recover_learning_rate.
-    # Off by default: benchmarks/results/recovery.md
+    # at the gap's far side from the input the pruned network gives it: recover_steps AdamW
+    # steps at recover_learning_rate, each on batch_size new windows of the calibration text
+    # (pre-tokenized batches: those, cycled). Off by default: benchmarks/results/recovery.md
     recover: str = "none"
     recover_steps: int = 200
     recover_learning_rate: float = 1e-4

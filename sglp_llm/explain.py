@@ -46,7 +46,8 @@ def stages(config: dict[str, Any]) -> list[str]:
         choice.append(
             "recovery: each kept block that feeds a removed run trained (all its weights, "
             f"{config.get('recover_steps')} AdamW steps at lr {config.get('recover_learning_rate')}) to give the "
-            "original's state after the run from the input the pruned network gives it, on the calibration tokens"
+            "original's state after the run from the input the pruned network gives it, on new windows of the "
+            "calibration text each step"
         )
     if compensation == "none":
         return choice

@@ -31,7 +31,7 @@ from .config import ConfigError, SettingsFile
 from .data import build_batches, load_texts
 from .devices import activation_checkpointing, input_device
 from .distill import TEACHER_TARGETS_NAME, DistillationTerms, TeacherBeside, TeacherCache, TeacherError, check_teacher, kept_original_indices, write_teacher_cache
-from .distributed import world_size
+from .distributed import is_main_process, world_size
 from .loading import ModelLoadError, load_model
 from .evaluate import card_metrics, perplexity_on_source, warn_if_not_held_out
 from .modelcard import describe_objective, render_healed_card
@@ -80,6 +80,10 @@ class HealConfig(SettingsFile):
     learning_rate: float = 2e-4
     gradient_checkpointing: bool = False
     seed: int = 0
+    # save the Trainer's state (adapter, optimizer, data position, random state) here every
+    # checkpoint_every steps; a run with the same settings resumes from the last one
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 50
 
     # -- the objective (see sglp_llm.distill). teacher: "auto" distils from the model the pruned
     # one was made from (recorded in its config) when it records one, else trains on the next
@@ -114,7 +118,7 @@ class HealConfig(SettingsFile):
         self.validate()
 
     def validate(self) -> None:
-        for name in ("seq_len", "steps", "batch_size", "gradient_accumulation_steps", "rank"):
+        for name in ("seq_len", "steps", "batch_size", "gradient_accumulation_steps", "rank", "checkpoint_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise HealError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -141,6 +145,8 @@ class HealConfig(SettingsFile):
             raise HealError(f"`dropout` must be a number in [0, 1), got {self.dropout!r}.")
         if not isinstance(self.gradient_checkpointing, bool):
             raise HealError(f"`gradient_checkpointing` must be true or false, got {self.gradient_checkpointing!r}.")
+        if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir):
+            raise HealError(f"`checkpoint_dir` must be a folder path or unset, got {self.checkpoint_dir!r}.")
         if not isinstance(self.seed, int):
             raise HealError(f"`seed` must be an integer, got {self.seed!r}.")
         if self.target_modules is not None and (
@@ -244,6 +250,7 @@ def heal(
     `HealResult.merge` folds it in, `save_healed` writes it."""
     config = config or HealConfig()
     peft = _peft()
+    _check_resumable(config)
     pattern, names = lora_targets(model, config)
     batches, source, n_windows = training_batches(model, tokenizer, config)
     warn_if_not_held_out(config, config.eval_dataset, config_name=config.eval_dataset_config, split=config.eval_split)
@@ -345,6 +352,26 @@ def _objective(
                                temperature=config.temperature, progress=progress)
     return DistillationObjective(TeacherCache(path, terms), terms, kept), {
         **record, "teacher_runs": f"cached: top {config.teacher_top_k} tokens per position, written in one pass"}
+
+
+def _check_resumable(config: HealConfig) -> None:
+    """A checkpoint folder belongs to one run's settings: record them there, and refuse to
+    resume a run with other settings from it."""
+    if config.checkpoint_dir is None or not is_main_process():
+        return
+    folder = Path(config.checkpoint_dir).expanduser()
+    ignored = ("checkpoint_dir", "checkpoint_every")
+    if (folder / HEAL_CONFIG_NAME).is_file():
+        saved = HealConfig.from_pretrained(folder).to_dict()
+        changed = sorted(k for k, v in config.to_dict().items() if k not in ignored and saved.get(k) != v)
+        if changed:
+            raise HealError(
+                f"The checkpoints in {folder} are from a healing run with other settings ({', '.join(changed)}); "
+                "resume with the same settings, or choose another --checkpoint-dir."
+            )
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
 
 
 def _check_teacher_fits(model: nn.Module, lineage: dict[str, Any], config: HealConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -19,6 +20,9 @@ from tqdm.auto import tqdm
 
 from .distill import DistillationTerms, TeacherBeside, TeacherCache, hidden_state_error
 from .head import _predicted
+
+# the key of each step's loss in the Trainer's log history
+LOSS_KEY = "sglp_loss"
 
 
 class WindowDataset(Dataset):
@@ -87,9 +91,9 @@ def train(
     of `objective` on the trainable parameters of `model`; (the loss of each step, seconds)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers.trainer_utils import get_last_checkpoint
 
     micro: list[float] = []
-    losses: list[float] = []
 
     class HealingTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -98,24 +102,28 @@ def train(
             return loss
 
     class StepLosses(TrainerCallback):
-        """Each step's loss, and a bar with it in place of the Trainer's, which prints its logs."""
+        """Each step's loss, kept in the Trainer's log history (saved with its checkpoints, so a
+        resumed run still reports every step), and a bar in place of the Trainer's."""
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.bar = tqdm(total=state.max_steps, desc="Healing", disable=not progress or not state.is_world_process_zero)
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="Healing",
+                            disable=not progress or not state.is_world_process_zero)
 
         def on_step_end(self, args, state, control, **kwargs):
-            losses.append(sum(micro) / max(len(micro), 1))
+            loss = sum(micro) / max(len(micro), 1)
             micro.clear()
+            state.log_history.append({"step": state.global_step, LOSS_KEY: loss})
             self.bar.update()
-            self.bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            self.bar.set_postfix(loss=f"{loss:.4f}")
 
         def on_train_end(self, args, state, control, **kwargs):
             self.bar.close()
 
     on_cpu = next(model.parameters()).device.type == "cpu"
+    checkpoints = getattr(config, "checkpoint_dir", None)
     with tempfile.TemporaryDirectory(prefix="sglp-heal-") as scratch:
         args = TrainingArguments(
-            output_dir=scratch,
+            output_dir=checkpoints or scratch,
             per_device_train_batch_size=config.batch_size,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             max_steps=config.steps,
@@ -128,7 +136,9 @@ def train(
             use_cpu=on_cpu,
             bf16=not on_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
             logging_strategy="no",
-            save_strategy="no",
+            save_strategy="steps" if checkpoints else "no",
+            save_steps=getattr(config, "checkpoint_every", None),
+            save_total_limit=1,
             report_to="none",
             disable_tqdm=True,  # StepLosses shows the bar
             remove_unused_columns=False,
@@ -137,8 +147,9 @@ def train(
         trainer = HealingTrainer(model=model, args=args, train_dataset=dataset, callbacks=[StepLosses()])
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
+        resume = get_last_checkpoint(checkpoints) if checkpoints and Path(checkpoints).is_dir() else None
         started = time.perf_counter()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - started
     model.eval()
-    return losses, seconds
+    return [entry[LOSS_KEY] for entry in trainer.state.log_history if LOSS_KEY in entry], seconds

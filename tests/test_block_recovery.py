@@ -97,6 +97,7 @@ def test_prune_recovers_verifies_and_saves_a_plain_checkpoint(tmp_path):
     plan = result.plan
     record = plan.extra["recovery"]
     assert record["method"] == "blocks" and set(map(int, record["trained"])) == set(trained_blocks(6, plan.dropped))
+    assert (record["windows"], record["passes"]) == (8, 30 * 4 / 8)  # the given batches, cycled
     assert "The pruned model" in plan.extra["verification"]["checks"]
     probe = tiny_batch(batch_size=2, seq_len=12, seed=7)
     with torch.no_grad(), skip_blocks(original, plan.dropped):  # recovery changed the model

@@ -233,3 +233,35 @@ def test_prune_and_heal_the_real_smollm2(tmp_path):
     assert merged.config.num_hidden_layers == 24
     measured = perplexity_on_source(merged, tokenizer, max_texts=6, progress=False)["perplexity"]
     assert measured == pytest.approx(ppl["after"]["perplexity"], rel=1e-3)
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_adapter(tmp_path, monkeypatch):
+    from sglp_llm import training
+
+    tokenizer = tiny_tokenizer()
+    settings = dict(steps=4, seq_len=16, batch_size=2, learning_rate=3e-3, eval_max_texts=1, teacher="none")
+    whole = heal(tiny_model("llama", 4), tokenizer, HealConfig(**settings), progress=False)
+    resumable = HealConfig(**settings, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2)
+    calls = {"n": 0}
+    plain_call = training.NextTokenObjective.__call__
+
+    def interrupted(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first micro-batch of step 3, after the step-2 checkpoint
+            raise KeyboardInterrupt
+        return plain_call(self, model, batch)
+
+    monkeypatch.setattr(training.NextTokenObjective, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        heal(tiny_model("llama", 4), tokenizer, resumable, progress=False)
+    assert [p.name for p in (tmp_path / "ckpt").glob("checkpoint-*")] == ["checkpoint-2"]
+    resumed = heal(tiny_model("llama", 4), tokenizer, resumable, progress=False)
+    assert calls["n"] == 3 + 2  # only steps 3 and 4 ran again; the loss of steps 1 and 2 came from the checkpoint
+    assert resumed.report["loss"]["per_step"] == pytest.approx(whole.report["loss"]["per_step"], rel=1e-5)
+    expected = {k: v for k, v in whole.model.state_dict().items() if "lora" in k}
+    got = {k: v for k, v in resumed.model.state_dict().items() if "lora" in k}
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(HealError, match="other settings \\(learning_rate\\)"):
+        heal(tiny_model("llama", 4), tokenizer, HealConfig(**{**settings, "learning_rate": 1e-3},
+                                                           checkpoint_dir=str(tmp_path / "ckpt")), progress=False)
