@@ -211,7 +211,7 @@ def _chosen_section(plan: PruningPlan) -> str:
     trained = plan.extra.get("recovery", {}).get("trained", {})
     lines += [
         f"- block {k} trained to stand in for removed blocks {r['stands_in_for']}: relative error to {r['target']} "
-        f"{r['relative_error_before']:.3f} -> {r['relative_error_after']:.3f} on the calibration tokens"
+        f"{r['relative_error_before']:.3f} -> {r['relative_error_after']:.3f} on its first training windows"
         for k, r in sorted(trained.items(), key=lambda item: int(item[0]))
     ]
     return "\n".join(lines)

@@ -67,6 +67,22 @@ def test_two_processes_heal_to_the_single_process_adapter(tmp_path):
     assert losses[0][1] == losses[1][1] == str(4 * 4 * 16), "tokens: steps × global batch × window"
 
 
+def test_two_processes_recover_the_single_process_blocks(tmp_path):
+    """Block-local recovery with each process on its share of the windows and the gradients
+    averaged trains the weights, and reports the errors, of one process on all of them."""
+    from safetensors.torch import load_file
+
+    _launch(tmp_path, HERE / "recovery_parallel_run.py")
+    single, launched = (load_file(tmp_path / d / "model.safetensors") for d in ("single", "launched"))
+    changed = [k for k in single if not torch.equal(single[k], tiny_model("llama", num_layers=6).state_dict()[k])]
+    assert changed and all(".layers.1." in k for k in changed)  # block 1 feeds the gap 2-3
+    for key in single:
+        torch.testing.assert_close(launched[key], single[key], rtol=1e-4, atol=1e-5)
+    records = [json.loads((tmp_path / d / "recovery.json").read_text())["1"] for d in ("single", "launched")]
+    for name in ("relative_error_before", "relative_error_after"):
+        assert records[1][name] == pytest.approx(records[0][name], rel=1e-4)
+
+
 def test_two_processes_reach_the_single_process_plan(tmp_path):
     model_dir, text_file = tmp_path / "model", tmp_path / "calib.txt"
     tiny_model("llama", num_layers=6).save_pretrained(model_dir)
