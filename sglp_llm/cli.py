@@ -288,6 +288,9 @@ def _add_heal_settings(group: argparse._ArgumentGroup, prefix: str) -> None:
     add("teacher-top-k", "teacher_top_k", type=int,
         help="write the teacher's top-k next-token targets to disk in one pass, then train without it in "
              "memory (a teacher that does not fit beside the student; default: the teacher runs beside)")
+    add("teacher-blocks-on-disk", "teacher_blocks_on_disk", action="store_true", default=None,
+        help="with --teacher-top-k: load the teacher (a local safetensors folder) with its blocks on disk, one "
+             "block in memory during its pass")
     add("next-token-weight", "next_token_weight", type=float,
         help="add the text's next-token loss with this weight (default: 0)")
     add("hidden-weight", "hidden_weight", type=float,

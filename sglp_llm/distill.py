@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError
 from .devices import input_device
-from .head import ReferenceDistribution, _coarse_log_probs, _predicted, coarse_kl
+from .blocks import find_decoder_blocks
+from .head import ReferenceDistribution, _coarse_log_probs, _predicted, coarse_kl, final_hidden_state
+from .sequential import BLOCK_LOADER_ATTRIBUTE, final_hidden_states
 from .rewrite import SGLP_CONFIG_KEY
 
 TEACHER_TARGETS_NAME = "teacher_targets.safetensors"
@@ -142,6 +144,25 @@ class TeacherCache:
         return coarse_kl(targets.rows(slice(None), student.device), student)
 
 
+def _teacher_logits(teacher: nn.Module, batches: list[dict[str, torch.Tensor]], progress: bool) -> Iterator[torch.Tensor]:
+    """The teacher's logits [rows, positions − 1, vocab] of each batch: one forward per batch, or,
+    for a teacher with its blocks on disk (`sequential.load_with_blocks_on_disk`), one block in
+    memory at a time over all batches, then its head on each batch's final state."""
+    device = input_device(teacher)
+    batches = [{k: batch[k].to(device) for k in ("input_ids", "attention_mask")} for batch in batches]
+    loader = getattr(teacher, BLOCK_LOADER_ATTRIBUTE, None)
+    if loader is None:
+        for batch in tqdm(batches, desc="Teacher targets", disable=not progress):
+            yield teacher(**batch, use_cache=False).logits[:, :-1]
+        return
+    layers = find_decoder_blocks(teacher).layers
+    finals, returns_tuple = final_hidden_states(teacher, layers, batches, device=device, loader=loader,
+                                                progress=progress, desc="Teacher targets, block by block")
+    for batch, final in zip(batches, finals):
+        with final_hidden_state(layers, final, returns_tuple):
+            yield teacher(**batch, use_cache=False).logits[:, :-1]
+
+
 @torch.no_grad()
 def write_teacher_cache(
     teacher: nn.Module, windows: Iterable[dict[str, torch.Tensor]], path: str | Path, *, top_k: int,
@@ -150,14 +171,11 @@ def write_teacher_cache(
     """One pass of `teacher` over the training windows (batches whose rows are windows 0, 1, ...
     in order): each predicted position's `top_k` tempered log-probabilities and the rest's
     log-mass, written to `path` (safetensors: token_ids, log_probs [windows, positions, k],
-    rest_log_mass [windows, positions])."""
+    rest_log_mass [windows, positions]). A teacher with its blocks on disk needs one block in
+    memory, and one hidden state per window."""
     teacher.eval()
-    device = input_device(teacher)
     columns: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    batches = list(windows)
-    for batch in tqdm(batches, desc="Teacher targets", disable=not progress):
-        logits = teacher(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                         use_cache=False).logits[:, :-1]
+    for logits in _teacher_logits(teacher, list(windows), progress):
         log_probs = tempered_log_probs(logits, temperature)
         k = min(top_k, log_probs.shape[-1])
         token_ids = log_probs.topk(k, dim=-1).indices

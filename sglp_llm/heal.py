@@ -32,7 +32,7 @@ from .data import build_batches, load_texts
 from .devices import activation_checkpointing, input_device
 from .distill import TEACHER_TARGETS_NAME, DistillationTerms, TeacherBeside, TeacherCache, TeacherError, check_teacher, kept_original_indices, write_teacher_cache
 from .distributed import is_main_process, world_size
-from .loading import ModelLoadError, load_model
+from .loading import ModelLoadError, load_blocks_on_disk, load_model
 from .evaluate import card_metrics, perplexity_on_source, warn_if_not_held_out
 from .modelcard import describe_objective, render_healed_card
 from .plan import PruningPlan
@@ -96,6 +96,9 @@ class HealConfig(SettingsFile):
     teacher: str = "auto"
     temperature: float = 1.0
     teacher_top_k: int | None = None
+    # with teacher_top_k, load the teacher (a local safetensors folder) with its blocks on disk:
+    # its one pass then holds one block in memory (a teacher far larger than the device)
+    teacher_blocks_on_disk: bool = False
     next_token_weight: float = 0.0
     hidden_weight: float = 0.0
 
@@ -137,6 +140,11 @@ class HealConfig(SettingsFile):
             raise HealError(f"`teacher` must be auto, none, or a model (directory, .gguf, Hub id), got {self.teacher!r}.")
         if self.teacher_top_k is not None and (not isinstance(self.teacher_top_k, int) or isinstance(self.teacher_top_k, bool) or self.teacher_top_k < 1):
             raise HealError(f"`teacher_top_k` must be a positive integer or unset (the teacher beside), got {self.teacher_top_k!r}.")
+        if not isinstance(self.teacher_blocks_on_disk, bool):
+            raise HealError(f"`teacher_blocks_on_disk` must be true or false, got {self.teacher_blocks_on_disk!r}.")
+        if self.teacher_blocks_on_disk and self.teacher_top_k is None:
+            raise HealError("A teacher with its blocks on disk runs one pass that caches its targets: set teacher_top_k "
+                            "(--teacher-top-k 64) with teacher_blocks_on_disk.")
         if self.teacher == "none" and (self.hidden_weight or self.next_token_weight or self.teacher_top_k):
             raise HealError("`hidden_weight`, `next_token_weight` and `teacher_top_k` shape distillation; with teacher: none leave them unset.")
         if self.hidden_weight and self.teacher_top_k is not None:
@@ -323,8 +331,11 @@ def _objective(
             }
         _check_teacher_fits(model, lineage, config)
         try:
-            loaded = load_model(wanted, **teacher_kwargs)
-        except (ModelLoadError, OSError) as error:
+            if config.teacher_blocks_on_disk:
+                loaded = load_blocks_on_disk(wanted, dtype=teacher_kwargs.get("dtype", "auto"), device=input_device(model))
+            else:
+                loaded = load_model(wanted, **teacher_kwargs)
+        except (ModelLoadError, OSError, ValueError) as error:
             where = "recorded in the pruned model's config" if config.teacher == "auto" else "given"
             raise TeacherError(
                 f"The teacher {wanted} ({where}) cannot be loaded: {error}. Pass the original model with "
@@ -350,8 +361,9 @@ def _objective(
         return DistillationObjective(TeacherBeside(teacher, terms), terms, kept), {**record, "teacher_runs": "beside"}
     path = write_teacher_cache(teacher, batches, scratch / TEACHER_TARGETS_NAME, top_k=config.teacher_top_k,
                                temperature=config.temperature, progress=progress)
+    how = ", one block in memory at a time" if config.teacher_blocks_on_disk else ""
     return DistillationObjective(TeacherCache(path, terms), terms, kept), {
-        **record, "teacher_runs": f"cached: top {config.teacher_top_k} tokens per position, written in one pass"}
+        **record, "teacher_runs": f"cached: top {config.teacher_top_k} tokens per position, written in one pass{how}"}
 
 
 def _check_resumable(config: HealConfig) -> None:

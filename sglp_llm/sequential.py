@@ -317,6 +317,27 @@ def _record_calls(
     ]
 
 
+@torch.no_grad()
+def final_hidden_states(
+    model: nn.Module, layers: nn.ModuleList, batches: Sequence[dict[str, torch.Tensor]], *,
+    device: torch.device, loader: BlockLoader, progress: bool = True, desc: str = "Sequential forward",
+) -> tuple[list[torch.Tensor], bool]:
+    """The last block's output for every batch (on the CPU) with one block on `device` at a
+    time, and whether the blocks return tuples (for `head.final_hidden_state`). Memory: one
+    hidden state per batch."""
+    recorded = [_record_calls(model, layers, batch, device) for batch in batches]
+    hidden = [first for first, _ in recorded]
+    returns_tuple = False
+    for index in tqdm(range(len(layers)), desc=desc, disable=not progress):
+        block = layers[index]
+        with _onloaded(loader, index, block, device):
+            for b, (_, calls) in enumerate(recorded):
+                output = calls[index].run(block, hidden[b].to(device))
+                returns_tuple = isinstance(output, (tuple, list))
+                hidden[b] = block_output(output).cpu()
+    return hidden, returns_tuple
+
+
 def _final_hidden_gradient(
     model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Tensor], final: torch.Tensor, returns_tuple: bool
 ) -> torch.Tensor:

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sglp_llm.cli import main
 from sglp_llm.distill import DistillationTerms, TeacherBeside, TeacherCache, TeacherError, write_teacher_cache
-from sglp_llm.heal import HealConfig, heal
+from sglp_llm.blocks import find_decoder_blocks
+from sglp_llm.heal import HealConfig, HealError, heal
+from sglp_llm.sequential import load_with_blocks_on_disk
 from sglp_llm.rewrite import removing_blocks
 from sglp_llm.training import DistillationObjective, WindowDataset
 from test_heal import pruned_dir  # noqa: F401  (the fixture)
@@ -97,6 +100,34 @@ def test_the_teacher_cache_at_the_whole_vocabulary_equals_the_teacher_beside(tmp
         assert DistillationObjective(TeacherCache(small, terms), terms, [])(student, batch) <= grads[0][0] + 1e-6
     with pytest.raises(TeacherError, match="temperature 1.5, not 2.0"):
         TeacherCache(path, DistillationTerms(temperature=2.0))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # gemma3: a tied head, sliding and full attention
+def test_a_teacher_with_its_blocks_on_disk_writes_the_same_targets(family, tmp_path):
+    """One block in memory at a time, then the head on each window's final state: the cache of
+    the teacher held whole."""
+    teacher = tiny_model(family, num_layers=6)
+    teacher.save_pretrained(tmp_path / "teacher")
+    lazy = load_with_blocks_on_disk(tmp_path / "teacher")
+    batches = [tiny_batch(batch_size=2, seq_len=10, seed=s, pad_last=2 * s) for s in range(2)]
+    whole = write_teacher_cache(teacher, batches, tmp_path / "whole.safetensors", top_k=8, temperature=2.0, progress=False)
+    on_disk = write_teacher_cache(lazy, batches, tmp_path / "disk.safetensors", top_k=8, temperature=2.0, progress=False)
+    expected, got = load_file(whole), load_file(on_disk)
+    assert torch.equal(got["token_ids"], expected["token_ids"])
+    for name in ("log_probs", "rest_log_mass"):
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5)
+    assert all(p.is_meta for p in find_decoder_blocks(lazy).layers.parameters())  # every block went back
+
+
+def test_heal_reads_the_recorded_teacher_block_by_block(pruned, tmp_path):
+    dense, folder = pruned
+    out = tmp_path / "healed"
+    assert main(["heal", str(folder), "--output", str(out), *HEAL_FAST, "--teacher-top-k", "16",
+                 "--teacher-blocks-on-disk"]) == 0
+    objective = json.loads((out / "heal_report.json").read_text())["objective"]
+    assert objective["teacher_runs"] == "cached: top 16 tokens per position, written in one pass, one block in memory at a time"
+    with pytest.raises(HealError, match="set teacher_top_k"):
+        HealConfig(teacher_blocks_on_disk=True)
 
 
 def test_training_on_the_cache_at_the_whole_vocabulary_gives_the_same_adapter():
