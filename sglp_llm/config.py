@@ -244,7 +244,7 @@ class SGLPConfig(SettingsFile):
     # (pre-tokenized batches: those, cycled). Off by default: benchmarks/results/recovery.md
     recover: str = "none"
     recover_steps: int = 200
-    recover_learning_rate: float = 1e-4
+    recover_learning_rate: float = 3e-3
 
     # -- writing: run the pruned model (and the saved folder, reloaded) against the original with
     # the dropped blocks skipped, and write nothing on a mismatch (see sglp_llm.verify)
