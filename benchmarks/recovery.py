@@ -132,9 +132,10 @@ def markdown(result: dict) -> str:
                   "| row | steps (tokens) | " + " | ".join(f"{s} (gap closed)" for s in sources) + " | time |",
                   "|---|---|" + "---|" * len(sources) + "---|",
                   "| plain drop | – | " + " | ".join(f"{plain[s]:.1f}" for s in sources) + " | – |"]
-        for key, row in cell.items():
-            if key in ("dropped", "plain"):
-                continue
+        keys = [key for key in cell if key not in ("dropped", "plain")]
+        order = list(ROWS)
+        for key in sorted(keys, key=lambda k: (int(k.split(" | ")[1]), order.index(k.split(" | ")[0]))):
+            row = cell[key]
             name, steps = key.split(" | ")
             gaps = [(plain[s] - row[s]) / (plain[s] - dense[s]) for s in sources]
             lines.append(f"| {name} | {steps} ({row['tokens']:,}) | "

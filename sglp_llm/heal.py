@@ -38,6 +38,7 @@ from .modelcard import describe_objective, render_healed_card
 from .plan import PruningPlan
 from .rewrite import SGLP_CONFIG_KEY
 from .save import README_NAME, check_destination, evaluation_columns, save_pruned, write_folder
+from . import verify
 from .training import DistillationObjective, NextTokenObjective, WindowDataset, train
 
 HEAL_CONFIG_NAME = "heal_config.json"
@@ -465,6 +466,13 @@ def save_healed(
             result.model.save_pretrained(staged)
             (Path(staged) / README_NAME).unlink(missing_ok=True)  # the folder's card describes it
         merged = result.merge()
+        # the merged weights, reloaded from the folder, must compute what the model in memory does
+        reference = verify.reference_outputs(merged, [], verify.make_probe(merged, None, seed=result.config.seed), {},
+                                             result.config.layers_path)
+
+        def check_reloaded(folder: Path) -> None:
+            verify.check_saved(reference, folder, merged, {})
+            report["verification"] = verify.summary(reference)
 
         def write_extra(folder: Path) -> None:
             write_heal_files(folder)
@@ -476,12 +484,13 @@ def save_healed(
             columns = {**evaluation_columns(plan.extra.get("evaluation")), **evaluation}
             return save_pruned(
                 output_dir, merged, tokenizer, plan, base_model=base_model, overwrite=overwrite,
-                evaluation=columns, extra_files=write_extra,
+                evaluation=columns, extra_files=write_extra, check_written=check_reloaded,
             )
         card = render_healed_card(base_model, report, evaluation=evaluation)
 
         def write_merged(folder: Path) -> None:
             merged.save_pretrained(folder)
+            check_reloaded(folder)
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)
             write_extra(folder)

@@ -39,6 +39,7 @@ def save_pruned(
     evaluation: Mapping[str, Any] | None = None,
     extra_files: Callable[[Path], None] | None = None,
     reference: Any = None,
+    check_written: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save `model` (safetensors), `tokenizer` (if any) and the SGLP files to `output_dir`.
 
@@ -48,6 +49,8 @@ def save_pruned(
     `evaluation` (metric -> value, or column -> {metric: value}) goes into the model card's
     table and into the report as `plan.extra["evaluation"]`. `extra_files(folder)` writes more
     files (a healing run's adapter and report) into the folder before it is moved into place.
+    `check_written(folder)` runs right after the weights are written (a healed model's own
+    reload check), before any report is.
     """
     output_dir = Path(output_dir).expanduser().resolve()
     check_destination(output_dir, overwrite=overwrite, model=model)
@@ -67,6 +70,8 @@ def save_pruned(
         if reference is not None:
             check_saved(reference, folder, model, plan.config)
             record_verification(reference, plan)
+        if check_written is not None:
+            check_written(folder)
         card = render_model_card(plan, base_model=base_model, evaluation=evaluation)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)

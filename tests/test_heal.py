@@ -71,6 +71,7 @@ def test_healing_lowers_held_out_perplexity_of_the_merged_model(pruned_dir, heal
     assert len(report["loss"]["per_step"]) == report["settings"]["steps"] == 30
     assert report["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert report["tokens"] == 30 * 8 * 32
+    assert list(report["verification"]["checks"]) == ["The saved model, reloaded"]  # against the merged model
 
 
 def test_merged_model_loads_with_plain_transformers_and_load_pruned(healed_dir):
@@ -265,3 +266,23 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_adapter(tmp_
     with pytest.raises(HealError, match="other settings \\(learning_rate\\)"):
         heal(tiny_model("llama", 4), tokenizer, HealConfig(**{**settings, "learning_rate": 1e-3},
                                                            checkpoint_dir=str(tmp_path / "ckpt")), progress=False)
+
+
+def test_a_merged_model_that_reloads_differently_is_not_written(tmp_path, monkeypatch):
+    from sglp_llm import verify
+    from sglp_llm.heal import save_healed
+
+    healed = heal(tiny_model("llama", 4), tiny_tokenizer(),
+                  HealConfig(steps=2, seq_len=16, batch_size=2, eval_max_texts=1, teacher="none"), progress=False)
+    reload = verify._reload
+
+    def corrupted(folder, model):
+        reloaded = reload(folder, model)
+        with torch.no_grad():
+            reloaded.model.layers[1].mlp.down_proj.weight.mul_(1.01)
+        return reloaded
+
+    monkeypatch.setattr(verify, "_reload", corrupted)
+    with pytest.raises(verify.VerificationError):
+        save_healed(tmp_path / "out", healed, base_model="tiny", merge=True)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
