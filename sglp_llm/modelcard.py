@@ -152,6 +152,7 @@ def healing_section(healing: Mapping[str, Any]) -> str:
         f"| target modules | {', '.join(healing['target_modules'])} |",
         f"| trainable parameters | {healing['trainable_parameters']:,} |",
         f"| training loss (first → last step) | {loss['first']:.4f} → {loss['last']:.4f} |",
+        f"| training time | {healing['seconds']:.0f} s |",
         f"| held-out perplexity (before → after) | {ppl['before']['perplexity']:.4f} → "
         f"{ppl['after']['perplexity']:.4f} ({ppl['after']['n_texts']} texts of {ppl['after']['source']}) |",
         f"| adapter | {where} |",

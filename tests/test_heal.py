@@ -111,6 +111,8 @@ def test_pruning_report_and_card_describe_the_healing(pruned_dir, healed_dir):
     assert "and healed with LoRA" in card and "## Healing" in card and "no fine-tuning" not in card
     assert "| perplexity |" in card and "before healing | after healing" in card
     assert f"also saved alone in `{ADAPTER_DIR}/`" in card
+    healing = report["extra"]["healing"]
+    assert f"| training time | {healing['seconds']:.0f} s |" in card and f"({healing['tokens']:,} tokens;" in card
     # a later `eval --update-card` re-renders the card from the report: the healing stays
     from sglp_llm.save import record_evaluation
 
