@@ -1,5 +1,5 @@
-"""What healing wins back after the default's drop: next-token LoRA against distillation from the
-original model, at equal training tokens (issue 24).
+"""What recovery wins back after the default's drop: next-token LoRA, distillation from the original
+model, and block-local recovery alone and before either, at equal training tokens (issue 24).
 
 The default's blocks at about 20 and 30 % (its choice on 32 × 256 docstring tokens, seed 0, from
 benchmarks/results/robustness-<model>.json) are removed; each row heals a fresh copy of that
@@ -158,7 +158,8 @@ def main() -> None:
     for name in args.models.split(","):
         run_model(name, [int(s) for s in args.steps.split(",")], args.rows.split(","),
                   [float(r) for r in args.ratios.split(",")], args.eval_max_texts)
-    gather_results("recovery", "Recovery after the default's drop: next-token LoRA vs distillation (benchmarks/recovery.py)", markdown)
+    gather_results("recovery", "Recovery after the default's drop: next-token LoRA vs distillation vs block-local "
+                   "(benchmarks/recovery.py)", markdown)
 
 
 if __name__ == "__main__":
