@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .blocks import find_decoder_blocks
-from .capture import block_output
+from .capture import block_output, token_mask
 from .devices import input_device
 from .distributed import all_reduce_state, shard, world_size
 from .sequential import BlockLoader, InPlace, SafetensorsBlocks, _BlockCall, _onloaded, _record_calls
@@ -82,11 +82,6 @@ def token_relative_error(output: torch.Tensor, target: torch.Tensor, mask: torch
     """Mean over the tokens in `mask` of ‖output − target‖² / ‖target‖²."""
     output, target = output[mask].float(), target[mask].float().to(output.device)
     return (((output - target) ** 2).sum(-1) / (target ** 2).sum(-1).clamp_min(1e-12)).mean()
-
-
-def _token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    mask = batch.get("attention_mask")
-    return (mask if mask is not None else torch.ones_like(batch["input_ids"])).bool()
 
 
 def _average_gradients(parameters: Sequence[nn.Parameter]) -> None:
@@ -197,7 +192,7 @@ def recover_blocks(
     with torch.no_grad():
         recorded = [_record_calls(model, layers, batch, device) for batch in batches]
     calls = [c for _, c in recorded]
-    masks = [_token_mask(batch).to(device) for batch in batches]
+    masks = [token_mask(batch).to(device) for batch in batches]
     original = [first.to(device) for first, _ in recorded]
     pruned = list(original)  # the same tensors until the streams part
     inputs: dict[int, list[torch.Tensor]] = {}

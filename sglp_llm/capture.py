@@ -42,6 +42,14 @@ def without_sequence_starts(token_mask: torch.Tensor) -> torch.Tensor:
     return token_mask
 
 
+def token_mask(batch: dict[str, torch.Tensor], skip_first: bool = False) -> torch.Tensor:
+    """Every non-padding token of `batch` (all tokens without an attention mask), less each
+    row's first with `skip_first`."""
+    mask = batch.get("attention_mask")
+    mask = (mask if mask is not None else torch.ones_like(batch["input_ids"])).bool()
+    return without_sequence_starts(mask) if skip_first else mask
+
+
 def block_output(output) -> torch.Tensor:
     """Decoder blocks return a tensor (transformers v5) or a tuple whose first item it is."""
     return output[0] if isinstance(output, (tuple, list)) else output

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .blocks import find_decoder_blocks
-from .capture import block_output, without_sequence_starts
+from .capture import block_output, token_mask
 from .config import COMPENSATION_FITS, ConfigError
 from .distributed import all_reduce_state, shard
 from .devices import input_device
@@ -267,13 +267,6 @@ def _check_added_as_is(index: int, block: nn.Module, module: nn.Module, rerun: C
         )
 
 
-def _fit_tokens(batch: dict[str, torch.Tensor], skip_first: bool) -> torch.Tensor:
-    """The positions the fit uses: every non-padding token, less each row's first with `skip_first`."""
-    mask = batch["attention_mask"].bool() if batch.get("attention_mask") is not None else torch.ones_like(
-        batch["input_ids"], dtype=torch.bool)
-    return without_sequence_starts(mask) if skip_first else mask
-
-
 @torch.no_grad()
 def fit_compensation(
     model: nn.Module,
@@ -315,7 +308,7 @@ def fit_compensation(
     original = [first.to(device) for first, _ in recorded]  # the original network's stream
     # the pruned network's: fitted on the original, the same list; run by run, the same tensors until a run
     pruned = original if fit_on == "original" else list(original)
-    masks = [_fit_tokens(batch, skip_first) for batch in batches]
+    masks = [token_mask(batch, skip_first) for batch in batches]
     pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # p -> (M, Y) of each batch
     result = Compensation(method)
     for index in range(max(before.values(), default=-1) + 1):
