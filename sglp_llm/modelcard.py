@@ -133,6 +133,8 @@ def healing_section(healing: Mapping[str, Any]) -> str:
         where = "merged into the weights" + (f"; also saved alone in `{adapter}/`" if adapter else "")
     else:
         where = "saved alone (not merged): load it with peft"
+    # Reports written before the training was timed have no "seconds": their card leaves the row out.
+    timed = [f"| training time | {healing['seconds']:.0f} s |"] if "seconds" in healing else []
     return "\n".join([
         "## Healing",
         "",
@@ -152,7 +154,7 @@ def healing_section(healing: Mapping[str, Any]) -> str:
         f"| target modules | {', '.join(healing['target_modules'])} |",
         f"| trainable parameters | {healing['trainable_parameters']:,} |",
         f"| training loss (first → last step) | {loss['first']:.4f} → {loss['last']:.4f} |",
-        f"| training time | {healing['seconds']:.0f} s |",
+        *timed,
         f"| held-out perplexity (before → after) | {ppl['before']['perplexity']:.4f} → "
         f"{ppl['after']['perplexity']:.4f} ({ppl['after']['n_texts']} texts of {ppl['after']['source']}) |",
         f"| adapter | {where} |",

@@ -133,3 +133,6 @@ def test_healed_card_names_a_hub_base_model_in_its_front_matter():
     assert "lora" in front["tags"] and "| held-out perplexity (before → after) | 19.0000 → 9.5000 (40 texts of test split) |" in card
     merged = render_healed_card("/data/my-model", {**healing, "merged": True, "adapter_dir": "adapter"})
     assert "base_model" not in _front_matter(merged) and "AutoModelForCausalLM.from_pretrained" in merged
+    # A report from before training was timed has no "seconds": the row is left out, not invented.
+    assert "training time" not in card
+    assert "| training time | 42 s |" in render_healed_card("/data/my-model", {**healing, "seconds": 41.6})
