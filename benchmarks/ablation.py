@@ -3,7 +3,7 @@ literal choice and the peers, on two held-out sources (issue 15, item 3).
 
 Calibration as in benchmarks/quality.py (16 x 256 tokens of the standard-library docstrings,
 seed 0); about 10/20/30 % of the blocks dropped; held-out perplexity on Debian's fortunes and on
-the built-in evaluation paragraphs (sglp_llm/tasks/sglp_local_ppl.jsonl), neither of them the
+the built-in evaluation paragraphs (sglp_llm/evaluation/tasks/sglp_local_ppl.jsonl), neither of them the
 calibration source; analysis time of each plan. SGLP runs share one statistics pass per setting
 (the reported time includes it), as `compare` does.
 
@@ -25,11 +25,11 @@ import torch
 
 from quality import CALIBRATION, MODELS, RATIOS, RESULTS, gather_results, held_out_evaluator
 from sglp_llm.api import analyze
-from sglp_llm.blocks import find_decoder_blocks
+from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.compare import Comparison
 from sglp_llm.data import FORTUNES, prepare_calibration
-from sglp_llm.evaluate import load_eval_texts
-from sglp_llm.loading import load_model
+from sglp_llm.evaluation.evaluate import load_eval_texts
+from sglp_llm.model.loading import load_model
 
 SOURCES = {"fortunes": FORTUNES, "paragraphs": None}  # None: the built-in evaluation text
 PEERS = ("block-influence", "angular", "sleb")

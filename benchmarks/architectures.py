@@ -2,7 +2,7 @@
 
 For each model type of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` a tiny random model (6 blocks,
 hidden 64; `tiny_architectures.py`) is pruned by 2 blocks with the default method and saved, then
-checked here independently of sglp_llm.verify: the saved folder, reloaded with plain
+checked here independently of sglp_llm.output.verify: the saved folder, reloaded with plain
 `from_pretrained`, must give the logits and greedy tokens (with the KV cache) of the original
 model with the dropped blocks made identities. Each type is
 
@@ -36,10 +36,10 @@ from tiny_architectures import CannotBuild, causal_lm_types, tiny_causal_lm  # n
 
 from sglp_llm import SGLPConfig  # noqa: E402
 from sglp_llm.api import prune  # noqa: E402
-from sglp_llm.blocks import UnsupportedModelError, find_decoder_blocks  # noqa: E402
+from sglp_llm.model.blocks import UnsupportedModelError, find_decoder_blocks  # noqa: E402
 from sglp_llm.config import ConfigError  # noqa: E402
-from sglp_llm.rewrite import RewriteError  # noqa: E402
-from sglp_llm.verify import VerificationError  # noqa: E402
+from sglp_llm.model.rewrite import RewriteError  # noqa: E402
+from sglp_llm.output.verify import VerificationError  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REFUSALS = (RewriteError, UnsupportedModelError, VerificationError, ConfigError)
@@ -115,7 +115,7 @@ def classify(model_type: str) -> Outcome:
             Path(tmp) / "pruned", attn_implementation=model.config._attn_implementation
         ).eval()
     # the original, rebuilt from its own config and weights, with the dropped blocks as identities
-    from sglp_llm.rewrite import SGLP_CONFIG_KEY
+    from sglp_llm.model.rewrite import SGLP_CONFIG_KEY
 
     fresh = tiny_causal_lm(model_type, num_blocks=NUM_BLOCKS, hidden=64)
     fresh.load_state_dict(original)

@@ -20,7 +20,7 @@ from pathlib import Path
 from sglp_llm.compare import Comparison, compare
 from sglp_llm.config import SGLPConfig
 from sglp_llm.data import FORTUNES, STDLIB_DOCS
-from sglp_llm.loading import load_model
+from sglp_llm.model.loading import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (8, 16, 32)  # windows of 256 tokens

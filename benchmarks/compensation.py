@@ -27,13 +27,13 @@ import torch
 
 from calibration import language_reference
 from quality import CALIBRATION, MODELS, RESULTS, gather
-from sglp_llm.compensate import fit_compensation, fold, removed_runs
+from sglp_llm.recovery.compensate import fit_compensation, fold, removed_runs
 from sglp_llm.config import ConfigError, SGLPConfig
 from sglp_llm.data import FORTUNES, prepare_calibration
-from sglp_llm.evaluate import load_eval_texts, perplexity
-from sglp_llm.loading import load_model
-from sglp_llm.removal import calibration_nll
-from sglp_llm.rewrite import skip_blocks
+from sglp_llm.evaluation.evaluate import load_eval_texts, perplexity
+from sglp_llm.model.loading import load_model
+from sglp_llm.selection.removal import calibration_nll
+from sglp_llm.model.rewrite import skip_blocks
 
 SELECTIONS = ("default", "sleb", "block-influence")
 RIDGES = (0.0, 1e-3, 1e-2, 1e-1, 1.0)

@@ -24,10 +24,10 @@ import torch
 from compensation import _held_out, _key, _rows
 from quality import CALIBRATION, MODELS, RESULTS
 from sglp_llm import analyze
-from sglp_llm.compensate import fit_compensation, fold
+from sglp_llm.recovery.compensate import fit_compensation, fold
 from sglp_llm.data import FORTUNES, prepare_calibration
-from sglp_llm.evaluate import load_eval_texts
-from sglp_llm.loading import load_model
+from sglp_llm.evaluation.evaluate import load_eval_texts
+from sglp_llm.model.loading import load_model
 
 OUTPUT = RESULTS / "compensation-aware.json"
 

@@ -27,9 +27,9 @@ import torch
 
 from quality import CALIBRATION, MODELS, RATIOS, RESULTS
 from sglp_llm.api import analyze
-from sglp_llm.blocks import find_decoder_blocks
+from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.data import prepare_calibration
-from sglp_llm.loading import load_model
+from sglp_llm.model.loading import load_model
 
 
 def measure(name: str) -> dict:

@@ -1,7 +1,7 @@
 """Which gradient score predicts what removing a block costs? (issue 15, item 2)
 
 On a packaged real model, one backward over the calibration batches gives three per-block scores
-(sglp_llm.score): the paper's GradNorm (norm of the block's weight gradients), the gate's Taylor
+(sglp_llm.statistics.score): the paper's GradNorm (norm of the block's weight gradients), the gate's Taylor
 estimate −dL/dα and the gate's second moment E[(dL/dα)²]; ShortGPT's block influence (forward
 only) is shown beside them. Each is rank-correlated (Spearman) with the true cost of removing
 that block alone: the calibration loss without it, and the held-out loss without it (log
@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from sglp_llm.api import collect_block_statistics
-from sglp_llm.blocks import find_decoder_blocks
+from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.data import STDLIB_DOCS, prepare_calibration
 from sglp_llm.config import SGLPConfig
-from sglp_llm.evaluate import load_eval_texts, perplexity
-from sglp_llm.loading import load_model
-from sglp_llm.removal import calibration_nll
-from sglp_llm.rewrite import skip_blocks
+from sglp_llm.evaluation.evaluate import load_eval_texts, perplexity
+from sglp_llm.model.loading import load_model
+from sglp_llm.selection.removal import calibration_nll
+from sglp_llm.model.rewrite import skip_blocks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # the quality benchmark's calibration (benchmarks/quality.py)

@@ -24,9 +24,9 @@ from typing import Callable
 from sglp_llm.compare import Comparison, compare
 from sglp_llm.config import SGLPConfig
 from sglp_llm.data import FORTUNES, STDLIB_DOCS
-from sglp_llm.evaluate import perplexity
-from sglp_llm.loading import load_model
-from sglp_llm.rewrite import skip_blocks
+from sglp_llm.evaluation.evaluate import perplexity
+from sglp_llm.model.loading import load_model
+from sglp_llm.model.rewrite import skip_blocks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("smollm2-135m", "gemma-3-270m")

@@ -23,11 +23,11 @@ import torch
 
 from quality import MODELS, RESULTS, gather_results
 from sglp_llm.data import FORTUNES, STDLIB_DOCS
-from sglp_llm.evaluate import load_eval_texts, perplexity
-from sglp_llm.block_recovery import recover_blocks
+from sglp_llm.evaluation.evaluate import load_eval_texts, perplexity
+from sglp_llm.recovery.block_recovery import recover_blocks
 from sglp_llm.heal import HealConfig, heal, training_batches
-from sglp_llm.loading import load_model
-from sglp_llm.rewrite import removing_blocks
+from sglp_llm.model.loading import load_model
+from sglp_llm.model.rewrite import removing_blocks
 
 SOURCES = {"fortunes": FORTUNES, "paragraphs": None}  # None: the built-in evaluation text
 RATIOS = (0.2, 0.3)
@@ -50,7 +50,7 @@ def _held_out(model, tokenizer, texts) -> dict[str, float]:
 
 
 def _block_local(teacher, tokenizer, dropped: list[int], config: HealConfig) -> tuple[torch.nn.Module, float]:
-    """The pruned model with block-local recovery (sglp_llm.block_recovery) on the same windows
+    """The pruned model with block-local recovery (sglp_llm.recovery.block_recovery) on the same windows
     healing trains on, each trained block seeing each window once; (model, seconds)."""
     model = copy.deepcopy(teacher)
     batches, _, _ = training_batches(model, tokenizer, config)

@@ -19,17 +19,25 @@ import argparse
 import json
 import time
 
+import pydoc_data.topics
+
 import torch
 
 from quality import MODELS, RATIOS, RESULTS, gather_results, held_out_evaluator
 from sglp_llm.api import analyze
-from sglp_llm.blocks import find_decoder_blocks
+from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.config import SGLPConfig
-from sglp_llm.data import FORTUNES, LICENSES, STDLIB_DOCS, prepare_calibration
-from sglp_llm.evaluate import load_eval_texts
-from sglp_llm.loading import load_model
+from sglp_llm.data import FORTUNES, LICENSES, STDLIB_DOCS, CalibrationSet, build_batches, default_texts, prepare_calibration
+from sglp_llm.evaluation.evaluate import load_eval_texts
+from sglp_llm.model.loading import load_model
 
 SOURCES = {"fortunes": FORTUNES, "paragraphs": None, "licences": LICENSES}  # None: the built-in evaluation text
+# a method's calibration text when it is not the docstrings: names of CALIBRATION_TEXTS, windows split evenly
+CALIBRATION = "calibration"
+CALIBRATION_TEXTS = {
+    "docstrings": lambda: default_texts()[0],
+    "python-reference": lambda: list(pydoc_data.topics.topics.values()),
+}
 SEQ_LENS = (128, 256)
 SEEDS = (0, 1)
 # the tool's default window first, seed 0 before seed 1: an interrupted run has the most telling cells
@@ -48,6 +56,10 @@ METHODS = {
     # the search proposes its 3 best at each step, the next 2048 calibration tokens decide
     "kl-confirm": {"loss_objective": "kl", "loss_confirm": 3},
     "nll-confirm": {"loss_objective": "nll", "loss_confirm": 3},
+    # the default on another calibration text: the Python language reference's prose (pydoc
+    # topics), or half the windows from each of it and the docstrings, alternating
+    "default-reference": {CALIBRATION: ["python-reference"]},
+    "default-mixed": {CALIBRATION: ["docstrings", "python-reference"]},
     "block-influence": {"method": "block-influence"},
     "angular": {"method": "angular"},
     "sleb": SLEB,
@@ -55,7 +67,18 @@ METHODS = {
 GREEDY = {name for name, settings in METHODS.items() if "method" not in settings}
 
 
-def run_model(name: str, methods: list[str], eval_max_texts: int) -> dict:
+def _calibration(tokenizer, config: SGLPConfig, names: list[str]) -> CalibrationSet:
+    """config.n_samples windows split evenly over the named texts, alternating (so the loss
+    check's first tokens hold every text)."""
+    parts = [build_batches(tokenizer, CALIBRATION_TEXTS[name](), seq_len=config.seq_len, seed=config.seed,
+                           n_samples=config.n_samples // len(names), batch_size=1) for name in names]
+    rows = [row for group in zip(*(p.batches for p in parts)) for row in group]
+    batches = [{k: torch.cat([r[k] for r in rows[i:i + config.batch_size]]) for k in rows[0]}
+               for i in range(0, len(rows), config.batch_size)]
+    return CalibrationSet(batches, sum(p.n_tokens for p in parts), " + ".join(names), len(rows), config.seq_len)
+
+
+def run_model(name: str, methods: list[str], eval_max_texts: int, settings: list[tuple[int, int]]) -> dict:
     out = RESULTS / f"robustness-{name}.json"
     result = json.loads(out.read_text()) if out.is_file() else {"runs": {}, "evaluated": {}}
     loaded = load_model(name, dtype="float32")
@@ -73,7 +96,7 @@ def run_model(name: str, methods: list[str], eval_max_texts: int) -> dict:
         methods={**result.get("methods", {}), **{m: METHODS[m] for m in methods}},
     )
     result["dense"] = held_out([])
-    for seq_len, seed in SETTINGS:
+    for seq_len, seed in settings:
         calibration_config = base.replace(seq_len=seq_len, seed=seed)
         calibration = prepare_calibration(None, tokenizer, calibration_config)
         statistics: dict = {}
@@ -82,10 +105,13 @@ def run_model(name: str, methods: list[str], eval_max_texts: int) -> dict:
             if key in result["runs"]:
                 continue
             run: dict = {"dropped": {}, "seconds": {}}
+            settings = dict(METHODS[method])
+            texts = settings.pop(CALIBRATION, None)
+            own = _calibration(tokenizer, calibration_config, texts) if texts else calibration
             for drop in ([drops[-1]] if method in GREEDY else drops):
                 started = time.perf_counter()
-                plan = analyze(model, calibration, calibration_config.replace(drop=drop, **METHODS[method]),
-                               progress=False, statistics_cache=statistics)
+                plan = analyze(model, own, calibration_config.replace(drop=drop, **settings),
+                               progress=False, statistics_cache=None if texts else statistics)
                 seconds = time.perf_counter() - started
                 if method in GREEDY:
                     order = [step["block"] for step in plan.extra["loss_check"]["steps"]]
@@ -99,6 +125,10 @@ def run_model(name: str, methods: list[str], eval_max_texts: int) -> dict:
             for blocks in run["dropped"].values():
                 held_out(blocks)
             result["runs"][key] = run
+            # runs on other settings may share the file: keep what they wrote since
+            on_disk = json.loads(out.read_text()) if out.is_file() else {"runs": {}, "evaluated": {}}
+            result["runs"] = {**on_disk["runs"], **result["runs"]}
+            evaluated.update({k: v for k, v in on_disk["evaluated"].items() if k not in evaluated})
             out.write_text(json.dumps(result, indent=2) + "\n")
             print(name, key, run["dropped"], {d: round(s, 1) for d, s in run["seconds"].items()}, flush=True)
     return result
@@ -183,6 +213,8 @@ def main() -> None:
     parser.add_argument("--methods", default="block-influence,angular,default,kl,sleb")
     parser.add_argument("--eval-max-texts", type=int, default=30, help="texts scored per held-out source")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--settings", default=",".join(f"{s}:{seed}" for s, seed in SETTINGS),
+                        help="calibration settings to run, as seq_len:seed pairs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
@@ -190,7 +222,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     for name in args.models.split(","):
-        run_model(name, methods, args.eval_max_texts)
+        run_model(name, methods, args.eval_max_texts,
+                  [tuple(int(x) for x in pair.split(":")) for pair in args.settings.split(",")])
     gather()
 
 

@@ -14,7 +14,7 @@ LLaMA (LlamaConfig built here; over 1 GB of float32 weights) and random calibrat
     saved as sharded bfloat16 safetensors and pruned from disk (blocks read one at a time,
     computing in float32, which these CPUs run ~300x faster than bfloat16), the pruned model
     written from the source shards: peak RSS measured, beside the memory plan's prediction
-    (sglp_llm.memory_plan) and the target 1.5 x (embeddings + head + one block + the stated
+    (sglp_llm.passes.memory_plan) and the target 1.5 x (embeddings + head + one block + the stated
     hidden-state budget).
 
 Every measurement runs in a child process (this script with --role), so no mode inherits
@@ -83,8 +83,8 @@ def _config(offload: str = "none"):
 def _load(checkpoint: str, whole: bool):
     """The model with its blocks on disk, or (whole) with every block read into memory by the
     same reader, so the two modes differ only in how many blocks are resident."""
-    from sglp_llm.blocks import find_decoder_blocks
-    from sglp_llm.sequential import BLOCK_LOADER_ATTRIBUTE, load_with_blocks_on_disk
+    from sglp_llm.model.blocks import find_decoder_blocks
+    from sglp_llm.model.offload import BLOCK_LOADER_ATTRIBUTE, load_with_blocks_on_disk
 
     model = load_with_blocks_on_disk(checkpoint)
     if whole:
@@ -104,7 +104,7 @@ def _time_analyze(model, batches, offload: str = "none") -> float:
 
 
 def _time_forward_backward(model, batches) -> float:
-    from sglp_llm.score import causal_lm_loss
+    from sglp_llm.passes.loss import causal_lm_loss
 
     start = time.perf_counter()
     for batch in batches:
@@ -150,7 +150,7 @@ def _settings_8b():
 def role_prune_8b(checkpoint: str, dims: dict) -> dict:
     """Prune from disk with the default selection and write the result; peak RSS per phase."""
     from sglp_llm import prune
-    from sglp_llm.sequential import load_with_blocks_on_disk
+    from sglp_llm.model.offload import load_with_blocks_on_disk
 
     started = time.perf_counter()
     model = load_with_blocks_on_disk(checkpoint, dtype=torch.float32)
@@ -190,7 +190,7 @@ def role_memory(checkpoint: str, dims: dict, offload: str) -> dict:
 def role_timing(checkpoint: str, dims: dict) -> dict:
     """(a) and (c) in one process, so every time is measured on the same loaded model; the
     times of (a) are taken twice, interleaved, as other work on the machine slows some runs."""
-    from sglp_llm.rewrite import remove_blocks
+    from sglp_llm.model.rewrite import remove_blocks
 
     model = _load(checkpoint, whole=True).eval()
     vocab = dims["vocab_size"]
@@ -294,7 +294,7 @@ def default_8b(blocks: int) -> dict:
     """(d): build, measure in a child each, and the memory plan's prediction beside them."""
     from transformers import AutoConfig
 
-    from sglp_llm.memory_plan import plan_memory
+    from sglp_llm.passes.memory_plan import plan_memory
 
     dims = {**LLAMA3_8B, "num_hidden_layers": blocks}
     started = time.perf_counter()

@@ -18,7 +18,7 @@ import torch
 from sglp_llm.api import analyze
 from sglp_llm.config import SGLPConfig
 from sglp_llm.data import FORTUNES, STDLIB_DOCS
-from sglp_llm.loading import load_model
+from sglp_llm.model.loading import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SOURCES = (STDLIB_DOCS, FORTUNES)

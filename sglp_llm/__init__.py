@@ -8,7 +8,7 @@
 from .api import PruneResult, analyze, prune
 from .config import ConfigError, SGLPConfig
 from .heal import HealConfig, HealResult, heal, save_healed
-from .loading import load_pruned
+from .model.loading import load_pruned
 from .plan import PruningPlan
 
 __all__ = [

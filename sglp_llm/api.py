@@ -2,10 +2,10 @@
 
 One hooked pass over the calibration batches feeds every statistic: the streaming CKA and the
 peer baselines' block scores from forward hooks and, for SGLP only, the gradient scores from one
-backward per batch (sglp_llm.score), so the analysis costs about one training step per batch (one
+backward per batch (sglp_llm.statistics.score), so the analysis costs about one training step per batch (one
 inference step for the baselines). Then the registered selection the config names chooses the
-blocks (sglp_llm.selection): SGLP's groups and rules (sglp_llm.sglp_selection) or a peer's
-(sglp_llm.baselines); those that score candidate networks run the model again on the batches.
+blocks (sglp_llm.selection.registry): SGLP's groups and rules (sglp_llm.selection.sglp) or a peer's
+(sglp_llm.selection.baselines); those that score candidate networks run the model again on the batches.
 """
 
 from __future__ import annotations
@@ -22,26 +22,28 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import DecoderBlocks, find_decoder_blocks, text_config
-from .capture import BlockObserver, capture_blocks
-from .checkpoint import StatisticsCheckpoint, fingerprint
-from .cka import MinibatchCKA
-from .block_recovery import BlockRecovery, recover_blocks
-from .compensate import Compensation, applied, fit_compensation, fold
-from .config import CALIBRATION_FIELDS, ConfigError, SGLPConfig
+from .model.blocks import DecoderBlocks, find_decoder_blocks, text_config
+from .passes.capture import BlockObserver, capture_blocks
+from .passes.checkpoint import StatisticsCheckpoint, fingerprint
+from .statistics.cka import MinibatchCKA
+from .recovery.block_recovery import BlockRecovery, recover_blocks
+from .recovery.compensate import Compensation, applied, fit_compensation, fold
+from .config import ConfigError, SGLPConfig
 from .data import CalibrationSet, prepare_calibration
-from .devices import activation_checkpointing, devices_used, input_device
-from .head import backward_through_head, output_of
-from .loss_check import sequences_read
+from .model.devices import activation_checkpointing, devices_used, input_device
+from .passes.head import backward_through_head, output_of
+from .selection.loss_check import sequences_read
 from .explain import chosen_by, stages
-from .distributed import all_reduce_state, is_main_process, rank, world_size
+from .passes.distributed import all_reduce_state, is_main_process, rank, world_size
 from .plan import PruningPlan
-from . import verify
-from .rewrite import SGLP_CONFIG_KEY, removing_blocks
-from .score import BlockGradNorms, GateScores, grad_only_for
+from .output import verify
+from .model.rewrite import SGLP_CONFIG_KEY, removing_blocks
+from .statistics.score import BlockGradNorms, GateScores
+from .passes.loss import grad_only_for
 from .stability import choice_stability
-from .selection import SelectionContext, selector_for
-from .sequential import BLOCK_LOADER_ATTRIBUTE, MoveBlocks, sequential_pass
+from .selection.registry import SelectionContext, selector_for
+from .passes.sequential import sequential_pass
+from .model.offload import BLOCK_LOADER_ATTRIBUTE, MoveBlocks
 
 
 @dataclass
@@ -52,7 +54,7 @@ class BlockStatistics:
     n_batches: int
     seconds: float = 0.0  # wall time of the pass that measured them
     n_sinks: int = 0  # tokens left out of the CKA sums as attention sinks
-    # every gradient score the pass measured (sglp_llm.score), by name; `scores` is one of them
+    # every gradient score the pass measured (sglp_llm.statistics.score), by name; `scores` is one of them
     gradient_scores: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -63,10 +65,10 @@ def statistics_key(config: SGLPConfig, n_drop: int) -> tuple:
     score = config.method if config.method != "sglp" else _gradient_pass(config) or "cka"
     run_length = n_drop if config.method == "angular" else None
     fields = (
-        *CALIBRATION_FIELDS, "cka_minibatch_tokens", "cka_max_tokens_per_batch", "cka_dtype", "cka_skip_sinks",
+        "cka_minibatch_tokens", "cka_max_tokens_per_batch", "cka_dtype", "cka_skip_sinks",
         "offload", "layers_path",
     )
-    return (score, run_length, *(getattr(config, name) for name in fields))
+    return (score, run_length, *config.calibration_key(), *(getattr(config, name) for name in fields))
 
 
 def _gradient_pass(config: SGLPConfig) -> str | None:
@@ -126,9 +128,9 @@ def collect_block_statistics(
     batches; the backward (the gradient scores) runs only for SGLP (not for a loss check of every
     block), the baselines run under no_grad.
 
-    Under data parallelism (sglp_llm.distributed) each process runs its share of the batches and
+    Under data parallelism (sglp_llm.passes.distributed) each process runs its share of the batches and
     the sums are reduced; with `config.checkpoint_dir` the sums are saved as the pass goes and a
-    rerun resumes from them (sglp_llm.checkpoint). Either way the statistics are those of one
+    rerun resumes from them (sglp_llm.passes.checkpoint). Either way the statistics are those of one
     uninterrupted single-process pass."""
     started = time.perf_counter()
     num_blocks = len(blocks.layers)
@@ -376,7 +378,7 @@ class PruneResult:
     reference: verify.Reference | None = None
 
     def save_pretrained(self, output_dir: str | Path, *, overwrite: bool = False, evaluation: dict | None = None) -> Path:
-        from .save import save_pruned
+        from .output.save import save_pruned
 
         return save_pruned(
             output_dir, self.model, self.tokenizer, self.plan,
@@ -388,7 +390,7 @@ class PruneResult:
         """Save into a temporary folder and upload it (private unless asked)."""
         import tempfile
 
-        from .hub import push_folder
+        from .output.hub import push_folder
 
         with tempfile.TemporaryDirectory() as tmp:
             folder = self.save_pretrained(Path(tmp) / "model")
@@ -461,7 +463,7 @@ def prune(
     """Analyze (unless a `plan` is given) and remove the chosen blocks from `model` in place.
 
     With `verify` (the default), the pruned model must compute what the original computes with
-    the dropped blocks skipped (sglp_llm.verify); if it does not, the model is put back as it was
+    the dropped blocks skipped (sglp_llm.output.verify); if it does not, the model is put back as it was
     and a VerificationError says so."""
     batches = None
     compensated = plan.config.get("compensation", "none") if plan is not None else getattr(config, "compensation", "none")

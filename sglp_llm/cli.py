@@ -24,7 +24,7 @@ from .config import (
     SGLPConfig,
 )
 from .explain import stages
-from .data import FORTUNES, STDLIB_DOCS
+from .data import FORTUNES, PYTHON_REFERENCE, STDLIB_DOCS
 
 # recipe keys that describe the run rather than the SGLP settings
 RUN_KEYS = (
@@ -37,6 +37,37 @@ HEAL_RUN_KEYS = ("dtype", "device_map", "trust_remote_code")
 # `compare` scores the first N held-out texts: enough for stable perplexities, and quick enough to
 # repeat for every method and drop count
 DEFAULT_COMPARE_TEXTS = 500
+
+
+# the options `prune --help` and `analyze --help` show; `--help-all` shows every option
+EVERYDAY = {
+    "--model", "--dtype", "--device-map", "--recipe", "--trust-remote-code", "--drop", "--ratio", "--method",
+    "--dataset", "--dataset-config", "--split", "--text-column", "--seq-len", "--n-samples", "--seed",
+    "--offload", "--blocks-on-disk", "--output", "--overwrite", "--push-to-hub", "--public", "--eval-dataset",
+    "--eval-tasks", "--heal", "--report", "--no-progress", "--plan-memory", "--help-all",
+}
+
+
+class _HelpAll(argparse.Action):
+    """`--help-all`: the subcommand's help with every option, the research settings included."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        build_parser(show_all=True)._subparsers._group_actions[0].choices[parser.prog.split()[-1]].print_help()
+        parser.exit()
+
+
+def _everyday_help(parser: argparse.ArgumentParser) -> None:
+    """Hide every option outside EVERYDAY from `--help` (they all still work) and say so."""
+    hidden = 0
+    for action in parser._actions:
+        if action.option_strings and not set(action.option_strings) & (EVERYDAY | {"-h", "--help"}):
+            action.help = argparse.SUPPRESS
+            hidden += 1
+    parser.epilog = (f"{hidden} more options (memory, the loss check's research settings, compensation, recovery, "
+                     "healing settings, evaluation details): --help-all")
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -59,8 +90,9 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 
 def _add_calibration(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("calibration data")
-    data.add_argument("--dataset", help=f"Hub dataset name, local file/directory, {STDLIB_DOCS} or {FORTUNES} "
-                                        f"(default: {STDLIB_DOCS})")
+    data.add_argument("--dataset", nargs="+", type=str,
+                      help=f"Hub dataset name, local file/directory, {STDLIB_DOCS}, {PYTHON_REFERENCE} or {FORTUNES} "
+                           f"(default: {STDLIB_DOCS}); several: their windows mixed in equal shares")
     data.add_argument("--dataset-config", help="dataset configuration name")
     data.add_argument("--split", dest="dataset_split", help="dataset split (default: train)")
     data.add_argument("--text-column", help="column holding the text (default: text)")
@@ -178,6 +210,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="skip analysing each half of the calibration sequences as well (by default the report "
                              "says how far the halves' choices agree, and a warning says when they mostly differ)")
     parser.add_argument("--report", type=Path, help="also write the JSON report to this file")
+    parser.add_argument("--help-all", action=_HelpAll, help="show every option, not only the everyday ones")
 
 
 def _add_held_out(
@@ -194,7 +227,7 @@ def _add_held_out(
     return group
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sglp-llm",
         description="Depth-prune Hugging Face causal LMs (SGLP's stages, SLEB's loss criterion). The default run: "
@@ -223,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--plan-memory", action="store_true",
                          help="print the predicted peak memory per device of this run (and of writing the "
                               "pruned model) from the model's config alone, without loading any weight")
+    if not show_all:
+        _everyday_help(prune)
+        _everyday_help(analyze)
     _add_eval(sub.add_parser("eval", help="perplexity and lm-eval tasks of a (pruned) model"))
     _add_compare(sub.add_parser(
         "compare", help="every method at several drop counts: held-out perplexity, analysis time, speed"
@@ -371,7 +407,10 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
 def _read_recipe(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(run settings, SGLP settings) of a recipe file."""
     data = _recipe(path)
-    return {k: data[k] for k in RUN_KEYS if k in data}, dict(data.get("sglp") or {})
+    sglp = data.get("sglp") or {}
+    if not isinstance(sglp, dict):
+        raise ConfigError(f"The `sglp:` section of {str(path)!r} must be a mapping of settings.")
+    return {k: data[k] for k in RUN_KEYS if k in data}, SGLPConfig.flat_settings(sglp)
 
 
 def _recipe(path: Path | None) -> dict[str, Any]:
@@ -401,6 +440,8 @@ def _merge_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
     run, sglp = _read_recipe(args.recipe)
     names = {f for f in SGLPConfig.__dataclass_fields__}
     flags = {k: v for k, v in vars(args).items() if v is not None and k in names}
+    if isinstance(flags.get("dataset"), list) and len(flags["dataset"]) == 1:  # --dataset X: one source
+        flags["dataset"] = flags["dataset"][0]
     if "drop" in flags:
         sglp.pop("ratio", None)
     if "ratio" in flags:
@@ -435,11 +476,11 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], SGLPConf
 
 def _load(run: dict[str, Any], config: SGLPConfig | None = None):
     """The model of the run settings, and the config with the device chosen when none was named
-    (sglp_llm.devices.choose_devices); with `blocks_on_disk`, its blocks stay on disk for the
+    (sglp_llm.model.devices.choose_devices); with `blocks_on_disk`, its blocks stay on disk for the
     sequential pass of `config`."""
-    from .devices import choose_devices, parse_device_map, parse_max_memory
-    from .distributed import process_device, world_size
-    from .loading import load_blocks_on_disk, load_model
+    from .model.devices import choose_devices, parse_device_map, parse_max_memory
+    from .passes.distributed import process_device, world_size
+    from .model.loading import load_blocks_on_disk, load_model
     import torch
 
     if world_size() == 1:
@@ -490,9 +531,9 @@ def _plan_memory(run: dict[str, Any], config: SGLPConfig, report: Path | None) -
     """`analyze --plan-memory`: the memory plan of this run, from the model's config only."""
     import torch
 
-    from .devices import choose_devices
-    from .loading import load_model_config, resolve_dtype
-    from .memory_plan import plan_memory
+    from .model.devices import choose_devices
+    from .model.loading import load_model_config, resolve_dtype
+    from .passes.memory_plan import plan_memory
 
     run, config, _ = choose_devices(run, config, torch.cuda.device_count())
     model_config = load_model_config(run.get("model"), trust_remote_code=bool(run.get("trust_remote_code", False)))
@@ -511,7 +552,7 @@ def _plan_memory(run: dict[str, Any], config: SGLPConfig, report: Path | None) -
 
 def run_analyze(args: argparse.Namespace) -> int:
     from .api import analyze
-    from .distributed import is_main_process
+    from .passes.distributed import is_main_process
 
     run, config = resolve_settings(args)
     if args.plan_memory:
@@ -542,10 +583,10 @@ def _warn_if_unstable(plan) -> None:
 
 def run_prune(args: argparse.Namespace) -> int:
     from .api import prune
-    from .distributed import is_main_process
-    from .evaluate import warn_if_not_held_out
-    from .save import check_destination
-    from .verify import describe
+    from .passes.distributed import is_main_process
+    from .evaluation.evaluate import warn_if_not_held_out
+    from .output.save import check_destination
+    from .output.verify import describe
 
     start = time.perf_counter()
     run, config = resolve_settings(args)
@@ -601,7 +642,7 @@ def run_prune(args: argparse.Namespace) -> int:
     print(describe(plan.extra.get("verification")))
     print(f"Pruned model written to {saved} (load it with AutoModelForCausalLM.from_pretrained)")
     if args.push_to_hub:
-        from .hub import push_folder
+        from .output.hub import push_folder
 
         url = push_folder(saved, args.push_to_hub, private=not args.public)
         print(f"Uploaded to {url}")
@@ -610,7 +651,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
 def _teacher_kwargs(run: dict[str, Any]) -> dict[str, Any]:
     """How a distillation teacher is loaded: as the run loads its model."""
-    from .devices import parse_device_map
+    from .model.devices import parse_device_map
 
     return {"dtype": run.get("dtype") or "auto", "device_map": parse_device_map(run.get("device_map")),
             "trust_remote_code": bool(run.get("trust_remote_code"))}
@@ -621,7 +662,7 @@ def _heal_pruned(result, config, args: argparse.Namespace, run: dict[str, Any]):
     them)."""
     import dataclasses
 
-    from .distributed import is_main_process
+    from .passes.distributed import is_main_process
     from .heal import heal
 
     config = dataclasses.replace(config, layers_path=config.layers_path or result.plan.layers_path)
@@ -629,10 +670,10 @@ def _heal_pruned(result, config, args: argparse.Namespace, run: dict[str, Any]):
                 progress=not args.no_progress and is_main_process())
 
 def run_heal(args: argparse.Namespace) -> int:
-    from .distributed import is_main_process
+    from .passes.distributed import is_main_process
     from .heal import heal, heal_summary, save_healed
     from .plan import REPORT_NAME, PruningPlan
-    from .save import check_destination
+    from .output.save import check_destination
 
     config = resolve_heal_settings(args)
     recipe = _recipe(args.recipe)
@@ -662,7 +703,7 @@ def run_heal(args: argparse.Namespace) -> int:
         print(f"LoRA adapter written to {saved} (load it with peft's AutoPeftModelForCausalLM, or "
               "heal again with --merge for a plain transformers model)")
     if args.push_to_hub:
-        from .hub import push_folder
+        from .output.hub import push_folder
 
         url = push_folder(saved, args.push_to_hub, private=not args.public,
                           commit_message="Upload LoRA-healed model")
@@ -673,8 +714,8 @@ def run_heal(args: argparse.Namespace) -> int:
 def _evaluate_in_memory(loaded, args: argparse.Namespace, label: str) -> dict[str, Any]:
     """`prune --eval-*`: evaluate the model as it is now; one column of the card's table."""
     from .api import count_parameters
-    from .blocks import text_config
-    from .evaluate import card_metrics, evaluate_model, generation_speed
+    from .model.blocks import text_config
+    from .evaluation.evaluate import card_metrics, evaluate_model, generation_speed
 
     results = {}
     if args.eval_dataset is not None or args.eval_tasks:
@@ -735,7 +776,7 @@ def _numbers(text: str, kind: type, flag: str, example: str) -> list:
 def _single_process(command: str) -> None:
     """`eval` has no data-parallel mode: under `accelerate launch` every process would repeat the
     work and write the same files."""
-    from .distributed import world_size
+    from .passes.distributed import world_size
 
     if world_size() > 1:
         raise ConfigError(
@@ -745,9 +786,9 @@ def _single_process(command: str) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import card_metrics, evaluate_model
+    from .evaluation.evaluate import card_metrics, evaluate_model
     from .plan import REPORT_NAME
-    from .save import record_evaluation, saved_report
+    from .output.save import record_evaluation, saved_report
 
     _single_process("eval")
     tasks = _names(args.tasks)
@@ -791,8 +832,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     from .compare import COMPARE_JSON, COMPARE_MD, COMPARE_PNG, compare, default_eval_source, parse_variant
-    from .distributed import is_main_process
-    from .save import check_destination
+    from .passes.distributed import is_main_process
+    from .output.save import check_destination
 
     run, sglp = _merge_settings(args)
     # compare sets the drop count and method of every run; drop=1 only makes the shared
@@ -850,7 +891,7 @@ def run_compare(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _stdout_of_main_process() -> Iterator[None]:
     """Under `accelerate launch` every process runs the command; only the main one prints."""
-    from .distributed import is_main_process
+    from .passes.distributed import is_main_process
 
     if is_main_process():
         yield

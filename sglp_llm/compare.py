@@ -1,5 +1,5 @@
 """Compare pruning methods on one model: every method (and named SGLP variants) at several drop
-counts, each with every compensation asked for (sglp_llm.compensate, folded into the kept weights
+counts, each with every compensation asked for (sglp_llm.recovery.compensate, folded into the kept weights
 for the measurement and taken out after), scored by held-out perplexity, analysis time and
 generation speed.
 
@@ -26,14 +26,15 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from .api import analyze, count_parameters, fit_plan_compensation, input_device
-from .compensate import fold
-from .blocks import find_decoder_blocks
+from .api import analyze, count_parameters, fit_plan_compensation
+from .model.devices import input_device
+from .recovery.compensate import fold
+from .model.blocks import find_decoder_blocks
 from . import data
-from .config import CALIBRATION_FIELDS, COMPENSATIONS, METHODS, ConfigError, SGLPConfig
+from .config import COMPENSATIONS, METHODS, ConfigError, SGLPConfig
 from .data import FORTUNES, CalibrationSet, prepare_calibration
-from .evaluate import generation_speed, load_eval_texts, perplexity, warn_if_not_held_out
-from .rewrite import skip_blocks
+from .evaluation.evaluate import generation_speed, load_eval_texts, perplexity, warn_if_not_held_out
+from .model.rewrite import skip_blocks
 
 COMPARE_JSON = "compare.json"
 COMPARE_MD = "compare.md"
@@ -253,7 +254,7 @@ def compare(
     runs = [(name, cfg.replace(drop=n)) for name, cfg in contenders.items() for n in counts]
     for _, cfg in runs:  # fail before hours of analysis, not in the middle
         cfg.resolve_drop(num_blocks)
-    for cfg in {(c.dataset, c.dataset_config, c.dataset_split): c for c in contenders.values()}.values():
+    for cfg in {c.calibration_key(): c for c in contenders.values()}.values():
         warn_if_not_held_out(cfg, eval_source, config_name=eval_config_name, split=eval_split)
     texts, eval_description = load_eval_texts(
         eval_source, text_column=eval_text_column, split=eval_split,
@@ -359,7 +360,7 @@ def _calibration_source(config: SGLPConfig, calibrations: dict[tuple, Calibratio
 
 
 def _calibration_key(config: SGLPConfig) -> tuple:
-    return tuple(getattr(config, name) for name in CALIBRATION_FIELDS)
+    return config.calibration_key()
 
 
 def _contenders(

@@ -18,14 +18,14 @@ CONFIG_NAME = "sglp_config.json"
 
 METHODS = ("sglp", "block-influence", "angular", "last", "random", "sleb")
 SCORING_MODES = ("block", "subset", "loss")
-GRADIENT_SCORES = ("taylor", "fisher", "gradnorm")  # sglp_llm.score
+GRADIENT_SCORES = ("taylor", "fisher", "gradnorm")  # sglp_llm.statistics.score
 LOSS_BOUNDS = ("stale", "marginal", "local")
 LOSS_SCREENS = ("sequences", "taylor")
-LOSS_OBJECTIVES = ("nll", "kl")  # sglp_llm.removal
-HIDDEN_STATES = ("auto", "memory", "disk")  # sglp_llm.hidden_states
-COMPENSATIONS = ("none", "least_squares", "cosine", "rescale")  # sglp_llm.compensate
+LOSS_OBJECTIVES = ("nll", "kl")  # sglp_llm.selection.removal
+HIDDEN_STATES = ("auto", "memory", "disk")  # sglp_llm.passes.hidden_states
+COMPENSATIONS = ("none", "least_squares", "cosine", "rescale")  # sglp_llm.recovery.compensate
 COMPENSATION_FITS = ("original", "pruned")
-RECOVERIES = ("none", "blocks")  # sglp_llm.block_recovery
+RECOVERIES = ("none", "blocks")  # sglp_llm.recovery.block_recovery
 AUTO_K_RULES = ("reference", "elbow")
 # the settings that decide which calibration batches a run uses
 CALIBRATION_FIELDS = (
@@ -51,14 +51,48 @@ class SettingsFile:
 
     FILE_NAME: str
     SECTION: str
+    # section name -> its settings, for files people read (the rest stay at the top); a file or
+    # recipe may give the settings flat or in these sections
+    SECTIONS: dict[str, tuple[str, ...]] = {}
 
     def to_dict(self) -> dict[str, Any]:
+        """Every setting under its own name (what reports and plans record)."""
         return dataclasses.asdict(self)
+
+    def to_sections(self) -> dict[str, Any]:
+        """The settings with those of each of `SECTIONS` grouped under the section's name."""
+        flat = self.to_dict()
+        grouped = {k: v for k, v in flat.items() if not any(k in names for names in self.SECTIONS.values())}
+        for section, names in self.SECTIONS.items():
+            grouped[section] = {name: flat[name] for name in names}
+        return grouped
+
+    @classmethod
+    def flat_settings(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """`data` with the settings of each of `SECTIONS` taken out of their section."""
+        flat = {k: v for k, v in data.items() if k not in cls.SECTIONS}
+        for section in cls.SECTIONS:
+            if section not in data:
+                continue
+            settings = data[section]
+            if not isinstance(settings, dict):
+                raise ConfigError(f"Section {section!r} must be a mapping of settings, got {type(settings).__name__}.")
+            misplaced = sorted(set(settings) - set(cls.SECTIONS[section]))
+            if misplaced:
+                raise ConfigError(f"{misplaced} do not belong in section {section!r}, whose settings are "
+                                  f"{list(cls.SECTIONS[section])}; give them in their own section or flat.")
+            twice = sorted(set(settings) & set(flat))
+            if twice:
+                raise ConfigError(f"{twice} given both in section {section!r} and outside it: give each once.")
+            flat.update(settings)
+        return flat
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
+        """From flat settings or settings grouped in `SECTIONS` (or a mix of both)."""
         if not isinstance(data, dict):
             raise ConfigError(f"A config must be a mapping of settings, got {type(data).__name__}.")
+        data = cls.flat_settings(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -70,9 +104,9 @@ class SettingsFile:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         text = (
-            yaml.safe_dump(self.to_dict(), sort_keys=False)
+            yaml.safe_dump(self.to_sections(), sort_keys=False)
             if path.suffix in (".yaml", ".yml")
-            else json.dumps(self.to_dict(), indent=2)
+            else json.dumps(self.to_sections(), indent=2)
         )
         path.write_text(text)
 
@@ -109,14 +143,33 @@ class SGLPConfig(SettingsFile):
 
     FILE_NAME = CONFIG_NAME
     SECTION = "sglp"
+    # how much and by which method stay at the top; "research" holds the knobs the benchmarks
+    # showed buy nothing on real models (kept for measuring, see benchmarks/results/*.md)
+    SECTIONS = {
+        "calibration": ("dataset", "dataset_config", "dataset_split", "text_column", "seq_len", "n_samples",
+                        "batch_size", "seed"),
+        "selection": ("scoring", "gradient_score", "groups", "num_segments", "allocation", "protect_first",
+                      "protect_last", "layers_path"),
+        "loss_check": ("loss_candidates", "loss_tokens", "loss_objective", "loss_beam", "loss_confirm"),
+        "memory": ("offload", "onload_device", "hidden_states", "hidden_states_dir", "cka_max_tokens_per_batch",
+                   "gradient_checkpointing", "checkpoint_dir", "checkpoint_every"),
+        "recovery": ("compensation", "compensation_ridge", "compensation_aware", "recover", "recover_steps",
+                     "recover_learning_rate"),
+        "verification": ("verify", "stability_check"),
+        "research": ("loss_lazy", "loss_bound", "loss_screen", "loss_screen_samples", "segment_feature",
+                     "auto_k", "auto_k_threshold", "max_segments", "min_segment_size", "compensation_fit",
+                     "cka_minibatch_tokens", "cka_dtype", "cka_skip_sinks", "max_candidates", "subset_batches",
+                     "sleb_batches"),
+    }
 
-    # -- how much to prune, and how: SGLP or a peer baseline (see sglp_llm.baselines)
+    # -- how much to prune, and how: SGLP or a peer baseline (see sglp_llm.selection.baselines)
     drop: int | None = None
     ratio: float | None = None
     method: str = "sglp"
 
     # -- calibration data (see sglp_llm.data)
-    dataset: str | None = None
+    # a source, or a list of sources whose windows are mixed in equal shares (sglp_llm.data)
+    dataset: str | list[str] | None = None
     dataset_config: str | None = None
     dataset_split: str = "train"
     text_column: str = "text"
@@ -125,15 +178,15 @@ class SGLPConfig(SettingsFile):
     batch_size: int = 4
     seed: int = 0
 
-    # -- CKA (see sglp_llm.cka)
+    # -- CKA (see sglp_llm.statistics.cka)
     cka_minibatch_tokens: int = 512
     cka_max_tokens_per_batch: int | None = None
     cka_dtype: str = "float64"
     # leave attention sinks out of the CKA sums: each sequence's first token and massive-activation
-    # tokens (norm > 10x the minibatch median at some block output; sglp_llm.cka)
+    # tokens (norm > 10x the minibatch median at some block output; sglp_llm.statistics.cka)
     cka_skip_sinks: bool = False
     # "sequential": the same statistics with one decoder block on the device at a time, for
-    # models larger than its memory (see sglp_llm.sequential)
+    # models larger than its memory (see sglp_llm.passes.sequential)
     offload: str = "none"
     # offload="sequential" only: where each block runs while it is onloaded (e.g. "cuda:0" for a
     # model held in CPU memory); unset: the device of the input embeddings
@@ -141,11 +194,11 @@ class SGLPConfig(SettingsFile):
     # offload="sequential" only: where every block's hidden states wait between the forward, the
     # statistics and the backward: "memory", "disk" (a temporary folder in hidden_states_dir, or
     # the system's, removed at the end) or "auto" (disk when they would take over half the
-    # available memory); see sglp_llm.hidden_states
+    # available memory); see sglp_llm.passes.hidden_states
     hidden_states: str = "auto"
     hidden_states_dir: str | None = None
 
-    # -- segmentation (see sglp_llm.segment); used by method="sglp" only. groups: whether the
+    # -- segmentation (see sglp_llm.selection.segment); used by method="sglp" only. groups: whether the
     # choice keeps to the Fisher groups of CKA-similar blocks (every group keeps a block, drops
     # allocated per group). scoring "block" and "subset" choose within groups by definition;
     # the loss check does not by default: the groups changed none of its choices on either
@@ -162,10 +215,10 @@ class SGLPConfig(SettingsFile):
     # keeps at least one block. "auto": "loss" under scoring="loss", else "size"
     allocation: str = "auto"
 
-    # -- selection (see sglp_llm.score and sglp_llm.select); scoring, max_candidates,
+    # -- selection (see sglp_llm.statistics.score and sglp_llm.selection.select); scoring, max_candidates,
     # subset_batches and the loss_* settings are used by method="sglp" only, protection by every
     # method. gradient_score: the score from one backward that ranks each segment's blocks (see
-    # sglp_llm.score): "taylor" (-dL/dα of a gate on the block: the first-order loss increase
+    # sglp_llm.statistics.score): "taylor" (-dL/dα of a gate on the block: the first-order loss increase
     # when it goes), "fisher" (that gate's per-sequence second moment) or "gradnorm" (the paper's
     # norm of the block's weight gradients). scoring="block": the lowest-scored blocks of each
     # segment go; scoring="loss": removals are chosen one at a time by calibration loss among the
@@ -218,12 +271,12 @@ class SGLPConfig(SettingsFile):
     # -- running the statistics pass; none of these change the statistics (see sglp_llm.api).
     # gradient_checkpointing: recompute block activations in the GradNorm backward (less memory,
     # about one more forward). checkpoint_dir: save the pass's sums there every
-    # checkpoint_every batches, so a rerun resumes (see sglp_llm.checkpoint)
+    # checkpoint_every batches, so a rerun resumes (see sglp_llm.passes.checkpoint)
     gradient_checkpointing: bool = False
     checkpoint_dir: str | None = None
     checkpoint_every: int = 1
 
-    # -- compensation (see sglp_llm.compensate): after any selection, fit on the calibration
+    # -- compensation (see sglp_llm.recovery.compensate): after any selection, fit on the calibration
     # tokens a map T for the block before each removed run and fold it into that block's MLP
     # output projections ("least_squares": d x d, ReplaceMe; "cosine": its cosine-distance
     # variant; "rescale": per channel, also into a post-feedforward norm); compensation_ridge: λ
@@ -237,7 +290,7 @@ class SGLPConfig(SettingsFile):
     # applied, instead of the plain removal
     compensation_aware: bool = False
 
-    # -- recovery (see sglp_llm.block_recovery): after the removal, "blocks" trains each kept
+    # -- recovery (see sglp_llm.recovery.block_recovery): after the removal, "blocks" trains each kept
     # block that feeds a gap (all its weights, one block at a time) to give the original's state
     # at the gap's far side from the input the pruned network gives it: recover_steps AdamW
     # steps at recover_learning_rate, each on batch_size new windows of the calibration text
@@ -247,7 +300,7 @@ class SGLPConfig(SettingsFile):
     recover_learning_rate: float = 3e-3
 
     # -- writing: run the pruned model (and the saved folder, reloaded) against the original with
-    # the dropped blocks skipped, and write nothing on a mismatch (see sglp_llm.verify)
+    # the dropped blocks skipped, and write nothing on a mismatch (see sglp_llm.output.verify)
     verify: bool = True
     # analyse each half of the calibration sequences as well and report how far the two choices
     # agree (sglp_llm.stability): a choice that moves with the sample fits its noise
@@ -268,6 +321,10 @@ class SGLPConfig(SettingsFile):
             rows = data.get("batch_size", cls.batch_size) * data.get("seq_len", cls.seq_len)
             data.setdefault("loss_tokens", batches * rows if isinstance(batches, int) else batches)
         return super().from_dict(data)
+
+    def calibration_key(self) -> tuple:
+        """What decides the calibration batches, hashable (a list of sources as a tuple)."""
+        return tuple(tuple(v) if isinstance(v, list) else v for v in (getattr(self, n) for n in CALIBRATION_FIELDS))
 
     # ------------------------------------------------------------------ validation
     @property
@@ -313,6 +370,12 @@ class SGLPConfig(SettingsFile):
             raise ConfigError(f"`ratio` must be strictly between 0 and 1, got {self.ratio!r}.")
         if self.method not in METHODS:
             raise ConfigError(f"`method` must be one of {METHODS}, got {self.method!r}.")
+        if isinstance(self.dataset, (list, tuple)):
+            if not self.dataset or not all(isinstance(s, str) and s for s in self.dataset):
+                raise ConfigError(f"`dataset` as a list mixes calibration sources: give their names, got {self.dataset!r}.")
+            self.dataset = list(self.dataset)
+        elif self.dataset is not None and not isinstance(self.dataset, str):
+            raise ConfigError(f"`dataset` must be a source name, a list of them or unset, got {self.dataset!r}.")
         for name in (
             "seq_len", "n_samples", "batch_size", "max_candidates", "subset_batches", "loss_tokens", "loss_beam", "loss_confirm",
         ):

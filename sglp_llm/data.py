@@ -23,7 +23,7 @@ from typing import Any
 import datasets
 import torch
 
-from sglp_llm.config import ConfigError, SGLPConfig
+from .config import ConfigError, SGLPConfig
 
 # File suffix -> the `datasets` builder that reads it.
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -51,6 +51,8 @@ FORTUNES = "builtin:fortunes"
 # Debian's `fortunes` package: plain-text files of entries separated by lines holding only "%".
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 LICENSES = "builtin:licenses"
+# the Python language reference's prose (pydoc's topics), in every CPython install like the docstrings
+PYTHON_REFERENCE = "builtin:python-reference"
 # Debian's base-files: the full text of the common free-software licences, legal English
 LICENSES_DIR = Path("/usr/share/common-licenses")
 # Overstriking marks bold and underline for terminals: a backspace steps back over the character
@@ -101,10 +103,12 @@ def load_texts(
         return fortune_texts()
     if source == LICENSES:
         return license_texts()
+    if source == PYTHON_REFERENCE:
+        return python_reference_texts()
     if source.startswith(BUILTIN_PREFIX):
         raise CalibrationError(
             f"Unknown built-in text {source!r}; the built-in texts are {STDLIB_DOCS!r}, "
-            f"{FORTUNES!r} and {LICENSES!r}."
+            f"{PYTHON_REFERENCE!r}, {FORTUNES!r} and {LICENSES!r}."
         )
     path = Path(source).expanduser()
     if path.exists():
@@ -157,6 +161,22 @@ def default_texts() -> tuple[list[str], str]:
         "standard-library modules (no dataset given)"
     )
     return texts, description
+
+
+def python_reference_texts() -> tuple[list[str], str]:
+    """The topics of the Python language reference that `help()` shows (pydoc_data): prose
+    about the language rather than docstrings about an API."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        topics = {}
+    texts = [text for text in topics.values() if text.strip()]
+    if not texts:
+        raise CalibrationError(
+            f"This Python has no pydoc_data topics (a trimmed-down build), so {PYTHON_REFERENCE!r} is empty; "
+            f"use {STDLIB_DOCS!r} or give a dataset."
+        )
+    return texts, f"built-in Python {platform.python_version()} language reference: {len(texts)} topics (pydoc_data)"
 
 
 def fortune_texts() -> tuple[list[str], str]:
@@ -399,6 +419,36 @@ def build_batches(
     )
 
 
+def mixed_calibration(
+    sources: Sequence[str], tokenizer: Any, config: SGLPConfig, *, max_positions: int | None = None
+) -> CalibrationSet:
+    """`config.n_samples` windows split evenly over `sources` (the first ones take the remainder),
+    each source's drawn as from it alone, then alternated: any first tokens of the set (the loss
+    check's) hold every source, so no one text decides the choice alone."""
+    counts = [config.n_samples // len(sources) + (i < config.n_samples % len(sources)) for i in range(len(sources))]
+    if not all(counts):
+        raise CalibrationError(
+            f"n_samples={config.n_samples} windows cannot be shared by {len(sources)} calibration sources: "
+            "give at least one window per source."
+        )
+    parts = []
+    for source, count in zip(sources, counts):
+        texts, description = load_texts(source, config_name=config.dataset_config, split=config.dataset_split,
+                                        text_column=config.text_column)
+        parts.append(build_batches(tokenizer, texts, seq_len=config.seq_len, n_samples=count, batch_size=1,
+                                   seed=config.seed, max_positions=max_positions, source=description))
+    rows = [part.batches[i] for i in range(max(counts)) for part in parts if i < len(part.batches)]
+    batches = [{key: torch.cat([row[key] for row in rows[i : i + config.batch_size]]) for key in rows[0]}
+               for i in range(0, len(rows), config.batch_size)]
+    return CalibrationSet(
+        batches=batches,
+        n_tokens=sum(part.n_tokens for part in parts),
+        source=", alternating with ".join(f"{part.n_samples} windows of {part.source}" for part in parts),
+        n_samples=len(rows),
+        seq_len=config.seq_len,
+    )
+
+
 def first_samples(batches: Sequence[dict[str, torch.Tensor]], n: int) -> list[dict[str, torch.Tensor]]:
     """The first `n` sequences of `batches` (all of them if fewer), in batches of the same rows."""
     taken: list[dict[str, torch.Tensor]] = []
@@ -501,13 +551,16 @@ def prepare_calibration(
 ) -> CalibrationSet:
     """Turn whatever the user gave as calibration data into a `CalibrationSet`.
 
-    `calibration` is None (use `config.dataset`, or the built-in text when that is unset), a
-    path or Hub dataset name, a list of texts, a list of pre-tokenized batches (dicts with
-    `input_ids` and optional `attention_mask`), or a `CalibrationSet` (returned as is).
+    `calibration` is None (use `config.dataset`, or the built-in text when that is unset; a list
+    of sources there mixes them, see `mixed_calibration`), a path or Hub dataset name, a list of
+    texts, a list of pre-tokenized batches (dicts with `input_ids` and optional `attention_mask`),
+    or a `CalibrationSet` (returned as is).
     """
     if isinstance(calibration, CalibrationSet):
         _check_seq_len(calibration.seq_len, max_positions)
         return calibration
+    if calibration is None and isinstance(config.dataset, (list, tuple)):
+        return mixed_calibration(config.dataset, tokenizer, config, max_positions=max_positions)
     if calibration is None or isinstance(calibration, str):
         texts, source = load_texts(
             config.dataset if calibration is None else calibration,

@@ -26,20 +26,20 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .blocks import find_decoder_blocks, text_config
+from .model.blocks import find_decoder_blocks, text_config
 from .config import ConfigError, SettingsFile
 from .data import build_batches, load_texts
-from .devices import activation_checkpointing, input_device
-from .distill import TEACHER_TARGETS_NAME, DistillationTerms, TeacherBeside, TeacherCache, TeacherError, check_teacher, kept_original_indices, write_teacher_cache
-from .distributed import is_main_process, world_size
-from .loading import ModelLoadError, load_blocks_on_disk, load_model
-from .evaluate import card_metrics, perplexity_on_source, warn_if_not_held_out
-from .modelcard import describe_objective, render_healed_card
+from .model.devices import activation_checkpointing, input_device
+from .recovery.distill import TEACHER_TARGETS_NAME, DistillationTerms, TeacherBeside, TeacherCache, TeacherError, check_teacher, kept_original_indices, write_teacher_cache
+from .passes.distributed import is_main_process, world_size
+from .model.loading import ModelLoadError, load_blocks_on_disk, load_model
+from .evaluation.evaluate import card_metrics, perplexity_on_source, warn_if_not_held_out
+from .output.modelcard import describe_objective, render_healed_card
 from .plan import PruningPlan
-from .rewrite import SGLP_CONFIG_KEY
-from .save import README_NAME, check_destination, evaluation_columns, save_pruned, write_folder
-from . import verify
-from .training import DistillationObjective, NextTokenObjective, WindowDataset, train
+from .model.rewrite import SGLP_CONFIG_KEY
+from .output.save import README_NAME, check_destination, evaluation_columns, save_pruned, write_folder
+from .output import verify
+from .recovery.training import DistillationObjective, NextTokenObjective, WindowDataset, train
 
 HEAL_CONFIG_NAME = "heal_config.json"
 HEAL_REPORT_NAME = "heal_report.json"
@@ -86,7 +86,7 @@ class HealConfig(SettingsFile):
     checkpoint_dir: str | None = None
     checkpoint_every: int = 50
 
-    # -- the objective (see sglp_llm.distill). teacher: "auto" distils from the model the pruned
+    # -- the objective (see sglp_llm.recovery.distill). teacher: "auto" distils from the model the pruned
     # one was made from (recorded in its config) when it records one, else trains on the next
     # tokens; a directory, .gguf file, packaged name or Hub id: that teacher; "none": the text's
     # next tokens. teacher_top_k: None runs the teacher beside the student; k writes its top-k

@@ -35,7 +35,7 @@ class PruningPlan:
     segmentation_losses: list[float] = field(default_factory=list)
     # SGLP's gradient score ("taylor", "fisher", "gradnorm"), "loss_without_block" (a loss check of
     # every block; estimated on loss_screen_samples sequences when screened), or the baseline's
-    # score (sglp_llm.baselines), "none" if it has none
+    # score (sglp_llm.selection.baselines), "none" if it has none
     score_kind: str = "gradnorm"
     model_name: str | None = None
     calibration_source: str | None = None

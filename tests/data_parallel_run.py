@@ -13,8 +13,8 @@ from pathlib import Path
 
 from sglp_llm import SGLPConfig, analyze
 from sglp_llm.cli import main as cli_main
-from sglp_llm.compensate import fit_compensation
-from sglp_llm.distributed import is_main_process
+from sglp_llm.recovery.compensate import fit_compensation
+from sglp_llm.passes.distributed import is_main_process
 from tiny_models import tiny_batch, tiny_model
 
 # three batches: two processes get an uneven share (batches 0 and 2, and batch 1)

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sglp_llm.distributed import is_main_process, world_size
+from sglp_llm.passes.distributed import is_main_process, world_size
 from sglp_llm.heal import HealConfig, heal
-from sglp_llm.rewrite import removing_blocks
+from sglp_llm.model.rewrite import removing_blocks
 from tiny_models import tiny_model, tiny_tokenizer
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sglp_llm.block_recovery import recover_blocks
-from sglp_llm.distributed import is_main_process, world_size
+from sglp_llm.recovery.block_recovery import recover_blocks
+from sglp_llm.passes.distributed import is_main_process, world_size
 from tiny_models import tiny_batch, tiny_model
 
 

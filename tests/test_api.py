@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sglp_llm import ConfigError, SGLPConfig, analyze, prune
-from sglp_llm.blocks import find_decoder_blocks
+from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.data import first_tokens
 from tiny_models import tiny_batch, tiny_model, tiny_tokenizer
 
@@ -60,7 +60,7 @@ def test_automatic_k_is_lowered_until_the_drop_fits():
     plan = analyze(model, _batches(), SGLPConfig(drop=5, groups=True, auto_k="reference", auto_k_threshold=0.0, **CONFIG), progress=False)
     import numpy as np
 
-    from sglp_llm.segment import segment_blocks
+    from sglp_llm.selection.segment import segment_blocks
 
     unconstrained = segment_blocks(np.array(plan.cka), threshold=0.0)
     assert len(plan.dropped) == 5
@@ -96,8 +96,8 @@ def test_subset_search_picks_the_best_keep_set_by_network_gradnorm():
     scored by the GradNorm of the network without them (other segments intact)."""
     from itertools import combinations
 
-    from sglp_llm.rewrite import skip_blocks
-    from sglp_llm.score import network_gradnorm
+    from sglp_llm.model.rewrite import skip_blocks
+    from sglp_llm.statistics.score import network_gradnorm
 
     model = tiny_model("llama", num_layers=8)
     batches = _batches()
@@ -154,7 +154,7 @@ def test_loss_check_removes_the_best_gradnorm_candidate_by_calibration_loss(allo
     """Brute force: at each step, among the `loss_candidates` lowest-GradNorm blocks (or all
     blocks) of each segment with drops left (allocated by size, or any segment keeping one block
     with allocation="loss"), the removal with the lowest calibration loss goes."""
-    from sglp_llm.rewrite import skip_blocks
+    from sglp_llm.model.rewrite import skip_blocks
 
     model = tiny_model("llama", num_layers=10)
     batches = _batches()
@@ -208,8 +208,8 @@ def _synthetic_losses(monkeypatch, loss):
         measured.append(sorted(self.removed + [block]))
         return loss(measured[-1])
 
-    monkeypatch.setattr("sglp_llm.removal.RemovalLoss.measure", fake)
-    monkeypatch.setattr("sglp_llm.removal.RemovalLoss.current", lambda self: loss(sorted(self.removed)))
+    monkeypatch.setattr("sglp_llm.selection.removal.RemovalLoss.measure", fake)
+    monkeypatch.setattr("sglp_llm.selection.removal.RemovalLoss.current", lambda self: loss(sorted(self.removed)))
     return measured
 
 
@@ -276,7 +276,7 @@ def test_screened_first_step_estimates_each_removal_on_the_first_sequences():
     loss on the loss batches plus the increase on the first sequences (checked against direct
     losses); every removal is still decided on a measurement of the loss batches. Screening on
     every sequence of the loss batches is the unscreened search."""
-    from sglp_llm.rewrite import skip_blocks
+    from sglp_llm.model.rewrite import skip_blocks
 
     model = tiny_model("llama", num_layers=10)
     batches = _batches()
@@ -398,8 +398,8 @@ def test_taylor_screen_estimates_each_first_removal_from_the_gate_score_and_meas
     """`loss_screen: taylor`: the first step's estimates are the unpruned loss plus each block's
     Taylor score; candidates are measured lowest estimate first, until a measured loss is no
     higher than every unmeasured candidate's estimate, and the lowest measured one goes."""
-    from sglp_llm.removal import RemovalLoss
-    from sglp_llm.removal import calibration_nll
+    from sglp_llm.selection.removal import RemovalLoss
+    from sglp_llm.selection.removal import calibration_nll
 
     measured = []
     real = RemovalLoss.measure

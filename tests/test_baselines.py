@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from sglp_llm import SGLPConfig, analyze, prune
-from sglp_llm.baselines import BASELINES, AngularDistance
-from sglp_llm.blocks import find_decoder_blocks
-from sglp_llm.capture import capture_blocks
+from sglp_llm.selection.baselines import BASELINES, AngularDistance
+from sglp_llm.model.blocks import find_decoder_blocks
+from sglp_llm.passes.capture import capture_blocks
 from sglp_llm.config import METHODS
 from sglp_llm.plan import PruningPlan
 from tiny_models import tiny_batch, tiny_model
@@ -278,7 +278,7 @@ def test_only_sglp_runs_a_backward(model, monkeypatch, method):
         lambda *_: grad_enabled.append(torch.is_grad_enabled())
     )
     try:  # SGLP with a GradNorm shortlist (the default loss check of every block runs none);
-        # no trial rewrite (sglp_llm.verify) before the pass, whose forwards are counted here
+        # no trial rewrite (sglp_llm.output.verify) before the pass, whose forwards are counted here
         _plan(model, method, drop=2, verify=False, **({"loss_candidates": 4} if method == "sglp" else {}))
     finally:
         handle.remove()

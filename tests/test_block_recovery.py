@@ -12,10 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sglp_llm import ConfigError, SGLPConfig, prune
-from sglp_llm.block_recovery import recover_blocks, token_relative_error, trained_blocks
-from sglp_llm.blocks import find_decoder_blocks
-from sglp_llm.rewrite import skip_blocks
-from sglp_llm.sequential import MoveBlocks, load_with_blocks_on_disk
+from sglp_llm.recovery.block_recovery import recover_blocks, token_relative_error, trained_blocks
+from sglp_llm.model.blocks import find_decoder_blocks
+from sglp_llm.model.rewrite import skip_blocks
+from sglp_llm.model.offload import MoveBlocks, load_with_blocks_on_disk
 from tiny_models import tiny_batch, tiny_model
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sglp_llm.blocks import UnsupportedModelError, find_decoder_blocks
+from sglp_llm.model.blocks import UnsupportedModelError, find_decoder_blocks
 from tiny_models import FAMILIES, tiny_model
 
 

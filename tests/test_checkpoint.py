@@ -8,11 +8,11 @@ import torch
 
 from sglp_llm import ConfigError, SGLPConfig, analyze
 from sglp_llm.api import statistics_key
-from sglp_llm.blocks import find_decoder_blocks
-from sglp_llm.checkpoint import StatisticsCheckpoint
+from sglp_llm.model.blocks import find_decoder_blocks
+from sglp_llm.passes.checkpoint import StatisticsCheckpoint
 from tiny_models import tiny_batch, tiny_model
 
-# no forwards after the pass, nor before it (the trial rewrite of sglp_llm.verify)
+# no forwards after the pass, nor before it (the trial rewrite of sglp_llm.output.verify)
 CONFIG = dict(cka_minibatch_tokens=16, seq_len=16, n_samples=8, batch_size=4, scoring="block", verify=False)
 
 
@@ -90,7 +90,7 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    import sglp_llm.checkpoint as checkpoint
+    import sglp_llm.passes.checkpoint as checkpoint
 
     store = StatisticsCheckpoint(tmp_path, ("gradnorm", None), "fingerprint")
     store.save(2, {"cka": {"n": 1}})

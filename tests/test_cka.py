@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from sglp_llm.blocks import find_decoder_blocks
-from sglp_llm.capture import capture_blocks
-from sglp_llm.cka import MinibatchCKA
+from sglp_llm.model.blocks import find_decoder_blocks
+from sglp_llm.passes.capture import capture_blocks
+from sglp_llm.statistics.cka import MinibatchCKA
 from tiny_models import tiny_batch, tiny_model
 
 
@@ -231,7 +231,7 @@ def test_skip_sinks_leaves_out_exactly_the_first_tokens_and_massive_activations(
     """Each sequence's first token (after left padding) and any token whose norm at some layer
     is over SINK_NORM_RATIO x the minibatch median there are left out; the sums then equal the
     HSIC of the remaining tokens computed directly (one minibatch: HSIC ignores token order)."""
-    from sglp_llm.cka import SINK_NORM_RATIO, MinibatchCKA, cka_from_hsic, unbiased_hsic_matrix
+    from sglp_llm.statistics.cka import SINK_NORM_RATIO, MinibatchCKA, cka_from_hsic, unbiased_hsic_matrix
 
     generator = torch.Generator().manual_seed(0)
     batch, seq, dim, layers = 2, 12, 8, 3

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sglp_llm.cli import main
+from sglp_llm.cli import build_parser, main
 from tiny_models import tiny_batch, tiny_model, tiny_tokenizer
 
 FAST = ["--seq-len", "16", "--n-samples", "8", "--batch-size", "4", "--cka-minibatch-tokens", "16", "--no-progress"]
@@ -117,7 +117,7 @@ def test_existing_output_needs_overwrite(model_dir, text_file, tmp_path, capsys)
 
 @pytest.mark.parametrize("extra, private", [([], True), (["--public"], False)])
 def test_push_to_hub_uploads_the_saved_folder(model_dir, text_file, tmp_path, monkeypatch, capsys, extra, private):
-    import sglp_llm.hub
+    import sglp_llm.output.hub
 
     calls = []
 
@@ -125,7 +125,7 @@ def test_push_to_hub_uploads_the_saved_folder(model_dir, text_file, tmp_path, mo
         calls.append((folder, repo_id, private, sorted(p.name for p in folder.iterdir())))
         return f"https://huggingface.co/{repo_id}"
 
-    monkeypatch.setattr(sglp_llm.hub, "push_folder", fake_push)
+    monkeypatch.setattr(sglp_llm.output.hub, "push_folder", fake_push)
     out = tmp_path / "out"
     argv = ["prune", "--model", str(model_dir), "--drop", "2", "--dataset", str(text_file), "--output", str(out),
             "--push-to-hub", "me/tiny-sglp", *extra, *FAST]
@@ -172,7 +172,7 @@ def eval_files(tmp_path_factory):
 
 
 def _ppl(folder, texts):
-    from sglp_llm.evaluate import perplexity
+    from sglp_llm.evaluation.evaluate import perplexity
 
     model = AutoModelForCausalLM.from_pretrained(folder)
     return perplexity(model, tiny_tokenizer(), texts, progress=False)
@@ -282,7 +282,7 @@ def test_blocks_on_disk_needs_a_local_folder(text_file, tmp_path, capsys):
 
 def test_eval_refuses_accelerate_launch(model_dir, monkeypatch, capsys):
     """(heal runs under it: tests/test_distributed.py)"""
-    monkeypatch.setattr("sglp_llm.distributed.world_size", lambda: 2)
+    monkeypatch.setattr("sglp_llm.passes.distributed.world_size", lambda: 2)
     assert main(["eval", str(model_dir), "--no-progress"]) == 2
     assert "`sglp-llm eval` runs in one process" in capsys.readouterr().err
 
@@ -351,7 +351,7 @@ def test_prune_says_what_it_verified_and_no_verify_skips_it(model_dir, text_file
 
 
 def test_a_rewrite_that_fails_verification_writes_nothing(model_dir, text_file, tmp_path, monkeypatch, capsys):
-    import sglp_llm.rewrite as rewrite
+    import sglp_llm.model.rewrite as rewrite
 
     monkeypatch.setattr(rewrite, "LAYER_INDEX_ATTRIBUTES", ())  # renumbering skipped
     monkeypatch.setattr(rewrite, "_keep_block_constants", lambda blocks, kept: {})
@@ -382,3 +382,29 @@ def test_analyze_states_the_stability_and_warns_exactly_when_the_halves_disagree
     assert f"drops {a} and {b}" in out
     assert stability["agreement"] == len(set(a) & set(b)) / 3
     assert ("Warning: The choice is unstable" in err) == (stability["agreement"] < 0.5)
+
+
+@pytest.mark.parametrize("command", ["prune", "analyze"])
+def test_help_shows_the_everyday_options_and_help_all_every_option(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    everyday = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([command, "--help-all"])
+    every = capsys.readouterr().out
+    assert "--drop" in everyday and "--dataset" in everyday and "--help-all" in everyday
+    assert "--loss-bound" not in everyday and "--compensation-ridge" not in everyday
+    assert "more options" in everyday and "--loss-bound" in every and "--compensation-ridge" in every
+    assert len(every.splitlines()) > 3 * len(everyday.splitlines())
+    # a hidden option still works
+    assert build_parser().parse_args([command, "--loss-bound", "stale"]).loss_bound == "stale"
+
+
+def test_dataset_flag_takes_one_source_or_several_to_mix():
+    from sglp_llm.cli import resolve_settings
+
+    def dataset(*values):
+        return resolve_settings(build_parser().parse_args(["analyze", "--drop", "1", "--dataset", *values]))[1].dataset
+
+    assert dataset("builtin:fortunes") == "builtin:fortunes"
+    assert dataset("builtin:stdlib-docs", "builtin:python-reference") == ["builtin:stdlib-docs", "builtin:python-reference"]

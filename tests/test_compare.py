@@ -13,8 +13,8 @@ from sglp_llm.api import analyze
 from sglp_llm.cli import main
 from sglp_llm.compare import Comparison, compare, default_eval_source, parse_variant
 from sglp_llm.config import ConfigError, SGLPConfig
-from sglp_llm.evaluate import perplexity
-from sglp_llm.rewrite import remove_blocks
+from sglp_llm.evaluation.evaluate import perplexity
+from sglp_llm.model.rewrite import remove_blocks
 from tiny_models import tiny_model, tiny_tokenizer
 
 CONFIG = SGLPConfig(drop=1, seq_len=16, n_samples=8, batch_size=4, cka_minibatch_tokens=16)
@@ -312,7 +312,7 @@ def test_intermediate_saves_keep_resumed_runs_not_reached_yet(run, tokenizer, he
 
 
 def test_cli_compare_writes_from_the_main_process_only(model_dir, held_out, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("sglp_llm.distributed.is_main_process", lambda: False)
+    monkeypatch.setattr("sglp_llm.passes.distributed.is_main_process", lambda: False)
     argv = ["compare", "--model", str(model_dir), "--drops", "1", "--methods", "last", "--eval-dataset",
             str(held_out), "--eval-max-texts", "2", "--output", str(tmp_path / "cmp"), *CLI_FAST]
     assert main(argv) == 0

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from sglp_llm import ConfigError
-from sglp_llm.blocks import find_decoder_blocks
-from sglp_llm.compensate import Compensation, applied, fit_compensation, fold, removed_runs
-from sglp_llm.rewrite import skip_blocks
+from sglp_llm.model.blocks import find_decoder_blocks
+from sglp_llm.recovery.compensate import Compensation, applied, fit_compensation, fold, removed_runs
+from sglp_llm.model.rewrite import skip_blocks
 from tiny_models import tiny_batch, tiny_model
 
 
@@ -283,7 +283,7 @@ def test_prune_under_sequential_onloading_folds_what_the_in_memory_prune_folds(m
 
 def test_compensation_is_refused_for_blocks_on_disk(tmp_path):
     from sglp_llm import SGLPConfig, prune
-    from sglp_llm.sequential import load_with_blocks_on_disk
+    from sglp_llm.model.offload import load_with_blocks_on_disk
 
     tiny_model("llama", num_layers=6).save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="blocks on disk"):
@@ -311,7 +311,7 @@ def test_device_map_with_offloaded_blocks_fits_the_plain_transforms_and_refuses_
 
 def _compensated_nll(model, batches, skipped, method, fit_on):
     """The brute force: fit the maps for `skipped` from scratch, apply them, run the whole network."""
-    from sglp_llm.removal import calibration_nll
+    from sglp_llm.selection.removal import calibration_nll
 
     with applied(model, fit_compensation(model, batches, skipped, method=method, fit_on=fit_on)):
         return calibration_nll(model, batches, skipped)

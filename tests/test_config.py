@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from sglp_llm.config import ConfigError, SGLPConfig
@@ -94,3 +97,35 @@ def test_automatic_allocation_follows_the_scoring_mode():
     assert SGLPConfig(drop=1, scoring="block", allocation="redundancy").drop_allocation == "redundancy"
     with pytest.raises(ConfigError, match="needs `scoring: loss`"):
         SGLPConfig(drop=1, scoring="block", allocation="loss")
+
+
+def test_every_setting_has_one_place_top_or_one_section():
+    fields = [f.name for f in dataclasses.fields(SGLPConfig)]
+    placed = [name for names in SGLPConfig.SECTIONS.values() for name in names]
+    assert sorted(placed) == sorted(set(placed)) and set(placed) <= set(fields)
+    assert [name for name in fields if name not in placed] == ["drop", "ratio", "method", "extra"]
+
+
+def test_saved_settings_are_grouped_in_sections_and_load_back(tmp_path):
+    config = SGLPConfig(drop=3, seq_len=128, loss_bound="stale", offload="sequential", verify=False)
+    for name in ("config.json", "config.yaml"):
+        config.save(tmp_path / name)
+        assert SGLPConfig.load(tmp_path / name) == config
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["drop"] == 3 and saved["calibration"]["seq_len"] == 128
+    assert saved["research"]["loss_bound"] == "stale" and saved["memory"]["offload"] == "sequential"
+    assert "seq_len" not in saved and saved["verification"] == {"verify": False, "stability_check": True}
+
+
+def test_flat_and_sectioned_settings_give_the_same_config_and_misplaced_ones_are_refused():
+    flat = {"drop": 2, "seq_len": 64, "loss_tokens": 512, "cka_skip_sinks": True}
+    sectioned = {"drop": 2, "calibration": {"seq_len": 64}, "loss_check": {"loss_tokens": 512},
+                 "research": {"cka_skip_sinks": True}}
+    mixed = {"drop": 2, "seq_len": 64, "loss_check": {"loss_tokens": 512}, "cka_skip_sinks": True}
+    assert SGLPConfig.from_dict(flat) == SGLPConfig.from_dict(sectioned) == SGLPConfig.from_dict(mixed)
+    with pytest.raises(ConfigError, match=r"\['seq_len'\] do not belong in section 'loss_check'"):
+        SGLPConfig.from_dict({"drop": 2, "loss_check": {"seq_len": 64}})
+    with pytest.raises(ConfigError, match="given both in section 'calibration' and outside it"):
+        SGLPConfig.from_dict({"drop": 2, "seq_len": 64, "calibration": {"seq_len": 128}})
+    with pytest.raises(ConfigError, match="Section 'memory' must be a mapping"):
+        SGLPConfig.from_dict({"drop": 2, "memory": "sequential"})

@@ -238,7 +238,7 @@ def test_unknown_builtin_names_the_known_ones():
     with pytest.raises(
         CalibrationError,
         match=r"Unknown built-in text 'builtin:wiki'; the built-in texts are 'builtin:stdlib-docs', "
-        r"'builtin:fortunes' and 'builtin:licenses'\.",
+        r"'builtin:python-reference', 'builtin:fortunes' and 'builtin:licenses'\.",
     ):
         load_texts("builtin:wiki")
 
@@ -400,3 +400,41 @@ def test_licence_paragraphs_interleave_the_files(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "LICENSES_DIR", tmp_path / "missing")
     with pytest.raises(data.CalibrationError, match="licence texts"):
         load_texts("builtin:licenses")
+
+
+# ---------------------------------------------------------------------------------- mixed sources
+def test_python_reference_is_language_prose_every_cpython_has():
+    texts, description = load_texts(data.PYTHON_REFERENCE)
+    assert len(texts) > 50 and sum(map(len, texts)) > 100_000 and "language reference" in description
+    assert not set(texts) & set(load_texts(data.STDLIB_DOCS)[0])
+
+
+def test_mixed_sources_share_the_windows_and_alternate(tmp_path):
+    """Each source gives the windows it gives alone for its share of n_samples (the first source
+    takes the remainder), and the set alternates them, so any first tokens hold both."""
+    tok = make_tokenizer()
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:3]))
+    second.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[3:]))
+    config = CONFIG.replace(dataset=[str(first), str(second)], n_samples=5, batch_size=2, seq_len=4)
+    mixed = prepare_calibration(None, tok, config)
+    alone = [rows(build_batches(tok, texts, seq_len=4, n_samples=n, batch_size=1, seed=config.seed))
+             for texts, n in ((DOCS[:3], 3), (DOCS[3:], 2))]
+    assert rows(mixed) == [alone[0][0], alone[1][0], alone[0][1], alone[1][1], alone[0][2]]
+    assert [b["input_ids"].shape[0] for b in mixed] == [2, 2, 1] and mixed.n_samples == 5 and mixed.n_tokens == 20
+    assert "3 windows of" in mixed.source and ", alternating with 2 windows of" in mixed.source
+    with pytest.raises(CalibrationError, match="n_samples=1 windows cannot be shared by 2 calibration sources"):
+        prepare_calibration(None, tok, config.replace(n_samples=1))
+
+
+def test_a_list_of_sources_is_a_setting_that_saves_and_keys_the_statistics(tmp_path):
+    from sglp_llm.api import statistics_key
+
+    config = SGLPConfig(drop=1, dataset=[data.STDLIB_DOCS, data.PYTHON_REFERENCE])
+    config.save(tmp_path / "c.yaml")
+    assert SGLPConfig.load(tmp_path / "c.yaml") == config
+    assert hash(statistics_key(config, 1)) == hash(statistics_key(config.replace(), 1))
+    assert statistics_key(config, 1) != statistics_key(config.replace(dataset=data.STDLIB_DOCS), 1)
+    for bad in ([], [""], [data.STDLIB_DOCS, 3], 7):
+        with pytest.raises(ConfigError, match="`dataset`"):
+            SGLPConfig(drop=1, dataset=bad)

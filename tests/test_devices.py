@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from sglp_llm import ConfigError, SGLPConfig, analyze
 from sglp_llm.api import collect_block_statistics
-from sglp_llm.blocks import find_decoder_blocks
+from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.data import prepare_calibration
-from sglp_llm.devices import activation_checkpointing, parse_device_map, parse_max_memory
+from sglp_llm.model.devices import activation_checkpointing, parse_device_map, parse_max_memory
 from tiny_models import tiny_batch, tiny_model
 
 CONFIG = dict(cka_minibatch_tokens=16, seq_len=16, n_samples=8, batch_size=4)
@@ -91,7 +91,7 @@ def test_blocks_offloaded_to_disk_give_the_plain_statistics_and_plan(model_dir, 
 
 @pytest.mark.filterwarnings("ignore:accelerate offloads weights")
 def test_cli_passes_device_map_max_memory_and_offload_folder(model_dir, tmp_path, monkeypatch):
-    import sglp_llm.loading as loading
+    import sglp_llm.model.loading as loading
     from sglp_llm.cli import main
 
     seen = {}
@@ -202,7 +202,7 @@ def test_infinite_gradient_is_caught_naming_the_block(score, message, offload):
     ({}, {"offload": "sequential", "onload_device": "cpu"}, 1, {}, "cpu", ""),
 ])
 def test_an_unplaced_run_goes_to_the_gpu_when_there_is_one_and_says_so(run, settings, n_gpus, expected_run, onload, note):
-    from sglp_llm.devices import choose_devices
+    from sglp_llm.model.devices import choose_devices
 
     placed, config, said = choose_devices(run, SGLPConfig(drop=1, **settings), n_gpus)
     assert placed == expected_run and config.onload_device == onload

@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from sglp_llm.cli import main
-from sglp_llm.distill import DistillationTerms, TeacherBeside, TeacherCache, TeacherError, write_teacher_cache
-from sglp_llm.blocks import find_decoder_blocks
+from sglp_llm.recovery.distill import DistillationTerms, TeacherBeside, TeacherCache, TeacherError, write_teacher_cache
+from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.heal import HealConfig, HealError, heal
-from sglp_llm.sequential import load_with_blocks_on_disk
-from sglp_llm.rewrite import removing_blocks
-from sglp_llm.training import DistillationObjective, WindowDataset
+from sglp_llm.model.offload import load_with_blocks_on_disk
+from sglp_llm.model.rewrite import removing_blocks
+from sglp_llm.recovery.training import DistillationObjective, WindowDataset
 from test_heal import pruned_dir  # noqa: F401  (the fixture)
 from tiny_models import VOCAB, tiny_batch, tiny_model, tiny_tokenizer
 

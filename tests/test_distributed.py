@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sglp_llm.distributed import all_reduce_state, is_main_process, shard, world_size
+from sglp_llm.passes.distributed import all_reduce_state, is_main_process, shard, world_size
 from tiny_models import tiny_model, tiny_tokenizer
 
 HERE = Path(__file__).parent

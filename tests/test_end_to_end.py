@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sglp_llm.cli import main
-from sglp_llm.loading import gguf_cache_path, packaged_gguf_path
+from sglp_llm.model.loading import gguf_cache_path, packaged_gguf_path
 
 pytestmark = [
     pytest.mark.slow,

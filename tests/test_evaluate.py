@@ -13,10 +13,10 @@ import datasets
 import pytest
 import torch
 
-from sglp_llm import evaluate
+from sglp_llm.evaluation import evaluate
 from sglp_llm.cli import main
 from sglp_llm.config import SGLPConfig
-from sglp_llm.evaluate import (
+from sglp_llm.evaluation.evaluate import (
     EVAL_TEXT,
     EvaluationError,
     generation_speed,

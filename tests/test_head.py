@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglp_llm.blocks import find_decoder_blocks
-from sglp_llm.head import backward_through_head, chunk_positions, head_nll, output_of
-from sglp_llm.removal import network_nll
-from sglp_llm.score import causal_lm_loss
+from sglp_llm.model.blocks import find_decoder_blocks
+from sglp_llm.passes.head import backward_through_head, chunk_positions, head_nll, output_of
+from sglp_llm.selection.removal import network_nll
+from sglp_llm.passes.loss import causal_lm_loss
 from tiny_models import VOCAB, tiny_batch, tiny_model
 
 # gemma2: the head applies logit softcapping, which the chunks must keep
@@ -66,7 +66,7 @@ def test_chunked_backward_gives_the_gradient_of_the_full_loss():
 def test_backward_through_the_chunked_head_equals_the_full_loss_backward(monkeypatch):
     """The statistics pass's backward: the same weight gradients as `loss.backward()`, with the
     head's logits a few positions at a time."""
-    import sglp_llm.head as head
+    import sglp_llm.passes.head as head
 
     model = tiny_model("gemma2", num_layers=3, final_logit_softcapping=2.0)
     batch = tiny_batch(batch_size=2, seq_len=11, pad_last=2)

@@ -12,9 +12,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from sglp_llm import HealConfig, load_pruned
 from sglp_llm.cli import main
-from sglp_llm.evaluate import perplexity_on_source
+from sglp_llm.evaluation.evaluate import perplexity_on_source
 from sglp_llm.heal import ADAPTER_DIR, HealError, heal, lora_targets
-from sglp_llm.loading import ModelLoadError, packaged_gguf_path
+from sglp_llm.model.loading import ModelLoadError, packaged_gguf_path
 from tiny_models import tiny_batch, tiny_model, tiny_tokenizer
 
 pytest.importorskip("peft")
@@ -114,7 +114,7 @@ def test_pruning_report_and_card_describe_the_healing(pruned_dir, healed_dir):
     healing = report["extra"]["healing"]
     assert f"| training time | {healing['seconds']:.0f} s |" in card and f"({healing['tokens']:,} tokens;" in card
     # a later `eval --update-card` re-renders the card from the report: the healing stays
-    from sglp_llm.save import record_evaluation
+    from sglp_llm.output.save import record_evaluation
 
     record_evaluation(healed_dir, {"hellaswag/acc": 0.3}, column="after healing")
     assert "## Healing" in (healed_dir / "README.md").read_text()
@@ -239,8 +239,7 @@ def test_prune_and_heal_the_real_smollm2(tmp_path):
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_adapter(tmp_path, monkeypatch):
-    from sglp_llm import training
-
+    from sglp_llm.recovery import training
     tokenizer = tiny_tokenizer()
     settings = dict(steps=4, seq_len=16, batch_size=2, learning_rate=3e-3, eval_max_texts=1, teacher="none")
     whole = heal(tiny_model("llama", 4), tokenizer, HealConfig(**settings), progress=False)
@@ -271,7 +270,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_adapter(tmp_
 
 
 def test_a_merged_model_that_reloads_differently_is_not_written(tmp_path, monkeypatch):
-    from sglp_llm import verify
+    from sglp_llm.output import verify
     from sglp_llm.heal import save_healed
 
     healed = heal(tiny_model("llama", 4), tiny_tokenizer(),

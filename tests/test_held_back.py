@@ -9,7 +9,7 @@ import pytest
 
 from sglp_llm import ConfigError, SGLPConfig, analyze
 from sglp_llm.data import first_tokens, skip_samples
-from sglp_llm.removal import calibration_nll
+from sglp_llm.selection.removal import calibration_nll
 from tiny_models import tiny_batch, tiny_model
 
 BATCHES = [tiny_batch(batch_size=2, seq_len=12, seed=s) for s in range(4)]  # 8 sequences of 12 tokens

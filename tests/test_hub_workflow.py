@@ -12,8 +12,8 @@ from huggingface_hub import HfApi
 from huggingface_hub.hf_api import RepoUrl
 
 from sglp_llm.cli import main
-from sglp_llm.evaluate import EVAL_TEXT
-from sglp_llm.modelcard import render_healed_card
+from sglp_llm.evaluation.evaluate import EVAL_TEXT
+from sglp_llm.output.modelcard import render_healed_card
 from tiny_models import tiny_model, tiny_tokenizer
 
 pytest.importorskip("peft")

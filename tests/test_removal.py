@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sglp_llm.removal import RemovalLoss, calibration_nll
-from sglp_llm.rewrite import skip_blocks
+from sglp_llm.selection.removal import RemovalLoss, calibration_nll
+from sglp_llm.model.rewrite import skip_blocks
 from tiny_models import FAMILIES, tiny_batch, tiny_model
 
 
@@ -90,7 +90,7 @@ def _direct_kl(model, batches, skipped, top_k=None):
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_the_kl_objective_is_the_kl_to_the_original_along_a_greedy_path(family, monkeypatch):
     """With every token kept (KL_TOP_K = vocabulary) the coarsened KL is the full KL."""
-    import sglp_llm.removal as removal_module
+    import sglp_llm.selection.removal as removal_module
     from tiny_models import VOCAB
 
     monkeypatch.setattr(removal_module, "KL_TOP_K", VOCAB)
@@ -106,7 +106,7 @@ def test_the_kl_objective_is_the_kl_to_the_original_along_a_greedy_path(family, 
 
 def test_the_kl_objective_with_few_tokens_is_the_kl_of_the_coarsened_distributions(monkeypatch):
     """A reference of the top 5 tokens and the rest: the KL of those 6 classes, at most the full KL."""
-    import sglp_llm.removal as removal_module
+    import sglp_llm.selection.removal as removal_module
 
     monkeypatch.setattr(removal_module, "KL_TOP_K", 5)
     model, batches = tiny_model("llama", num_layers=5), _batches()
@@ -116,7 +116,7 @@ def test_the_kl_objective_with_few_tokens_is_the_kl_of_the_coarsened_distributio
 
 
 def test_blockwise_kl_equals_the_in_memory_kl():
-    from sglp_llm.removal import BlockwiseRemovalLoss
+    from sglp_llm.selection.removal import BlockwiseRemovalLoss
 
     model, batches = tiny_model("qwen2", num_layers=6), _batches()
     plain, blockwise = RemovalLoss(model, batches, objective="kl"), BlockwiseRemovalLoss(model, batches, objective="kl")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sglp_llm.blocks import find_decoder_blocks
-from sglp_llm.rewrite import RewriteError, remove_blocks, skip_blocks
+from sglp_llm.model.blocks import find_decoder_blocks
+from sglp_llm.model.rewrite import RewriteError, remove_blocks, skip_blocks
 from tiny_models import FAMILIES, tiny_batch, tiny_model
 
 DROPPED = [1, 4, 5]

@@ -13,13 +13,13 @@ from huggingface_hub import HfApi, ModelCard, RepoUrl
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
-import sglp_llm.save as save_module
+import sglp_llm.output.save as save_module
 from sglp_llm.config import METHODS, SGLPConfig
-from sglp_llm.heatmap import plot_cka_heatmap
-from sglp_llm.hub import push_folder
-from sglp_llm.modelcard import METHOD_TEXT, render_model_card
+from sglp_llm.output.heatmap import plot_cka_heatmap
+from sglp_llm.output.hub import push_folder
+from sglp_llm.output.modelcard import METHOD_TEXT, render_model_card
 from sglp_llm.plan import PruningPlan
-from sglp_llm.save import record_evaluation, save_pruned
+from sglp_llm.output.save import record_evaluation, save_pruned
 
 BASE = "org/tiny-llama"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -435,7 +435,7 @@ def test_push_refuses_a_folder_without_a_model(tmp_path, fake_hub):
     ],
 )
 def test_card_front_matter_names_only_hub_ids(plan, base_model, front_matter):
-    from sglp_llm.modelcard import METHOD_TEXT, render_model_card
+    from sglp_llm.output.modelcard import METHOD_TEXT, render_model_card
 
     card = render_model_card(plan, base_model=base_model)
     header = card.split("---")[1]

@@ -6,8 +6,9 @@ import math
 
 import torch
 
-from sglp_llm.blocks import find_decoder_blocks
-from sglp_llm.score import BlockGradNorms, causal_lm_loss, grad_only_for, network_gradnorm
+from sglp_llm.model.blocks import find_decoder_blocks
+from sglp_llm.statistics.score import BlockGradNorms, network_gradnorm
+from sglp_llm.passes.loss import causal_lm_loss, grad_only_for
 from tiny_models import tiny_batch, tiny_model
 
 
@@ -67,7 +68,7 @@ def test_network_gradnorm_equals_norm_over_all_parameters():
 
 def _gated(model, index: int, alpha: torch.Tensor):
     """Block `index` computes h + alpha * (block(h) - h): the explicit gate of the gate scores."""
-    from sglp_llm.capture import block_input, block_output
+    from sglp_llm.passes.capture import block_input, block_output
 
     def hook(module, args, kwargs, output):
         hidden = block_input(args, kwargs)
@@ -111,7 +112,7 @@ def gate_reference(model, batches) -> dict[str, torch.Tensor]:
 
 
 def gate_scores_of(model, batches) -> dict[str, torch.Tensor]:
-    from sglp_llm.score import GateScores
+    from sglp_llm.statistics.score import GateScores
 
     layers = find_decoder_blocks(model).layers
     gates = GateScores(len(layers))
@@ -158,7 +159,7 @@ def test_taylor_score_is_the_finite_difference_of_the_loss_in_the_gate():
 
 
 def test_gate_scores_under_activation_checkpointing_count_each_block_once():
-    from sglp_llm.devices import activation_checkpointing
+    from sglp_llm.model.devices import activation_checkpointing
 
     model = tiny_model("qwen2", num_layers=4)
     batches = [tiny_batch(batch_size=2, seq_len=12, seed=5, pad_last=2)]

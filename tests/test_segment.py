@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from sglp_llm.segment import (
+from sglp_llm.selection.segment import (
     DEFAULT_MAX_SEGMENTS,
     choose_k,
     diameter_table,
@@ -284,7 +284,7 @@ def test_segment_blocks_rejects(kwargs, match):
 
 
 def test_elbow_picks_the_bend_of_the_curve():
-    from sglp_llm.segment import choose_k_elbow
+    from sglp_llm.selection.segment import choose_k_elbow
 
     # scaled: k=1..5 -> x = 0, .25, .5, .75, 1; drop = 0, .8, .9, .95, 1 -> drop - x peaks at k=2
     assert choose_k_elbow([10.0, 2.0, 1.0, 0.5, 0.0]) == 2
@@ -296,7 +296,7 @@ def test_elbow_picks_the_bend_of_the_curve():
 
 
 def test_segment_blocks_elbow_and_min_size():
-    from sglp_llm.segment import segment_blocks
+    from sglp_llm.selection.segment import segment_blocks
 
     groups = [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
     cka = np.array([[1.0 if a == b else 0.2 for b in groups] for a in groups])
@@ -309,7 +309,7 @@ def test_segment_blocks_elbow_and_min_size():
 
 
 def test_redundancy_is_the_mean_off_diagonal_cka():
-    from sglp_llm.segment import redundancy
+    from sglp_llm.selection.segment import redundancy
 
     cka = np.array([[1.0, 0.9, 0.5], [0.9, 1.0, 0.7], [0.5, 0.7, 1.0]])
     assert redundancy(cka, [0, 1, 2]) == pytest.approx((0.9 + 0.5 + 0.7) / 3)

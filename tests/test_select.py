@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from sglp_llm.select import allocate_drops, best_subset, choose_drops, enumerate_keep_sets
+from sglp_llm.selection.select import allocate_drops, best_subset, choose_drops, enumerate_keep_sets
 
 # ---------------------------------------------------------------- allocate_drops
 

@@ -10,8 +10,8 @@ import pytest
 from sglp_llm import SGLPConfig, analyze
 from sglp_llm.config import METHODS, SCORING_MODES
 from sglp_llm.explain import chosen_by, stages
-from sglp_llm.modelcard import render_model_card
-from sglp_llm.selection import SELECTIONS, selection_name, selector_for
+from sglp_llm.output.modelcard import render_model_card
+from sglp_llm.selection.registry import SELECTIONS, selection_name, selector_for
 from tiny_models import tiny_batch, tiny_model
 
 CONFIG = dict(cka_minibatch_tokens=16, seq_len=16, n_samples=8, batch_size=4, verify=False)

@@ -12,12 +12,14 @@ from torch import nn
 
 from sglp_llm import ConfigError, SGLPConfig, analyze
 from sglp_llm.api import statistics_key
-from sglp_llm.blocks import find_decoder_blocks
-from sglp_llm.capture import capture_blocks
-from sglp_llm.cka import MinibatchCKA
+from sglp_llm.model.blocks import find_decoder_blocks
+from sglp_llm.passes.capture import capture_blocks
+from sglp_llm.statistics.cka import MinibatchCKA
 from sglp_llm.cli import build_parser, resolve_settings
-from sglp_llm.score import BlockGradNorms, GateScores, causal_lm_loss, grad_only_for
-from sglp_llm.sequential import BLOCK_LOADER_ATTRIBUTE, MoveBlocks, load_with_blocks_on_disk, sequential_pass
+from sglp_llm.statistics.score import BlockGradNorms, GateScores
+from sglp_llm.passes.loss import causal_lm_loss, grad_only_for
+from sglp_llm.passes.sequential import sequential_pass
+from sglp_llm.model.offload import BLOCK_LOADER_ATTRIBUTE, MoveBlocks, load_with_blocks_on_disk
 from tiny_models import tiny_batch, tiny_model
 
 # block scoring: the selection then runs no model, so every block run is the statistics pass's
@@ -287,7 +289,7 @@ def test_checkpoints_with_converted_weight_names_are_refused(tmp_path):
 def test_hidden_states_spilled_to_disk_give_the_same_statistics_and_are_removed(score, tmp_path, monkeypatch):
     """On disk, only one block's states for each batch are in memory at a time; the statistics and
     gradient scores are those of the in-memory pass, and the temporary folder goes at the end."""
-    import sglp_llm.hidden_states as hidden_states
+    import sglp_llm.passes.hidden_states as hidden_states
 
     model = tiny_model("gemma3_text", num_layers=L)
     config = SGLPConfig(offload="sequential", gradient_score=score, **CONFIG)
@@ -312,7 +314,7 @@ def test_hidden_states_spilled_to_disk_give_the_same_statistics_and_are_removed(
 
 
 def test_auto_hidden_states_spill_only_what_would_not_fit(monkeypatch):
-    import sglp_llm.hidden_states as hidden_states
+    import sglp_llm.passes.hidden_states as hidden_states
 
     monkeypatch.setattr(hidden_states, "available_memory", lambda: 1000)
     assert hidden_states.spills("auto", 501) and not hidden_states.spills("auto", 500)

@@ -12,9 +12,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from sglp_llm import SGLPConfig, prune
-from sglp_llm.rewrite import skip_blocks
-from sglp_llm.sequential import load_with_blocks_on_disk, weight_files
-from sglp_llm.shards import INDEX_NAME, WEIGHTS_NAME, renamed_tensors, write_pruned_weights
+from sglp_llm.model.rewrite import skip_blocks
+from sglp_llm.model.offload import load_with_blocks_on_disk, weight_files
+from sglp_llm.model.shards import INDEX_NAME, WEIGHTS_NAME, renamed_tensors, write_pruned_weights
 from tiny_models import tiny_batch, tiny_model
 
 CONFIG = dict(drop=2, scoring="block", offload="sequential", cka_minibatch_tokens=16, seq_len=16, n_samples=8, batch_size=4)

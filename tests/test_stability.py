@@ -8,7 +8,7 @@ import torch
 
 from sglp_llm import SGLPConfig, analyze
 from sglp_llm.data import CalibrationSet
-from sglp_llm.modelcard import render_model_card
+from sglp_llm.output.modelcard import render_model_card
 from sglp_llm.stability import calibration_halves, choice_stability, stability_warning
 from tiny_models import VOCAB, tiny_batch, tiny_model
 
@@ -123,7 +123,7 @@ def test_only_a_choice_read_from_the_first_half_alone_is_taken_as_its_choice():
     """The first half's analysis is skipped only when the choice read no sequence beyond it: a
     loss check over the whole stack reads its loss tokens (and held-back ones when it confirms);
     one within the groups or with a gradient score reads statistics of every sequence."""
-    from sglp_llm.loss_check import sequences_read
+    from sglp_llm.selection.loss_check import sequences_read
 
     batches = [tiny_batch(batch_size=2, seq_len=12, seed=s) for s in range(4)]  # 8 sequences of 12 tokens
     calibration = CalibrationSet(batches=batches, n_tokens=96, source="test", n_samples=8, seq_len=12)

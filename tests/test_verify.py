@@ -8,14 +8,14 @@ import torch
 from tiny_models import FAMILIES, tiny_batch, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-import sglp_llm.rewrite as rewrite
+import sglp_llm.model.rewrite as rewrite
 from sglp_llm import SGLPConfig
 from sglp_llm.api import prune
-from sglp_llm.blocks import find_decoder_blocks
+from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.plan import PruningPlan
-from sglp_llm.rewrite import RewriteError, is_index_list, is_per_block, remap_index_list, remove_blocks
-from sglp_llm.sequential import load_with_blocks_on_disk
-from sglp_llm.verify import VerificationError, make_probe, skipped
+from sglp_llm.model.rewrite import RewriteError, is_index_list, is_per_block, remap_index_list, remove_blocks
+from sglp_llm.model.offload import load_with_blocks_on_disk
+from sglp_llm.output.verify import VerificationError, make_probe, skipped
 
 BATCHES = [tiny_batch(2, 16, seed=i) for i in range(4)]
 
@@ -267,3 +267,27 @@ def test_a_model_dispatched_with_weights_on_disk_is_verified_and_reloaded(tmp_pa
         expected = logits(source, BATCHES[0])
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(logits(reloaded, BATCHES[0]), expected, rtol=1e-5, atol=1e-5)
+
+
+def _tiny_xlstm():
+    config = AutoConfig.for_model("xlstm", vocab_size=96, hidden_size=32, embedding_dim=32, num_heads=2,
+                                  num_blocks=4, num_hidden_layers=4)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("offload", ["none", "sequential"])
+def test_a_family_whose_blocks_pass_on_a_state_is_refused_in_words(offload):
+    """xLSTM's blocks return (hidden states, recurrent state): a pass-through cannot stand in for
+    one, so the family is refused by name with the reason, not with a Python unpacking error."""
+    from sglp_llm.model.blocks import UnsupportedModelError
+
+    model = _tiny_xlstm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = tiny_batch(batch_size=2, seq_len=12)
+    with pytest.raises(UnsupportedModelError) as refused:
+        prune(model, [batch], SGLPConfig(drop=1, offload=offload, cka_minibatch_tokens=16), progress=False)
+    message = str(refused.value)
+    assert "xLSTMForCausalLM (model_type 'xlstm')" in message and "recurrent state" in message
+    assert "unpack" not in message
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -1,0 +1,2 @@
+"""The model being pruned: finding its decoder blocks, loading it (Hub, GGUF, local folders, blocks
+on disk), where its weights live, and rewriting it without the dropped blocks."""

@@ -1,0 +1,167 @@
+"""Models larger than one device: accelerate device maps and offloading (through
+`from_pretrained`), and activation checkpointing for the statistics backward.
+
+A device map places whole modules; the statistics pass only needs each block's output on the
+block's own device (the CKA Gram matrices are formed there and summed on the CPU) and the block's
+parameter gradients (see `score.BlockGradNorms`, which also finds offloaded weights).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+
+# the strategies accelerate computes a map for; anything else is one device or a full map
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _json_mapping(text: str, flag: str, example: str) -> dict | None:
+    """A mapping given inline as JSON or as a .json file; None when `text` is neither."""
+    if text.lstrip().startswith("{"):
+        source = text
+    elif text.endswith(".json"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{flag}: no file {text!r}; give an existing .json file, e.g. {flag} {example}")
+        source = path.read_text()
+    else:
+        return None
+    try:
+        value = json.loads(source)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{flag}: {text!r} is not valid JSON ({err}); e.g. {flag} {example}") from err
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} must be a JSON object, e.g. {flag} {example}; got {text!r}.")
+    return value
+
+
+def parse_device_map(value: str | dict | None) -> str | dict | None:
+    """`--device-map`: a strategy (auto, balanced, balanced_low_0, sequential), one device (cpu,
+    cuda:1, ...), or a module-name -> device mapping as JSON or a .json file ("disk" offloads a
+    module to `--offload-folder`)."""
+    if value is None or isinstance(value, dict):
+        return value
+    example = "'{\"model.layers.0\": 0, \"model.layers.1\": \"cpu\", ...}'"
+    mapping = _json_mapping(value, "--device-map", example)
+    if mapping is not None:
+        return mapping
+    if value in DEVICE_MAP_STRATEGIES:
+        return value
+    try:
+        torch.device(value)
+    except RuntimeError:
+        raise ConfigError(
+            f"--device-map takes {', '.join(DEVICE_MAP_STRATEGIES)}, a device (cpu, cuda:0) or a "
+            f"JSON mapping of module names to devices (inline or a .json file); got {value!r}."
+        ) from None
+    return value
+
+
+def _device_key(key: Any) -> Any:
+    """accelerate names GPUs by index: "0" -> 0."""
+    return int(key) if isinstance(key, str) and key.isdigit() else key
+
+
+def parse_max_memory(value: str | dict | None) -> dict | None:
+    """`--max-memory`: per-device limits for the `auto`/`balanced` strategies, as
+    `0=20GiB,1=20GiB,cpu=60GiB`, JSON, or a .json file."""
+    if value is None:
+        return None
+    example = "0=20GiB,cpu=60GiB"
+    mapping = value if isinstance(value, dict) else _json_mapping(value, "--max-memory", example)
+    if mapping is None:
+        mapping = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            device, sep, limit = item.partition("=")
+            if not sep or not device.strip() or not limit.strip():
+                raise ConfigError(f"--max-memory takes DEVICE=LIMIT pairs, e.g. --max-memory {example}; got {value!r}.")
+            mapping[device.strip()] = limit.strip()
+    return {
+        _device_key(device): int(limit) if isinstance(limit, str) and limit.isdigit() else limit
+        for device, limit in mapping.items()
+    }
+
+
+@contextmanager
+def activation_checkpointing(model: nn.Module, layers: Sequence[nn.Module]) -> Iterator[None]:
+    """Hugging Face (non-reentrant) activation checkpointing of the decoder blocks for the
+    statistics backward, so block activations are recomputed rather than kept; the model's
+    previous state is restored.
+
+    transformers checkpoints a block only in training mode, so the blocks themselves (not their
+    submodules: dropout stays off) are put in training mode meanwhile. Checkpointing wraps the
+    blocks' `forward`, so the capture hooks do not fire again during the recomputation (and the
+    observers ignore calls outside a batch anyway).
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"{type(model).__name__} does not support gradient checkpointing; run without "
+            "--gradient-checkpointing (gradient_checkpointing=False)."
+        )
+    already = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    had_input_hooks = bool(getattr(model, "_require_grads_hooks", None))
+    if not already:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    modes = [layer.training for layer in layers]
+    try:
+        for layer in layers:
+            layer.training = True
+        yield
+    finally:
+        for layer, mode in zip(layers, modes):
+            layer.training = mode
+        if not already:
+            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            disable()
+            if not had_input_hooks:
+                model.disable_input_require_grads()
+
+
+def choose_devices(run: dict[str, Any], config: Any, n_gpus: int) -> tuple[dict[str, Any], Any, str]:
+    """The CLI's placement when the user named none (no `device_map`, no `onload_device` of the
+    SGLPConfig `config`, which may be None for commands without one): with a
+    GPU, the model goes there (accelerate's "auto" map: GPUs first, then CPU memory), or under
+    sequential onloading each block runs on the first GPU; without one, the CPU. Returns the run
+    settings, the SGLPConfig and a line saying where the run goes and how to move it."""
+    if run.get("device_map") is not None or getattr(config, "onload_device", None) is not None:
+        return run, config, ""
+    if n_gpus == 0:
+        return run, config, "Running on the CPU (no GPU found)."
+    if getattr(config, "offload", "none") == "sequential":
+        rest = "the embeddings and head on cuda:0 too" if run.get("blocks_on_disk") else "the rest of the model in CPU memory"
+        return run, config.replace(onload_device="cuda:0"), (
+            f"A GPU is present: each block runs on cuda:0, {rest}; pass --onload-device cpu to stay on the CPU."
+        )
+    return {**run, "device_map": "auto"}, config, (
+        "A GPU is present: the model is placed with --device-map auto (GPUs first, then CPU memory); "
+        "pass --device-map cpu to stay on the CPU."
+    )
+
+
+def devices_used(model: nn.Module, config: Any) -> list[str]:
+    """The devices a run's weights sit on (an accelerate map's "disk" included) and, under
+    sequential onloading, the device the blocks run on."""
+    found = {str(p.device) for p in model.parameters() if p.device.type != "meta"}
+    found |= {str(d) if not isinstance(d, int) else f"cuda:{d}" for d in (getattr(model, "hf_device_map", None) or {}).values()}
+    if config.offload == "sequential":
+        found.add(str(config.onload_device or model.get_input_embeddings().weight.device))
+    return sorted(found)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where token ids must go: the device of the input embeddings (first device of a map), or
+    for embeddings that accelerate offloads, the device they run on."""
+    embeddings = model.get_input_embeddings()
+    # one table, or several (one per codebook, e.g. MusicGen)
+    device = next(embeddings.parameters()).device
+    if device.type == "meta":
+        device = torch.device(getattr(getattr(embeddings, "_hf_hook", None), "execution_device", "cpu"))
+    return device

@@ -1,0 +1,240 @@
+"""The causal-LM loss from a final hidden state, a chunk of positions at a time.
+
+A model's head (final norm, lm_head, logit softcapping) turns the last block's output into
+vocabulary logits: for LLaMA-3 (128k tokens) or Gemma-3 (262k) a float32 tensor of the whole batch
+is gigabytes, more than a decoder block. Here the model's own forward runs with every block
+stubbed out (the last one hands over the stored final hidden state) and `logits_to_keep` selecting
+a chunk of positions, so at most `max_logits_bytes` of float32 logits exist at a time, and the
+number is the model's own loss (softcapping and all), summed over chunks.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..model.blocks import text_config
+from .capture import StopForward, block_input, block_output, stubbed_blocks
+from .loss import causal_lm_loss, check_finite
+
+# at most this many bytes of float32 logits per chunk of positions
+MAX_LOGITS_BYTES = 256 * 2**20
+
+
+@contextmanager
+def final_hidden_state(layers: nn.ModuleList, final: torch.Tensor, returns_tuple: bool) -> Iterator[None]:
+    """Run the model's own head on `final`: every block is a stub that passes its input on, the
+    last one hands `final` instead."""
+
+    def pass_through(index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
+        hidden = block_input(args, kwargs)
+        if index == len(layers) - 1:
+            hidden = final.to(hidden.device)
+        return (hidden,) if returns_tuple else hidden
+
+    with stubbed_blocks(layers, pass_through):
+        yield
+
+
+def chunk_positions(model: nn.Module, batch_size: int, max_logits_bytes: int | None = None) -> int | None:
+    """How many positions of a batch one chunk holds (None: all of them, for a model whose forward
+    cannot select positions); `max_logits_bytes` defaults to MAX_LOGITS_BYTES."""
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return None
+    max_logits_bytes = MAX_LOGITS_BYTES if max_logits_bytes is None else max_logits_bytes
+    vocab = getattr(text_config(model), "vocab_size", None) or model.get_output_embeddings().weight.shape[0]
+    return max(1, max_logits_bytes // (batch_size * vocab * 4))
+
+
+def _head_logits(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    batch: dict[str, torch.Tensor],
+    final: torch.Tensor,
+    returns_tuple: bool,
+    max_logits_bytes: int | None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The head's logits on `final` a chunk of positions at a time: (positions, logits
+    [batch, len(positions), vocab]) for every position that predicts a next token."""
+    input_ids = batch["input_ids"]
+    n_positions = input_ids.shape[1] - 1  # the last position predicts nothing
+    chunk = chunk_positions(model, input_ids.shape[0], max_logits_bytes) or n_positions
+    with final_hidden_state(layers, final, returns_tuple):
+        for start in range(0, n_positions, chunk):
+            positions = torch.arange(start, min(start + chunk, n_positions), device=input_ids.device)
+            kwargs = {"logits_to_keep": positions} if chunk < n_positions else {}
+            logits = model(input_ids=input_ids, attention_mask=batch.get("attention_mask"), use_cache=False, **kwargs).logits
+            yield positions, logits[:, :n_positions] if not kwargs else logits
+
+
+def _predicted(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Which positions of `batch` predict a (non-padding) next token: [batch, length - 1]."""
+    mask = batch.get("attention_mask")
+    targets = batch["input_ids"][:, 1:]
+    return torch.ones_like(targets, dtype=torch.bool) if mask is None else mask[:, 1:].bool()
+
+
+def head_nll(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    batch: dict[str, torch.Tensor],
+    final: torch.Tensor,
+    returns_tuple: bool,
+    *,
+    max_logits_bytes: int | None = None,
+    backward: bool = False,
+) -> tuple[torch.Tensor, int]:
+    """The summed next-token NLL of `batch`'s predicted (non-padding) tokens and their count, the
+    head run on the final hidden state `final` (with `layers`, the blocks as the model calls
+    them). With `backward`, the gradient of the mean NLL goes back into `final` chunk by chunk, so
+    no two chunks' logits are alive at once; the sum is returned detached."""
+    targets = batch["input_ids"][:, 1:]
+    valid = _predicted(batch)
+    count = int(valid.sum())
+    total = None
+    for positions, logits in _head_logits(model, layers, batch, final, returns_tuple, max_logits_bytes):
+        nll = nn.functional.cross_entropy(
+            logits.float().transpose(1, 2), targets[:, positions].to(logits.device), reduction="none"
+        )
+        part = nll[valid[:, positions].to(nll.device)].sum()
+        if backward:
+            (part / count).backward()
+            part = part.detach()
+        total = part if total is None else total + part.to(total.device)
+    return total, count
+
+
+@dataclass
+class ReferenceDistribution:
+    """The original model's next-token distribution on one batch, kept small: at each predicted
+    position its `k` most likely tokens' log-probabilities and the log of the rest's mass.
+
+    The KL divergence from it to a pruned model's distribution, both coarsened to those k tokens
+    and one "any other token" class, is never more than the full KL (coarsening loses
+    information) and equals it when k is the vocabulary size."""
+
+    token_ids: torch.Tensor  # [rows, k] int64: the top tokens of every predicted position, flattened
+    log_probs: torch.Tensor  # [rows, k] float32
+    rest_log_mass: torch.Tensor  # [rows] float32: log(1 - the top tokens' mass)
+
+    def rows(self, rows: slice | torch.Tensor, device: torch.device | None = None) -> "ReferenceDistribution":
+        """The distribution at some of its rows (a slice or an index tensor), on `device`."""
+        return ReferenceDistribution(*(t[rows].to(device) for t in (self.token_ids, self.log_probs, self.rest_log_mass)))
+
+
+def coarse_kl(reference: ReferenceDistribution, log_probs: torch.Tensor) -> torch.Tensor:
+    """The summed KL(reference ‖ log_probs) over rows, both coarsened to the reference's top
+    tokens and the rest: `log_probs` [rows, vocab] is another model's next-token log-probabilities
+    at the same positions (differentiable)."""
+    top, rest = _coarse_log_probs(log_probs, reference.token_ids.long())
+    p_top, p_rest = reference.log_probs, reference.rest_log_mass
+    return (p_top.exp() * (p_top - top)).sum() + (p_rest.exp() * (p_rest - rest)).sum()
+
+
+def _coarse_log_probs(log_probs: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`log_probs` [rows, vocab] coarsened to the classes `token_ids` [rows, k] and the rest:
+    (their log-probabilities [rows, k], the rest's log-mass [rows])."""
+    top = log_probs.gather(1, token_ids)
+    # log(1 - sum(exp(top))), kept finite when the top tokens hold (almost) all the mass
+    rest = torch.log1p(-torch.exp(torch.logsumexp(top, dim=1)).clamp(max=1 - 1e-7))
+    return top, rest
+
+
+def _predicted_log_probs(
+    model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Tensor], final: torch.Tensor,
+    returns_tuple: bool, max_logits_bytes: int | None,
+) -> Iterator[torch.Tensor]:
+    """The head's next-token log-probabilities on `final` at `batch`'s predicted (non-padding)
+    positions, a chunk at a time: [positions in the chunk, vocab], rows in batch-major order."""
+    valid = _predicted(batch)
+    for positions, logits in _head_logits(model, layers, batch, final, returns_tuple, max_logits_bytes):
+        yield torch.log_softmax(logits.float(), dim=-1)[valid[:, positions].to(logits.device)]
+
+
+def reference_distribution(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    batch: dict[str, torch.Tensor],
+    final: torch.Tensor,
+    returns_tuple: bool,
+    top_k: int,
+    *,
+    max_logits_bytes: int | None = None,
+) -> ReferenceDistribution:
+    """The `ReferenceDistribution` of the head on `final` (the original model's last block
+    output) at `batch`'s predicted positions, on the CPU."""
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for log_probs in _predicted_log_probs(model, layers, batch, final, returns_tuple, max_logits_bytes):
+        token_ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1).indices
+        top, rest = _coarse_log_probs(log_probs, token_ids)
+        parts.append((token_ids.cpu(), top.cpu(), rest.cpu()))
+    return ReferenceDistribution(*(torch.cat(column) for column in zip(*parts)))
+
+
+def head_kl(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    batch: dict[str, torch.Tensor],
+    final: torch.Tensor,
+    returns_tuple: bool,
+    reference: ReferenceDistribution,
+    *,
+    max_logits_bytes: int | None = None,
+) -> tuple[torch.Tensor, int]:
+    """The summed KL divergence KL(reference ‖ head on `final`) over `batch`'s predicted
+    positions and their count, both distributions coarsened to the reference's top tokens and
+    the rest (`ReferenceDistribution`)."""
+    total, row = None, 0
+    for log_probs in _predicted_log_probs(model, layers, batch, final, returns_tuple, max_logits_bytes):
+        rows = slice(row, row + log_probs.shape[0])
+        row = rows.stop
+        part = coarse_kl(reference.rows(rows, log_probs.device), log_probs)
+        total = part if total is None else total + part
+    return total, row
+
+
+def output_of(model: nn.Module, layer: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """`layer`'s output in the model's forward on `batch`, the forward stopped there (hooks
+    registered on it before run first), and whether the blocks return tuples."""
+
+    found: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        found.update(hidden=block_output(output), returns_tuple=isinstance(output, (tuple, list)))
+        raise StopForward
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        causal_lm_loss(model, batch)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    return found["hidden"], found["returns_tuple"]
+
+
+def head_gradient(
+    model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Tensor], final: torch.Tensor, returns_tuple: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean next-token loss on the final hidden state `final` (refused when not finite) and
+    its gradient there, taken a chunk of positions at a time."""
+
+    leaf = final.detach().requires_grad_()
+    total, count = head_nll(model, layers, batch, leaf, returns_tuple, backward=True)
+    return check_finite(total / count), leaf.grad
+
+
+def backward_through_head(
+    model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Tensor], final: torch.Tensor, returns_tuple: bool
+) -> torch.Tensor:
+    """Backpropagate the mean next-token loss from `final`, the last block's output with its
+    graph: the head's gradient (`head_gradient`), then one backward down the blocks. Returns
+    the loss."""
+    loss, gradient = head_gradient(model, layers, batch, final, returns_tuple)
+    final.backward(gradient)
+    return loss

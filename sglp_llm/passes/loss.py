@@ -1,0 +1,45 @@
+"""The model's own loss in a pass, the check that it is finite, and which parameters a backward
+may give gradients to: shared by the statistics pass, the loss check, verification and training."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token loss over non-padding tokens, without building a KV cache."""
+    input_ids = batch["input_ids"]
+    attention_mask = batch.get("attention_mask")
+    labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
+    return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss
+
+
+def check_finite(loss: torch.Tensor, what: str = "The calibration loss") -> torch.Tensor:
+    """`loss`, unless it is NaN or infinite (float16 overflow), which would silently corrupt
+    every score and choice made from it."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"{what} is {loss.item()}: the model overflows on this data. "
+            "Load it in float32 or bfloat16 instead of float16 (--dtype)."
+        )
+    return loss
+
+
+@contextmanager
+def grad_only_for(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Let only `params` collect gradients (saves the memory of embedding/head gradients)."""
+    wanted = {id(p) for p in params}
+    # by name: accelerate's offloading swaps in new Parameter objects at every forward
+    previous = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(previous.get(name, p.requires_grad))
+            p.grad = None

@@ -1,0 +1,230 @@
+"""SGLP's loss check: the blocks a segment gives up, chosen one removal at a time by the
+calibration loss of the network without them, among the candidates the gradient score ranks first.
+
+SLEB's criterion (the calibration NLL after a removal) restricted to SGLP's groups and to each
+group's lowest-scored blocks, with stale measurements reused as lower bounds (`loss_lazy`) and a
+candidate costing only the blocks after it (sglp_llm.selection.removal.RemovalLoss).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..config import ConfigError
+from ..data import first_samples, first_tokens, skip_samples, token_count
+from .removal import RemovalLoss, removal_loss
+from .registry import SelectionContext
+
+
+def loss_check(
+    context: SelectionContext, segments: list[list[int]], budgets: list[int]
+) -> tuple[list[int], dict[str, Any]]:
+    """Remove one block at a time; the candidates are the blocks of every segment that may still
+    give one up (`budgets`: the allocated drops, or each segment's capacity with
+    allocation="loss") — all of them with loss_candidates="all", else its `loss_candidates`
+    lowest-scored ones by the gradient score — and the one whose removal leaves the lowest
+    calibration NLL goes (ties: the shallower block).
+
+    With `loss_lazy`, a candidate's loss measured at an earlier step stands in as a lower bound
+    (removing more blocks rarely lowers the loss): only the candidate with the lowest bound is
+    measured again, until the lowest is a fresh measurement. That is the full search's choice
+    whenever the loss grows with the removed set, at a few forward passes per step instead of
+    one per candidate. `loss_bound` tightens the bound to the current loss plus what the
+    candidate's removal added when it was measured (a block's damage does not shrink as others
+    go): for every candidate ("marginal"), or only for those whose kept neighbours are still the
+    same ("local"; removing a block next to a candidate can make the candidate cheaper to lose).
+    A tighter bound re-measures fewer candidates after a removal that raised every loss.
+
+    With `loss_screen_samples` (0: off), the first step ranks every candidate on that many
+    calibration sequences only, and those estimates stand in as the earlier measurements: only the
+    candidates they make promising are measured on the loss batches. With `loss_screen: taylor`
+    the estimates are the loss plus each candidate's Taylor gate score instead: no forward at all.
+    With `compensation_aware` there is no screen: a removal is measured with its compensation.
+
+    With `loss_confirm` k > 1, the search only proposes: at each step its k best candidates are
+    measured fresh, and the one whose removal leaves the lowest loss on held-back tokens (the
+    `loss_tokens` calibration tokens after the search's, `held_back_batches`) goes, so a
+    candidate that only fits the search tokens' noise loses."""
+    config, scores = context.config, context.scores
+    batches = first_tokens(context.batches, config.loss_tokens)
+    removal = removal_loss(context.model, batches, config, config.loss_objective)
+    judge = removal_loss(context.model, held_back_batches(context), config, config.loss_objective) if config.loss_confirm > 1 else None
+    left = dict(enumerate(budgets))
+    steps: list[dict[str, Any]] = []
+    measured: dict[int, float] = {}  # block -> its loss when last measured
+    increase: dict[int, float] = {}  # block -> how much that raised the loss of the network then
+    neighbours: dict[int, tuple] = {}  # block -> its kept neighbours when last measured
+    current: float | None = None  # the loss of the network as pruned so far, once needed
+    tightened = config.loss_bound != "stale"
+    first: dict[int, float] = {}
+    with tqdm(total=context.n_drop, desc="SGLP loss check", disable=not context.progress) as bar:
+        for _ in range(context.n_drop):
+            candidates = [
+                block
+                for index, segment in enumerate(segments)
+                if left[index] > 0
+                for block in _shortlist(segment, scores, context.protected | set(removal.removed), config.loss_candidates)
+            ]
+            fresh: set[int] = set()
+
+            def record(block: int, loss: float) -> None:
+                measured[block] = loss
+                if tightened:
+                    increase[block] = loss - current
+                    neighbours[block] = removal.kept_neighbours(block)
+
+            def measure(block: int) -> None:
+                record(block, removal.measure(block))
+                fresh.add(block)
+
+            def bound(block: int) -> float:
+                if block in fresh or block not in increase:
+                    return measured[block]
+                if config.loss_bound == "local" and removal.kept_neighbours(block) != neighbours[block]:
+                    return measured[block]
+                return max(measured[block], current + increase[block])
+
+            screen = config.first_step_screen
+            if current is None and (tightened or screen):
+                current = removal.current()  # the unpruned network's loss, at the first step
+            if not steps and screen:
+                # the gate's first-order estimate costs nothing more: the statistics pass made it
+                first = {b: current + scores[b] for b in candidates} if screen == "taylor" else _screen(context, batches, candidates, current)
+                for block, estimate in first.items():
+                    record(block, estimate)
+            if not config.loss_lazy:
+                for block in candidates:
+                    measure(block)
+            width = config.loss_confirm if judge is not None else 1
+            while True:
+                # unmeasured candidates first: no bound yet; the `width` lowest must be fresh
+                finalists = sorted(candidates, key=lambda b: (b in measured, bound(b) if b in measured else 0.0, b))[:width]
+                stale = [b for b in finalists if b not in fresh]
+                if not stale:
+                    break
+                measure(stale[0])
+            finalists.sort(key=lambda b: (measured[b], b))
+            held_back: dict[int, float] = {}
+            if judge is not None:
+                held_back = {b: judge.measure(b) for b in finalists}
+                best = min(finalists, key=lambda b: (held_back[b], b))
+                judge.remove(best)
+            else:
+                best = finalists[0]
+            if not steps and not first:
+                first = dict(measured)
+            removal.remove(best)
+            current = measured[best]
+            left[next(i for i, s in enumerate(segments) if best in s)] -= 1
+            steps.append({"block": best, "loss": measured[best], "candidates": len(candidates), "measured": len(fresh),
+                          **({"held_back": {str(b): loss for b, loss in held_back.items()}} if held_back else {})})
+            bar.update()
+    # each block's loss when removed alone (screened: the estimate; None: not a first-step candidate)
+    removal_losses = [first.get(i) for i in range(len(scores))]
+    return sorted(removal.removed), {"steps": steps, "removal_losses": removal_losses}
+
+
+def _screen(
+    context: SelectionContext, batches: list[dict[str, Any]], candidates: list[int], loss: float
+) -> dict[int, float]:
+    """Each candidate's loss when removed alone, estimated on the first `loss_screen_samples`
+    sequences: the unpruned network's `loss` on the loss batches plus the increase on those."""
+    samples = first_samples(batches, context.config.loss_screen_samples)
+    screen = removal_loss(context.model, samples, context.config, context.config.loss_objective)
+    base = screen.current()
+    return {block: loss + screen.measure(block) - base for block in candidates}
+
+
+def _shortlist(segment: list[int], scores: list[float], excluded: set[int], size: int | str) -> list[int]:
+    """The loss check's candidates in a segment: its `size` lowest-scored blocks that may still
+    go, or all of them (in order) with size "all"."""
+    free = [i for i in segment if i not in excluded]
+    return free if size == "all" else sorted(free, key=lambda i: (scores[i], i))[:size]
+
+
+def held_back_batches(context: SelectionContext) -> list[dict[str, Any]]:
+    """The `loss_tokens` calibration tokens after the loss check's own: a search never sees them,
+    so they can judge what it proposes. Refused when the calibration has none left."""
+    config = context.config
+    held_back = _token_windows(context.batches, config.loss_tokens)[1]
+    if not held_back:
+        raise ConfigError(
+            f"Deciding on held-back tokens (loss_beam, loss_confirm) needs calibration tokens after the first "
+            f"loss_tokens={config.loss_tokens}, but those take every calibration sequence; give more calibration "
+            "text (--n-samples) or fewer --loss-tokens."
+        )
+    return held_back
+
+
+def sequences_read(config: Any, batches: list[dict[str, Any]]) -> int | None:
+    """How many leading calibration sequences the choice depends on: for a loss check over the
+    whole stack of every block (no groups, no gradient score), the search's and any held-back
+    tokens; None when the choice also reads statistics of every sequence. The same analysis on any
+    calibration that starts with those sequences makes the same choice."""
+    reads_only_losses = (
+        config.method == "sglp" and config.scoring == "loss" and not config.uses_groups
+        and config.loss_candidates == "all" and config.first_step_screen != "taylor" and not config.compensation_aware
+    )
+    if not reads_only_losses:
+        return None
+    search, held_back = _token_windows(batches, config.loss_tokens)
+    read = search + held_back if config.loss_confirm > 1 or config.loss_beam > 1 else search
+    return sum(len(b["input_ids"]) for b in read)
+
+
+def _token_windows(batches: list[dict[str, Any]], n_tokens: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The first sequences holding `n_tokens` tokens (the search's) and the next ones (held back)."""
+    search = first_tokens(batches, n_tokens)
+    return search, first_tokens(skip_samples(batches, sum(len(b["input_ids"]) for b in search)), n_tokens)
+
+
+def held_back_search(context: SelectionContext) -> tuple[list[int], dict[str, Any]]:
+    """Beam search of width `loss_beam` over removal sets by the loss on the loss tokens, the
+    final choice among the beam's last sets made on held-back tokens: the `loss_tokens`
+    calibration tokens that follow the loss tokens, which the search never saw. A set that only
+    fits the search tokens' noise loses there.
+
+    Each beam state keeps its own `RemovalLoss` (a candidate costs only the blocks after it);
+    sets reached twice are merged. Ties: the shallower set (in sorted order)."""
+    config = context.config
+    search_batches = first_tokens(context.batches, config.loss_tokens)
+    held_back = held_back_batches(context)
+    free = [b for b in range(len(context.scores)) if b not in context.protected]
+    first: dict[int, float] = {}  # each block's loss when removed alone
+    beam: list[tuple[tuple[int, ...], list[float], RemovalLoss]] = [((), [], removal_loss(context.model, search_batches, config, config.loss_objective))]
+    with tqdm(total=context.n_drop, desc="SGLP held-back beam", disable=not context.progress) as bar:
+        for _ in range(context.n_drop):
+            extended: dict[tuple[int, ...], tuple[tuple[int, ...], list[float], RemovalLoss]] = {}  # set -> best way there
+            for path, losses, removal in beam:
+                for block in free:
+                    if block in path:
+                        continue
+                    key = tuple(sorted(path + (block,)))
+                    loss = removal.measure(block)
+                    if not path:
+                        first[block] = loss
+                    if key not in extended or loss < extended[key][1][-1]:
+                        extended[key] = (path + (block,), losses + [loss], removal)
+            chosen = sorted(extended.values(), key=lambda state: (state[1][-1], sorted(state[0])))[: config.loss_beam]
+            beam = [(path, losses, parent.branch(path[-1])) for path, losses, parent in chosen]
+            bar.update()
+    judge = removal_loss(context.model, held_back, config, config.loss_objective)
+    finalists = [
+        {"dropped": sorted(path), "search_loss": losses[-1], "held_back_loss": judge.loss_without(path), "path": list(path), "losses": losses}
+        for path, losses, _ in beam
+    ]
+    best = min(finalists, key=lambda f: (f["held_back_loss"], f["dropped"]))
+    steps = [{"block": b, "loss": loss} for b, loss in zip(best["path"], best["losses"])]
+    record = {
+        "steps": steps,
+        "removal_losses": [first.get(i) for i in range(len(context.scores))],
+        "held_back": {
+            "beam": config.loss_beam,
+            "search_tokens": token_count(search_batches),
+            "held_back_tokens": token_count(held_back),
+            "finalists": [{k: v for k, v in f.items() if k not in ("path", "losses")} for f in finalists],
+        },
+    }
+    return best["dropped"], record

@@ -1,0 +1,311 @@
+"""The calibration loss of a network with some decoder blocks removed: what SLEB and SGLP's loss
+check rank candidate removals by.
+
+`calibration_nll` runs the whole network for every candidate, as SLEB's reference does.
+`RemovalLoss` serves a greedy search, where every candidate is "the current network minus one more
+block": up to that block nothing changes, so the current network's output there is kept from one
+forward and only the blocks after it run. Removing block i then costs the blocks after i and the
+head instead of a whole forward, and the number is the same, because the model's own forward
+(masks, position embeddings, final norm, head, loss) still runs around stubbed-out blocks.
+`BlockwiseRemovalLoss` is the same for a model run one block at a time (sequential onloading,
+blocks on disk): each pass goes block by block over all the loss batches, so a block is read once
+per pass. The head's loss is taken a chunk of positions at a time (sglp_llm.passes.head).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..model.blocks import find_decoder_blocks
+from ..passes.capture import block_output
+from ..recovery.compensate import Compensation, applied, fit_compensation, removed_runs
+from ..config import LOSS_OBJECTIVES
+from ..passes.distributed import all_reduce_state, shard
+from ..model.rewrite import skip_blocks
+from ..passes.head import ReferenceDistribution, head_kl, head_nll, output_of, reference_distribution
+from ..passes.loss import check_finite
+from ..passes.sequential import _record_calls
+from ..passes.capture import stubbed_blocks
+from ..model.offload import BLOCK_LOADER_ATTRIBUTE, BlockLoader, MoveBlocks, onloaded
+
+
+# the original model's distribution is kept at this many most likely tokens per position (and the
+# rest's mass) for the KL objective: 2048 tokens of a 262k vocabulary then take 25 MB, not 2 GB
+KL_TOP_K = 1024
+
+
+def _token_mean(summed: Iterable[tuple[float, int]], skipped: Sequence[int]) -> float:
+    """The mean loss per predicted token from per-batch (loss sum, count), summed over processes;
+    refused when not finite (float16 overflow)."""
+    total, n_tokens = 0.0, 0
+    for nll, count in summed:
+        total += nll
+        n_tokens += count
+    sums = all_reduce_state({"total": total, "n_tokens": n_tokens})
+    without = f" without blocks {sorted(skipped)}" if skipped else ""
+    return check_finite(torch.tensor(sums["total"] / sums["n_tokens"]), f"The calibration loss{without}").item()
+
+
+def network_nll(model: nn.Module, batch: dict[str, torch.Tensor], layers_path: str | None = None) -> tuple[float, int]:
+    """The summed next-token NLL of `batch`'s predicted tokens and their count: the blocks run in
+    the model's own forward, the head a chunk of positions at a time (sglp_llm.passes.head)."""
+    layers = find_decoder_blocks(model, layers_path).layers
+    final, returns_tuple = output_of(model, layers[-1], batch)
+    total, count = head_nll(model, layers, batch, final, returns_tuple)
+    return total.item(), count
+
+
+@torch.no_grad()
+def calibration_nll(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    skipped: Sequence[int],
+    layers_path: str | None = None,
+) -> float:
+    """Mean next-token NLL per predicted (non-padding) token over `batches`, with the `skipped`
+    blocks removed.
+
+    Under data parallelism each process runs its share of `batches` and the (NLL sum, count) sums
+    are reduced, so every process gets the same value and makes the same choice."""
+    with skip_blocks(model, skipped, layers_path=layers_path):
+        return _token_mean((network_nll(model, batch, layers_path) for batch in shard(batches)), skipped)
+
+
+class RemovalLoss:
+    """`calibration_nll(model, batches, removed + [block])` for the current `removed` set, reusing
+    the current network's hidden states: `measure(block)` runs only the blocks after `block`.
+
+    With `objective="kl"` the loss is not the NLL of the calibration text's next tokens but the
+    KL divergence from the original model's next-token distribution (kept at its `KL_TOP_K` most
+    likely tokens, `head.ReferenceDistribution`) to the pruned network's, per predicted token:
+    how much a removal changes what the model says, rather than how well it fits this text.
+
+    A kept output of block p stays valid while the removed blocks below p stay the same, so a
+    greedy step (`remove`) keeps the outputs below the new removal and drops the others, to be
+    recomputed from the nearest kept one when next needed (keeping every output on the way, so
+    candidates measured in any order share the work). Memory: at most one hidden state per batch
+    for each kept block."""
+
+    def __init__(
+        self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], layers_path: str | None = None,
+        objective: str = "nll",
+    ) -> None:
+        if objective not in LOSS_OBJECTIVES:
+            raise ValueError(f"objective={objective!r}; choose one of {LOSS_OBJECTIVES}")
+        self.model = model
+        self.batches = shard(batches)
+        self.layers_path = layers_path
+        self.num_blocks = len(find_decoder_blocks(model, layers_path).layers)
+        self.removed: list[int] = []
+        self.objective = objective
+        # kept block -> its raw output in the current network, for each batch
+        self._outputs: dict[int, list[Any]] = {}
+        # objective "kl": the original model's distribution on each batch, from its first pass
+        self._reference: list[ReferenceDistribution] | None = None
+
+    def _loss(self, index: int, layers: nn.ModuleList, final: torch.Tensor, returns_tuple: bool) -> tuple[float, int]:
+        """The summed loss of batch `index` from its final hidden state, and its count."""
+        batch = self.batches[index]
+        if self.objective == "nll":
+            total, count = head_nll(self.model, layers, batch, final, returns_tuple)
+            return total.item(), count
+        if len(self._reference) < len(self.batches):  # the original network's pass (`_references`)
+            self._reference.append(reference_distribution(self.model, layers, batch, final, returns_tuple, KL_TOP_K))
+            return 0.0, int(self._reference[-1].rest_log_mass.numel())
+        total, count = head_kl(self.model, layers, batch, final, returns_tuple, self._reference[index])
+        return total.item(), count
+
+    def _references(self) -> None:
+        """Objective "kl": before the first measurement, one pass of the original network takes
+        its distributions (and keeps its block outputs for the measurements)."""
+        if self.objective == "kl" and self._reference is None:
+            if self.removed:
+                raise RuntimeError("The KL objective's reference is the original network: measure before removing.")
+            self._reference = []
+            self._run([], None)
+
+    def branch(self, block: int) -> "RemovalLoss":
+        """A copy with `block` removed as well, for a search that follows several sets at once:
+        it shares the model, the batches, the reference and the outputs still valid."""
+        other = copy.copy(self)
+        other.removed = list(self.removed)
+        other.remove(block)
+        return other
+
+    def remove(self, block: int) -> None:
+        self.removed.append(block)
+        # outputs from this block on were computed with it in place
+        self._outputs = {p: outputs for p, outputs in self._outputs.items() if p < block}
+
+    def _previous_kept(self, block: int) -> int | None:
+        return max((i for i in range(block) if i not in self.removed), default=None)
+
+    def kept_neighbours(self, block: int) -> tuple[int | None, int | None]:
+        """The kept blocks just before and after `block` in the current network."""
+        after = min((i for i in range(block + 1, self.num_blocks) if i not in self.removed), default=None)
+        return self._previous_kept(block), after
+
+    def _nearest_kept_output(self, below: int) -> int | None:
+        return max((i for i in self._outputs if i < below), default=None)
+
+    @torch.no_grad()
+    def _run(self, skipped: list[int], start: int | None, stop: int | None = None, keep: bool = True) -> float | None:
+        """One pass of the network without `skipped` over the batches, blocks up to `start`
+        replaced by its kept output; the loss, or with `stop`, none: the pass ends after that
+        block. With `keep`, the outputs of the current network's blocks are kept as they run."""
+        kept = [i for i in range(self.num_blocks) if i not in skipped]
+        start_position = -1 if start is None else kept.index(start)
+        keeping = keep and sorted(skipped) == sorted(self.removed)
+        stored: dict[int, list[Any]] = {}
+        summed: list[tuple[float, int]] = []
+        batch_index = 0
+
+        def call(position: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if position <= start_position:
+                return self._outputs[start][batch_index]
+            output = block(*args, **kwargs)
+            if keeping:
+                stored.setdefault(kept[position], []).append(output)
+            return output
+
+        with skip_blocks(self.model, skipped, layers_path=self.layers_path):
+            layers = find_decoder_blocks(self.model, self.layers_path).layers
+            last = kept.index(stop) if stop is not None else len(kept) - 1
+            for batch_index, batch in enumerate(self.batches):
+                with stubbed_blocks(layers, call):
+                    final, returns_tuple = output_of(self.model, layers[last], batch)
+                if stop is None:
+                    summed.append(self._loss(batch_index, layers, final, returns_tuple))
+        self._outputs.update(stored)
+        return None if stop is not None else _token_mean(summed, skipped)
+
+    def loss_without(self, skipped: Sequence[int]) -> float:
+        """The calibration NLL of the whole network without the `skipped` blocks (one full pass,
+        as SLEB's reference measures every candidate)."""
+        self._references()
+        return self._run(sorted(skipped), None, keep=False)
+
+    def current(self) -> float:
+        """The calibration NLL of the current network, from its deepest kept output."""
+        self._references()
+        return self._run(list(self.removed), self._nearest_kept_output(self.num_blocks))
+
+    def measure(self, block: int) -> float:
+        """The calibration NLL of the current network without `block` as well."""
+        if block in self.removed:
+            raise ValueError(f"Block {block} is removed already.")
+        self._references()
+        previous = self._previous_kept(block)
+        if previous is not None and previous not in self._outputs:
+            self._run(list(self.removed), self._nearest_kept_output(previous), stop=previous)
+        return self._run(self.removed + [block], previous)
+
+
+class BlockwiseRemovalLoss(RemovalLoss):
+    """`RemovalLoss` with one block on `device` at a time: every block's call (masks, position
+    embeddings) is recorded once per batch from the model's own forward with stubbed blocks, and
+    a pass onloads each block it needs once, runs it on every batch and offloads it. The same
+    numbers as the in-memory pass, since the kept blocks see the calls they see there.
+
+    Memory: the current network's output of each kept block for every batch is kept on the CPU
+    (at most blocks × loss tokens × hidden size values, in the model's dtype), plus one block's
+    input per batch on `device` while a pass runs."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Sequence[dict[str, torch.Tensor]],
+        layers_path: str | None = None,
+        objective: str = "nll",
+        *,
+        device: str | torch.device | None = None,
+        loader: BlockLoader | None = None,
+    ) -> None:
+        super().__init__(model, batches, layers_path, objective)
+        self.layers = find_decoder_blocks(model, layers_path).layers
+        self.device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
+        self.loader = loader or getattr(model, BLOCK_LOADER_ATTRIBUTE, None) or MoveBlocks()
+        self._inputs: list[torch.Tensor] = []  # the first block's input for each batch
+        self._calls = []
+        for batch in self.batches:
+            first, calls = _record_calls(model, self.layers, batch, self.device)
+            self._inputs.append(first)
+            self._calls.append(calls)
+        self._returns_tuple = False
+
+    @torch.no_grad()
+    def _run(self, skipped: list[int], start: int | None, stop: int | None = None, keep: bool = True) -> float | None:
+        kept = [i for i in range(self.num_blocks) if i not in skipped]
+        keeping = keep and sorted(skipped) == sorted(self.removed)
+        hidden = list(self._inputs) if start is None else list(self._outputs[start])
+        begin = 0 if start is None else kept.index(start) + 1
+        end = len(kept) if stop is None else kept.index(stop) + 1
+        for index in kept[begin:end]:
+            block = self.layers[index]
+            with onloaded(self.loader, index, block, self.device):
+                for b, state in enumerate(hidden):
+                    output = self._calls[b][index].run(block, state.to(self.device))
+                    self._returns_tuple = isinstance(output, (tuple, list))
+                    hidden[b] = block_output(output)
+            if keeping:
+                self._outputs[index] = [state.cpu() for state in hidden]
+        if stop is not None:
+            return None
+        summed = [self._loss(b, self.layers, final.to(self.device), self._returns_tuple) for b, final in enumerate(hidden)]
+        return _token_mean(summed, skipped)
+
+
+class CompensatedRemovalLoss(RemovalLoss):
+    """`RemovalLoss` of the network with each removed run compensated (sglp_llm.recovery.compensate): a
+    removed set is measured with its maps fitted on the loss batches and applied, so the choice
+    sees what the compensated model will compute. Fitted on the original network, a run's map
+    depends on the run alone and is fitted once; run by run, every set is fitted again. Each
+    measurement is a whole forward: a map changes the block before its run, so no kept output
+    of the current network stays valid."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], layers_path: str | None,
+                 objective: str = "nll", *, method: str, ridge: float, fit_on: str) -> None:
+        super().__init__(model, batches, layers_path, objective)
+        self._unsharded = list(batches)  # the fit shards and reduces by itself
+        self._fit = dict(method=method, ridge=ridge, fit_on=fit_on, layers_path=layers_path)
+        self._runs: dict[tuple[int, int], Compensation] = {}  # fit_on="original": run -> its map
+
+    def compensation(self, skipped: Sequence[int]) -> Compensation:
+        if self._fit["fit_on"] == "pruned":
+            return fit_compensation(self.model, self._unsharded, skipped, **self._fit)
+        result = Compensation(self._fit["method"])
+        for a, b in removed_runs(skipped):
+            if (a, b) not in self._runs:
+                self._runs[a, b] = fit_compensation(self.model, self._unsharded, range(a, b + 1), **self._fit)
+            result.transforms.update(self._runs[a, b].transforms)
+            result.fits.update(self._runs[a, b].fits)
+        return result
+
+    def loss_without(self, skipped: Sequence[int]) -> float:
+        self._references()  # of the original network, uncompensated
+        with applied(self.model, self.compensation(skipped), self.layers_path):
+            return super().loss_without(skipped)
+
+    def current(self) -> float:
+        return self.loss_without(self.removed)
+
+    def measure(self, block: int) -> float:
+        if block in self.removed:
+            raise ValueError(f"Block {block} is removed already.")
+        return self.loss_without(self.removed + [block])
+
+
+def removal_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], config: Any, objective: str = "nll") -> RemovalLoss:
+    """The removal loss (`objective`) for how `config` (an SGLPConfig) runs `model`: with each candidate
+    compensated (`compensation_aware`); block by block under sequential onloading or with its
+    blocks on disk; else in the model's own forward."""
+    if config.compensation_aware:
+        return CompensatedRemovalLoss(model, batches, config.layers_path, objective, method=config.compensation,
+                                      ridge=config.compensation_ridge, fit_on=config.compensation_fit)
+    if config.offload == "sequential" or hasattr(model, BLOCK_LOADER_ATTRIBUTE):
+        return BlockwiseRemovalLoss(model, batches, config.layers_path, objective, device=config.onload_device)
+    return RemovalLoss(model, batches, config.layers_path, objective)
