@@ -1,0 +1,50 @@
+"""benchmarks/gpu_check.py's CPU part as a smoke test: on a machine without CUDA it runs the CPU
+reference, says it skips every CUDA check, and fails (exit 1) when a check fails."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_models import tiny_model, tiny_tokenizer
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", num_layers=6).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    text = folder / "text.txt"
+    text.write_text(" ".join(["the module returns a new object for each class and function"] * 100))
+    return folder, text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA checks would run: this is the CPU smoke test")
+def test_without_cuda_the_cpu_reference_runs_and_every_cuda_check_says_it_is_skipped(gpu_check, tiny, capsys):
+    folder, text = tiny
+    status = gpu_check.main(["--model", str(folder), "--dataset", str(text), "--n-samples", "4", "--seq-len", "16",
+                             "--ratio", "0.34"])
+    lines = capsys.readouterr().out.splitlines()
+    assert status == 0 and lines[0].startswith("device: no CUDA device")
+    assert lines[1].startswith("PASS cpu reference (float32)") and "drops [" in lines[1]
+    cuda_checks = [name for name, (needs_cuda, _) in gpu_check.CHECKS.items() if needs_cuda]
+    assert lines[2:] == [f"SKIP {name}: no CUDA device" for name in cuda_checks] and len(cuda_checks) == 6
+
+
+def test_a_failing_check_prints_why_and_exits_1(gpu_check, tmp_path, capsys):
+    status = gpu_check.main(["--model", str(tmp_path / "missing"), "--n-samples", "4", "--seq-len", "16"])
+    printed = capsys.readouterr().out
+    assert status == 1 and "FAIL cpu reference (float32)" in printed and "exit 2" in printed
