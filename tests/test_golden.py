@@ -19,8 +19,8 @@ from tiny_models import tiny_batch, tiny_model
 GOLDEN = Path(__file__).parent / "golden" / "outputs.json"
 CASES = {
     "default": ("llama", {"drop": 2}),
-    "sleb": ("qwen2", {"drop": 2, "method": "sleb"}),
-    "block-influence": ("gemma3_text", {"drop": 3, "method": "block-influence"}),
+    "sleb": ("qwen2", {"drop": 2, "method": "sleb", "sleb_batches": 1}),
+    "block-influence": ("gemma3_text", {"drop": 2, "method": "block-influence"}),
     "paper": ("mistral", {"drop": 2, "scoring": "block"}),
     "compensated": ("llama", {"drop": 2, "compensation": "least_squares"}),
 }
@@ -38,8 +38,8 @@ def _stable(value):
 
 def outputs(case: str, folder: Path) -> dict:
     family, settings = CASES[case]
-    model = tiny_model(family, num_layers=8, seed=3)
-    batches = [tiny_batch(batch_size=2, seq_len=12, seed=s) for s in range(3)]
+    model = tiny_model(family, num_layers=6, seed=3)
+    batches = [tiny_batch(batch_size=2, seq_len=10, seed=s) for s in range(2)]
     result = prune(model, batches, SGLPConfig(**settings, cka_minibatch_tokens=16, stability_check=False), progress=False)
     result.save_pretrained(folder)
     tensors = {}

@@ -44,7 +44,11 @@ def test_without_cuda_the_cpu_reference_runs_and_every_cuda_check_says_it_is_ski
     assert lines[2:] == [f"SKIP {name}: no CUDA device" for name in cuda_checks] and len(cuda_checks) == 6
 
 
-def test_a_failing_check_prints_why_and_exits_1(gpu_check, tmp_path, capsys):
-    status = gpu_check.main(["--model", str(tmp_path / "missing"), "--n-samples", "4", "--seq-len", "16"])
+def test_a_failing_check_prints_why_and_exits_1(gpu_check, monkeypatch, capsys):
+    def fails(*args):
+        raise gpu_check.CheckFailed("exit 2: sglp-llm: error: no such model")
+
+    monkeypatch.setattr(gpu_check, "_cli", fails)
+    status = gpu_check.main(["--model", "missing", "--n-samples", "4", "--seq-len", "16"])
     printed = capsys.readouterr().out
-    assert status == 1 and "FAIL cpu reference (float32)" in printed and "exit 2" in printed
+    assert status == 1 and "FAIL cpu reference (float32)" in printed and "exit 2: sglp-llm: error: no such model" in printed
