@@ -7,12 +7,15 @@ block-by-block passes (sglp_llm.passes.sequential) run each block between `onloa
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
+from safetensors.torch import save_file
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .blocks import find_decoder_blocks
@@ -113,6 +116,7 @@ class SafetensorsBlocks:
         self.files = weight_files(Path(directory))
         self.layers_path = layers_path
         self._skeleton: dict[int, dict[str, torch.Tensor]] = {}
+        self._scratch: tempfile.TemporaryDirectory | None = None
 
     def onload(self, index: int, block: nn.Module, device: torch.device) -> None:
         prefix = f"{self.layers_path}.{index}."
@@ -132,6 +136,22 @@ class SafetensorsBlocks:
     def offload(self, index: int, block: nn.Module) -> None:
         for name, skeleton in self._skeleton.pop(index).items():
             _swap_tensor(block, name, skeleton)
+
+    def replace_block(self, index: int, block: nn.Module) -> Callable[[], None]:
+        """From now on read block `index` as `block` holds it (e.g. after training it): its weights
+        go to a scratch checkpoint that lives as long as this loader, which the loader and the
+        writing of the pruned model (it copies each tensor from `files`) then read. Returns the
+        undo, which reads the original checkpoint again."""
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="sglp-replaced-blocks-")
+        prefix = f"{self.layers_path}.{index}."
+        tensors = {prefix + name: t.detach().cpu().contiguous() for name, t in block.state_dict().items()
+                   if prefix + name in self.files}
+        file = Path(self._scratch.name) / f"block-{index}-{len(os.listdir(self._scratch.name))}.safetensors"
+        save_file(tensors, file)
+        old = {name: self.files[name] for name in tensors}
+        self.files.update({name: file for name in tensors})
+        return lambda: self.files.update(old)
 
 
 def _refuse_unloaded(block: nn.Module, args: tuple) -> None:

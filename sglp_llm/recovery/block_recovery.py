@@ -21,10 +21,8 @@ of the batches and the gradients are averaged, so every process trains the same 
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -144,24 +142,6 @@ def _kept_in_memory(recovery: BlockRecovery, block: nn.Module) -> None:
     recovery._undo.append(lambda: block.load_state_dict(state))
 
 
-def _kept_on_disk(recovery: BlockRecovery, loader: SafetensorsBlocks, index: int, block: nn.Module) -> None:
-    """Write block `index`'s trained weights to a scratch checkpoint that lives as long as the
-    loader, and make the loader (and the saving of the model, which copies each tensor from the
-    loader's files) read them from there."""
-    from safetensors.torch import save_file
-
-    if not hasattr(loader, "scratch"):
-        loader.scratch = tempfile.TemporaryDirectory(prefix="sglp-recovered-")
-    prefix = f"{loader.layers_path}.{index}."
-    tensors = {prefix + name: t.detach().cpu().contiguous() for name, t in block.state_dict().items()
-               if prefix + name in loader.files}
-    file = Path(loader.scratch.name) / f"block-{index}.safetensors"
-    save_file(tensors, file)
-    old = {name: loader.files[name] for name in tensors}
-    loader.files.update({name: file for name in tensors})
-    recovery._undo.append(lambda: loader.files.update(old))
-
-
 def recover_blocks(
     model: nn.Module,
     batches: Sequence[dict[str, torch.Tensor]],
@@ -220,7 +200,7 @@ def recover_blocks(
                 with torch.no_grad():
                     pruned = [block_output(c.run(layers[k], x)) for c, x in zip(own, inputs.pop(k))]
                 if isinstance(loader, SafetensorsBlocks):
-                    _kept_on_disk(recovery, loader, k, layers[k])
+                    recovery._undo.append(loader.replace_block(k, layers[k]))
             start = 0 if k == first_kept else k + 1
             recovery.trained[k] = {
                 "stands_in_for": [b for b in range(start, index + 1) if b in removed],
