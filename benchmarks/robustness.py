@@ -60,6 +60,8 @@ METHODS = {
     # topics), or half the windows from each of it and the docstrings, alternating
     "default-reference": {CALIBRATION: ["python-reference"]},
     "default-mixed": {CALIBRATION: ["docstrings", "python-reference"]},
+    # the reference's signal needs more than the loss check's 8 windows: every calibration token
+    "reference-all-tokens": {CALIBRATION: ["python-reference"], "loss_tokens": 10**9},
     "block-influence": {"method": "block-influence"},
     "angular": {"method": "angular"},
     "sleb": SLEB,
