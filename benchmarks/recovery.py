@@ -37,6 +37,7 @@ ROWS = {
     "KD LoRA": (False, {}),
     "KD + hidden states": (False, {"hidden_weight": 1.0}),
     "KD LoRA at lr 1e-3": (False, {"learning_rate": 1e-3}),
+    "next-token LoRA at lr 1e-3": (False, {"teacher": "none", "learning_rate": 1e-3}),
     "block-local": (True, None),
     "block-local + next-token LoRA": (True, {"teacher": "none"}),
     "block-local + KD LoRA": (True, {}),
