@@ -53,8 +53,9 @@ class Checks:
 
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
         self.work = work
-        self.common = [*(["--model", args.model] if args.model else []), "--n-samples", str(args.n_samples),
-                       "--seq-len", str(args.seq_len), *(["--dataset", args.dataset] if args.dataset else [])]
+        self.sample = ["--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len)]
+        self.common = [*(["--model", args.model] if args.model else []), *self.sample,
+                       *(["--dataset", args.dataset] if args.dataset else [])]
         self.ratio = str(args.ratio)
         self.heal_steps = str(args.heal_steps)
         self.cpu_choice: list[int] | None = None
@@ -92,22 +93,22 @@ class Checks:
         _cli("analyze", *self.common, "--ratio", self.ratio, "--dtype", "bfloat16", "--device-map", "auto", "--report", str(report))
         return f"drops {_dropped(report)}"
 
-    def sequential_from_disk(self) -> str:
-        folder = self.work / "pruned-float32"
+    def _pruned(self, dtype: str) -> Path:
+        """The folder an earlier check pruned in `dtype`, which a later check starts from."""
+        folder = self.work / f"pruned-{dtype}"
         if not folder.is_dir():
-            raise CheckFailed("needs the float32 prune's folder (its check failed)")
+            raise CheckFailed(f"needs the {dtype} prune's folder (its check failed)")
+        return folder
+
+    def sequential_from_disk(self) -> str:
         report = self.work / "disk.json"
-        _cli("analyze", "--model", str(folder), "--drop", "1", "--n-samples", self.common[self.common.index("--n-samples") + 1],
-             "--seq-len", self.common[self.common.index("--seq-len") + 1], "--offload", "sequential", "--blocks-on-disk",
-             "--onload-device", "cuda:0", "--report", str(report))
+        _cli("analyze", "--model", str(self._pruned("float32")), "--drop", "1", *self.sample, "--offload", "sequential",
+             "--blocks-on-disk", "--onload-device", "cuda:0", "--report", str(report))
         return f"drops {_dropped(report)} of the pruned model, one block on cuda:0 at a time"
 
     def short_heal(self) -> str:
-        folder = self.work / "pruned-bfloat16"
-        if not folder.is_dir():
-            raise CheckFailed("needs the bfloat16 prune's folder (its check failed)")
         out = self.work / "healed"
-        _cli("heal", str(folder), "--steps", self.heal_steps, "--merge", "--output", str(out))
+        _cli("heal", str(self._pruned("bfloat16")), "--steps", self.heal_steps, "--merge", "--output", str(out))
         healing = json.loads((out / "heal_report.json").read_text())
         return f"{self.heal_steps} steps, loss {healing['loss']['first']:.3f} -> {healing['loss']['last']:.3f}"
 
