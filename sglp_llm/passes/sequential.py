@@ -59,6 +59,10 @@ class _BlockCall:
             return cls(args[1:], kwargs, True)
         return cls((), {k: v for k, v in kwargs.items() if k != "hidden_states"}, False)
 
+    def on(self, device: torch.device, moved: dict[int, Any]) -> "_BlockCall":
+        """This call with its tensors on `device` (`moved`: tensors already moved, shared by calls)."""
+        return _BlockCall(_move(self.args, device, moved), _move(self.kwargs, device, moved), self.positional)
+
     def run(self, block: nn.Module, hidden: torch.Tensor) -> Any:
         if self.positional:
             return block(hidden, *self.args, **self.kwargs)
@@ -97,23 +101,16 @@ def _record_calls(
         )
     moved: dict[int, Any] = {}
     first = block_input(calls[0][1], calls[0][2]).detach().cpu()
-    recorded = [_BlockCall.record(args, kwargs) for _, args, kwargs in calls]
-    return first, [
-        _BlockCall(_move(call.args, device, moved), _move(call.kwargs, device, moved), call.positional)
-        for call in recorded
-    ]
+    return first, [_BlockCall.record(args, kwargs).on(device, moved) for _, args, kwargs in calls]
 
 
 def _refuse_if_first_block_carries_state(model: nn.Module, block: nn.Module, call: tuple[int, tuple, dict], device: torch.device) -> None:
     """Run the first block on its recorded call and refuse the family (by name, with the reason)
     if it returns a state beside the hidden states, which no stand-in can give."""
     _, args, kwargs = call
-    recorded = _BlockCall.record(args, kwargs)
-    moved: dict[int, Any] = {}
     loader = getattr(model, BLOCK_LOADER_ATTRIBUTE, None) or MoveBlocks()
     with torch.no_grad(), onloaded(loader, 0, block, device):
-        output = _BlockCall(_move(recorded.args, device, moved), _move(recorded.kwargs, device, moved), recorded.positional).run(
-            block, block_input(args, kwargs).to(device))
+        output = _BlockCall.record(args, kwargs).on(device, {}).run(block, block_input(args, kwargs).to(device))
     refuse_carried_state(model, output)
 
 
