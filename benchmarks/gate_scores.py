@@ -76,7 +76,7 @@ def main() -> None:
     ):
         config = SGLPConfig(drop=1, **CALIBRATION, **settings)
         calibration = prepare_calibration(None, tokenizer, config)
-        stats = collect_block_statistics(model, blocks, calibration, config, 1, progress=False)
+        stats = collect_block_statistics(model, calibration, config, 1, progress=False)
         timings[name] = stats.seconds
         measured.update(stats.gradient_scores)
         if config.method == "block-influence":

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .model.blocks import DecoderBlocks, find_decoder_blocks, text_config
+from .model.blocks import text_config
+from .model.handle import ModelHandle
 from .passes.capture import BlockObserver, capture_blocks
 from .passes.checkpoint import StatisticsCheckpoint, fingerprint
 from .statistics.cka import MinibatchCKA
@@ -30,7 +31,6 @@ from .recovery.block_recovery import BlockRecovery, recover_blocks
 from .recovery.compensate import Compensation, applied, fit_compensation, fold
 from .config import ConfigError, SGLPConfig
 from .data import CalibrationSet, prepare_calibration
-from .model.devices import activation_checkpointing, devices_used, input_device
 from .passes.head import backward_through_head, output_of
 from .selection.loss_check import sequences_read
 from .explain import chosen_by, stages
@@ -39,11 +39,11 @@ from .plan import PruningPlan
 from .output import verify
 from .model.rewrite import SGLP_CONFIG_KEY, removing_blocks
 from .statistics.score import BlockGradNorms, GateScores
-from .passes.loss import grad_only_for
+from .passes.loss import activation_checkpointing, grad_only_for
 from .stability import choice_stability
 from .selection.registry import SelectionContext, selector_for
 from .passes.sequential import sequential_pass
-from .model.offload import BLOCK_LOADER_ATTRIBUTE, MoveBlocks
+from .model.offload import BLOCK_LOADER_ATTRIBUTE
 
 
 @dataclass
@@ -116,8 +116,7 @@ class _AtIndices:
 
 
 def collect_block_statistics(
-    model: nn.Module,
-    blocks: DecoderBlocks,
+    model: nn.Module | ModelHandle,
     calibration: CalibrationSet,
     config: SGLPConfig,
     n_drop: int,
@@ -131,9 +130,12 @@ def collect_block_statistics(
     Under data parallelism (sglp_llm.passes.distributed) each process runs its share of the batches and
     the sums are reduced; with `config.checkpoint_dir` the sums are saved as the pass goes and a
     rerun resumes from them (sglp_llm.passes.checkpoint). Either way the statistics are those of one
-    uninterrupted single-process pass."""
+    uninterrupted single-process pass. The blocks run as the handle runs them: one at a time
+    (sglp_llm.passes.sequential), or in the model's own forward with hooks on them."""
     started = time.perf_counter()
-    num_blocks = len(blocks.layers)
+    handle = ModelHandle.for_config(model, config)
+    model, layers = handle.model, handle.layers
+    num_blocks = len(layers)
     cka = MinibatchCKA(
         num_blocks,
         minibatch_tokens=config.cka_minibatch_tokens,
@@ -146,14 +148,14 @@ def collect_block_statistics(
     score = observer(num_blocks, n_drop) if observer is not None else None
     backward = _gradient_pass(config)
     gates = GateScores(num_blocks) if backward is not None else None
-    grads = BlockGradNorms.for_blocks(blocks.layers) if backward == "gradnorm" else None
+    grads = BlockGradNorms.for_blocks(layers) if backward == "gradnorm" else None
     accumulators = {"cka": cka, "score": score, "gates": gates, "grads": grads}
     accumulators = {name: a for name, a in accumulators.items() if a is not None}
     batches = calibration.batches
     store = None
     if config.checkpoint_dir is not None:
         key = statistics_key(config, n_drop)
-        store = StatisticsCheckpoint(config.checkpoint_dir, key, fingerprint(key, batches, model, blocks.layers))
+        store = StatisticsCheckpoint(config.checkpoint_dir, key, fingerprint(key, batches, handle))
     # the main process holds the sums saved so far; the others add theirs at the end
     done = store.resume(accumulators, load_sums=is_main_process()) if store is not None else 0
     # under data parallelism, batch i of those left goes to process i % world_size
@@ -172,27 +174,26 @@ def collect_block_statistics(
         if store is not None and is_main_process():
             store.save(batches_done, state)
 
-    device = input_device(model)
+    device = handle.input_device
     with eval_mode(model):
-        if config.offload == "sequential":
+        if handle.blockwise:
             if todo:
                 sequential_pass(
-                    model, blocks.layers, [batches[i] for i in todo], observers, grads, gates,
-                    device=config.onload_device, hidden_states=config.hidden_states,
-                    hidden_states_dir=config.hidden_states_dir, progress=progress,
+                    handle, [batches[i] for i in todo], observers, grads, gates,
+                    hidden_states=config.hidden_states, hidden_states_dir=config.hidden_states_dir, progress=progress,
                 )
         else:
             with ExitStack() as stack:
-                stack.enter_context(capture_blocks(blocks.layers, feed))
+                stack.enter_context(capture_blocks(layers, feed))
                 if gates is None:  # no loss needed: the forward stops after the last block
                     stack.enter_context(torch.no_grad())
                 else:
                     stack.enter_context(grad_only_for(model, grads.parameters() if grads is not None else ()))
-                    stack.enter_context(gates.hooks(blocks.layers))
+                    stack.enter_context(gates.hooks(layers))
                     if grads is not None:
                         stack.enter_context(grads.hooks())
                     if config.gradient_checkpointing:
-                        stack.enter_context(activation_checkpointing(model, blocks.layers))
+                        stack.enter_context(activation_checkpointing(handle))
                 # one round: batches start .. start + world - 1, one per process
                 for start in tqdm(range(done, len(batches), world), desc="SGLP calibration", disable=not progress):
                     if start + me < len(batches):
@@ -202,11 +203,11 @@ def collect_block_statistics(
                             observer.start_batch(mask)
                         if gates is not None:
                             gates.start_batch(mask)
-                        final, returns_tuple = output_of(model, blocks.layers[-1], batch)
+                        final, returns_tuple = output_of(model, layers[-1], batch)
                         for observer in observers:
                             observer.finish_batch()
                         if gates is not None:
-                            backward_through_head(model, blocks.layers, batch, final, returns_tuple)
+                            backward_through_head(handle, batch, final, returns_tuple)
                         if grads is not None:
                             grads.end_batch()
                         if gates is not None:
@@ -238,7 +239,7 @@ def _protected(num_blocks: int, config: SGLPConfig) -> set[int]:
 
 
 def analyze(
-    model: nn.Module,
+    model: nn.Module | ModelHandle,
     calibration: Any = None,
     config: SGLPConfig | None = None,
     *,
@@ -258,7 +259,7 @@ def analyze(
 
 
 def _analyze(
-    model: nn.Module, calibration: Any, config: SGLPConfig | None, tokenizer: Any, progress: bool,
+    model: nn.Module | ModelHandle, calibration: Any, config: SGLPConfig | None, tokenizer: Any, progress: bool,
     statistics_cache: dict | None,
 ) -> tuple[PruningPlan, CalibrationSet]:
     """`analyze`, also returning the calibration set (whose tokens `prune` verifies on)."""
@@ -266,7 +267,8 @@ def _analyze(
         raise ConfigError("Pass an SGLPConfig, e.g. SGLPConfig(drop=4) or SGLPConfig(ratio=0.25).")
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    blocks = find_decoder_blocks(model, config.layers_path)
+    handle = ModelHandle.for_config(model, config)
+    model, blocks = handle.model, handle.blocks
     num_blocks = len(blocks.layers)
     n_drop = config.resolve_drop(num_blocks)
     protected = _protected(num_blocks, config)
@@ -274,7 +276,7 @@ def _analyze(
     # a family the rewrite cannot handle is refused before the long work (once per model)
     if config.verify and cache.setdefault(("preflight", blocks.path), None) is None:
         t = time.perf_counter()
-        verify.preflight(model, config.to_dict(), config.layers_path)
+        verify.preflight(handle, seed=config.seed)
         cache[("preflight", blocks.path)] = timings["preflight_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -287,15 +289,14 @@ def _analyze(
     key = statistics_key(config, n_drop)
     reused = key in cache
     if not reused:
-        cache[key] = collect_block_statistics(model, blocks, calibration, config, n_drop, progress=progress)
+        cache[key] = collect_block_statistics(handle, calibration, config, n_drop, progress=progress)
     stats = cache[key]
     timings["statistics_s"] = stats.seconds
     reused_seconds = stats.seconds if reused else 0.0
 
-    device = input_device(model)
     context = SelectionContext(
-        model=model,
-        batches=[to_device(b, device) for b in calibration.batches],
+        handle=handle,
+        batches=[to_device(b, handle.input_device) for b in calibration.batches],
         cka=stats.cka,
         # SGLP's gradient score, else the baseline's (one pass serves every gradient score)
         scores=stats.gradient_scores.get(config.gradient_score, stats.scores.tolist()),
@@ -307,7 +308,7 @@ def _analyze(
         cache_key=key,
     )
     extra: dict[str, Any] = {"protected": sorted(protected), "statistics_reused": reused,
-                             "devices": devices_used(model, config)}
+                             "devices": handle.devices_used()}
     if config.cka_skip_sinks:
         extra["cka_sinks_left_out"] = stats.n_sinks
     if config.method == "sglp" and stats.gradient_scores:
@@ -353,7 +354,7 @@ def _analyze(
         preflighted = {k: v for k, v in cache.items() if k[0] == "preflight"}
         plan.extra["stability"] = choice_stability(
             calibration, plan.dropped,
-            lambda half: _analyze(model, half, halves, tokenizer, False, dict(preflighted))[0].dropped,
+            lambda half: _analyze(handle, half, halves, tokenizer, False, dict(preflighted))[0].dropped,
             sequences_read(config, calibration.batches),
         )
         if "seconds" in plan.extra["stability"]:
@@ -397,21 +398,18 @@ class PruneResult:
             return push_folder(folder, repo_id, private=private, token=token)
 
 
-def fit_plan_compensation(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], plan: PruningPlan,
+def fit_plan_compensation(model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]], plan: PruningPlan,
                           method: str) -> Compensation:
     """Compensation `method` for the plan's dropped blocks, fitted on the calibration batches with
     the plan's settings (ridge, fit, sequential onloading)."""
-    device = input_device(model)
-    sequential = plan.config.get("offload") == "sequential"
+    handle = ModelHandle.for_plan(model, plan)
     return fit_compensation(
-        model, [to_device(b, device) for b in batches], plan.dropped, method=method,
-        layers_path=plan.layers_path, ridge=plan.config.get("compensation_ridge", 0.0),
-        fit_on=plan.config.get("compensation_fit", "original"),
-        **({"device": plan.config.get("onload_device") or device, "loader": MoveBlocks()} if sequential else {}),
+        handle, [to_device(b, handle.input_device) for b in batches], plan.dropped, method=method,
+        ridge=plan.config.get("compensation_ridge", 0.0), fit_on=plan.config.get("compensation_fit", "original"),
     )
 
 
-def _compensation(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]] | None, plan: PruningPlan) -> Compensation | None:
+def _compensation(handle: ModelHandle, batches: Sequence[dict[str, torch.Tensor]] | None, plan: PruningPlan) -> Compensation | None:
     """The plan's compensation fitted on the calibration batches (None when off), recorded in
     the plan: where each T goes and how well it fits."""
     method = plan.config.get("compensation", "none")
@@ -419,12 +417,12 @@ def _compensation(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]] |
         return None
     if batches is None:
         raise ConfigError("Compensation is fitted on calibration text: pass the calibration data with the plan.")
-    compensation = fit_plan_compensation(model, batches, plan, method)
+    compensation = fit_plan_compensation(handle, batches, plan, method)
     plan.extra["compensation"] = {"method": method, "folded": {str(p): fit for p, fit in compensation.fits.items()}}
     return compensation
 
 
-def _recovery(model: nn.Module, calibration: Any, tokenizer: Any, plan: PruningPlan, progress: bool) -> BlockRecovery | None:
+def _recovery(handle: ModelHandle, calibration: Any, tokenizer: Any, plan: PruningPlan, progress: bool) -> BlockRecovery | None:
     """The plan's block-local recovery (None when off), trained in place, one block at a time as
     the plan's offloading runs them, and recorded in the plan. Its windows come from the
     calibration source, recover_steps × batch_size of them so that each step reads new text
@@ -436,14 +434,10 @@ def _recovery(model: nn.Module, calibration: Any, tokenizer: Any, plan: PruningP
     with warnings.catch_warnings():  # less text than that is cycled through, as the report says
         warnings.filterwarnings("ignore", message="The calibration text has", category=UserWarning)
         windows = prepare_calibration(calibration, tokenizer, settings.replace(n_samples=wanted),
-                                      max_positions=getattr(text_config(model), "max_position_embeddings", None))
-    device = input_device(model)
-    loader = getattr(model, BLOCK_LOADER_ATTRIBUTE, None)
-    one_at_a_time = loader is not None or settings.offload == "sequential"
+                                      max_positions=getattr(text_config(handle.model), "max_position_embeddings", None))
     recovery = recover_blocks(
-        model, [to_device(b, device) for b in windows.batches], plan.dropped, steps=settings.recover_steps,
-        learning_rate=settings.recover_learning_rate, layers_path=plan.layers_path, progress=progress,
-        **({"device": settings.onload_device or device, "loader": loader or MoveBlocks()} if one_at_a_time else {}),
+        handle, [to_device(b, handle.input_device) for b in windows.batches], plan.dropped,
+        steps=settings.recover_steps, learning_rate=settings.recover_learning_rate, progress=progress,
     )
     plan.extra["recovery"] = {**recovery.record(), "text": windows.source, "windows": windows.n_samples,
                               "passes": wanted / windows.n_samples}
@@ -478,7 +472,8 @@ def prune(
     elif calibration is not None:
         settings = SGLPConfig.from_dict(plan.config)
         batches = prepare_calibration(calibration, tokenizer, settings).batches
-    num_blocks = len(find_decoder_blocks(model, plan.layers_path).layers)
+    handle = ModelHandle.for_plan(model, plan)
+    num_blocks = len(handle.layers)
     if num_blocks != plan.num_blocks:
         raise ConfigError(
             f"This plan was made for a model with {plan.num_blocks} blocks, but this model has "
@@ -486,21 +481,21 @@ def prune(
         )
     params_before = count_parameters(model)
     base_model = plan.model_name or getattr(model, "name_or_path", None)
-    compensation = _compensation(model, batches, plan)
-    recovery = _recovery(model, calibration, tokenizer, plan, progress)
+    compensation = _compensation(handle, batches, plan)
+    recovery = _recovery(handle, calibration, tokenizer, plan, progress)
     restore = recovery.restore if recovery else (lambda: None)
     reference = None
     if plan.config.get("verify", True):
         probe = verify.make_probe(model, batches, seed=plan.config.get("seed", 0))
         # the original with the dropped blocks skipped and, compensated, T applied explicitly;
         # recovered, with the trained blocks' weights in place
-        with applied(model, compensation, plan.layers_path) if compensation else nullcontext():
-            reference = verify.reference_outputs(model, plan.dropped, probe, plan.config, plan.layers_path)
-    unfold = fold(model, compensation, plan.layers_path) if compensation else (lambda: None)
-    undo = removing_blocks(model, plan.dropped, layers_path=plan.layers_path)
+        with applied(handle, compensation) if compensation else nullcontext():
+            reference = verify.reference_outputs(handle, plan.dropped, probe)
+    unfold = fold(handle, compensation) if compensation else (lambda: None)
+    undo = removing_blocks(handle, plan.dropped)
     if reference is not None:
         try:
-            verify.check(reference, model, verify.PRUNED, indices=plan.kept, device=plan.config.get("onload_device"))
+            verify.check(reference, handle, verify.PRUNED, indices=plan.kept)
         except BaseException:
             undo()
             unfold()

@@ -27,9 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .api import analyze, count_parameters, fit_plan_compensation
-from .model.devices import input_device
 from .recovery.compensate import fold
-from .model.blocks import find_decoder_blocks
+from .model.handle import ModelHandle
 from . import data
 from .config import COMPENSATIONS, METHODS, ConfigError, SGLPConfig
 from .data import FORTUNES, CalibrationSet, prepare_calibration
@@ -244,7 +243,8 @@ def compare(
     to save it), and `resume` (an earlier, possibly partial comparison of the same setup) keeps
     its dense reference and runs instead of measuring them again.
     """
-    num_blocks = len(find_decoder_blocks(model, config.layers_path).layers)
+    handle = ModelHandle.for_config(model, config)
+    num_blocks = len(handle.layers)
     contenders = _contenders(config, methods, variants or {})
     compensations = list(dict.fromkeys(compensations or [config.compensation]))
     unknown = [c for c in compensations if c not in COMPENSATIONS]
@@ -296,7 +296,7 @@ def compare(
             calibration={**earlier_calibration, **{name: _calibration_source(cfg, calibrations) for name, cfg in contenders.items()}},
             evaluation={"source": eval_description, "n_texts": len(texts), "n_tokens": dense["n_tokens"]},
             speed={"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
-                   "device": str(input_device(model))},
+                   "device": str(handle.input_device)},
             dense=dense,
             # runs of `resume` not reached yet stay in every intermediate save
             runs=results + [r for key, r in done.items() if key not in {(x["method"], x["drop"]) for x in results}],
@@ -316,21 +316,20 @@ def compare(
         if key not in calibrations:
             calibrations[key] = prepare_calibration(None, tokenizer, cfg)
         plan = analyze(
-            model, calibrations[key], cfg, tokenizer=tokenizer, progress=False, statistics_cache=statistics
+            handle, calibrations[key], cfg, tokenizer=tokenizer, progress=False, statistics_cache=statistics
         )
         for compensation in todo:
             unfold, started = None, time.perf_counter()
             if compensation != "none":
                 try:
-                    unfold = fold(model, fit_plan_compensation(model, calibrations[key].batches, plan, compensation),
-                                  plan.layers_path)
+                    unfold = fold(handle, fit_plan_compensation(handle, calibrations[key].batches, plan, compensation))
                 except ConfigError as error:
                     refused[names[compensation]] = str(error)
                     bar.update()
                     continue
             compensation_s = time.perf_counter() - started
             try:
-                with skip_blocks(model, plan.dropped, layers_path=plan.layers_path):
+                with skip_blocks(handle, plan.dropped):
                     measured = measure()
             finally:
                 if unfold is not None:

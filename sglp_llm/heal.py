@@ -26,12 +26,13 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .model.blocks import find_decoder_blocks, text_config
+from .model.blocks import text_config
+from .model.handle import ModelHandle
 from .config import ConfigError, SettingsFile
 from .data import build_batches, load_texts
-from .model.devices import activation_checkpointing, input_device
 from .recovery.distill import TEACHER_TARGETS_NAME, DistillationTerms, TeacherBeside, TeacherCache, TeacherError, check_teacher, kept_original_indices, write_teacher_cache
 from .passes.distributed import is_main_process, world_size
+from .passes.loss import activation_checkpointing
 from .model.loading import ModelLoadError, load_blocks_on_disk, load_model
 from .evaluation.evaluate import card_metrics, perplexity_on_source, warn_if_not_held_out
 from .output.modelcard import describe_objective, render_healed_card
@@ -199,10 +200,10 @@ def _peft():
     return peft
 
 
-def lora_targets(model: nn.Module, config: HealConfig) -> tuple[str, list[str]]:
+def lora_targets(model: nn.Module | ModelHandle, config: HealConfig) -> tuple[str, list[str]]:
     """(peft `target_modules` regex, layer names): the chosen Linear layers of the decoder blocks
     only, so that e.g. `lm_head` is never adapted whatever the names."""
-    blocks = find_decoder_blocks(model, config.layers_path)
+    blocks = ModelHandle.of(model, layers_path=config.layers_path).blocks
     available = sorted({
         name.rsplit(".", 1)[-1] for name, module in blocks.layers.named_modules() if isinstance(module, LORA_LAYERS)
     })
@@ -260,12 +261,13 @@ def heal(
     config = config or HealConfig()
     peft = _peft()
     _check_resumable(config)
-    pattern, names = lora_targets(model, config)
+    student = ModelHandle.of(model, layers_path=config.layers_path)
+    pattern, names = lora_targets(student, config)
     batches, source, n_windows = training_batches(model, tokenizer, config)
     warn_if_not_held_out(config, config.eval_dataset, config_name=config.eval_dataset_config, split=config.eval_split)
     with tempfile.TemporaryDirectory(prefix="sglp-teacher-") as scratch:
         # the teacher is checked (and any cache written) before anything is trained
-        objective, teacher_record = _objective(model, tokenizer, config, batches, teacher, teacher_tokenizer,
+        objective, teacher_record = _objective(student, tokenizer, config, batches, teacher, teacher_tokenizer,
                                                teacher_kwargs or {}, Path(scratch), progress)
         before = _held_out_perplexity(model, tokenizer, config, progress)
 
@@ -282,9 +284,8 @@ def heal(
             warnings.simplefilter("ignore", FutureWarning)
             wrapped = peft.get_peft_model(model, lora)
         trainable, total = wrapped.get_nb_trainable_parameters()
-        base = wrapped.get_base_model()
-        checkpointing = (
-            activation_checkpointing(base, find_decoder_blocks(base, config.layers_path).layers)
+        checkpointing = (  # peft adapts the blocks in place: the student's handle still holds them
+            activation_checkpointing(student)
             if config.gradient_checkpointing
             else contextlib.nullcontext()
         )
@@ -314,11 +315,12 @@ def heal(
 
 
 def _objective(
-    model: nn.Module, tokenizer: Any, config: HealConfig, batches: list[dict], teacher: nn.Module | None,
+    student: ModelHandle, tokenizer: Any, config: HealConfig, batches: list[dict], teacher: nn.Module | None,
     teacher_tokenizer: Any, teacher_kwargs: dict[str, Any], scratch: Path, progress: bool,
 ) -> tuple[Any, dict[str, Any]]:
     """The training objective and what the report says about it: distillation from the teacher
     (loaded here if named, its targets cached in `scratch` with teacher_top_k), or next-token."""
+    model = student.model
     lineage = getattr(text_config(model), SGLP_CONFIG_KEY, None) or {}
     name = getattr(teacher, "name_or_path", None) or "the model passed in"
     if config.teacher == "none":  # whatever teacher is at hand
@@ -330,10 +332,10 @@ def _objective(
                 "name": "next-token",
                 "why": "teacher: auto, and the model records no source to distil from (pass --teacher PATH|HUB_ID)",
             }
-        _check_teacher_fits(model, lineage, config)
+        _check_teacher_fits(student, lineage, config)
         try:
             if config.teacher_blocks_on_disk:
-                loaded = load_blocks_on_disk(wanted, dtype=teacher_kwargs.get("dtype", "auto"), device=input_device(model))
+                loaded = load_blocks_on_disk(wanted, dtype=teacher_kwargs.get("dtype", "auto"), device=student.input_device)
             else:
                 loaded = load_model(wanted, **teacher_kwargs)
         except (ModelLoadError, OSError, ValueError) as error:
@@ -344,10 +346,10 @@ def _objective(
             ) from error
         teacher, teacher_tokenizer, name = loaded.model, loaded.tokenizer, wanted
     check_teacher(model, teacher.get_output_embeddings().weight.shape[0], teacher_tokenizer, tokenizer)
-    num_blocks = len(find_decoder_blocks(model, config.layers_path).layers)
+    num_blocks = len(student.layers)
     kept = kept_original_indices(model, num_blocks)
     if config.hidden_weight:
-        teacher_blocks = len(find_decoder_blocks(teacher).layers)
+        teacher_blocks = len(ModelHandle.of(teacher).layers)
         if teacher_blocks != lineage.get("original_num_hidden_layers", num_blocks):
             raise TeacherError(
                 f"The hidden-state term matches each kept block with the teacher's at its original index, but the "
@@ -387,16 +389,16 @@ def _check_resumable(config: HealConfig) -> None:
     config.save_pretrained(folder)
 
 
-def _check_teacher_fits(model: nn.Module, lineage: dict[str, Any], config: HealConfig) -> None:
+def _check_teacher_fits(student: ModelHandle, lineage: dict[str, Any], config: HealConfig) -> None:
     """Refuse, before loading it, a teacher that will not fit beside the student: its size is
     the student's plus the dropped blocks' (estimated from the student's mean block)."""
     if config.teacher_top_k is not None:
         return
-    blocks = find_decoder_blocks(model, config.layers_path).layers
-    student = sum(p.numel() * p.element_size() for p in model.parameters())
+    blocks = student.layers
+    size = sum(p.numel() * p.element_size() for p in student.model.parameters())
     per_block = sum(p.numel() * p.element_size() for p in blocks.parameters()) / max(len(blocks), 1)
-    teacher = student + per_block * len(lineage.get("dropped_layers", []))
-    device = input_device(model)
+    teacher = size + per_block * len(lineage.get("dropped_layers", []))
+    device = student.input_device
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
     if teacher > free:
         raise TeacherError(
@@ -467,11 +469,11 @@ def save_healed(
             (Path(staged) / README_NAME).unlink(missing_ok=True)  # the folder's card describes it
         merged = result.merge()
         # the merged weights, reloaded from the folder, must compute what the model in memory does
-        reference = verify.reference_outputs(merged, [], verify.make_probe(merged, None, seed=result.config.seed), {},
-                                             result.config.layers_path)
+        reference = verify.reference_outputs(ModelHandle.of(merged, layers_path=result.config.layers_path), [],
+                                             verify.make_probe(merged, None, seed=result.config.seed))
 
         def check_reloaded(folder: Path) -> None:
-            verify.check_saved(reference, folder, merged, {})
+            verify.check_saved(reference, folder, merged)
             report["verification"] = verify.summary(reference)
 
         def write_extra(folder: Path) -> None:

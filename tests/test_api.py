@@ -369,12 +369,11 @@ def test_the_statistics_pass_runs_the_head_only_for_a_gradient_score():
     model = tiny_model("gemma3_text", num_layers=6)
     heads = []
     model.lm_head.register_forward_hook(lambda *args: heads.append(1))
-    blocks = find_decoder_blocks(model)
     calibration = CalibrationSet(batches=_batches(), n_tokens=3 * 4 * 16, source="test", n_samples=12, seq_len=16)
     stats = {}
     for scoring in ("loss", "block"):
         heads.clear()
-        stats[scoring] = collect_block_statistics(model, blocks, calibration, SGLPConfig(drop=2, scoring=scoring, **CONFIG), 2, progress=False)
+        stats[scoring] = collect_block_statistics(model, calibration, SGLPConfig(drop=2, scoring=scoring, **CONFIG), 2, progress=False)
         assert len(heads) == (3 if scoring == "block" else 0)
     torch.testing.assert_close(stats["loss"].cka, stats["block"].cka, rtol=1e-6, atol=1e-9)
     assert not stats["loss"].gradient_scores and set(stats["block"].gradient_scores) == {"taylor", "fisher", "gradnorm"}

@@ -15,7 +15,8 @@ from sglp_llm import ConfigError, SGLPConfig, prune
 from sglp_llm.recovery.block_recovery import recover_blocks, token_relative_error, trained_blocks
 from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.model.rewrite import skip_blocks
-from sglp_llm.model.offload import MoveBlocks, load_with_blocks_on_disk
+from sglp_llm.model.handle import ModelHandle
+from sglp_llm.model.offload import load_with_blocks_on_disk
 from tiny_models import tiny_batch, tiny_model
 
 
@@ -74,8 +75,8 @@ def test_one_block_at_a_time_trains_the_same_weights():
     model = tiny_model("llama", num_layers=6)
     sequential = copy.deepcopy(model)
     recover_blocks(model, _batches(2), [0, 3], steps=5, learning_rate=1e-3, progress=False)
-    recover_blocks(sequential, _batches(2), [0, 3], steps=5, learning_rate=1e-3, progress=False,
-                   device="cpu", loader=MoveBlocks())
+    one_at_a_time = ModelHandle.of(sequential, offload="sequential", onload_device="cpu")
+    recover_blocks(one_at_a_time, _batches(2), [0, 3], steps=5, learning_rate=1e-3, progress=False)
     for (name, x), (_, y) in zip(model.state_dict().items(), sequential.state_dict().items()):
         torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-7, msg=name)
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sglp_llm.cli import build_parser, main
-from tiny_models import tiny_batch, tiny_model, tiny_tokenizer
+from tiny_models import save_tiny_model, tiny_batch, tiny_tokenizer
 
 FAST = ["--seq-len", "16", "--n-samples", "8", "--batch-size", "4", "--cka-minibatch-tokens", "16", "--no-progress"]
 
@@ -18,8 +18,7 @@ FAST = ["--seq-len", "16", "--n-samples", "8", "--batch-size", "4", "--cka-minib
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", num_layers=8).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    save_tiny_model(path, "llama", num_layers=8)
     return path
 
 

@@ -14,8 +14,9 @@ from sglp_llm import ConfigError, SGLPConfig, analyze
 from sglp_llm.api import collect_block_statistics
 from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.data import prepare_calibration
-from sglp_llm.model.devices import activation_checkpointing, parse_device_map, parse_max_memory
-from tiny_models import tiny_batch, tiny_model
+from sglp_llm.model.devices import parse_device_map, parse_max_memory
+from sglp_llm.passes.loss import activation_checkpointing
+from tiny_models import save_tiny_model, tiny_batch, tiny_model
 
 CONFIG = dict(cka_minibatch_tokens=16, seq_len=16, n_samples=8, batch_size=4)
 # some blocks in memory, others (and the embeddings and head) read from disk at every forward
@@ -32,18 +33,15 @@ def _batches(n=2):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from tiny_models import tiny_tokenizer
-
     path = tmp_path_factory.mktemp("tiny-llama-6")
-    tiny_model("llama", num_layers=6).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    save_tiny_model(path, "llama", num_layers=6)
     return path
 
 
 def _statistics(model, config, batches):
     blocks = find_decoder_blocks(model)
     calibration = prepare_calibration(batches, None, config)
-    return collect_block_statistics(model, blocks, calibration, config, config.resolve_drop(len(blocks.layers)), progress=False)
+    return collect_block_statistics(model, calibration, config, config.resolve_drop(len(blocks.layers)), progress=False)
 
 
 def test_device_map_and_max_memory_values_parse():
@@ -144,7 +142,7 @@ def test_gradient_checkpointing_gives_the_same_statistics_and_is_undone():
 def test_gradient_checkpointing_keeps_a_model_that_had_it_on():
     model = tiny_model("llama", num_layers=4)
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    with activation_checkpointing(model, find_decoder_blocks(model).layers):
+    with activation_checkpointing(model):
         pass
     assert all(layer.gradient_checkpointing for layer in find_decoder_blocks(model).layers)
 

@@ -19,7 +19,7 @@ from sglp_llm.model.offload import load_with_blocks_on_disk
 from sglp_llm.model.rewrite import removing_blocks
 from sglp_llm.recovery.training import DistillationObjective, WindowDataset
 from test_heal import pruned_dir  # noqa: F401  (the fixture)
-from tiny_models import VOCAB, tiny_batch, tiny_model, tiny_tokenizer
+from tiny_models import VOCAB, save_tiny_model, tiny_batch, tiny_model, tiny_tokenizer
 
 PRUNE_FAST = ["--seq-len", "16", "--n-samples", "8", "--batch-size", "4", "--cka-minibatch-tokens", "16", "--no-progress",
               "--no-stability-check"]
@@ -173,8 +173,7 @@ def test_heal_distils_from_the_model_the_pruned_one_was_made_from(pruned, tmp_pa
 def test_bad_teachers_are_refused_and_nothing_is_written(pruned, tmp_path, capsys, monkeypatch):
     dense, folder = pruned
     other = tmp_path / "other-vocab"
-    tiny_model("llama", num_layers=8, vocab_size=VOCAB + 8).save_pretrained(other)
-    tiny_tokenizer().save_pretrained(other)
+    save_tiny_model(other, "llama", num_layers=8, vocab_size=VOCAB + 8)
     cases = [
         (["--teacher", str(other)], f"The teacher predicts {VOCAB + 8} tokens and the student {VOCAB}"),
         (["--teacher", str(tmp_path / "missing")], "cannot be loaded"),
@@ -202,8 +201,7 @@ def test_bad_teachers_are_refused_and_nothing_is_written(pruned, tmp_path, capsy
 
 def test_a_recorded_source_that_is_gone_is_refused(tmp_path, capsys):
     dense = tmp_path / "dense"
-    tiny_model("llama", num_layers=6).save_pretrained(dense)
-    tiny_tokenizer().save_pretrained(dense)
+    save_tiny_model(dense, "llama", num_layers=6)
     folder = tmp_path / "pruned"
     assert main(["prune", "--model", str(dense), "--drop", "2", "--output", str(folder), *PRUNE_FAST]) == 0
     import shutil

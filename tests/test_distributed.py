@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sglp_llm.passes.distributed import all_reduce_state, is_main_process, shard, world_size
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import save_tiny_model, tiny_model
 
 HERE = Path(__file__).parent
 WORKLOAD = HERE / "data_parallel_run.py"
@@ -85,8 +85,7 @@ def test_two_processes_recover_the_single_process_blocks(tmp_path):
 
 def test_two_processes_reach_the_single_process_plan(tmp_path):
     model_dir, text_file = tmp_path / "model", tmp_path / "calib.txt"
-    tiny_model("llama", num_layers=6).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    save_tiny_model(model_dir, "llama", num_layers=6)
     text_file.write_text(" ".join(["the module returns a new object for each class and function"] * 100))
     done = _launch(tmp_path, WORKLOAD, str(model_dir), str(text_file))[1]  # the launched run
     single, launched = tmp_path / "single", tmp_path / "launched"

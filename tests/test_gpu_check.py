@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import save_tiny_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
@@ -25,8 +25,7 @@ def gpu_check():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", num_layers=6).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    save_tiny_model(folder, "llama", num_layers=6)
     text = folder / "text.txt"
     text.write_text(" ".join(["the module returns a new object for each class and function"] * 100))
     return folder, text

@@ -36,7 +36,7 @@ def test_chunked_loss_equals_the_models_own_loss_and_keeps_chunks_within_the_bud
     handle = model.lm_head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
     try:
         with torch.no_grad():
-            total, count = head_nll(model, layers, batch, final, returns_tuple, max_logits_bytes=budget)
+            total, count = head_nll(model, batch, final, returns_tuple, max_logits_bytes=budget)
     finally:
         handle.remove()
     assert count == 3 * 16 - 5
@@ -53,10 +53,10 @@ def test_chunked_backward_gives_the_gradient_of_the_full_loss():
     batch = tiny_batch(batch_size=2, seq_len=13, pad_last=3)
     layers, final, returns_tuple = _final(model, batch)
     reference = final.detach().clone().requires_grad_()
-    total, count = head_nll(model, layers, batch, reference, returns_tuple)
+    total, count = head_nll(model, batch, reference, returns_tuple)
     (total / count).backward()
     chunked = final.detach().clone().requires_grad_()
-    summed, same_count = head_nll(model, layers, batch, chunked, returns_tuple, max_logits_bytes=2 * 3 * VOCAB * 4,
+    summed, same_count = head_nll(model, batch, chunked, returns_tuple, max_logits_bytes=2 * 3 * VOCAB * 4,
                                   backward=True)
     assert same_count == count and not summed.requires_grad
     torch.testing.assert_close(chunked.grad, reference.grad, rtol=1e-5, atol=1e-7)
@@ -78,7 +78,7 @@ def test_backward_through_the_chunked_head_equals_the_full_loss_backward(monkeyp
     shapes = []
     handle = model.lm_head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
     final, returns_tuple = output_of(model, layers[-1], batch)
-    loss = backward_through_head(model, layers, batch, final, returns_tuple)
+    loss = backward_through_head(model, batch, final, returns_tuple)
     handle.remove()
     assert shapes == [(2, 3, VOCAB)] * 3 + [(2, 1, VOCAB)]  # 10 predicting positions, 3 at a time
     with torch.no_grad():

@@ -15,7 +15,7 @@ from sglp_llm.cli import main
 from sglp_llm.evaluation.evaluate import perplexity_on_source
 from sglp_llm.heal import ADAPTER_DIR, HealError, heal, lora_targets
 from sglp_llm.model.loading import ModelLoadError, packaged_gguf_path
-from tiny_models import tiny_batch, tiny_model, tiny_tokenizer
+from tiny_models import save_tiny_model, tiny_batch, tiny_model, tiny_tokenizer
 
 pytest.importorskip("peft")
 
@@ -40,8 +40,7 @@ def _ppl(model, tokenizer) -> float:
 def pruned_dir(tmp_path_factory):
     """A tiny LLaMA pruned from 8 to 5 blocks by `sglp-llm prune`."""
     dense = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", num_layers=8).save_pretrained(dense)
-    tiny_tokenizer().save_pretrained(dense)
+    save_tiny_model(dense, "llama", num_layers=8)
     out = tmp_path_factory.mktemp("runs") / "pruned"
     assert main(["prune", "--model", str(dense), "--drop", "3", "--output", str(out), *PRUNE_FAST]) == 0
     return out
@@ -139,8 +138,7 @@ def test_adapter_only_output(pruned_dir, tmp_path, capsys):
 
 def test_prune_with_heal_saves_one_merged_model(pruned_dir, tmp_path, capsys):
     dense = tmp_path / "dense"
-    tiny_model("llama", num_layers=8).save_pretrained(dense)
-    tiny_tokenizer().save_pretrained(dense)
+    save_tiny_model(dense, "llama", num_layers=8)
     out = tmp_path / "pruned-healed"
     heal = ["--heal", "--heal-steps", "3", "--heal-seq-len", "32", "--heal-eval-max-texts", "2"]
     assert main(["prune", "--model", str(dense), "--drop", "3", "--output", str(out), *PRUNE_FAST, *heal]) == 0

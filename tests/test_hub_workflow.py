@@ -14,7 +14,7 @@ from huggingface_hub.hf_api import RepoUrl
 from sglp_llm.cli import main
 from sglp_llm.evaluation.evaluate import EVAL_TEXT
 from sglp_llm.output.modelcard import render_healed_card
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import save_tiny_model
 
 pytest.importorskip("peft")
 
@@ -54,8 +54,7 @@ def hub(monkeypatch):
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", num_layers=8).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    save_tiny_model(path, "llama", num_layers=8)
     return path
 
 

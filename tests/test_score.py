@@ -159,13 +159,12 @@ def test_taylor_score_is_the_finite_difference_of_the_loss_in_the_gate():
 
 
 def test_gate_scores_under_activation_checkpointing_count_each_block_once():
-    from sglp_llm.model.devices import activation_checkpointing
+    from sglp_llm.passes.loss import activation_checkpointing
 
     model = tiny_model("qwen2", num_layers=4)
     batches = [tiny_batch(batch_size=2, seq_len=12, seed=5, pad_last=2)]
     plain = gate_scores_of(model, batches)
-    layers = find_decoder_blocks(model).layers
-    with activation_checkpointing(model, layers):
+    with activation_checkpointing(model):
         checkpointed = gate_scores_of(model, batches)
     for name in ("taylor", "fisher"):
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-9)

@@ -258,7 +258,7 @@ def test_blocks_that_return_tuples():
                 loss.backward()
                 plain_grads.end_batch()
     cka, grads, gates = MinibatchCKA(4, minibatch_tokens=16), BlockGradNorms.for_blocks(model.layers), GateScores(4)
-    assert sequential_pass(model, model.layers, batches, [cka], grads, gates, progress=False) == len(batches)
+    assert sequential_pass(model, batches, [cka], grads, gates, progress=False) == len(batches)
     torch.testing.assert_close(cka.compute(), plain_cka.compute(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grads.compute(), plain_grads.compute(), rtol=1e-4, atol=0)
     for name, value in gates.compute().items():

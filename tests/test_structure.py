@@ -143,3 +143,38 @@ def test_the_checks_catch_a_planted_cycle_and_an_upward_import(tmp_path):
     assert upward_imports(graph) == ["passes.run -> selection"]
     with pytest.raises(AssertionError, match="in no layer"):
         layer_of("somewhere_new")
+
+
+# what the model's handle (sglp_llm.model.handle) carries: no function takes one of these beside a
+# model (a model object: a parameter of one of these names not annotated as a name or path)
+HANDLE_FIELDS = {"layers_path", "onload_device", "loader", "layers"}
+MODEL_PARAMETERS = {"model", "teacher", "student"}
+# where a model's blocks are found and its handle is made, from a model and those settings
+WHERE_HANDLES_ARE_MADE = {"model.blocks.find_decoder_blocks", "model.handle.of"}
+
+
+def loose_handle_arguments(package: Path = PACKAGE) -> list[str]:
+    """Functions that take a model and, beside it, something its handle already knows."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                arguments = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+                models = {a.arg for a in arguments if a.arg in MODEL_PARAMETERS
+                          and not (a.annotation is not None and ast.unparse(a.annotation).startswith("str"))}
+                loose = sorted({a.arg for a in arguments} & HANDLE_FIELDS)
+                name = f"{_module_name(path, package)}.{node.name}"
+                if models and loose and name not in WHERE_HANDLES_ARE_MADE:
+                    found.append(f"{name}({', '.join(loose)})")
+    return found
+
+
+def test_no_function_takes_a_model_beside_what_its_handle_knows():
+    assert loose_handle_arguments() == []
+
+
+def test_the_loose_argument_check_catches_one(tmp_path):
+    (tmp_path / "run.py").write_text("def run(model, batches, *, layers_path=None):\n    pass\n"
+                                     "def fine(handle, batches):\n    pass\n"
+                                     "def load(model: str, *, layers_path=None):\n    pass\n")
+    assert loose_handle_arguments(tmp_path) == ["run.run(layers_path)"]

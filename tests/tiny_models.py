@@ -57,6 +57,13 @@ def tiny_model(model_type: str = "llama", num_layers: int = 8, seed: int = 0, **
     return model.eval()
 
 
+def save_tiny_model(folder, model_type: str = "llama", num_layers: int = 8, **overrides):
+    """A tiny model and its tokenizer saved in `folder`, as a user's local checkpoint is."""
+    tiny_model(model_type, num_layers=num_layers, **overrides).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def tiny_batch(batch_size: int = 2, seq_len: int = 12, seed: int = 0, pad_last: int = 0):
     """Random token ids; the last `pad_last` positions of the last row are right padding."""
     generator = torch.Generator().manual_seed(seed)

@@ -35,9 +35,13 @@ class DecoderBlocks:
     path: str
     parent: nn.Module
     attribute: str
-    layers: nn.ModuleList
     config: object  # the (text) config that owns the block count
     count_field: str = "num_hidden_layers"  # the config field holding the block count
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The list as it is now: a rewrite or a skip puts another in its place."""
+        return getattr(self.parent, self.attribute)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -131,5 +135,5 @@ def find_decoder_blocks(model: nn.Module, layers_path: str | None = None) -> Dec
     parent_path, _, attribute = path.rpartition(".")
     parent = _resolve(model, parent_path) if parent_path else model
     return DecoderBlocks(
-        path=path, parent=parent, attribute=attribute, layers=layers, config=config, count_field=count_field
+        path=path, parent=parent, attribute=attribute, config=config, count_field=count_field
     )

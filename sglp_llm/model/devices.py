@@ -9,9 +9,8 @@ parameter gradients (see `score.BlockGradNorms`, which also finds offloaded weig
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,42 +88,6 @@ def parse_max_memory(value: str | dict | None) -> dict | None:
     }
 
 
-@contextmanager
-def activation_checkpointing(model: nn.Module, layers: Sequence[nn.Module]) -> Iterator[None]:
-    """Hugging Face (non-reentrant) activation checkpointing of the decoder blocks for the
-    statistics backward, so block activations are recomputed rather than kept; the model's
-    previous state is restored.
-
-    transformers checkpoints a block only in training mode, so the blocks themselves (not their
-    submodules: dropout stays off) are put in training mode meanwhile. Checkpointing wraps the
-    blocks' `forward`, so the capture hooks do not fire again during the recomputation (and the
-    observers ignore calls outside a batch anyway).
-    """
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ConfigError(
-            f"{type(model).__name__} does not support gradient checkpointing; run without "
-            "--gradient-checkpointing (gradient_checkpointing=False)."
-        )
-    already = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-    had_input_hooks = bool(getattr(model, "_require_grads_hooks", None))
-    if not already:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
-    modes = [layer.training for layer in layers]
-    try:
-        for layer in layers:
-            layer.training = True
-        yield
-    finally:
-        for layer, mode in zip(layers, modes):
-            layer.training = mode
-        if not already:
-            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-            disable()
-            if not had_input_hooks:
-                model.disable_input_require_grads()
-
-
 def choose_devices(run: dict[str, Any], config: Any, n_gpus: int) -> tuple[dict[str, Any], Any, str]:
     """The CLI's placement when the user named none (no `device_map`, no `onload_device` of the
     SGLPConfig `config`, which may be None for commands without one): with a
@@ -144,16 +107,6 @@ def choose_devices(run: dict[str, Any], config: Any, n_gpus: int) -> tuple[dict[
         "A GPU is present: the model is placed with --device-map auto (GPUs first, then CPU memory); "
         "pass --device-map cpu to stay on the CPU."
     )
-
-
-def devices_used(model: nn.Module, config: Any) -> list[str]:
-    """The devices a run's weights sit on (an accelerate map's "disk" included) and, under
-    sequential onloading, the device the blocks run on."""
-    found = {str(p.device) for p in model.parameters() if p.device.type != "meta"}
-    found |= {str(d) if not isinstance(d, int) else f"cuda:{d}" for d in (getattr(model, "hf_device_map", None) or {}).values()}
-    if config.offload == "sequential":
-        found.add(str(config.onload_device or model.get_input_embeddings().weight.device))
-    return sorted(found)
 
 
 def input_device(model: nn.Module) -> torch.device:

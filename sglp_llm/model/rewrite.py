@@ -20,7 +20,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .blocks import DecoderBlocks, find_decoder_blocks
+from .blocks import DecoderBlocks
+from .handle import ModelHandle
 
 LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_id", "layer_index")
 # config fields holding "blocks with an original index below this value are special"
@@ -122,18 +123,19 @@ def _config_changes(config, kept: list[int], num_blocks: int, count_field: str) 
 
 def _apply(blocks: DecoderBlocks, kept: list[int]) -> Callable[[], None]:
     """Rewrite model and config in place for `kept`; return a function that undoes it."""
-    num_blocks = len(blocks.layers)
+    layers = blocks.layers
+    num_blocks = len(layers)
     config = blocks.config
     changes = _config_changes(config, kept, num_blocks, blocks.count_field)
     old_config = {name: getattr(config, name, None) for name in changes}
     old_indices: list[tuple[nn.Module, str, int]] = []
     for new_index, old_index in enumerate(kept):
-        for module in blocks.layers[old_index].modules():
+        for module in layers[old_index].modules():
             for name in LAYER_INDEX_ATTRIBUTES:
                 if isinstance(getattr(module, name, None), int):
                     old_indices.append((module, name, getattr(module, name)))
                     setattr(module, name, new_index)
-    setattr(blocks.parent, blocks.attribute, nn.ModuleList(blocks.layers[i] for i in kept))
+    setattr(blocks.parent, blocks.attribute, nn.ModuleList(layers[i] for i in kept))
     for name, value in changes.items():
         setattr(config, name, value)
 
@@ -142,7 +144,7 @@ def _apply(blocks: DecoderBlocks, kept: list[int]) -> Callable[[], None]:
             setattr(config, name, value)
         for module, name, value in old_indices:
             setattr(module, name, value)
-        setattr(blocks.parent, blocks.attribute, blocks.layers)
+        setattr(blocks.parent, blocks.attribute, layers)
 
     return undo
 
@@ -272,19 +274,20 @@ def _check_config(config) -> None:
         ) from error
 
 
-def remove_blocks(model: nn.Module, dropped: Sequence[int], *, layers_path: str | None = None) -> nn.Module:
+def remove_blocks(model: nn.Module | ModelHandle, dropped: Sequence[int]) -> nn.Module:
     """Remove the `dropped` blocks (original indices) from `model`, in place, and return it.
 
     The kept original indices are recorded in `config.sglp` so the lineage survives saving.
     """
-    removing_blocks(model, dropped, layers_path=layers_path)
-    return model
+    removing_blocks(model, dropped)
+    return ModelHandle.of(model).model
 
 
-def removing_blocks(model: nn.Module, dropped: Sequence[int], *, layers_path: str | None = None) -> Callable[[], None]:
+def removing_blocks(model: nn.Module | ModelHandle, dropped: Sequence[int]) -> Callable[[], None]:
     """`remove_blocks`, returning a function that puts the model back as it was (a rewrite that
     fails verification is undone)."""
-    blocks = find_decoder_blocks(model, layers_path)
+    handle = ModelHandle.of(model)
+    blocks = handle.blocks
     num_blocks = len(blocks.layers)
     kept = kept_blocks(num_blocks, dropped)
     had_lineage = hasattr(blocks.config, SGLP_CONFIG_KEY)
@@ -294,10 +297,9 @@ def removing_blocks(model: nn.Module, dropped: Sequence[int], *, layers_path: st
     original = (previous or {}).get("kept_layers", list(range(num_blocks)))
     kept_original = [original[i] for i in kept]
     undo_rewrite = _apply(blocks, kept)
-    rewritten = find_decoder_blocks(model, layers_path)
     try:
         _check_config(blocks.config)
-        compensated = _keep_block_constants(rewritten, kept)
+        compensated = _keep_block_constants(blocks, kept)
     except BaseException:
         undo_rewrite()
         raise
@@ -306,7 +308,7 @@ def removing_blocks(model: nn.Module, dropped: Sequence[int], *, layers_path: st
         "dropped_layers": sorted(set(range(original_count)) - set(kept_original)),
         "original_num_hidden_layers": original_count,
     }
-    source = (previous or {}).get("source_model") or _loadable_source(model)
+    source = (previous or {}).get("source_model") or _loadable_source(handle.model)
     if source:  # where the original can be loaded again: the teacher when healing distils
         lineage["source_model"] = source
     if compensated:
@@ -326,11 +328,11 @@ def removing_blocks(model: nn.Module, dropped: Sequence[int], *, layers_path: st
 
 
 @contextmanager
-def skip_blocks(model: nn.Module, dropped: Sequence[int], *, layers_path: str | None = None) -> Iterator[nn.Module]:
+def skip_blocks(model: nn.Module | ModelHandle, dropped: Sequence[int]) -> Iterator[nn.Module]:
     """Temporarily run `model` without the `dropped` blocks; everything is restored on exit."""
-    blocks = find_decoder_blocks(model, layers_path)
-    undo = _apply(blocks, kept_blocks(len(blocks.layers), dropped))
+    handle = ModelHandle.of(model)
+    undo = _apply(handle.blocks, kept_blocks(len(handle.layers), dropped))
     try:
-        yield model
+        yield handle.model
     finally:
         undo()

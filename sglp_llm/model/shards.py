@@ -74,18 +74,19 @@ def write_pruned_weights(
     folder: Path,
     model: nn.Module,
     files: dict[str, Path],
-    layers_path: str,
+    blocks_prefix: str,
     kept: Sequence[int],
     *,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> list[Path]:
     """Write the weights of `model` (already pruned to the `kept` source blocks) into `folder`,
-    reading every tensor from the source checkpoint `files` (name -> safetensors file) and casting
-    it to the dtype of the model's tensor of that name. Sharded like transformers does, with an
-    index, when the weights exceed `max_shard_bytes`. Returns the files written."""
+    reading every tensor from the source checkpoint `files` (name -> safetensors file; the
+    blocks' tensors named `blocks_prefix`.<index>.*) and casting it to the dtype of the model's
+    tensor of that name. Sharded like transformers does, with an index, when the weights exceed
+    `max_shard_bytes`. Returns the files written."""
     from safetensors.torch import save_file
 
-    renamed = renamed_tensors(list(files), layers_path, kept)
+    renamed = renamed_tensors(list(files), blocks_prefix, kept)
     targets = dict(model.state_dict(keep_vars=True))
     missing = sorted(set(targets) - set(renamed.values()) - _tied_names(targets))
     if missing:

@@ -68,7 +68,7 @@ def save_pruned(
     def write(folder: Path) -> None:
         save_model(model, folder, plan.kept)
         if reference is not None:
-            check_saved(reference, folder, model, plan.config)
+            check_saved(reference, folder, model)
             record_verification(reference, plan)
         if check_written is not None:
             check_written(folder)

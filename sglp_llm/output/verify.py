@@ -24,9 +24,10 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..model.blocks import UnsupportedModelError, find_decoder_blocks, text_config
+from ..model.blocks import UnsupportedModelError, text_config
 from ..model.devices import input_device
-from ..model.offload import BLOCK_LOADER_ATTRIBUTE, MoveBlocks, load_with_blocks_on_disk, onloaded
+from ..model.handle import ModelHandle
+from ..model.offload import BLOCK_LOADER_ATTRIBUTE, load_with_blocks_on_disk, onloaded
 from ..model.rewrite import removing_blocks
 from ..passes.capture import block_input, block_output, refuse_carried_state
 from ..passes.head import final_hidden_state
@@ -82,9 +83,14 @@ class Reference:
     probe: Probe
     outputs: Outputs
     dtype: torch.dtype
-    blockwise: bool
+    # run one block at a time: on this device (the checks run the same way); None: whole forwards
+    onload_device: torch.device | None
     seconds: float
     checks: dict[str, Any] = field(default_factory=dict)  # filled as the pruned models pass
+
+    @property
+    def blockwise(self) -> bool:
+        return self.onload_device is not None
 
 
 def sliding_window(config: Any) -> int | None:
@@ -186,10 +192,9 @@ def model_outputs(model: nn.Module, probe: Probe, *, generate: bool = True) -> O
 
 
 def blockwise_outputs(
-    model: nn.Module,
+    model: nn.Module | ModelHandle,
     probe: Probe,
     *,
-    device: str | torch.device | None = None,
     indices: Sequence[int] | None = None,
     skip: Sequence[int] = (),
 ) -> Outputs:
@@ -197,16 +202,14 @@ def blockwise_outputs(
     own forward records every block's call, each block not in `skip` is onloaded and run, and the
     model's head runs on the final hidden state. `indices`: the blocks' indices for the model's
     loader (a pruned model's blocks keep their source indices on disk)."""
-
-    layers = find_decoder_blocks(model).layers
-    loader = getattr(model, BLOCK_LOADER_ATTRIBUTE, None) or MoveBlocks()
-    device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
+    handle = ModelHandle.of(model).one_block_at_a_time()
+    model, layers, loader, device = handle.model, handle.layers, handle.loader, handle.onload_device
     indices = list(indices) if indices is not None else list(range(len(layers)))
-    batch = {k: v.to(model.get_input_embeddings().weight.device) for k, v in probe.batch.items()}
+    batch = {k: v.to(handle.input_device) for k, v in probe.batch.items()}
     skip = set(skip)
     returns_tuple = False
     with torch.no_grad():
-        first, calls = _record_calls(model, layers, batch, device)
+        first, calls = _record_calls(handle, batch)
         hidden = first.to(device)
         for index, block in enumerate(layers):
             if index in skip:
@@ -220,11 +223,6 @@ def blockwise_outputs(
     return Outputs(logits.float().cpu())
 
 
-def _runs_blockwise(model: nn.Module, settings: dict[str, Any]) -> bool:
-
-    return settings.get("offload") == "sequential" or hasattr(model, BLOCK_LOADER_ATTRIBUTE)
-
-
 def _dtype(model: nn.Module) -> torch.dtype:
     floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
     return min(floats, key=lambda d: torch.finfo(d).bits) if floats else torch.float32
@@ -236,17 +234,18 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _run(model: nn.Module, probe: Probe, blockwise: bool, generate: bool, what: str, **blockwise_args: Any) -> Outputs:
-    """The outputs of `model` on the probe; a crash becomes a VerificationError naming `what`."""
+def _run(handle: ModelHandle, probe: Probe, generate: bool, what: str, **blockwise_args: Any) -> Outputs:
+    """The outputs of the handle's model on the probe, run as the handle runs it; a crash becomes
+    a VerificationError naming `what`."""
     try:
-        if blockwise:
-            return blockwise_outputs(model, probe, **blockwise_args)
-        return model_outputs(model, probe, generate=generate)
+        if handle.blockwise:
+            return blockwise_outputs(handle, probe, **blockwise_args)
+        return model_outputs(handle.model, probe, generate=generate)
     except (VerificationError, KeyboardInterrupt):
         raise
     except Exception as error:  # noqa: BLE001 - any failure means the rewrite is not proven
         raise VerificationError(
-            f"{what} of this {type(model).__name__} could not run on the verification input "
+            f"{what} of this {type(handle.model).__name__} could not run on the verification input "
             f"({_reason(error)}). Nothing was "
             "written; the rewrite does not support this family. (--no-verify skips this check at your "
             "own risk.)"
@@ -254,34 +253,35 @@ def _run(model: nn.Module, probe: Probe, blockwise: bool, generate: bool, what: 
 
 
 def reference_outputs(
-    model: nn.Module, dropped: Sequence[int], probe: Probe, settings: dict[str, Any], layers_path: str | None = None,
-    *, generate: bool = True,
+    model: nn.Module | ModelHandle, dropped: Sequence[int], probe: Probe, *, generate: bool = True,
 ) -> Reference:
-    """Run the original `model` on `probe` with the `dropped` blocks skipped (before the rewrite);
-    `generate`: also its greedy continuations (not block by block)."""
+    """Run the original `model` on `probe` with the `dropped` blocks skipped (before the rewrite),
+    as its handle runs it (block by block or whole); `generate`: also its greedy continuations
+    (not block by block)."""
     started = time.perf_counter()
-    blockwise = _runs_blockwise(model, settings)
+    handle = ModelHandle.of(model)
+    blockwise = handle.blockwise
     generate = generate and not blockwise
     what = "The original model with the dropped blocks skipped"
-    device = {"device": settings.get("onload_device")} if blockwise else {}
     try:
-        with skipped(find_decoder_blocks(model, layers_path).layers, [] if blockwise else dropped):
-            outputs = _run(model, probe, blockwise, generate, what, **device, **({"skip": dropped} if blockwise else {}))
+        with skipped(handle.layers, [] if blockwise else dropped):
+            outputs = _run(handle, probe, generate, what, **({"skip": dropped} if blockwise else {}))
     except VerificationError:
         # a model that fails without any block skipped is not the rewrite's doing: say that
-        _run(model, probe, blockwise, generate, "The original model (nothing skipped)", **device)
+        _run(handle, probe, generate, "The original model (nothing skipped)")
         raise
-    return Reference(probe, outputs, _dtype(model), blockwise, time.perf_counter() - started)
+    return Reference(probe, outputs, _dtype(handle.model), handle.onload_device, time.perf_counter() - started)
 
 
-def _check_loss(model: nn.Module, probe: Probe, layers_path: str | None) -> None:
+def _check_loss(handle: ModelHandle, probe: Probe) -> None:
     """Every analysis computes the next-token loss from input_ids and labels: a model whose
     forward does not (an audio decoder with codebooks, ...) is refused here with the reason, and
     so is one whose blocks pass on a state of their own (xLSTM's recurrent state)."""
 
-    batch = {k: v.to(input_device(model)) for k, v in probe.batch.items()}
+    model = handle.model
+    batch = {k: v.to(handle.input_device) for k, v in probe.batch.items()}
     carried: list[Any] = []
-    hook = find_decoder_blocks(model, layers_path).layers[0].register_forward_hook(
+    hook = handle.layers[0].register_forward_hook(
         lambda module, args, output: carried.append(output))
     try:
         with torch.no_grad():
@@ -300,26 +300,26 @@ def _check_loss(model: nn.Module, probe: Probe, layers_path: str | None) -> None
         refuse_carried_state(model, carried[0])
 
 
-def preflight(model: nn.Module, settings: dict[str, Any], layers_path: str | None = None) -> None:
+def preflight(model: nn.Module | ModelHandle, *, seed: int = 0) -> None:
     """Before any analysis, a trial rewrite (a third and two thirds of the way down removed) must
     reproduce the original with those blocks skipped, so a family the rewrite cannot handle is
     refused in seconds rather than after the analysis. Run block by block (a model larger than
     memory) only the rewrite's own checks run: the full check waits for the real removal."""
-
-    num_blocks = len(find_decoder_blocks(model, layers_path).layers)
+    handle = ModelHandle.of(model)
+    num_blocks = len(handle.layers)
     trial = sorted({num_blocks // 3, (2 * num_blocks) // 3} - {num_blocks - 1}) if num_blocks > 1 else []
     if not trial:
         return
     reference = None
-    if not _runs_blockwise(model, settings):
-        probe = make_probe(model, None, seed=settings.get("seed", 0))
-        _check_loss(model, Probe(probe.input_ids[:1, :PROBE_TOKENS]), layers_path)
+    if not handle.blockwise:
+        probe = make_probe(handle.model, None, seed=seed)
+        _check_loss(handle, Probe(probe.input_ids[:1, :PROBE_TOKENS]))
         # no generation: the check after the real removal runs it, and it is the costlier part
-        reference = reference_outputs(model, trial, probe, settings, layers_path, generate=False)
-    undo = removing_blocks(model, trial, layers_path=layers_path)
+        reference = reference_outputs(handle, trial, probe, generate=False)
+    undo = removing_blocks(handle, trial)
     try:
         if reference is not None:
-            check(reference, model, f"A trial rewrite (blocks {trial} removed)")
+            check(reference, handle, f"A trial rewrite (blocks {trial} removed)")
     finally:
         undo()
 
@@ -362,15 +362,17 @@ def compare(reference: Reference, outputs: Outputs, what: str, architecture: str
     return {"max_relative_difference": difference, "greedy_equal": bool(ref.greedy)}
 
 
-def check(reference: Reference, model: nn.Module, what: str, *, indices: Sequence[int] | None = None,
-          device: str | torch.device | None = None) -> dict[str, Any]:
+def check(reference: Reference, model: nn.Module | ModelHandle, what: str, *,
+          indices: Sequence[int] | None = None) -> dict[str, Any]:
     """Run `model` (pruned) the way the reference ran and compare; records the result."""
     started = time.perf_counter()
+    handle = ModelHandle.of(model, offload="sequential" if reference.blockwise else "none",
+                            onload_device=reference.onload_device)
     outputs = _run(
-        model, reference.probe, reference.blockwise, bool(reference.outputs.greedy), what,
-        **({"device": device, "indices": indices} if reference.blockwise else {}),
+        handle, reference.probe, bool(reference.outputs.greedy), what,
+        **({"indices": indices} if reference.blockwise else {}),
     )
-    result = compare(reference, outputs, what, type(model).__name__)
+    result = compare(reference, outputs, what, type(handle.model).__name__)
     result["seconds"] = time.perf_counter() - started
     reference.checks[what] = result
     return result
@@ -403,7 +405,7 @@ def _reload(folder: Any, model: nn.Module) -> nn.Module:
     )
 
 
-def check_saved(reference: Reference, folder: Any, model: nn.Module, settings: dict[str, Any]) -> dict[str, Any]:
+def check_saved(reference: Reference, folder: Any, model: nn.Module) -> dict[str, Any]:
     """Reload the folder just written and check it against the reference (the load's time
     counts in the check's)."""
     started = time.perf_counter()
@@ -416,7 +418,7 @@ def check_saved(reference: Reference, folder: Any, model: nn.Module, settings: d
             "written."
         ) from error
     try:
-        result = check(reference, reloaded, RELOADED, device=settings.get("onload_device"))
+        result = check(reference, reloaded, RELOADED)
     finally:
         del reloaded
     result["seconds"] = time.perf_counter() - started

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 import torch
-from torch import nn
 
 from ..config import ConfigError
+from ..model.handle import ModelHandle
 
 FORMAT = 1
 
@@ -30,7 +30,7 @@ class Accumulator(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def fingerprint(key: tuple, batches: Sequence[dict[str, torch.Tensor]], model: nn.Module, layers: Sequence[nn.Module]) -> str:
+def fingerprint(key: tuple, batches: Sequence[dict[str, torch.Tensor]], handle: ModelHandle) -> str:
     """What the statistics depend on, hashed: the statistics key, every calibration token, and
     the model's class, block count, size and dtype (not its weights: hashing them costs a pass)."""
     digest = hashlib.sha256(repr((FORMAT, key)).encode())
@@ -39,6 +39,7 @@ def fingerprint(key: tuple, batches: Sequence[dict[str, torch.Tensor]], model: n
             tensor = batch[name].detach().cpu().contiguous()
             digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
             digest.update(tensor.numpy().tobytes())
+    model, layers = handle.model, handle.layers
     params = list(model.parameters())
     dtypes = sorted({str(p.dtype) for layer in layers for p in layer.parameters()})
     digest.update(repr((type(model).__name__, len(layers), sum(p.numel() for p in params), dtypes)).encode())

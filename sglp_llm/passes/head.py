@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..model.blocks import text_config
+from ..model.handle import ModelHandle
 from .capture import StopForward, block_input, block_output, stubbed_blocks
 from .loss import causal_lm_loss, check_finite
 
@@ -52,8 +53,7 @@ def chunk_positions(model: nn.Module, batch_size: int, max_logits_bytes: int | N
 
 
 def _head_logits(
-    model: nn.Module,
-    layers: nn.ModuleList,
+    handle: ModelHandle,
     batch: dict[str, torch.Tensor],
     final: torch.Tensor,
     returns_tuple: bool,
@@ -61,10 +61,11 @@ def _head_logits(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The head's logits on `final` a chunk of positions at a time: (positions, logits
     [batch, len(positions), vocab]) for every position that predicts a next token."""
+    model = handle.model
     input_ids = batch["input_ids"]
     n_positions = input_ids.shape[1] - 1  # the last position predicts nothing
     chunk = chunk_positions(model, input_ids.shape[0], max_logits_bytes) or n_positions
-    with final_hidden_state(layers, final, returns_tuple):
+    with final_hidden_state(handle.layers, final, returns_tuple):
         for start in range(0, n_positions, chunk):
             positions = torch.arange(start, min(start + chunk, n_positions), device=input_ids.device)
             kwargs = {"logits_to_keep": positions} if chunk < n_positions else {}
@@ -80,8 +81,7 @@ def _predicted(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def head_nll(
-    model: nn.Module,
-    layers: nn.ModuleList,
+    model: nn.Module | ModelHandle,
     batch: dict[str, torch.Tensor],
     final: torch.Tensor,
     returns_tuple: bool,
@@ -90,14 +90,14 @@ def head_nll(
     backward: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """The summed next-token NLL of `batch`'s predicted (non-padding) tokens and their count, the
-    head run on the final hidden state `final` (with `layers`, the blocks as the model calls
-    them). With `backward`, the gradient of the mean NLL goes back into `final` chunk by chunk, so
+    head run on the final hidden state `final` (the model's forward with its blocks, as they
+    are now, stubbed). With `backward`, the gradient of the mean NLL goes back into `final` chunk by chunk, so
     no two chunks' logits are alive at once; the sum is returned detached."""
     targets = batch["input_ids"][:, 1:]
     valid = _predicted(batch)
     count = int(valid.sum())
     total = None
-    for positions, logits in _head_logits(model, layers, batch, final, returns_tuple, max_logits_bytes):
+    for positions, logits in _head_logits(ModelHandle.of(model), batch, final, returns_tuple, max_logits_bytes):
         nll = nn.functional.cross_entropy(
             logits.float().transpose(1, 2), targets[:, positions].to(logits.device), reduction="none"
         )
@@ -146,19 +146,18 @@ def _coarse_log_probs(log_probs: torch.Tensor, token_ids: torch.Tensor) -> tuple
 
 
 def _predicted_log_probs(
-    model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Tensor], final: torch.Tensor,
+    handle: ModelHandle, batch: dict[str, torch.Tensor], final: torch.Tensor,
     returns_tuple: bool, max_logits_bytes: int | None,
 ) -> Iterator[torch.Tensor]:
     """The head's next-token log-probabilities on `final` at `batch`'s predicted (non-padding)
     positions, a chunk at a time: [positions in the chunk, vocab], rows in batch-major order."""
     valid = _predicted(batch)
-    for positions, logits in _head_logits(model, layers, batch, final, returns_tuple, max_logits_bytes):
+    for positions, logits in _head_logits(handle, batch, final, returns_tuple, max_logits_bytes):
         yield torch.log_softmax(logits.float(), dim=-1)[valid[:, positions].to(logits.device)]
 
 
 def reference_distribution(
-    model: nn.Module,
-    layers: nn.ModuleList,
+    model: nn.Module | ModelHandle,
     batch: dict[str, torch.Tensor],
     final: torch.Tensor,
     returns_tuple: bool,
@@ -169,7 +168,7 @@ def reference_distribution(
     """The `ReferenceDistribution` of the head on `final` (the original model's last block
     output) at `batch`'s predicted positions, on the CPU."""
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for log_probs in _predicted_log_probs(model, layers, batch, final, returns_tuple, max_logits_bytes):
+    for log_probs in _predicted_log_probs(ModelHandle.of(model), batch, final, returns_tuple, max_logits_bytes):
         token_ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1).indices
         top, rest = _coarse_log_probs(log_probs, token_ids)
         parts.append((token_ids.cpu(), top.cpu(), rest.cpu()))
@@ -177,8 +176,7 @@ def reference_distribution(
 
 
 def head_kl(
-    model: nn.Module,
-    layers: nn.ModuleList,
+    model: nn.Module | ModelHandle,
     batch: dict[str, torch.Tensor],
     final: torch.Tensor,
     returns_tuple: bool,
@@ -190,7 +188,7 @@ def head_kl(
     positions and their count, both distributions coarsened to the reference's top tokens and
     the rest (`ReferenceDistribution`)."""
     total, row = None, 0
-    for log_probs in _predicted_log_probs(model, layers, batch, final, returns_tuple, max_logits_bytes):
+    for log_probs in _predicted_log_probs(ModelHandle.of(model), batch, final, returns_tuple, max_logits_bytes):
         rows = slice(row, row + log_probs.shape[0])
         row = rows.stop
         part = coarse_kl(reference.rows(rows, log_probs.device), log_probs)
@@ -219,22 +217,22 @@ def output_of(model: nn.Module, layer: nn.Module, batch: dict[str, torch.Tensor]
 
 
 def head_gradient(
-    model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Tensor], final: torch.Tensor, returns_tuple: bool
+    model: nn.Module | ModelHandle, batch: dict[str, torch.Tensor], final: torch.Tensor, returns_tuple: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean next-token loss on the final hidden state `final` (refused when not finite) and
     its gradient there, taken a chunk of positions at a time."""
 
     leaf = final.detach().requires_grad_()
-    total, count = head_nll(model, layers, batch, leaf, returns_tuple, backward=True)
+    total, count = head_nll(model, batch, leaf, returns_tuple, backward=True)
     return check_finite(total / count), leaf.grad
 
 
 def backward_through_head(
-    model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Tensor], final: torch.Tensor, returns_tuple: bool
+    model: nn.Module | ModelHandle, batch: dict[str, torch.Tensor], final: torch.Tensor, returns_tuple: bool
 ) -> torch.Tensor:
     """Backpropagate the mean next-token loss from `final`, the last block's output with its
     graph: the head's gradient (`head_gradient`), then one backward down the blocks. Returns
     the loss."""
-    loss, gradient = head_gradient(model, layers, batch, final, returns_tuple)
+    loss, gradient = head_gradient(model, batch, final, returns_tuple)
     final.backward(gradient)
     return loss

@@ -1,5 +1,6 @@
-"""The model's own loss in a pass, the check that it is finite, and which parameters a backward
-may give gradients to: shared by the statistics pass, the loss check, verification and training."""
+"""The model's own loss in a pass, the check that it is finite, which parameters a backward may
+give gradients to and whether it recomputes the blocks' activations: shared by the statistics
+pass, the loss check, verification and training."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from typing import Iterable, Iterator
 
 import torch
 from torch import nn
+
+from ..config import ConfigError
+from ..model.handle import ModelHandle
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -43,3 +47,41 @@ def grad_only_for(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[
         for name, p in model.named_parameters():
             p.requires_grad_(previous.get(name, p.requires_grad))
             p.grad = None
+
+
+@contextmanager
+def activation_checkpointing(model: nn.Module | ModelHandle) -> Iterator[None]:
+    """Hugging Face (non-reentrant) activation checkpointing of the decoder blocks for the
+    statistics backward, so block activations are recomputed rather than kept; the model's
+    previous state is restored.
+
+    transformers checkpoints a block only in training mode, so the blocks themselves (not their
+    submodules: dropout stays off) are put in training mode meanwhile. Checkpointing wraps the
+    blocks' `forward`, so the capture hooks do not fire again during the recomputation (and the
+    observers ignore calls outside a batch anyway).
+    """
+    handle = ModelHandle.of(model)
+    model, layers = handle.model, handle.layers
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"{type(model).__name__} does not support gradient checkpointing; run without "
+            "--gradient-checkpointing (gradient_checkpointing=False)."
+        )
+    already = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    had_input_hooks = bool(getattr(model, "_require_grads_hooks", None))
+    if not already:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    modes = [layer.training for layer in layers]
+    try:
+        for layer in layers:
+            layer.training = True
+        yield
+    finally:
+        for layer, mode in zip(layers, modes):
+            layer.training = mode
+        if not already:
+            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            disable()
+            if not had_input_hooks:
+                model.disable_input_require_grads()

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..model.offload import BLOCK_LOADER_ATTRIBUTE, BlockLoader, MoveBlocks, onloaded
+from ..model.handle import ModelHandle
+from ..model.offload import onloaded
 from .capture import BlockObserver, StopForward, block_input, block_output, refuse_carried_state, stubbed_blocks
 from .head import head_gradient
 from .hidden_states import BlockStates, spills
@@ -69,10 +70,10 @@ class _BlockCall:
         return block(*self.args, hidden_states=hidden, **self.kwargs)
 
 
-def _record_calls(
-    model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Tensor], device: torch.device
-) -> tuple[torch.Tensor, list[_BlockCall]]:
-    """The first block's hidden-state input (the embedding output) and every block's call."""
+def _record_calls(handle: ModelHandle, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[_BlockCall]]:
+    """The first block's hidden-state input (the embedding output) and every block's call, its
+    tensors on the device the blocks run on."""
+    model, layers = handle.model, handle.layers
     calls: list[tuple[int, tuple, dict]] = []
 
     def record(index: int, block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -91,7 +92,7 @@ def _record_calls(
             failure = error
     if failure is not None:
         if calls:  # the model choked on a stand-in's output: say why if its blocks return a state too
-            _refuse_if_first_block_carries_state(model, layers[0], calls[0], device)
+            _refuse_if_first_block_carries_state(handle, calls[0])
         raise failure
     order = [index for index, _, _ in calls]
     if order != list(range(len(layers))):
@@ -101,28 +102,32 @@ def _record_calls(
         )
     moved: dict[int, Any] = {}
     first = block_input(calls[0][1], calls[0][2]).detach().cpu()
+    device = handle.block_device
     return first, [_BlockCall.record(args, kwargs).on(device, moved) for _, args, kwargs in calls]
 
 
-def _refuse_if_first_block_carries_state(model: nn.Module, block: nn.Module, call: tuple[int, tuple, dict], device: torch.device) -> None:
+def _refuse_if_first_block_carries_state(handle: ModelHandle, call: tuple[int, tuple, dict]) -> None:
     """Run the first block on its recorded call and refuse the family (by name, with the reason)
     if it returns a state beside the hidden states, which no stand-in can give."""
     _, args, kwargs = call
-    loader = getattr(model, BLOCK_LOADER_ATTRIBUTE, None) or MoveBlocks()
-    with torch.no_grad(), onloaded(loader, 0, block, device):
+    alone = handle.one_block_at_a_time(handle.block_device)
+    block, device = alone.layers[0], alone.onload_device
+    with torch.no_grad(), onloaded(alone.loader, 0, block, device):
         output = _BlockCall.record(args, kwargs).on(device, {}).run(block, block_input(args, kwargs).to(device))
-    refuse_carried_state(model, output)
+    refuse_carried_state(handle.model, output)
 
 
 @torch.no_grad()
 def final_hidden_states(
-    model: nn.Module, layers: nn.ModuleList, batches: Sequence[dict[str, torch.Tensor]], *,
-    device: torch.device, loader: BlockLoader, progress: bool = True, desc: str = "Sequential forward",
+    model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]], *,
+    progress: bool = True, desc: str = "Sequential forward",
 ) -> tuple[list[torch.Tensor], bool]:
-    """The last block's output for every batch (on the CPU) with one block on `device` at a
-    time, and whether the blocks return tuples (for `head.final_hidden_state`). Memory: one
-    hidden state per batch."""
-    recorded = [_record_calls(model, layers, batch, device) for batch in batches]
+    """The last block's output for every batch (on the CPU) with one block at a time on the
+    handle's onload device, and whether the blocks return tuples (for `head.final_hidden_state`).
+    Memory: one hidden state per batch."""
+    handle = ModelHandle.of(model).one_block_at_a_time()
+    layers, device, loader = handle.layers, handle.onload_device, handle.loader
+    recorded = [_record_calls(handle, batch) for batch in batches]
     hidden = [first for first, _ in recorded]
     returns_tuple = False
     for index in tqdm(range(len(layers)), desc=desc, disable=not progress):
@@ -136,46 +141,42 @@ def final_hidden_states(
 
 
 def _final_hidden_gradient(
-    model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Tensor], final: torch.Tensor, returns_tuple: bool
+    handle: ModelHandle, batch: dict[str, torch.Tensor], final: torch.Tensor, returns_tuple: bool
 ) -> torch.Tensor:
     """d loss / d final hidden state, the loss computed by the model's own code (final norm,
     lm_head, logit softcapping, loss): the last stub returns the stored final hidden state."""
-    return head_gradient(model, layers, batch, final, returns_tuple)[1].cpu()
+    return head_gradient(handle, batch, final, returns_tuple)[1].cpu()
 
 
 def sequential_pass(
-    model: nn.Module,
-    layers: nn.ModuleList,
+    model: nn.Module | ModelHandle,
     batches: Sequence[dict[str, torch.Tensor]],
     observers: Sequence[BlockObserver],
     grads: BlockGradNorms | None = None,
     gates: GateScores | None = None,
     *,
-    device: str | torch.device | None = None,
-    loader: BlockLoader | None = None,
     hidden_states: str = "auto",
     hidden_states_dir: str | Path | None = None,
     progress: bool = True,
 ) -> int:
     """Feed `observers` and, if given, the gate scores `gates` (the backward runs for them) and
     every block's GradNorm `grads` (one group per block, needs `gates`) exactly as the plain hooked
-    pass does, holding one block on `device` at a time.
-
-    `device` defaults to that of the input embeddings; `loader` to the model's own (see
-    `load_with_blocks_on_disk`), else moving blocks there and back. Every block's states are kept
-    in memory or on disk under `hidden_states_dir` (sglp_llm.passes.hidden_states: "auto" spills them when
+    pass does, holding one block at a time on the handle's onload device, brought there by its
+    loader (a model given as a module: its input device, blocks moved there and back, or read
+    by its own loader, see `load_with_blocks_on_disk`). Every block's states are kept in memory
+    or on disk under `hidden_states_dir` (sglp_llm.passes.hidden_states: "auto" spills them when
     they would not fit). Run in eval mode (analyze does). Returns the number of batches.
     """
     if grads is not None and gates is None:
         raise ValueError("GradNorm is gathered in the gate scores' backward: pass `gates` with `grads`.")
-    device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
-    loader = loader or getattr(model, BLOCK_LOADER_ATTRIBUTE, None) or MoveBlocks()
+    handle = ModelHandle.of(model).one_block_at_a_time()
+    model, layers, device, loader = handle.model, handle.layers, handle.onload_device, handle.loader
     num_blocks = len(layers)
-    batches = [{k: v.to(model.get_input_embeddings().weight.device) for k, v in b.items()} for b in batches]
+    batches = [{k: v.to(handle.input_device) for k, v in b.items()} for b in batches]
     firsts: list[torch.Tensor] = []
     calls: list[list[_BlockCall]] = []
     for batch in batches:
-        first, batch_calls = _record_calls(model, layers, batch, device)
+        first, batch_calls = _record_calls(handle, batch)
         firsts.append(first)
         calls.append(batch_calls)
     total_bytes = (num_blocks + 1) * sum(first.numel() * first.element_size() for first in firsts)
@@ -209,29 +210,27 @@ def sequential_pass(
 
         if gates is not None:
             with grad_only_for(model, ()):
-                _backward(model, layers, batches, states, calls, gates, grads, device, loader, returns_tuple, progress)
+                _backward(handle, batches, states, calls, gates, grads, returns_tuple, progress)
     return len(batches)
 
 
 def _backward(
-    model: nn.Module,
-    layers: nn.ModuleList,
+    handle: ModelHandle,
     batches: list[dict[str, torch.Tensor]],
     states: BlockStates,
     calls: list[list[_BlockCall]],
     gates: GateScores,
     grads: BlockGradNorms | None,
-    device: torch.device,
-    loader: BlockLoader,
     returns_tuple: bool,
     progress: bool,
 ) -> None:
     """Backpropagate each batch's loss block by block (last first), pairing the gradient of each
     block's output with the block's Δ for the gate scores and, with `grads`, folding its parameter
     gradients into its GradNorm; only one block's parameters ever get gradients."""
+    layers, device, loader = handle.layers, handle.onload_device, handle.loader
     num_blocks = len(layers)
     upstream = [
-        _final_hidden_gradient(model, layers, batch, states.get(num_blocks, b).to(device), returns_tuple)
+        _final_hidden_gradient(handle, batch, states.get(num_blocks, b).to(device), returns_tuple)
         for b, batch in enumerate(batches)
     ]
     blocks_down = tqdm(reversed(range(num_blocks)), total=num_blocks, desc="SGLP sequential backward", disable=not progress)

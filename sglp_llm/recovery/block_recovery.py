@@ -30,12 +30,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..model.blocks import find_decoder_blocks
+from ..model.handle import ModelHandle
 from ..passes.capture import block_output, token_mask
-from ..model.devices import input_device
 from ..passes.distributed import all_reduce_state, shard, world_size
 from ..passes.sequential import _BlockCall, _record_calls
-from ..model.offload import BlockLoader, InPlace, SafetensorsBlocks, onloaded
+from ..model.offload import SafetensorsBlocks, onloaded
 
 # gradients are clipped to this norm: one odd batch must not undo a block's training
 MAX_GRAD_NORM = 1.0
@@ -143,22 +142,20 @@ def _kept_in_memory(recovery: BlockRecovery, block: nn.Module) -> None:
 
 
 def recover_blocks(
-    model: nn.Module,
+    model: nn.Module | ModelHandle,
     batches: Sequence[dict[str, torch.Tensor]],
     dropped: Sequence[int],
     *,
     steps: int,
     learning_rate: float,
-    layers_path: str | None = None,
-    device: str | torch.device | None = None,
-    loader: BlockLoader | None = None,
     progress: bool = True,
 ) -> BlockRecovery:
     """Train, in place, the kept blocks that feed each gap left by removing `dropped` (original
     block indices; the model still has every block), each for `steps` steps over `batches`.
-    `device`/`loader`: where and how blocks run one at a time (sequential onloading, blocks on
-    disk); by default each block runs where it is. `BlockRecovery.restore` undoes it."""
-    layers = find_decoder_blocks(model, layers_path).layers
+    The blocks run one at a time as the handle runs them (sequential onloading, blocks on disk:
+    on its onload device; else each where it is). `BlockRecovery.restore` undoes it."""
+    handle = ModelHandle.of(model)
+    layers = handle.layers
     target_after = trained_blocks(len(layers), dropped)
     recovery = BlockRecovery(steps, learning_rate)
     if not target_after:
@@ -167,11 +164,10 @@ def recover_blocks(
     first_kept = min(i for i in range(len(layers)) if i not in removed)
     trained_at = {after: k for k, after in target_after.items()}
     batches = shard(batches)
-    device = torch.device(device) if device is not None else input_device(model)
-    loader = loader or InPlace()
+    device, loader = handle.block_device, handle.block_loader
     started = time.perf_counter()
     with torch.no_grad():
-        recorded = [_record_calls(model, layers, batch, device) for batch in batches]
+        recorded = [_record_calls(handle, batch) for batch in batches]
     calls = [c for _, c in recorded]
     masks = [token_mask(batch).to(device) for batch in batches]
     original = [first.to(device) for first, _ in recorded]

@@ -38,13 +38,12 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..model.blocks import find_decoder_blocks
+from ..model.handle import ModelHandle
 from ..passes.capture import block_output, token_mask
 from ..config import COMPENSATION_FITS, ConfigError
 from ..passes.distributed import all_reduce_state, shard
-from ..model.devices import input_device
 from ..passes.sequential import _record_calls
-from ..model.offload import BlockLoader, InPlace, onloaded
+from ..model.offload import onloaded
 
 DIAGONAL = ("rescale",)  # methods whose T is diagonal
 COSINE_STEPS = 100  # L-BFGS iterations
@@ -241,14 +240,15 @@ def _width(model: nn.Module) -> int:
 
 
 @contextmanager
-def applied(model: nn.Module, compensation: Compensation, layers_path: str | None = None) -> Iterator[None]:
+def applied(model: nn.Module | ModelHandle, compensation: Compensation) -> Iterator[None]:
     """Run `model` (unpruned, original block indices) with each block p's branch output
     multiplied by its T: what the fold must compute."""
-    layers = find_decoder_blocks(model, layers_path).layers
+    handle = ModelHandle.of(model)
+    layers = handle.layers
     with ExitStack() as stack:
         for p, transform in compensation.transforms.items():
             stack.enter_context(_output_replaced(
-                branch(layers[p], p, compensation.method, _width(model)),
+                branch(layers[p], p, compensation.method, _width(handle.model)),
                 lambda output, t=transform: output @ t.to(output.device, output.dtype)))
         yield
 
@@ -270,28 +270,25 @@ def _check_added_as_is(index: int, block: nn.Module, module: nn.Module, rerun: C
 
 @torch.no_grad()
 def fit_compensation(
-    model: nn.Module,
+    model: nn.Module | ModelHandle,
     batches: Sequence[dict[str, torch.Tensor]],
     dropped: Sequence[int],
     *,
     method: str = "least_squares",
-    layers_path: str | None = None,
     skip_first: bool = False,
     ridge: float = 0.0,
     fit_on: str = "original",
-    device: str | torch.device | None = None,
-    loader: BlockLoader | None = None,
     cosine_steps: int = COSINE_STEPS,
 ) -> Compensation:
     """Fit T (`method`) for every removed run of `dropped` over `batches`, on the original
     network or (`fit_on="pruned"`) run by run on the pruned, compensated one; `skip_first`
     leaves each sequence's first token (the attention sink) out, as measured against in the
-    module's docstring. `device` and `loader`: where and how blocks run one at a time under
-    sequential onloading (e.g. sglp_llm.model.offload.MoveBlocks); by default each block runs where
-    it is (in memory, or where a device map put it)."""
+    module's docstring. The blocks run one at a time as the handle runs them (under sequential
+    onloading, on its onload device; else each where it is, in memory or where a device map put it)."""
     if fit_on not in COMPENSATION_FITS:
         raise ConfigError(f"`compensation_fit` must be one of {COMPENSATION_FITS}, got {fit_on!r}.")
-    layers = find_decoder_blocks(model, layers_path).layers
+    handle = ModelHandle.of(model)
+    model, layers = handle.model, handle.layers
     runs = removed_runs(dropped)
     if any(a == 0 for a, _ in runs):
         raise ConfigError("Compensation folds into the block before a removed run; block 0 has none before it. "
@@ -302,9 +299,8 @@ def fit_compensation(
     after = {b: a - 1 for a, b in runs}
     branches = {p: branch(layers[p], p, method, width) for p in before}
     batches = shard(batches)
-    device = torch.device(device) if device is not None else input_device(model)
-    loader = loader or InPlace()
-    recorded = [_record_calls(model, layers, batch, device) for batch in batches]
+    device, loader = handle.block_device, handle.block_loader
+    recorded = [_record_calls(handle, batch) for batch in batches]
     calls = [c for _, c in recorded]
     original = [first.to(device) for first, _ in recorded]  # the original network's stream
     # the pruned network's: fitted on the original, the same list; run by run, the same tensors until a run
@@ -383,14 +379,15 @@ def _probe_tolerance(dtype: torch.dtype) -> float:
 
 
 @torch.no_grad()
-def fold(model: nn.Module, compensation: Compensation, layers_path: str | None = None) -> Callable[[], None]:
+def fold(model: nn.Module | ModelHandle, compensation: Compensation) -> Callable[[], None]:
     """Fold each T into block p's weights, in place (original block indices): every output
     projection of its MLP (W ← Tᵀ W, c ← Tᵀ c), or for a diagonal T on a norm's output, the
     norm's weight (offset + w) ← s (offset + w). Each fold is checked on a random input to the
     branch (its output must be the old output times T) and everything is undone, with a message,
     when one is not exact. Returns a function that puts the original weights back."""
-    layers = find_decoder_blocks(model, layers_path).layers
-    width = _width(model)
+    handle = ModelHandle.of(model)
+    layers = handle.layers
+    width = _width(handle.model)
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @torch.no_grad()

@@ -29,10 +29,9 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError
 from ..model.devices import input_device
-from ..model.blocks import find_decoder_blocks
+from ..model.handle import ModelHandle
 from ..passes.head import ReferenceDistribution, _coarse_log_probs, _predicted, coarse_kl, final_hidden_state
 from ..passes.sequential import final_hidden_states
-from ..model.offload import BLOCK_LOADER_ATTRIBUTE
 from ..model.rewrite import SGLP_CONFIG_KEY
 
 TEACHER_TARGETS_NAME = "teacher_targets.safetensors"
@@ -149,18 +148,15 @@ def _teacher_logits(teacher: nn.Module, batches: list[dict[str, torch.Tensor]], 
     """The teacher's logits [rows, positions − 1, vocab] of each batch: one forward per batch, or,
     for a teacher with its blocks on disk (`offload.load_with_blocks_on_disk`), one block in
     memory at a time over all batches, then its head on each batch's final state."""
-    device = input_device(teacher)
-    batches = [{k: batch[k].to(device) for k in ("input_ids", "attention_mask")} for batch in batches]
-    loader = getattr(teacher, BLOCK_LOADER_ATTRIBUTE, None)
-    if loader is None:
+    handle = ModelHandle.of(teacher)
+    batches = [{k: batch[k].to(handle.input_device) for k in ("input_ids", "attention_mask")} for batch in batches]
+    if not handle.blockwise:
         for batch in tqdm(batches, desc="Teacher targets", disable=not progress):
             yield teacher(**batch, use_cache=False).logits[:, :-1]
         return
-    layers = find_decoder_blocks(teacher).layers
-    finals, returns_tuple = final_hidden_states(teacher, layers, batches, device=device, loader=loader,
-                                                progress=progress, desc="Teacher targets, block by block")
+    finals, returns_tuple = final_hidden_states(handle, batches, progress=progress, desc="Teacher targets, block by block")
     for batch, final in zip(batches, finals):
-        with final_hidden_state(layers, final, returns_tuple):
+        with final_hidden_state(handle.layers, final, returns_tuple):
             yield teacher(**batch, use_cache=False).logits[:, :-1]
 
 

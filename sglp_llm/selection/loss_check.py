@@ -49,8 +49,8 @@ def loss_check(
     candidate that only fits the search tokens' noise loses."""
     config, scores = context.config, context.scores
     batches = first_tokens(context.batches, config.loss_tokens)
-    removal = removal_loss(context.model, batches, config, config.loss_objective)
-    judge = removal_loss(context.model, held_back_batches(context), config, config.loss_objective) if config.loss_confirm > 1 else None
+    removal = removal_loss(context.handle, batches, config, config.loss_objective)
+    judge = removal_loss(context.handle, held_back_batches(context), config, config.loss_objective) if config.loss_confirm > 1 else None
     left = dict(enumerate(budgets))
     steps: list[dict[str, Any]] = []
     measured: dict[int, float] = {}  # block -> its loss when last measured
@@ -132,7 +132,7 @@ def _screen(
     """Each candidate's loss when removed alone, estimated on the first `loss_screen_samples`
     sequences: the unpruned network's `loss` on the loss batches plus the increase on those."""
     samples = first_samples(batches, context.config.loss_screen_samples)
-    screen = removal_loss(context.model, samples, context.config, context.config.loss_objective)
+    screen = removal_loss(context.handle, samples, context.config, context.config.loss_objective)
     base = screen.current()
     return {block: loss + screen.measure(block) - base for block in candidates}
 
@@ -193,7 +193,7 @@ def held_back_search(context: SelectionContext) -> tuple[list[int], dict[str, An
     held_back = held_back_batches(context)
     free = [b for b in range(len(context.scores)) if b not in context.protected]
     first: dict[int, float] = {}  # each block's loss when removed alone
-    beam: list[tuple[tuple[int, ...], list[float], RemovalLoss]] = [((), [], removal_loss(context.model, search_batches, config, config.loss_objective))]
+    beam: list[tuple[tuple[int, ...], list[float], RemovalLoss]] = [((), [], removal_loss(context.handle, search_batches, config, config.loss_objective))]
     with tqdm(total=context.n_drop, desc="SGLP held-back beam", disable=not context.progress) as bar:
         for _ in range(context.n_drop):
             extended: dict[tuple[int, ...], tuple[tuple[int, ...], list[float], RemovalLoss]] = {}  # set -> best way there
@@ -210,7 +210,7 @@ def held_back_search(context: SelectionContext) -> tuple[list[int], dict[str, An
             chosen = sorted(extended.values(), key=lambda state: (state[1][-1], sorted(state[0])))[: config.loss_beam]
             beam = [(path, losses, parent.branch(path[-1])) for path, losses, parent in chosen]
             bar.update()
-    judge = removal_loss(context.model, held_back, config, config.loss_objective)
+    judge = removal_loss(context.handle, held_back, config, config.loss_objective)
     finalists = [
         {"dropped": sorted(path), "search_loss": losses[-1], "held_back_loss": judge.loss_without(path), "path": list(path), "losses": losses}
         for path, losses, _ in beam

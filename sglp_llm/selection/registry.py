@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
+from ..model.handle import ModelHandle
 from ..passes.capture import BlockObserver
 from ..config import SGLPConfig
 
@@ -24,9 +24,9 @@ from ..config import SGLPConfig
 @dataclass(frozen=True)
 class SelectionContext:
     """What a selection may use: the statistics of the one observer pass and, for selections that
-    score candidate networks, the model and the calibration batches (on its input device)."""
+    score candidate networks, the model's handle and the calibration batches (on its input device)."""
 
-    model: nn.Module
+    handle: ModelHandle
     batches: list[dict[str, torch.Tensor]]
     cka: torch.Tensor
     scores: list[float]  # the pass's per-block scores (a gradient score or a peer's); NaN where none

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..model.blocks import find_decoder_blocks
+from ..model.handle import ModelHandle
 from ..passes.capture import block_output
 from ..recovery.compensate import Compensation, applied, fit_compensation, removed_runs
 from ..config import LOSS_OBJECTIVES
@@ -30,7 +30,7 @@ from ..passes.head import ReferenceDistribution, head_kl, head_nll, output_of, r
 from ..passes.loss import check_finite
 from ..passes.sequential import _record_calls
 from ..passes.capture import stubbed_blocks
-from ..model.offload import BLOCK_LOADER_ATTRIBUTE, BlockLoader, MoveBlocks, onloaded
+from ..model.offload import onloaded
 
 
 # the original model's distribution is kept at this many most likely tokens per position (and the
@@ -50,29 +50,29 @@ def _token_mean(summed: Iterable[tuple[float, int]], skipped: Sequence[int]) -> 
     return check_finite(torch.tensor(sums["total"] / sums["n_tokens"]), f"The calibration loss{without}").item()
 
 
-def network_nll(model: nn.Module, batch: dict[str, torch.Tensor], layers_path: str | None = None) -> tuple[float, int]:
+def network_nll(model: nn.Module | ModelHandle, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     """The summed next-token NLL of `batch`'s predicted tokens and their count: the blocks run in
     the model's own forward, the head a chunk of positions at a time (sglp_llm.passes.head)."""
-    layers = find_decoder_blocks(model, layers_path).layers
-    final, returns_tuple = output_of(model, layers[-1], batch)
-    total, count = head_nll(model, layers, batch, final, returns_tuple)
+    handle = ModelHandle.of(model)
+    final, returns_tuple = output_of(handle.model, handle.layers[-1], batch)
+    total, count = head_nll(handle, batch, final, returns_tuple)
     return total.item(), count
 
 
 @torch.no_grad()
 def calibration_nll(
-    model: nn.Module,
+    model: nn.Module | ModelHandle,
     batches: Sequence[dict[str, torch.Tensor]],
     skipped: Sequence[int],
-    layers_path: str | None = None,
 ) -> float:
     """Mean next-token NLL per predicted (non-padding) token over `batches`, with the `skipped`
     blocks removed.
 
     Under data parallelism each process runs its share of `batches` and the (NLL sum, count) sums
     are reduced, so every process gets the same value and makes the same choice."""
-    with skip_blocks(model, skipped, layers_path=layers_path):
-        return _token_mean((network_nll(model, batch, layers_path) for batch in shard(batches)), skipped)
+    handle = ModelHandle.of(model)
+    with skip_blocks(handle, skipped):
+        return _token_mean((network_nll(handle, batch) for batch in shard(batches)), skipped)
 
 
 class RemovalLoss:
@@ -91,15 +91,13 @@ class RemovalLoss:
     for each kept block."""
 
     def __init__(
-        self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], layers_path: str | None = None,
-        objective: str = "nll",
+        self, model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]], objective: str = "nll",
     ) -> None:
         if objective not in LOSS_OBJECTIVES:
             raise ValueError(f"objective={objective!r}; choose one of {LOSS_OBJECTIVES}")
-        self.model = model
+        self.handle = ModelHandle.of(model)
         self.batches = shard(batches)
-        self.layers_path = layers_path
-        self.num_blocks = len(find_decoder_blocks(model, layers_path).layers)
+        self.num_blocks = len(self.handle.layers)
         self.removed: list[int] = []
         self.objective = objective
         # kept block -> its raw output in the current network, for each batch
@@ -107,16 +105,16 @@ class RemovalLoss:
         # objective "kl": the original model's distribution on each batch, from its first pass
         self._reference: list[ReferenceDistribution] | None = None
 
-    def _loss(self, index: int, layers: nn.ModuleList, final: torch.Tensor, returns_tuple: bool) -> tuple[float, int]:
+    def _loss(self, index: int, final: torch.Tensor, returns_tuple: bool) -> tuple[float, int]:
         """The summed loss of batch `index` from its final hidden state, and its count."""
         batch = self.batches[index]
         if self.objective == "nll":
-            total, count = head_nll(self.model, layers, batch, final, returns_tuple)
+            total, count = head_nll(self.handle, batch, final, returns_tuple)
             return total.item(), count
         if len(self._reference) < len(self.batches):  # the original network's pass (`_references`)
-            self._reference.append(reference_distribution(self.model, layers, batch, final, returns_tuple, KL_TOP_K))
+            self._reference.append(reference_distribution(self.handle, batch, final, returns_tuple, KL_TOP_K))
             return 0.0, int(self._reference[-1].rest_log_mass.numel())
-        total, count = head_kl(self.model, layers, batch, final, returns_tuple, self._reference[index])
+        total, count = head_kl(self.handle, batch, final, returns_tuple, self._reference[index])
         return total.item(), count
 
     def _references(self) -> None:
@@ -172,14 +170,14 @@ class RemovalLoss:
                 stored.setdefault(kept[position], []).append(output)
             return output
 
-        with skip_blocks(self.model, skipped, layers_path=self.layers_path):
-            layers = find_decoder_blocks(self.model, self.layers_path).layers
+        with skip_blocks(self.handle, skipped):
+            layers = self.handle.layers
             last = kept.index(stop) if stop is not None else len(kept) - 1
             for batch_index, batch in enumerate(self.batches):
                 with stubbed_blocks(layers, call):
-                    final, returns_tuple = output_of(self.model, layers[last], batch)
+                    final, returns_tuple = output_of(self.handle.model, layers[last], batch)
                 if stop is None:
-                    summed.append(self._loss(batch_index, layers, final, returns_tuple))
+                    summed.append(self._loss(batch_index, final, returns_tuple))
         self._outputs.update(stored)
         return None if stop is not None else _token_mean(summed, skipped)
 
@@ -206,7 +204,8 @@ class RemovalLoss:
 
 
 class BlockwiseRemovalLoss(RemovalLoss):
-    """`RemovalLoss` with one block on `device` at a time: every block's call (masks, position
+    """`RemovalLoss` with one block at a time on the handle's onload device (a model given as a
+    module: its input device, blocks moved from where they are): every block's call (masks, position
     embeddings) is recorded once per batch from the model's own forward with stubbed blocks, and
     a pass onloads each block it needs once, runs it on every batch and offloads it. The same
     numbers as the in-memory pass, since the kept blocks see the calls they see there.
@@ -216,23 +215,16 @@ class BlockwiseRemovalLoss(RemovalLoss):
     input per batch on `device` while a pass runs."""
 
     def __init__(
-        self,
-        model: nn.Module,
-        batches: Sequence[dict[str, torch.Tensor]],
-        layers_path: str | None = None,
-        objective: str = "nll",
-        *,
-        device: str | torch.device | None = None,
-        loader: BlockLoader | None = None,
+        self, model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]], objective: str = "nll",
     ) -> None:
-        super().__init__(model, batches, layers_path, objective)
-        self.layers = find_decoder_blocks(model, layers_path).layers
-        self.device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
-        self.loader = loader or getattr(model, BLOCK_LOADER_ATTRIBUTE, None) or MoveBlocks()
+        super().__init__(ModelHandle.of(model).one_block_at_a_time(), batches, objective)
+        self.layers = self.handle.layers
+        self.device = self.handle.onload_device
+        self.loader = self.handle.loader
         self._inputs: list[torch.Tensor] = []  # the first block's input for each batch
         self._calls = []
         for batch in self.batches:
-            first, calls = _record_calls(model, self.layers, batch, self.device)
+            first, calls = _record_calls(self.handle, batch)
             self._inputs.append(first)
             self._calls.append(calls)
         self._returns_tuple = False
@@ -255,7 +247,7 @@ class BlockwiseRemovalLoss(RemovalLoss):
                 self._outputs[index] = [state.cpu() for state in hidden]
         if stop is not None:
             return None
-        summed = [self._loss(b, self.layers, final.to(self.device), self._returns_tuple) for b, final in enumerate(hidden)]
+        summed = [self._loss(b, final.to(self.device), self._returns_tuple) for b, final in enumerate(hidden)]
         return _token_mean(summed, skipped)
 
 
@@ -267,27 +259,27 @@ class CompensatedRemovalLoss(RemovalLoss):
     measurement is a whole forward: a map changes the block before its run, so no kept output
     of the current network stays valid."""
 
-    def __init__(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], layers_path: str | None,
+    def __init__(self, model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]],
                  objective: str = "nll", *, method: str, ridge: float, fit_on: str) -> None:
-        super().__init__(model, batches, layers_path, objective)
+        super().__init__(model, batches, objective)
         self._unsharded = list(batches)  # the fit shards and reduces by itself
-        self._fit = dict(method=method, ridge=ridge, fit_on=fit_on, layers_path=layers_path)
+        self._fit = dict(method=method, ridge=ridge, fit_on=fit_on)
         self._runs: dict[tuple[int, int], Compensation] = {}  # fit_on="original": run -> its map
 
     def compensation(self, skipped: Sequence[int]) -> Compensation:
         if self._fit["fit_on"] == "pruned":
-            return fit_compensation(self.model, self._unsharded, skipped, **self._fit)
+            return fit_compensation(self.handle, self._unsharded, skipped, **self._fit)
         result = Compensation(self._fit["method"])
         for a, b in removed_runs(skipped):
             if (a, b) not in self._runs:
-                self._runs[a, b] = fit_compensation(self.model, self._unsharded, range(a, b + 1), **self._fit)
+                self._runs[a, b] = fit_compensation(self.handle, self._unsharded, range(a, b + 1), **self._fit)
             result.transforms.update(self._runs[a, b].transforms)
             result.fits.update(self._runs[a, b].fits)
         return result
 
     def loss_without(self, skipped: Sequence[int]) -> float:
         self._references()  # of the original network, uncompensated
-        with applied(self.model, self.compensation(skipped), self.layers_path):
+        with applied(self.handle, self.compensation(skipped)):
             return super().loss_without(skipped)
 
     def current(self) -> float:
@@ -299,13 +291,13 @@ class CompensatedRemovalLoss(RemovalLoss):
         return self.loss_without(self.removed + [block])
 
 
-def removal_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], config: Any, objective: str = "nll") -> RemovalLoss:
-    """The removal loss (`objective`) for how `config` (an SGLPConfig) runs `model`: with each candidate
-    compensated (`compensation_aware`); block by block under sequential onloading or with its
-    blocks on disk; else in the model's own forward."""
+def removal_loss(handle: ModelHandle, batches: Sequence[dict[str, torch.Tensor]], config: Any, objective: str = "nll") -> RemovalLoss:
+    """The removal loss (`objective`) of the handle's model: with each candidate compensated
+    (`config.compensation_aware`); block by block when its blocks run one at a time; else in the
+    model's own forward."""
     if config.compensation_aware:
-        return CompensatedRemovalLoss(model, batches, config.layers_path, objective, method=config.compensation,
+        return CompensatedRemovalLoss(handle, batches, objective, method=config.compensation,
                                       ridge=config.compensation_ridge, fit_on=config.compensation_fit)
-    if config.offload == "sequential" or hasattr(model, BLOCK_LOADER_ATTRIBUTE):
-        return BlockwiseRemovalLoss(model, batches, config.layers_path, objective, device=config.onload_device)
-    return RemovalLoss(model, batches, config.layers_path, objective)
+    if handle.blockwise:
+        return BlockwiseRemovalLoss(handle, batches, objective)
+    return RemovalLoss(handle, batches, objective)

@@ -103,7 +103,7 @@ def _subset_search(context: SelectionContext) -> Selection:
     """The paper's selection: in each segment keep the subset whose pruned network has the
     highest GradNorm (other segments intact)."""
     found = groups(context)
-    model, config, protected = context.model, context.config, context.protected
+    handle, config, protected = context.handle, context.config, context.protected
     batches = context.batches[: config.subset_batches]
     dropped: list[int] = []
     searched: dict[str, Any] = {}
@@ -117,8 +117,8 @@ def _subset_search(context: SelectionContext) -> Selection:
         scores = {}
         desc = f"SGLP subset search {segment[0]}-{segment[-1]}"
         for keep in tqdm(keep_sets, desc=desc, disable=not context.progress):
-            with skip_blocks(model, [i for i in segment if i not in keep], layers_path=config.layers_path):
-                scores[tuple(keep)] = network_gradnorm(model, batches)
+            with skip_blocks(handle, [i for i in segment if i not in keep]):
+                scores[tuple(keep)] = network_gradnorm(handle.model, batches)
         best = best_subset(scores)
         dropped += [i for i in segment if i not in best]
         searched[f"{segment[0]}-{segment[-1]}"] = {
