@@ -13,25 +13,24 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .model.blocks import text_config
 from .model.handle import ModelHandle
-from .passes.capture import BlockObserver, capture_blocks
+from .passes.capture import BlockObserver
 from .passes.checkpoint import StatisticsCheckpoint, fingerprint
 from .statistics.cka import MinibatchCKA
 from .recovery.block_recovery import BlockRecovery, recover_blocks
 from .recovery.compensate import Compensation, applied, fit_compensation, fold
 from .config import ConfigError, SGLPConfig
 from .data import CalibrationSet, prepare_calibration
-from .passes.head import backward_through_head, output_of
 from .selection.loss_check import sequences_read
 from .explain import chosen_by, stages
 from .passes.distributed import all_reduce_state, is_main_process, rank, world_size
@@ -39,9 +38,9 @@ from .plan import PruningPlan
 from .output import verify
 from .model.rewrite import SGLP_CONFIG_KEY, removing_blocks
 from .statistics.score import BlockGradNorms, GateScores
-from .passes.loss import activation_checkpointing, grad_only_for
 from .stability import choice_stability
 from .selection.registry import SelectionContext, selector_for
+from .passes.hooked import hooked_pass
 from .passes.sequential import sequential_pass
 from .model.offload import BLOCK_LOADER_ATTRIBUTE
 
@@ -131,7 +130,8 @@ def collect_block_statistics(
     the sums are reduced; with `config.checkpoint_dir` the sums are saved as the pass goes and a
     rerun resumes from them (sglp_llm.passes.checkpoint). Either way the statistics are those of one
     uninterrupted single-process pass. The blocks run as the handle runs them: one at a time
-    (sglp_llm.passes.sequential), or in the model's own forward with hooks on them."""
+    (sglp_llm.passes.sequential), or in the model's own forward with hooks on them
+    (sglp_llm.passes.hooked)."""
     started = time.perf_counter()
     handle = ModelHandle.for_config(model, config)
     model, layers = handle.model, handle.layers
@@ -163,10 +163,6 @@ def collect_block_statistics(
     todo = range(done + me, len(batches), world)
     observers: list[BlockObserver] = [_AtIndices(cka, todo)] + ([score] if score is not None else [])
 
-    def feed(index: int, block_input: torch.Tensor, block_output: torch.Tensor) -> None:
-        for observer in observers:
-            observer.on_block(index, block_input, block_output)
-
     def summed() -> dict[str, dict]:
         return {name: all_reduce_state(a.state_dict()) for name, a in accumulators.items()}
 
@@ -174,48 +170,22 @@ def collect_block_statistics(
         if store is not None and is_main_process():
             store.save(batches_done, state)
 
-    device = handle.input_device
+    def checkpoint(own_done: int) -> None:
+        """After this process's own_done-th batch: the round of world_size batches it ended
+        (every round but the last has one batch per process) may be due for a checkpoint."""
+        start = done + (own_done - 1) * world
+        finished = min(start + world, len(batches))
+        every = config.checkpoint_every
+        if store is not None and finished < len(batches) and finished // every > start // every:
+            save(finished, summed())  # every process takes part in the reduction
+
+    # how the batches run is the handle's: one block at a time, or the model's own forward
+    run = (partial(sequential_pass, hidden_states=config.hidden_states, hidden_states_dir=config.hidden_states_dir)
+           if handle.blockwise else
+           partial(hooked_pass, gradient_checkpointing=config.gradient_checkpointing, after_batch=checkpoint))
     with eval_mode(model):
-        if handle.blockwise:
-            if todo:
-                sequential_pass(
-                    handle, [batches[i] for i in todo], observers, grads, gates,
-                    hidden_states=config.hidden_states, hidden_states_dir=config.hidden_states_dir, progress=progress,
-                )
-        else:
-            with ExitStack() as stack:
-                stack.enter_context(capture_blocks(layers, feed))
-                if gates is None:  # no loss needed: the forward stops after the last block
-                    stack.enter_context(torch.no_grad())
-                else:
-                    stack.enter_context(grad_only_for(model, grads.parameters() if grads is not None else ()))
-                    stack.enter_context(gates.hooks(layers))
-                    if grads is not None:
-                        stack.enter_context(grads.hooks())
-                    if config.gradient_checkpointing:
-                        stack.enter_context(activation_checkpointing(handle))
-                # one round: batches start .. start + world - 1, one per process
-                for start in tqdm(range(done, len(batches), world), desc="SGLP calibration", disable=not progress):
-                    if start + me < len(batches):
-                        batch = to_device(batches[start + me], device)
-                        mask = batch["attention_mask"].bool()
-                        for observer in observers:
-                            observer.start_batch(mask)
-                        if gates is not None:
-                            gates.start_batch(mask)
-                        final, returns_tuple = output_of(model, layers[-1], batch)
-                        for observer in observers:
-                            observer.finish_batch()
-                        if gates is not None:
-                            backward_through_head(handle, batch, final, returns_tuple)
-                        if grads is not None:
-                            grads.end_batch()
-                        if gates is not None:
-                            gates.check_finite()
-                    finished = min(start + world, len(batches))
-                    every = config.checkpoint_every
-                    if store is not None and finished < len(batches) and finished // every > start // every:
-                        save(finished, summed())  # every process takes part in the reduction
+        if todo:
+            run(handle, [batches[i] for i in todo], observers, grads, gates, progress=progress)
     state = summed()
     save(len(batches), state)  # a rerun, e.g. after a failed selection, skips the whole pass
     for name, accumulator in accumulators.items():

@@ -12,7 +12,8 @@ from torch import nn
 
 from sglp_llm import ConfigError, SGLPConfig, analyze
 from sglp_llm.api import statistics_key
-from sglp_llm.model.blocks import find_decoder_blocks
+from sglp_llm.model.blocks import DecoderBlocks, find_decoder_blocks
+from sglp_llm.model.handle import ModelHandle
 from sglp_llm.passes.capture import capture_blocks
 from sglp_llm.statistics.cka import MinibatchCKA
 from sglp_llm.cli import build_parser, resolve_settings
@@ -258,7 +259,9 @@ def test_blocks_that_return_tuples():
                 loss.backward()
                 plain_grads.end_batch()
     cka, grads, gates = MinibatchCKA(4, minibatch_tokens=16), BlockGradNorms.for_blocks(model.layers), GateScores(4)
-    assert sequential_pass(model, batches, [cka], grads, gates, progress=False) == len(batches)
+    # a module with no transformers config: its blocks are named, not found
+    handle = ModelHandle(model, DecoderBlocks(path="layers", parent=model, attribute="layers", config=None))
+    assert sequential_pass(handle, batches, [cka], grads, gates, progress=False) == len(batches)
     torch.testing.assert_close(cka.compute(), plain_cka.compute(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grads.compute(), plain_grads.compute(), rtol=1e-4, atol=0)
     for name, value in gates.compute().items():
