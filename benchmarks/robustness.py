@@ -62,11 +62,15 @@ METHODS = {
     "default-mixed": {CALIBRATION: ["docstrings", "python-reference"]},
     # the reference's signal needs more than the loss check's 8 windows: every calibration token
     "reference-all-tokens": {CALIBRATION: ["python-reference"], "loss_tokens": 10**9},
+    # the default on the mixed text, its choice put against block influence's and angular's on the
+    # calibration tokens after the loss check's (decide_among; benchmarks/pool_decision.py measured it offline)
+    "decide-mixed": {CALIBRATION: ["docstrings", "python-reference"], "decide_among": ["block-influence", "angular"]},
     "block-influence": {"method": "block-influence"},
     "angular": {"method": "angular"},
     "sleb": SLEB,
 }
-GREEDY = {name for name, settings in METHODS.items() if "method" not in settings}
+# one run at the deepest drop serves every drop (its first n steps): the loss check alone
+GREEDY = {name for name, settings in METHODS.items() if "method" not in settings and "decide_among" not in settings}
 
 
 def _calibration(tokenizer, config: SGLPConfig, names: list[str]) -> CalibrationSet:

@@ -10,6 +10,7 @@ blocks (sglp_llm.selection.registry): SGLP's groups and rules (sglp_llm.selectio
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -39,7 +40,8 @@ from .output import verify
 from .model.rewrite import SGLP_CONFIG_KEY, removing_blocks
 from .statistics.score import BlockGradNorms, GateScores
 from .stability import choice_stability
-from .selection.registry import SelectionContext, selector_for
+from .selection.decide import decide
+from .selection.registry import Selection, SelectionContext, selector_for
 from .passes.hooked import hooked_pass
 from .passes.sequential import sequential_pass
 from .model.offload import BLOCK_LOADER_ATTRIBUTE
@@ -292,6 +294,10 @@ def _analyze(
     spent = elapsed - sum(selection.timings.values())
     timings["selection_s"] = spent if selection.seconds is None else selection.seconds
     reused_seconds += timings["selection_s"] - spent
+    if config.decide_among:
+        t = time.perf_counter()
+        selection, extra["decision"] = _decide_among_peers(handle, calibration, config, tokenizer, cache, context, selection)
+        timings["decision_s"] = time.perf_counter() - t
     # work reused from the cache took no time now, but belongs to the cost of this analysis
     timings["total_s"] = time.perf_counter() - start + reused_seconds
 
@@ -330,6 +336,26 @@ def _analyze(
         if "seconds" in plan.extra["stability"]:
             plan.timings["stability_s"] = plan.extra["stability"]["seconds"]
     return plan, calibration
+
+
+def _decide_among_peers(
+    handle: ModelHandle, calibration: CalibrationSet, config: SGLPConfig, tokenizer: Any, cache: dict,
+    context: SelectionContext, selection: Selection,
+) -> tuple[Selection, dict[str, Any]]:
+    """SGLP's choice against those of the peers `config.decide_among` names, each analysed on the
+    same calibration (their statistics passes kept in the cache), decided on the calibration
+    tokens after the loss check's (sglp_llm.selection.decide)."""
+    peers = {
+        method: _analyze(handle, calibration, config.replace(method=method, decide_among=[], stability_check=False),
+                         tokenizer, False, cache)[0].dropped
+        for method in config.decide_among
+    }
+    with eval_mode(handle.model):
+        winner, record = decide(handle, context.batches, {config.method: selection.dropped, **peers}, config.loss_tokens)
+    if winner != config.method:
+        drops = [sum(b in segment for b in peers[winner]) for segment in selection.segments] if selection.segments else None
+        selection = dataclasses.replace(selection, dropped=sorted(peers[winner]), drops=drops)
+    return selection, record
 
 
 def count_parameters(model: nn.Module) -> int:

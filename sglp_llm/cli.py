@@ -167,6 +167,10 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     method.add_argument("--loss-confirm", type=int,
                         help="at each removal, measure the loss check's K best candidates on the next --loss-tokens "
                              "calibration tokens, held back from the search, and remove the best there (default 1: off)")
+    method.add_argument("--decide-among", nargs="+", choices=[m for m in METHODS if m != "sglp"], metavar="PEER",
+                        help="peers whose choices compete with SGLP's (e.g. block-influence angular): the set "
+                             "with the lowest calibration loss on the tokens after --loss-tokens goes "
+                             "(benchmarks/results/pool-decision.md; off by default)")
     method.add_argument("--loss-bound", choices=LOSS_BOUNDS,
                         help="the loss check's lazy bound: local (default), stale or marginal")
     method.add_argument("--loss-screen", choices=LOSS_SCREENS,

@@ -150,7 +150,7 @@ class SGLPConfig(SettingsFile):
                         "batch_size", "seed"),
         "selection": ("scoring", "gradient_score", "groups", "num_segments", "allocation", "protect_first",
                       "protect_last", "layers_path"),
-        "loss_check": ("loss_candidates", "loss_tokens", "loss_objective", "loss_beam", "loss_confirm"),
+        "loss_check": ("loss_candidates", "loss_tokens", "loss_objective", "loss_beam", "loss_confirm", "decide_among"),
         "memory": ("offload", "onload_device", "hidden_states", "hidden_states_dir", "cka_max_tokens_per_batch",
                    "gradient_checkpointing", "checkpoint_dir", "checkpoint_every"),
         "recovery": ("compensation", "compensation_ridge", "compensation_aware", "recover", "recover_steps",
@@ -246,6 +246,10 @@ class SGLPConfig(SettingsFile):
     # 1: the greedy step takes the search's best candidate; k > 1: its k best are measured on the
     # held-back tokens (as loss_beam's) and the best there goes
     loss_confirm: int = 1
+    # peers (e.g. block-influence, angular) whose choices compete with SGLP's: the set whose removal
+    # leaves the lowest calibration loss on every calibration token after the loss check's wins
+    # (benchmarks/results/pool-decision.md; not the default: it spoils two measured cells)
+    decide_among: list[str] = field(default_factory=list)
     # re-measure only the most promising candidate's loss at each step (see api._loss_check)
     loss_lazy: bool = True
     # the lazy lower bound: "stale" (the earlier loss), "marginal" (current loss + the earlier
@@ -510,6 +514,18 @@ class SGLPConfig(SettingsFile):
             raise ConfigError(
                 f"loss_beam={self.loss_beam} searches removal sets over the whole stack with the loss check: it needs "
                 "method sglp, scoring loss and no groups; use loss_beam: 1 for the other choices."
+            )
+        if not isinstance(self.decide_among, (list, tuple)) or not all(isinstance(m, str) for m in self.decide_among):
+            raise ConfigError(f"`decide_among` lists peer methods, e.g. [block-influence, angular]; got {self.decide_among!r}.")
+        self.decide_among = list(self.decide_among)
+        peers = [m for m in METHODS if m != "sglp"]
+        wrong = [m for m in self.decide_among if m not in peers]
+        if wrong or len(set(self.decide_among)) < len(self.decide_among):
+            raise ConfigError(f"`decide_among` lists each peer once, among {', '.join(peers)}; got {self.decide_among!r}.")
+        if self.decide_among and self.method != "sglp":
+            raise ConfigError(
+                f"decide_among puts peers' choices against SGLP's; with method {self.method!r} there is none: "
+                "use method sglp, or leave decide_among empty."
             )
         if self.loss_beam > 1 and self.loss_confirm > 1:
             raise ConfigError("loss_beam and loss_confirm are two ways to decide on held-back tokens: set one of them.")

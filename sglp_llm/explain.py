@@ -42,6 +42,13 @@ def stages(config: dict[str, Any]) -> list[str]:
     """The stages a run with these settings (SGLPConfig.to_dict()) performs, in order."""
     compensation = config.get("compensation", "none")
     choice = _choice_stages(config)
+    if config.get("decide_among"):
+        peers = "; ".join(f"{m} ({PEER_TEXT[m]})" for m in config["decide_among"])
+        choice.append(
+            f"decision: the choice above against the peers' ({peers}), each on the same calibration; the set "
+            f"whose removal leaves the lowest calibration loss on every calibration token after the first "
+            f"{config.get('loss_tokens')} (which the loss check did not read) goes"
+        )
     if config.get("recover", "none") == "blocks":
         choice.append(
             "recovery: each kept block that feeds a removed run trained (all its weights, "
@@ -139,6 +146,21 @@ def loss_name(config: dict[str, Any]) -> str:
 
 def chosen_by(plan: Any) -> dict[int, str]:
     """For each dropped block of `plan` (a PruningPlan), what chose it."""
+    decision = plan.extra.get("decision")
+    if not decision:
+        return _chosen_by(plan)
+    losses = {name: c["held_back_loss"] for name, c in decision["candidates"].items()}
+    chosen = decision["chosen"]
+    others = ", ".join(f"{name}'s {decision['candidates'][name]['dropped']} {loss:.4f}"
+                       for name, loss in losses.items() if name != chosen)
+    why = (f"held-back calibration loss {losses[chosen]:.4f} on {decision['held_back_tokens']} tokens, "
+           f"against {others}")
+    if chosen == plan.config.get("method", "sglp"):
+        return {block: f"{reason}; kept over the peers by the {why}" for block, reason in _chosen_by(plan).items()}
+    return {block: f"{chosen}'s choice ({PEER_TEXT[chosen]}), taken over SGLP's by the {why}" for block in plan.dropped}
+
+
+def _chosen_by(plan: Any) -> dict[int, str]:
     config, dropped = plan.config, plan.dropped
     method = config.get("method", "sglp")
     if method == "sleb":

@@ -166,6 +166,7 @@ def sequences_read(config: Any, batches: list[dict[str, Any]]) -> int | None:
     reads_only_losses = (
         config.method == "sglp" and config.scoring == "loss" and not config.uses_groups
         and config.loss_candidates == "all" and config.first_step_screen != "taylor" and not config.compensation_aware
+        and not config.decide_among  # the peers' statistics read every sequence
     )
     if not reads_only_losses:
         return None

@@ -144,6 +144,8 @@ def _loss(context: SelectionContext) -> Selection:
 
 
 LOSS_SETTINGS = ("loss_candidates", "loss_tokens", "loss_objective", "loss_beam", "loss_confirm", "loss_lazy", "loss_bound", "loss_screen", "loss_screen_samples")
-register("sglp-block", Selector(None, _per_block, (*GROUP_SETTINGS, "gradient_score")))
-register("sglp-subset", Selector(None, _subset_search, (*GROUP_SETTINGS, "max_candidates", "subset_batches")))
-register("sglp-loss", Selector(None, _loss, (*GROUP_SETTINGS, "gradient_score", *LOSS_SETTINGS)))
+# every SGLP choice may be put against peers' on held-back tokens (analyze; sglp_llm.selection.decide)
+DECISION_SETTINGS = ("decide_among", "loss_tokens")
+register("sglp-block", Selector(None, _per_block, (*GROUP_SETTINGS, "gradient_score", *DECISION_SETTINGS)))
+register("sglp-subset", Selector(None, _subset_search, (*GROUP_SETTINGS, "max_candidates", "subset_batches", *DECISION_SETTINGS)))
+register("sglp-loss", Selector(None, _loss, (*GROUP_SETTINGS, "gradient_score", *LOSS_SETTINGS, "decide_among")))
