@@ -66,9 +66,21 @@ def _close(actual, expected, where: str) -> None:
         assert actual == expected, (where, actual, expected)
 
 
+def _without_settings_added_since(actual: dict, expected: dict) -> dict:
+    """`actual` less the settings the golden file predates, where they hold their defaults (a
+    setting added later, left at its default, must change nothing else)."""
+    defaults = SGLPConfig(drop=1).to_dict()
+    config = dict(actual["report"]["config"])
+    for key in set(config) - set(expected["report"]["config"]):
+        if key in defaults and config[key] == defaults[key]:
+            del config[key]
+    return {**actual, "report": {**actual["report"], "config": config}}
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_outputs_match_the_commit_before_the_move(case, tmp_path):
-    _close(outputs(case, tmp_path / case), json.loads(GOLDEN.read_text())[case], case)
+    expected = json.loads(GOLDEN.read_text())[case]
+    _close(_without_settings_added_since(outputs(case, tmp_path / case), expected), expected, case)
 
 
 if __name__ == "__main__":
