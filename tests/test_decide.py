@@ -96,3 +96,12 @@ def test_the_choice_reads_every_sequence_when_peers_decide():
     plain = SGLPConfig(drop=1, **CONFIG)
     assert sequences_read(plain, _batches()) == 4
     assert sequences_read(plain.replace(decide_among=["angular"]), _batches()) is None
+
+
+def test_halves_too_short_to_decide_leave_the_choice_standing_unchecked():
+    model = tiny_model("llama", num_layers=6)
+    # 8 sequences: the whole holds 4 after the loss check's; each half holds none
+    config = SGLPConfig(drop=2, decide_among=["angular"], **{**CONFIG, "n_samples": 8, "stability_check": True})
+    plan = analyze(model, _batches()[:4], config, progress=False)
+    assert plan.extra["decision"]["held_back_tokens"] == 4 * 16
+    assert plan.extra["stability"]["agreement"] is None and "decide_among" in plan.extra["stability"]["reason"]
