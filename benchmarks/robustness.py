@@ -34,6 +34,8 @@ from sglp_llm.model.loading import load_model
 SOURCES = {"fortunes": FORTUNES, "paragraphs": None, "licences": LICENSES}  # None: the built-in evaluation text
 # a method's calibration text when it is not the docstrings: names of CALIBRATION_TEXTS, windows split evenly
 CALIBRATION = "calibration"
+# a method's loss tokens when more than the default calibration holds: the windows it needs are drawn
+BUDGET = "loss_budget"
 CALIBRATION_TEXTS = {
     "docstrings": lambda: default_texts()[0],
     "python-reference": lambda: list(pydoc_data.topics.topics.values()),
@@ -65,6 +67,12 @@ METHODS = {
     # the default on the mixed text, its choice put against block influence's and angular's on the
     # calibration tokens after the loss check's (decide_among; benchmarks/pool_decision.py measured it offline)
     "decide-mixed": {CALIBRATION: ["docstrings", "python-reference"], "decide_among": ["block-influence", "angular"]},
+    # more loss tokens of the same text (the loss check measures every removal on this many; the
+    # calibration draws as many windows as they take, at least the default 32)
+    "tokens-8k": {BUDGET: 8192},
+    "tokens-32k": {BUDGET: 32768},
+    # 8192 loss tokens at the head cost of 2048: the head scores a quarter of each window's positions
+    "positions-8k": {BUDGET: 8192, "loss_positions": 0.25},
     "block-influence": {"method": "block-influence"},
     "angular": {"method": "angular"},
     "sleb": SLEB,
@@ -113,11 +121,15 @@ def run_model(name: str, methods: list[str], eval_max_texts: int, settings: list
             run: dict = {"dropped": {}, "seconds": {}}
             settings = dict(METHODS[method])
             texts = settings.pop(CALIBRATION, None)
+            budget = settings.pop(BUDGET, None)
             own = _calibration(tokenizer, calibration_config, texts) if texts else calibration
+            if budget:
+                settings.update(loss_tokens=budget, n_samples=max(calibration_config.n_samples, -(-budget // seq_len)))
+                own = prepare_calibration(None, tokenizer, calibration_config.replace(n_samples=settings["n_samples"]))
             for drop in ([drops[-1]] if method in GREEDY else drops):
                 started = time.perf_counter()
                 plan = analyze(model, own, calibration_config.replace(drop=drop, **settings),
-                               progress=False, statistics_cache=None if texts else statistics)
+                               progress=False, statistics_cache=None if texts or budget else statistics)
                 seconds = time.perf_counter() - started
                 if method in GREEDY:
                     order = [step["block"] for step in plan.extra["loss_check"]["steps"]]

@@ -206,10 +206,6 @@ def collect_block_statistics(
     )
 
 
-def _protected(num_blocks: int, config: SGLPConfig) -> set[int]:
-    return set(range(config.protect_first)) | set(range(num_blocks - config.protect_last, num_blocks))
-
-
 def analyze(
     model: nn.Module | ModelHandle,
     calibration: Any = None,
@@ -243,7 +239,7 @@ def _analyze(
     model, blocks = handle.model, handle.blocks
     num_blocks = len(blocks.layers)
     n_drop = config.resolve_drop(num_blocks)
-    protected = _protected(num_blocks, config)
+    protected = config.protected_blocks(num_blocks)
     cache = {} if statistics_cache is None else statistics_cache
     # a family the rewrite cannot handle is refused before the long work (once per model)
     if config.verify and cache.setdefault(("preflight", blocks.path), None) is None:

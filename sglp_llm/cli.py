@@ -44,7 +44,7 @@ EVERYDAY = {
     "--model", "--dtype", "--device-map", "--recipe", "--trust-remote-code", "--drop", "--ratio", "--method",
     "--dataset", "--dataset-config", "--split", "--text-column", "--seq-len", "--n-samples", "--seed",
     "--offload", "--blocks-on-disk", "--output", "--overwrite", "--push-to-hub", "--public", "--eval-dataset",
-    "--eval-tasks", "--heal", "--report", "--no-progress", "--plan-memory", "--help-all",
+    "--eval-tasks", "--heal", "--report", "--no-progress", "--plan-memory", "--plan-time", "--help-all",
 }
 
 
@@ -158,6 +158,9 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     method.add_argument("--loss-tokens", type=int,
                         help="calibration tokens each loss-check candidate is scored on, whatever the batch size "
                              "(default 2048)")
+    method.add_argument("--loss-positions", type=float,
+                        help="share of each loss window's positions whose loss the head scores (seeded, spread "
+                             "evenly; the blocks still run on all): cheaper with a large vocabulary (default 1)")
     method.add_argument("--loss-objective", choices=LOSS_OBJECTIVES,
                         help="what a removal's loss is: nll (the calibration text's next tokens, SLEB's) or kl "
                              "(the divergence from the original model's next-token distribution)")
@@ -260,6 +263,12 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     analyze.add_argument("--plan-memory", action="store_true",
                          help="print the predicted peak memory per device of this run (and of writing the "
                               "pruned model) from the model's config alone, without loading any weight")
+    analyze.add_argument("--plan-time", action="store_true",
+                         help="print the predicted compute time of this analysis, from the model's config and a "
+                              "throughput measured in a few seconds on a one-block copy with random weights "
+                              "(or --throughput), without loading any weight")
+    analyze.add_argument("--throughput", type=float, metavar="TFLOPS",
+                         help="with --plan-time: the sustained TFLOP/s of the device that will run it, instead of measuring")
     if not show_all:
         _everyday_help(prune)
         _everyday_help(analyze)
@@ -531,23 +540,50 @@ def _format_count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
 
 
-def _plan_memory(run: dict[str, Any], config: SGLPConfig, report: Path | None) -> int:
-    """`analyze --plan-memory`: the memory plan of this run, from the model's config only."""
+def _planned_run(run: dict[str, Any], config: SGLPConfig) -> tuple[Any, SGLPConfig, Any, str]:
+    """The model's config (no weights read), the settings after choosing devices, the dtype the
+    run computes in and where its blocks run."""
     import torch
 
     from .model.devices import choose_devices
     from .model.loading import load_model_config, resolve_dtype
-    from .passes.memory_plan import plan_memory
 
     run, config, _ = choose_devices(run, config, torch.cuda.device_count())
     model_config = load_model_config(run.get("model"), trust_remote_code=bool(run.get("trust_remote_code", False)))
-    source = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None) or torch.float32
-    source = getattr(torch, source) if isinstance(source, str) else source
     dtype = resolve_dtype(run.get("dtype", "auto"))
-    dtype = source if dtype == "auto" else dtype
+    dtype = _source_dtype(model_config) if dtype == "auto" else dtype
     device = config.onload_device or ("cpu" if run.get("device_map") in (None, "cpu") else "cuda:0")
-    plan = plan_memory(model_config, config, dtype=dtype, source_dtype=source, execution_device=device,
+    return model_config, config, dtype, device
+
+
+def _source_dtype(model_config: Any) -> Any:
+    import torch
+
+    source = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None) or torch.float32
+    return getattr(torch, source) if isinstance(source, str) else source
+
+
+def _plan_memory(run: dict[str, Any], config: SGLPConfig, report: Path | None) -> int:
+    """`analyze --plan-memory`: the memory plan of this run, from the model's config only."""
+    from .passes.memory_plan import plan_memory
+
+    model_config, config, dtype, device = _planned_run(run, config)
+    plan = plan_memory(model_config, config, dtype=dtype, source_dtype=_source_dtype(model_config), execution_device=device,
                        blocks_on_disk=bool(run.get("blocks_on_disk")), write=True)
+    print(plan.text())
+    if report is not None:
+        report.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def _plan_time(run: dict[str, Any], config: SGLPConfig, throughput: float | None, report: Path | None) -> int:
+    """`analyze --plan-time`: the predicted compute time of this analysis, from the model's config."""
+    from .time_plan import measure_throughput, plan_time, throughput_from_flops
+
+    model_config, config, dtype, device = _planned_run(run, config)
+    rate = (throughput_from_flops(model_config, throughput * 1e12, config.seq_len, config.layers_path) if throughput else
+            measure_throughput(model_config, dtype=dtype, device=device, seq_len=config.seq_len, layers_path=config.layers_path))
+    plan = plan_time(model_config, config, rate)
     print(plan.text())
     if report is not None:
         report.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
@@ -561,6 +597,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     run, config = resolve_settings(args)
     if args.plan_memory:
         return _plan_memory(run, config, args.report)
+    if args.plan_time:
+        return _plan_time(run, config, args.throughput, args.report)
     loaded, config = _load(run, config)
     if config.dataset is None:
         print("No --dataset given: calibrating on the built-in English text.", file=sys.stderr)

@@ -150,7 +150,8 @@ class SGLPConfig(SettingsFile):
                         "batch_size", "seed"),
         "selection": ("scoring", "gradient_score", "groups", "num_segments", "allocation", "protect_first",
                       "protect_last", "layers_path"),
-        "loss_check": ("loss_candidates", "loss_tokens", "loss_objective", "loss_beam", "loss_confirm", "decide_among"),
+        "loss_check": ("loss_candidates", "loss_tokens", "loss_positions", "loss_objective", "loss_beam", "loss_confirm",
+                       "decide_among"),
         "memory": ("offload", "onload_device", "hidden_states", "hidden_states_dir", "cka_max_tokens_per_batch",
                    "gradient_checkpointing", "checkpoint_dir", "checkpoint_every"),
         "recovery": ("compensation", "compensation_ridge", "compensation_aware", "recover", "recover_steps",
@@ -237,6 +238,10 @@ class SGLPConfig(SettingsFile):
     # check compares, whatever the batch size; 2048 = the measured default of 2 batches of
     # 4 x 256 tokens (benchmarks/results/quality.md)
     loss_tokens: int = 2048
+    # the share of each loss window's positions whose next-token loss the head scores (seeded,
+    # spread evenly, the same for every candidate): the blocks still run on every position, the
+    # head, most of a measurement with a large vocabulary (Gemma-3: 262k), on this share only
+    loss_positions: float = 1.0
     # what a removal's loss is: "nll", the next-token NLL of the calibration text (SLEB's), or
     # "kl", the KL divergence from the original model's next-token distribution on it
     loss_objective: str = "nll"
@@ -529,6 +534,9 @@ class SGLPConfig(SettingsFile):
             )
         if self.loss_beam > 1 and self.loss_confirm > 1:
             raise ConfigError("loss_beam and loss_confirm are two ways to decide on held-back tokens: set one of them.")
+        if isinstance(self.loss_positions, bool) or not isinstance(self.loss_positions, (int, float)) or not 0 < self.loss_positions <= 1:
+            raise ConfigError(f"`loss_positions` is the share of each window's positions the loss check scores, in (0, 1]; "
+                              f"got {self.loss_positions!r}.")
         if self.loss_objective not in LOSS_OBJECTIVES:
             raise ConfigError(f"`loss_objective` must be one of {LOSS_OBJECTIVES}, got {self.loss_objective!r}.")
         for name in ("protect_first", "protect_last", "loss_screen_samples"):
@@ -546,6 +554,10 @@ class SGLPConfig(SettingsFile):
             raise ConfigError(
                 f"`checkpoint_every` must be a positive integer (batches between saves), got {self.checkpoint_every!r}."
             )
+
+    def protected_blocks(self, num_blocks: int) -> set[int]:
+        """The blocks no method may drop: the first `protect_first` and the last `protect_last`."""
+        return set(range(self.protect_first)) | set(range(num_blocks - self.protect_last, num_blocks))
 
     def resolve_drop(self, num_blocks: int) -> int:
         """The number of blocks to remove from a model with `num_blocks` blocks."""

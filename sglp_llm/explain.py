@@ -114,10 +114,12 @@ def _score_and_choice(config: dict[str, Any], settings: SGLPConfig) -> list[str]
             None: "",
         }[settings.first_step_screen]
         tokens = config.get("loss_tokens")
+        positions = config.get("loss_positions", 1.0)
+        measured_on = f"{tokens} tokens" + (f", the head scoring {positions:.0%} of each window's positions" if positions < 1 else "")
         if config.get("loss_beam", 1) > 1:
             lines.append(
                 f"choice: a beam of the {config['loss_beam']} removal sets with the lowest {loss_name(config)} "
-                f"({tokens} tokens), among {pool}; the final choice among them by the same loss on the next "
+                f"({measured_on}), among {pool}; the final choice among them by the same loss on the next "
                 f"{tokens} calibration tokens, held back from the search"
             )
         else:
@@ -126,7 +128,7 @@ def _score_and_choice(config: dict[str, Any], settings: SGLPConfig) -> list[str]
                     "held back from the search, and the best there goes") if confirm > 1 else ""
             lines.append(
                 f"choice: one removal at a time, the candidate whose removal leaves the lowest {loss_name(config)} "
-                f"({tokens} tokens), among {pool}{share}{screen}{held}"
+                f"({measured_on}), among {pool}{share}{screen}{held}"
             )
     elif scoring == "block":
         lines.append("choice: the lowest-scored blocks of each group by the gradient score alone, drops per group "

@@ -136,3 +136,72 @@ def test_a_branch_measures_its_own_set_and_leaves_its_parent_alone():
     assert (parent.removed, child.removed) == ([], [3])
     assert child.measure(1) == pytest.approx(calibration_nll(model, batches, [3, 1]), rel=1e-6)
     assert parent.measure(1) == pytest.approx(calibration_nll(model, batches, [1]), rel=1e-6)
+
+
+def test_a_position_sample_takes_one_position_from_each_of_equal_strata():
+    from sglp_llm.passes.head import position_sample
+
+    assert position_sample(255, 1.0, seed=0) is None
+    sample = position_sample(255, 0.25, seed=3)
+    assert len(sample) == 64 and torch.equal(sample, position_sample(255, 0.25, seed=3))
+    edges = [i * 255 // 64 for i in range(65)]
+    assert all(edges[i] <= int(p) < edges[i + 1] for i, p in enumerate(sample))
+    assert not torch.equal(sample, position_sample(255, 0.25, seed=4))
+    assert len(position_sample(6, 0.01, seed=0)) == 1
+
+
+def _nll_at(model, batches, skipped, positions):
+    """The mean next-token NLL over each batch's `positions` only (non-padding), from full logits."""
+    total = count = 0.0
+    with torch.no_grad(), skip_blocks(model, skipped):
+        for batch, scored in zip(batches, positions):
+            logits = model(**batch).logits[:, :-1][:, scored]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:][:, scored], reduction="none")
+            mask = batch["attention_mask"][:, 1:][:, scored].bool()
+            total += nll[mask].sum().item()
+            count += mask.sum().item()
+    return total / count
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_a_head_on_some_positions_scores_the_loss_at_those_positions(family, monkeypatch):
+    """The same positions for every candidate (the padded batch's too), whatever the chunking of
+    the head and whether the blocks run in the model's forward or one at a time."""
+    import sglp_llm.passes.head as head
+    from sglp_llm.passes.head import position_sample
+    from sglp_llm.selection.removal import BlockwiseRemovalLoss
+    from tiny_models import VOCAB
+
+    model, batches = tiny_model(family, num_layers=6), _batches()
+    positions = [position_sample(13, 0.3, seed=5 + i) for i in range(2)]
+    removal = RemovalLoss(model, batches, position_share=0.3, seed=5)
+    blockwise = BlockwiseRemovalLoss(model, batches, position_share=0.3, seed=5)
+    assert removal.current() == pytest.approx(_nll_at(model, batches, [], positions), rel=1e-6)
+    monkeypatch.setattr(head, "MAX_LOGITS_BYTES", 2 * 3 * VOCAB * 4)  # chunks of 2 positions
+    for block in (3, 1):
+        expected = _nll_at(model, batches, removal.removed + [block], positions)
+        assert removal.measure(block) == pytest.approx(expected, rel=1e-6)
+        assert blockwise.measure(block) == pytest.approx(expected, rel=1e-5)
+        removal.remove(block), blockwise.remove(block)
+    assert removal.measure(4) != pytest.approx(calibration_nll(model, batches, [3, 1, 4]), rel=1e-3)
+
+
+def test_the_kl_objective_on_some_positions_is_the_kl_there(monkeypatch):
+    import sglp_llm.selection.removal as removal_module
+    from sglp_llm.passes.head import position_sample
+    from tiny_models import VOCAB
+
+    monkeypatch.setattr(removal_module, "KL_TOP_K", VOCAB)
+    model, batches = tiny_model("llama", num_layers=5), _batches()
+    total = count = 0.0
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            scored = position_sample(13, 0.5, seed=7 + i)
+            mask = batch["attention_mask"][:, 1:][:, scored].bool()
+            p = torch.log_softmax(model(**batch).logits[:, :-1][:, scored][mask].double(), -1)
+            with skip_blocks(model, [2]):
+                q = torch.log_softmax(model(**batch).logits[:, :-1][:, scored][mask].double(), -1)
+            total += (p.exp() * (p - q)).sum().item()
+            count += mask.sum().item()
+    measured = RemovalLoss(model, batches, objective="kl", position_share=0.5, seed=7).measure(2)
+    assert measured == pytest.approx(total / count, rel=1e-4)

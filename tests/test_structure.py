@@ -19,7 +19,7 @@ LAYERS = [
     ("selection",),
     ("output",),
     ("evaluation",),
-    ("api", "heal", "compare"),  # the entry points
+    ("api", "heal", "compare", "time_plan"),  # the entry points (and the time plan of one)
     ("cli",),
     ("",),  # the package itself (sglp_llm/__init__.py: the public API)
 ]

@@ -58,19 +58,35 @@ def _head_logits(
     final: torch.Tensor,
     returns_tuple: bool,
     max_logits_bytes: int | None,
+    positions: torch.Tensor | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The head's logits on `final` a chunk of positions at a time: (positions, logits
-    [batch, len(positions), vocab]) for every position that predicts a next token."""
+    [batch, len(positions), vocab]) for every position that predicts a next token, or only for
+    `positions` (sorted)."""
     model = handle.model
     input_ids = batch["input_ids"]
     n_positions = input_ids.shape[1] - 1  # the last position predicts nothing
-    chunk = chunk_positions(model, input_ids.shape[0], max_logits_bytes) or n_positions
+    scored = torch.arange(n_positions, device=input_ids.device) if positions is None else positions.to(input_ids.device)
+    selectable = chunk_positions(model, input_ids.shape[0], max_logits_bytes)
+    chunk = selectable or len(scored)
     with final_hidden_state(handle.layers, final, returns_tuple):
-        for start in range(0, n_positions, chunk):
-            positions = torch.arange(start, min(start + chunk, n_positions), device=input_ids.device)
-            kwargs = {"logits_to_keep": positions} if chunk < n_positions else {}
+        for start in range(0, len(scored), chunk):
+            part = scored[start:start + chunk]
+            kwargs = {"logits_to_keep": part} if selectable is not None else {}
             logits = model(input_ids=input_ids, attention_mask=batch.get("attention_mask"), use_cache=False, **kwargs).logits
-            yield positions, logits[:, :n_positions] if not kwargs else logits
+            yield part, logits if kwargs else logits[:, part]
+
+
+def position_sample(n_positions: int, share: float, seed: int) -> torch.Tensor | None:
+    """About `share` of a window's `n_positions` predicting positions, spread evenly: one drawn
+    (seeded) from each of that many equal strata. None: every position (`share` 1)."""
+    if share >= 1:
+        return None
+    k = max(1, round(share * n_positions))
+    edges = torch.div(torch.arange(k + 1) * n_positions, k, rounding_mode="floor")
+    generator = torch.Generator().manual_seed(seed)
+    offsets = (torch.rand(k, generator=generator) * (edges[1:] - edges[:-1])).long()
+    return edges[:-1] + offsets
 
 
 def _predicted(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -88,20 +104,22 @@ def head_nll(
     *,
     max_logits_bytes: int | None = None,
     backward: bool = False,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """The summed next-token NLL of `batch`'s predicted (non-padding) tokens and their count, the
     head run on the final hidden state `final` (the model's forward with its blocks, as they
-    are now, stubbed). With `backward`, the gradient of the mean NLL goes back into `final` chunk by chunk, so
-    no two chunks' logits are alive at once; the sum is returned detached."""
+    are now, stubbed); only at `positions` when given (`position_sample`). With `backward`, the
+    gradient of the mean NLL goes back into `final` chunk by chunk, so no two chunks' logits are
+    alive at once; the sum is returned detached."""
     targets = batch["input_ids"][:, 1:]
     valid = _predicted(batch)
-    count = int(valid.sum())
+    count = int(valid.sum() if positions is None else valid[:, positions.to(valid.device)].sum())
     total = None
-    for positions, logits in _head_logits(ModelHandle.of(model), batch, final, returns_tuple, max_logits_bytes):
+    for chunk, logits in _head_logits(ModelHandle.of(model), batch, final, returns_tuple, max_logits_bytes, positions):
         nll = nn.functional.cross_entropy(
-            logits.float().transpose(1, 2), targets[:, positions].to(logits.device), reduction="none"
+            logits.float().transpose(1, 2), targets[:, chunk].to(logits.device), reduction="none"
         )
-        part = nll[valid[:, positions].to(nll.device)].sum()
+        part = nll[valid[:, chunk].to(nll.device)].sum()
         if backward:
             (part / count).backward()
             part = part.detach()
@@ -147,13 +165,14 @@ def _coarse_log_probs(log_probs: torch.Tensor, token_ids: torch.Tensor) -> tuple
 
 def _predicted_log_probs(
     handle: ModelHandle, batch: dict[str, torch.Tensor], final: torch.Tensor,
-    returns_tuple: bool, max_logits_bytes: int | None,
+    returns_tuple: bool, max_logits_bytes: int | None, positions: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """The head's next-token log-probabilities on `final` at `batch`'s predicted (non-padding)
-    positions, a chunk at a time: [positions in the chunk, vocab], rows in batch-major order."""
+    positions (of `positions`, when given), a chunk at a time: [positions in the chunk, vocab],
+    rows in batch-major order."""
     valid = _predicted(batch)
-    for positions, logits in _head_logits(handle, batch, final, returns_tuple, max_logits_bytes):
-        yield torch.log_softmax(logits.float(), dim=-1)[valid[:, positions].to(logits.device)]
+    for chunk, logits in _head_logits(handle, batch, final, returns_tuple, max_logits_bytes, positions):
+        yield torch.log_softmax(logits.float(), dim=-1)[valid[:, chunk].to(logits.device)]
 
 
 def reference_distribution(
@@ -164,11 +183,12 @@ def reference_distribution(
     top_k: int,
     *,
     max_logits_bytes: int | None = None,
+    positions: torch.Tensor | None = None,
 ) -> ReferenceDistribution:
     """The `ReferenceDistribution` of the head on `final` (the original model's last block
-    output) at `batch`'s predicted positions, on the CPU."""
+    output) at `batch`'s predicted positions (of `positions`, when given), on the CPU."""
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for log_probs in _predicted_log_probs(ModelHandle.of(model), batch, final, returns_tuple, max_logits_bytes):
+    for log_probs in _predicted_log_probs(ModelHandle.of(model), batch, final, returns_tuple, max_logits_bytes, positions):
         token_ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1).indices
         top, rest = _coarse_log_probs(log_probs, token_ids)
         parts.append((token_ids.cpu(), top.cpu(), rest.cpu()))
@@ -183,12 +203,13 @@ def head_kl(
     reference: ReferenceDistribution,
     *,
     max_logits_bytes: int | None = None,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """The summed KL divergence KL(reference ‖ head on `final`) over `batch`'s predicted
-    positions and their count, both distributions coarsened to the reference's top tokens and
-    the rest (`ReferenceDistribution`)."""
+    positions (those of `positions`, the reference's, when given) and their count, both
+    distributions coarsened to the reference's top tokens and the rest (`ReferenceDistribution`)."""
     total, row = None, 0
-    for log_probs in _predicted_log_probs(ModelHandle.of(model), batch, final, returns_tuple, max_logits_bytes):
+    for log_probs in _predicted_log_probs(ModelHandle.of(model), batch, final, returns_tuple, max_logits_bytes, positions):
         rows = slice(row, row + log_probs.shape[0])
         row = rows.stop
         part = coarse_kl(reference.rows(rows, log_probs.device), log_probs)

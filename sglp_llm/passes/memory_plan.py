@@ -58,7 +58,7 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _meta_model(model_config: Any, dtype: torch.dtype) -> torch.nn.Module:
+def meta_model(model_config: Any, dtype: torch.dtype) -> torch.nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -84,7 +84,7 @@ def plan_memory(
     (onload_device, or the model's device)."""
     from ..model.blocks import find_decoder_blocks, text_config
 
-    model = _meta_model(model_config, dtype)
+    model = meta_model(model_config, dtype)
     blocks = find_decoder_blocks(model, config.layers_path)
     text = text_config(model)
     size = torch.tensor([], dtype=dtype).element_size()

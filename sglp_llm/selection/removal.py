@@ -26,7 +26,7 @@ from ..recovery.compensate import Compensation, applied, fit_compensation, remov
 from ..config import LOSS_OBJECTIVES
 from ..passes.distributed import all_reduce_state, shard
 from ..model.rewrite import skip_blocks
-from ..passes.head import ReferenceDistribution, head_kl, head_nll, output_of, reference_distribution
+from ..passes.head import ReferenceDistribution, head_kl, head_nll, output_of, position_sample, reference_distribution
 from ..passes.loss import check_finite
 from ..passes.sequential import _record_calls
 from ..passes.capture import stubbed_blocks
@@ -88,14 +88,22 @@ class RemovalLoss:
     greedy step (`remove`) keeps the outputs below the new removal and drops the others, to be
     recomputed from the nearest kept one when next needed (keeping every output on the way, so
     candidates measured in any order share the work). Memory: at most one hidden state per batch
-    for each kept block."""
+    for each kept block.
+
+    With `position_share` < 1 the head scores only that share of each window's positions, the
+    same ones for every candidate (`head.position_sample`, seeded by `seed` and the batch's
+    index): the blocks still run on every position, the head (most of a measurement with a
+    large vocabulary) on a few."""
 
     def __init__(
         self, model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]], objective: str = "nll",
+        *, position_share: float = 1.0, seed: int = 0,
     ) -> None:
         if objective not in LOSS_OBJECTIVES:
             raise ValueError(f"objective={objective!r}; choose one of {LOSS_OBJECTIVES}")
         self.handle = ModelHandle.of(model)
+        # drawn before sharding, so every process count scores the same positions of a batch
+        self.positions = shard([position_sample(b["input_ids"].shape[1] - 1, position_share, seed + i) for i, b in enumerate(batches)])
         self.batches = shard(batches)
         self.num_blocks = len(self.handle.layers)
         self.removed: list[int] = []
@@ -107,14 +115,14 @@ class RemovalLoss:
 
     def _loss(self, index: int, final: torch.Tensor, returns_tuple: bool) -> tuple[float, int]:
         """The summed loss of batch `index` from its final hidden state, and its count."""
-        batch = self.batches[index]
+        batch, positions = self.batches[index], self.positions[index]
         if self.objective == "nll":
-            total, count = head_nll(self.handle, batch, final, returns_tuple)
+            total, count = head_nll(self.handle, batch, final, returns_tuple, positions=positions)
             return total.item(), count
         if len(self._reference) < len(self.batches):  # the original network's pass (`_references`)
-            self._reference.append(reference_distribution(self.handle, batch, final, returns_tuple, KL_TOP_K))
+            self._reference.append(reference_distribution(self.handle, batch, final, returns_tuple, KL_TOP_K, positions=positions))
             return 0.0, int(self._reference[-1].rest_log_mass.numel())
-        total, count = head_kl(self.handle, batch, final, returns_tuple, self._reference[index])
+        total, count = head_kl(self.handle, batch, final, returns_tuple, self._reference[index], positions=positions)
         return total.item(), count
 
     def _references(self) -> None:
@@ -146,6 +154,13 @@ class RemovalLoss:
         """The kept blocks just before and after `block` in the current network."""
         after = min((i for i in range(block + 1, self.num_blocks) if i not in self.removed), default=None)
         return self._previous_kept(block), after
+
+    def _span(self, skipped: list[int], start: int | None, stop: int | None) -> list[int]:
+        """The blocks a pass of the network without `skipped` runs: after `start` (whose kept
+        output stands in for the blocks up to it) up to `stop` (None: to the last block)."""
+        kept = [i for i in range(self.num_blocks) if i not in skipped]
+        begin = 0 if start is None else kept.index(start) + 1
+        return kept[begin:len(kept) if stop is None else kept.index(stop) + 1]
 
     def _nearest_kept_output(self, below: int) -> int | None:
         return max((i for i in self._outputs if i < below), default=None)
@@ -216,8 +231,9 @@ class BlockwiseRemovalLoss(RemovalLoss):
 
     def __init__(
         self, model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]], objective: str = "nll",
+        *, position_share: float = 1.0, seed: int = 0,
     ) -> None:
-        super().__init__(ModelHandle.of(model).one_block_at_a_time(), batches, objective)
+        super().__init__(ModelHandle.of(model).one_block_at_a_time(), batches, objective, position_share=position_share, seed=seed)
         self.layers = self.handle.layers
         self.device = self.handle.onload_device
         self.loader = self.handle.loader
@@ -231,12 +247,9 @@ class BlockwiseRemovalLoss(RemovalLoss):
 
     @torch.no_grad()
     def _run(self, skipped: list[int], start: int | None, stop: int | None = None, keep: bool = True) -> float | None:
-        kept = [i for i in range(self.num_blocks) if i not in skipped]
         keeping = keep and sorted(skipped) == sorted(self.removed)
         hidden = list(self._inputs) if start is None else list(self._outputs[start])
-        begin = 0 if start is None else kept.index(start) + 1
-        end = len(kept) if stop is None else kept.index(stop) + 1
-        for index in kept[begin:end]:
+        for index in self._span(skipped, start, stop):
             block = self.layers[index]
             with onloaded(self.loader, index, block, self.device):
                 for b, state in enumerate(hidden):
@@ -260,8 +273,9 @@ class CompensatedRemovalLoss(RemovalLoss):
     of the current network stays valid."""
 
     def __init__(self, model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]],
-                 objective: str = "nll", *, method: str, ridge: float, fit_on: str) -> None:
-        super().__init__(model, batches, objective)
+                 objective: str = "nll", *, method: str, ridge: float, fit_on: str, position_share: float = 1.0,
+                 seed: int = 0) -> None:
+        super().__init__(model, batches, objective, position_share=position_share, seed=seed)
         self._unsharded = list(batches)  # the fit shards and reduces by itself
         self._fit = dict(method=method, ridge=ridge, fit_on=fit_on)
         self._runs: dict[tuple[int, int], Compensation] = {}  # fit_on="original": run -> its map
@@ -292,12 +306,13 @@ class CompensatedRemovalLoss(RemovalLoss):
 
 
 def removal_loss(handle: ModelHandle, batches: Sequence[dict[str, torch.Tensor]], config: Any, objective: str = "nll") -> RemovalLoss:
-    """The removal loss (`objective`) of the handle's model: with each candidate compensated
-    (`config.compensation_aware`); block by block when its blocks run one at a time; else in the
-    model's own forward."""
+    """The removal loss (`objective`) of the handle's model, its head on `config.loss_positions`
+    of each window's positions: with each candidate compensated (`config.compensation_aware`);
+    block by block when its blocks run one at a time; else in the model's own forward."""
+    positions = dict(position_share=config.loss_positions, seed=config.seed)
     if config.compensation_aware:
         return CompensatedRemovalLoss(handle, batches, objective, method=config.compensation,
-                                      ridge=config.compensation_ridge, fit_on=config.compensation_fit)
+                                      ridge=config.compensation_ridge, fit_on=config.compensation_fit, **positions)
     if handle.blockwise:
-        return BlockwiseRemovalLoss(handle, batches, objective)
-    return RemovalLoss(handle, batches, objective)
+        return BlockwiseRemovalLoss(handle, batches, objective, **positions)
+    return RemovalLoss(handle, batches, objective, **positions)

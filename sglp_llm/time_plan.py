@@ -1,0 +1,316 @@
+"""How long an analysis takes, predicted before the model is loaded: the decoder-block forwards and
+head evaluations of each phase, counted from the settings, times a throughput measured on this
+machine in a few seconds (one block and the head of the model, random weights) or given in FLOP/s.
+
+Counted exactly: the statistics pass, the loss check's first pass and screen, SLEB's search, and
+whatever the removal loss runs for a measurement (`CountedRemovalLoss` keeps the same record of
+kept outputs as the real one, and counts the blocks a pass would run instead of running them).
+Assumed, because the data decide them: how many candidates each step of the lazy search measures
+(`MEASURED_PER_STEP`, the removed block and its nearest kept neighbours) and the removal order (a
+run in the middle of the stack). Not counted: loading, reading blocks from disk, verification
+and writing. `benchmarks/time_plan.py` checks the prediction against measured runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .config import ConfigError, SGLPConfig
+from .passes.head import position_sample
+from .passes.memory_plan import meta_model
+from .selection.loss_check import sequences_read
+from .selection.removal import RemovalLoss
+
+# the lazy search's measurements per step after the first (the first: the screen's promising
+# candidates, else every candidate); measured on the real models (benchmarks/results/time-plan.md)
+MEASURED_PER_STEP = 3
+# a backward through a block costs about twice its forward
+BACKWARD_COST = 2.0
+
+
+@dataclass
+class Work:
+    """Block forwards and head evaluations, counted per token position."""
+
+    block_tokens: int = 0  # one decoder block run on one position
+    head_tokens: int = 0  # final norm, lm_head and loss on one position
+    backward_block_tokens: int = 0  # one block's backward on one position
+    # a block run over all the batches of a pass: one read from CPU memory or disk when blocks run
+    # one at a time (sequential onloading, blocks on disk); not timed
+    block_loads: int = 0
+
+    def add(self, other: "Work") -> None:
+        self.block_tokens += other.block_tokens
+        self.head_tokens += other.head_tokens
+        self.backward_block_tokens += other.backward_block_tokens
+        self.block_loads += other.block_loads
+
+
+@dataclass
+class Throughput:
+    """Seconds per unit of `Work` on the machine that will run the analysis."""
+
+    block_token_s: float
+    head_token_s: float
+    source: str
+
+    def seconds(self, work: Work) -> float:
+        return (work.block_tokens + BACKWARD_COST * work.backward_block_tokens) * self.block_token_s + work.head_tokens * self.head_token_s
+
+
+@dataclass
+class TimePlan:
+    phases: dict[str, Work]
+    throughput: Throughput
+    assumptions: list[str] = field(default_factory=list)
+
+    def seconds(self) -> dict[str, float]:
+        return {phase: self.throughput.seconds(work) for phase, work in self.phases.items()}
+
+    def total_s(self) -> float:
+        return sum(self.seconds().values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total_s": self.total_s(), "seconds": self.seconds(), "phases": {p: asdict(w) for p, w in self.phases.items()},
+                "throughput": asdict(self.throughput), "assumptions": self.assumptions}
+
+    def text(self) -> str:
+        lines = [f"Time plan: about {_duration(self.total_s())} of compute ({self.throughput.source}):"]
+        for phase, seconds in self.seconds().items():
+            work = self.phases[phase]
+            lines.append(f"  {phase}: {_duration(seconds)} ({work.block_tokens / 1e6:.2f}M block-token forwards, "
+                         f"{work.head_tokens / 1e6:.2f}M head positions"
+                         + (f", {work.backward_block_tokens / 1e6:.2f}M block-token backwards" if work.backward_block_tokens else "")
+                         + f"; {work.block_loads} block reads when blocks run one at a time)")
+        lines += [f"  assumed: {a}" for a in self.assumptions]
+        return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+class CountedRemovalLoss(RemovalLoss):
+    """The removal loss's bookkeeping without a model: each pass counts the blocks it would run
+    on `tokens` positions (and the head on `scored` of them) and keeps their outputs' places, so
+    a sequence of measurements costs what it costs the real `RemovalLoss`."""
+
+    def __init__(self, num_blocks: int, tokens: int, scored: int, objective: str = "nll") -> None:
+        # no model, no batches: only the state `_run`'s bookkeeping reads (RemovalLoss.__init__ needs a model)
+        self.num_blocks, self.tokens, self.scored, self.objective = num_blocks, tokens, scored, objective
+        self.removed: list[int] = []
+        self._outputs: dict[int, Any] = {}
+        self._reference = None
+        self.work = Work()
+
+    def _run(self, skipped: list[int], start: int | None, stop: int | None = None, keep: bool = True) -> float | None:
+        span = self._span(skipped, start, stop)
+        self.work.block_tokens += len(span) * self.tokens
+        self.work.block_loads += len(span)
+        if keep and sorted(skipped) == sorted(self.removed):
+            self._outputs.update(dict.fromkeys(span, ()))
+        if stop is not None:
+            return None
+        self.work.head_tokens += self.scored
+        return 0.0
+
+
+def scored_per_window(config: SGLPConfig) -> int:
+    """The positions of one full window the loss check's head scores."""
+    sample = position_sample(config.seq_len - 1, config.loss_positions, config.seed)
+    return config.seq_len - 1 if sample is None else len(sample)
+
+
+def _windows(config: SGLPConfig, sequences: int) -> list[dict[str, torch.Tensor]]:
+    """`sequences` full calibration windows (token ids do not matter for counting)."""
+    window = {"input_ids": torch.zeros(1, config.seq_len, dtype=torch.long), "attention_mask": torch.ones(1, config.seq_len, dtype=torch.long)}
+    return [window] * sequences
+
+
+def assumed_order(num_blocks: int, n_drop: int, protected: set[int]) -> list[int]:
+    """The removal order the prediction assumes: a run of `n_drop` blocks centred at 60 % of the
+    depth (where both benchmarked models lose blocks first), shallowest first."""
+    free = [b for b in range(num_blocks) if b not in protected]
+    centre = min(range(len(free)), key=lambda i: abs(free[i] - 0.6 * (num_blocks - 1)))
+    start = max(0, min(centre - n_drop // 2, len(free) - n_drop))
+    return free[start:start + n_drop]
+
+
+def _loss_check(num_blocks: int, config: SGLPConfig, sequences: int, protected: set[int],
+                order: Sequence[int], measured_per_step: int) -> Work:
+    """The loss check's work on `sequences` calibration windows, removing `order`."""
+    seq = config.seq_len
+    windows = min(sequences, math.ceil(config.loss_tokens / seq))
+    per_window = scored_per_window(config)
+    search = CountedRemovalLoss(num_blocks, windows * seq, windows * per_window, config.loss_objective)
+    candidates = [b for b in range(num_blocks) if b not in protected]
+    work = Work()
+    screen = config.first_step_screen == "sequences"
+    if config.loss_bound != "stale" or screen:
+        search.current()
+    if screen:
+        screened = min(config.loss_screen_samples, windows)
+        sample = CountedRemovalLoss(num_blocks, screened * seq, screened * per_window, config.loss_objective)
+        sample.current()
+        for block in candidates:
+            sample.measure(block)
+        work.add(sample.work)
+    for step, removed in enumerate(order):
+        left = [b for b in candidates if b not in search.removed]
+        if not config.loss_lazy or (step == 0 and not screen):  # no estimates yet: every candidate
+            measured = left
+        else:
+            measured = sorted(sorted(left, key=lambda b: (abs(b - removed), b))[:measured_per_step])
+        for block in measured:
+            search.measure(block)
+        search.remove(removed)
+    work.add(search.work)
+    return work
+
+
+def _sleb(num_blocks: int, config: SGLPConfig, sequences: int, protected: set[int], order: Sequence[int]) -> Work:
+    """SLEB: every candidate of every step is a whole forward over its calibration windows."""
+    windows = sequences if config.sleb_batches is None else min(sequences, config.sleb_batches * config.batch_size)
+    network = CountedRemovalLoss(num_blocks, windows * config.seq_len, windows * (config.seq_len - 1))
+    network.loss_without([])
+    removed: list[int] = []
+    for block in order:
+        for candidate in (b for b in range(num_blocks) if b not in protected and b not in removed):
+            network.loss_without(removed + [candidate])
+        removed.append(block)
+    return network.work
+
+
+def _analysis(phases: dict[str, Work], prefix: str, num_blocks: int, config: SGLPConfig, sequences: int,
+              order: Sequence[int], measured_per_step: int) -> None:
+    protected = config.protected_blocks(num_blocks)
+    tokens = sequences * config.seq_len
+    statistics = Work(block_tokens=tokens * num_blocks, block_loads=num_blocks)
+    if config.needs_backward:
+        statistics.head_tokens = sequences * (config.seq_len - 1)
+        statistics.backward_block_tokens = tokens * num_blocks
+        statistics.block_loads *= 2
+    phases.setdefault(prefix + "statistics pass", Work()).add(statistics)
+    if config.method == "sleb":
+        phases.setdefault(prefix + "SLEB search", Work()).add(_sleb(num_blocks, config, sequences, protected, order))
+    elif config.method == "sglp" and config.scoring == "loss":
+        phases.setdefault(prefix + "loss check", Work()).add(
+            _loss_check(num_blocks, config, sequences, protected, order, measured_per_step))
+
+
+def _check_supported(config: SGLPConfig) -> None:
+    unsupported = [
+        name for name, value in (
+            ("scoring: subset", config.method == "sglp" and config.scoring == "subset"),
+            ("loss_beam", config.loss_beam > 1), ("loss_confirm", config.loss_confirm > 1),
+            ("decide_among", bool(config.decide_among)), ("compensation_aware", config.compensation_aware),
+            ("loss_candidates", config.loss_candidates != "all"), ("loss_screen: taylor", config.loss_screen == "taylor"),
+        ) if value
+    ]
+    if unsupported:
+        raise ConfigError(
+            f"The time plan predicts the default loss check (its token, position, screen, bound and objective settings), "
+            f"SLEB and the forward-only peers; not {', '.join(unsupported)}. Leave those at their defaults to plan."
+        )
+
+
+def count_analysis(
+    num_blocks: int, config: SGLPConfig, *, order: Sequence[int] | None = None,
+    measured_per_step: int = MEASURED_PER_STEP,
+) -> tuple[dict[str, Work], list[str]]:
+    """Each phase's work in `analyze` of a `num_blocks` model with `config` on full windows,
+    removing `order` (None: `assumed_order`), and what the count assumes. The stability check
+    analyses the second half of the windows again (and the first, when the choice reads more
+    windows than it holds)."""
+    config.validate()
+    _check_supported(config)
+    n_drop = config.resolve_drop(num_blocks)
+    protected = config.protected_blocks(num_blocks)
+    assumptions = []
+    if order is None:
+        order = assumed_order(num_blocks, n_drop, protected)
+        assumptions.append(f"the blocks go in the order {list(order)}")
+    if config.method == "sglp" and config.scoring == "loss" and config.loss_lazy:
+        assumptions.append(f"each step of the lazy search after the first measures {measured_per_step} candidates")
+    phases: dict[str, Work] = {}
+    _analysis(phases, "", num_blocks, config, config.n_samples, order, measured_per_step)
+    if config.stability_check and config.n_samples >= 2:
+        first, second = config.n_samples // 2, config.n_samples - config.n_samples // 2
+        read = sequences_read(config, _windows(config, config.n_samples))
+        halves = [second] if read is not None and read <= first else [first, second]
+        for sequences in halves:
+            _analysis(phases, "stability check: ", num_blocks, config, sequences, order, measured_per_step)
+    return phases, assumptions
+
+
+# ------------------------------------------------------------------------------ throughput
+def _flops_per_token(model_config: Any, seq_len: int, layers_path: str | None) -> tuple[float, float]:
+    """(one block's, the head's) forward FLOPs per position: 2 per weight, plus attention's
+    scores and weighted sum over about half the window."""
+    from .model.blocks import find_decoder_blocks, text_config
+
+    model = meta_model(model_config, torch.float32)
+    blocks = find_decoder_blocks(model, layers_path)
+    text = text_config(model)
+    block = 2 * max(sum(p.numel() for p in b.parameters()) for b in blocks.layers) + 2 * seq_len * text.hidden_size
+    head = 2 * model.get_output_embeddings().weight.numel()
+    return float(block), float(head)
+
+
+def throughput_from_flops(model_config: Any, flops_per_s: float, seq_len: int, layers_path: str | None = None) -> Throughput:
+    """A given sustained FLOP/s rate (e.g. a GPU's) turned into seconds per block-token and head position."""
+    block, head = _flops_per_token(model_config, seq_len, layers_path)
+    return Throughput(block / flops_per_s, head / flops_per_s, f"given: {flops_per_s / 1e12:g} TFLOP/s sustained")
+
+
+@torch.no_grad()
+def measure_throughput(model_config: Any, *, dtype: torch.dtype, device: str, seq_len: int, layers_path: str | None = None) -> Throughput:
+    """Time one decoder block and the head of a one-block copy of the model (random weights, so
+    nothing is read) on one window, best of two after a warm-up."""
+    from transformers import AutoModelForCausalLM
+
+    from .passes.head import head_nll, output_of
+    from .model.handle import ModelHandle
+    from .model.rewrite import remove_blocks
+
+    # the rewrite edits the config it finds: a copy's, so the caller's still counts every block
+    meta = ModelHandle.of(meta_model(copy.deepcopy(model_config), dtype), layers_path=layers_path)
+    remove_blocks(meta, range(1, len(meta.layers)))  # the config of a one-block model, by the rewrite's rules
+    model = AutoModelForCausalLM.from_config(meta.model.config, dtype=dtype).to(device).eval()
+    handle = ModelHandle.of(model, layers_path=layers_path)
+    tokens = min(seq_len, 256)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    batch = {"input_ids": torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device),
+             "attention_mask": torch.ones(1, tokens, dtype=torch.long, device=device)}
+    block_s, head_s = [], []
+    for _ in range(3):
+        started = time.perf_counter()
+        final, returns_tuple = output_of(model, handle.layers[-1], batch)
+        _synchronize(device)
+        block_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        head_nll(handle, batch, final, returns_tuple)
+        _synchronize(device)
+        head_s.append(time.perf_counter() - started)
+    return Throughput(min(block_s[1:]) / tokens, min(head_s[1:]) / (tokens - 1),
+                      f"measured on {device} in {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} torch thread(s)")
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def plan_time(model_config: Any, config: SGLPConfig, throughput: Throughput, *, order: Sequence[int] | None = None) -> TimePlan:
+    """The time plan of `analyze` on a model of `model_config` (a transformers config) at `throughput`."""
+    from .model.blocks import find_decoder_blocks
+
+    num_blocks = len(find_decoder_blocks(meta_model(model_config, torch.float32), config.layers_path).layers)
+    phases, assumptions = count_analysis(num_blocks, config, order=order)
+    return TimePlan(phases, throughput, assumptions + ["compute only: loading, reading blocks (counted, not timed), verification and writing left out"])

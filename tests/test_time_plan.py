@@ -1,0 +1,149 @@
+"""The time plan's counts against the block forwards and head positions an analysis really runs,
+counted with hooks on a tiny model; its throughput and its words."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglp_llm import SGLPConfig, analyze
+from sglp_llm.config import ConfigError
+from sglp_llm.model.handle import ModelHandle
+from sglp_llm.selection.removal import RemovalLoss
+from sglp_llm.time_plan import CountedRemovalLoss, Throughput, count_analysis, plan_time
+from tiny_models import tiny_batch, tiny_config, tiny_model
+
+SEQ, WINDOWS, BLOCKS = 16, 8, 7
+
+
+class Counter:
+    """Positions each decoder block and the head ran on, from forward pre-hooks."""
+
+    def __init__(self, model):
+        self.block_tokens = self.head_tokens = 0
+        handle = ModelHandle.of(model)
+        self.hooks = [layer.register_forward_pre_hook(self._block, with_kwargs=True) for layer in handle.layers]
+        self.hooks.append(model.get_output_embeddings().register_forward_pre_hook(self._head))
+
+    def _block(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.block_tokens += hidden.shape[0] * hidden.shape[1]
+
+    def _head(self, module, args):
+        self.head_tokens += args[0].shape[0] * args[0].shape[1]
+
+
+def _run(family: str, **settings):
+    model = tiny_model(family, num_layers=BLOCKS)
+    batches = [tiny_batch(batch_size=2, seq_len=SEQ, seed=s) for s in range(WINDOWS // 2)]
+    config = SGLPConfig(seq_len=SEQ, n_samples=WINDOWS, batch_size=2, verify=False, loss_tokens=4 * SEQ, **settings)
+    counter = Counter(model)
+    plan = analyze(model, batches, config, progress=False)
+    return config, plan, counter
+
+
+def _order(plan):
+    """The blocks in the order the search removed them."""
+    steps = plan.extra["sleb_steps"] if "sleb_steps" in plan.extra else plan.extra["loss_check"]["steps"]
+    return [step["block"] for step in steps]
+
+
+def _total(phases):
+    return sum(w.block_tokens for w in phases.values()), sum(w.head_tokens for w in phases.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_the_full_search_counts_equal_the_forwards_run(family):
+    """Every candidate measured at every step (loss_lazy off), after the screen, on a quarter of
+    each window's positions: given the order the search took, the count is exact."""
+    config, plan, counter = _run(family, drop=3, loss_lazy=False, loss_positions=0.25, stability_check=False)
+    phases, _ = count_analysis(BLOCKS, config, order=_order(plan))
+    assert _total(phases) == (counter.block_tokens, counter.head_tokens)
+    assert phases["statistics pass"].block_tokens == WINDOWS * SEQ * BLOCKS
+
+
+def test_a_peers_statistics_passes_with_the_stability_check_are_counted_exactly():
+    config, plan, counter = _run("llama", drop=2, method="block-influence")
+    phases, _ = count_analysis(BLOCKS, config)
+    assert list(phases) == ["statistics pass", "stability check: statistics pass"]
+    assert _total(phases) == (counter.block_tokens, counter.head_tokens) == (2 * WINDOWS * SEQ * BLOCKS, 0)
+
+
+def test_sleb_is_counted_exactly():
+    config, plan, counter = _run("qwen2", drop=2, method="sleb", stability_check=False)
+    phases, _ = count_analysis(BLOCKS, config, order=_order(plan))
+    assert _total(phases) == (counter.block_tokens, counter.head_tokens)
+
+
+def test_the_counted_removal_loss_runs_what_the_real_one_runs(monkeypatch):
+    """Any sequence of the removal loss's calls (the lazy search's, the stability check's) costs
+    the counted one what it costs the real one."""
+    calls: list[tuple[int, str, object]] = []
+    for name in ("current", "measure", "remove", "loss_without"):
+        original = getattr(RemovalLoss, name)
+
+        def logged(self, *args, _name=name, _original=original):
+            if not isinstance(self, CountedRemovalLoss):
+                calls.append((id(self), _name, args, sum(b["input_ids"].numel() for b in self.batches)))
+            return _original(self, *args)
+
+        monkeypatch.setattr(RemovalLoss, name, logged)
+    config, plan, counter = _run("llama", drop=3)  # the default: lazy, screened, with the stability check
+    replicas: dict[int, CountedRemovalLoss] = {}
+    for key, name, args, tokens in calls:
+        replica = replicas.setdefault(key, CountedRemovalLoss(BLOCKS, tokens, tokens // SEQ * (SEQ - 1)))
+        getattr(replica, name)(*args)
+    counted = sum(r.work.block_tokens for r in replicas.values())
+    statistics = WINDOWS * SEQ * BLOCKS + WINDOWS // 2 * SEQ * BLOCKS  # the whole calibration's pass and the second half's
+    assert counted + statistics == counter.block_tokens
+    assert sum(r.work.head_tokens for r in replicas.values()) == counter.head_tokens
+
+
+def test_the_plan_predicts_the_default_and_says_what_it_assumes():
+    config, model_config = SGLPConfig(drop=6), tiny_config("llama", num_layers=30)
+    plan = plan_time(model_config, config, Throughput(1e-6, 2e-6, "given"))
+    assert list(plan.phases) == ["statistics pass", "loss check", "stability check: statistics pass", "stability check: loss check"]
+    # the statistics pass: 32 windows of 256 tokens through 30 blocks, no head (no backward)
+    assert plan.phases["statistics pass"].block_tokens == 32 * 256 * 30 and plan.phases["statistics pass"].head_tokens == 0
+    assert plan.seconds()["statistics pass"] == pytest.approx(32 * 256 * 30 * 1e-6)
+    assert plan.total_s() == pytest.approx(sum(plan.seconds().values()))
+    text = plan.text()
+    assert "each step of the lazy search after the first measures 3 candidates" in text and "the blocks go in the order" in text
+    # a quarter of the positions scored: the loss check's head work falls to about a quarter
+    quarter = plan_time(model_config, config.replace(loss_positions=0.25), Throughput(1e-6, 2e-6, "given"))
+    assert quarter.phases["loss check"].head_tokens == pytest.approx(plan.phases["loss check"].head_tokens / 4, rel=0.01)
+    assert quarter.phases["loss check"].block_tokens == plan.phases["loss check"].block_tokens
+    with pytest.raises(ConfigError, match="not loss_beam"):
+        count_analysis(30, SGLPConfig(drop=3, loss_beam=2))
+
+
+def test_a_measured_throughput_prices_a_block_below_the_head_of_a_large_vocabulary():
+    from sglp_llm.time_plan import measure_throughput, throughput_from_flops
+
+    config = tiny_config("gemma3_text", num_layers=4, vocab_size=4096)
+    measured = measure_throughput(config, dtype=torch.float32, device="cpu", seq_len=32)
+    assert measured.block_token_s > 0 and measured.head_token_s > 0 and "measured on cpu" in measured.source
+    given = throughput_from_flops(config, 1e12, seq_len=32)
+    # 2 FLOPs per weight: the head's (hidden x vocab) per position at 1 TFLOP/s
+    assert given.head_token_s == pytest.approx(2 * config.hidden_size * 4096 / 1e12)
+
+
+@pytest.mark.parametrize("given", [None, "2.5"])
+def test_plan_time_reads_no_weights_and_prints_the_plan(tmp_path, monkeypatch, capsys, given):
+    import json
+
+    import sglp_llm.model.loading as loading
+    from sglp_llm.cli import main
+
+    tiny_model("llama", num_layers=6).save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("--plan-time loaded the model"))
+    report = tmp_path / "time.json"
+    extra = ["--throughput", given] if given else []
+    assert main(["analyze", "--model", str(tmp_path / "model"), "--drop", "2", "--seq-len", "64", "--plan-time",
+                 "--report", str(report), *extra]) == 0
+    out = capsys.readouterr().out
+    assert "Time plan: about" in out and "loss check:" in out and "stability check: loss check:" in out
+    saved = json.loads(report.read_text())
+    assert saved["phases"]["statistics pass"]["block_tokens"] == 32 * 64 * 6
+    assert saved["throughput"]["source"].startswith("given: 2.5 TFLOP/s" if given else "measured on cpu")
+    assert saved["total_s"] == pytest.approx(sum(saved["seconds"].values()))
