@@ -73,6 +73,8 @@ METHODS = {
     "tokens-32k": {BUDGET: 32768},
     # 8192 loss tokens at the head cost of 2048: the head scores a quarter of each window's positions
     "positions-8k": {BUDGET: 8192, "loss_positions": 0.25},
+    # twice the windows again (64 of 256 tokens, 128 of 128), the head on an eighth of them
+    "positions-16k": {BUDGET: 16384, "loss_positions": 0.125},
     "block-influence": {"method": "block-influence"},
     "angular": {"method": "angular"},
     "sleb": SLEB,

@@ -101,9 +101,10 @@ class CountedRemovalLoss(RemovalLoss):
     on `tokens` positions (and the head on `scored` of them) and keeps their outputs' places, so
     a sequence of measurements costs what it costs the real `RemovalLoss`."""
 
-    def __init__(self, num_blocks: int, tokens: int, scored: int, objective: str = "nll") -> None:
+    def __init__(self, num_blocks: int, tokens: int, scored: int, objective: str = "nll", *, blockwise: bool = False) -> None:
         # no model, no batches: only the state `_run`'s bookkeeping reads (RemovalLoss.__init__ needs a model)
         self.num_blocks, self.tokens, self.scored, self.objective = num_blocks, tokens, scored, objective
+        self.blockwise = blockwise  # measure_many reads each block once (BlockwiseRemovalLoss)
         self.removed: list[int] = []
         self._outputs: dict[int, Any] = {}
         self._reference = None
@@ -119,6 +120,25 @@ class CountedRemovalLoss(RemovalLoss):
             return None
         self.work.head_tokens += self.scored
         return 0.0
+
+
+    def measure_many(self, blocks: Sequence[int]) -> dict[int, float]:
+        if not self.blockwise:
+            return super().measure_many(blocks)
+        # BlockwiseRemovalLoss.measure_many: the current network up to the deepest block before a
+        # candidate, then every candidate's stream in one pass that reads each block once
+        previous = {block: self._previous_kept(block) for block in blocks}
+        deepest = max((p for p in previous.values() if p is not None), default=None)
+        if deepest is not None and any(p not in self._outputs for p in previous.values() if p is not None):
+            self._run(list(self.removed), self._nearest_kept_output(deepest), stop=deepest)
+        read: set[int] = set()
+        for block, start in previous.items():
+            span = self._span(self.removed + [block], start, None)
+            self.work.block_tokens += len(span) * self.tokens
+            self.work.head_tokens += self.scored
+            read.update(span)
+        self.work.block_loads += len(read)
+        return dict.fromkeys(blocks, 0.0)
 
 
 def scored_per_window(config: SGLPConfig) -> int:
@@ -148,7 +168,8 @@ def _loss_check(num_blocks: int, config: SGLPConfig, sequences: int, protected: 
     seq = config.seq_len
     windows = min(sequences, math.ceil(config.loss_tokens / seq))
     per_window = scored_per_window(config)
-    search = CountedRemovalLoss(num_blocks, windows * seq, windows * per_window, config.loss_objective)
+    blockwise = config.offload == "sequential"
+    search = CountedRemovalLoss(num_blocks, windows * seq, windows * per_window, config.loss_objective, blockwise=blockwise)
     candidates = [b for b in range(num_blocks) if b not in protected]
     work = Work()
     screen = config.first_step_screen == "sequences"
@@ -156,19 +177,18 @@ def _loss_check(num_blocks: int, config: SGLPConfig, sequences: int, protected: 
         search.current()
     if screen:
         screened = min(config.loss_screen_samples, windows)
-        sample = CountedRemovalLoss(num_blocks, screened * seq, screened * per_window, config.loss_objective)
+        sample = CountedRemovalLoss(num_blocks, screened * seq, screened * per_window, config.loss_objective, blockwise=blockwise)
         sample.current()
-        for block in candidates:
-            sample.measure(block)
+        sample.measure_many(candidates)
         work.add(sample.work)
     for step, removed in enumerate(order):
         left = [b for b in candidates if b not in search.removed]
-        if not config.loss_lazy or (step == 0 and not screen):  # no estimates yet: every candidate
-            measured = left
-        else:
-            measured = sorted(sorted(left, key=lambda b: (abs(b - removed), b))[:measured_per_step])
-        for block in measured:
-            search.measure(block)
+        if not config.loss_lazy:
+            search.measure_many(left)
+        else:  # no estimates yet at an unscreened first step: every candidate
+            measured = left if step == 0 and not screen else sorted(left, key=lambda b: (abs(b - removed), b))[:measured_per_step]
+            for block in sorted(measured):
+                search.measure(block)
         search.remove(removed)
     work.add(search.work)
     return work

@@ -205,3 +205,38 @@ def test_the_kl_objective_on_some_positions_is_the_kl_there(monkeypatch):
             count += mask.sum().item()
     measured = RemovalLoss(model, batches, objective="kl", position_share=0.5, seed=7).measure(2)
     assert measured == pytest.approx(total / count, rel=1e-4)
+
+
+def test_blockwise_measure_many_reads_each_block_once_for_every_candidate():
+    """One block-by-block pass for all candidates gives each one's `measure`, after removals that
+    left some kept outputs stale, and reads each block it needs once (not once per candidate)."""
+    from sglp_llm.model.handle import ModelHandle
+    from sglp_llm.model.offload import InPlace
+    from sglp_llm.selection.removal import BlockwiseRemovalLoss
+
+    class CountingLoader(InPlace):
+        def __init__(self):
+            self.reads = []
+
+        def onload(self, index, block, device):
+            self.reads.append(index)
+
+    model, batches = tiny_model("gemma3_text", num_layers=7), _batches()
+    loader = CountingLoader()
+    plain = RemovalLoss(model, batches)
+    blockwise = BlockwiseRemovalLoss(ModelHandle.of(model).one_block_at_a_time("cpu", loader), batches)
+    for block in (4, 2):
+        plain.remove(block), blockwise.remove(block)
+    blockwise.current()  # every kept output up to the last block
+    blockwise.remove(5)  # outputs from block 5 on are stale
+    plain.remove(5)
+    loader.reads.clear()
+    candidates = [1, 3, 6]
+    many = blockwise.measure_many(candidates)
+    assert many == pytest.approx({b: plain.measure(b) for b in candidates}, rel=1e-5)
+    assert many == pytest.approx({b: calibration_nll(model, batches, [4, 2, 5, b]) for b in candidates}, rel=1e-5)
+    # kept outputs of blocks 0, 1, 3 start the streams; candidate 1's runs blocks 3 and 6, 3's
+    # runs 6, 6's none: one read of each (one at a time: 3, 6, 6)
+    assert sorted(loader.reads) == [3, 6]
+    with pytest.raises(ValueError, match=r"Blocks \[2\] are removed already"):
+        blockwise.measure_many([2, 3])

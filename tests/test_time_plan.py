@@ -147,3 +147,17 @@ def test_plan_time_reads_no_weights_and_prints_the_plan(tmp_path, monkeypatch, c
     assert saved["phases"]["statistics pass"]["block_tokens"] == 32 * 64 * 6
     assert saved["throughput"]["source"].startswith("given: 2.5 TFLOP/s" if given else "measured on cpu")
     assert saved["total_s"] == pytest.approx(sum(saved["seconds"].values()))
+
+
+def test_blocks_run_one_at_a_time_are_counted_with_their_reads(monkeypatch):
+    """Sequential onloading: the same forwards, and each pass reads a block once; the screen's
+    candidates share one pass."""
+    from sglp_llm.model.offload import MoveBlocks
+
+    reads = []
+    original = MoveBlocks.onload
+    monkeypatch.setattr(MoveBlocks, "onload", lambda self, index, block, device: (reads.append(index), original(self, index, block, device)))
+    config, plan, counter = _run("llama", drop=2, loss_lazy=False, offload="sequential", stability_check=False)
+    phases, _ = count_analysis(BLOCKS, config, order=_order(plan))
+    assert _total(phases) == (counter.block_tokens, counter.head_tokens)
+    assert sum(w.block_loads for w in phases.values()) == len(reads)

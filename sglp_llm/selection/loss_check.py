@@ -95,8 +95,9 @@ def loss_check(
                 for block, estimate in first.items():
                     record(block, estimate)
             if not config.loss_lazy:
-                for block in candidates:
-                    measure(block)
+                for block, loss in removal.measure_many(candidates).items():
+                    record(block, loss)
+                    fresh.add(block)
             width = config.loss_confirm if judge is not None else 1
             while True:
                 # unmeasured candidates first: no bound yet; the `width` lowest must be fresh
@@ -134,7 +135,7 @@ def _screen(
     samples = first_samples(batches, context.config.loss_screen_samples)
     screen = removal_loss(context.handle, samples, context.config, context.config.loss_objective)
     base = screen.current()
-    return {block: loss + screen.measure(block) - base for block in candidates}
+    return {block: loss + estimate - base for block, estimate in screen.measure_many(candidates).items()}
 
 
 def _shortlist(segment: list[int], scores: list[float], excluded: set[int], size: int | str) -> list[int]:

@@ -217,6 +217,10 @@ class RemovalLoss:
             self._run(list(self.removed), self._nearest_kept_output(previous), stop=previous)
         return self._run(self.removed + [block], previous)
 
+    def measure_many(self, blocks: Sequence[int]) -> dict[int, float]:
+        """`measure` of each of `blocks` (a screen, a search that measures every candidate)."""
+        return {block: self.measure(block) for block in blocks}
+
 
 class BlockwiseRemovalLoss(RemovalLoss):
     """`RemovalLoss` with one block at a time on the handle's onload device (a model given as a
@@ -262,6 +266,38 @@ class BlockwiseRemovalLoss(RemovalLoss):
             return None
         summed = [self._loss(b, final.to(self.device), self._returns_tuple) for b, final in enumerate(hidden)]
         return _token_mean(summed, skipped)
+
+
+    @torch.no_grad()
+    def measure_many(self, blocks: Sequence[int]) -> dict[int, float]:
+        """`measure` of each of `blocks` in one block-by-block pass: every candidate's stream goes
+        through a block while it is onloaded, so each block is read once for all of them instead
+        of once per candidate. Memory: one hidden state per batch and candidate, on the CPU."""
+        if any(block in self.removed for block in blocks):
+            raise ValueError(f"Blocks {sorted(set(blocks) & set(self.removed))} are removed already.")
+        self._references()
+        previous = {block: self._previous_kept(block) for block in blocks}
+        deepest = max((p for p in previous.values() if p is not None), default=None)
+        if deepest is not None and any(p not in self._outputs for p in previous.values() if p is not None):
+            self._run(list(self.removed), self._nearest_kept_output(deepest), stop=deepest)
+        streams = {block: list(self._inputs) if p is None else list(self._outputs[p]) for block, p in previous.items()}
+        first = min((-1 if p is None else p) for p in previous.values()) + 1
+        for index in (i for i in range(first, self.num_blocks) if i not in self.removed):
+            running = [b for b in blocks if b != index and (previous[b] is None or previous[b] < index)]
+            if not running:
+                continue
+            block = self.layers[index]
+            with onloaded(self.loader, index, block, self.device):
+                for candidate in running:
+                    for b, state in enumerate(streams[candidate]):
+                        output = self._calls[b][index].run(block, state.to(self.device))
+                        self._returns_tuple = isinstance(output, (tuple, list))
+                        streams[candidate][b] = block_output(output).cpu()
+        return {
+            candidate: _token_mean([self._loss(b, final.to(self.device), self._returns_tuple) for b, final in enumerate(hidden)],
+                                   self.removed + [candidate])
+            for candidate, hidden in streams.items()
+        }
 
 
 class CompensatedRemovalLoss(RemovalLoss):
