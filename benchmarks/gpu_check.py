@@ -9,7 +9,10 @@ reason) or SKIP (no CUDA device here). The exit status is 1 when any check faile
   reported beside the CPU's);
 - `analyze --device-map auto`;
 - sequential onloading to cuda:0 with the blocks read from disk (a safetensors folder);
-- a short `heal` of the bfloat16 model.
+- a short `heal` of the bfloat16 model;
+- `analyze --plan-time` on CUDA in bfloat16: the throughput it measures (the figure the 8B and
+  70B predictions in docs/large-models.md assume) and the predicted time beside the bfloat16
+  prune's.
 
     python benchmarks/gpu_check.py                   # the packaged SmolLM2-135M, under 8 minutes on one GPU
     python benchmarks/gpu_check.py --model DIR --dataset FILE --n-samples 8 --seq-len 32   # any model
@@ -113,6 +116,15 @@ class Checks:
         return f"{self.heal_steps} steps, loss {healing['loss']['first']:.3f} -> {healing['loss']['last']:.3f}"
 
 
+    def time_plan(self) -> str:
+        report = self.work / "time-plan.json"
+        _cli("analyze", *self.common, "--ratio", self.ratio, "--dtype", "bfloat16", "--plan-time", "--report", str(report))
+        plan = json.loads(report.read_text())
+        rate = plan["throughput"]
+        return (f"{rate['source']}: {rate['block_token_s'] * 1e9:.1f} ns per block-token, {rate['head_token_s'] * 1e9:.1f} ns "
+                f"per head position; predicted {plan['total_s']:.0f} s of compute (the bfloat16 prune above: see its time)")
+
+
 # name -> (needs CUDA, the check)
 CHECKS: dict[str, tuple[bool, Callable[[Checks], str]]] = {
     "cpu reference (float32)": (False, Checks.cpu_reference),
@@ -122,6 +134,7 @@ CHECKS: dict[str, tuple[bool, Callable[[Checks], str]]] = {
     "--device-map auto": (True, Checks.device_map_auto),
     "sequential onloading to cuda:0 from disk": (True, Checks.sequential_from_disk),
     "short heal on cuda": (True, Checks.short_heal),
+    "time plan on cuda, bfloat16": (True, Checks.time_plan),
 }
 
 

@@ -70,6 +70,7 @@ METHODS = {
     # more loss tokens of the same text (the loss check measures every removal on this many; the
     # calibration draws as many windows as they take, at least the default 32)
     "tokens-8k": {BUDGET: 8192},
+    "tokens-16k": {BUDGET: 16384},
     "tokens-32k": {BUDGET: 32768},
     # 8192 loss tokens at the head cost of 2048: the head scores a quarter of each window's positions
     "positions-8k": {BUDGET: 8192, "loss_positions": 0.25},

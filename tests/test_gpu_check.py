@@ -40,7 +40,7 @@ def test_without_cuda_the_cpu_reference_runs_and_every_cuda_check_says_it_is_ski
     assert status == 0 and lines[0].startswith("device: no CUDA device")
     assert lines[1].startswith("PASS cpu reference (float32)") and "drops [" in lines[1]
     cuda_checks = [name for name, (needs_cuda, _) in gpu_check.CHECKS.items() if needs_cuda]
-    assert lines[2:] == [f"SKIP {name}: no CUDA device" for name in cuda_checks] and len(cuda_checks) == 6
+    assert lines[2:] == [f"SKIP {name}: no CUDA device" for name in cuda_checks] and len(cuda_checks) == 7
 
 
 def test_a_failing_check_prints_why_and_exits_1(gpu_check, monkeypatch, capsys):
