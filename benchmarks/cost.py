@@ -11,15 +11,22 @@ are recorded; quality.md has their held-out perplexity.
     python benchmarks/cost.py --models smollm2-135m
     OMP_NUM_THREADS=1 python benchmarks/cost.py --models gemma-3-270m
 
-Results: benchmarks/results/cost-<model>.json, gathered into benchmarks/results/cost.md.
+`--head-share` measures instead where a loss-check measurement's time goes: the blocks after the
+removed one against the head (final norm, lm_head, loss), on the loss check's 2048 tokens, and
+the same with the head on a quarter of the positions (`loss_positions: 0.25`).
+
+Results: benchmarks/results/cost-<model>.json and cost-head-<model>.json, gathered into
+benchmarks/results/cost.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,6 +59,32 @@ def measure(name: str) -> dict:
     }
 
 
+def head_share(name: str) -> dict:
+    """Seconds of every block's forward and of the head on the loss check's tokens (best of 2),
+    with the head on all positions and on a quarter of them."""
+    from sglp_llm.data import first_tokens
+    from sglp_llm.model.handle import ModelHandle
+    from sglp_llm.passes.head import head_nll, output_of, position_sample
+
+    loaded = load_model(name, dtype="float32")
+    handle = ModelHandle.of(loaded.model)
+    batches = first_tokens(prepare_calibration(None, loaded.tokenizer, CALIBRATION).batches, CALIBRATION.loss_tokens)
+    best: dict[str, float] = {}
+    with torch.no_grad():
+        for _ in range(2):
+            started = time.perf_counter()
+            finals = [output_of(handle.model, handle.layers[-1], b) for b in batches]
+            best["blocks"] = min(best.get("blocks", math.inf), time.perf_counter() - started)
+            for share in (1.0, 0.25):
+                started = time.perf_counter()
+                for b, (final, returns_tuple) in zip(batches, finals):
+                    head_nll(handle, b, final, returns_tuple, positions=position_sample(b["input_ids"].shape[1] - 1, share, 0))
+                key = f"head at {share:g} of the positions"
+                best[key] = min(best.get(key, math.inf), time.perf_counter() - started)
+    return {"model": loaded.name, "num_blocks": len(handle.layers), "tokens": sum(b["input_ids"].numel() for b in batches),
+            "seconds": best, "threads": torch.get_num_threads()}
+
+
 def gather() -> Path:
     lines = [
         "# Analysis time: SGLP default vs SLEB, side by side (benchmarks/cost.py)", "",
@@ -67,6 +100,18 @@ def gather() -> Path:
                 f"| {r['model']} | {r['drop']} | {r['sglp_s']:.0f} | {r['sleb_s']:.0f} | {r['ratio']:.1f}x "
                 f"| {'yes' if same else 'no'} ({r['runs'][0]['dropped']} vs {r['runs'][1]['dropped']}) | {r['threads']} |"
             )
+    heads = [json.loads(p.read_text()) for name in MODELS if (p := RESULTS / f"cost-head-{name}.json").is_file()]
+    if heads:
+        lines += ["", "## Where a loss-check measurement's time goes (`--head-share`)", "",
+                  "A measurement runs the blocks after the removed one (half of them on average) and the head; "
+                  "the head's share of an average measurement is head / (blocks / 2 + head).", "",
+                  "| model | tokens | all blocks (s) | head, all positions (s) | head share | head, a quarter of the positions (s) "
+                  "| head share | threads |", "|---|---|---|---|---|---|---|---|"]
+        for r in heads:
+            t = r["seconds"]
+            full, quarter = t["head at 1 of the positions"], t["head at 0.25 of the positions"]
+            lines.append(f"| {r['model']} | {r['tokens']} | {t['blocks']:.1f} | {full:.1f} | {full / (t['blocks'] / 2 + full):.0%} "
+                         f"| {quarter:.1f} | {quarter / (t['blocks'] / 2 + quarter):.0%} | {r['threads']} |")
     target = RESULTS / "cost.md"
     target.write_text("\n".join(lines) + "\n")
     return target
@@ -75,10 +120,13 @@ def gather() -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--head-share", action="store_true", help="where a measurement's time goes, not SGLP vs SLEB")
     args = parser.parse_args()
     for name in args.models.split(","):
-        result = measure(name)
-        (RESULTS / f"cost-{name}.json").write_text(json.dumps(result, indent=2))
+        if args.head_share:
+            (RESULTS / f"cost-head-{name}.json").write_text(json.dumps(head_share(name), indent=2))
+        else:
+            (RESULTS / f"cost-{name}.json").write_text(json.dumps(measure(name), indent=2))
         print(f"wrote {gather()}")
 
 

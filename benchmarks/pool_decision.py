@@ -18,13 +18,12 @@ Results: benchmarks/results/pool-decision-<model>.json (resumed) and pool-decisi
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 
-from quality import MODELS, RESULTS, gather_results
+from quality import RESULTS, measure_models
 from robustness import _calibration
 from sglp_llm.config import SGLPConfig
 from sglp_llm.data import STDLIB_DOCS
@@ -122,14 +121,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    for name in args.models.split(","):
-        measure(name)
-    gather_results("pool-decision", "Deciding among the peers' choices on held-back calibration text "
+    measure_models(__doc__, measure, "pool-decision", "Deciding among the peers' choices on held-back calibration text "
                    "(benchmarks/pool_decision.py, issue 23)", markdown)
 
 

@@ -21,6 +21,8 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from sglp_llm.compare import Comparison, compare
 from sglp_llm.config import SGLPConfig
 from sglp_llm.data import FORTUNES, STDLIB_DOCS
@@ -116,6 +118,19 @@ def gather_results(kind: str, title: str, markdown: Callable[[dict], str]) -> Pa
     target.write_text("\n".join(parts))
     print(f"wrote {target}")
     return target
+
+
+def measure_models(doc: str, measure: Callable[[str], dict], kind: str, title: str, markdown: Callable[[dict], str]) -> None:
+    """The command line of a benchmark run model by model: --models and --threads, `measure`
+    each model, then gather <kind>.md."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for name in args.models.split(","):
+        measure(name)
+    gather_results(kind, title, markdown)
 
 
 def run_model(name: str, eval_max_texts: int, methods: list[str], variants: list[str]) -> Comparison:

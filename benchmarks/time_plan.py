@@ -20,13 +20,12 @@ Results: benchmarks/results/time-plan-<model>.json and time-plan.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 
-from quality import MODELS, RATIOS, RESULTS, gather_results
+from quality import RATIOS, RESULTS, measure_models
 from sglp_llm.api import analyze
 from sglp_llm.config import SGLPConfig
 from sglp_llm.data import STDLIB_DOCS, prepare_calibration
@@ -84,14 +83,8 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    for name in args.models.split(","):
-        measure(name)
-    gather_results("time-plan", "The time plan against measured analyses (benchmarks/time_plan.py, issue 26)", markdown)
+    measure_models(__doc__, measure, "time-plan", "The time plan against measured analyses (benchmarks/time_plan.py, issue 26)",
+                   markdown)
 
 
 if __name__ == "__main__":
