@@ -170,7 +170,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"## {result['model']}", "",
         f"- blocks: {result['num_blocks']}; calibration: {result['n_samples']} windows of the standard-library "
-        f"docstrings at {', '.join(map(str, SEQ_LENS))} tokens, seeds {', '.join(map(str, SEEDS))}; "
+        f"docstrings at {', '.join(map(str, SEQ_LENS))} tokens, seeds {', '.join(map(str, SEEDS))} (a method with a "
+        f"`{BUDGET}` draws as many windows as those loss tokens take); "
         f"{result['threads']} torch thread(s)",
         *(f"- held-out `{key}`: {description}; the first {result['eval_max_texts']} texts scored"
           for key, description in result["sources"].items()),
