@@ -31,7 +31,7 @@ from sglp_llm.config import SGLPConfig
 from sglp_llm.data import STDLIB_DOCS, prepare_calibration
 from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.model.loading import load_model
-from sglp_llm.time_plan import MEASURED_PER_STEP, count_analysis, measure_throughput, plan_time
+from sglp_llm.time_plan import Throughput, count_analysis, measure_throughput, plan_time
 
 
 def measure(name: str) -> dict:
@@ -52,11 +52,9 @@ def measure(name: str) -> dict:
         wall = time.perf_counter() - started
         steps = plan.extra["loss_check"]["steps"]
         per_step = [step["measured"] for step in steps[1:]]
-        mean = sum(per_step) / len(per_step) if per_step else MEASURED_PER_STEP
-        phases, _ = count_analysis(num_blocks, config, order=[s["block"] for s in steps], measured_per_step=round(mean))
-        counted = sum(throughput.seconds(w) for w in phases.values())
+        counted = _counted(num_blocks, config, throughput, steps)
         measured = wall - plan.timings.get("preflight_s", 0.0) - plan.timings.get("calibration_data_s", 0.0)
-        run = {"drop": len(plan.dropped), "dropped": plan.dropped,
+        run = {"drop": len(plan.dropped), "dropped": plan.dropped, "order": [s["block"] for s in steps],
                "predicted_s": predicted.total_s(), "predicted_phases_s": predicted.seconds(), "counted_s": counted,
                "measured_s": measured, "timings": plan.timings, "measured_per_step": per_step,
                "first_step_measured": steps[0]["measured"]}
@@ -66,13 +64,21 @@ def measure(name: str) -> dict:
     return result
 
 
+def _counted(num_blocks: int, config: SGLPConfig, throughput: Throughput, steps: list[dict]) -> float:
+    """The plan's seconds given the run's removal order and measurements per step (which blocks
+    it measured is still assumed: the removed one's nearest neighbours; the stability check's
+    half is assumed to take the same steps)."""
+    phases, _ = count_analysis(num_blocks, config, order=[s["block"] for s in steps], measured_per_step=[s["measured"] for s in steps])
+    return sum(throughput.seconds(w) for w in phases.values())
+
+
 def markdown(result: dict) -> str:
     rate = result["throughput"]
     lines = [f"## {result['model']}", "",
              f"- {result['num_blocks']} blocks; {result['threads']} torch thread(s); throughput {rate['source']}, measured in "
              f"{rate['seconds']:.1f} s: {rate['block_token_s'] * 1e6:.2f} µs per block-token, {rate['head_token_s'] * 1e6:.2f} µs "
              "per head position", "",
-             "| drop | measured (s) | predicted (s) | predicted / measured | counted with the run's order (s) | "
+             "| drop | measured (s) | predicted (s) | predicted / measured | counted with the run's order and measurements per step (s) | "
              "measurements per lazy step (mean) | blocks |", "|---|---|---|---|---|---|---|"]
     for run in result["runs"]:
         per_step = run["measured_per_step"]

@@ -163,7 +163,7 @@ def assumed_order(num_blocks: int, n_drop: int, protected: set[int]) -> list[int
 
 
 def _loss_check(num_blocks: int, config: SGLPConfig, sequences: int, protected: set[int],
-                order: Sequence[int], measured_per_step: int) -> Work:
+                order: Sequence[int], measured_per_step: int | Sequence[int]) -> Work:
     """The loss check's work on `sequences` calibration windows, removing `order`."""
     seq = config.seq_len
     windows = min(sequences, math.ceil(config.loss_tokens / seq))
@@ -186,7 +186,8 @@ def _loss_check(num_blocks: int, config: SGLPConfig, sequences: int, protected: 
         if not config.loss_lazy:
             search.measure_many(left)
         else:  # no estimates yet at an unscreened first step: every candidate
-            measured = left if step == 0 and not screen else sorted(left, key=lambda b: (abs(b - removed), b))[:measured_per_step]
+            per_step = measured_per_step if isinstance(measured_per_step, int) else measured_per_step[step]
+            measured = left if step == 0 and not screen else sorted(left, key=lambda b: (abs(b - removed), b))[:per_step]
             for block in sorted(measured):
                 search.measure(block)
         search.remove(removed)
@@ -208,7 +209,7 @@ def _sleb(num_blocks: int, config: SGLPConfig, sequences: int, protected: set[in
 
 
 def _analysis(phases: dict[str, Work], prefix: str, num_blocks: int, config: SGLPConfig, sequences: int,
-              order: Sequence[int], measured_per_step: int) -> None:
+              order: Sequence[int], measured_per_step: int | Sequence[int]) -> None:
     protected = config.protected_blocks(num_blocks)
     tokens = sequences * config.seq_len
     statistics = Work(block_tokens=tokens * num_blocks, block_loads=num_blocks)
@@ -242,10 +243,11 @@ def _check_supported(config: SGLPConfig) -> None:
 
 def count_analysis(
     num_blocks: int, config: SGLPConfig, *, order: Sequence[int] | None = None,
-    measured_per_step: int = MEASURED_PER_STEP,
+    measured_per_step: int | Sequence[int] = MEASURED_PER_STEP,
 ) -> tuple[dict[str, Work], list[str]]:
     """Each phase's work in `analyze` of a `num_blocks` model with `config` on full windows,
-    removing `order` (None: `assumed_order`), and what the count assumes. The stability check
+    removing `order` (None: `assumed_order`), the lazy search measuring `measured_per_step`
+    candidates at each step (or a count per step), and what the count assumes. The stability check
     analyses the second half of the windows again (and the first, when the choice reads more
     windows than it holds)."""
     config.validate()
@@ -256,7 +258,7 @@ def count_analysis(
     if order is None:
         order = assumed_order(num_blocks, n_drop, protected)
         assumptions.append(f"the blocks go in the order {list(order)}")
-    if config.method == "sglp" and config.scoring == "loss" and config.loss_lazy:
+    if config.method == "sglp" and config.scoring == "loss" and config.loss_lazy and isinstance(measured_per_step, int):
         assumptions.append(f"each step of the lazy search after the first measures {measured_per_step} candidates")
     phases: dict[str, Work] = {}
     _analysis(phases, "", num_blocks, config, config.n_samples, order, measured_per_step)

@@ -112,6 +112,10 @@ def test_the_plan_predicts_the_default_and_says_what_it_assumes():
     quarter = plan_time(model_config, config.replace(loss_positions=0.25), Throughput(1e-6, 2e-6, "given"))
     assert quarter.phases["loss check"].head_tokens == pytest.approx(plan.phases["loss check"].head_tokens / 4, rel=0.01)
     assert quarter.phases["loss check"].block_tokens == plan.phases["loss check"].block_tokens
+    # a count per step (a run's record) instead of the assumed 3: fewer measurements, less work
+    fewer, said = count_analysis(30, config, measured_per_step=[1] * 6)
+    assert fewer["loss check"].block_tokens < plan.phases["loss check"].block_tokens
+    assert not any("lazy search" in a for a in said)
     with pytest.raises(ConfigError, match="not loss_beam"):
         count_analysis(30, SGLPConfig(drop=3, loss_beam=2))
 
