@@ -127,10 +127,7 @@ class CountedRemovalLoss(RemovalLoss):
             return super().measure_many(blocks)
         # BlockwiseRemovalLoss.measure_many: the current network up to the deepest block before a
         # candidate, then every candidate's stream in one pass that reads each block once
-        previous = {block: self._previous_kept(block) for block in blocks}
-        deepest = max((p for p in previous.values() if p is not None), default=None)
-        if deepest is not None and any(p not in self._outputs for p in previous.values() if p is not None):
-            self._run(list(self.removed), self._nearest_kept_output(deepest), stop=deepest)
+        previous = self._outputs_before(blocks)
         read: set[int] = set()
         for block, start in previous.items():
             span = self._span(self.removed + [block], start, None)

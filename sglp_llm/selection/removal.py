@@ -217,6 +217,15 @@ class RemovalLoss:
             self._run(list(self.removed), self._nearest_kept_output(previous), stop=previous)
         return self._run(self.removed + [block], previous)
 
+    def _outputs_before(self, blocks: Sequence[int]) -> dict[int, int | None]:
+        """Each of `blocks`' kept block before it (None: none), the current network's outputs of
+        all of them made ready in one pass up to the deepest (a one-pass `measure_many`)."""
+        previous = {block: self._previous_kept(block) for block in blocks}
+        deepest = max((p for p in previous.values() if p is not None), default=None)
+        if deepest is not None and any(p not in self._outputs for p in previous.values() if p is not None):
+            self._run(list(self.removed), self._nearest_kept_output(deepest), stop=deepest)
+        return previous
+
     def measure_many(self, blocks: Sequence[int]) -> dict[int, float]:
         """`measure` of each of `blocks` (a screen, a search that measures every candidate)."""
         return {block: self.measure(block) for block in blocks}
@@ -276,10 +285,7 @@ class BlockwiseRemovalLoss(RemovalLoss):
         if any(block in self.removed for block in blocks):
             raise ValueError(f"Blocks {sorted(set(blocks) & set(self.removed))} are removed already.")
         self._references()
-        previous = {block: self._previous_kept(block) for block in blocks}
-        deepest = max((p for p in previous.values() if p is not None), default=None)
-        if deepest is not None and any(p not in self._outputs for p in previous.values() if p is not None):
-            self._run(list(self.removed), self._nearest_kept_output(deepest), stop=deepest)
+        previous = self._outputs_before(blocks)
         streams = {block: list(self._inputs) if p is None else list(self._outputs[p]) for block, p in previous.items()}
         first = min((-1 if p is None else p) for p in previous.values()) + 1
         for index in (i for i in range(first, self.num_blocks) if i not in self.removed):
