@@ -41,6 +41,7 @@ ROWS = {
     "block-local": (True, None),
     "block-local + next-token LoRA": (True, {"teacher": "none"}),
     "block-local + KD LoRA": (True, {}),
+    "block-local + KD LoRA at lr 1e-3": (True, {"learning_rate": 1e-3}),
 }
 BLOCK_LOCAL_LR = 3e-3
 

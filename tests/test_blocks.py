@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from torch import nn
 
 from sglp_llm.model.blocks import UnsupportedModelError, find_decoder_blocks

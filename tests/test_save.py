@@ -435,7 +435,7 @@ def test_push_refuses_a_folder_without_a_model(tmp_path, fake_hub):
     ],
 )
 def test_card_front_matter_names_only_hub_ids(plan, base_model, front_matter):
-    from sglp_llm.output.modelcard import METHOD_TEXT, render_model_card
+    from sglp_llm.output.modelcard import render_model_card
 
     card = render_model_card(plan, base_model=base_model)
     header = card.split("---")[1]
