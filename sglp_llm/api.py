@@ -319,7 +319,7 @@ def _analyze(
         calibration_source=calibration.source,
         extra=extra,
     )
-    plan.extra["stages"] = stages(plan.config)
+    plan.extra["stages"] = stages(plan.config, plan.n_tokens)
     plan.extra["chosen_by"] = {str(block): why for block, why in chosen_by(plan).items()}
     if config.stability_check:
         halves = config.replace(stability_check=False)

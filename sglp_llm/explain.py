@@ -38,10 +38,11 @@ COMPENSATION_FIT_TEXT = {
 }
 
 
-def stages(config: dict[str, Any]) -> list[str]:
-    """The stages a run with these settings (SGLPConfig.to_dict()) performs, in order."""
+def stages(config: dict[str, Any], calibration_tokens: int | None = None) -> list[str]:
+    """The stages a run with these settings (SGLPConfig.to_dict()) performs, in order; with
+    `calibration_tokens` (what the run had), token counts are what the loss check could read."""
     compensation = config.get("compensation", "none")
-    choice = _choice_stages(config)
+    choice = _choice_stages(config, calibration_tokens)
     if config.get("decide_among"):
         peers = "; ".join(f"{m} ({PEER_TEXT[m]})" for m in config["decide_among"])
         choice.append(
@@ -64,7 +65,7 @@ def stages(config: dict[str, Any]) -> list[str]:
     return choice + [f"{COMPENSATION_TEXT[compensation]}, {fit}"]
 
 
-def _choice_stages(config: dict[str, Any]) -> list[str]:
+def _choice_stages(config: dict[str, Any], calibration_tokens: int | None) -> list[str]:
     method = config.get("method", "sglp")
     if method != "sglp":
         return [f"choice: {PEER_TEXT[method]}; no CKA groups, no gradient score"]
@@ -76,7 +77,7 @@ def _choice_stages(config: dict[str, Any]) -> list[str]:
             "for the report and heatmap only: the choice does not use it",
             "groups: none (`groups: true` keeps the choice to the Fisher groups; they changed no choice of the "
             "loss check on either benchmarked model)",
-            *_score_and_choice(config, settings),
+            *_score_and_choice(config, settings, calibration_tokens),
         ]
     lines = [f"similarity: linear CKA between every pair of block outputs on the calibration tokens{sinks}"]
     if config.get("num_segments") == 1:
@@ -86,10 +87,10 @@ def _choice_stages(config: dict[str, Any]) -> list[str]:
         k = (f"k = {config['num_segments']}" if config.get("num_segments")
              else f"k chosen by the {'elbow' if config.get('auto_k') == 'elbow' else '5 %'} rule")
         lines.append(f"groups: Fisher optimal segmentation of the CKA {feature} into contiguous groups ({k})")
-    return lines + _score_and_choice(config, settings)
+    return lines + _score_and_choice(config, settings, calibration_tokens)
 
 
-def _score_and_choice(config: dict[str, Any], settings: SGLPConfig) -> list[str]:
+def _score_and_choice(config: dict[str, Any], settings: SGLPConfig, calibration_tokens: int | None) -> list[str]:
     lines = []
     score = config.get("gradient_score", "taylor")
     if settings.needs_backward:
@@ -114,17 +115,21 @@ def _score_and_choice(config: dict[str, Any], settings: SGLPConfig) -> list[str]
             None: "",
         }[settings.first_step_screen]
         tokens = config.get("loss_tokens")
+        # a calibration shorter than loss_tokens (+ as many held back) is read whole: say what was read
+        held_back_tokens = tokens
+        if calibration_tokens is not None:
+            tokens, held_back_tokens = min(tokens, calibration_tokens), min(tokens, max(calibration_tokens - tokens, 0))
         positions = config.get("loss_positions", 1.0)
         measured_on = f"{tokens} tokens" + (f", the head scoring {positions:.0%} of each window's positions" if positions < 1 else "")
         if config.get("loss_beam", 1) > 1:
             lines.append(
                 f"choice: a beam of the {config['loss_beam']} removal sets with the lowest {loss_name(config)} "
                 f"({measured_on}), among {pool}; the final choice among them by the same loss on the next "
-                f"{tokens} calibration tokens, held back from the search"
+                f"{held_back_tokens} calibration tokens, held back from the search"
             )
         else:
             confirm = config.get("loss_confirm", 1)
-            held = (f"; at each step the {confirm} best are measured on the next {tokens} calibration tokens, "
+            held = (f"; at each step the {confirm} best are measured on the next {held_back_tokens} calibration tokens, "
                     "held back from the search, and the best there goes") if confirm > 1 else ""
             lines.append(
                 f"choice: one removal at a time, the candidate whose removal leaves the lowest {loss_name(config)} "

@@ -75,7 +75,7 @@ class PruningPlan:
             f"{self.num_blocks} blocks, {len(self.segments)} segment{'s' if len(self.segments) != 1 else ''}, "
             f"{self.n_tokens} calibration tokens in {self.n_batches} batches; scores: {self.score_label()}"
             + (f"; ran on {', '.join(self.extra['devices'])}" if self.extra.get("devices") else ""),
-            *(f"  {stage}" for stage in stages(self.config)),
+            *(f"  {stage}" for stage in stages(self.config, self.n_tokens)),
         ]
         for seg, keep in zip(self.segments, self.keep_per_segment):
             drop = [i for i in seg if i in self.dropped]

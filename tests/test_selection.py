@@ -60,7 +60,7 @@ def test_every_dropped_block_says_what_chose_it_in_plan_summary_and_card(setting
     plan = analyze(model, _batches(), SGLPConfig(drop=3, **settings, **CONFIG), progress=False)
     reasons = chosen_by(plan)
     assert sorted(reasons) == plan.dropped
-    assert plan.extra["stages"] == stages(plan.config)
+    assert plan.extra["stages"] == stages(plan.config, plan.n_tokens)
     assert plan.extra["chosen_by"] == {str(b): why for b, why in reasons.items()}
     summary, card = plan.summary(), render_model_card(plan, base_model="tiny")
     for block, why in reasons.items():
@@ -68,6 +68,9 @@ def test_every_dropped_block_says_what_chose_it_in_plan_summary_and_card(setting
     for stage in plan.extra["stages"]:
         assert stage in summary and f"- {stage}" in card
     if settings.get("scoring") == "loss":
+        # the calibration (128 tokens) is shorter than loss_tokens: the stages say what was read
+        assert plan.n_tokens == 128 < plan.config["loss_tokens"]
+        assert "(128 tokens)" in summary and f"({plan.config['loss_tokens']} tokens)" not in summary
         steps = plan.extra["loss_check"]["steps"]
         for n, step in enumerate(steps):
             assert f"loss check removal {n + 1}, calibration loss {step['loss']:.4f}" in reasons[step["block"]]

@@ -197,7 +197,7 @@ def _removed_section(plan: PruningPlan) -> str:
 
 
 def _chosen_section(plan: PruningPlan) -> str:
-    lines = ["## How the blocks were chosen", "", *(f"- {stage}" for stage in stages(plan.config)), ""]
+    lines = ["## How the blocks were chosen", "", *(f"- {stage}" for stage in stages(plan.config, plan.n_tokens)), ""]
     lines += [f"- block {block}: {why}" for block, why in sorted(chosen_by(plan).items())]
     stability = describe_stability(plan.extra.get("stability"))
     if stability:
