@@ -31,7 +31,7 @@ from sglp_llm.config import SGLPConfig
 from sglp_llm.data import STDLIB_DOCS, prepare_calibration
 from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.model.loading import load_model
-from sglp_llm.time_plan import Throughput, count_analysis, measure_throughput, plan_time
+from sglp_llm.time_plan import ModelShape, Throughput, count_analysis, measure_throughput, plan_time
 
 
 def measure(name: str) -> dict:
@@ -46,7 +46,7 @@ def measure(name: str) -> dict:
               "throughput": vars(throughput) | {"seconds": time.perf_counter() - started}, "runs": []}
     for ratio in (RATIOS[0], RATIOS[-1]):
         config = base.replace(drop=None, ratio=ratio)
-        predicted = plan_time(model.config, config, throughput)
+        predicted = plan_time(ModelShape.of(model.config), config, throughput)
         started = time.perf_counter()
         plan = analyze(model, calibration, config, progress=False)
         wall = time.perf_counter() - started

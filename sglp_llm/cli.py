@@ -578,12 +578,13 @@ def _plan_memory(run: dict[str, Any], config: SGLPConfig, report: Path | None) -
 
 def _plan_time(run: dict[str, Any], config: SGLPConfig, throughput: float | None, report: Path | None) -> int:
     """`analyze --plan-time`: the predicted compute time of this analysis, from the model's config."""
-    from .time_plan import measure_throughput, plan_time, throughput_from_flops
+    from .time_plan import ModelShape, measure_throughput, plan_time, throughput_from_flops
 
     model_config, config, dtype, device = _planned_run(run, config)
-    rate = (throughput_from_flops(model_config, throughput * 1e12, config.seq_len, config.layers_path) if throughput else
+    shape = ModelShape.of(model_config, config.layers_path)
+    rate = (throughput_from_flops(shape, throughput * 1e12, config.seq_len) if throughput else
             measure_throughput(model_config, dtype=dtype, device=device, seq_len=config.seq_len, layers_path=config.layers_path))
-    plan = plan_time(model_config, config, rate)
+    plan = plan_time(shape, config, rate)
     print(plan.text())
     if report is not None:
         report.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")

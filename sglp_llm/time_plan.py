@@ -269,22 +269,33 @@ def count_analysis(
 
 
 # ------------------------------------------------------------------------------ throughput
-def _flops_per_token(model_config: Any, seq_len: int, layers_path: str | None) -> tuple[float, float]:
-    """(one block's, the head's) forward FLOPs per position: 2 per weight, plus attention's
-    scores and weighted sum over about half the window."""
-    from .model.blocks import find_decoder_blocks, text_config
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs from the architecture, read once from the model built on the meta device."""
 
-    model = meta_model(model_config, torch.float32)
-    blocks = find_decoder_blocks(model, layers_path)
-    text = text_config(model)
-    block = 2 * max(sum(p.numel() for p in b.parameters()) for b in blocks.layers) + 2 * seq_len * text.hidden_size
-    head = 2 * model.get_output_embeddings().weight.numel()
-    return float(block), float(head)
+    num_blocks: int
+    block_params: int  # the largest decoder block's
+    hidden_size: int
+    head_params: int
+
+    @classmethod
+    def of(cls, model_config: Any, layers_path: str | None = None) -> "ModelShape":
+        from .model.blocks import find_decoder_blocks, text_config
+
+        model = meta_model(model_config, torch.float32)
+        layers = find_decoder_blocks(model, layers_path).layers
+        return cls(len(layers), max(sum(p.numel() for p in b.parameters()) for b in layers),
+                   text_config(model).hidden_size, model.get_output_embeddings().weight.numel())
+
+    def flops_per_token(self, seq_len: int) -> tuple[float, float]:
+        """(one block's, the head's) forward FLOPs per position: 2 per weight, plus attention's
+        scores and weighted sum over about half the window."""
+        return float(2 * self.block_params + 2 * seq_len * self.hidden_size), float(2 * self.head_params)
 
 
-def throughput_from_flops(model_config: Any, flops_per_s: float, seq_len: int, layers_path: str | None = None) -> Throughput:
+def throughput_from_flops(shape: ModelShape, flops_per_s: float, seq_len: int) -> Throughput:
     """A given sustained FLOP/s rate (e.g. a GPU's) turned into seconds per block-token and head position."""
-    block, head = _flops_per_token(model_config, seq_len, layers_path)
+    block, head = shape.flops_per_token(seq_len)
     return Throughput(block / flops_per_s, head / flops_per_s, f"given: {flops_per_s / 1e12:g} TFLOP/s sustained")
 
 
@@ -326,10 +337,7 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def plan_time(model_config: Any, config: SGLPConfig, throughput: Throughput, *, order: Sequence[int] | None = None) -> TimePlan:
-    """The time plan of `analyze` on a model of `model_config` (a transformers config) at `throughput`."""
-    from .model.blocks import find_decoder_blocks
-
-    num_blocks = len(find_decoder_blocks(meta_model(model_config, torch.float32), config.layers_path).layers)
-    phases, assumptions = count_analysis(num_blocks, config, order=order)
+def plan_time(shape: ModelShape, config: SGLPConfig, throughput: Throughput, *, order: Sequence[int] | None = None) -> TimePlan:
+    """The time plan of `analyze` on a model of this shape at `throughput`."""
+    phases, assumptions = count_analysis(shape.num_blocks, config, order=order)
     return TimePlan(phases, throughput, assumptions + ["compute only: loading, reading blocks (counted, not timed), verification and writing left out"])

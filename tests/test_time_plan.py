@@ -10,7 +10,7 @@ from sglp_llm import SGLPConfig, analyze
 from sglp_llm.config import ConfigError
 from sglp_llm.model.handle import ModelHandle
 from sglp_llm.selection.removal import RemovalLoss
-from sglp_llm.time_plan import CountedRemovalLoss, Throughput, count_analysis, plan_time
+from sglp_llm.time_plan import CountedRemovalLoss, ModelShape, Throughput, count_analysis, plan_time
 from tiny_models import tiny_batch, tiny_config, tiny_model
 
 SEQ, WINDOWS, BLOCKS = 16, 8, 7
@@ -100,7 +100,7 @@ def test_the_counted_removal_loss_runs_what_the_real_one_runs(monkeypatch):
 
 def test_the_plan_predicts_the_default_and_says_what_it_assumes():
     config, model_config = SGLPConfig(drop=6), tiny_config("llama", num_layers=30)
-    plan = plan_time(model_config, config, Throughput(1e-6, 2e-6, "given"))
+    plan = plan_time(ModelShape.of(model_config), config, Throughput(1e-6, 2e-6, "given"))
     assert list(plan.phases) == ["statistics pass", "loss check", "stability check: statistics pass", "stability check: loss check"]
     # the statistics pass: 32 windows of 256 tokens through 30 blocks, no head (no backward)
     assert plan.phases["statistics pass"].block_tokens == 32 * 256 * 30 and plan.phases["statistics pass"].head_tokens == 0
@@ -109,7 +109,7 @@ def test_the_plan_predicts_the_default_and_says_what_it_assumes():
     text = plan.text()
     assert "each step of the lazy search after the first measures 3 candidates" in text and "the blocks go in the order" in text
     # a quarter of the positions scored: the loss check's head work falls to about a quarter
-    quarter = plan_time(model_config, config.replace(loss_positions=0.25), Throughput(1e-6, 2e-6, "given"))
+    quarter = plan_time(ModelShape.of(model_config), config.replace(loss_positions=0.25), Throughput(1e-6, 2e-6, "given"))
     assert quarter.phases["loss check"].head_tokens == pytest.approx(plan.phases["loss check"].head_tokens / 4, rel=0.01)
     assert quarter.phases["loss check"].block_tokens == plan.phases["loss check"].block_tokens
     # a count per step (a run's record) instead of the assumed 3: fewer measurements, less work
@@ -126,7 +126,11 @@ def test_a_measured_throughput_prices_a_block_below_the_head_of_a_large_vocabula
     config = tiny_config("gemma3_text", num_layers=4, vocab_size=4096)
     measured = measure_throughput(config, dtype=torch.float32, device="cpu", seq_len=32)
     assert measured.block_token_s > 0 and measured.head_token_s > 0 and "measured on cpu" in measured.source
-    given = throughput_from_flops(config, 1e12, seq_len=32)
+    shape = ModelShape.of(config)
+    model = tiny_model("gemma3_text", num_layers=4, vocab_size=4096)  # the same config, real weights
+    assert shape.num_blocks == 4 and shape.block_params == sum(p.numel() for p in model.model.layers[0].parameters())
+    assert shape.head_params == config.hidden_size * 4096
+    given = throughput_from_flops(shape, 1e12, seq_len=32)
     # 2 FLOPs per weight: the head's (hidden x vocab) per position at 1 TFLOP/s
     assert given.head_token_s == pytest.approx(2 * config.hidden_size * 4096 / 1e12)
 
