@@ -24,7 +24,7 @@ import torch
 from .config import ConfigError, SGLPConfig
 from .passes.head import position_sample
 from .passes.memory_plan import meta_model
-from .selection.loss_check import sequences_read
+from .selection.loss_check import LAZY_MEASURED_TOGETHER, sequences_read
 from .selection.removal import RemovalLoss
 
 # the lazy search's measurements per step after the first (the first: the screen's promising
@@ -104,7 +104,7 @@ class CountedRemovalLoss(RemovalLoss):
     def __init__(self, num_blocks: int, tokens: int, scored: int, objective: str = "nll", *, blockwise: bool = False) -> None:
         # no model, no batches: only the state `_run`'s bookkeeping reads (RemovalLoss.__init__ needs a model)
         self.num_blocks, self.tokens, self.scored, self.objective = num_blocks, tokens, scored, objective
-        self.blockwise = blockwise  # measure_many reads each block once (BlockwiseRemovalLoss)
+        self.reads_blocks = blockwise  # measure_many reads each block once (BlockwiseRemovalLoss)
         self.removed: list[int] = []
         self._outputs: dict[int, Any] = {}
         self._reference = None
@@ -123,7 +123,7 @@ class CountedRemovalLoss(RemovalLoss):
 
 
     def measure_many(self, blocks: Sequence[int]) -> dict[int, float]:
-        if not self.blockwise:
+        if not self.reads_blocks:
             return super().measure_many(blocks)
         # BlockwiseRemovalLoss.measure_many: the current network up to the deepest block before a
         # candidate, then every candidate's stream in one pass that reads each block once
@@ -184,9 +184,14 @@ def _loss_check(num_blocks: int, config: SGLPConfig, sequences: int, protected: 
             search.measure_many(left)
         else:  # no estimates yet at an unscreened first step: every candidate
             per_step = measured_per_step if isinstance(measured_per_step, int) else measured_per_step[step]
-            measured = left if step == 0 and not screen else sorted(left, key=lambda b: (abs(b - removed), b))[:per_step]
-            for block in sorted(measured):
-                search.measure(block)
+            if step == 0 and not screen:
+                per_step = len(left)
+            # blocks read one at a time: the search measures its candidates LAZY_MEASURED_TOGETHER
+            # to a pass (a step's last pass measuring the rest of its group too)
+            together = LAZY_MEASURED_TOGETHER if blockwise else 1
+            measured = sorted(sorted(left, key=lambda b: (abs(b - removed), b))[:math.ceil(per_step / together) * together])
+            for group in (measured[i:i + together] for i in range(0, len(measured), together)):
+                search.measure_many(group) if len(group) > 1 else search.measure(group[0])
         search.remove(removed)
     work.add(search.work)
     return work

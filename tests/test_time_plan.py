@@ -74,28 +74,45 @@ def test_sleb_is_counted_exactly():
     assert _total(phases) == (counter.block_tokens, counter.head_tokens)
 
 
-def test_the_counted_removal_loss_runs_what_the_real_one_runs(monkeypatch):
+@pytest.mark.parametrize("offload", ["none", "sequential"])
+def test_the_counted_removal_loss_runs_what_the_real_one_runs(monkeypatch, offload):
     """Any sequence of the removal loss's calls (the lazy search's, the stability check's) costs
-    the counted one what it costs the real one."""
+    the counted one what it costs the real one; with blocks run one at a time (the lazy search
+    then measures candidates together), its block reads too."""
+    from sglp_llm.model.offload import MoveBlocks
+    from sglp_llm.selection.removal import BlockwiseRemovalLoss
+
     calls: list[tuple[int, str, object]] = []
-    for name in ("current", "measure", "remove", "loss_without"):
-        original = getattr(RemovalLoss, name)
+    depth = [0]  # only the outermost call: measure_many may call measure
+    for owner, name in [(RemovalLoss, n) for n in ("current", "measure", "measure_many", "remove", "loss_without")] + [
+            (BlockwiseRemovalLoss, "measure_many")]:
+        original = getattr(owner, name)
 
         def logged(self, *args, _name=name, _original=original):
-            if not isinstance(self, CountedRemovalLoss):
+            if not isinstance(self, CountedRemovalLoss) and not depth[0]:
                 calls.append((id(self), _name, args, sum(b["input_ids"].numel() for b in self.batches)))
-            return _original(self, *args)
+            depth[0] += 1
+            try:
+                return _original(self, *args)
+            finally:
+                depth[0] -= 1
 
-        monkeypatch.setattr(RemovalLoss, name, logged)
-    config, plan, counter = _run("llama", drop=3)  # the default: lazy, screened, with the stability check
+        monkeypatch.setattr(owner, name, logged)
+    reads = []
+    original_onload = MoveBlocks.onload
+    monkeypatch.setattr(MoveBlocks, "onload", lambda self, index, block, device: (reads.append(index), original_onload(self, index, block, device)))
+    config, plan, counter = _run("llama", drop=3, offload=offload)  # the default: lazy, screened, with the stability check
     replicas: dict[int, CountedRemovalLoss] = {}
     for key, name, args, tokens in calls:
-        replica = replicas.setdefault(key, CountedRemovalLoss(BLOCKS, tokens, tokens // SEQ * (SEQ - 1)))
+        replica = replicas.setdefault(key, CountedRemovalLoss(BLOCKS, tokens, tokens // SEQ * (SEQ - 1), blockwise=offload == "sequential"))
         getattr(replica, name)(*args)
     counted = sum(r.work.block_tokens for r in replicas.values())
     statistics = WINDOWS * SEQ * BLOCKS + WINDOWS // 2 * SEQ * BLOCKS  # the whole calibration's pass and the second half's
     assert counted + statistics == counter.block_tokens
     assert sum(r.work.head_tokens for r in replicas.values()) == counter.head_tokens
+    if offload == "sequential":  # the two statistics passes read every block once each
+        assert sum(r.work.block_loads for r in replicas.values()) + 2 * BLOCKS == len(reads)
+        assert any(name == "measure_many" for _, name, _, _ in calls)
 
 
 def test_the_plan_predicts_the_default_and_says_what_it_assumes():

@@ -17,6 +17,12 @@ from ..data import first_samples, first_tokens, skip_samples, token_count
 from .removal import RemovalLoss, removal_loss
 from .registry import SelectionContext
 
+# when blocks are read one at a time (sequential onloading, blocks on disk), the lazy search
+# measures this many of its most promising stale candidates in one pass that reads each block
+# once (`measure_many`): a step measured 1 to 5 candidates on the real models, 2.8 on average
+# (benchmarks/results/time-plan.md), so a step reads the blocks about once instead of three times
+LAZY_MEASURED_TOGETHER = 3
+
 
 def loss_check(
     context: SelectionContext, segments: list[list[int]], budgets: list[int]
@@ -43,6 +49,10 @@ def loss_check(
     the estimates are the loss plus each candidate's Taylor gate score instead: no forward at all.
     With `compensation_aware` there is no screen: a removal is measured with its compensation.
 
+    When the removal loss reads blocks one at a time, the lazy search measures the
+    `LAZY_MEASURED_TOGETHER` lowest-bound stale candidates in one pass whenever it needs one, and
+    uses each result only when the search reaches that candidate: the same choice, fewer reads.
+
     With `loss_confirm` k > 1, the search only proposes: at each step its k best candidates are
     measured fresh, and the one whose removal leaves the lowest loss on held-back tokens (the
     `loss_tokens` calibration tokens after the search's, `held_back_batches`) goes, so a
@@ -58,6 +68,7 @@ def loss_check(
     neighbours: dict[int, tuple] = {}  # block -> its kept neighbours when last measured
     current: float | None = None  # the loss of the network as pruned so far, once needed
     tightened = config.loss_bound != "stale"
+    together = LAZY_MEASURED_TOGETHER if removal.reads_blocks else 1
     first: dict[int, float] = {}
     with tqdm(total=context.n_drop, desc="SGLP loss check", disable=not context.progress) as bar:
         for _ in range(context.n_drop):
@@ -68,6 +79,7 @@ def loss_check(
                 for block in _shortlist(segment, scores, context.protected | set(removal.removed), config.loss_candidates)
             ]
             fresh: set[int] = set()
+            ahead: dict[int, float] = {}  # measured in a shared pass, not yet reached by the search
 
             def record(block: int, loss: float) -> None:
                 measured[block] = loss
@@ -76,7 +88,11 @@ def loss_check(
                     neighbours[block] = removal.kept_neighbours(block)
 
             def measure(block: int) -> None:
-                record(block, removal.measure(block))
+                if block not in ahead:
+                    queue = [b for b in sorted(candidates, key=rank) if b not in fresh and b != block]
+                    group = [block] + queue[:together - 1]
+                    ahead.update(removal.measure_many(group) if len(group) > 1 else {block: removal.measure(block)})
+                record(block, ahead.pop(block))
                 fresh.add(block)
 
             def bound(block: int) -> float:
@@ -85,6 +101,10 @@ def loss_check(
                 if config.loss_bound == "local" and removal.kept_neighbours(block) != neighbours[block]:
                     return measured[block]
                 return max(measured[block], current + increase[block])
+
+            def rank(block: int) -> tuple:
+                """Unmeasured candidates first (no bound yet), then by bound."""
+                return block in measured, bound(block) if block in measured else 0.0, block
 
             screen = config.first_step_screen
             if current is None and (tightened or screen):
@@ -101,7 +121,7 @@ def loss_check(
             width = config.loss_confirm if judge is not None else 1
             while True:
                 # unmeasured candidates first: no bound yet; the `width` lowest must be fresh
-                finalists = sorted(candidates, key=lambda b: (b in measured, bound(b) if b in measured else 0.0, b))[:width]
+                finalists = sorted(candidates, key=rank)[:width]
                 stale = [b for b in finalists if b not in fresh]
                 if not stale:
                     break

@@ -95,6 +95,10 @@ class RemovalLoss:
     index): the blocks still run on every position, the head (most of a measurement with a
     large vocabulary) on a few."""
 
+    # a pass reads its blocks from outside the device (BlockwiseRemovalLoss): measuring several
+    # candidates in one pass (`measure_many`) saves reads
+    reads_blocks = False
+
     def __init__(
         self, model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]], objective: str = "nll",
         *, position_share: float = 1.0, seed: int = 0,
@@ -241,6 +245,8 @@ class BlockwiseRemovalLoss(RemovalLoss):
     Memory: the current network's output of each kept block for every batch is kept on the CPU
     (at most blocks × loss tokens × hidden size values, in the model's dtype), plus one block's
     input per batch on `device` while a pass runs."""
+
+    reads_blocks = True
 
     def __init__(
         self, model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]], objective: str = "nll",
