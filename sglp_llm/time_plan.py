@@ -261,7 +261,9 @@ def count_analysis(
         order = assumed_order(num_blocks, n_drop, protected)
         assumptions.append(f"the blocks go in the order {list(order)}")
     if config.method == "sglp" and config.scoring == "loss" and config.loss_lazy and isinstance(measured_per_step, int):
-        assumptions.append(f"each step of the lazy search after the first measures {measured_per_step} candidates")
+        together = (f" ({LAZY_MEASURED_TOGETHER} to a pass over the blocks, read once for all of them)"
+                    if config.offload == "sequential" else "")
+        assumptions.append(f"each step of the lazy search after the first measures {measured_per_step} candidates{together}")
     phases: dict[str, Work] = {}
     _analysis(phases, "", num_blocks, config, config.n_samples, order, measured_per_step)
     if config.stability_check and config.n_samples >= 2:

@@ -125,6 +125,8 @@ def test_the_plan_predicts_the_default_and_says_what_it_assumes():
     assert plan.total_s() == pytest.approx(sum(plan.seconds().values()))
     text = plan.text()
     assert "each step of the lazy search after the first measures 3 candidates" in text and "the blocks go in the order" in text
+    assert "to a pass" not in text and "3 to a pass" in plan_time(ModelShape.of(model_config), config.replace(offload="sequential"),
+                                                                 Throughput(1e-6, 2e-6, "given")).text()
     # a quarter of the positions scored: the loss check's head work falls to about a quarter
     quarter = plan_time(ModelShape.of(model_config), config.replace(loss_positions=0.25), Throughput(1e-6, 2e-6, "given"))
     assert quarter.phases["loss check"].head_tokens == pytest.approx(plan.phases["loss check"].head_tokens / 4, rel=0.01)
