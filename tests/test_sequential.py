@@ -334,10 +334,15 @@ def test_the_lazy_search_measures_candidates_together_when_blocks_are_read(monke
     fewer block reads."""
     from sglp_llm.model.offload import MoveBlocks
     from sglp_llm.selection import loss_check
+    from sglp_llm.selection.removal import BlockwiseRemovalLoss
 
     reads = []
     original = MoveBlocks.onload
     monkeypatch.setattr(MoveBlocks, "onload", lambda self, index, block, device: (reads.append(index), original(self, index, block, device)))
+    measured = []  # (blocks removed so far, candidates) of every shared pass
+    many = BlockwiseRemovalLoss.measure_many
+    monkeypatch.setattr(BlockwiseRemovalLoss, "measure_many",
+                        lambda self, blocks: (measured.append((len(self.removed), list(blocks))), many(self, blocks))[1])
     model = tiny_model("llama", num_layers=10)
     # no screen: the first step measures every candidate, as the lazy search finds them unmeasured
     config = SGLPConfig(offload="sequential", loss_screen_samples=0, **{**LOSS_CONFIG, "drop": 5})
@@ -350,3 +355,8 @@ def test_the_lazy_search_measures_candidates_together_when_blocks_are_read(monke
     assert runs[3][:2] == runs[1][:2]
     assert runs[1][0][0]["measured"] == 8  # every unprotected block, one pass each when measured alone
     assert runs[3][2] < runs[1][2]
+    # within a step (a removal loss and a number of blocks removed), no candidate is measured twice
+    per_step: dict = {}
+    for step, blocks in measured:
+        per_step.setdefault(step, []).extend(blocks)
+    assert measured and all(len(blocks) == len(set(blocks)) for blocks in per_step.values())

@@ -89,8 +89,9 @@ def loss_check(
 
             def measure(block: int) -> None:
                 if block not in ahead:
-                    queue = [b for b in sorted(candidates, key=rank) if b not in fresh and b != block]
-                    group = [block] + queue[:together - 1]
+                    group = [block]
+                    if together > 1:  # the next most promising not yet measured at this step
+                        group += [b for b in sorted(candidates, key=rank) if b not in fresh and b not in ahead and b != block][:together - 1]
                     ahead.update(removal.measure_many(group) if len(group) > 1 else {block: removal.measure(block)})
                 record(block, ahead.pop(block))
                 fresh.add(block)
