@@ -38,6 +38,8 @@ ROWS = {
     "KD + hidden states": (False, {"hidden_weight": 1.0}),
     "KD LoRA at lr 1e-3": (False, {"learning_rate": 1e-3}),
     "next-token LoRA at lr 1e-3": (False, {"teacher": "none", "learning_rate": 1e-3}),
+    "KD LoRA at lr 2e-3": (False, {"learning_rate": 2e-3}),
+    "KD LoRA rank 32 at lr 1e-3": (False, {"learning_rate": 1e-3, "rank": 32, "alpha": 64.0}),
     "block-local": (True, None),
     "block-local + next-token LoRA": (True, {"teacher": "none"}),
     "block-local + KD LoRA": (True, {}),

@@ -320,7 +320,8 @@ def _add_heal_settings(group: argparse._ArgumentGroup, prefix: str) -> None:
     add("seq-len", "seq_len", type=int, help="tokens per training window (default: 256)")
     add("steps", "steps", type=int, help="optimizer steps (default: 200)")
     add("batch-size", "batch_size", type=int, help="windows per step (default: 4)")
-    add("learning-rate", "learning_rate", type=float, help="AdamW learning rate (default: 2e-4)")
+    add("learning-rate", "learning_rate", type=float, help="AdamW learning rate (default: 1e-3 when distilling from "
+                                            "a teacher, 2e-4 on the next-token loss)")
     add("seed", "seed", type=int, help="seed for window choice and LoRA initialization (default: 0)")
     add("gradient-checkpointing", "gradient_checkpointing", action="store_true", default=None,
         help="recompute activations in the backward pass: less memory, slower")

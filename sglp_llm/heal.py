@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,9 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 LORA_LAYERS = (nn.Linear, Conv1D)
 # gradients are clipped to this norm: one bad batch must not undo a short run
 MAX_GRAD_NORM = 1.0
+# HealConfig.learning_rate's default per objective: distillation gained most at 1e-3 on both real
+# models, next-token LoRA did worse there than at 2e-4 (benchmarks/results/recovery.md)
+DEFAULT_LEARNING_RATES = {"distillation": 1e-3, "next-token": 2e-4}
 # the evaluation columns a healing run adds to a pruned model's report and card
 BEFORE, AFTER = "before healing", "after healing"
 
@@ -75,11 +78,12 @@ class HealConfig(SettingsFile):
 
     # -- training: `steps` optimizer steps of `batch_size` windows per process times
     # `gradient_accumulation_steps` (the text is cycled through as often as that takes), AdamW at
-    # a constant `learning_rate`, on transformers' Trainer (DDP / FSDP under `accelerate launch`)
+    # a constant `learning_rate`, on transformers' Trainer (DDP / FSDP under `accelerate launch`).
+    # learning_rate None: the objective's measured best (DEFAULT_LEARNING_RATES)
     steps: int = 200
     batch_size: int = 4
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-4
+    learning_rate: float | None = None
     gradient_checkpointing: bool = False
     seed: int = 0
     # save the Trainer's state (adapter, optimizer, data position, random state) here every
@@ -129,6 +133,8 @@ class HealConfig(SettingsFile):
                 raise HealError(f"`{name}` must be a positive integer, got {value!r}.")
         for name in ("learning_rate", "alpha"):
             value = getattr(self, name)
+            if name == "learning_rate" and value is None:
+                continue
             # YAML reads 2e-4 as text (it wants 2.0e-4): say so rather than fail in the optimizer
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise HealError(f"`{name}` must be a positive number (in YAML, e.g. 2.0e-4), got {value!r}.")
@@ -270,6 +276,8 @@ def heal(
         objective, teacher_record = _objective(student, tokenizer, config, batches, teacher, teacher_tokenizer,
                                                teacher_kwargs or {}, Path(scratch), progress)
         before = _held_out_perplexity(model, tokenizer, config, progress)
+        if config.learning_rate is None:  # the report and card give the rate the run used
+            config = replace(config, learning_rate=DEFAULT_LEARNING_RATES[teacher_record["name"]])
 
         torch.manual_seed(config.seed)  # LoRA's initial A matrices and dropout
         lora = peft.LoraConfig(

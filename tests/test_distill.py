@@ -226,6 +226,23 @@ def test_teacher_none_trains_on_the_next_tokens_even_with_a_teacher_at_hand():
     assert losses["next-token"] > 3 > 10 * losses["distillation"]
 
 
+def test_the_learning_rate_is_the_objectives_default_unless_set():
+    def adapter(teacher, **settings):
+        student, original = _student_and_teacher()
+        config = HealConfig(steps=2, seq_len=16, batch_size=2, eval_max_texts=1, teacher=teacher, **settings)
+        healed = heal(student, tiny_tokenizer(), config, teacher=original, teacher_tokenizer=tiny_tokenizer(), progress=False)
+        return healed.report, {k: v for k, v in healed.model.state_dict().items() if "lora_B" in k}
+
+    for teacher, rate in (("none", 2e-4), ("auto", 1e-3)):
+        report, unset = adapter(teacher)
+        assert report["settings"]["learning_rate"] == rate and HealConfig().learning_rate is None
+        _, explicit = adapter(teacher, learning_rate=rate)
+        for key in unset:
+            torch.testing.assert_close(unset[key], explicit[key], rtol=0, atol=0)
+    _, other = adapter("auto", learning_rate=3e-3)  # the rate reaches the optimizer
+    assert not torch.allclose(other[key], explicit[key])
+
+
 def test_a_model_with_no_record_heals_on_the_next_tokens():
     model = tiny_model("llama", num_layers=4)
     healed = heal(model, tiny_tokenizer(), HealConfig(steps=1, seq_len=16, batch_size=2, eval_max_texts=1), progress=False)
