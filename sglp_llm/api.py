@@ -3,7 +3,8 @@
 One hooked pass over the calibration batches feeds every statistic: the streaming CKA and the
 peer baselines' block scores from forward hooks and, for SGLP only, the gradient scores from one
 backward per batch (sglp_llm.statistics.score), so the analysis costs about one training step per batch (one
-inference step for the baselines). Then the registered selection the config names chooses the
+inference step for the baselines). The same pass keeps every block's output on the loss check's
+batches, which the loss check starts from (sglp_llm.passes.original_outputs). Then the registered selection the config names chooses the
 blocks (sglp_llm.selection.registry): SGLP's groups and rules (sglp_llm.selection.sglp) or a peer's
 (sglp_llm.selection.baselines); those that score candidate networks run the model again on the batches.
 """
@@ -32,7 +33,7 @@ from .recovery.block_recovery import BlockRecovery, recover_blocks
 from .recovery.compensate import Compensation, applied, fit_compensation, fold
 from .config import ConfigError, SGLPConfig
 from .data import CalibrationSet, prepare_calibration
-from .selection.loss_check import sequences_read
+from .selection.loss_check import loss_batches, sequences_read
 from .explain import chosen_by, stages
 from .passes.distributed import all_reduce_state, is_main_process, rank, world_size
 from .plan import PruningPlan
@@ -43,6 +44,7 @@ from .stability import choice_stability
 from .selection.decide import decide
 from .selection.registry import Selection, SelectionContext, selector_for
 from .passes.hooked import hooked_pass
+from .passes.original_outputs import OriginalOutputs
 from .passes.sequential import sequential_pass
 from .model.offload import BLOCK_LOADER_ATTRIBUTE
 
@@ -57,6 +59,8 @@ class BlockStatistics:
     n_sinks: int = 0  # tokens left out of the CKA sums as attention sinks
     # every gradient score the pass measured (sglp_llm.statistics.score), by name; `scores` is one of them
     gradient_scores: dict[str, list[float]] = field(default_factory=dict)
+    # the block outputs on the loss check's batches, which it starts from (None: no loss check)
+    original_outputs: OriginalOutputs | None = None
 
 
 def statistics_key(config: SGLPConfig, n_drop: int) -> tuple:
@@ -164,6 +168,10 @@ def collect_block_statistics(
     world, me = world_size(), rank()
     todo = range(done + me, len(batches), world)
     observers: list[BlockObserver] = [_AtIndices(cka, todo)] + ([score] if score is not None else [])
+    original = (OriginalOutputs(batches, todo, len(loss_batches(batches, config)), to_cpu=handle.blockwise)
+                if config.keeps_original_outputs else None)
+    if original is not None:
+        observers.append(original)
 
     def summed() -> dict[str, dict]:
         return {name: all_reduce_state(a.state_dict()) for name, a in accumulators.items()}
@@ -187,7 +195,9 @@ def collect_block_statistics(
            partial(hooked_pass, gradient_checkpointing=config.gradient_checkpointing, after_batch=checkpoint))
     with eval_mode(model):
         if todo:
-            run(handle, [batches[i] for i in todo], observers, grads, gates, progress=progress)
+            returns_tuple = run(handle, [batches[i] for i in todo], observers, grads, gates, progress=progress)
+            if original is not None:
+                original.returns_tuple = returns_tuple
     state = summed()
     save(len(batches), state)  # a rerun, e.g. after a failed selection, skips the whole pass
     for name, accumulator in accumulators.items():
@@ -202,7 +212,7 @@ def collect_block_statistics(
         scores = torch.full((num_blocks,), math.nan, dtype=torch.float64)
     return BlockStatistics(
         cka_matrix, scores, cka.n_tokens, len(batches), time.perf_counter() - started, cka.n_sinks,
-        {name: value.tolist() for name, value in gradient_scores.items()},
+        {name: value.tolist() for name, value in gradient_scores.items()}, original,
     )
 
 
@@ -274,6 +284,7 @@ def _analyze(
         progress=progress,
         cache=cache,
         cache_key=key,
+        original_outputs=stats.original_outputs,
     )
     extra: dict[str, Any] = {"protected": sorted(protected), "statistics_reused": reused,
                              "devices": handle.devices_used()}

@@ -367,6 +367,13 @@ class SGLPConfig(SettingsFile):
             return False
         return self.scoring != "loss" or self.loss_candidates != "all" or self.loss_screen == "taylor"
 
+    @property
+    def keeps_original_outputs(self) -> bool:
+        """Whether the statistics pass keeps every block's output on the loss check's batches for
+        it (sglp_llm.passes.original_outputs): a loss check starts from the original network; a
+        compensation-aware one runs whole forwards instead."""
+        return self.method == "sglp" and self.scoring == "loss" and not self.compensation_aware
+
     def validate(self) -> None:
         if (self.drop is None) == (self.ratio is None):
             raise ConfigError(

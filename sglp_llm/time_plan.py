@@ -2,8 +2,9 @@
 head evaluations of each phase, counted from the settings, times a throughput measured on this
 machine in a few seconds (one block and the head of the model, random weights) or given in FLOP/s.
 
-Counted exactly: the statistics pass, the loss check's first pass and screen, SLEB's search, and
-whatever the removal loss runs for a measurement (`CountedRemovalLoss` keeps the same record of
+Counted exactly: the statistics pass, the loss check's screen (it and the search start from the
+block outputs the statistics pass keeps), SLEB's search, and whatever the removal loss runs for a
+measurement (`CountedRemovalLoss` keeps the same record of
 kept outputs as the real one, and counts the blocks a pass would run instead of running them).
 Assumed, because the data decide them: how many candidates each step of the lazy search measures
 (`MEASURED_PER_STEP`, the removed block and its nearest kept neighbours) and the removal order (a
@@ -99,14 +100,16 @@ def _duration(seconds: float) -> str:
 class CountedRemovalLoss(RemovalLoss):
     """The removal loss's bookkeeping without a model: each pass counts the blocks it would run
     on `tokens` positions (and the head on `scored` of them) and keeps their outputs' places, so
-    a sequence of measurements costs what it costs the real `RemovalLoss`."""
+    a sequence of measurements costs what it costs the real `RemovalLoss`; with `original`, it
+    starts from every block's output as the statistics pass keeps them for the loss check."""
 
-    def __init__(self, num_blocks: int, tokens: int, scored: int, objective: str = "nll", *, blockwise: bool = False) -> None:
+    def __init__(self, num_blocks: int, tokens: int, scored: int, objective: str = "nll", *, blockwise: bool = False,
+                 original: bool = False) -> None:
         # no model, no batches: only the state `_run`'s bookkeeping reads (RemovalLoss.__init__ needs a model)
         self.num_blocks, self.tokens, self.scored, self.objective = num_blocks, tokens, scored, objective
         self.reads_blocks = blockwise  # measure_many reads each block once (BlockwiseRemovalLoss)
         self.removed: list[int] = []
-        self._outputs: dict[int, Any] = {}
+        self._outputs: dict[int, Any] = dict.fromkeys(range(num_blocks), ()) if original else {}
         self._reference = None
         self.work = Work()
 
@@ -166,7 +169,8 @@ def _loss_check(num_blocks: int, config: SGLPConfig, sequences: int, protected: 
     windows = min(sequences, math.ceil(config.loss_tokens / seq))
     per_window = scored_per_window(config)
     blockwise = config.offload == "sequential"
-    search = CountedRemovalLoss(num_blocks, windows * seq, windows * per_window, config.loss_objective, blockwise=blockwise)
+    search = CountedRemovalLoss(num_blocks, windows * seq, windows * per_window, config.loss_objective, blockwise=blockwise,
+                                original=True)
     candidates = [b for b in range(num_blocks) if b not in protected]
     work = Work()
     screen = config.first_step_screen == "sequences"
@@ -174,7 +178,8 @@ def _loss_check(num_blocks: int, config: SGLPConfig, sequences: int, protected: 
         search.current()
     if screen:
         screened = min(config.loss_screen_samples, windows)
-        sample = CountedRemovalLoss(num_blocks, screened * seq, screened * per_window, config.loss_objective, blockwise=blockwise)
+        sample = CountedRemovalLoss(num_blocks, screened * seq, screened * per_window, config.loss_objective,
+                                    blockwise=blockwise, original=True)
         sample.current()
         sample.measure_many(candidates)
         work.add(sample.work)

@@ -90,7 +90,9 @@ def test_the_counted_removal_loss_runs_what_the_real_one_runs(monkeypatch, offlo
 
         def logged(self, *args, _name=name, _original=original):
             if not isinstance(self, CountedRemovalLoss) and not depth[0]:
-                calls.append((id(self), _name, args, sum(b["input_ids"].numel() for b in self.batches)))
+                # outputs before any call: the statistics pass kept the original network's
+                seeded = bool(self._outputs) and not self.removed
+                calls.append((id(self), _name, args, sum(b["input_ids"].numel() for b in self.batches), seeded))
             depth[0] += 1
             try:
                 return _original(self, *args)
@@ -103,16 +105,21 @@ def test_the_counted_removal_loss_runs_what_the_real_one_runs(monkeypatch, offlo
     monkeypatch.setattr(MoveBlocks, "onload", lambda self, index, block, device: (reads.append(index), original_onload(self, index, block, device)))
     config, plan, counter = _run("llama", drop=3, offload=offload)  # the default: lazy, screened, with the stability check
     replicas: dict[int, CountedRemovalLoss] = {}
-    for key, name, args, tokens in calls:
-        replica = replicas.setdefault(key, CountedRemovalLoss(BLOCKS, tokens, tokens // SEQ * (SEQ - 1), blockwise=offload == "sequential"))
+    first_seeded: dict[int, bool] = {}
+    for key, name, args, tokens, seeded in calls:
+        seeded = first_seeded.setdefault(key, seeded)
+        replica = replicas.setdefault(key, CountedRemovalLoss(BLOCKS, tokens, tokens // SEQ * (SEQ - 1),
+                                                              blockwise=offload == "sequential", original=seeded))
         getattr(replica, name)(*args)
+    # the loss check's removal losses and the screen's start from the statistics pass's outputs
+    assert sum(first_seeded.values()) == 2 * 2  # the search's and the screen's, in the whole and the half
     counted = sum(r.work.block_tokens for r in replicas.values())
     statistics = WINDOWS * SEQ * BLOCKS + WINDOWS // 2 * SEQ * BLOCKS  # the whole calibration's pass and the second half's
     assert counted + statistics == counter.block_tokens
     assert sum(r.work.head_tokens for r in replicas.values()) == counter.head_tokens
     if offload == "sequential":  # the two statistics passes read every block once each
         assert sum(r.work.block_loads for r in replicas.values()) + 2 * BLOCKS == len(reads)
-        assert any(name == "measure_many" for _, name, _, _ in calls)
+        assert any(name == "measure_many" for _, name, *_ in calls)
 
 
 def test_the_plan_predicts_the_default_and_says_what_it_assumes():

@@ -35,10 +35,11 @@ def hooked_pass(
     """Feed `observers` every block's input and output on each batch and, with `gates`, run the
     backward for the gate scores (and `grads`' GradNorm); `gradient_checkpointing` recomputes the
     blocks' activations in it. `after_batch(k)` runs after the k-th batch (a checkpoint of the sums
-    so far). Run in eval mode (analyze does). Returns the number of batches."""
+    so far). Run in eval mode (analyze does). Returns whether the blocks return tuples."""
     if grads is not None and gates is None:
         raise ValueError("GradNorm is gathered in the gate scores' backward: pass `gates` with `grads`.")
     model, layers, device = handle.model, handle.layers, handle.input_device
+    returns_tuple = False
 
     def feed(index: int, block_input: torch.Tensor, block_output: torch.Tensor) -> None:
         for observer in observers:
@@ -73,4 +74,4 @@ def hooked_pass(
                 gates.check_finite()
             if after_batch is not None:
                 after_batch(done)
-    return len(batches)
+    return returns_tuple

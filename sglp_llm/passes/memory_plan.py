@@ -165,6 +165,14 @@ def plan_memory(
                      num_blocks * activations(batch * seq, batch))
         plan.add("statistics forward", run, "logits of one batch", head(batch, seq))
 
+    # the statistics pass keeps them for the loss check: block by block, those of the stored
+    # states (a copy only of states spilled to disk), from the replay on
+    if config.keeps_original_outputs and (not sequential or spill):
+        kept = num_blocks * math.ceil(min(config.loss_tokens, tokens) / seq) * seq * hidden * size
+        for phase in ("statistics replay", "statistics backward") if sequential else ("statistics forward",):
+            if phase in plan.phases:
+                plan.add(phase, host if sequential else run, "block outputs on the loss check's batches, kept for it", kept)
+
     if config.method == "sglp" and config.scoring == "loss" or config.method == "sleb":
         loss_tokens = min(config.loss_tokens, tokens) if config.method == "sglp" else tokens
         loss_state = math.ceil(loss_tokens / seq) * seq * hidden * size

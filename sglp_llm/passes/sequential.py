@@ -165,7 +165,7 @@ def sequential_pass(
     loader (a model given as a module: its input device, blocks moved there and back, or read
     by its own loader, see `load_with_blocks_on_disk`). Every block's states are kept in memory
     or on disk under `hidden_states_dir` (sglp_llm.passes.hidden_states: "auto" spills them when
-    they would not fit). Run in eval mode (analyze does). Returns the number of batches.
+    they would not fit). Run in eval mode (analyze does). Returns whether the blocks return tuples.
     """
     if grads is not None and gates is None:
         raise ValueError("GradNorm is gathered in the gate scores' backward: pass `gates` with `grads`.")
@@ -196,14 +196,17 @@ def sequential_pass(
                 current = outputs
         del current, outputs
 
+        # an observer that keeps states on the host (`on_host`) gets them as stored: no copy
+        on_host = [observer for observer in observers if getattr(observer, "on_host", False)]
         for b, batch in enumerate(batches):
             for observer in observers:
                 observer.start_batch(batch["attention_mask"].bool())
             block_in = states.get(0, b).to(device)
             for index in range(num_blocks):
-                block_out = states.get(index + 1, b).to(device)
+                stored = states.get(index + 1, b)
+                block_out = stored.to(device)
                 for observer in observers:
-                    observer.on_block(index, block_in, block_out)
+                    observer.on_block(index, block_in, stored if observer in on_host else block_out)
                 block_in = block_out
             for observer in observers:
                 observer.finish_batch()
@@ -211,7 +214,7 @@ def sequential_pass(
         if gates is not None:
             with grad_only_for(model, ()):
                 _backward(handle, batches, states, calls, gates, grads, returns_tuple, progress)
-    return len(batches)
+    return returns_tuple
 
 
 def _backward(

@@ -58,8 +58,8 @@ def loss_check(
     `loss_tokens` calibration tokens after the search's, `held_back_batches`) goes, so a
     candidate that only fits the search tokens' noise loses."""
     config, scores = context.config, context.scores
-    batches = first_tokens(context.batches, config.loss_tokens)
-    removal = removal_loss(context.handle, batches, config, config.loss_objective)
+    batches = loss_batches(context.batches, config)
+    removal = removal_loss(context.handle, batches, config, config.loss_objective, context.original_outputs)
     judge = removal_loss(context.handle, held_back_batches(context), config, config.loss_objective) if config.loss_confirm > 1 else None
     left = dict(enumerate(budgets))
     steps: list[dict[str, Any]] = []
@@ -148,13 +148,19 @@ def loss_check(
     return sorted(removal.removed), {"steps": steps, "removal_losses": removal_losses}
 
 
+def loss_batches(batches: list[dict[str, Any]], config: Any) -> list[dict[str, Any]]:
+    """The calibration sequences the loss check searches on: those of the first `loss_tokens`
+    tokens. The statistics pass keeps the block outputs on them (`config.keeps_original_outputs`)."""
+    return first_tokens(batches, config.loss_tokens)
+
+
 def _screen(
     context: SelectionContext, batches: list[dict[str, Any]], candidates: list[int], loss: float
 ) -> dict[int, float]:
     """Each candidate's loss when removed alone, estimated on the first `loss_screen_samples`
     sequences: the unpruned network's `loss` on the loss batches plus the increase on those."""
     samples = first_samples(batches, context.config.loss_screen_samples)
-    screen = removal_loss(context.handle, samples, context.config, context.config.loss_objective)
+    screen = removal_loss(context.handle, samples, context.config, context.config.loss_objective, context.original_outputs)
     base = screen.current()
     return {block: loss + estimate - base for block, estimate in screen.measure_many(candidates).items()}
 
@@ -212,11 +218,12 @@ def held_back_search(context: SelectionContext) -> tuple[list[int], dict[str, An
     Each beam state keeps its own `RemovalLoss` (a candidate costs only the blocks after it);
     sets reached twice are merged. Ties: the shallower set (in sorted order)."""
     config = context.config
-    search_batches = first_tokens(context.batches, config.loss_tokens)
+    search_batches = loss_batches(context.batches, config)
     held_back = held_back_batches(context)
     free = [b for b in range(len(context.scores)) if b not in context.protected]
     first: dict[int, float] = {}  # each block's loss when removed alone
-    beam: list[tuple[tuple[int, ...], list[float], RemovalLoss]] = [((), [], removal_loss(context.handle, search_batches, config, config.loss_objective))]
+    beam: list[tuple[tuple[int, ...], list[float], RemovalLoss]] = [
+        ((), [], removal_loss(context.handle, search_batches, config, config.loss_objective, context.original_outputs))]
     with tqdm(total=context.n_drop, desc="SGLP held-back beam", disable=not context.progress) as bar:
         for _ in range(context.n_drop):
             extended: dict[tuple[int, ...], tuple[tuple[int, ...], list[float], RemovalLoss]] = {}  # set -> best way there

@@ -18,6 +18,7 @@ import torch
 
 from ..model.handle import ModelHandle
 from ..passes.capture import BlockObserver
+from ..passes.original_outputs import OriginalOutputs
 from ..config import SGLPConfig
 
 
@@ -38,6 +39,8 @@ class SelectionContext:
     # that another analysis of the same statistics can reuse (SLEB's greedy steps)
     cache: dict = field(default_factory=dict)
     cache_key: tuple = ()
+    # the original network's block outputs on the loss check's batches, kept by the statistics pass
+    original_outputs: OriginalOutputs | None = None
 
 
 @dataclass

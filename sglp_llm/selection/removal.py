@@ -4,7 +4,8 @@ check rank candidate removals by.
 `calibration_nll` runs the whole network for every candidate, as SLEB's reference does.
 `RemovalLoss` serves a greedy search, where every candidate is "the current network minus one more
 block": up to that block nothing changes, so the current network's output there is kept from one
-forward and only the blocks after it run. Removing block i then costs the blocks after i and the
+forward (the original network's, from the statistics pass: sglp_llm.passes.original_outputs) and
+only the blocks after it run. Removing block i then costs the blocks after i and the
 head instead of a whole forward, and the number is the same, because the model's own forward
 (masks, position embeddings, final norm, head, loss) still runs around stubbed-out blocks.
 `BlockwiseRemovalLoss` is the same for a model run one block at a time (sequential onloading,
@@ -28,6 +29,7 @@ from ..passes.distributed import all_reduce_state, shard
 from ..model.rewrite import skip_blocks
 from ..passes.head import ReferenceDistribution, head_kl, head_nll, output_of, position_sample, reference_distribution
 from ..passes.loss import check_finite
+from ..passes.original_outputs import OriginalOutputs
 from ..passes.sequential import _record_calls
 from ..passes.capture import stubbed_blocks
 from ..model.offload import onloaded
@@ -101,7 +103,7 @@ class RemovalLoss:
 
     def __init__(
         self, model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]], objective: str = "nll",
-        *, position_share: float = 1.0, seed: int = 0,
+        *, position_share: float = 1.0, seed: int = 0, original: OriginalOutputs | None = None,
     ) -> None:
         if objective not in LOSS_OBJECTIVES:
             raise ValueError(f"objective={objective!r}; choose one of {LOSS_OBJECTIVES}")
@@ -112,10 +114,20 @@ class RemovalLoss:
         self.num_blocks = len(self.handle.layers)
         self.removed: list[int] = []
         self.objective = objective
-        # kept block -> its raw output in the current network, for each batch
+        self._returns_tuple = False  # whether the blocks return tuples, once a pass has run them
+        # kept block -> its output in the current network (as the block returns it), for each batch
         self._outputs: dict[int, list[Any]] = {}
+        # `original`: the statistics pass kept the original network's outputs on these batches
+        kept = original.for_batches(batches) if original is not None else None
+        if kept is not None:
+            self._returns_tuple = original.returns_tuple
+            self._outputs = {block: [self._as_returned(o) for o in outputs] for block, outputs in kept.items()}
         # objective "kl": the original model's distribution on each batch, from its first pass
         self._reference: list[ReferenceDistribution] | None = None
+
+    def _as_returned(self, output: torch.Tensor) -> Any:
+        """A kept hidden state as the block returns it: the model's own forward reads it."""
+        return (output,) if self._returns_tuple else output
 
     def _loss(self, index: int, final: torch.Tensor, returns_tuple: bool) -> tuple[float, int]:
         """The summed loss of batch `index` from its final hidden state, and its count."""
@@ -136,7 +148,7 @@ class RemovalLoss:
             if self.removed:
                 raise RuntimeError("The KL objective's reference is the original network: measure before removing.")
             self._reference = []
-            self._run([], None)
+            self._run([], self._nearest_kept_output(self.num_blocks))
 
     def branch(self, block: int) -> "RemovalLoss":
         """A copy with `block` removed as well, for a search that follows several sets at once:
@@ -250,9 +262,10 @@ class BlockwiseRemovalLoss(RemovalLoss):
 
     def __init__(
         self, model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]], objective: str = "nll",
-        *, position_share: float = 1.0, seed: int = 0,
+        *, position_share: float = 1.0, seed: int = 0, original: OriginalOutputs | None = None,
     ) -> None:
-        super().__init__(ModelHandle.of(model).one_block_at_a_time(), batches, objective, position_share=position_share, seed=seed)
+        super().__init__(ModelHandle.of(model).one_block_at_a_time(), batches, objective, position_share=position_share,
+                         seed=seed, original=original)
         self.layers = self.handle.layers
         self.device = self.handle.onload_device
         self.loader = self.handle.loader
@@ -262,7 +275,9 @@ class BlockwiseRemovalLoss(RemovalLoss):
             first, calls = _record_calls(self.handle, batch)
             self._inputs.append(first)
             self._calls.append(calls)
-        self._returns_tuple = False
+
+    def _as_returned(self, output: torch.Tensor) -> Any:
+        return output.cpu()  # a pass here runs the blocks itself: the hidden state alone
 
     @torch.no_grad()
     def _run(self, skipped: list[int], start: int | None, stop: int | None = None, keep: bool = True) -> float | None:
@@ -353,14 +368,18 @@ class CompensatedRemovalLoss(RemovalLoss):
         return self.loss_without(self.removed + [block])
 
 
-def removal_loss(handle: ModelHandle, batches: Sequence[dict[str, torch.Tensor]], config: Any, objective: str = "nll") -> RemovalLoss:
+def removal_loss(
+    handle: ModelHandle, batches: Sequence[dict[str, torch.Tensor]], config: Any, objective: str = "nll",
+    original: OriginalOutputs | None = None,
+) -> RemovalLoss:
     """The removal loss (`objective`) of the handle's model, its head on `config.loss_positions`
     of each window's positions: with each candidate compensated (`config.compensation_aware`);
-    block by block when its blocks run one at a time; else in the model's own forward."""
+    block by block when its blocks run one at a time; else in the model's own forward. It starts
+    from the `original` network's outputs where the statistics pass kept them for these batches."""
     positions = dict(position_share=config.loss_positions, seed=config.seed)
-    if config.compensation_aware:
+    if config.compensation_aware:  # every measurement a whole forward: nothing to start from
         return CompensatedRemovalLoss(handle, batches, objective, method=config.compensation,
                                       ridge=config.compensation_ridge, fit_on=config.compensation_fit, **positions)
     if handle.blockwise:
-        return BlockwiseRemovalLoss(handle, batches, objective, **positions)
-    return RemovalLoss(handle, batches, objective, **positions)
+        return BlockwiseRemovalLoss(handle, batches, objective, original=original, **positions)
+    return RemovalLoss(handle, batches, objective, original=original, **positions)
