@@ -29,6 +29,7 @@ from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.config import SGLPConfig
 from sglp_llm.data import FORTUNES, LICENSES, STDLIB_DOCS, CalibrationSet, build_batches, default_texts, prepare_calibration
 from sglp_llm.evaluation.evaluate import load_eval_texts
+from sglp_llm.stability import WARN_BELOW, calibration_halves
 from sglp_llm.model.loading import load_model
 
 SOURCES = {"fortunes": FORTUNES, "paragraphs": None, "licences": LICENSES}  # None: the built-in evaluation text
@@ -36,6 +37,8 @@ SOURCES = {"fortunes": FORTUNES, "paragraphs": None, "licences": LICENSES}  # No
 CALIBRATION = "calibration"
 # a method's loss tokens when more than the default calibration holds: the windows it needs are drawn
 BUDGET = "loss_budget"
+# a method run on one half of the calibration sequences, as the stability check runs it
+HALF = "calibration_half"
 CALIBRATION_TEXTS = {
     "docstrings": lambda: default_texts()[0],
     "python-reference": lambda: list(pydoc_data.topics.topics.values()),
@@ -76,10 +79,16 @@ METHODS = {
     "positions-8k": {BUDGET: 8192, "loss_positions": 0.25},
     # twice the windows again (64 of 256 tokens, 128 of 128), the head on an eighth of them
     "positions-16k": {BUDGET: 16384, "loss_positions": 0.125},
+    # the default on the second half of the calibration sequences: the stability check's other
+    # choice (the first half holds the loss check's tokens, so its choice is the default's)
+    "second-half": {HALF: "second"},
     "block-influence": {"method": "block-influence"},
     "angular": {"method": "angular"},
     "sleb": SLEB,
 }
+# derived, not run: the default where the stability check finds the halves agree on at least
+# WARN_BELOW of the blocks, else tokens-8k's choice (more loss tokens only where the sample misleads)
+ESCALATED = "tokens-8k-if-unstable"
 # one run at the deepest drop serves every drop (its first n steps): the loss check alone
 GREEDY = {name for name, settings in METHODS.items() if "method" not in settings and "decide_among" not in settings}
 
@@ -125,14 +134,17 @@ def run_model(name: str, methods: list[str], eval_max_texts: int, settings: list
             settings = dict(METHODS[method])
             texts = settings.pop(CALIBRATION, None)
             budget = settings.pop(BUDGET, None)
+            half = settings.pop(HALF, None)
             own = _calibration(tokenizer, calibration_config, texts) if texts else calibration
+            if half:
+                own = calibration_halves(calibration)[("first", "second").index(half)]
             if budget:
                 settings.update(loss_tokens=budget, n_samples=max(calibration_config.n_samples, -(-budget // seq_len)))
                 own = prepare_calibration(None, tokenizer, calibration_config.replace(n_samples=settings["n_samples"]))
             for drop in ([drops[-1]] if method in GREEDY else drops):
                 started = time.perf_counter()
                 plan = analyze(model, own, calibration_config.replace(drop=drop, **settings),
-                               progress=False, statistics_cache=None if texts or budget else statistics)
+                               progress=False, statistics_cache=None if texts or budget or half else statistics)
                 seconds = time.perf_counter() - started
                 if method in GREEDY:
                     order = [step["block"] for step in plan.extra["loss_check"]["steps"]]
@@ -159,9 +171,37 @@ def _ppl(result: dict, blocks: list[int], source: str) -> float:
     return result["evaluated"][",".join(map(str, blocks))][source]
 
 
+def _agreement(runs: dict, setting: str, drop: int) -> float | None:
+    """The stability check's agreement at `drop`: the share of the default's blocks that the
+    default on the second half drops too (None: the second half was not run)."""
+    if f"{setting}|second-half" not in runs:
+        return None
+    whole, other = (runs[f"{setting}|{m}"]["dropped"][str(drop)] for m in ("default", "second-half"))
+    return len(set(whole) & set(other)) / drop
+
+
+def with_escalated(result: dict) -> dict:
+    """The results with the derived ESCALATED runs, in the settings where the second half ran and
+    tokens-8k ran wherever the stability check would have sent the default to it."""
+    runs = dict(result["runs"])
+    for s, seed in SETTINGS:
+        setting = f"{s}|{seed}"
+        if f"{setting}|default" not in runs or f"{setting}|second-half" not in runs:
+            continue
+        unstable = [d for d in result["drops"] if _agreement(runs, setting, d) < WARN_BELOW]
+        if unstable and f"{setting}|tokens-8k" not in runs:
+            continue
+        runs[f"{setting}|{ESCALATED}"] = {"dropped": {
+            str(d): runs[f"{setting}|{'tokens-8k' if d in unstable else 'default'}"]["dropped"][str(d)] for d in result["drops"]}}
+    escalated = any(k.endswith(f"|{ESCALATED}") for k in runs)
+    methods = {**result["methods"], **({ESCALATED: {"derived": "tokens-8k where the halves agree on < 50 %, else default"}} if escalated else {})}
+    return {**result, "runs": runs, "methods": methods}
+
+
 def markdown(result: dict) -> str:
     """Per cell (drop, window length, seed, source): each method's perplexity and its ratio to the
     best peer; per method, the worst ratio and how its choice moves with the calibration."""
+    result = with_escalated(result)
     drops, runs, sources = result["drops"], result["runs"], list(result["sources"])
     methods = [m for m in result["methods"] if any(k.endswith(f"|{m}") for k in runs)]
     # a setting counts once the forward-only peers ran; SLEB (the slowest) only where it ran
@@ -214,10 +254,18 @@ def markdown(result: dict) -> str:
                 blocks = run["dropped"][str(d)]
                 cells.append(" / ".join(f"{_ppl(result, blocks, src):.1f}" for src in sources) + f" [{' '.join(map(str, blocks))}]")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    stability = [(s, seed) for s, seed in settings if f"{s}|{seed}|second-half" in runs]
+    if stability:
+        lines += ["", "### The stability check: agreement of the two halves' choices (the default's and the second half's)", "",
+                  "| setting | " + " | ".join(f"drop {d}" for d in drops) + " |", "|---" * (len(drops) + 1) + "|"]
+        for s, seed in stability:
+            lines.append(f"| {s} tokens, seed {seed} | " + " | ".join(
+                f"{_agreement(runs, f'{s}|{seed}', d):.0%}" + (" (warns)" if _agreement(runs, f"{s}|{seed}", d) < WARN_BELOW else "")
+                for d in drops) + " |")
     lines += ["", "### Analysis time (s; a greedy method: one run at the deepest drop)", "",
               "| method | " + " | ".join(f"{s} tokens, seed {seed}" for s, seed in settings) + " |",
               "|---" * (len(settings) + 1) + "|"]
-    for m in methods:
+    for m in (m for m in methods if m != ESCALATED):
         lines.append(f"| {m} | " + " | ".join(
             ", ".join(f"{t:.0f}" for t in runs[f"{s}|{seed}|{m}"]["seconds"].values()) if f"{s}|{seed}|{m}" in runs else "–"
             for s, seed in settings) + " |")

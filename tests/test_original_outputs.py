@@ -49,6 +49,8 @@ def _analyze(family, monkeypatch, keep: bool, **settings):
     ("gemma3_text", {"drop": 2, "loss_tokens": 4 * SEQ, "loss_objective": "kl"}),
     ("qwen2", {"drop": 2, "loss_tokens": 4 * SEQ, "offload": "sequential"}),  # blocks run one at a time
     ("llama", {"drop": 2, "loss_tokens": 4 * SEQ, "loss_lazy": False, "loss_screen_samples": 0}),
+    # SGLP's groups and gradient shortlist: the statistics pass runs a backward as well
+    ("mistral", {"drop": 2, "loss_tokens": 4 * SEQ, "loss_candidates": 2}),
 ])
 def test_the_loss_check_takes_the_same_steps_one_forward_cheaper(family, settings, monkeypatch):
     kept, kept_tokens = _analyze(family, monkeypatch, True, **settings)
