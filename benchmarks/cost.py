@@ -11,11 +11,12 @@ are recorded; quality.md has their held-out perplexity.
     python benchmarks/cost.py --models smollm2-135m
     OMP_NUM_THREADS=1 python benchmarks/cost.py --models gemma-3-270m
 
-`--head-share` measures instead where a loss-check measurement's time goes: the blocks after the
+`--kept-outputs` times the default with the loss check starting from the block outputs the
+statistics pass keeps, and without. `--head-share` measures instead where a loss-check measurement's time goes: the blocks after the
 removed one against the head (final norm, lm_head, loss), on the loss check's 2048 tokens, and
 the same with the head on a quarter of the positions (`loss_positions: 0.25`).
 
-Results: benchmarks/results/cost-<model>.json and cost-head-<model>.json, gathered into
+Results: benchmarks/results/cost-<model>.json, cost-kept-<model>.json and cost-head-<model>.json, gathered into
 benchmarks/results/cost.md.
 """
 
@@ -57,6 +58,37 @@ def measure(name: str) -> dict:
         "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
     }
+
+
+def kept_outputs(name: str) -> dict:
+    """The default's analysis with the loss check starting from the block outputs the statistics
+    pass keeps (sglp_llm.passes.original_outputs) and without (it runs its own first forward), at
+    about 10 % and 30 % dropped, alternated with vs without, without, with (the machine's drift
+    cancels), in one process: times and the blocks each chose."""
+    from sglp_llm.config import SGLPConfig
+
+    loaded = load_model(name, dtype="float32")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    num_blocks = len(find_decoder_blocks(model).layers)
+    calibration = prepare_calibration(None, tokenizer, CALIBRATION)
+    keeps = SGLPConfig.keeps_original_outputs
+    cells = []
+    for ratio in (RATIOS[0], RATIOS[-1]):
+        drop = replace(CALIBRATION, ratio=ratio, drop=None).resolve_drop(num_blocks)
+        runs = []
+        for kept in (True, False, False, True):
+            SGLPConfig.keeps_original_outputs = keeps if kept else property(lambda config: False)
+            try:
+                plan = analyze(model, calibration, replace(CALIBRATION, drop=drop), progress=False)
+            finally:
+                SGLPConfig.keeps_original_outputs = keeps
+            runs.append({"kept": kept, "dropped": plan.dropped, "timings": plan.timings,
+                         "steps": plan.extra["loss_check"]["steps"]})
+        mean = {kept: sum(r["timings"]["total_s"] for r in runs if r["kept"] == kept) / 2 for kept in (True, False)}
+        cells.append({"drop": drop, "runs": runs, "with_s": mean[True], "without_s": mean[False],
+                      "same_steps": all(r["steps"] == runs[0]["steps"] for r in runs)})
+    return {"model": loaded.name, "num_blocks": num_blocks, "cells": cells, "threads": torch.get_num_threads(),
+            "stability_check": CALIBRATION.stability_check}
 
 
 def head_share(name: str) -> dict:
@@ -112,6 +144,19 @@ def gather() -> Path:
             full, quarter = t["head at 1 of the positions"], t["head at 0.25 of the positions"]
             lines.append(f"| {r['model']} | {r['tokens']} | {t['blocks']:.1f} | {full:.1f} | {full / (t['blocks'] / 2 + full):.0%} "
                          f"| {quarter:.1f} | {quarter / (t['blocks'] / 2 + quarter):.0%} | {r['threads']} |")
+    kept = [json.loads(p.read_text()) for name in MODELS if (p := RESULTS / f"cost-kept-{name}.json").is_file()]
+    if kept:
+        lines += ["", "## The loss check starting from the statistics pass's block outputs (`--kept-outputs`)", "",
+                  "The default analysis (calibration as above) with the loss check starting from the block outputs the "
+                  "statistics pass keeps on its tokens, against the same analysis running its own first forward: "
+                  "mean of two runs each, alternated with / without / without / with, in one process.", "",
+                  "| model | drop | with (s) | without (s) | saved | same steps and blocks? | stability check | threads |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in kept:
+            for c in r["cells"]:
+                lines.append(f"| {r['model']} | {c['drop']} | {c['with_s']:.1f} | {c['without_s']:.1f} | "
+                             f"{1 - c['with_s'] / c['without_s']:.1%} | {'yes' if c['same_steps'] else 'NO'} "
+                             f"({c['runs'][0]['dropped']}) | {'on' if r['stability_check'] else 'off'} | {r['threads']} |")
     target = RESULTS / "cost.md"
     target.write_text("\n".join(lines) + "\n")
     return target
@@ -121,9 +166,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--head-share", action="store_true", help="where a measurement's time goes, not SGLP vs SLEB")
+    parser.add_argument("--kept-outputs", action="store_true",
+                        help="the default with and without the statistics pass's kept block outputs, not SGLP vs SLEB")
     args = parser.parse_args()
     for name in args.models.split(","):
-        if args.head_share:
+        if args.kept_outputs:
+            (RESULTS / f"cost-kept-{name}.json").write_text(json.dumps(kept_outputs(name), indent=2))
+        elif args.head_share:
             (RESULTS / f"cost-head-{name}.json").write_text(json.dumps(head_share(name), indent=2))
         else:
             (RESULTS / f"cost-{name}.json").write_text(json.dumps(measure(name), indent=2))
