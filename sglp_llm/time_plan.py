@@ -162,13 +162,19 @@ def assumed_order(num_blocks: int, n_drop: int, protected: set[int]) -> list[int
     return free[start:start + n_drop]
 
 
+def _reads_blocks(config: SGLPConfig) -> bool:
+    """Whether the loss check runs one block at a time (BlockwiseRemovalLoss: a pass reads each
+    block once for every candidate it measures)."""
+    return config.offload == "sequential"
+
+
 def _loss_check(num_blocks: int, config: SGLPConfig, sequences: int, protected: set[int],
                 order: Sequence[int], measured_per_step: int | Sequence[int]) -> Work:
     """The loss check's work on `sequences` calibration windows, removing `order`."""
     seq = config.seq_len
     windows = min(sequences, math.ceil(config.loss_tokens / seq))
     per_window = scored_per_window(config)
-    blockwise = config.offload == "sequential"
+    blockwise = _reads_blocks(config)
     search = CountedRemovalLoss(num_blocks, windows * seq, windows * per_window, config.loss_objective, blockwise=blockwise,
                                 original=True)
     candidates = [b for b in range(num_blocks) if b not in protected]
@@ -267,7 +273,7 @@ def count_analysis(
         assumptions.append(f"the blocks go in the order {list(order)}")
     if config.method == "sglp" and config.scoring == "loss" and config.loss_lazy and isinstance(measured_per_step, int):
         together = (f" ({LAZY_MEASURED_TOGETHER} to a pass over the blocks, read once for all of them)"
-                    if config.offload == "sequential" else "")
+                    if _reads_blocks(config) else "")
         assumptions.append(f"each step of the lazy search after the first measures {measured_per_step} candidates{together}")
     phases: dict[str, Work] = {}
     _analysis(phases, "", num_blocks, config, config.n_samples, order, measured_per_step)
