@@ -296,6 +296,8 @@ def _analyze(
         t = time.perf_counter()
         selection = selector_for(config).choose(context)
         elapsed = time.perf_counter() - t
+    # hidden states of every block: the cache (kept across a comparison's analyses) holds none
+    stats.original_outputs = None
     extra.update(selection.extra)
     timings.update(selection.timings)
     spent = elapsed - sum(selection.timings.values())
