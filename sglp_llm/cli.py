@@ -322,6 +322,10 @@ def _add_heal_settings(group: argparse._ArgumentGroup, prefix: str) -> None:
     add("batch-size", "batch_size", type=int, help="windows per step (default: 4)")
     add("learning-rate", "learning_rate", type=float, help="AdamW learning rate (default: 1e-3 when distilling from "
                                             "a teacher, 2e-4 on the next-token loss)")
+    add("lr-schedule", "lr_schedule",
+        help="the learning rate over the steps: constant, or decaying to 0 on a cosine or linearly (default: constant)")
+    add("warmup-ratio", "warmup_ratio", type=float,
+        help="share of the steps over which the learning rate rises from 0 (default: 0)")
     add("seed", "seed", type=int, help="seed for window choice and LoRA initialization (default: 0)")
     add("gradient-checkpointing", "gradient_checkpointing", action="store_true", default=None,
         help="recompute activations in the backward pass: less memory, slower")

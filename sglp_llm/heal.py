@@ -54,6 +54,8 @@ MAX_GRAD_NORM = 1.0
 # HealConfig.learning_rate's default per objective: distillation gained most at 1e-3 on both real
 # models, next-token LoRA did worse there than at 2e-4 (benchmarks/results/recovery.md)
 DEFAULT_LEARNING_RATES = {"distillation": 1e-3, "next-token": 2e-4}
+# HealConfig.lr_schedule: transformers' schedulers that need no settings beyond the warmup
+LR_SCHEDULES = ("constant", "cosine", "linear")
 # the evaluation columns a healing run adds to a pruned model's report and card
 BEFORE, AFTER = "before healing", "after healing"
 
@@ -78,12 +80,16 @@ class HealConfig(SettingsFile):
 
     # -- training: `steps` optimizer steps of `batch_size` windows per process times
     # `gradient_accumulation_steps` (the text is cycled through as often as that takes), AdamW at
-    # a constant `learning_rate`, on transformers' Trainer (DDP / FSDP under `accelerate launch`).
-    # learning_rate None: the objective's measured best (DEFAULT_LEARNING_RATES)
+    # `learning_rate` on transformers' Trainer (DDP / FSDP under `accelerate launch`), held constant
+    # or following `lr_schedule` (a transformers scheduler name: cosine, linear, ...) after
+    # `warmup_ratio` of the steps. learning_rate None: the objective's measured best
+    # (DEFAULT_LEARNING_RATES)
     steps: int = 200
     batch_size: int = 4
     gradient_accumulation_steps: int = 1
     learning_rate: float | None = None
+    lr_schedule: str = "constant"
+    warmup_ratio: float = 0.0
     gradient_checkpointing: bool = False
     seed: int = 0
     # save the Trainer's state (adapter, optimizer, data position, random state) here every
@@ -138,6 +144,11 @@ class HealConfig(SettingsFile):
             # YAML reads 2e-4 as text (it wants 2.0e-4): say so rather than fail in the optimizer
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise HealError(f"`{name}` must be a positive number (in YAML, e.g. 2.0e-4), got {value!r}.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise HealError(f"`lr_schedule` must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}.")
+        if not isinstance(self.warmup_ratio, (int, float)) or isinstance(self.warmup_ratio, bool) \
+                or not 0 <= self.warmup_ratio < 1:
+            raise HealError(f"`warmup_ratio` must be a number in [0, 1), got {self.warmup_ratio!r}.")
         if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) or self.temperature <= 0:
             raise HealError(f"`temperature` must be a positive number, got {self.temperature!r}.")
         for name in ("next_token_weight", "hidden_weight"):
@@ -298,7 +309,7 @@ def heal(
             else contextlib.nullcontext()
         )
         with checkpointing:
-            losses, seconds = train(wrapped, WindowDataset(batches), objective, config, progress=progress,
+            losses, rates, seconds = train(wrapped, WindowDataset(batches), objective, config, progress=progress,
                                     max_grad_norm=MAX_GRAD_NORM)
     after = _held_out_perplexity(wrapped, tokenizer, config, progress)
 
@@ -315,6 +326,7 @@ def heal(
         "tokens": tokens,
         "passes": steps_tokens / n_windows,
         "loss": {"first": losses[0], "last": losses[-1], "per_step": losses},
+        "learning_rate_per_step": rates,
         # "after" is measured with the adapter applied, before any merge
         "perplexity": {"before": before, "after": after},
         "seconds": seconds,

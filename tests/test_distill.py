@@ -5,6 +5,7 @@ clearly with nothing written."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.heal import HealConfig, HealError, heal
 from sglp_llm.model.offload import load_with_blocks_on_disk
 from sglp_llm.model.rewrite import removing_blocks
+from sglp_llm.output.modelcard import describe_schedule
 from sglp_llm.recovery.training import DistillationObjective, WindowDataset
 from test_heal import pruned_dir  # noqa: F401  (the fixture)
 from tiny_models import VOCAB, save_tiny_model, tiny_batch, tiny_model, tiny_tokenizer
@@ -248,3 +250,33 @@ def test_a_model_with_no_record_heals_on_the_next_tokens():
     healed = heal(model, tiny_tokenizer(), HealConfig(steps=1, seq_len=16, batch_size=2, eval_max_texts=1), progress=False)
     assert healed.report["objective"]["name"] == "next-token"
     assert "records no source" in healed.report["objective"]["why"]
+
+
+def test_a_decaying_schedule_sets_each_steps_rate_and_the_report_and_card_say_so():
+    def healed(**settings):
+        student, original = _student_and_teacher()
+        config = HealConfig(steps=4, seq_len=16, batch_size=2, eval_max_texts=1, learning_rate=1e-3, **settings)
+        return heal(student, tiny_tokenizer(), config, teacher=original, teacher_tokenizer=tiny_tokenizer(), progress=False)
+
+    def lora_b(result):
+        return {k: v for k, v in result.model.state_dict().items() if "lora_B" in k}
+
+    constant, cosine, warm = healed(), healed(lr_schedule="cosine"), healed(lr_schedule="cosine", warmup_ratio=0.25)
+    assert constant.report["learning_rate_per_step"] == [1e-3] * 4
+    # cosine from the peak to 0 over the steps after the warmup, the warmup rising linearly from 0
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
+    assert cosine.report["learning_rate_per_step"] == pytest.approx(expected)
+    assert warm.report["learning_rate_per_step"] == pytest.approx(
+        [0.0] + [1e-3 * 0.5 * (1 + math.cos(math.pi * s / 3)) for s in range(3)])
+    # the rates reach the optimizer: the first step at rate 0 leaves lora_B (zero at start) as it was
+    # for one step, so the warm adapter differs from the cold cosine one
+    key = next(iter(lora_b(constant)))
+    assert not torch.allclose(lora_b(constant)[key], lora_b(cosine)[key])
+    assert not torch.allclose(lora_b(cosine)[key], lora_b(warm)[key])
+    card = describe_schedule(warm.report["settings"])
+    assert card == "0.001, decaying to 0 (cosine) after a warmup over 25% of the steps"
+    assert describe_schedule({"learning_rate": 2e-4}) == "0.0002"  # settings saved before schedules
+    with pytest.raises(HealError, match="lr_schedule"):
+        HealConfig(lr_schedule="exponential")
+    with pytest.raises(HealError, match="warmup_ratio"):
+        HealConfig(warmup_ratio=1.0)

@@ -124,6 +124,15 @@ def describe_objective(record: dict[str, Any] | None) -> str:
                      f"teacher {record['teacher_runs']})", *extras])
 
 
+def describe_schedule(settings: Mapping[str, Any]) -> str:
+    """A heal's learning rate and its schedule, in words (settings saved before schedules existed
+    were constant)."""
+    schedule = settings.get("lr_schedule", "constant")
+    words = f"{settings['learning_rate']:g}" + ("" if schedule == "constant" else f", decaying to 0 ({schedule})")
+    warmup = settings.get("warmup_ratio") or 0
+    return words + (f" after a warmup over {warmup:.0%} of the steps" if warmup else "")
+
+
 def healing_section(healing: Mapping[str, Any]) -> str:
     """The LoRA fine-tune of a `heal` report (sglp_llm.heal): data, settings, loss, perplexity."""
     settings = healing["settings"]
@@ -149,7 +158,7 @@ def healing_section(healing: Mapping[str, Any]) -> str:
         f"| steps | {settings['steps']} × {settings['batch_size']} windows of {settings['seq_len']} "
         f"tokens ({healing['tokens']:,} tokens; {healing['passes']:.2f} passes over "
         f"{healing['windows']} distinct windows) |",
-        f"| learning rate | {settings['learning_rate']:g} |",
+        f"| learning rate | {describe_schedule(settings)} |",
         f"| LoRA rank / alpha / dropout | {settings['rank']} / {settings['alpha']:g} / {settings['dropout']:g} |",
         f"| target modules | {', '.join(healing['target_modules'])} |",
         f"| trainable parameters | {healing['trainable_parameters']:,} |",

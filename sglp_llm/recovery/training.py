@@ -8,6 +8,7 @@ each row knows its window index, which a teacher cache is keyed by).
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -21,8 +22,9 @@ from tqdm.auto import tqdm
 from .distill import DistillationTerms, TeacherBeside, TeacherCache, hidden_state_error
 from ..passes.head import _predicted
 
-# the key of each step's loss in the Trainer's log history
+# the keys of each step's loss and learning rate in the Trainer's log history
 LOSS_KEY = "sglp_loss"
+RATE_KEY = "sglp_learning_rate"
 
 
 class WindowDataset(Dataset):
@@ -85,10 +87,12 @@ class DistillationObjective:
 def train(
     model: nn.Module, dataset: WindowDataset, objective: Callable[[nn.Module, dict], torch.Tensor], config: Any,
     *, progress: bool, max_grad_norm: float,
-) -> tuple[list[float], float]:
-    """`config.steps` optimizer steps (AdamW at a constant `config.learning_rate`, batches of
+) -> tuple[list[float], list[float | None], float]:
+    """`config.steps` optimizer steps (AdamW at `config.learning_rate` on `config.lr_schedule`
+    after `config.warmup_ratio` of the steps, batches of
     `config.batch_size` windows per process, `config.gradient_accumulation_steps` of them per step)
-    of `objective` on the trainable parameters of `model`; (the loss of each step, seconds)."""
+    of `objective` on the trainable parameters of `model`; (the loss of each step, the learning
+    rate of each step, seconds)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
@@ -109,10 +113,13 @@ def train(
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="Healing",
                             disable=not progress or not state.is_world_process_zero)
 
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            self.rate = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+
         def on_step_end(self, args, state, control, **kwargs):
             loss = sum(micro) / max(len(micro), 1)
             micro.clear()
-            state.log_history.append({"step": state.global_step, LOSS_KEY: loss})
+            state.log_history.append({"step": state.global_step, LOSS_KEY: loss, RATE_KEY: self.rate})
             self.bar.update()
             self.bar.set_postfix(loss=f"{loss:.4f}")
 
@@ -128,7 +135,10 @@ def train(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             max_steps=config.steps,
             learning_rate=config.learning_rate,
-            lr_scheduler_type="constant",
+            # a constant rate warms up on transformers' constant_with_warmup
+            lr_scheduler_type=config.lr_schedule if config.lr_schedule != "constant" or not config.warmup_ratio
+            else "constant_with_warmup",
+            warmup_steps=math.ceil(config.warmup_ratio * config.steps),  # as transformers rounds a ratio
             weight_decay=0.0,
             max_grad_norm=max_grad_norm,
             seed=config.seed,
@@ -152,4 +162,6 @@ def train(
         trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - started
     model.eval()
-    return [entry[LOSS_KEY] for entry in trainer.state.log_history if LOSS_KEY in entry], seconds
+    steps = [entry for entry in trainer.state.log_history if LOSS_KEY in entry]
+    # a checkpoint from before the rates were logged has none for its steps
+    return [entry[LOSS_KEY] for entry in steps], [entry.get(RATE_KEY) for entry in steps], seconds
