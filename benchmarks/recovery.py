@@ -43,6 +43,7 @@ ROWS = {
     "KD LoRA at lr 2e-3 on a cosine": (False, {"learning_rate": 2e-3, "lr_schedule": "cosine", "warmup_ratio": 0.05}),
     "KD LoRA rank 32 at lr 2e-3 on a cosine": (False, {"learning_rate": 2e-3, "rank": 32, "alpha": 64.0,
                                                    "lr_schedule": "cosine", "warmup_ratio": 0.05}),
+    "KD LoRA + full blocks at the gaps": (False, {"learning_rate": 1e-3, "full_blocks": "gaps"}),
     "block-local": (True, None),
     "block-local + next-token LoRA": (True, {"teacher": "none"}),
     "block-local + KD LoRA": (True, {}),

@@ -304,6 +304,16 @@ def _add_heal(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _full_blocks(text: str) -> str | list[int]:
+    """--full-blocks: "gaps" or comma-separated block indices."""
+    if text == "gaps":
+        return text
+    try:
+        return [int(i) for i in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected gaps or block indices like 3,7, got {text!r}") from None
+
+
 def _add_heal_settings(group: argparse._ArgumentGroup, prefix: str) -> None:
     """The HealConfig flags: `--steps` ... for `heal`, `--heal-steps` ... for `prune --heal`
     (dests: the HealConfig field names, after `heal_` for prune)."""
@@ -326,6 +336,11 @@ def _add_heal_settings(group: argparse._ArgumentGroup, prefix: str) -> None:
         help="the learning rate over the steps: constant, or decaying to 0 on a cosine or linearly (default: constant)")
     add("warmup-ratio", "warmup_ratio", type=float,
         help="share of the steps over which the learning rate rises from 0 (default: 0)")
+    add("full-blocks", "full_blocks", type=_full_blocks,
+        help="also train these blocks in full, every weight (no LoRA in them): gaps = the kept block before each "
+             "removed run, or block indices of the pruned model, comma-separated (default: LoRA only)")
+    add("full-learning-rate", "full_learning_rate", type=float,
+        help="AdamW learning rate of the blocks trained in full (default: 1e-4)")
     add("seed", "seed", type=int, help="seed for window choice and LoRA initialization (default: 0)")
     add("gradient-checkpointing", "gradient_checkpointing", action="store_true", default=None,
         help="recompute activations in the backward pass: less memory, slower")

@@ -30,6 +30,7 @@ from .model.blocks import text_config
 from .model.handle import ModelHandle
 from .config import ConfigError, SettingsFile
 from .data import build_batches, load_texts
+from .recovery.block_recovery import trained_blocks
 from .recovery.distill import TEACHER_TARGETS_NAME, DistillationTerms, TeacherBeside, TeacherCache, TeacherError, check_teacher, kept_original_indices, write_teacher_cache
 from .passes.distributed import is_main_process, world_size
 from .passes.loss import activation_checkpointing
@@ -114,8 +115,16 @@ class HealConfig(SettingsFile):
     next_token_weight: float = 0.0
     hidden_weight: float = 0.0
 
+    # -- whole blocks trained beside LoRA (every weight; peft's modules_to_save, merged or saved
+    # with the adapter), at full_learning_rate on the same schedule. "gaps": the kept block before
+    # each removed run (the one block-local recovery trains), as the pruned model's config records
+    # them; a list: the pruned model's block indices. None: LoRA only
+    full_blocks: str | list[int] | None = None
+    full_learning_rate: float = 1e-4
+
     # -- LoRA; target_modules: names of Linear layers inside the decoder blocks (None: the
-    # attention and MLP projections `DEFAULT_TARGETS`, else every Linear layer in the blocks)
+    # attention and MLP projections `DEFAULT_TARGETS`, else every Linear layer in the blocks),
+    # in every block not trained in full
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
@@ -137,7 +146,11 @@ class HealConfig(SettingsFile):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise HealError(f"`{name}` must be a positive integer, got {value!r}.")
-        for name in ("learning_rate", "alpha"):
+        full = self.full_blocks
+        if not (full is None or full == "gaps" or (isinstance(full, list) and full and all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in full))):
+            raise HealError(f"`full_blocks` must be \"gaps\", a list of block indices or null, got {full!r}.")
+        for name in ("learning_rate", "alpha", "full_learning_rate"):
             value = getattr(self, name)
             if name == "learning_rate" and value is None:
                 continue
@@ -217,9 +230,30 @@ def _peft():
     return peft
 
 
-def lora_targets(model: nn.Module | ModelHandle, config: HealConfig) -> tuple[str, list[str]]:
+def full_block_indices(student: ModelHandle, config: HealConfig) -> list[int]:
+    """The student's blocks `config.full_blocks` trains in full (see HealConfig), in its numbering."""
+    num_blocks = len(student.layers)
+    if config.full_blocks is None:
+        return []
+    if config.full_blocks != "gaps":
+        outside = [i for i in config.full_blocks if i >= num_blocks]
+        if outside:
+            raise HealError(f"`full_blocks` {outside} are not blocks of this model: it has {num_blocks} (0-{num_blocks - 1}).")
+        return sorted(set(config.full_blocks))
+    lineage = getattr(text_config(student.model), SGLP_CONFIG_KEY, None) or {}
+    if "original_num_hidden_layers" not in lineage:
+        raise HealError(
+            "`full_blocks: gaps` trains the blocks next to the removed ones, but this model's config records no "
+            "pruning (it was not written by sglp-llm); name the blocks instead (--full-blocks 3,7).")
+    kept = kept_original_indices(student.model, num_blocks)
+    dropped = sorted(set(range(lineage["original_num_hidden_layers"])) - set(kept))
+    return sorted(kept.index(k) for k in trained_blocks(lineage["original_num_hidden_layers"], dropped))
+
+
+def lora_targets(model: nn.Module | ModelHandle, config: HealConfig, skip: list[int] = ()) -> tuple[str, list[str]]:
     """(peft `target_modules` regex, layer names): the chosen Linear layers of the decoder blocks
-    only, so that e.g. `lm_head` is never adapted whatever the names."""
+    only, so that e.g. `lm_head` is never adapted whatever the names, and none in the blocks `skip`
+    (trained in full)."""
     blocks = ModelHandle.of(model, layers_path=config.layers_path).blocks
     available = sorted({
         name.rsplit(".", 1)[-1] for name, module in blocks.layers.named_modules() if isinstance(module, LORA_LAYERS)
@@ -240,7 +274,8 @@ def lora_targets(model: nn.Module | ModelHandle, config: HealConfig) -> tuple[st
             f"The decoder blocks ({blocks.path}) hold no Linear layer for LoRA to adapt; this "
             "model cannot be healed with LoRA."
         )
-    pattern = rf"{re.escape(blocks.path)}\.\d+\.(?:.*\.)?(?:{'|'.join(map(re.escape, names))})"
+    skipped = "".join(rf"(?!{i}\.)" for i in skip)
+    pattern = rf"{re.escape(blocks.path)}\.{skipped}\d+\.(?:.*\.)?(?:{'|'.join(map(re.escape, names))})"
     return pattern, names
 
 
@@ -279,7 +314,8 @@ def heal(
     peft = _peft()
     _check_resumable(config)
     student = ModelHandle.of(model, layers_path=config.layers_path)
-    pattern, names = lora_targets(student, config)
+    full = full_block_indices(student, config)
+    pattern, names = lora_targets(student, config, skip=full)
     batches, source, n_windows = training_batches(model, tokenizer, config)
     warn_if_not_held_out(config, config.eval_dataset, config_name=config.eval_dataset_config, split=config.eval_split)
     with tempfile.TemporaryDirectory(prefix="sglp-teacher-") as scratch:
@@ -296,12 +332,19 @@ def heal(
             lora_alpha=config.alpha,
             lora_dropout=config.dropout,
             target_modules=pattern,
+            modules_to_save=[f"{student.blocks.path}.{i}" for i in full] or None,
             task_type="CAUSAL_LM",
         )
         with warnings.catch_warnings():
             # peft calls transformers' deprecated `is_gradient_checkpointing`: not the user's concern
             warnings.simplefilter("ignore", FutureWarning)
             wrapped = peft.get_peft_model(model, lora)
+        # peft matches modules_to_save by name suffix: exactly the chosen blocks, or nothing trains
+        wrapped_blocks = [name for name, module in wrapped.named_modules()
+                          if isinstance(module, peft.utils.other.ModulesToSaveWrapper)]
+        if len(wrapped_blocks) != len(full):
+            raise HealError(f"Training blocks {full} in full wrapped {wrapped_blocks}: their names are ambiguous in "
+                            "this model; train it with LoRA only (no --full-blocks).")
         trainable, total = wrapped.get_nb_trainable_parameters()
         checkpointing = (  # peft adapts the blocks in place: the student's handle still holds them
             activation_checkpointing(student)
@@ -319,6 +362,7 @@ def heal(
         "settings": config.to_dict(),
         "objective": teacher_record,
         "target_modules": names,
+        "full_blocks": full,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "training_text": source,

@@ -285,3 +285,53 @@ def test_a_merged_model_that_reloads_differently_is_not_written(tmp_path, monkey
     with pytest.raises(verify.VerificationError):
         save_healed(tmp_path / "out", healed, base_model="tiny", merge=True)
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # raised inside peft
+def test_blocks_next_to_the_gaps_train_in_full_at_their_own_rate(pruned_dir, tmp_path, capsys):
+    from peft import PeftModel
+
+    out = tmp_path / "healed"
+    full_rate = 0.01
+    assert main(["heal", str(pruned_dir), "--output", str(out), "--merge", "--full-blocks", "gaps",
+                 "--full-learning-rate", str(full_rate), "--steps", "1", "--seq-len", "16", "--batch-size", "2",
+                 "--eval-max-texts", "1", "--no-progress", "--teacher", "none"]) == 0
+    lineage = AutoConfig.from_pretrained(pruned_dir).to_dict()["sglp"]
+    kept, count = lineage["kept_layers"], lineage["original_num_hidden_layers"]
+    # the kept block before each removed run, in the pruned model's numbering
+    expected = [j for j, k in enumerate(kept) if (kept[j + 1] if j + 1 < len(kept) else count) != k + 1]
+    if kept[0] > 0:
+        expected = sorted({0, *expected})
+    report = json.loads((out / "heal_report.json").read_text())
+    assert report["full_blocks"] == expected and expected
+    assert "blocks trained in full" in (out / "README.md").read_text()
+
+    before = AutoModelForCausalLM.from_pretrained(pruned_dir).model.layers
+    after = AutoModelForCausalLM.from_pretrained(out).model.layers
+    for i, (old, new) in enumerate(zip(before, after)):
+        norm_change = (new.input_layernorm.weight - old.input_layernorm.weight).abs().max().item()
+        if i in expected:  # one AdamW step moves each weight by about the rate: full_rate, not LoRA's
+            assert 0.5 * full_rate < norm_change <= 1.001 * full_rate
+            assert (new.self_attn.q_proj.weight - old.self_attn.q_proj.weight).abs().max() > 0.5 * full_rate
+        else:  # LoRA adapts only the projections
+            assert norm_change == 0
+    # the adapter saved alone carries the blocks trained in full
+    rebuilt = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pruned_dir), out / ADAPTER_DIR).merge_and_unload()
+    batch = tiny_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(**batch).logits, AutoModelForCausalLM.from_pretrained(out)(**batch).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_full_blocks_are_refused_where_they_name_nothing(tmp_path):
+    model = tiny_model("llama", num_layers=4)
+    with pytest.raises(HealError, match="records no pruning"):
+        heal(model, tiny_tokenizer(), HealConfig(full_blocks="gaps", steps=1, seq_len=16, eval_max_texts=1), progress=False)
+    with pytest.raises(HealError, match=r"\[7\] are not blocks of this model: it has 4"):
+        heal(model, tiny_tokenizer(), HealConfig(full_blocks=[1, 7], steps=1, seq_len=16, eval_max_texts=1), progress=False)
+    with pytest.raises(HealError, match="full_blocks"):
+        HealConfig(full_blocks="next")
+    healed = heal(model, tiny_tokenizer(), HealConfig(full_blocks=[1, 3], steps=1, seq_len=16, eval_max_texts=1,
+                                                      teacher="none"), progress=False)
+    adapted = {name.split("layers.")[1].split(".")[0] for name, _ in healed.model.named_parameters() if "lora_A" in name}
+    assert adapted == {"0", "2"} and healed.report["full_blocks"] == [1, 3]  # no LoRA inside a block trained in full

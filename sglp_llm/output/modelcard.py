@@ -161,6 +161,8 @@ def healing_section(healing: Mapping[str, Any]) -> str:
         f"| learning rate | {describe_schedule(settings)} |",
         f"| LoRA rank / alpha / dropout | {settings['rank']} / {settings['alpha']:g} / {settings['dropout']:g} |",
         f"| target modules | {', '.join(healing['target_modules'])} |",
+        *([f"| blocks trained in full | {', '.join(map(str, healing['full_blocks']))} (every weight, at "
+           f"{settings['full_learning_rate']:g}; no LoRA in them) |"] if healing.get("full_blocks") else []),
         f"| trainable parameters | {healing['trainable_parameters']:,} |",
         f"| training loss (first → last step) | {loss['first']:.4f} → {loss['last']:.4f} |",
         *timed,

@@ -25,6 +25,8 @@ from ..passes.head import _predicted
 # the keys of each step's loss and learning rate in the Trainer's log history
 LOSS_KEY = "sglp_loss"
 RATE_KEY = "sglp_learning_rate"
+# marks the optimizer's parameter groups of the blocks trained in full
+FULL_GROUP = "sglp_full_blocks"
 
 
 class WindowDataset(Dataset):
@@ -104,6 +106,19 @@ def train(
             loss = objective(model, inputs)
             micro.append(loss.detach().float().item())
             return loss
+
+        def create_optimizer(self, *args, **kwargs):
+            """The Trainer's optimizer, with the weights of blocks trained in full (peft's
+            modules_to_save copies) in groups of their own at `config.full_learning_rate`."""
+            optimizer = super().create_optimizer(*args, **kwargs)
+            full = {id(p) for name, p in self.model.named_parameters() if "modules_to_save" in name}
+            for group in [g for g in optimizer.param_groups if not g.get(FULL_GROUP)]:  # once only
+                moved = [p for p in group["params"] if id(p) in full]
+                if moved:
+                    group["params"] = [p for p in group["params"] if id(p) not in full]
+                    optimizer.add_param_group({**group, "params": moved, "lr": config.full_learning_rate, FULL_GROUP: True})
+            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+            return optimizer
 
     class StepLosses(TrainerCallback):
         """Each step's loss, kept in the Trainer's log history (saved with its checkpoints, so a
