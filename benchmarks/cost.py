@@ -17,7 +17,8 @@ removed one against the head (final norm, lm_head, loss), on the loss check's 20
 the same with the head on a quarter of the positions (`loss_positions: 0.25`).
 
 Results: benchmarks/results/cost-<model>.json, cost-kept-<model>.json and cost-head-<model>.json, gathered into
-benchmarks/results/cost.md.
+benchmarks/results/cost.md with the earlier measurement (cost-earlier-<model>.json: SLEB on every
+calibration token, at 10 % only, before the stability check existed).
 """
 
 from __future__ import annotations
@@ -142,17 +143,26 @@ def gather() -> Path:
         "| SLEB / choice | SLEB / with the check | same blocks? | threads |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in MODELS:
-        path = RESULTS / f"cost-{name}.json"
-        if path.is_file():
-            r = json.loads(path.read_text())
-            for c in r["cells"]:
-                ours, sleb = c["runs"][0]["dropped"], c["runs"][1]["dropped"]
-                lines.append(
-                    f"| {r['model']} | {c['drop']} | {r['loss_tokens']} / {r['sleb_tokens']} | {c['sglp_s']:.0f} "
-                    f"| {c['sglp_with_stability_s']:.0f} | {c['sleb_s']:.0f} | {c['sleb_s'] / c['sglp_s']:.1f}x "
-                    f"| {c['sleb_s'] / c['sglp_with_stability_s']:.1f}x | {'yes' if ours == sleb else 'no'} ({ours} vs {sleb}) "
-                    f"| {r['threads']} |")
+    measured = [json.loads(p.read_text()) for name in MODELS if (p := RESULTS / f"cost-{name}.json").is_file()]
+    if not measured:
+        lines[-3:] = ["Not run yet: `python benchmarks/cost.py`."]
+    for r in measured:
+        for c in r["cells"]:
+            ours, sleb = c["runs"][0]["dropped"], c["runs"][1]["dropped"]
+            lines.append(
+                f"| {r['model']} | {c['drop']} | {r['loss_tokens']} / {r['sleb_tokens']} | {c['sglp_s']:.0f} "
+                f"| {c['sglp_with_stability_s']:.0f} | {c['sleb_s']:.0f} | {c['sleb_s'] / c['sglp_s']:.1f}x "
+                f"| {c['sleb_s'] / c['sglp_with_stability_s']:.1f}x | {'yes' if ours == sleb else 'no'} ({ours} vs {sleb}) "
+                f"| {r['threads']} |")
+    earlier = [json.loads(p.read_text()) for name in MODELS if (p := RESULTS / f"cost-earlier-{name}.json").is_file()]
+    if earlier:
+        lines += ["", "## Earlier (2026-11-26): SLEB on every calibration token, the default before the stability check", "",
+                  "| model | drop | SGLP default (s, mean of 2) | SLEB (s) | SLEB / SGLP | same blocks? | threads |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in earlier:
+            same = r["runs"][0]["dropped"] == r["runs"][1]["dropped"]
+            lines.append(f"| {r['model']} | {r['drop']} | {r['sglp_s']:.0f} | {r['sleb_s']:.0f} | {r['ratio']:.1f}x "
+                         f"| {'yes' if same else 'no'} ({r['runs'][0]['dropped']} vs {r['runs'][1]['dropped']}) | {r['threads']} |")
     heads = [json.loads(p.read_text()) for name in MODELS if (p := RESULTS / f"cost-head-{name}.json").is_file()]
     if heads:
         lines += ["", "## Where a loss-check measurement's time goes (`--head-share`)", "",
