@@ -145,7 +145,7 @@ def gather() -> Path:
     ]
     measured = [json.loads(p.read_text()) for name in MODELS if (p := RESULTS / f"cost-{name}.json").is_file()]
     if not measured:
-        lines[-3:] = ["Not run yet: `python benchmarks/cost.py`."]
+        lines[-2:] = ["Not run yet: `python benchmarks/cost.py`."]
     for r in measured:
         for c in r["cells"]:
             ours, sleb = c["runs"][0]["dropped"], c["runs"][1]["dropped"]
