@@ -41,9 +41,10 @@ from sglp_llm.data import prepare_calibration
 from sglp_llm.model.loading import load_model
 
 
-def measure(name: str) -> dict:
+def measure(name: str, out: Path) -> None:
     """At about 10 % and 30 % dropped: the default, SLEB on the loss check's tokens, the default
-    again (its two runs bracket SLEB's in time), in one process; times and blocks."""
+    again (its two runs bracket SLEB's in time), in one process; times and blocks, written to
+    `out` after each drop."""
     loaded = load_model(name, dtype="float32")
     model, tokenizer = loaded.model, loaded.tokenizer
     num_blocks = len(find_decoder_blocks(model).layers)
@@ -65,12 +66,12 @@ def measure(name: str) -> dict:
             "sglp_s": sum(t["total_s"] for t in sglp) / 2,
             "sglp_with_stability_s": sum(t["total_s"] + t.get("stability_s", 0.0) for t in sglp) / 2,
         })
-    return {
-        "model": loaded.name, "num_blocks": num_blocks, "cells": cells, "sleb_tokens": equal * CALIBRATION.batch_size * CALIBRATION.seq_len,
-        "loss_tokens": CALIBRATION.loss_tokens, "threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-    }
+        out.write_text(json.dumps({
+            "model": loaded.name, "num_blocks": num_blocks, "cells": cells,
+            "sleb_tokens": equal * CALIBRATION.batch_size * CALIBRATION.seq_len, "loss_tokens": CALIBRATION.loss_tokens,
+            "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        }, indent=2))
 
 
 def kept_outputs(name: str) -> dict:
@@ -207,7 +208,7 @@ def main() -> None:
         elif args.head_share:
             (RESULTS / f"cost-head-{name}.json").write_text(json.dumps(head_share(name), indent=2))
         else:
-            (RESULTS / f"cost-{name}.json").write_text(json.dumps(measure(name), indent=2))
+            measure(name, RESULTS / f"cost-{name}.json")
         print(f"wrote {gather()}")
 
 
