@@ -56,7 +56,9 @@ def measure(name: str, out: Path) -> None:
         drop = replace(CALIBRATION, ratio=ratio, drop=None).resolve_drop(num_blocks)
         runs = []
         for method in ("sglp", "sleb", "sglp"):
-            config = replace(CALIBRATION, drop=drop, method=method, sleb_batches=equal)
+            # SLEB's choice alone: the stability check would run SLEB again on each half
+            config = replace(CALIBRATION, drop=drop, method=method, sleb_batches=equal,
+                             stability_check=CALIBRATION.stability_check and method == "sglp")
             plan = analyze(model, calibration, config, progress=False)
             runs.append({"method": method, "dropped": plan.dropped, "timings": plan.timings})
         sglp = [r["timings"] for r in runs if r["method"] == "sglp"]
