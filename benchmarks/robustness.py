@@ -27,7 +27,7 @@ from quality import MODELS, RATIOS, RESULTS, gather_results, held_out_evaluator
 from sglp_llm.api import analyze
 from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.config import SGLPConfig
-from sglp_llm.data import FORTUNES, LICENSES, STDLIB_DOCS, CalibrationSet, build_batches, default_texts, prepare_calibration
+from sglp_llm.data import FORTUNES, LICENSES, STDLIB_DOCS, CalibrationSet, build_batches, default_texts, prepare_calibration, token_count
 from sglp_llm.evaluation.evaluate import load_eval_texts
 from sglp_llm.stability import WARN_BELOW, calibration_halves
 from sglp_llm.model.loading import load_model
@@ -122,8 +122,7 @@ def _generated_calibration(model, tokenizer, config: SGLPConfig) -> CalibrationS
                              pad_token_id=tokenizer.eos_token_id)
     torch.random.set_rng_state(generator_state)
     batches = [{"input_ids": rows, "attention_mask": torch.ones_like(rows)} for rows in ids.split(config.batch_size)]
-    n_tokens = sum(b["input_ids"].numel() for b in batches)
-    return CalibrationSet(batches, n_tokens, "the model's own samples", config.n_samples, config.seq_len)
+    return CalibrationSet(batches, token_count(batches), "the model's own samples", config.n_samples, config.seq_len)
 
 
 def run_model(name: str, methods: list[str], eval_max_texts: int, settings: list[tuple[int, int]]) -> dict:

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import psutil
 import torch
@@ -250,7 +250,7 @@ def full_block_indices(student: ModelHandle, config: HealConfig) -> list[int]:
     return sorted(kept.index(k) for k in trained_blocks(lineage["original_num_hidden_layers"], dropped))
 
 
-def lora_targets(model: nn.Module | ModelHandle, config: HealConfig, skip: list[int] = ()) -> tuple[str, list[str]]:
+def lora_targets(model: nn.Module | ModelHandle, config: HealConfig, skip: Sequence[int] = ()) -> tuple[str, list[str]]:
     """(peft `target_modules` regex, layer names): the chosen Linear layers of the decoder blocks
     only, so that e.g. `lm_head` is never adapted whatever the names, and none in the blocks `skip`
     (trained in full)."""

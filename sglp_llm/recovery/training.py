@@ -150,9 +150,9 @@ def train(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             max_steps=config.steps,
             learning_rate=config.learning_rate,
-            # a constant rate warms up on transformers' constant_with_warmup
-            lr_scheduler_type=config.lr_schedule if config.lr_schedule != "constant" or not config.warmup_ratio
-            else "constant_with_warmup",
+            # transformers' "constant" ignores a warmup: "constant_with_warmup" has one
+            lr_scheduler_type="constant_with_warmup" if config.lr_schedule == "constant" and config.warmup_ratio
+            else config.lr_schedule,
             warmup_steps=math.ceil(config.warmup_ratio * config.steps),  # as transformers rounds a ratio
             weight_decay=0.0,
             max_grad_norm=max_grad_norm,
