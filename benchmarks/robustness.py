@@ -27,7 +27,7 @@ from quality import MODELS, RATIOS, RESULTS, gather_results, held_out_evaluator
 from sglp_llm.api import analyze
 from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.config import SGLPConfig
-from sglp_llm.data import FORTUNES, LICENSES, STDLIB_DOCS, CalibrationSet, build_batches, default_texts, prepare_calibration, token_count
+from sglp_llm.data import FORTUNES, LICENSES, SELF_GENERATED, STDLIB_DOCS, CalibrationSet, build_batches, default_texts, prepare_calibration
 from sglp_llm.evaluation.evaluate import load_eval_texts
 from sglp_llm.stability import WARN_BELOW, calibration_halves
 from sglp_llm.model.loading import load_model
@@ -39,8 +39,6 @@ CALIBRATION = "calibration"
 BUDGET = "loss_budget"
 # a method run on one half of the calibration sequences, as the stability check runs it
 HALF = "calibration_half"
-# a method calibrated on the model's own samples instead of the docstrings
-GENERATED = "self_generated"
 CALIBRATION_TEXTS = {
     "docstrings": lambda: default_texts()[0],
     "python-reference": lambda: list(pydoc_data.topics.topics.values()),
@@ -84,9 +82,12 @@ METHODS = {
     # the default on the second half of the calibration sequences: the stability check's other
     # choice (the first half holds the loss check's tokens, so its choice is the default's)
     "second-half": {HALF: "second"},
-    # the default calibrated on the model's own text: as many windows, each sampled from the
-    # beginning-of-text token (top-p 0.95, seeded): its distribution, no one source's
-    "self-generated": {GENERATED: True},
+    # the default calibrated on the model's own text (builtin:self-generated): as many windows,
+    # each sampled from the beginning-of-text token (top-p 0.95, seeded): its distribution, no one
+    # source's; the analysis samples them, and its time includes the sampling
+    "self-generated": {"dataset": SELF_GENERATED},
+    # half the windows sampled, half the docstrings', alternating
+    "self-generated-mixed": {"dataset": [SELF_GENERATED, STDLIB_DOCS]},
     "block-influence": {"method": "block-influence"},
     "angular": {"method": "angular"},
     "sleb": SLEB,
@@ -107,22 +108,6 @@ def _calibration(tokenizer, config: SGLPConfig, names: list[str]) -> Calibration
     batches = [{k: torch.cat([r[k] for r in rows[i:i + config.batch_size]]) for k in rows[0]}
                for i in range(0, len(rows), config.batch_size)]
     return CalibrationSet(batches, sum(p.n_tokens for p in parts), " + ".join(names), len(rows), config.seq_len)
-
-
-def _generated_calibration(model, tokenizer, config: SGLPConfig) -> CalibrationSet:
-    """config.n_samples windows of config.seq_len tokens sampled from the model, each from the
-    beginning-of-text token (or end-of-text where there is none), top-p 0.95, seeded."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(config.seed)
-    prompt = torch.full((config.n_samples, 1), start, dtype=torch.long)
-    with torch.no_grad():
-        ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_p=0.95, top_k=0,
-                             temperature=1.0, max_new_tokens=config.seq_len - 1, min_new_tokens=config.seq_len - 1,
-                             pad_token_id=tokenizer.eos_token_id)
-    torch.random.set_rng_state(generator_state)
-    batches = [{"input_ids": rows, "attention_mask": torch.ones_like(rows)} for rows in ids.split(config.batch_size)]
-    return CalibrationSet(batches, token_count(batches), "the model's own samples", config.n_samples, config.seq_len)
 
 
 def run_model(name: str, methods: list[str], eval_max_texts: int, settings: list[tuple[int, int]]) -> dict:
@@ -156,10 +141,10 @@ def run_model(name: str, methods: list[str], eval_max_texts: int, settings: list
             texts = settings.pop(CALIBRATION, None)
             budget = settings.pop(BUDGET, None)
             half = settings.pop(HALF, None)
-            generated = settings.pop(GENERATED, None)
             own = _calibration(tokenizer, calibration_config, texts) if texts else calibration
-            if generated:
-                own = _generated_calibration(model, tokenizer, calibration_config)
+            generated = "dataset" in settings
+            if generated:  # the analysis draws its own calibration
+                own = None
             if half:
                 own = calibration_halves(calibration)[("first", "second").index(half)]
             if budget:
@@ -167,7 +152,7 @@ def run_model(name: str, methods: list[str], eval_max_texts: int, settings: list
                 own = prepare_calibration(None, tokenizer, calibration_config.replace(n_samples=settings["n_samples"]))
             for drop in ([drops[-1]] if method in GREEDY else drops):
                 started = time.perf_counter()
-                plan = analyze(model, own, calibration_config.replace(drop=drop, **settings),
+                plan = analyze(model, own, calibration_config.replace(drop=drop, **settings), tokenizer=tokenizer,
                                progress=False, statistics_cache=None if texts or budget or half or generated else statistics)
                 seconds = time.perf_counter() - started
                 if method in GREEDY:

@@ -45,6 +45,7 @@ from .selection.decide import decide
 from .selection.registry import Selection, SelectionContext, selector_for
 from .passes.hooked import hooked_pass
 from .passes.original_outputs import OriginalOutputs
+from .passes.sampling import model_sampler
 from .passes.sequential import sequential_pass
 from .model.offload import BLOCK_LOADER_ATTRIBUTE
 
@@ -261,6 +262,7 @@ def _analyze(
     calibration = prepare_calibration(
         calibration, tokenizer, config,
         max_positions=getattr(text_config(model), "max_position_embeddings", None),
+        sampler=model_sampler(handle, tokenizer, progress=progress),
     )
     timings["calibration_data_s"] = time.perf_counter() - t
 
@@ -439,7 +441,8 @@ def _recovery(handle: ModelHandle, calibration: Any, tokenizer: Any, plan: Pruni
     with warnings.catch_warnings():  # less text than that is cycled through, as the report says
         warnings.filterwarnings("ignore", message="The calibration text has", category=UserWarning)
         windows = prepare_calibration(calibration, tokenizer, settings.replace(n_samples=wanted),
-                                      max_positions=getattr(text_config(handle.model), "max_position_embeddings", None))
+                                      max_positions=getattr(text_config(handle.model), "max_position_embeddings", None),
+                                      sampler=model_sampler(handle, tokenizer, progress=progress))
     recovery = recover_blocks(
         handle, [to_device(b, handle.input_device) for b in windows.batches], plan.dropped,
         steps=settings.recover_steps, learning_rate=settings.recover_learning_rate, progress=progress,
@@ -474,10 +477,10 @@ def prune(
     if plan is None:
         plan, calibration_set = _analyze(model, calibration, config, tokenizer, progress, None)
         batches = calibration_set.batches
-    elif calibration is not None:
-        settings = SGLPConfig.from_dict(plan.config)
-        batches = prepare_calibration(calibration, tokenizer, settings).batches
     handle = ModelHandle.for_plan(model, plan)
+    if batches is None and calibration is not None:
+        batches = prepare_calibration(calibration, tokenizer, SGLPConfig.from_dict(plan.config),
+                                      sampler=model_sampler(handle, tokenizer, progress=progress)).batches
     num_blocks = len(handle.layers)
     if num_blocks != plan.num_blocks:
         raise ConfigError(

@@ -24,7 +24,7 @@ from .config import (
     SGLPConfig,
 )
 from .explain import stages
-from .data import FORTUNES, PYTHON_REFERENCE, STDLIB_DOCS
+from .data import FORTUNES, PYTHON_REFERENCE, SELF_GENERATED, STDLIB_DOCS
 
 # recipe keys that describe the run rather than the SGLP settings
 RUN_KEYS = (
@@ -91,8 +91,9 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 def _add_calibration(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("calibration data")
     data.add_argument("--dataset", nargs="+", type=str,
-                      help=f"Hub dataset name, local file/directory, {STDLIB_DOCS}, {PYTHON_REFERENCE} or {FORTUNES} "
-                           f"(default: {STDLIB_DOCS}); several: their windows mixed in equal shares")
+                      help=f"Hub dataset name, local file/directory, {STDLIB_DOCS}, {PYTHON_REFERENCE}, {FORTUNES} "
+                           f"or {SELF_GENERATED} (text sampled from the model itself) (default: {STDLIB_DOCS}); "
+                           "several: their windows mixed in equal shares")
     data.add_argument("--dataset-config", help="dataset configuration name")
     data.add_argument("--split", dest="dataset_split", help="dataset split (default: train)")
     data.add_argument("--text-column", help="column holding the text (default: text)")

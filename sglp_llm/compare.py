@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .api import analyze, count_parameters, fit_plan_compensation
 from .recovery.compensate import fold
 from .model.handle import ModelHandle
+from .passes.sampling import model_sampler
 from . import data
 from .config import COMPENSATIONS, METHODS, ConfigError, SGLPConfig
 from .data import FORTUNES, CalibrationSet, prepare_calibration
@@ -314,7 +315,8 @@ def compare(
         bar.set_postfix_str(f"{name}, drop {cfg.drop}")
         key = _calibration_key(cfg)
         if key not in calibrations:
-            calibrations[key] = prepare_calibration(None, tokenizer, cfg)
+            calibrations[key] = prepare_calibration(None, tokenizer, cfg,
+                                                    sampler=model_sampler(handle, tokenizer, progress=False))
         plan = analyze(
             handle, calibrations[key], cfg, tokenizer=tokenizer, progress=False, statistics_cache=statistics
         )

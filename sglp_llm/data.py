@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import datasets
 import torch
@@ -53,6 +53,10 @@ FORTUNES_DIR = Path("/usr/share/games/fortunes")
 LICENSES = "builtin:licenses"
 # the Python language reference's prose (pydoc's topics), in every CPython install like the docstrings
 PYTHON_REFERENCE = "builtin:python-reference"
+# the model's own samples (sglp_llm.passes.sampling): a source that needs the model, not a text
+SELF_GENERATED = "builtin:self-generated"
+# (n_samples, seq_len, seed) -> [n_samples, seq_len] token ids sampled from the model being pruned
+Sampler = Callable[[int, int, int], torch.Tensor]
 # Debian's base-files: the full text of the common free-software licences, legal English
 LICENSES_DIR = Path("/usr/share/common-licenses")
 # Overstriking marks bold and underline for terminals: a backspace steps back over the character
@@ -105,10 +109,15 @@ def load_texts(
         return license_texts()
     if source == PYTHON_REFERENCE:
         return python_reference_texts()
+    if source == SELF_GENERATED:
+        raise CalibrationError(
+            f"{SELF_GENERATED!r} is text sampled from the model being pruned: a calibration source only "
+            "(held-out and training text must be a text source)."
+        )
     if source.startswith(BUILTIN_PREFIX):
         raise CalibrationError(
             f"Unknown built-in text {source!r}; the built-in texts are {STDLIB_DOCS!r}, "
-            f"{PYTHON_REFERENCE!r}, {FORTUNES!r} and {LICENSES!r}."
+            f"{PYTHON_REFERENCE!r}, {FORTUNES!r} and {LICENSES!r}, and {SELF_GENERATED!r} samples the model."
         )
     path = Path(source).expanduser()
     if path.exists():
@@ -419,8 +428,29 @@ def build_batches(
     )
 
 
+def sampled_calibration(
+    sampler: Sampler | None, *, n_samples: int, seq_len: int, batch_size: int, seed: int, max_positions: int | None = None
+) -> CalibrationSet:
+    """`n_samples` windows of `seq_len` tokens sampled from the model being pruned (`SELF_GENERATED`)."""
+    _check_seq_len(seq_len, max_positions)
+    if sampler is None:
+        raise CalibrationError(
+            f"{SELF_GENERATED!r} samples the model being pruned, and none was given here: pass the model "
+            "(analyze, prune and the CLI do), or calibrate on a text source."
+        )
+    windows = sampler(n_samples, seq_len, seed)
+    return CalibrationSet(
+        batches=[{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in windows.split(batch_size)],
+        n_tokens=windows.numel(),
+        source=f"the model's own samples (from its beginning-of-text token, seed {seed})",
+        n_samples=len(windows),
+        seq_len=seq_len,
+    )
+
+
 def mixed_calibration(
-    sources: Sequence[str], tokenizer: Any, config: SGLPConfig, *, max_positions: int | None = None
+    sources: Sequence[str], tokenizer: Any, config: SGLPConfig, *, max_positions: int | None = None,
+    sampler: Sampler | None = None,
 ) -> CalibrationSet:
     """`config.n_samples` windows split evenly over `sources` (the first ones take the remainder),
     each source's drawn as from it alone, then alternated: any first tokens of the set (the loss
@@ -433,6 +463,10 @@ def mixed_calibration(
         )
     parts = []
     for source, count in zip(sources, counts):
+        if source == SELF_GENERATED:
+            parts.append(sampled_calibration(sampler, n_samples=count, seq_len=config.seq_len, batch_size=1,
+                                             seed=config.seed, max_positions=max_positions))
+            continue
         texts, description = load_texts(source, config_name=config.dataset_config, split=config.dataset_split,
                                         text_column=config.text_column)
         parts.append(build_batches(tokenizer, texts, seq_len=config.seq_len, n_samples=count, batch_size=1,
@@ -548,19 +582,24 @@ def prepare_calibration(
     config: SGLPConfig,
     *,
     max_positions: int | None = None,
+    sampler: Sampler | None = None,
 ) -> CalibrationSet:
     """Turn whatever the user gave as calibration data into a `CalibrationSet`.
 
     `calibration` is None (use `config.dataset`, or the built-in text when that is unset; a list
-    of sources there mixes them, see `mixed_calibration`), a path or Hub dataset name, a list of
-    texts, a list of pre-tokenized batches (dicts with `input_ids` and optional `attention_mask`),
-    or a `CalibrationSet` (returned as is).
+    of sources there mixes them, see `mixed_calibration`), a path or Hub dataset name
+    (`SELF_GENERATED`: windows `sampler` draws from the model), a list of texts, a list of
+    pre-tokenized batches (dicts with `input_ids` and optional `attention_mask`), or a
+    `CalibrationSet` (returned as is).
     """
     if isinstance(calibration, CalibrationSet):
         _check_seq_len(calibration.seq_len, max_positions)
         return calibration
     if calibration is None and isinstance(config.dataset, (list, tuple)):
-        return mixed_calibration(config.dataset, tokenizer, config, max_positions=max_positions)
+        return mixed_calibration(config.dataset, tokenizer, config, max_positions=max_positions, sampler=sampler)
+    if (config.dataset if calibration is None else calibration) == SELF_GENERATED:
+        return sampled_calibration(sampler, n_samples=config.n_samples, seq_len=config.seq_len,
+                                   batch_size=config.batch_size, seed=config.seed, max_positions=max_positions)
     if calibration is None or isinstance(calibration, str):
         texts, source = load_texts(
             config.dataset if calibration is None else calibration,

@@ -238,7 +238,8 @@ def test_unknown_builtin_names_the_known_ones():
     with pytest.raises(
         CalibrationError,
         match=r"Unknown built-in text 'builtin:wiki'; the built-in texts are 'builtin:stdlib-docs', "
-        r"'builtin:python-reference', 'builtin:fortunes' and 'builtin:licenses'\.",
+        r"'builtin:python-reference', 'builtin:fortunes' and 'builtin:licenses', and 'builtin:self-generated' "
+        r"samples the model\.",
     ):
         load_texts("builtin:wiki")
 

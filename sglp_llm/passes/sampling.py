@@ -1,0 +1,68 @@
+"""Text sampled from the model itself: a calibration source no one text decides.
+
+A model's own samples follow its distribution over everything it was trained on, not one source's
+(SmolLM2-135M writes English prose, Gemma-3-270M a web mix of languages and code), so a choice
+calibrated on them does not fit one kind of text (issue 23, benchmarks/robustness.py). Each window
+is sampled from the beginning-of-text token with nucleus sampling (top-p 0.95, temperature 1, no
+top-k and no repetition penalty, whatever the model's generation config suggests), never ended
+early, and seeded: the same model and seed give the same windows.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import CalibrationError, Sampler
+from ..model.handle import ModelHandle
+
+TOP_P = 0.95
+# windows sampled together: their key-value cache is the memory sampling needs beside the model
+SAMPLING_BATCH = 32
+
+
+class SamplingError(CalibrationError):
+    """The model cannot sample its own text here; the message says what to do instead."""
+
+
+def sample_windows(handle: ModelHandle, tokenizer, n_samples: int, seq_len: int, seed: int, *,
+                   progress: bool = True) -> torch.Tensor:
+    """[n_samples, seq_len] token ids sampled from the model, each row starting with the
+    beginning-of-text token (end-of-text where the tokenizer has none). The global random state
+    is left as it was."""
+    if handle.blockwise:
+        raise SamplingError(
+            "Sampling the model's own text runs its generate(), which needs its blocks where its forward runs "
+            "them; this model runs one block at a time (offload: sequential or blocks on disk). Load it with a "
+            "device map instead (accelerate offloads what does not fit), or calibrate on a text source."
+        )
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise SamplingError("The tokenizer has neither a beginning- nor an end-of-text token to start samples from; "
+                            "calibrate on a text source instead.")
+    model, device = handle.model, handle.input_device
+    # every GPU a device map spreads the model over draws from its own generator
+    devices = [d for d in map(torch.device, handle.devices_used()) if d.type == "cuda"]
+    rows, training = [], model.training
+    model.eval()  # no dropout in what is sampled
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        for first in tqdm(range(0, n_samples, SAMPLING_BATCH), total=math.ceil(n_samples / SAMPLING_BATCH),
+                          desc="Sampling the model's own text", disable=not progress):
+            prompt = torch.full((min(SAMPLING_BATCH, n_samples - first), 1), start, dtype=torch.long, device=device)
+            rows.append(model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_p=TOP_P, top_k=0,
+                temperature=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else start,
+            ).cpu())
+    model.train(training)
+    return torch.cat(rows)
+
+
+def model_sampler(handle: ModelHandle, tokenizer, *, progress: bool = True) -> Sampler:
+    """The `Sampler` that `SELF_GENERATED` calibration draws from: this model's own text."""
+    return partial(sample_windows, handle, tokenizer, progress=progress)

@@ -1,0 +1,114 @@
+"""Calibration on the model's own samples (`builtin:self-generated`): what is sampled, how it is
+seeded, and how it reaches an analysis, a mixed calibration and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sglp_llm import SGLPConfig, analyze
+from sglp_llm import data
+from sglp_llm.cli import main
+from sglp_llm.data import SELF_GENERATED, CalibrationError, build_batches, load_texts, prepare_calibration
+from sglp_llm.model.handle import ModelHandle
+from sglp_llm.passes import sampling
+from sglp_llm.passes.sampling import SamplingError, sample_windows
+from tiny_models import save_tiny_model, tiny_model, tiny_tokenizer
+
+TOP_P = 0.95
+
+
+def _nucleus_reference(model, start: int, eos: int, n: int, seq_len: int, seed: int, chunk: int) -> torch.Tensor:
+    """Brute force: the whole prefix through the model at every step (no cache), the end-of-text
+    token forbidden, the smallest most-probable set of tokens holding TOP_P of the mass kept,
+    one draw per row from the global generator seeded once, `chunk` rows at a time."""
+    torch.manual_seed(seed)
+    out = []
+    for first in range(0, n, chunk):
+        ids = torch.full((min(chunk, n - first), 1), start)
+        for _ in range(seq_len - 1):
+            with torch.no_grad():
+                logits = model(ids).logits[:, -1].float()
+            logits[:, eos] = -torch.inf
+            probs = logits.softmax(-1)
+            ordered, order = probs.sort(dim=-1, descending=True)
+            mass_before = ordered.cumsum(-1) - ordered  # of the strictly more probable tokens
+            outside = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, mass_before >= TOP_P)
+            kept = logits.masked_fill(outside, -torch.inf).softmax(-1)
+            ids = torch.cat([ids, torch.multinomial(kept, 1)], dim=1)
+        out.append(ids)
+    return torch.cat(out)
+
+
+def test_windows_are_the_models_nucleus_samples_from_the_start_token_seeded(monkeypatch):
+    model, tok = tiny_model(), tiny_tokenizer()
+    monkeypatch.setattr(sampling, "SAMPLING_BATCH", 2)  # three chunks: the generator runs on across them
+    state = torch.random.get_rng_state()
+    windows = sample_windows(ModelHandle.of(model), tok, 5, 12, 3, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is untouched
+    assert windows.shape == (5, 12) and (windows[:, 0] == tok.bos_token_id).all()
+    assert not (windows[:, 1:] == tok.eos_token_id).any()  # never ended early
+    reference = _nucleus_reference(model, tok.bos_token_id, tok.eos_token_id, 5, 12, seed=3, chunk=2)
+    assert torch.equal(windows, reference)
+    assert torch.equal(sample_windows(ModelHandle.of(model), tok, 5, 12, 3, progress=False), windows)
+    assert not torch.equal(sample_windows(ModelHandle.of(model), tok, 5, 12, 4, progress=False), windows)
+
+
+def test_the_models_generation_defaults_do_not_change_what_is_sampled():
+    model, tok = tiny_model(), tiny_tokenizer()
+    plain = sample_windows(ModelHandle.of(model), tok, 3, 8, 0, progress=False)
+    model.generation_config.update(temperature=0.3, top_k=5, repetition_penalty=1.5, no_repeat_ngram_size=2)
+    model.train()
+    assert torch.equal(sample_windows(ModelHandle.of(model), tok, 3, 8, 0, progress=False), plain)
+    assert model.training  # put back as it was
+
+
+def test_an_analysis_on_the_models_samples_equals_one_on_those_windows_given_as_batches():
+    model, tok = tiny_model(), tiny_tokenizer()
+    config = SGLPConfig(drop=2, dataset=SELF_GENERATED, n_samples=6, seq_len=16, batch_size=4,
+                        cka_minibatch_tokens=16, stability_check=False)
+    plan = analyze(model, None, config, tokenizer=tok, progress=False)
+    windows = sample_windows(ModelHandle.of(model), tok, 6, 16, config.seed, progress=False)
+    given = analyze(model, [{"input_ids": w} for w in windows.split(4)], config, tokenizer=tok, progress=False)
+    assert plan.dropped == given.dropped and plan.n_tokens == given.n_tokens == 96
+    assert plan.calibration_source == f"the model's own samples (from its beginning-of-text token, seed {config.seed})"
+
+
+def test_mixed_with_a_text_the_samples_alternate_with_its_windows():
+    model, tok = tiny_model(), tiny_tokenizer()
+    config = SGLPConfig(drop=1, dataset=[SELF_GENERATED, data.STDLIB_DOCS], n_samples=4, seq_len=8, batch_size=3)
+    sampler = sampling.model_sampler(ModelHandle.of(model), tok, progress=False)
+    mixed = prepare_calibration(None, tok, config, sampler=sampler)
+    rows = torch.cat([b["input_ids"] for b in mixed.batches])
+    samples = sample_windows(ModelHandle.of(model), tok, 2, 8, config.seed, progress=False)
+    docs = build_batches(tok, load_texts(data.STDLIB_DOCS)[0], seq_len=8, n_samples=2, batch_size=2, seed=config.seed)
+    assert torch.equal(rows, torch.stack([samples[0], docs.batches[0]["input_ids"][0], samples[1],
+                                          docs.batches[0]["input_ids"][1]]))
+    assert mixed.source.startswith("2 windows of the model's own samples")
+
+
+def test_refusals_say_what_to_do_instead():
+    model, tok = tiny_model(), tiny_tokenizer()
+    config = SGLPConfig(drop=1, dataset=SELF_GENERATED, n_samples=2, seq_len=8)
+    with pytest.raises(CalibrationError, match="samples the model being pruned, and none was given here"):
+        prepare_calibration(None, tok, config)
+    with pytest.raises(CalibrationError, match="a calibration source only"):
+        load_texts(SELF_GENERATED)  # held-out or training text
+    with pytest.raises(SamplingError, match="one block at a time .* Load it with a device map"):
+        analyze(model, None, config.replace(offload="sequential"), tokenizer=tok, progress=False)
+    tok.bos_token, tok.eos_token = None, None
+    with pytest.raises(SamplingError, match="neither a beginning- nor an end-of-text token"):
+        sample_windows(ModelHandle.of(model), tok, 2, 8, 0, progress=False)
+
+
+def test_the_command_line_calibrates_on_the_models_samples(tmp_path, capsys):
+    save_tiny_model(tmp_path / "model")
+    report = tmp_path / "report.json"
+    code = main(["analyze", "--model", str(tmp_path / "model"), "--drop", "2", "--dataset", SELF_GENERATED,
+                 "--seq-len", "16", "--n-samples", "4", "--batch-size", "4", "--cka-minibatch-tokens", "16",
+                 "--no-progress", "--report", str(report)])
+    assert code == 0, capsys.readouterr().err
+    plan = json.loads(report.read_text())
+    assert "the model's own samples" in plan["calibration_source"] and plan["config"]["dataset"] == SELF_GENERATED
