@@ -29,11 +29,12 @@ from transformers.pytorch_utils import Conv1D
 from .model.blocks import text_config
 from .model.handle import ModelHandle
 from .config import ConfigError, SettingsFile
-from .data import build_batches, load_texts
+from .data import SELF_GENERATED, Sampler, build_batches, load_texts, sampled_calibration
 from .recovery.block_recovery import trained_blocks
 from .recovery.distill import TEACHER_TARGETS_NAME, DistillationTerms, TeacherBeside, TeacherCache, TeacherError, check_teacher, kept_original_indices, write_teacher_cache
 from .passes.distributed import is_main_process, world_size
 from .passes.loss import activation_checkpointing
+from .passes.sampling import model_sampler
 from .model.loading import ModelLoadError, load_blocks_on_disk, load_model
 from .evaluation.evaluate import card_metrics, perplexity_on_source, warn_if_not_held_out
 from .output.modelcard import describe_objective, render_healed_card
@@ -279,9 +280,21 @@ def lora_targets(model: nn.Module | ModelHandle, config: HealConfig, skip: Seque
     return pattern, names
 
 
-def training_batches(model: nn.Module, tokenizer: Any, config: HealConfig) -> tuple[list[dict], str, int]:
+def training_batches(model: nn.Module, tokenizer: Any, config: HealConfig, *,
+                     sampler: Sampler | None = None) -> tuple[list[dict], str, int]:
     """(batches, text description, distinct windows): up to steps × batch_size windows of the
-    training text, packed like calibration data; training cycles through them."""
+    training text, packed like calibration data; training cycles through them. `SELF_GENERATED`:
+    steps × batch_size windows the teacher (`sampler`) samples, so the student learns the
+    teacher's outputs where the teacher's own distribution puts its text."""
+    max_positions = getattr(text_config(model), "max_position_embeddings", None)
+    if config.dataset == SELF_GENERATED:
+        if sampler is None:
+            raise HealError(f"Training on {SELF_GENERATED} distils on the teacher's own samples, and this run has no "
+                            "teacher: pass --teacher PATH|HUB_ID (the original model), or train on a text source.")
+        windows = sampled_calibration(sampler, n_samples=config.steps * config.batch_size, seq_len=config.seq_len,
+                                      batch_size=config.batch_size, seed=config.seed, max_positions=max_positions)
+        source = f"the teacher's own samples (from its beginning-of-text token, seed {config.seed})"
+        return windows.batches, source, windows.n_samples
     texts, source = load_texts(
         config.dataset, config_name=config.dataset_config, split=config.dataset_split, text_column=config.text_column
     )
@@ -295,7 +308,7 @@ def training_batches(model: nn.Module, tokenizer: Any, config: HealConfig) -> tu
             n_samples=config.steps * config.batch_size,
             batch_size=config.batch_size,
             seed=config.seed,
-            max_positions=getattr(text_config(model), "max_position_embeddings", None),
+            max_positions=max_positions,
             source=source,
         )
     return windows.batches, source, windows.n_samples
@@ -316,12 +329,14 @@ def heal(
     student = ModelHandle.of(model, layers_path=config.layers_path)
     full = full_block_indices(student, config)
     pattern, names = lora_targets(student, config, skip=full)
-    batches, source, n_windows = training_batches(model, tokenizer, config)
+    teacher, teacher_tokenizer, teacher_name = _teacher(student, config, teacher, teacher_tokenizer, teacher_kwargs or {})
+    sampler = None if teacher is None else model_sampler(ModelHandle.of(teacher), teacher_tokenizer, progress=progress)
+    batches, source, n_windows = training_batches(model, tokenizer, config, sampler=sampler)
     warn_if_not_held_out(config, config.eval_dataset, config_name=config.eval_dataset_config, split=config.eval_split)
     with tempfile.TemporaryDirectory(prefix="sglp-teacher-") as scratch:
         # the teacher is checked (and any cache written) before anything is trained
         objective, teacher_record = _objective(student, tokenizer, config, batches, teacher, teacher_tokenizer,
-                                               teacher_kwargs or {}, Path(scratch), progress)
+                                               teacher_name, Path(scratch), progress)
         before = _held_out_perplexity(model, tokenizer, config, progress)
         if config.learning_rate is None:  # the report and card give the rate the run used
             config = replace(config, learning_rate=DEFAULT_LEARNING_RATES[teacher_record["name"]])
@@ -378,37 +393,47 @@ def heal(
     return HealResult(model=wrapped, tokenizer=tokenizer, config=config, report=report)
 
 
-def _objective(
-    student: ModelHandle, tokenizer: Any, config: HealConfig, batches: list[dict], teacher: nn.Module | None,
-    teacher_tokenizer: Any, teacher_kwargs: dict[str, Any], scratch: Path, progress: bool,
-) -> tuple[Any, dict[str, Any]]:
-    """The training objective and what the report says about it: distillation from the teacher
-    (loaded here if named, its targets cached in `scratch` with teacher_top_k), or next-token."""
+def _teacher(
+    student: ModelHandle, config: HealConfig, teacher: nn.Module | None, teacher_tokenizer: Any,
+    teacher_kwargs: dict[str, Any],
+) -> tuple[nn.Module | None, Any, str]:
+    """(teacher, its tokenizer, its name), loaded here if config.teacher names one; no teacher
+    (None, None, why) when training on the next tokens."""
     model = student.model
     lineage = getattr(text_config(model), SGLP_CONFIG_KEY, None) or {}
-    name = getattr(teacher, "name_or_path", None) or "the model passed in"
     if config.teacher == "none":  # whatever teacher is at hand
-        return NextTokenObjective(), {"name": "next-token", "why": "teacher: none"}
+        return None, None, "teacher: none"
+    if teacher is not None:
+        return teacher, teacher_tokenizer, getattr(teacher, "name_or_path", None) or "the model passed in"
+    wanted = lineage.get("source_model") if config.teacher == "auto" else config.teacher
+    if wanted is None:
+        return None, None, "teacher: auto, and the model records no source to distil from (pass --teacher PATH|HUB_ID)"
+    _check_teacher_fits(student, lineage, config)
+    try:
+        if config.teacher_blocks_on_disk:
+            loaded = load_blocks_on_disk(wanted, dtype=teacher_kwargs.get("dtype", "auto"), device=student.input_device)
+        else:
+            loaded = load_model(wanted, **teacher_kwargs)
+    except (ModelLoadError, OSError, ValueError) as error:
+        where = "recorded in the pruned model's config" if config.teacher == "auto" else "given"
+        raise TeacherError(
+            f"The teacher {wanted} ({where}) cannot be loaded: {error}. Pass the original model with "
+            "--teacher PATH|HUB_ID, or --teacher none for the next-token loss."
+        ) from error
+    return loaded.model, loaded.tokenizer, wanted
+
+
+def _objective(
+    student: ModelHandle, tokenizer: Any, config: HealConfig, batches: list[dict], teacher: nn.Module | None,
+    teacher_tokenizer: Any, name: str, scratch: Path, progress: bool,
+) -> tuple[Any, dict[str, Any]]:
+    """The training objective and what the report says about it: distillation from the teacher
+    (its targets cached in `scratch` with teacher_top_k), or next-token when there is none (`name`
+    then says why)."""
     if teacher is None:
-        wanted = lineage.get("source_model") if config.teacher == "auto" else config.teacher
-        if wanted is None:
-            return NextTokenObjective(), {
-                "name": "next-token",
-                "why": "teacher: auto, and the model records no source to distil from (pass --teacher PATH|HUB_ID)",
-            }
-        _check_teacher_fits(student, lineage, config)
-        try:
-            if config.teacher_blocks_on_disk:
-                loaded = load_blocks_on_disk(wanted, dtype=teacher_kwargs.get("dtype", "auto"), device=student.input_device)
-            else:
-                loaded = load_model(wanted, **teacher_kwargs)
-        except (ModelLoadError, OSError, ValueError) as error:
-            where = "recorded in the pruned model's config" if config.teacher == "auto" else "given"
-            raise TeacherError(
-                f"The teacher {wanted} ({where}) cannot be loaded: {error}. Pass the original model with "
-                "--teacher PATH|HUB_ID, or --teacher none for the next-token loss."
-            ) from error
-        teacher, teacher_tokenizer, name = loaded.model, loaded.tokenizer, wanted
+        return NextTokenObjective(), {"name": "next-token", "why": name}
+    model = student.model
+    lineage = getattr(text_config(model), SGLP_CONFIG_KEY, None) or {}
     check_teacher(model, teacher.get_output_embeddings().weight.shape[0], teacher_tokenizer, tokenizer)
     num_blocks = len(student.layers)
     kept = kept_original_indices(model, num_blocks)

@@ -280,3 +280,24 @@ def test_a_decaying_schedule_sets_each_steps_rate_and_the_report_and_card_say_so
         HealConfig(lr_schedule="exponential")
     with pytest.raises(HealError, match="warmup_ratio"):
         HealConfig(warmup_ratio=1.0)
+
+
+def test_distilling_on_the_teachers_own_samples_trains_on_what_the_teacher_samples():
+    from sglp_llm.data import SELF_GENERATED
+    from sglp_llm.model.handle import ModelHandle
+    from sglp_llm.passes.sampling import sample_windows
+
+    student, teacher = _student_and_teacher()
+    config = HealConfig(steps=3, seq_len=16, batch_size=2, eval_max_texts=1, dataset=SELF_GENERATED, seed=5)
+    windows = sample_windows(ModelHandle.of(teacher), tiny_tokenizer(), 6, 16, 5, progress=False)
+    # the first step's loss is the KL on two of those samples, in the Trainer's shuffled order
+    # (LoRA starts as the identity; every window is whole, so a pair's loss is its two KLs' mean)
+    kls = [_direct_loss(student, teacher, {"input_ids": w[None], "attention_mask": torch.ones_like(w[None])},
+                        1.0, 0.0, 0.0).item() for w in windows]
+    healed = heal(student, tiny_tokenizer(), config, teacher=teacher, teacher_tokenizer=tiny_tokenizer(), progress=False)
+    assert healed.report["training_text"] == "the teacher's own samples (from its beginning-of-text token, seed 5)"
+    assert healed.report["windows"] == 6
+    first = healed.report["loss"]["first"]
+    assert any(first == pytest.approx((a + b) / 2, rel=1e-5) for i, a in enumerate(kls) for b in kls[i + 1:]), (first, kls)
+    with pytest.raises(HealError, match="distils on the teacher's own samples, and this run has no teacher"):
+        heal(tiny_model("llama", num_layers=4), tiny_tokenizer(), config, progress=False)
