@@ -88,6 +88,8 @@ METHODS = {
     "self-generated": {"dataset": SELF_GENERATED},
     # half the windows sampled, half the docstrings', alternating
     "self-generated-mixed": {"dataset": [SELF_GENERATED, STDLIB_DOCS]},
+    # the model's own samples, with the loss check on 8192 of their tokens (sampled text is unlimited)
+    "self-generated-8k": {"dataset": SELF_GENERATED, BUDGET: 8192},
     "block-influence": {"method": "block-influence"},
     "angular": {"method": "angular"},
     "sleb": SLEB,
@@ -149,7 +151,8 @@ def run_model(name: str, methods: list[str], eval_max_texts: int, settings: list
                 own = calibration_halves(calibration)[("first", "second").index(half)]
             if budget:
                 settings.update(loss_tokens=budget, n_samples=max(calibration_config.n_samples, -(-budget // seq_len)))
-                own = prepare_calibration(None, tokenizer, calibration_config.replace(n_samples=settings["n_samples"]))
+                if not generated:
+                    own = prepare_calibration(None, tokenizer, calibration_config.replace(n_samples=settings["n_samples"]))
             for drop in ([drops[-1]] if method in GREEDY else drops):
                 started = time.perf_counter()
                 plan = analyze(model, own, calibration_config.replace(drop=drop, **settings), tokenizer=tokenizer,
