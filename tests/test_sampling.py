@@ -112,3 +112,29 @@ def test_the_command_line_calibrates_on_the_models_samples(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     plan = json.loads(report.read_text())
     assert "the model's own samples" in plan["calibration_source"] and plan["config"]["dataset"] == SELF_GENERATED
+
+
+def test_block_local_recovery_trains_on_new_samples_of_the_original_model():
+    import copy
+
+    from sglp_llm import prune
+    from sglp_llm.recovery.block_recovery import recover_blocks
+
+    model, tok = tiny_model(num_layers=6), tiny_tokenizer()
+    original = copy.deepcopy(model)
+    config = SGLPConfig(drop=2, scoring="block", dataset=SELF_GENERATED, seq_len=16, n_samples=8, batch_size=4,
+                        cka_minibatch_tokens=16, stability_check=False, recover="blocks", recover_steps=5,
+                        recover_learning_rate=1e-3)
+    result = prune(model, None, config, tokenizer=tok, progress=False)
+    record = result.plan.extra["recovery"]
+    assert record["text"].startswith("the model's own samples") and (record["windows"], record["passes"]) == (20, 1)
+    # the same training by hand: 20 windows the original samples, its trained blocks compared
+    windows = sample_windows(ModelHandle.of(original), tok, 20, 16, config.seed, progress=False)
+    by_hand = recover_blocks(original, [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(4)],
+                             result.plan.dropped, steps=5, learning_rate=1e-3, progress=False)
+    kept = result.plan.kept
+    for index in by_hand.trained:
+        pruned_block = result.model.model.layers[kept.index(int(index))]
+        for (name, a), (_, b) in zip(original.model.layers[int(index)].state_dict().items(),
+                                     pruned_block.state_dict().items()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
