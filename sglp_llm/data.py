@@ -448,6 +448,18 @@ def sampled_calibration(
     )
 
 
+def source_shares(n_samples: int, n_sources: int) -> list[int]:
+    """Each of `n_sources` mixed sources' windows of `n_samples`: equal shares, the first ones
+    taking the remainder."""
+    return [n_samples // n_sources + (i < n_samples % n_sources) for i in range(n_sources)]
+
+
+def sampled_windows(config: SGLPConfig) -> int:
+    """How many of the calibration windows `config` describes the model samples (`SELF_GENERATED`)."""
+    sources = config.dataset if isinstance(config.dataset, (list, tuple)) else [config.dataset]
+    return sum(n for source, n in zip(sources, source_shares(config.n_samples, len(sources))) if source == SELF_GENERATED)
+
+
 def mixed_calibration(
     sources: Sequence[str], tokenizer: Any, config: SGLPConfig, *, max_positions: int | None = None,
     sampler: Sampler | None = None,
@@ -455,7 +467,7 @@ def mixed_calibration(
     """`config.n_samples` windows split evenly over `sources` (the first ones take the remainder),
     each source's drawn as from it alone, then alternated: any first tokens of the set (the loss
     check's) hold every source, so no one text decides the choice alone."""
-    counts = [config.n_samples // len(sources) + (i < config.n_samples % len(sources)) for i in range(len(sources))]
+    counts = source_shares(config.n_samples, len(sources))
     if not all(counts):
         raise CalibrationError(
             f"n_samples={config.n_samples} windows cannot be shared by {len(sources)} calibration sources: "

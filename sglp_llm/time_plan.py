@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import ConfigError, SGLPConfig
+from .data import sampled_windows
 from .passes.head import position_sample
 from .passes.memory_plan import meta_model
 from .selection.loss_check import LAZY_MEASURED_TOGETHER, sequences_read
@@ -276,6 +277,12 @@ def count_analysis(
                     if _reads_blocks(config) else "")
         assumptions.append(f"each step of the lazy search after the first measures {measured_per_step} candidates{together}")
     phases: dict[str, Work] = {}
+    sampled = sampled_windows(config)
+    if sampled:  # generate() runs every block and the head on each new position, one at a time
+        positions = sampled * (config.seq_len - 1)
+        phases["sampling the model's own text"] = Work(block_tokens=positions * num_blocks, head_tokens=positions)
+        assumptions.append("sampling the model's own text is priced as forwards over its positions; decoding one "
+                           "position at a time runs slower than that (on a GPU most)")
     _analysis(phases, "", num_blocks, config, config.n_samples, order, measured_per_step)
     if config.stability_check and config.n_samples >= 2:
         first, second = config.n_samples // 2, config.n_samples - config.n_samples // 2

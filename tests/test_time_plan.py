@@ -11,7 +11,8 @@ from sglp_llm.config import ConfigError
 from sglp_llm.model.handle import ModelHandle
 from sglp_llm.selection.removal import RemovalLoss
 from sglp_llm.time_plan import CountedRemovalLoss, ModelShape, Throughput, count_analysis, plan_time
-from tiny_models import tiny_batch, tiny_config, tiny_model
+from sglp_llm.data import SELF_GENERATED, STDLIB_DOCS
+from tiny_models import tiny_batch, tiny_config, tiny_model, tiny_tokenizer
 
 SEQ, WINDOWS, BLOCKS = 16, 8, 7
 
@@ -192,3 +193,19 @@ def test_blocks_run_one_at_a_time_are_counted_with_their_reads(monkeypatch):
     phases, _ = count_analysis(BLOCKS, config, order=_order(plan))
     assert _total(phases) == (counter.block_tokens, counter.head_tokens)
     assert sum(w.block_loads for w in phases.values()) == len(reads)
+
+
+@pytest.mark.parametrize("dataset", [SELF_GENERATED, [SELF_GENERATED, STDLIB_DOCS, SELF_GENERATED]])
+def test_sampling_the_models_own_text_is_counted_exactly(dataset):
+    """generate() runs every block and the head on each sampled position but the last; the mixed
+    calibration samples only its self-generated shares (3 + 2 of 7 windows here)."""
+    model = tiny_model("llama", num_layers=BLOCKS)
+    config = SGLPConfig(drop=2, method="block-influence", dataset=dataset, seq_len=SEQ, n_samples=7, batch_size=2,
+                        verify=False, stability_check=False)
+    counter = Counter(model)
+    analyze(model, None, config, tokenizer=tiny_tokenizer(), progress=False)
+    phases, assumptions = count_analysis(BLOCKS, config)
+    assert _total(phases) == (counter.block_tokens, counter.head_tokens)
+    sampled = 7 if dataset == SELF_GENERATED else 5
+    assert phases["sampling the model's own text"].head_tokens == sampled * (SEQ - 1)
+    assert any("decoding one position at a time" in a for a in assumptions)
