@@ -10,6 +10,7 @@ reason) or SKIP (no CUDA device here). The exit status is 1 when any check faile
 - `analyze --device-map auto`;
 - sequential onloading to cuda:0 with the blocks read from disk (a safetensors folder);
 - a short `heal` of the bfloat16 model;
+- `analyze --dataset builtin:self-generated` twice on CUDA: the sampling seeded there (same choice);
 - `analyze --plan-time` on CUDA in bfloat16: the throughput it measures (the figure the 8B and
   70B predictions in docs/large-models.md assume) and the predicted time beside the bfloat16
   prune's.
@@ -57,8 +58,8 @@ class Checks:
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
         self.work = work
         self.sample = ["--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len)]
-        self.common = [*(["--model", args.model] if args.model else []), *self.sample,
-                       *(["--dataset", args.dataset] if args.dataset else [])]
+        self.model = ["--model", args.model] if args.model else []
+        self.common = [*self.model, *self.sample, *(["--dataset", args.dataset] if args.dataset else [])]
         self.ratio = str(args.ratio)
         self.heal_steps = str(args.heal_steps)
         self.cpu_choice: list[int] | None = None
@@ -116,6 +117,22 @@ class Checks:
         return f"{self.heal_steps} steps, loss {healing['loss']['first']:.3f} -> {healing['loss']['last']:.3f}"
 
 
+    def self_generated(self) -> str:
+        """The model's own text sampled on CUDA (its generator forked and seeded there): the same
+        windows, so the same choice, twice."""
+        choices = []
+        for run in range(2):
+            report = self.work / f"self-generated-{run}.json"
+            _cli("analyze", *self.model, *self.sample, "--dataset", "builtin:self-generated",
+                 "--ratio", self.ratio, "--dtype", "bfloat16", "--report", str(report))
+            plan = json.loads(report.read_text())
+            if "the model's own samples" not in (plan.get("calibration_source") or ""):
+                raise CheckFailed(f"calibrated on {plan.get('calibration_source')!r}, not the model's own samples")
+            choices.append(plan["dropped"])
+        if choices[0] != choices[1]:
+            raise CheckFailed(f"drops {choices[0]}, then {choices[1]}: the sampling is not seeded on CUDA")
+        return f"drops {choices[0]} both times"
+
     def time_plan(self) -> str:
         report = self.work / "time-plan.json"
         _cli("analyze", *self.common, "--ratio", self.ratio, "--dtype", "bfloat16", "--plan-time", "--report", str(report))
@@ -134,6 +151,7 @@ CHECKS: dict[str, tuple[bool, Callable[[Checks], str]]] = {
     "--device-map auto": (True, Checks.device_map_auto),
     "sequential onloading to cuda:0 from disk": (True, Checks.sequential_from_disk),
     "short heal on cuda": (True, Checks.short_heal),
+    "the model's own text sampled on cuda": (True, Checks.self_generated),
     "time plan on cuda, bfloat16": (True, Checks.time_plan),
 }
 

@@ -40,7 +40,7 @@ def test_without_cuda_the_cpu_reference_runs_and_every_cuda_check_says_it_is_ski
     assert status == 0 and lines[0].startswith("device: no CUDA device")
     assert lines[1].startswith("PASS cpu reference (float32)") and "drops [" in lines[1]
     cuda_checks = [name for name, (needs_cuda, _) in gpu_check.CHECKS.items() if needs_cuda]
-    assert lines[2:] == [f"SKIP {name}: no CUDA device" for name in cuda_checks] and len(cuda_checks) == 7
+    assert lines[2:] == [f"SKIP {name}: no CUDA device" for name in cuda_checks] and len(cuda_checks) == 8
 
 
 def test_a_failing_check_prints_why_and_exits_1(gpu_check, monkeypatch, capsys):
@@ -51,3 +51,12 @@ def test_a_failing_check_prints_why_and_exits_1(gpu_check, monkeypatch, capsys):
     status = gpu_check.main(["--model", "missing", "--n-samples", "4", "--seq-len", "16"])
     printed = capsys.readouterr().out
     assert status == 1 and "FAIL cpu reference (float32)" in printed and "exit 2: sglp-llm: error: no such model" in printed
+
+
+def test_the_sampling_check_runs_its_commands_where_it_is_run(gpu_check, tiny, tmp_path):
+    """Its command lines and report reading, on the CPU here: a seeded sampling gives one choice twice."""
+    import argparse
+
+    folder, _ = tiny
+    args = argparse.Namespace(model=str(folder), dataset=None, ratio=0.34, n_samples=4, seq_len=16, heal_steps=1)
+    assert gpu_check.Checks(args, tmp_path).self_generated().endswith("both times")
