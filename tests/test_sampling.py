@@ -65,6 +65,22 @@ def test_the_models_generation_defaults_do_not_change_what_is_sampled():
     assert model.training  # put back as it was
 
 
+def test_a_device_map_naming_the_disk_samples_and_a_failed_sampling_leaves_the_mode_as_it_was(monkeypatch):
+    model, tok = tiny_model(), tiny_tokenizer()
+    plain = sample_windows(ModelHandle.of(model), tok, 2, 8, 0, progress=False)
+    model.hf_device_map = {"model": "cpu", "lm_head": "disk"}  # accelerate's names: "disk" is no torch device
+    assert torch.equal(sample_windows(ModelHandle.of(model), tok, 2, 8, 0, progress=False), plain)
+    model.train()
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model, "generate", fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sample_windows(ModelHandle.of(model), tok, 2, 8, 0, progress=False)
+    assert model.training
+
+
 def test_an_analysis_on_the_models_samples_equals_one_on_those_windows_given_as_batches():
     model, tok = tiny_model(), tiny_tokenizer()
     config = SGLPConfig(drop=2, dataset=SELF_GENERATED, n_samples=6, seq_len=16, batch_size=4,

@@ -45,21 +45,24 @@ def sample_windows(handle: ModelHandle, tokenizer, n_samples: int, seq_len: int,
                             "calibrate on a text source instead.")
     model, device = handle.model, handle.input_device
     # every GPU a device map spreads the model over draws from its own generator
-    devices = [d for d in map(torch.device, handle.devices_used()) if d.type == "cuda"]
+    # (a device map may also name "disk", which is no torch device)
+    devices = [torch.device(d) for d in handle.devices_used() if d.startswith("cuda")]
     rows, training = [], model.training
     model.eval()  # no dropout in what is sampled
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(seed)
-        for first in tqdm(range(0, n_samples, SAMPLING_BATCH), total=math.ceil(n_samples / SAMPLING_BATCH),
-                          desc="Sampling the model's own text", disable=not progress):
-            prompt = torch.full((min(SAMPLING_BATCH, n_samples - first), 1), start, dtype=torch.long, device=device)
-            rows.append(model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_p=TOP_P, top_k=0,
-                temperature=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
-                pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else start,
-            ).cpu())
-    model.train(training)
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(seed)
+            for first in tqdm(range(0, n_samples, SAMPLING_BATCH), total=math.ceil(n_samples / SAMPLING_BATCH),
+                              desc="Sampling the model's own text", disable=not progress):
+                prompt = torch.full((min(SAMPLING_BATCH, n_samples - first), 1), start, dtype=torch.long, device=device)
+                rows.append(model.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_p=TOP_P, top_k=0,
+                    temperature=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                    max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                    pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else start,
+                ).cpu())
+    finally:
+        model.train(training)
     return torch.cat(rows)
 
 
