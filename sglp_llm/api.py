@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -23,6 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .model.blocks import text_config
 from .model.handle import ModelHandle
@@ -339,9 +341,11 @@ def _analyze(
     if config.stability_check:
         halves = config.replace(stability_check=False)
         preflighted = {k: v for k, v in cache.items() if k[0] == "preflight"}
+        if progress:  # the halves' analyses take as long as the choice: say what the next bars are
+            tqdm.write("Stability check: the same analysis on the halves of the calibration sequences", file=sys.stderr)
         plan.extra["stability"] = choice_stability(
             calibration, plan.dropped,
-            lambda half: _analyze(handle, half, halves, tokenizer, False, dict(preflighted))[0].dropped,
+            lambda half: _analyze(handle, half, halves, tokenizer, progress, dict(preflighted))[0].dropped,
             sequences_read(config, calibration.batches),
         )
         if "seconds" in plan.extra["stability"]:
