@@ -39,6 +39,8 @@ CALIBRATION = "calibration"
 BUDGET = "loss_budget"
 # a method run on one half of the calibration sequences, as the stability check runs it
 HALF = "calibration_half"
+# a method whose loss check sees only the first tokens of every calibration window (a context cap)
+PREFIX = "window_prefix"
 CALIBRATION_TEXTS = {
     "docstrings": lambda: default_texts()[0],
     "python-reference": lambda: list(pydoc_data.topics.topics.values()),
@@ -90,6 +92,11 @@ METHODS = {
     "self-generated-mixed": {"dataset": [SELF_GENERATED, STDLIB_DOCS]},
     # the model's own samples, with the loss check on 8192 of their tokens (sampled text is unlimited)
     "self-generated-8k": {"dataset": SELF_GENERATED, BUDGET: 8192},
+    # the loss check on the first 64 (32) tokens of all 32 windows, 2048 (1024) tokens in all: the
+    # held-out documents are short, so most of their tokens have short contexts, while a window's
+    # mean loss is mostly that of long ones (benchmarks/results/robustness.md, by position)
+    "context-64": {PREFIX: 64},
+    "context-32": {PREFIX: 32},
     "block-influence": {"method": "block-influence"},
     "angular": {"method": "angular"},
     "sleb": SLEB,
@@ -143,12 +150,17 @@ def run_model(name: str, methods: list[str], eval_max_texts: int, settings: list
             texts = settings.pop(CALIBRATION, None)
             budget = settings.pop(BUDGET, None)
             half = settings.pop(HALF, None)
+            prefix = settings.pop(PREFIX, None)
             own = _calibration(tokenizer, calibration_config, texts) if texts else calibration
             generated = "dataset" in settings
             if generated:  # the analysis draws its own calibration
                 own = None
             if half:
                 own = calibration_halves(calibration)[("first", "second").index(half)]
+            if prefix:
+                cut = [{k: v[:, :prefix] for k, v in b.items()} for b in calibration.batches]
+                own = CalibrationSet(cut, sum(int(b["attention_mask"].sum()) for b in cut), calibration.source,
+                                     calibration.n_samples, prefix)
             if budget:
                 settings.update(loss_tokens=budget, n_samples=max(calibration_config.n_samples, -(-budget // seq_len)))
                 if not generated:
@@ -156,7 +168,7 @@ def run_model(name: str, methods: list[str], eval_max_texts: int, settings: list
             for drop in ([drops[-1]] if method in GREEDY else drops):
                 started = time.perf_counter()
                 plan = analyze(model, own, calibration_config.replace(drop=drop, **settings), tokenizer=tokenizer,
-                               progress=False, statistics_cache=None if texts or budget or half or generated else statistics)
+                               progress=False, statistics_cache=None if texts or budget or half or generated or prefix else statistics)
                 seconds = time.perf_counter() - started
                 if method in GREEDY:
                     order = [step["block"] for step in plan.extra["loss_check"]["steps"]]

@@ -1,0 +1,184 @@
+"""Why does the default's choice fail on held-out text in some cells of the robustness table
+(issue 23)? Three measurements on the cells of benchmarks/results/robustness-<model>.json:
+
+1. The search or the criterion? In each cell and drop, the default's set and the set with the best
+   held-out perplexity among all those the table evaluated at that drop (geometric mean over the
+   sources) are compared by the criterion itself: the next-token NLL on the loss check's search
+   tokens (the first 2048) and on the rest of the calibration windows. Where the search tokens
+   prefer the held-out winner, the greedy search missed a set its own criterion ranks better
+   (myopia); where they prefer the default's, the criterion is misled.
+2. By position: the NLL increase of those two sets in buckets of window position, on the
+   calibration windows and on the held-out texts (each scored from its start, as evaluation
+   scores them): do long contexts, which dominate a window's mean, decide differently?
+3. Contiguous runs: each run of 1, 2 and 3 blocks removed, by the NLL increase on the search
+   tokens: is the held-out winner's run cheap as a whole while its blocks are not cheap alone?
+
+    python benchmarks/choice_diagnosis.py --models smollm2-135m --threads 1
+
+Results: benchmarks/results/choice-diagnosis-<model>.json (resumed) and choice-diagnosis.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import torch
+
+from quality import RESULTS, measure_models
+from robustness import SOURCES
+from sglp_llm.config import SGLPConfig
+from sglp_llm.data import STDLIB_DOCS, first_tokens, prepare_calibration
+from sglp_llm.evaluation.evaluate import load_eval_texts
+from sglp_llm.model.loading import load_model
+from sglp_llm.model.rewrite import skip_blocks
+
+LOSS_TOKENS = SGLPConfig(drop=1).loss_tokens
+EDGES = (0, 8, 32, 96, 256)  # position buckets
+HELD_OUT_TEXTS = 30
+RUN_WIDTHS = (1, 2, 3)
+POSITION_CELL = "256|1"  # the cell whose sets are also scored on the held-out texts by position
+RUNS_CELL = "128|1"  # the cell whose search tokens score every contiguous run
+
+
+def _winner(robustness: dict, drop: str) -> list[int]:
+    """The set with the lowest geometric-mean held-out perplexity among the evaluated sets of `drop` blocks."""
+    sets = [list(map(int, key.split(","))) for key in robustness["evaluated"] if key and len(key.split(",")) == int(drop)]
+    return min(sets, key=lambda b: sum(math.log(v) for v in robustness["evaluated"][",".join(map(str, b))].values()))
+
+
+@torch.no_grad()
+def _position_nll(model, batches) -> tuple[list[float], list[float]]:
+    """Summed next-token NLL and token count per position bucket (EDGES), and per window the mean NLL."""
+    sums = torch.zeros(len(EDGES) - 1, dtype=torch.float64)
+    counts = torch.zeros_like(sums)
+    windows = []
+    for batch in batches:
+        ids = batch["input_ids"]
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").double()
+        windows += nll.mean(1).tolist()
+        position = torch.arange(nll.shape[1])
+        for i, (low, high) in enumerate(zip(EDGES, EDGES[1:])):
+            inside = (position >= low) & (position < high)
+            sums[i] += nll[:, inside].sum()
+            counts[i] += nll[:, inside].numel()
+    return (sums / counts.clamp(min=1)).tolist(), windows
+
+
+def measure(name: str) -> dict:
+    robustness = json.loads((RESULTS / f"robustness-{name}.json").read_text())
+    out = RESULTS / f"choice-diagnosis-{name}.json"
+    result = json.loads(out.read_text()) if out.is_file() else {"cells": {}, "runs": {}}
+    loaded = load_model(name, dtype="float32")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    result.update(key=name, model=loaded.name, threads=torch.get_num_threads(), loss_tokens=LOSS_TOKENS, edges=list(EDGES))
+    held_out = []
+    for source in SOURCES.values():
+        for text in load_eval_texts(source, max_texts=HELD_OUT_TEXTS)[0]:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :EDGES[-1]]
+            held_out.append({"input_ids": ids})
+
+    def save() -> None:
+        out.write_text(json.dumps(result, indent=1) + "\n")
+
+    cells = sorted({key.rsplit("|", 1)[0] for key in robustness["runs"] if key.endswith("|default")})
+    for cell in cells:
+        seq_len, seed = map(int, cell.split("|"))
+        calibration = prepare_calibration(None, tokenizer, SGLPConfig(drop=1, dataset=STDLIB_DOCS, seq_len=seq_len, seed=seed))
+        n_search = sum(len(b["input_ids"]) for b in first_tokens(calibration.batches, LOSS_TOKENS))
+        record = result["cells"].setdefault(cell, {"search_windows": n_search, "sets": {}})
+        sets = [[]]
+        for drop, blocks in robustness["runs"][f"{cell}|default"]["dropped"].items():
+            sets += [blocks, _winner(robustness, drop)]
+        for blocks in sets:
+            key = ",".join(map(str, blocks))
+            if key in record["sets"]:
+                continue
+            started = time.perf_counter()
+            with skip_blocks(model, blocks):
+                positions, windows = _position_nll(model, calibration.batches)
+                held_positions, _ = _position_nll(model, held_out) if cell == POSITION_CELL else (None, None)
+            record["sets"][key] = {"windows": windows, "positions": positions, "held_out_positions": held_positions}
+            save()
+            print(name, cell, key or "dense", f"{time.perf_counter() - started:.0f} s", flush=True)
+    cell = RUNS_CELL
+    seq_len, seed = map(int, cell.split("|"))
+    calibration = prepare_calibration(None, tokenizer, SGLPConfig(drop=1, dataset=STDLIB_DOCS, seq_len=seq_len, seed=seed))
+    search = first_tokens(calibration.batches, LOSS_TOKENS)
+    result["runs_cell"] = cell
+    num_blocks = robustness["num_blocks"]
+    for width in RUN_WIDTHS:
+        for start in range(1, num_blocks - width):
+            key = ",".join(map(str, range(start, start + width)))
+            if key in result["runs"]:
+                continue
+            with skip_blocks(model, list(range(start, start + width))):
+                _, windows = _position_nll(model, search)
+            result["runs"][key] = sum(windows) / len(windows)
+            save()
+    with torch.no_grad():
+        _, windows = _position_nll(model, search)
+    result["runs"][""] = sum(windows) / len(windows)
+    save()
+    return result
+
+
+def markdown(result: dict) -> str:
+    robustness = json.loads((RESULTS / f"robustness-{result['key']}.json").read_text())
+    sources = list(robustness["dense"])
+
+    def ppl(key: str) -> str:
+        return " / ".join(f"{robustness['evaluated'][key][s]:.1f}" for s in sources)
+
+    lines = [f"## {result['model']}", "",
+             f"- calibration: 32 windows of the docstrings per cell (as robustness.py); search tokens: the first "
+             f"{result['loss_tokens']}; rest: the other windows; held out ({', '.join(sources)}): perplexity from robustness.md; "
+             f"{result['threads']} torch thread(s)", "",
+             "### The search or the criterion: the default's set against the held-out winner, by the criterion", "",
+             "| cell | drop | default's set (held out) | winner (held out) | NLL on search tokens: default / winner | on the rest | search prefers |",
+             "|---|---|---|---|---|---|---|"]
+    for cell, record in result["cells"].items():
+        n = record["search_windows"]
+        for drop, blocks in robustness["runs"][f"{cell}|default"]["dropped"].items():
+            mine, best = ",".join(map(str, blocks)), ",".join(map(str, _winner(robustness, drop)))
+            if mine not in record["sets"] or best not in record["sets"]:
+                continue
+            a, b = record["sets"][mine]["windows"], record["sets"][best]["windows"]
+            search = (sum(a[:n]) / n, sum(b[:n]) / n)
+            rest = (sum(a[n:]) / len(a[n:]), sum(b[n:]) / len(b[n:]))
+            verdict = "same set" if mine == best else "the winner (search missed it)" if search[1] < search[0] else "the default's (criterion misled)"
+            lines.append(f"| {cell.replace('|', ' tokens, seed ')} | {drop} | [{mine}] ({ppl(mine)}) | [{best}] ({ppl(best)}) | "
+                         f"{search[0]:.3f} / {search[1]:.3f} | {rest[0]:.3f} / {rest[1]:.3f} | {verdict} |")
+    edges = result["edges"]
+    buckets = [f"{lo}-{hi - 1}" for lo, hi in zip(edges, edges[1:])]
+    for cell, record in result["cells"].items():
+        dense = record["sets"][""]
+        rows = [(key, s) for key, s in record["sets"].items() if key and s["held_out_positions"] is not None]
+        if not rows:
+            continue
+        lines += ["", f"### By position ({cell.replace('|', ' tokens, seed ')}): NLL increase over the dense model, "
+                  "calibration windows | held-out texts", "",
+                  "| set | " + " | ".join(f"cal. {b}" for b in buckets) + " | " + " | ".join(f"held {b}" for b in buckets) + " |",
+                  "|---|" + "---|" * (2 * len(buckets))]
+        for key, s in rows:
+            lines.append(f"| [{key}] | " + " | ".join(f"{x - d:+.3f}" for x, d in zip(s["positions"], dense["positions"])) + " | "
+                         + " | ".join(f"{x - d:+.3f}" for x, d in zip(s["held_out_positions"], dense["held_out_positions"])) + " |")
+    if result.get("runs", {}).get("") is not None:
+        base = result["runs"][""]
+        lines += ["", f"### Contiguous runs removed ({result['runs_cell'].replace('|', ' tokens, seed ')}): NLL increase on the "
+                  "search tokens, the 8 cheapest of each width", "", "| width | cheapest runs (increase) |", "|---|---|"]
+        for width in RUN_WIDTHS:
+            runs = sorted((v - base, k) for k, v in result["runs"].items() if k and len(k.split(",")) == width)
+            lines.append(f"| {width} | " + ", ".join(f"[{k}] {v:+.3f}" for v, k in runs[:8]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    measure_models(__doc__, measure, "choice-diagnosis", "Why the default's choice fails where it does "
+                   "(benchmarks/choice_diagnosis.py, issue 23)", markdown)
+
+
+if __name__ == "__main__":
+    main()
