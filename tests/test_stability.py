@@ -167,10 +167,11 @@ def test_halves_that_agree_on_half_the_blocks_are_called_partly_stable():
     assert describe_stability({**record, "agreement": 0.0, "halves": [[1, 2], [3, 4]]}).startswith("stability: UNSTABLE;")
 
 
-def test_the_halves_analyses_show_their_progress(capfd):
+def test_the_halves_analyses_show_their_progress(capfd, monkeypatch):
     """The stability check takes about as long as the choice: with progress on, it says so and its
     analyses show their bars (the loss check's once for the choice, once for each half not reused);
     with progress off, nothing is printed."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # tqdm's own switch, where a shell sets it
     model = tiny_model("llama", num_layers=8)
     batches = [tiny_batch(batch_size=3, seq_len=12, seed=s) for s in range(3)]
     config = SGLPConfig(drop=2, loss_tokens=60, cka_minibatch_tokens=16)
