@@ -12,6 +12,10 @@
    scores them): do long contexts, which dominate a window's mean, decide differently?
 3. Contiguous runs: each run of 1, 2 and 3 blocks removed, by the NLL increase on the search
    tokens: is the held-out winner's run cheap as a whole while its blocks are not cheap alone?
+4. Seeded: the loss check continued from the cheapest run of three (the default analysis on the
+   model without that run), against the default's greedy set, by the NLL on the search tokens:
+   would a search that also starts from the cheapest run, keeping whichever set its criterion
+   ranks better, pick the held-out winner?
 
     python benchmarks/choice_diagnosis.py --models smollm2-135m --threads 1
 
@@ -20,6 +24,7 @@ Results: benchmarks/results/choice-diagnosis-<model>.json (resumed) and choice-d
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -28,11 +33,13 @@ import torch
 
 from quality import RESULTS, measure_models
 from robustness import SOURCES
+from quality import held_out_evaluator
+from sglp_llm.api import analyze
 from sglp_llm.config import SGLPConfig
 from sglp_llm.data import STDLIB_DOCS, first_tokens, prepare_calibration
 from sglp_llm.evaluation.evaluate import load_eval_texts
 from sglp_llm.model.loading import load_model
-from sglp_llm.model.rewrite import skip_blocks
+from sglp_llm.model.rewrite import removing_blocks, skip_blocks
 
 LOSS_TOKENS = SGLPConfig(drop=1).loss_tokens
 EDGES = (0, 8, 32, 96, 256)  # position buckets
@@ -123,6 +130,30 @@ def measure(name: str) -> dict:
         _, windows = _position_nll(model, search)
     result["runs"][""] = sum(windows) / len(windows)
     save()
+    seed_run = min((v, k) for k, v in result["runs"].items() if k and len(k.split(",")) == 3)[1]
+    run = list(map(int, seed_run.split(",")))
+    pruned = copy.deepcopy(model)
+    removing_blocks(pruned, run)
+    kept = [i for i in range(num_blocks) if i not in run]
+    texts = {key: load_eval_texts(source, max_texts=HELD_OUT_TEXTS) for key, source in SOURCES.items()}
+    held_out_ppl = held_out_evaluator(model, tokenizer, texts, robustness["evaluated"])
+    seeded = result.setdefault("seeded", {"run": run, "drops": {}})
+    for drop in map(str, robustness["drops"]):
+        if drop in seeded["drops"]:
+            continue
+        extra = int(drop) - len(run)
+        chosen = sorted(run + [kept[i] for i in analyze(pruned, calibration, SGLPConfig(
+            drop=extra, dataset=STDLIB_DOCS, seq_len=seq_len, seed=seed, stability_check=False), tokenizer=tokenizer,
+            progress=False).dropped]) if extra > 0 else run
+        default = robustness["runs"][f"{cell}|default"]["dropped"][drop]
+        losses = {}
+        for blocks in (default, chosen):
+            with skip_blocks(model, blocks):
+                _, windows = _position_nll(model, search)
+            losses[",".join(map(str, blocks))] = sum(windows) / len(windows)
+        seeded["drops"][drop] = {"default": default, "seeded": chosen, "search_nll": losses,
+                                 "held_out": {",".join(map(str, b)): held_out_ppl(b) for b in (default, chosen)}}
+        save()
     return result
 
 
@@ -175,6 +206,20 @@ def markdown(result: dict) -> str:
         for width in RUN_WIDTHS:
             runs = sorted((v - base, k) for k, v in result["runs"].items() if k and len(k.split(",")) == width)
             lines.append(f"| {width} | " + ", ".join(f"[{k}] {v:+.3f}" for v, k in runs[:8]) + " |")
+    if result.get("seeded"):
+        seeded = result["seeded"]
+        lines += ["", f"### Seeded ({result['runs_cell'].replace('|', ' tokens, seed ')}): the loss check continued from the "
+                  f"cheapest run of three, [{','.join(map(str, seeded['run']))}], against the default's greedy set", "",
+                  "| drop | default's set: search NLL, held out | seeded set: search NLL, held out | the search loss keeps |",
+                  "|---|---|---|---|"]
+        for drop, row in seeded["drops"].items():
+            cells = []
+            for blocks in (row["default"], row["seeded"]):
+                key = ",".join(map(str, blocks))
+                cells.append(f"[{key}]: {row['search_nll'][key]:.3f}, "
+                             + " / ".join(f"{row['held_out'][key][s]:.1f}" for s in sources))
+            keeps = min((row["search_nll"][",".join(map(str, b))], name) for name, b in (("default's", row["default"]), ("seeded", row["seeded"])))[1]
+            lines.append(f"| {drop} | {cells[0]} | {cells[1]} | {keeps} |")
     return "\n".join(lines) + "\n"
 
 
