@@ -126,8 +126,7 @@ def measure(name: str) -> dict:
                 _, windows = _position_nll(model, search)
             result["runs"][key] = sum(windows) / len(windows)
             save()
-    with torch.no_grad():
-        _, windows = _position_nll(model, search)
+    _, windows = _position_nll(model, search)
     result["runs"][""] = sum(windows) / len(windows)
     save()
     seed_run = min((v, k) for k, v in result["runs"].items() if k and len(k.split(",")) == 3)[1]
