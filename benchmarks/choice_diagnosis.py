@@ -1,5 +1,5 @@
 """Why does the default's choice fail on held-out text in some cells of the robustness table
-(issue 23)? Three measurements on the cells of benchmarks/results/robustness-<model>.json:
+(issue 23)? Four measurements on the cells of benchmarks/results/robustness-<model>.json:
 
 1. The search or the criterion? In each cell and drop, the default's set and the set with the best
    held-out perplexity among all those the table evaluated at that drop (geometric mean over the
@@ -10,9 +10,10 @@
 2. By position: the NLL increase of those two sets in buckets of window position, on the
    calibration windows and on the held-out texts (each scored from its start, as evaluation
    scores them): do long contexts, which dominate a window's mean, decide differently?
-3. Contiguous runs: each run of 1, 2 and 3 blocks removed, by the NLL increase on the search
-   tokens: is the held-out winner's run cheap as a whole while its blocks are not cheap alone?
-4. Seeded: the loss check continued from the cheapest run of three (the default analysis on the
+3. Contiguous runs (in the seed-1 cells, where the default fails): each run of 1, 2 and 3 blocks
+   removed, by the NLL increase on the search tokens: is the held-out winner's run cheap as a
+   whole while its blocks are not cheap alone?
+4. Seeded (the same cells): the loss check continued from the cheapest run of three (the default analysis on the
    model without that run), against the default's greedy set, by the NLL on the search tokens:
    would a search that also starts from the cheapest run, keeping whichever set its criterion
    ranks better, pick the held-out winner?
@@ -47,7 +48,7 @@ HELD_OUT_TEXTS = 30
 RUN_WIDTHS = (1, 2, 3)
 NEAR = 1.05  # a default's set this close to the winner's held-out perplexity (geometric mean) is as good
 POSITION_CELL = "256|1"  # the cell whose sets are also scored on the held-out texts by position
-RUNS_CELL = "128|1"  # the cell whose search tokens score every contiguous run
+RUNS_CELLS = ("128|1", "256|1")  # the cells whose search tokens score every contiguous run, and seed a search
 
 
 def _winner(robustness: dict, drop: str) -> list[int]:
@@ -111,32 +112,43 @@ def measure(name: str) -> dict:
             record["sets"][key] = {"windows": windows, "positions": positions, "held_out_positions": held_positions}
             save()
             print(name, cell, key or "dense", f"{time.perf_counter() - started:.0f} s", flush=True)
-    cell = RUNS_CELL
+    if "runs_cell" in result:  # results from before several cells: the one cell's
+        cell = result.pop("runs_cell")
+        result["runs"], result["seeded"] = {cell: result["runs"]}, {cell: result["seeded"]}
+    texts = {key: load_eval_texts(source, max_texts=HELD_OUT_TEXTS) for key, source in SOURCES.items()}
+    held_out_ppl = held_out_evaluator(model, tokenizer, texts, robustness["evaluated"])
+    for cell in RUNS_CELLS:
+        _runs_and_seeded(model, tokenizer, robustness, result, cell, held_out_ppl, save)
+    return result
+
+
+def _runs_and_seeded(model, tokenizer, robustness: dict, result: dict, cell: str, held_out_ppl, save) -> None:
+    """Sections 3 and 4 on `cell`: every contiguous run on its search tokens, then the loss check
+    continued from the cheapest run of three against the default's set."""
     seq_len, seed = map(int, cell.split("|"))
     calibration = prepare_calibration(None, tokenizer, SGLPConfig(drop=1, dataset=STDLIB_DOCS, seq_len=seq_len, seed=seed))
     search = first_tokens(calibration.batches, LOSS_TOKENS)
-    result["runs_cell"] = cell
+    scanned = result.setdefault("runs", {}).setdefault(cell, {})
     num_blocks = robustness["num_blocks"]
     for width in RUN_WIDTHS:
         for start in range(1, num_blocks - width):
             key = ",".join(map(str, range(start, start + width)))
-            if key in result["runs"]:
+            if key in scanned:
                 continue
             with skip_blocks(model, list(range(start, start + width))):
                 _, windows = _position_nll(model, search)
-            result["runs"][key] = sum(windows) / len(windows)
+            scanned[key] = sum(windows) / len(windows)
             save()
-    _, windows = _position_nll(model, search)
-    result["runs"][""] = sum(windows) / len(windows)
-    save()
-    seed_run = min((v, k) for k, v in result["runs"].items() if k and len(k.split(",")) == 3)[1]
+    if "" not in scanned:
+        _, windows = _position_nll(model, search)
+        scanned[""] = sum(windows) / len(windows)
+        save()
+    seed_run = min((v, k) for k, v in scanned.items() if k and len(k.split(",")) == 3)[1]
     run = list(map(int, seed_run.split(",")))
     pruned = copy.deepcopy(model)
     removing_blocks(pruned, run)
     kept = [i for i in range(num_blocks) if i not in run]
-    texts = {key: load_eval_texts(source, max_texts=HELD_OUT_TEXTS) for key, source in SOURCES.items()}
-    held_out_ppl = held_out_evaluator(model, tokenizer, texts, robustness["evaluated"])
-    seeded = result.setdefault("seeded", {"run": run, "drops": {}})
+    seeded = result.setdefault("seeded", {}).setdefault(cell, {"run": run, "drops": {}})
     for drop in map(str, robustness["drops"]):
         if drop in seeded["drops"]:
             continue
@@ -153,7 +165,6 @@ def measure(name: str) -> dict:
         seeded["drops"][drop] = {"default": default, "seeded": chosen, "search_nll": losses,
                                  "held_out": {",".join(map(str, b)): held_out_ppl(b) for b in (default, chosen)}}
         save()
-    return result
 
 
 def markdown(result: dict) -> str:
@@ -198,16 +209,17 @@ def markdown(result: dict) -> str:
         for key, s in rows:
             lines.append(f"| [{key}] | " + " | ".join(f"{x - d:+.3f}" for x, d in zip(s["positions"], dense["positions"])) + " | "
                          + " | ".join(f"{x - d:+.3f}" for x, d in zip(s["held_out_positions"], dense["held_out_positions"])) + " |")
-    if result.get("runs", {}).get("") is not None:
-        base = result["runs"][""]
-        lines += ["", f"### Contiguous runs removed ({result['runs_cell'].replace('|', ' tokens, seed ')}): NLL increase on the "
+    for cell, scanned in result.get("runs", {}).items():
+        if scanned.get("") is None:
+            continue
+        base = scanned[""]
+        lines += ["", f"### Contiguous runs removed ({cell.replace('|', ' tokens, seed ')}): NLL increase on the "
                   "search tokens, the 8 cheapest of each width", "", "| width | cheapest runs (increase) |", "|---|---|"]
         for width in RUN_WIDTHS:
-            runs = sorted((v - base, k) for k, v in result["runs"].items() if k and len(k.split(",")) == width)
+            runs = sorted((v - base, k) for k, v in scanned.items() if k and len(k.split(",")) == width)
             lines.append(f"| {width} | " + ", ".join(f"[{k}] {v:+.3f}" for v, k in runs[:8]) + " |")
-    if result.get("seeded"):
-        seeded = result["seeded"]
-        lines += ["", f"### Seeded ({result['runs_cell'].replace('|', ' tokens, seed ')}): the loss check continued from the "
+    for cell, seeded in result.get("seeded", {}).items():
+        lines += ["", f"### Seeded ({cell.replace('|', ' tokens, seed ')}): the loss check continued from the "
                   f"cheapest run of three, [{','.join(map(str, seeded['run']))}], against the default's greedy set", "",
                   "| drop | default's set: search NLL, held out | seeded set: search NLL, held out | the search loss keeps |",
                   "|---|---|---|---|"]
