@@ -59,7 +59,7 @@ def _winner(robustness: dict, drop: str) -> list[int]:
 
 @torch.no_grad()
 def _position_nll(model, batches) -> tuple[list[float], list[float]]:
-    """Summed next-token NLL and token count per position bucket (EDGES), and per window the mean NLL."""
+    """The mean next-token NLL per position bucket (EDGES), and per window."""
     sums = torch.zeros(len(EDGES) - 1, dtype=torch.float64)
     counts = torch.zeros_like(sums)
     windows = []
@@ -76,6 +76,13 @@ def _position_nll(model, batches) -> tuple[list[float], list[float]]:
     return (sums / counts.clamp(min=1)).tolist(), windows
 
 
+def _search_nll(model, search, blocks: list[int]) -> float:
+    """The mean of the windows' NLL on the search tokens with `blocks` skipped."""
+    with skip_blocks(model, blocks):
+        windows = _position_nll(model, search)[1]
+    return sum(windows) / len(windows)
+
+
 def measure(name: str) -> dict:
     robustness = json.loads((RESULTS / f"robustness-{name}.json").read_text())
     out = RESULTS / f"choice-diagnosis-{name}.json"
@@ -83,19 +90,19 @@ def measure(name: str) -> dict:
     loaded = load_model(name, dtype="float32")
     model, tokenizer = loaded.model, loaded.tokenizer
     result.update(key=name, model=loaded.name, threads=torch.get_num_threads(), loss_tokens=LOSS_TOKENS, edges=list(EDGES))
-    held_out = []
-    for source in SOURCES.values():
-        for text in load_eval_texts(source, max_texts=HELD_OUT_TEXTS)[0]:
-            ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :EDGES[-1]]
-            held_out.append({"input_ids": ids})
+    texts = {key: load_eval_texts(source, max_texts=HELD_OUT_TEXTS) for key, source in SOURCES.items()}
+    held_out = [{"input_ids": tokenizer(text, return_tensors="pt")["input_ids"][:, :EDGES[-1]]}
+                for source_texts, _ in texts.values() for text in source_texts]
 
     def save() -> None:
         out.write_text(json.dumps(result, indent=1) + "\n")
 
     cells = sorted({key.rsplit("|", 1)[0] for key in robustness["runs"] if key.endswith("|default")})
+    calibrations = {}
     for cell in cells:
         seq_len, seed = map(int, cell.split("|"))
-        calibration = prepare_calibration(None, tokenizer, SGLPConfig(drop=1, dataset=STDLIB_DOCS, seq_len=seq_len, seed=seed))
+        calibration = calibrations[cell] = prepare_calibration(
+            None, tokenizer, SGLPConfig(drop=1, dataset=STDLIB_DOCS, seq_len=seq_len, seed=seed))
         n_search = sum(len(b["input_ids"]) for b in first_tokens(calibration.batches, LOSS_TOKENS))
         record = result["cells"].setdefault(cell, {"search_windows": n_search, "sets": {}})
         sets = [[]]
@@ -112,56 +119,43 @@ def measure(name: str) -> dict:
             record["sets"][key] = {"windows": windows, "positions": positions, "held_out_positions": held_positions}
             save()
             print(name, cell, key or "dense", f"{time.perf_counter() - started:.0f} s", flush=True)
-    if "runs_cell" in result:  # results from before several cells: the one cell's
-        cell = result.pop("runs_cell")
-        result["runs"], result["seeded"] = {cell: result["runs"]}, {cell: result["seeded"]}
-    texts = {key: load_eval_texts(source, max_texts=HELD_OUT_TEXTS) for key, source in SOURCES.items()}
     held_out_ppl = held_out_evaluator(model, tokenizer, texts, robustness["evaluated"])
     for cell in RUNS_CELLS:
-        _runs_and_seeded(model, tokenizer, robustness, result, cell, held_out_ppl, save)
+        _runs_and_seeded(model, tokenizer, robustness, result, cell, calibrations[cell], held_out_ppl, save)
     return result
 
 
-def _runs_and_seeded(model, tokenizer, robustness: dict, result: dict, cell: str, held_out_ppl, save) -> None:
+def _runs_and_seeded(model, tokenizer, robustness: dict, result: dict, cell: str, calibration, held_out_ppl, save) -> None:
     """Sections 3 and 4 on `cell`: every contiguous run on its search tokens, then the loss check
     continued from the cheapest run of three against the default's set."""
     seq_len, seed = map(int, cell.split("|"))
-    calibration = prepare_calibration(None, tokenizer, SGLPConfig(drop=1, dataset=STDLIB_DOCS, seq_len=seq_len, seed=seed))
     search = first_tokens(calibration.batches, LOSS_TOKENS)
     scanned = result.setdefault("runs", {}).setdefault(cell, {})
     num_blocks = robustness["num_blocks"]
     for width in RUN_WIDTHS:
         for start in range(1, num_blocks - width):
             key = ",".join(map(str, range(start, start + width)))
-            if key in scanned:
-                continue
-            with skip_blocks(model, list(range(start, start + width))):
-                _, windows = _position_nll(model, search)
-            scanned[key] = sum(windows) / len(windows)
-            save()
+            if key not in scanned:
+                scanned[key] = _search_nll(model, search, list(range(start, start + width)))
+                save()
     if "" not in scanned:
-        _, windows = _position_nll(model, search)
-        scanned[""] = sum(windows) / len(windows)
+        scanned[""] = _search_nll(model, search, [])
         save()
     seed_run = min((v, k) for k, v in scanned.items() if k and len(k.split(",")) == 3)[1]
     run = list(map(int, seed_run.split(",")))
-    pruned = copy.deepcopy(model)
-    removing_blocks(pruned, run)
     kept = [i for i in range(num_blocks) if i not in run]
     seeded = result.setdefault("seeded", {}).setdefault(cell, {"run": run, "drops": {}})
-    for drop in map(str, robustness["drops"]):
-        if drop in seeded["drops"]:
-            continue
+    todo = [drop for drop in map(str, robustness["drops"]) if drop not in seeded["drops"]]
+    if todo:
+        pruned = copy.deepcopy(model)
+        removing_blocks(pruned, run)
+    for drop in todo:
         extra = int(drop) - len(run)
         chosen = sorted(run + [kept[i] for i in analyze(pruned, calibration, SGLPConfig(
             drop=extra, dataset=STDLIB_DOCS, seq_len=seq_len, seed=seed, stability_check=False), tokenizer=tokenizer,
             progress=False).dropped]) if extra > 0 else run
         default = robustness["runs"][f"{cell}|default"]["dropped"][drop]
-        losses = {}
-        for blocks in (default, chosen):
-            with skip_blocks(model, blocks):
-                _, windows = _position_nll(model, search)
-            losses[",".join(map(str, blocks))] = sum(windows) / len(windows)
+        losses = {",".join(map(str, blocks)): _search_nll(model, search, blocks) for blocks in (default, chosen)}
         seeded["drops"][drop] = {"default": default, "seeded": chosen, "search_nll": losses,
                                  "held_out": {",".join(map(str, b)): held_out_ppl(b) for b in (default, chosen)}}
         save()

@@ -27,7 +27,7 @@ from quality import MODELS, RATIOS, RESULTS, gather_results, held_out_evaluator
 from sglp_llm.api import analyze
 from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.config import SGLPConfig
-from sglp_llm.data import FORTUNES, LICENSES, SELF_GENERATED, STDLIB_DOCS, CalibrationSet, build_batches, default_texts, prepare_calibration
+from sglp_llm.data import FORTUNES, LICENSES, SELF_GENERATED, STDLIB_DOCS, CalibrationSet, build_batches, default_texts, prepare_calibration, token_count
 from sglp_llm.evaluation.evaluate import load_eval_texts
 from sglp_llm.stability import WARN_BELOW, calibration_halves
 from sglp_llm.model.loading import load_model
@@ -159,7 +159,7 @@ def run_model(name: str, methods: list[str], eval_max_texts: int, settings: list
                 own = calibration_halves(calibration)[("first", "second").index(half)]
             if prefix:
                 cut = [{k: v[:, :prefix] for k, v in b.items()} for b in calibration.batches]
-                own = CalibrationSet(cut, sum(int(b["attention_mask"].sum()) for b in cut), calibration.source,
+                own = CalibrationSet(cut, token_count(cut), calibration.source,
                                      calibration.n_samples, prefix)
             if budget:
                 settings.update(loss_tokens=budget, n_samples=max(calibration_config.n_samples, -(-budget // seq_len)))
