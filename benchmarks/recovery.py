@@ -47,6 +47,10 @@ ROWS = {
     "KD LoRA + full blocks at the gaps": (False, {"learning_rate": 1e-3, "full_blocks": "gaps"}),
     # KD on windows the teacher samples itself (builtin:self-generated) instead of the docstrings
     "KD LoRA at lr 1e-3 on the teacher's samples": (False, {"learning_rate": 1e-3, "dataset": SELF_GENERATED}),
+    # the same with another seed (its samples and LoRA's start), drawn by sglp's own nucleus draw
+    # (passes/sampling.NucleusDraw; the row above was drawn by generate's top-p): how far one run is from another
+    "KD LoRA at lr 1e-3 on the teacher's samples at seed 1": (False, {"learning_rate": 1e-3, "dataset": SELF_GENERATED,
+                                                                    "seed": 1}),
     "block-local": (True, None),
     "block-local + next-token LoRA": (True, {"teacher": "none"}),
     "block-local + KD LoRA": (True, {}),

@@ -92,6 +92,9 @@ METHODS = {
     "self-generated-mixed": {"dataset": [SELF_GENERATED, STDLIB_DOCS]},
     # the model's own samples, with the loss check on 8192 of their tokens (sampled text is unlimited)
     "self-generated-8k": {"dataset": SELF_GENERATED, BUDGET: 8192},
+    # the model's own samples scored by the KL to the dense model's next-token distribution: the
+    # model's function on its own typical text, not one source's next tokens
+    "self-generated-kl": {"dataset": SELF_GENERATED, "loss_objective": "kl"},
     # the loss check on the first 64 (32) tokens of all 32 windows, 2048 (1024) tokens in all: the
     # held-out documents are short, so most of their tokens have short contexts, while a window's
     # mean loss is mostly that of long ones (benchmarks/results/robustness.md, by position)

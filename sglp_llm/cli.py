@@ -324,7 +324,8 @@ def _add_heal_settings(group: argparse._ArgumentGroup, prefix: str) -> None:
         group.add_argument(f"--{prefix}{flag}", dest=dest + field, **kwargs)
 
     add("dataset", "dataset", help=f"training text: Hub dataset, local file/directory, {STDLIB_DOCS}, "
-                                   f"{FORTUNES} or {SELF_GENERATED} (the teacher's own samples) (default: {STDLIB_DOCS})")
+                                   f"{FORTUNES} or {SELF_GENERATED} (the teacher's own samples) (default: {SELF_GENERATED} when "
+                                   f"distilling from a teacher held whole, else {STDLIB_DOCS})")
     add("dataset-config", "dataset_config", help="its dataset configuration name")
     add("split", "dataset_split", help="its split (default: train)")
     add("text-column", "text_column", help="its text column (default: text)")

@@ -29,7 +29,7 @@ from transformers.pytorch_utils import Conv1D
 from .model.blocks import text_config
 from .model.handle import ModelHandle
 from .config import ConfigError, SettingsFile
-from .data import SELF_GENERATED, Sampler, build_batches, load_texts, sampled_calibration
+from .data import SELF_GENERATED, STDLIB_DOCS, Sampler, build_batches, load_texts, sampled_calibration
 from .recovery.block_recovery import trained_blocks
 from .recovery.distill import TEACHER_TARGETS_NAME, DistillationTerms, TeacherBeside, TeacherCache, TeacherError, check_teacher, kept_original_indices, write_teacher_cache
 from .passes.distributed import is_main_process, world_size
@@ -73,7 +73,9 @@ class HealConfig(SettingsFile):
     FILE_NAME = HEAL_CONFIG_NAME
     SECTION = "heal"
 
-    # -- training text: the same kinds of source as calibration (see sglp_llm.data)
+    # -- training text: the same kinds of source as calibration (see sglp_llm.data). None: the
+    # teacher's own samples when a teacher runs whole in memory (distillation wins back most
+    # there: benchmarks/results/recovery.md), else the standard-library docstrings
     dataset: str | None = None
     dataset_config: str | None = None
     dataset_split: str = "train"
@@ -280,6 +282,12 @@ def lora_targets(model: nn.Module | ModelHandle, config: HealConfig, skip: Seque
     return pattern, names
 
 
+def default_training_text(teacher: nn.Module | None) -> str:
+    """The text healing trains on when none is set: the teacher's own samples where it can
+    sample them (it runs whole, not one block at a time), else the standard-library docstrings."""
+    return SELF_GENERATED if teacher is not None and not ModelHandle.of(teacher).blockwise else STDLIB_DOCS
+
+
 def training_batches(model: nn.Module, tokenizer: Any, config: HealConfig, *,
                      sampler: Sampler | None = None) -> tuple[list[dict], str, int]:
     """(batches, text description, distinct windows): up to steps × batch_size windows of the
@@ -331,6 +339,8 @@ def heal(
     pattern, names = lora_targets(student, config, skip=full)
     teacher, teacher_tokenizer, teacher_name = _teacher(student, config, teacher, teacher_tokenizer, teacher_kwargs or {})
     sampler = None if teacher is None else model_sampler(ModelHandle.of(teacher), teacher_tokenizer, progress=progress)
+    if config.dataset is None:  # the report and card give the text the run used
+        config = replace(config, dataset=default_training_text(teacher))
     batches, source, n_windows = training_batches(model, tokenizer, config, sampler=sampler)
     warn_if_not_held_out(config, config.eval_dataset, config_name=config.eval_dataset_config, split=config.eval_split)
     with tempfile.TemporaryDirectory(prefix="sglp-teacher-") as scratch:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from sglp_llm.cli import main
+from sglp_llm.data import SELF_GENERATED, STDLIB_DOCS
 from sglp_llm.recovery.distill import DistillationTerms, TeacherBeside, TeacherCache, TeacherError, write_teacher_cache
 from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.heal import HealConfig, HealError, heal
@@ -128,6 +130,8 @@ def test_heal_reads_the_recorded_teacher_block_by_block(pruned, tmp_path):
                  "--teacher-blocks-on-disk"]) == 0
     objective = json.loads((out / "heal_report.json").read_text())["objective"]
     assert objective["teacher_runs"] == "cached: top 16 tokens per position, written in one pass, one block in memory at a time"
+    # a teacher run one block at a time cannot sample its own text: the default text is the docstrings
+    assert json.loads((out / "heal_report.json").read_text())["training_text"].startswith("built-in default: docstrings")
     with pytest.raises(HealError, match="set teacher_top_k"):
         HealConfig(teacher_blocks_on_disk=True)
 
@@ -217,13 +221,16 @@ def test_a_recorded_source_that_is_gone_is_refused(tmp_path, capsys):
 
 
 def test_teacher_none_trains_on_the_next_tokens_even_with_a_teacher_at_hand():
-    losses = {}
+    losses, texts = {}, {}
     for teacher in ("none", "auto"):
         student, original = _student_and_teacher()
         config = HealConfig(steps=2, seq_len=16, batch_size=2, eval_max_texts=1, teacher=teacher)
         healed = heal(student, tiny_tokenizer(), config, teacher=original, teacher_tokenizer=tiny_tokenizer(), progress=False)
         losses[healed.report["objective"]["name"]] = healed.report["loss"]["first"]
+        texts[teacher] = healed.report["settings"]["dataset"]
     assert set(losses) == {"next-token", "distillation"}
+    # with no teacher there is nothing to sample: the default text is the docstrings
+    assert texts == {"none": STDLIB_DOCS, "auto": SELF_GENERATED}
     # the next-token loss of a random model is about log(vocabulary); its KL to a near twin is small
     assert losses["next-token"] > 3 > 10 * losses["distillation"]
 
@@ -282,13 +289,12 @@ def test_a_decaying_schedule_sets_each_steps_rate_and_the_report_and_card_say_so
         HealConfig(warmup_ratio=1.0)
 
 
-def test_distilling_on_the_teachers_own_samples_trains_on_what_the_teacher_samples():
-    from sglp_llm.data import SELF_GENERATED
+def test_distillation_trains_by_default_on_what_the_teacher_samples():
     from sglp_llm.model.handle import ModelHandle
     from sglp_llm.passes.sampling import sample_windows
 
     student, teacher = _student_and_teacher()
-    config = HealConfig(steps=3, seq_len=16, batch_size=2, eval_max_texts=1, dataset=SELF_GENERATED, seed=5)
+    config = HealConfig(steps=3, seq_len=16, batch_size=2, eval_max_texts=1, seed=5)  # no dataset: the default
     windows = sample_windows(ModelHandle.of(teacher), tiny_tokenizer(), 6, 16, 5, progress=False)
     # the first step's loss is the KL on two of those samples, in the Trainer's shuffled order
     # (LoRA starts as the identity; every window is whole, so a pair's loss is its two KLs' mean)
@@ -296,8 +302,9 @@ def test_distilling_on_the_teachers_own_samples_trains_on_what_the_teacher_sampl
                         1.0, 0.0, 0.0).item() for w in windows]
     healed = heal(student, tiny_tokenizer(), config, teacher=teacher, teacher_tokenizer=tiny_tokenizer(), progress=False)
     assert healed.report["training_text"] == "the teacher's own samples (from its beginning-of-text token, seed 5)"
+    assert healed.report["settings"]["dataset"] == SELF_GENERATED  # the report says which text the default chose
     assert healed.report["windows"] == 6
     first = healed.report["loss"]["first"]
     assert any(first == pytest.approx((a + b) / 2, rel=1e-5) for i, a in enumerate(kls) for b in kls[i + 1:]), (first, kls)
     with pytest.raises(HealError, match="distils on the teacher's own samples, and this run has no teacher"):
-        heal(tiny_model("llama", num_layers=4), tiny_tokenizer(), config, progress=False)
+        heal(tiny_model("llama", num_layers=4), tiny_tokenizer(), replace(config, dataset=SELF_GENERATED), progress=False)

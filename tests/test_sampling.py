@@ -20,10 +20,19 @@ from tiny_models import save_tiny_model, tiny_model, tiny_tokenizer
 TOP_P = 0.95
 
 
+def _inverse_cdf(kept: torch.Tensor) -> torch.Tensor:
+    """Each row's draw from `kept` (unnormalised): the first position whose cumulative mass
+    exceeds one uniform draw times the row's total."""
+    cumulative = kept.double().cumsum(-1)
+    uniform = torch.rand(len(kept), 1, dtype=torch.float64) * cumulative[:, -1:]
+    return (cumulative <= uniform).sum(-1, keepdim=True)
+
+
 def _nucleus_reference(model, start: int, eos: int, n: int, seq_len: int, seed: int, chunk: int) -> torch.Tensor:
     """Brute force: the whole prefix through the model at every step (no cache), the end-of-text
-    token forbidden, the smallest most-probable set of tokens holding TOP_P of the mass kept,
-    one draw per row from the global generator seeded once, `chunk` rows at a time."""
+    token forbidden, the whole vocabulary sorted and the smallest most-probable set of tokens
+    holding TOP_P of the mass kept, one draw per row among them (most probable first) from the
+    global generator seeded once (one uniform per row), `chunk` rows at a time."""
     torch.manual_seed(seed)
     out = []
     for first in range(0, n, chunk):
@@ -35,9 +44,7 @@ def _nucleus_reference(model, start: int, eos: int, n: int, seq_len: int, seed: 
             probs = logits.softmax(-1)
             ordered, order = probs.sort(dim=-1, descending=True)
             mass_before = ordered.cumsum(-1) - ordered  # of the strictly more probable tokens
-            outside = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, mass_before >= TOP_P)
-            kept = logits.masked_fill(outside, -torch.inf).softmax(-1)
-            ids = torch.cat([ids, torch.multinomial(kept, 1)], dim=1)
+            ids = torch.cat([ids, order.gather(-1, _inverse_cdf(ordered.masked_fill(mass_before >= TOP_P, 0)))], dim=1)
         out.append(ids)
     return torch.cat(out)
 
@@ -45,6 +52,7 @@ def _nucleus_reference(model, start: int, eos: int, n: int, seq_len: int, seed: 
 def test_windows_are_the_models_nucleus_samples_from_the_start_token_seeded(monkeypatch):
     model, tok = tiny_model(), tiny_tokenizer()
     monkeypatch.setattr(sampling, "SAMPLING_BATCH", 2)  # three chunks: the generator runs on across them
+    monkeypatch.setattr(sampling, "NUCLEUS_FIRST_K", 2)  # the nucleus looked for among 2, 16, then every token
     state = torch.random.get_rng_state()
     windows = sample_windows(ModelHandle.of(model), tok, 5, 12, 3, progress=False)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is untouched
@@ -56,6 +64,21 @@ def test_windows_are_the_models_nucleus_samples_from_the_start_token_seeded(monk
     assert not torch.equal(sample_windows(ModelHandle.of(model), tok, 5, 12, 4, progress=False), windows)
 
 
+def test_the_draw_looks_among_more_tokens_only_until_the_nucleus_is_found(monkeypatch):
+    monkeypatch.setattr(sampling, "NUCLEUS_FIRST_K", 2)
+    scores = torch.randn(64, 1000, generator=torch.Generator().manual_seed(0)) * 6
+    ordered, order = scores.softmax(-1).sort(dim=-1, descending=True)
+    mass_before = ordered.cumsum(-1) - ordered
+    nucleus = (mass_before < TOP_P).sum(-1)
+    assert 16 < nucleus.max() <= 128 < 1000  # found among 128 tokens, after two widenings
+    torch.manual_seed(1)
+    expected = order.gather(-1, _inverse_cdf(ordered.masked_fill(mass_before >= TOP_P, 0)))
+    torch.manual_seed(1)
+    drawn = sampling.NucleusDraw(TOP_P, never=[])(torch.zeros(64, 1, dtype=torch.long), scores)
+    assert (drawn.isfinite().sum(-1) == 1).all()  # one token singled out per row, for generate's greedy step
+    assert torch.equal(drawn.argmax(-1, keepdim=True), expected)
+
+
 def test_the_models_generation_defaults_do_not_change_what_is_sampled():
     model, tok = tiny_model(), tiny_tokenizer()
     plain = sample_windows(ModelHandle.of(model), tok, 3, 8, 0, progress=False)
@@ -63,6 +86,15 @@ def test_the_models_generation_defaults_do_not_change_what_is_sampled():
     model.train()
     assert torch.equal(sample_windows(ModelHandle.of(model), tok, 3, 8, 0, progress=False), plain)
     assert model.training  # put back as it was
+
+
+def test_no_token_that_ends_a_text_is_drawn_the_generation_configs_included():
+    model, tok = tiny_model(), tiny_tokenizer()
+    plain = sample_windows(ModelHandle.of(model), tok, 20, 24, 0, progress=False)
+    other_end = int(plain[:, 1:].flatten().mode().values)  # a token drawn often when nothing forbids it
+    model.generation_config.eos_token_id = [tok.eos_token_id, other_end]  # as Gemma's lists two
+    windows = sample_windows(ModelHandle.of(model), tok, 20, 24, 0, progress=False)
+    assert windows.shape == (20, 24) and not torch.isin(windows[:, 1:], torch.tensor([tok.eos_token_id, other_end])).any()
 
 
 def test_a_device_map_naming_the_disk_samples_and_a_failed_sampling_leaves_the_mode_as_it_was(monkeypatch):

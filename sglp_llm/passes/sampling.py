@@ -15,6 +15,7 @@ from functools import partial
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..data import CalibrationError, Sampler
 from ..model.handle import ModelHandle
@@ -22,6 +23,36 @@ from ..model.handle import ModelHandle
 TOP_P = 0.95
 # windows sampled together: their key-value cache is the memory sampling needs beside the model
 SAMPLING_BATCH = 32
+# the most probable tokens the nucleus is first looked for among (widened 8× until it is found)
+NUCLEUS_FIRST_K = 256
+
+
+class NucleusDraw(LogitsProcessor):
+    """Draws each row's next token from the smallest most-probable set holding `top_p` of the
+    mass and returns scores that single it out, so generate's greedy step takes it. Top-p
+    sampling, its nucleus found with top-k instead of sorting the whole vocabulary: with
+    Gemma-3's 262k tokens, generate's sort and draw took ~70 % of sampling."""
+
+    def __init__(self, top_p: float, never: list[int]):
+        self.top_p = top_p
+        self.never = torch.tensor(never, dtype=torch.long)  # e.g. the end of text: no window ends early
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        never = self.never.to(scores.device)
+        probs = scores.float().index_fill(-1, never, -torch.inf).softmax(-1)
+        k = min(NUCLEUS_FIRST_K, probs.shape[-1])
+        while True:
+            top, index = probs.topk(k, dim=-1)  # most probable first
+            if k == probs.shape[-1] or (top.sum(-1) >= self.top_p).all():
+                break
+            k = min(8 * k, probs.shape[-1])
+        mass_before = top.cumsum(-1) - top  # of the strictly more probable tokens
+        # one uniform per row against the nucleus's cumulative mass: the draw does not depend on
+        # how many tokens were looked among
+        cumulative = top.masked_fill(mass_before >= self.top_p, 0).double().cumsum(-1)
+        uniform = torch.rand(len(cumulative), 1, dtype=torch.float64, device=cumulative.device)
+        position = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True).clamp(max=k - 1)
+        return torch.full_like(scores, -torch.inf).scatter(-1, index.gather(-1, position), 0.0)
 
 
 class SamplingError(CalibrationError):
@@ -44,6 +75,7 @@ def sample_windows(handle: ModelHandle, tokenizer, n_samples: int, seq_len: int,
         raise SamplingError("The tokenizer has neither a beginning- nor an end-of-text token to start samples from; "
                             "calibrate on a text source instead.")
     model, device = handle.model, handle.input_device
+    ends = _end_of_text_tokens(model, tokenizer)
     # every GPU a device map spreads the model over draws from its own generator
     # (a device map may also name "disk", which is no torch device)
     devices = [torch.device(d) for d in handle.devices_used() if d.startswith("cuda")]
@@ -56,14 +88,21 @@ def sample_windows(handle: ModelHandle, tokenizer, n_samples: int, seq_len: int,
                               desc="Sampling the model's own text", disable=not progress):
                 prompt = torch.full((min(SAMPLING_BATCH, n_samples - first), 1), start, dtype=torch.long, device=device)
                 rows.append(model.generate(
-                    prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_p=TOP_P, top_k=0,
-                    temperature=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                    max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                    prompt, attention_mask=torch.ones_like(prompt), do_sample=False, num_beams=1,
+                    logits_processor=LogitsProcessorList([NucleusDraw(TOP_P, ends)]),
+                    repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=seq_len - 1,
                     pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else start,
                 ).cpu())
     finally:
         model.train(training)
     return torch.cat(rows)
+
+
+def _end_of_text_tokens(model, tokenizer) -> list[int]:
+    """Every token that ends a text for generate: the tokenizer's and the generation config's."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ends = configured if isinstance(configured, (list, tuple)) else [configured]
+    return sorted({t for t in [*ends, tokenizer.eos_token_id] if t is not None})
 
 
 def model_sampler(handle: ModelHandle, tokenizer, *, progress: bool = True) -> Sampler:
