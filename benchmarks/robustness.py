@@ -88,6 +88,9 @@ METHODS = {
     # each sampled from the beginning-of-text token (top-p 0.95, seeded): its distribution, no one
     # source's; the analysis samples them, and its time includes the sampling
     "self-generated": {"dataset": SELF_GENERATED},
+    # the same, its windows drawn by sglp's NucleusDraw (passes/sampling.py) where the row above
+    # was drawn by generate's top-p: the same distribution, other draws, so another sample
+    "self-generated-2": {"dataset": SELF_GENERATED},
     # half the windows sampled, half the docstrings', alternating
     "self-generated-mixed": {"dataset": [SELF_GENERATED, STDLIB_DOCS]},
     # the model's own samples, with the loss check on 8192 of their tokens (sampled text is unlimited)
