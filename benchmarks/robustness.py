@@ -31,6 +31,8 @@ from sglp_llm.data import FORTUNES, LICENSES, SELF_GENERATED, STDLIB_DOCS, Calib
 from sglp_llm.evaluation.evaluate import load_eval_texts
 from sglp_llm.stability import WARN_BELOW, calibration_halves
 from sglp_llm.model.loading import load_model
+from sglp_llm.model.handle import ModelHandle
+from sglp_llm.passes.sampling import model_sampler
 
 SOURCES = {"fortunes": FORTUNES, "paragraphs": None, "licences": LICENSES}  # None: the built-in evaluation text
 # a method's calibration text when it is not the docstrings: names of CALIBRATION_TEXTS, windows split evenly
@@ -91,6 +93,10 @@ METHODS = {
     # the same, its windows drawn by sglp's NucleusDraw (passes/sampling.py) where the row above
     # was drawn by generate's top-p: the same distribution, other draws, so another sample
     "self-generated-2": {"dataset": SELF_GENERATED},
+    # the model's own samples, the loss check on the first 64 tokens of all 32 windows instead of
+    # all tokens of the first 8: 32 sampled documents decide instead of 8 (the same windows as
+    # self-generated-2's at each seed: the sampled topics were what moved its choice)
+    "self-generated-context-64": {"dataset": SELF_GENERATED, PREFIX: 64},
     # half the windows sampled, half the docstrings', alternating
     "self-generated-mixed": {"dataset": [SELF_GENERATED, STDLIB_DOCS]},
     # the model's own samples, with the loss check on 8192 of their tokens (sampled text is unlimited)
@@ -164,9 +170,12 @@ def run_model(name: str, methods: list[str], eval_max_texts: int, settings: list
             if half:
                 own = calibration_halves(calibration)[("first", "second").index(half)]
             if prefix:
-                cut = [{k: v[:, :prefix] for k, v in b.items()} for b in calibration.batches]
-                own = CalibrationSet(cut, token_count(cut), calibration.source,
-                                     calibration.n_samples, prefix)
+                # the model's own windows sampled here, as the analysis would (its time then leaves the sampling out)
+                whole = (prepare_calibration(None, tokenizer, calibration_config.replace(dataset=settings["dataset"]),
+                                             sampler=model_sampler(ModelHandle.of(model), tokenizer, progress=False))
+                         if generated else calibration)
+                cut = [{k: v[:, :prefix] for k, v in b.items()} for b in whole.batches]
+                own = CalibrationSet(cut, token_count(cut), whole.source, whole.n_samples, prefix)
             if budget:
                 settings.update(loss_tokens=budget, n_samples=max(calibration_config.n_samples, -(-budget // seq_len)))
                 if not generated:
@@ -234,13 +243,16 @@ def markdown(result: dict) -> str:
     result = with_escalated(result)
     drops, runs, sources = result["drops"], result["runs"], list(result["sources"])
     methods = [m for m in result["methods"] if any(k.endswith(f"|{m}") for k in runs)]
-    # a setting counts once the forward-only peers ran; SLEB (the slowest) only where it ran
-    settings = [(s, seed) for s, seed in SETTINGS if all(f"{s}|{seed}|{p}" in runs for p in PEERS[:2])]
+    # a setting counts once the forward-only peers ran; SLEB (the slowest) only where it ran; the
+    # standard four first, then any run with --settings (more seeds)
+    ran = {tuple(int(x) for x in key.split("|")[:2]) for key in runs}
+    settings = [(s, seed) for s, seed in [*SETTINGS, *sorted(ran - set(SETTINGS), key=lambda x: (x[1], -x[0]))]
+                if all(f"{s}|{seed}|{p}" in runs for p in PEERS[:2])]
     sleb_in = [f"{s} tokens, seed {seed}" for s, seed in settings if f"{s}|{seed}|sleb" in runs]
     lines = [
         f"## {result['model']}", "",
         f"- blocks: {result['num_blocks']}; calibration: {result['n_samples']} windows of the standard-library "
-        f"docstrings at {', '.join(map(str, SEQ_LENS))} tokens, seeds {', '.join(map(str, SEEDS))} (a method with a "
+        f"docstrings at {', '.join(map(str, SEQ_LENS))} tokens, seeds {', '.join(map(str, SEEDS))} (more where the tables show them; a method with a "
         f"`{BUDGET}` draws as many windows as those loss tokens take); "
         f"{result['threads']} torch thread(s)",
         *(f"- held-out `{key}`: {description}; the first {result['eval_max_texts']} texts scored"
