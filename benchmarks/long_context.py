@@ -12,13 +12,12 @@ Results: benchmarks/results/long-context-<model>.json and long-context.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
-from quality import MODELS, RESULTS, gather_results
+from quality import RESULTS, measure_models
 from sglp_llm.evaluation.evaluate import perplexity
 from sglp_llm.model.loading import load_model
 from sglp_llm.model.rewrite import removing_blocks
@@ -75,14 +74,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    for name in args.models.split(","):
-        run_model(name)
-    gather_results("long-context", "Long contexts: the recorded choices on whole long documents "
+    measure_models(__doc__, run_model, "long-context", "Long contexts: the recorded choices on whole long documents "
                    "(benchmarks/long_context.py)", markdown)
 
 
