@@ -27,7 +27,7 @@ DOCUMENTS = ("GPL-3", "Apache-2.0")
 CHARACTERS = 12_000  # of each: about 2.5k tokens, five windows (a CPU scores a set in about a minute)
 MAX_LENGTH, STRIDE = 1024, 512
 # robustness.py's methods whose recorded choices are scored (the peers, the default, the candidates)
-METHODS = ("block-influence", "angular", "default", "self-generated-context-64")
+METHODS = ("block-influence", "angular", "default", "docstrings", "self-generated-context-64")
 
 
 def run_model(name: str) -> None:
@@ -46,6 +46,7 @@ def run_model(name: str) -> None:
             for drop, blocks in run["dropped"].items():
                 choices.setdefault(drop, {}).setdefault(" ".join(map(str, blocks)), []).append(f"{setting}|{method}")
     result["choices"] = choices
+    out.write_text(json.dumps(result, indent=2) + "\n")  # the choices are current even when every set was scored before
     for blocks in ["", *sorted({b for by_drop in choices.values() for b in by_drop})]:
         if blocks in result["perplexity"]:
             continue

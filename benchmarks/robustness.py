@@ -1,8 +1,10 @@
 """Does a choice hold on text nobody calibrated on? Every method on both real models, over two
 calibration window lengths and two seeds, judged on three held-out sources (issue 23).
 
-Calibration: the tool's default sample size (32 windows) of the standard-library docstrings, at
-128 and 256 tokens per window, seeds 0 and 1; about 10/20/30 % of the blocks dropped. Held out:
+Calibration: the tool's default sample size (32 windows) of the standard-library docstrings (the
+default calibration until 2026-12-06, `docstrings` here; every method names its text when it is
+another: the tool's default now samples the model's own text, `default`), at 128 and 256 tokens
+per window, seeds 0 and 1; about 10/20/30 % of the blocks dropped. Held out:
 Debian's fortunes, the built-in evaluation paragraphs and the licence texts, none of them the
 calibration source. A greedy method (the loss check, SLEB's criterion) runs once at the deepest
 drop: its first n steps are its choice at drop n (no groups: every step's candidates are the same
@@ -58,20 +60,26 @@ PEERS = ("block-influence", "angular", "sleb")
 SLEB = {"loss_tokens": 10**9, "loss_screen_samples": 0, "loss_bound": "stale", "loss_objective": "nll"}
 # name -> settings changed from the defaults ("method": a peer); greedy ones are read by prefix
 METHODS = {
-    "default": {},
+    # the tool's default: calibrated on the model's own text (builtin:self-generated), its windows
+    # drawn by sglp's NucleusDraw (passes/sampling.py) from the beginning-of-text token; the
+    # analysis samples them, and its time includes the sampling. (Measured as `self-generated-2`,
+    # before it became the default, by the same code path.)
+    "default": {"dataset": SELF_GENERATED},
+    # the default until 2026-12-06: the same analysis calibrated on the standard-library docstrings
+    "docstrings": {},
     "nll": {"loss_objective": "nll"},
     "kl": {"loss_objective": "kl"},
     "kl-all": {**SLEB, "loss_objective": "kl"},
     # the search proposes its 3 best at each step, the next 2048 calibration tokens decide
     "kl-confirm": {"loss_objective": "kl", "loss_confirm": 3},
     "nll-confirm": {"loss_objective": "nll", "loss_confirm": 3},
-    # the default on another calibration text: the Python language reference's prose (pydoc
+    # the docstrings' analysis on another calibration text: the Python language reference's prose (pydoc
     # topics), or half the windows from each of it and the docstrings, alternating
     "default-reference": {CALIBRATION: ["python-reference"]},
     "default-mixed": {CALIBRATION: ["docstrings", "python-reference"]},
     # the reference's signal needs more than the loss check's 8 windows: every calibration token
     "reference-all-tokens": {CALIBRATION: ["python-reference"], "loss_tokens": 10**9},
-    # the default on the mixed text, its choice put against block influence's and angular's on the
+    # the same analysis on the mixed text, its choice put against block influence's and angular's on the
     # calibration tokens after the loss check's (decide_among; benchmarks/pool_decision.py measured it offline)
     "decide-mixed": {CALIBRATION: ["docstrings", "python-reference"], "decide_among": ["block-influence", "angular"]},
     # more loss tokens of the same text (the loss check measures every removal on this many; the
@@ -83,19 +91,15 @@ METHODS = {
     "positions-8k": {BUDGET: 8192, "loss_positions": 0.25},
     # twice the windows again (64 of 256 tokens, 128 of 128), the head on an eighth of them
     "positions-16k": {BUDGET: 16384, "loss_positions": 0.125},
-    # the default on the second half of the calibration sequences: the stability check's other
-    # choice (the first half holds the loss check's tokens, so its choice is the default's)
+    # the docstrings' analysis on the second half of the calibration sequences: the stability
+    # check's other choice (the first half holds the loss check's tokens, so its choice is the whole's)
     "second-half": {HALF: "second"},
-    # the default calibrated on the model's own text (builtin:self-generated): as many windows,
-    # each sampled from the beginning-of-text token (top-p 0.95, seeded): its distribution, no one
-    # source's; the analysis samples them, and its time includes the sampling
+    # the model's own text as the default samples it, but drawn by generate's own top-p (before
+    # NucleusDraw): the same distribution, other draws, so another sample
     "self-generated": {"dataset": SELF_GENERATED},
-    # the same, its windows drawn by sglp's NucleusDraw (passes/sampling.py) where the row above
-    # was drawn by generate's top-p: the same distribution, other draws, so another sample
-    "self-generated-2": {"dataset": SELF_GENERATED},
     # the model's own samples, the loss check on the first 64 tokens of all 32 windows instead of
     # all tokens of the first 8: 32 sampled documents decide instead of 8 (the same windows as
-    # self-generated-2's at each seed: the sampled topics were what moved its choice)
+    # the default's at each seed: the sampled topics were what moved its choice)
     "self-generated-context-64": {"dataset": SELF_GENERATED, PREFIX: 64},
     # half the windows sampled, half the docstrings', alternating
     "self-generated-mixed": {"dataset": [SELF_GENERATED, STDLIB_DOCS]},
@@ -113,8 +117,8 @@ METHODS = {
     "angular": {"method": "angular"},
     "sleb": SLEB,
 }
-# derived, not run: the default where the stability check finds the halves agree on at least
-# WARN_BELOW of the blocks, else tokens-8k's choice (more loss tokens only where the sample misleads)
+# derived, not run: the docstrings' choice where the stability check finds the halves agree on at
+# least WARN_BELOW of the blocks, else tokens-8k's (more loss tokens only where the sample misleads)
 ESCALATED = "tokens-8k-if-unstable"
 # one run at the deepest drop serves every drop (its first n steps): the loss check alone
 GREEDY = {name for name, settings in METHODS.items() if "method" not in settings and "decide_among" not in settings}
@@ -211,29 +215,29 @@ def _ppl(result: dict, blocks: list[int], source: str) -> float:
 
 
 def _agreement(runs: dict, setting: str, drop: int) -> float | None:
-    """The stability check's agreement at `drop`: the share of the default's blocks that the
-    default on the second half drops too (None: the second half was not run)."""
+    """The stability check's agreement at `drop`: the share of the docstrings' choice that the
+    same analysis on the second half drops too (None: the second half was not run)."""
     if f"{setting}|second-half" not in runs:
         return None
-    whole, other = (runs[f"{setting}|{m}"]["dropped"][str(drop)] for m in ("default", "second-half"))
+    whole, other = (runs[f"{setting}|{m}"]["dropped"][str(drop)] for m in ("docstrings", "second-half"))
     return len(set(whole) & set(other)) / drop
 
 
 def with_escalated(result: dict) -> dict:
     """The results with the derived ESCALATED runs, in the settings where the second half ran and
-    tokens-8k ran wherever the stability check would have sent the default to it."""
+    tokens-8k ran wherever the stability check would have sent the docstrings' analysis to it."""
     runs = dict(result["runs"])
     for s, seed in SETTINGS:
         setting = f"{s}|{seed}"
-        if f"{setting}|default" not in runs or f"{setting}|second-half" not in runs:
+        if f"{setting}|docstrings" not in runs or f"{setting}|second-half" not in runs:
             continue
         unstable = [d for d in result["drops"] if _agreement(runs, setting, d) < WARN_BELOW]
         if unstable and f"{setting}|tokens-8k" not in runs:
             continue
         runs[f"{setting}|{ESCALATED}"] = {"dropped": {
-            str(d): runs[f"{setting}|{'tokens-8k' if d in unstable else 'default'}"]["dropped"][str(d)] for d in result["drops"]}}
+            str(d): runs[f"{setting}|{'tokens-8k' if d in unstable else 'docstrings'}"]["dropped"][str(d)] for d in result["drops"]}}
     escalated = any(k.endswith(f"|{ESCALATED}") for k in runs)
-    methods = {**result["methods"], **({ESCALATED: {"derived": "tokens-8k where the halves agree on < 50 %, else default"}} if escalated else {})}
+    methods = {**result["methods"], **({ESCALATED: {"derived": "tokens-8k where the halves agree on < 50 %, else docstrings"}} if escalated else {})}
     return {**result, "runs": runs, "methods": methods}
 
 
@@ -252,13 +256,14 @@ def markdown(result: dict) -> str:
     lines = [
         f"## {result['model']}", "",
         f"- blocks: {result['num_blocks']}; calibration: {result['n_samples']} windows of the standard-library "
-        f"docstrings at {', '.join(map(str, SEQ_LENS))} tokens, seeds {', '.join(map(str, SEEDS))} (more where the tables show them; a method with a "
+        f"docstrings unless a method's settings name another text (`default`: the model's own samples, the tool's default "
+        f"calibration since 2026-12-06) at {', '.join(map(str, SEQ_LENS))} tokens, seeds {', '.join(map(str, SEEDS))} (more where the tables show them; a method with a "
         f"`{BUDGET}` draws as many windows as those loss tokens take); "
         f"{result['threads']} torch thread(s)",
         *(f"- held-out `{key}`: {description}; the first {result['eval_max_texts']} texts scored"
           for key, description in result["sources"].items()),
         "- dense: " + ", ".join(f"{key} {ppl:.1f}" for key, ppl in result["dense"].items()),
-        "- settings: " + "; ".join(f"{m}: " + (", ".join(f"{k}={v}" for k, v in s.items()) or "the defaults")
+        "- settings: " + "; ".join(f"{m}: " + (", ".join(f"{k}={v}" for k, v in s.items()) or "the defaults, on the docstrings")
                                    for m, s in result["methods"].items() if m in methods),
         f"- SLEB measured in: {', '.join(sleb_in) or 'none of the settings (too slow for this run)'}; elsewhere the best "
         "peer is the better of block influence and angular",
@@ -298,7 +303,7 @@ def markdown(result: dict) -> str:
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     stability = [(s, seed) for s, seed in settings if f"{s}|{seed}|second-half" in runs]
     if stability:
-        lines += ["", "### The stability check: agreement of the two halves' choices (the default's and the second half's)", "",
+        lines += ["", "### The stability check on the docstrings: agreement of the two halves' choices (the whole's and the second half's)", "",
                   "| setting | " + " | ".join(f"drop {d}" for d in drops) + " |", "|---" * (len(drops) + 1) + "|"]
         for s, seed in stability:
             lines.append(f"| {s} tokens, seed {seed} | " + " | ".join(
@@ -322,7 +327,7 @@ def gather() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--methods", default="block-influence,angular,default,kl,sleb")
+    parser.add_argument("--methods", default="block-influence,angular,default,docstrings,sleb")
     parser.add_argument("--eval-max-texts", type=int, default=30, help="texts scored per held-out source")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--settings", default=",".join(f"{s}:{seed}" for s, seed in SETTINGS),

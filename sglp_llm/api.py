@@ -47,7 +47,7 @@ from .selection.decide import decide
 from .selection.registry import Selection, SelectionContext, selector_for
 from .passes.hooked import hooked_pass
 from .passes.original_outputs import OriginalOutputs
-from .passes.sampling import model_sampler
+from .passes.sampling import default_calibration, model_sampler
 from .passes.sequential import sequential_pass
 from .model.offload import BLOCK_LOADER_ATTRIBUTE
 
@@ -231,8 +231,9 @@ def analyze(
     """Decide which decoder blocks of `model` to drop (by `config.method`); the model is left
     unchanged.
 
-    `calibration` may be None (the config's dataset, or the built-in default text), a dataset
-    name or local path, a list of strings, pre-tokenized batches, or a `CalibrationSet`.
+    `calibration` may be None (the config's dataset; unset, the model's own samples where it can
+    sample them, else the standard-library docstrings: `default_calibration`), a dataset name or
+    local path, a list of strings, pre-tokenized batches, or a `CalibrationSet`.
     `statistics_cache` (a dict kept by the caller) lets analyses that measure the same
     statistics (`statistics_key`) share one pass; the reported times still include it.
     """
@@ -250,6 +251,10 @@ def _analyze(
     timings: dict[str, float] = {}
     handle = ModelHandle.for_config(model, config)
     model, blocks = handle.model, handle.blocks
+    fallback = None
+    if calibration is None and config.dataset is None:  # the plan, report and card name the text used
+        source, fallback = default_calibration(handle, tokenizer)
+        config = config.replace(dataset=source)
     num_blocks = len(blocks.layers)
     n_drop = config.resolve_drop(num_blocks)
     protected = config.protected_blocks(num_blocks)
@@ -292,6 +297,8 @@ def _analyze(
     )
     extra: dict[str, Any] = {"protected": sorted(protected), "statistics_reused": reused,
                              "devices": handle.devices_used()}
+    if fallback:
+        extra["calibration_not_sampled"] = fallback
     if config.cka_skip_sinks:
         extra["cka_sinks_left_out"] = stats.n_sinks
     if config.method == "sglp" and stats.gradient_scores:

@@ -92,8 +92,9 @@ def _add_calibration(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("calibration data")
     data.add_argument("--dataset", nargs="+", type=str,
                       help=f"Hub dataset name, local file/directory, {STDLIB_DOCS}, {PYTHON_REFERENCE}, {FORTUNES} "
-                           f"or {SELF_GENERATED} (text sampled from the model itself) (default: {STDLIB_DOCS}); "
-                           "several: their windows mixed in equal shares")
+                           f"or {SELF_GENERATED} (text sampled from the model itself) (default: {SELF_GENERATED}, the "
+                           f"choice that held best on text nobody calibrated on; {STDLIB_DOCS} when the model runs one "
+                           "block at a time or from a device map's disk); several: their windows mixed in equal shares")
     data.add_argument("--dataset-config", help="dataset configuration name")
     data.add_argument("--split", dest="dataset_split", help="dataset split (default: train)")
     data.add_argument("--text-column", help="column holding the text (default: text)")
@@ -325,7 +326,7 @@ def _add_heal_settings(group: argparse._ArgumentGroup, prefix: str) -> None:
 
     add("dataset", "dataset", help=f"training text: Hub dataset, local file/directory, {STDLIB_DOCS}, "
                                    f"{FORTUNES} or {SELF_GENERATED} (the teacher's own samples) (default: {SELF_GENERATED} when "
-                                   f"distilling from a teacher held whole, else {STDLIB_DOCS})")
+                                   f"distilling from a teacher held whole, not on disk, else {STDLIB_DOCS})")
     add("dataset-config", "dataset_config", help="its dataset configuration name")
     add("split", "dataset_split", help="its split (default: train)")
     add("text-column", "text_column", help="its text column (default: text)")
@@ -509,6 +510,25 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], SGLPConf
     return run, SGLPConfig.from_dict(sglp)
 
 
+def _calibration_in_use(loaded, config: SGLPConfig) -> SGLPConfig:
+    """`config` with the text the analysis will calibrate on; without --dataset, say which it is
+    and why (analyze resolves it the same way and records it)."""
+    if config.dataset is not None:
+        return config
+    from .model.handle import ModelHandle
+    from .passes.sampling import default_calibration
+
+    source, obstacle = default_calibration(ModelHandle.for_config(loaded.model, config), loaded.tokenizer)
+    if obstacle:
+        print(f"No --dataset given: calibrating on the built-in docstrings ({source}), not on the model's own "
+              f"samples: {obstacle}", file=sys.stderr)
+    else:
+        print(f"No --dataset given: calibrating on the model's own samples ({source}: {config.n_samples} windows of "
+              f"{config.seq_len} tokens, sampled first), the text whose choice held best on text nobody calibrated on; "
+              f"--dataset {STDLIB_DOCS} for the built-in docstrings.", file=sys.stderr)
+    return config.replace(dataset=source)
+
+
 def _load(run: dict[str, Any], config: SGLPConfig | None = None):
     """The model of the run settings, and the config with the device chosen when none was named
     (sglp_llm.model.devices.choose_devices); with `blocks_on_disk`, its blocks stay on disk for the
@@ -623,8 +643,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     if args.plan_time:
         return _plan_time(run, config, args.throughput, args.report)
     loaded, config = _load(run, config)
-    if config.dataset is None:
-        print("No --dataset given: calibrating on the built-in English text.", file=sys.stderr)
+    _calibration_in_use(loaded, config)
     progress = not args.no_progress and is_main_process()
     plan = analyze(loaded.model, None, config, tokenizer=loaded.tokenizer, progress=progress)
     plan.model_name = loaded.name
@@ -661,8 +680,6 @@ def run_prune(args: argparse.Namespace) -> int:
         raise ConfigError("Say where to write the pruned model: --output DIR (or `output:` in the recipe).")
     output = Path(output)
     check_destination(output, overwrite=args.overwrite)
-    if args.eval_dataset is not None:
-        warn_if_not_held_out(config, args.eval_dataset, config_name=args.eval_dataset_config, split=args.eval_split)
     evaluate = args.eval_dataset is not None or bool(args.eval_tasks) or args.eval_speed
     if run.get("blocks_on_disk") and (evaluate or heal_config is not None):
         raise ConfigError(
@@ -670,8 +687,9 @@ def run_prune(args: argparse.Namespace) -> int:
             "healed here; prune first, then run `sglp-llm eval` / `sglp-llm heal` on the output."
         )
     loaded, config = _load(run, config)
-    if config.dataset is None:
-        print("No --dataset given: calibrating on the built-in English text.", file=sys.stderr)
+    calibration = _calibration_in_use(loaded, config)
+    if args.eval_dataset is not None:
+        warn_if_not_held_out(calibration, args.eval_dataset, config_name=args.eval_dataset_config, split=args.eval_split)
     evaluation = {"dense": _evaluate_in_memory(loaded, args, "dense")} if evaluate else None
     progress = not args.no_progress and is_main_process()
     result = prune(loaded.model, None, config, tokenizer=loaded.tokenizer, progress=progress)
@@ -921,8 +939,7 @@ def run_compare(args: argparse.Namespace) -> int:
             "--blocks-on-disk (or blocks_on_disk in the recipe)."
         )
     loaded, config = _load(run, config)
-    if config.dataset is None:
-        print("No --dataset given: calibrating on the built-in English text.", file=sys.stderr)
+    _calibration_in_use(loaded, config)
     result = compare(
         loaded.model,
         loaded.tokenizer,

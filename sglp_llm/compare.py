@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .api import analyze, count_parameters, fit_plan_compensation
 from .recovery.compensate import fold
 from .model.handle import ModelHandle
-from .passes.sampling import model_sampler
+from .passes.sampling import default_calibration, model_sampler
 from . import data
 from .config import COMPENSATIONS, METHODS, ConfigError, SGLPConfig
 from .data import FORTUNES, CalibrationSet, prepare_calibration
@@ -245,6 +245,8 @@ def compare(
     its dense reference and runs instead of measuring them again.
     """
     handle = ModelHandle.for_config(model, config)
+    if config.dataset is None:  # every contender calibrates on the text analyze would choose
+        config = config.replace(dataset=default_calibration(handle, tokenizer)[0])
     num_blocks = len(handle.layers)
     contenders = _contenders(config, methods, variants or {})
     compensations = list(dict.fromkeys(compensations or [config.compensation]))
@@ -357,7 +359,7 @@ def compare(
 def _calibration_source(config: SGLPConfig, calibrations: dict[tuple, CalibrationSet]) -> str:
     """The calibration text's description, or its setting while no run has prepared it yet."""
     prepared = calibrations.get(_calibration_key(config))
-    return prepared.source if prepared is not None else str(config.dataset or data.STDLIB_DOCS)
+    return prepared.source if prepared is not None else str(config.dataset)
 
 
 def _calibration_key(config: SGLPConfig) -> tuple:

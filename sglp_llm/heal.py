@@ -34,7 +34,7 @@ from .recovery.block_recovery import trained_blocks
 from .recovery.distill import TEACHER_TARGETS_NAME, DistillationTerms, TeacherBeside, TeacherCache, TeacherError, check_teacher, kept_original_indices, write_teacher_cache
 from .passes.distributed import is_main_process, world_size
 from .passes.loss import activation_checkpointing
-from .passes.sampling import model_sampler
+from .passes.sampling import default_calibration, model_sampler
 from .model.loading import ModelLoadError, load_blocks_on_disk, load_model
 from .evaluation.evaluate import card_metrics, perplexity_on_source, warn_if_not_held_out
 from .output.modelcard import describe_objective, render_healed_card
@@ -282,10 +282,11 @@ def lora_targets(model: nn.Module | ModelHandle, config: HealConfig, skip: Seque
     return pattern, names
 
 
-def default_training_text(teacher: nn.Module | None) -> str:
+def default_training_text(teacher: nn.Module | None, teacher_tokenizer: Any) -> str:
     """The text healing trains on when none is set: the teacher's own samples where it can
-    sample them (it runs whole, not one block at a time), else the standard-library docstrings."""
-    return SELF_GENERATED if teacher is not None and not ModelHandle.of(teacher).blockwise else STDLIB_DOCS
+    sample them (`default_calibration`: it runs whole, not from disk), else the standard-library
+    docstrings."""
+    return STDLIB_DOCS if teacher is None else default_calibration(ModelHandle.of(teacher), teacher_tokenizer)[0]
 
 
 def training_batches(model: nn.Module, tokenizer: Any, config: HealConfig, *,
@@ -340,7 +341,7 @@ def heal(
     teacher, teacher_tokenizer, teacher_name = _teacher(student, config, teacher, teacher_tokenizer, teacher_kwargs or {})
     sampler = None if teacher is None else model_sampler(ModelHandle.of(teacher), teacher_tokenizer, progress=progress)
     if config.dataset is None:  # the report and card give the text the run used
-        config = replace(config, dataset=default_training_text(teacher))
+        config = replace(config, dataset=default_training_text(teacher, teacher_tokenizer))
     batches, source, n_windows = training_batches(model, tokenizer, config, sampler=sampler)
     warn_if_not_held_out(config, config.eval_dataset, config_name=config.eval_dataset_config, split=config.eval_split)
     with tempfile.TemporaryDirectory(prefix="sglp-teacher-") as scratch:

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import ConfigError, SGLPConfig
-from .data import sampled_windows
+from .data import SELF_GENERATED, STDLIB_DOCS, sampled_windows
 from .passes.head import position_sample
 from .passes.memory_plan import meta_model
 from .selection.loss_check import LAZY_MEASURED_TOGETHER, sequences_read
@@ -277,6 +277,12 @@ def count_analysis(
                     if _reads_blocks(config) else "")
         assumptions.append(f"each step of the lazy search after the first measures {measured_per_step} candidates{together}")
     phases: dict[str, Work] = {}
+    if config.dataset is None:  # analyze's default (passes.sampling.default_calibration)
+        blockwise = config.offload == "sequential"
+        config = config.replace(dataset=STDLIB_DOCS if blockwise else SELF_GENERATED)
+        assumptions.append("no dataset set: " + ("the docstrings (the model runs one block at a time)" if blockwise else
+                                                 "the model's own samples (not a device map that offloads to disk, "
+                                                 "where the docstrings are used instead)"))
     sampled = sampled_windows(config)
     if sampled:  # generate() runs every block and the head on each new position, one at a time
         positions = sampled * (config.seq_len - 1)

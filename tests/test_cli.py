@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 
 import pytest
 import torch
@@ -231,6 +232,26 @@ def test_prune_warns_when_evaluating_on_the_calibration_text(model_dir, text_fil
             "--output", str(tmp_path / "out"), "--eval-dataset", str(text_file), *FAST]
     with pytest.warns(UserWarning, match="is the calibration text"):
         assert main(argv) == 0
+
+
+@pytest.mark.filterwarnings("ignore:The calibration text has")  # the docstrings at 16 tokens: plenty, but be safe
+def test_without_a_dataset_the_docstrings_are_held_out_unless_the_model_cannot_sample(model_dir, tmp_path, capsys):
+    """No --dataset: the model's own samples, so evaluating on the docstrings is fine; one block at
+    a time the docstrings are the calibration, the CLI says why, and evaluating on them warns."""
+    argv = ["prune", "--model", str(model_dir), "--drop", "2", "--eval-dataset", "builtin:stdlib-docs",
+            "--eval-max-texts", "2", *FAST]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert main([*argv, "--output", str(tmp_path / "sampled")]) == 0
+    assert "No --dataset given: calibrating on the model's own samples (builtin:self-generated: 8 windows of 16 tokens" \
+        in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="'builtin:stdlib-docs' is the calibration text"):
+        assert main([*argv, "--offload", "sequential", "--output", str(tmp_path / "blockwise")]) == 0
+    err = capsys.readouterr().err
+    assert "No --dataset given: calibrating on the built-in docstrings (builtin:stdlib-docs), not on the model's own " \
+           "samples: Sampling the model's own text runs its generate()" in err
+    report = json.loads((tmp_path / "blockwise" / "sglp_report.json").read_text())
+    assert report["config"]["dataset"] == "builtin:stdlib-docs" and "one block at a time" in report["extra"]["calibration_not_sampled"]
 
 
 def test_prune_with_blocks_on_disk_equals_the_in_memory_prune(model_dir, text_file, tmp_path, capsys):

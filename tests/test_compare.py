@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -144,15 +145,26 @@ def test_ratios_become_distinct_drop_counts(tokenizer, held_out):
 
 
 @pytest.mark.filterwarnings("ignore:The calibration text has")  # the held-out file is short
-@pytest.mark.parametrize("calibration", ["default", "held-out file"])
+@pytest.mark.parametrize("calibration", ["docstrings", "held-out file"])
 def test_warns_when_held_out_text_is_the_calibration_text(tokenizer, held_out, calibration):
-    if calibration == "default":
-        config, source = CONFIG, "builtin:stdlib-docs"
+    if calibration == "docstrings":
+        config, source = CONFIG.replace(dataset="builtin:stdlib-docs"), "builtin:stdlib-docs"
     else:
         config, source = CONFIG.replace(dataset=str(held_out)), str(held_out)
     with pytest.warns(UserWarning, match=re.escape(f"The evaluation text {source!r} is the calibration text")):
         compare(tiny_model("llama", num_layers=8), tokenizer, config, drops=[1], methods=["last"],
                 eval_source=source, eval_max_texts=2, progress=False, **SPEED)
+
+
+def test_by_default_every_contender_calibrates_on_the_models_own_samples(tokenizer):
+    """Unset, the calibration is the model's own text (as analyze's), so the docstrings are
+    held out: no warning, and every run names the samples."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        result = compare(tiny_model("llama", num_layers=8), tokenizer, CONFIG, drops=[1], methods=["last", "sglp"],
+                         eval_source="builtin:stdlib-docs", eval_max_texts=2, progress=False, **SPEED)
+    assert set(result.calibration) == {"last", "sglp"}
+    assert all(source.startswith("the model's own samples") for source in result.calibration.values())
 
 
 @pytest.mark.parametrize(

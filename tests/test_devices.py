@@ -103,13 +103,16 @@ def test_cli_passes_device_map_max_memory_and_offload_folder(model_dir, tmp_path
     (tmp_path / "map.json").write_text(json.dumps(MIXED_MAP))
     flags = ["analyze", "--model", str(model_dir), "--drop", "2", "--no-progress", "--seq-len", "16",
              "--n-samples", "4", "--batch-size", "4", "--cka-minibatch-tokens", "16"]
-    assert main([*flags, "--report", str(tmp_path / "plain.json")]) == 0
+    # unset, the calibration is the model's own samples, but not from a device map's disk
+    assert main([*flags, "--dataset", "builtin:stdlib-docs", "--report", str(tmp_path / "plain.json")]) == 0
     assert main([*flags, "--device-map", str(tmp_path / "map.json"), "--offload-folder", str(tmp_path / "off"),
                  "--max-memory", "cpu=1GiB", "--report", str(tmp_path / "offloaded.json")]) == 0
     assert seen["device_map"] == MIXED_MAP and seen["max_memory"] == {"cpu": "1GiB"}
     assert seen["offload_folder"] == str(tmp_path / "off")
     assert seen["loaded"].model.hf_device_map["model.layers.1"] == "disk"
     plain, offloaded = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "offloaded"))
+    assert offloaded["config"]["dataset"] == plain["config"]["dataset"] == "builtin:stdlib-docs"
+    assert "its device map keeps weights on disk" in offloaded["extra"]["calibration_not_sampled"]
     assert offloaded["dropped"] == plain["dropped"]
     assert offloaded["scores"] == pytest.approx(plain["scores"], rel=1e-5)
 

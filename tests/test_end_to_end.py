@@ -25,7 +25,7 @@ def test_default_model_and_text_prune_end_to_end(tmp_path, capsys):
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "No --model given: using the packaged HuggingFaceTB/SmolLM2-135M-Instruct" in captured.err
-    assert "built-in English text" in captured.err
+    assert "No --dataset given: calibrating on the model's own samples (builtin:self-generated" in captured.err
     assert "Blocks: 30 -> 24" in captured.out
 
     report = json.loads((out / "sglp_report.json").read_text())

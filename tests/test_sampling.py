@@ -13,6 +13,7 @@ from sglp_llm import data
 from sglp_llm.cli import main
 from sglp_llm.data import SELF_GENERATED, CalibrationError, build_batches, load_texts, prepare_calibration
 from sglp_llm.model.handle import ModelHandle
+from sglp_llm.output.modelcard import render_model_card
 from sglp_llm.passes import sampling
 from sglp_llm.passes.sampling import SamplingError, sample_windows
 from tiny_models import save_tiny_model, tiny_model, tiny_tokenizer
@@ -147,8 +148,33 @@ def test_refusals_say_what_to_do_instead():
     with pytest.raises(SamplingError, match="one block at a time .* Load it with a device map"):
         analyze(model, None, config.replace(offload="sequential"), tokenizer=tok, progress=False)
     tok.bos_token, tok.eos_token = None, None
-    with pytest.raises(SamplingError, match="neither a beginning- nor an end-of-text token"):
+    with pytest.raises(SamplingError, match="No tokenizer with a beginning- or end-of-text token"):
         sample_windows(ModelHandle.of(model), tok, 2, 8, 0, progress=False)
+
+
+def test_unset_the_calibration_is_the_models_own_samples_where_it_can_sample_them():
+    """The default calibration: the same plan as naming the samples; one block at a time (no
+    generate) or with no start token, the docstrings, and the plan says why."""
+    model, tok = tiny_model(), tiny_tokenizer()
+    config = SGLPConfig(drop=2, n_samples=4, seq_len=16, batch_size=4, cka_minibatch_tokens=16, stability_check=False)
+    unset = analyze(model, None, config, tokenizer=tok, progress=False)
+    named = analyze(model, None, config.replace(dataset=SELF_GENERATED), tokenizer=tok, progress=False)
+    assert unset.config["dataset"] == SELF_GENERATED and unset.calibration_source == named.calibration_source
+    assert "the model's own samples" in unset.calibration_source and "calibration_not_sampled" not in unset.extra
+    assert (unset.dropped, unset.scores, unset.cka) == (named.dropped, named.scores, named.cka)
+
+    docstrings = analyze(model, None, config.replace(dataset=data.STDLIB_DOCS), tokenizer=tok, progress=False)
+    blockwise = analyze(model, None, config.replace(offload="sequential"), tokenizer=tok, progress=False)
+    assert blockwise.config["dataset"] == data.STDLIB_DOCS and blockwise.calibration_source == docstrings.calibration_source
+    assert "one block at a time" in blockwise.extra["calibration_not_sampled"]
+    assert "- not the model's own samples (the default): Sampling the model's own text runs its generate()" in \
+        render_model_card(blockwise, base_model="tiny")
+    assert "not the model's own samples" not in render_model_card(unset, base_model="tiny")
+    assert blockwise.dropped == docstrings.dropped
+    tok.bos_token, tok.eos_token = None, None
+    no_start = analyze(model, None, config, tokenizer=tok, progress=False)
+    assert no_start.config["dataset"] == data.STDLIB_DOCS
+    assert "beginning- or end-of-text token" in no_start.extra["calibration_not_sampled"]
 
 
 def test_the_command_line_calibrates_on_the_models_samples(tmp_path, capsys):

@@ -37,7 +37,9 @@ class Counter:
 def _run(family: str, **settings):
     model = tiny_model(family, num_layers=BLOCKS)
     batches = [tiny_batch(batch_size=2, seq_len=SEQ, seed=s) for s in range(WINDOWS // 2)]
-    config = SGLPConfig(seq_len=SEQ, n_samples=WINDOWS, batch_size=2, verify=False, loss_tokens=4 * SEQ, **settings)
+    # the batches stand for a text source: nothing sampled
+    config = SGLPConfig(seq_len=SEQ, n_samples=WINDOWS, batch_size=2, verify=False, loss_tokens=4 * SEQ,
+                        **{"dataset": STDLIB_DOCS, **settings})
     counter = Counter(model)
     plan = analyze(model, batches, config, progress=False)
     return config, plan, counter
@@ -126,15 +128,20 @@ def test_the_counted_removal_loss_runs_what_the_real_one_runs(monkeypatch, offlo
 def test_the_plan_predicts_the_default_and_says_what_it_assumes():
     config, model_config = SGLPConfig(drop=6), tiny_config("llama", num_layers=30)
     plan = plan_time(ModelShape.of(model_config), config, Throughput(1e-6, 2e-6, "given"))
-    assert list(plan.phases) == ["statistics pass", "loss check", "stability check: statistics pass", "stability check: loss check"]
+    # no dataset set: the model's own samples are drawn first (32 windows, 255 new positions each)
+    assert list(plan.phases) == ["sampling the model's own text", "statistics pass", "loss check",
+                                 "stability check: statistics pass", "stability check: loss check"]
+    assert plan.phases["sampling the model's own text"].head_tokens == 32 * 255
+    assert "no dataset set: the model's own samples" in plan.text()
+    one_at_a_time = plan_time(ModelShape.of(model_config), config.replace(offload="sequential"), Throughput(1e-6, 2e-6, "given"))
+    assert "sampling the model's own text" not in one_at_a_time.phases and "the docstrings" in one_at_a_time.text()
     # the statistics pass: 32 windows of 256 tokens through 30 blocks, no head (no backward)
     assert plan.phases["statistics pass"].block_tokens == 32 * 256 * 30 and plan.phases["statistics pass"].head_tokens == 0
     assert plan.seconds()["statistics pass"] == pytest.approx(32 * 256 * 30 * 1e-6)
     assert plan.total_s() == pytest.approx(sum(plan.seconds().values()))
     text = plan.text()
     assert "each step of the lazy search after the first measures 3 candidates" in text and "the blocks go in the order" in text
-    assert "to a pass" not in text and "3 to a pass" in plan_time(ModelShape.of(model_config), config.replace(offload="sequential"),
-                                                                 Throughput(1e-6, 2e-6, "given")).text()
+    assert "to a pass" not in text and "3 to a pass" in one_at_a_time.text()
     # a quarter of the positions scored: the loss check's head work falls to about a quarter
     quarter = plan_time(ModelShape.of(model_config), config.replace(loss_positions=0.25), Throughput(1e-6, 2e-6, "given"))
     assert quarter.phases["loss check"].head_tokens == pytest.approx(plan.phases["loss check"].head_tokens / 4, rel=0.01)
@@ -195,7 +202,7 @@ def test_blocks_run_one_at_a_time_are_counted_with_their_reads(monkeypatch):
     assert sum(w.block_loads for w in phases.values()) == len(reads)
 
 
-@pytest.mark.parametrize("dataset", [SELF_GENERATED, [SELF_GENERATED, STDLIB_DOCS, SELF_GENERATED]])
+@pytest.mark.parametrize("dataset", [None, SELF_GENERATED, [SELF_GENERATED, STDLIB_DOCS, SELF_GENERATED]])
 def test_sampling_the_models_own_text_is_counted_exactly(dataset):
     """generate() runs every block and the head on each sampled position but the last; the mixed
     calibration samples only its self-generated shares (3 + 2 of 7 windows here)."""
@@ -206,6 +213,6 @@ def test_sampling_the_models_own_text_is_counted_exactly(dataset):
     analyze(model, None, config, tokenizer=tiny_tokenizer(), progress=False)
     phases, assumptions = count_analysis(BLOCKS, config)
     assert _total(phases) == (counter.block_tokens, counter.head_tokens)
-    sampled = 7 if dataset == SELF_GENERATED else 5
+    sampled = 5 if isinstance(dataset, list) else 7  # unset: the model's own samples
     assert phases["sampling the model's own text"].head_tokens == sampled * (SEQ - 1)
     assert any("decoding one position at a time" in a for a in assumptions)

@@ -32,7 +32,8 @@ from ..data import BUILTIN_PREFIX, STDLIB_DOCS, _nonempty_strings, load_texts
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 # The held-out text that `perplexity_on_source` uses when no source is given: written for this
-# package, unlike the calibration default (stdlib docstrings), so it measures unseen text.
+# package, unlike any calibration source (the model's own samples, the stdlib docstrings), so it
+# measures unseen text.
 EVAL_TEXT = TASKS_DIR / "sglp_local_ppl.jsonl"
 DEFAULT_MAX_LENGTH = 1024
 

@@ -252,10 +252,12 @@ def _segments_section(plan: PruningPlan) -> str:
 
 def _calibration_section(plan: PruningPlan) -> str:
     source = plan.calibration_source or plan.config.get("dataset") or "not recorded"
+    fallback = plan.extra.get("calibration_not_sampled")
+    why = f"\n- not the model's own samples (the default): {fallback}" if fallback else ""
     return (
         "## Calibration\n\n"
         f"- data: {source}\n"
-        f"- tokens: {plan.n_tokens:,} in {plan.n_batches} batches"
+        f"- tokens: {plan.n_tokens:,} in {plan.n_batches} batches{why}"
     )
 
 

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..data import CalibrationError, Sampler
+from ..data import SELF_GENERATED, STDLIB_DOCS, CalibrationError, Sampler
 from ..model.handle import ModelHandle
 
 TOP_P = 0.95
@@ -64,16 +64,10 @@ def sample_windows(handle: ModelHandle, tokenizer, n_samples: int, seq_len: int,
     """[n_samples, seq_len] token ids sampled from the model, each row starting with the
     beginning-of-text token (end-of-text where the tokenizer has none). The global random state
     is left as it was."""
-    if handle.blockwise:
-        raise SamplingError(
-            "Sampling the model's own text runs its generate(), which needs its blocks where its forward runs "
-            "them; this model runs one block at a time (offload: sequential or blocks on disk). Load it with a "
-            "device map instead (accelerate offloads what does not fit), or calibrate on a text source."
-        )
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None:
-        raise SamplingError("The tokenizer has neither a beginning- nor an end-of-text token to start samples from; "
-                            "calibrate on a text source instead.")
+    obstacle = sampling_obstacle(handle, tokenizer)
+    if obstacle:
+        raise SamplingError(obstacle)
+    start = _start_token(tokenizer)
     model, device = handle.model, handle.input_device
     ends = _end_of_text_tokens(model, tokenizer)
     # every GPU a device map spreads the model over draws from its own generator
@@ -96,6 +90,35 @@ def sample_windows(handle: ModelHandle, tokenizer, n_samples: int, seq_len: int,
     finally:
         model.train(training)
     return torch.cat(rows)
+
+
+def sampling_obstacle(handle: ModelHandle, tokenizer) -> str | None:
+    """Why this model cannot sample its own text here, with what to do instead (None: it can)."""
+    if handle.blockwise:
+        return ("Sampling the model's own text runs its generate(), which needs its blocks where its forward runs "
+                "them; this model runs one block at a time (offload: sequential or blocks on disk). Load it with a "
+                "device map instead (accelerate offloads what does not fit), or calibrate on a text source.")
+    if tokenizer is None or _start_token(tokenizer) is None:
+        return ("No tokenizer with a beginning- or end-of-text token to start samples from was given; "
+                "calibrate on a text source instead.")
+    return None
+
+
+def default_calibration(handle: ModelHandle, tokenizer) -> tuple[str, str | None]:
+    """(source, why not the model's own text): the calibration text when none is set. The
+    model's own samples, the source that held best on text nobody calibrated on
+    (benchmarks/results/robustness.md), wherever the model can sample them at the cost of a
+    forward per token: not one block at a time, and not from a device map's disk, where every
+    sampled token would read all the weights again. Elsewhere the standard-library docstrings."""
+    obstacle = sampling_obstacle(handle, tokenizer)
+    if obstacle is None and "disk" in handle.devices_used():
+        obstacle = ("its device map keeps weights on disk, and every sampled token would read them all again "
+                    f"(set the dataset to {SELF_GENERATED} to sample all the same)")
+    return (STDLIB_DOCS, obstacle) if obstacle else (SELF_GENERATED, None)
+
+
+def _start_token(tokenizer) -> int | None:
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
 def _end_of_text_tokens(model, tokenizer) -> list[int]:
