@@ -105,6 +105,9 @@ METHODS = {
     "self-generated-mixed": {"dataset": [SELF_GENERATED, STDLIB_DOCS]},
     # the model's own samples, with the loss check on 8192 of their tokens (sampled text is unlimited)
     "self-generated-8k": {"dataset": SELF_GENERATED, BUDGET: 8192},
+    # the same with the default's draws: the loss check on all 32 sampled windows of 256 tokens (64
+    # of 128) instead of the first 8 (16): four times the documents, against the draw's noise
+    "default-8k": {"dataset": SELF_GENERATED, BUDGET: 8192},
     # the model's own samples scored by the KL to the dense model's next-token distribution: the
     # model's function on its own typical text, not one source's next tokens
     "self-generated-kl": {"dataset": SELF_GENERATED, "loss_objective": "kl"},
