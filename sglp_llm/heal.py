@@ -282,11 +282,11 @@ def lora_targets(model: nn.Module | ModelHandle, config: HealConfig, skip: Seque
     return pattern, names
 
 
-def default_training_text(teacher: nn.Module | None, teacher_tokenizer: Any) -> str:
+def default_training_text(teacher: ModelHandle | None, teacher_tokenizer: Any) -> str:
     """The text healing trains on when none is set: the teacher's own samples where it can
     sample them (`default_calibration`: it runs whole, not from disk), else the standard-library
     docstrings."""
-    return STDLIB_DOCS if teacher is None else default_calibration(ModelHandle.of(teacher), teacher_tokenizer)[0]
+    return STDLIB_DOCS if teacher is None else default_calibration(teacher, teacher_tokenizer)[0]
 
 
 def training_batches(model: nn.Module, tokenizer: Any, config: HealConfig, *,
@@ -339,9 +339,10 @@ def heal(
     full = full_block_indices(student, config)
     pattern, names = lora_targets(student, config, skip=full)
     teacher, teacher_tokenizer, teacher_name = _teacher(student, config, teacher, teacher_tokenizer, teacher_kwargs or {})
-    sampler = None if teacher is None else model_sampler(ModelHandle.of(teacher), teacher_tokenizer, progress=progress)
+    teacher_handle = None if teacher is None else ModelHandle.of(teacher)
+    sampler = None if teacher is None else model_sampler(teacher_handle, teacher_tokenizer, progress=progress)
     if config.dataset is None:  # the report and card give the text the run used
-        config = replace(config, dataset=default_training_text(teacher, teacher_tokenizer))
+        config = replace(config, dataset=default_training_text(teacher_handle, teacher_tokenizer))
     batches, source, n_windows = training_batches(model, tokenizer, config, sampler=sampler)
     warn_if_not_held_out(config, config.eval_dataset, config_name=config.eval_dataset_config, split=config.eval_split)
     with tempfile.TemporaryDirectory(prefix="sglp-teacher-") as scratch:
