@@ -289,18 +289,24 @@ def default_training_text(teacher: ModelHandle | None, teacher_tokenizer: Any) -
     return STDLIB_DOCS if teacher is None else default_calibration(teacher, teacher_tokenizer)[0]
 
 
+def windows_read(config: HealConfig) -> int:
+    """The windows a run reads: each step's on every process, accumulated."""
+    return config.steps * config.batch_size * config.gradient_accumulation_steps * world_size()
+
+
 def training_batches(model: nn.Module, tokenizer: Any, config: HealConfig, *,
                      sampler: Sampler | None = None) -> tuple[list[dict], str, int]:
-    """(batches, text description, distinct windows): up to steps × batch_size windows of the
-    training text, packed like calibration data; training cycles through them. `SELF_GENERATED`:
-    steps × batch_size windows the teacher (`sampler`) samples, so the student learns the
-    teacher's outputs where the teacher's own distribution puts its text."""
+    """(batches, text description, distinct windows): up to `windows_read` windows of the
+    training text, packed like calibration data, the same however many processes share them;
+    training cycles through them where the text has fewer. `SELF_GENERATED`: that many windows
+    the teacher (`sampler`) samples, so the student learns the teacher's outputs where the
+    teacher's own distribution puts its text."""
     max_positions = getattr(text_config(model), "max_position_embeddings", None)
     if config.dataset == SELF_GENERATED:
         if sampler is None:
             raise HealError(f"Training on {SELF_GENERATED} distils on the teacher's own samples, and this run has no "
                             "teacher: pass --teacher PATH|HUB_ID (the original model), or train on a text source.")
-        windows = sampled_calibration(sampler, n_samples=config.steps * config.batch_size, seq_len=config.seq_len,
+        windows = sampled_calibration(sampler, n_samples=windows_read(config), seq_len=config.seq_len,
                                       batch_size=config.batch_size, seed=config.seed, max_positions=max_positions)
         source = f"the teacher's own samples (from its beginning-of-text token, seed {config.seed})"
         return windows.batches, source, windows.n_samples
@@ -308,13 +314,13 @@ def training_batches(model: nn.Module, tokenizer: Any, config: HealConfig, *,
         config.dataset, config_name=config.dataset_config, split=config.dataset_split, text_column=config.text_column
     )
     with warnings.catch_warnings():
-        # fewer windows than steps × batch_size is fine here: training passes over them again
+        # fewer windows than a run reads is fine here: training passes over them again
         warnings.filterwarnings("ignore", message="The calibration text has", category=UserWarning)
         windows = build_batches(
             tokenizer,
             texts,
             seq_len=config.seq_len,
-            n_samples=config.steps * config.batch_size,
+            n_samples=windows_read(config),
             batch_size=config.batch_size,
             seed=config.seed,
             max_positions=max_positions,
@@ -383,8 +389,7 @@ def heal(
                                     max_grad_norm=MAX_GRAD_NORM)
     after = _held_out_perplexity(wrapped, tokenizer, config, progress)
 
-    steps_tokens = config.steps * config.batch_size * config.gradient_accumulation_steps * world_size()
-    tokens = steps_tokens * batches[0]["input_ids"].shape[1]
+    tokens = windows_read(config) * batches[0]["input_ids"].shape[1]
     report = {
         "settings": config.to_dict(),
         "objective": teacher_record,
@@ -395,7 +400,7 @@ def heal(
         "training_text": source,
         "windows": n_windows,
         "tokens": tokens,
-        "passes": steps_tokens / n_windows,
+        "passes": windows_read(config) / n_windows,
         "loss": {"first": losses[0], "last": losses[-1], "per_step": losses},
         "learning_rate_per_step": rates,
         # "after" is measured with the adapter applied, before any merge

@@ -1,6 +1,6 @@
 """The workload of tests/test_distributed.py's healing test: distillation healing of a tiny pruned
 llama at a global batch of 4 windows, run once as one process (4 per step) and once under
-`accelerate launch --num_processes 2 --cpu` (2 per process); the adapters must match."""
+`accelerate launch` as 2 processes (2 per process); the adapters and each step's loss must match."""
 
 from __future__ import annotations
 

@@ -56,11 +56,12 @@ def _direct_loss(student, teacher, batch, temperature, next_token_weight, hidden
             kl = kl + (p * (p.log() - log_q)).sum()
             nll = nll - torch.log_softmax(s_out.logits[row, pos], -1)[batch["input_ids"][row, pos + 1]]
             count += 1
+    # per window (its non-padding positions), then the mean over windows and kept blocks
     mask = batch["attention_mask"].bool()
     hidden = torch.stack([
-        ((s_out.hidden_states[j + 1][mask] - t_out.hidden_states[i + 1][mask]) ** 2).sum()
-        / (t_out.hidden_states[i + 1][mask] ** 2).sum()
-        for j, i in enumerate(kept[:-1])
+        ((s_out.hidden_states[j + 1][row][mask[row]] - t_out.hidden_states[i + 1][row][mask[row]]) ** 2).sum()
+        / (t_out.hidden_states[i + 1][row][mask[row]] ** 2).sum()
+        for j, i in enumerate(kept[:-1]) for row in range(len(mask))
     ]).mean()
     return kl / count * temperature ** 2 + next_token_weight * nll / count + hidden_weight * hidden
 

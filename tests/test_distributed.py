@@ -38,8 +38,10 @@ def _free_port() -> int:
 def _launch(tmp_path, workload: Path, *args: str) -> list[subprocess.CompletedProcess]:
     """`workload` with `args` as one plain process, then under `accelerate launch` as two (gloo,
     CPU, one thread each: the two share the machine's cores)."""
+    # --multi_gpu: accelerate's torchrun launcher, which starts the processes on a machine without
+    # GPUs too (with --cpu it would start one); they join over gloo (passes.distributed)
     launch = [
-        "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
@@ -65,6 +67,8 @@ def test_two_processes_heal_to_the_single_process_adapter(tmp_path):
         torch.testing.assert_close(launched[key], single[key], rtol=1e-4, atol=1e-5)
     losses = [(tmp_path / d / "losses.txt").read_text().split("\n") for d in ("single", "launched")]
     assert losses[0][1] == losses[1][1] == str(4 * 4 * 16), "tokens: steps × global batch × window"
+    # each step's loss is the whole batch's, not the main process's share
+    assert [float(x) for x in losses[1][0].split()] == pytest.approx([float(x) for x in losses[0][0].split()], rel=1e-4)
 
 
 def test_two_processes_recover_the_single_process_blocks(tmp_path):

@@ -21,7 +21,9 @@ T = TypeVar("T")
 
 
 def _state() -> PartialState:
-    return PartialState()
+    # on a machine without an accelerator the launched processes join over gloo on the CPU
+    # (accelerate goes distributed there only when told it runs on the CPU)
+    return PartialState(cpu=not torch.accelerator.is_available())
 
 
 def world_size() -> int:
@@ -53,6 +55,17 @@ def process_device() -> torch.device | None:
 def _comm_device(state: PartialState) -> torch.device:
     """NCCL reduces tensors on the process's GPU; the other backends on the CPU."""
     return state.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def from_main_process(tensor: torch.Tensor) -> torch.Tensor:
+    """The main process's `tensor` (of the same shape and dtype everywhere) on every process;
+    single process: `tensor` itself."""
+    partial = _state()
+    if partial.num_processes == 1:
+        return tensor
+    shared = tensor.to(_comm_device(partial), copy=True).contiguous()
+    dist.broadcast(shared, src=0)
+    return shared.to(tensor.device)
 
 
 def all_reduce_state(state: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..data import SELF_GENERATED, STDLIB_DOCS, CalibrationError, Sampler
 from ..model.handle import ModelHandle
+from .distributed import from_main_process
 
 TOP_P = 0.95
 # windows sampled together: their key-value cache is the memory sampling needs beside the model
@@ -89,7 +90,9 @@ def sample_windows(handle: ModelHandle, tokenizer, n_samples: int, seq_len: int,
                 ).cpu())
     finally:
         model.train(training)
-    return torch.cat(rows)
+    # data parallel: every process calibrates on the same windows, the main process's draws (other
+    # GPUs' kernels may round differently and draw other tokens)
+    return from_main_process(torch.cat(rows))
 
 
 def sampling_obstacle(handle: ModelHandle, tokenizer) -> str | None:

@@ -187,13 +187,14 @@ def write_teacher_cache(
 
 def hidden_state_error(student_hidden: tuple, teacher_hidden: tuple, kept: list[int], valid: torch.Tensor) -> torch.Tensor:
     """The mean over kept blocks (but the last, whose output the KL already judges and which some
-    models hand over normalised) of each block's squared error to the teacher's output at its
-    original index, relative to the teacher's: Σ‖s − t‖² / Σ‖t‖² over non-padding positions."""
-    mask = valid.bool()
+    models hand over normalised) and over windows of each block's squared error to the teacher's
+    output at its original index, relative to the teacher's: Σ‖s − t‖² / Σ‖t‖² over the window's
+    non-padding positions. Per window, so that processes sharing a batch (DDP) average to the
+    whole batch's value."""
     errors = []
     for position, original in enumerate(kept[:-1]):
-        s = student_hidden[position + 1][mask].float()
-        t = teacher_hidden[original + 1][mask].float().to(s.device)
-        errors.append(((s - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12))
+        s = student_hidden[position + 1].float()
+        t = teacher_hidden[original + 1].float().to(s.device)
+        mask = valid.to(s.device, torch.float32).unsqueeze(-1)
+        errors.append((((s - t) ** 2 * mask).sum((1, 2)) / ((t ** 2) * mask).sum((1, 2)).clamp_min(1e-12)).mean())
     return torch.stack(errors).mean() if errors else torch.zeros(())
-

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .distill import DistillationTerms, TeacherBeside, TeacherCache, hidden_state_error
+from ..passes.distributed import all_reduce_state, world_size
 from ..passes.head import _predicted
 
 # the keys of each step's loss and learning rate in the Trainer's log history
@@ -132,7 +133,8 @@ def train(
             self.rate = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
 
         def on_step_end(self, args, state, control, **kwargs):
-            loss = sum(micro) / max(len(micro), 1)
+            # the step's loss over its whole batch: the mean of every process's share
+            loss = all_reduce_state({"loss": sum(micro) / max(len(micro), 1)})["loss"] / world_size()
             micro.clear()
             state.log_history.append({"step": state.global_step, LOSS_KEY: loss, RATE_KEY: self.rate})
             self.bar.update()
