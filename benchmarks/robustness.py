@@ -108,6 +108,9 @@ METHODS = {
     # the same with the default's draws: the loss check on all 32 sampled windows of 256 tokens (64
     # of 128) instead of the first 8 (16): four times the documents, against the draw's noise
     "default-8k": {"dataset": SELF_GENERATED, BUDGET: 8192},
+    # the default with each step decided on held-back sampled tokens: the search proposes its 3
+    # best, the next 2048 calibration tokens (other sampled documents) choose among them
+    "default-confirm": {"dataset": SELF_GENERATED, "loss_confirm": 3},
     # the model's own samples scored by the KL to the dense model's next-token distribution: the
     # model's function on its own typical text, not one source's next tokens
     "self-generated-kl": {"dataset": SELF_GENERATED, "loss_objective": "kl"},
