@@ -111,6 +111,9 @@ METHODS = {
     # the default with each step decided on held-back sampled tokens: the search proposes its 3
     # best, the next 2048 calibration tokens (other sampled documents) choose among them
     "default-confirm": {"dataset": SELF_GENERATED, "loss_confirm": 3},
+    # the default with the greedy step's near-ties (candidates within one standard error of the
+    # best's loss increase over the loss sequences) settled by block influence: the lowest goes
+    "default-ties": {"dataset": SELF_GENERATED, "loss_ties": "block-influence"},
     # the model's own samples scored by the KL to the dense model's next-token distribution: the
     # model's function on its own typical text, not one source's next tokens
     "self-generated-kl": {"dataset": SELF_GENERATED, "loss_objective": "kl"},

@@ -44,7 +44,7 @@ from .model.rewrite import SGLP_CONFIG_KEY, removing_blocks
 from .statistics.score import BlockGradNorms, GateScores
 from .stability import choice_stability
 from .selection.decide import decide
-from .selection.registry import Selection, SelectionContext, selector_for
+from .selection.registry import Selection, SelectionContext, selection_name, selector_for
 from .passes.hooked import hooked_pass
 from .passes.original_outputs import OriginalOutputs
 from .passes.sampling import default_calibration, model_sampler
@@ -71,12 +71,14 @@ def statistics_key(config: SGLPConfig, n_drop: int) -> tuple:
     (e.g. every SGLP variant and drop count in a comparison): the calibration and CKA settings,
     and which score the pass collects (angular distance depends on the run length)."""
     score = config.method if config.method != "sglp" else _gradient_pass(config) or "cka"
+    # an SGLP rule whose pass also feeds an observer (the loss check's block influence)
+    observed = selection_name(config) if config.method == "sglp" and selector_for(config).observer is not None else None
     run_length = n_drop if config.method == "angular" else None
     fields = (
         "cka_minibatch_tokens", "cka_max_tokens_per_batch", "cka_dtype", "cka_skip_sinks",
         "offload", "layers_path",
     )
-    return (score, run_length, *config.calibration_key(), *(getattr(config, name) for name in fields))
+    return (score, observed, run_length, *config.calibration_key(), *(getattr(config, name) for name in fields))
 
 
 def _gradient_pass(config: SGLPConfig) -> str | None:
@@ -287,6 +289,7 @@ def _analyze(
         cka=stats.cka,
         # SGLP's gradient score, else the baseline's (one pass serves every gradient score)
         scores=stats.gradient_scores.get(config.gradient_score, stats.scores.tolist()),
+        observed=stats.scores.tolist(),
         n_drop=n_drop,
         protected=protected,
         config=config,

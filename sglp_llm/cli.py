@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import yaml
 
 from .config import (
-    ALLOCATIONS, COMPENSATION_FITS, COMPENSATIONS, GRADIENT_SCORES, HIDDEN_STATES, LOSS_BOUNDS, LOSS_OBJECTIVES, LOSS_SCREENS, METHODS, OFFLOAD_MODES, RECOVERIES, SCORING_MODES, SEGMENT_FEATURES, ConfigError,
+    ALLOCATIONS, COMPENSATION_FITS, COMPENSATIONS, GRADIENT_SCORES, HIDDEN_STATES, LOSS_BOUNDS, LOSS_OBJECTIVES, LOSS_SCREENS, LOSS_TIES, METHODS, OFFLOAD_MODES, RECOVERIES, SCORING_MODES, SEGMENT_FEATURES, ConfigError,
     SGLPConfig,
 )
 from .explain import stages
@@ -172,6 +172,10 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     method.add_argument("--loss-confirm", type=int,
                         help="at each removal, measure the loss check's K best candidates on the next --loss-tokens "
                              "calibration tokens, held back from the search, and remove the best there (default 1: off)")
+    method.add_argument("--loss-ties", choices=LOSS_TIES,
+                        help="how a removal is chosen among candidates whose losses differ by less than one standard "
+                             "error over the loss sequences: block-influence (the one that changes its input least "
+                             "in the original network) or none (the lowest loss)")
     method.add_argument("--decide-among", nargs="+", choices=[m for m in METHODS if m != "sglp"], metavar="PEER",
                         help="peers whose choices compete with SGLP's (e.g. block-influence angular): the set "
                              "with the lowest calibration loss on the tokens after --loss-tokens goes "

@@ -22,6 +22,7 @@ GRADIENT_SCORES = ("taylor", "fisher", "gradnorm")  # sglp_llm.statistics.score
 LOSS_BOUNDS = ("stale", "marginal", "local")
 LOSS_SCREENS = ("sequences", "taylor")
 LOSS_OBJECTIVES = ("nll", "kl")  # sglp_llm.selection.removal
+LOSS_TIES = ("none", "block-influence")  # sglp_llm.selection.loss_check
 HIDDEN_STATES = ("auto", "memory", "disk")  # sglp_llm.passes.hidden_states
 COMPENSATIONS = ("none", "least_squares", "cosine", "rescale")  # sglp_llm.recovery.compensate
 COMPENSATION_FITS = ("original", "pruned")
@@ -151,7 +152,7 @@ class SGLPConfig(SettingsFile):
         "selection": ("scoring", "gradient_score", "groups", "num_segments", "allocation", "protect_first",
                       "protect_last", "layers_path"),
         "loss_check": ("loss_candidates", "loss_tokens", "loss_positions", "loss_objective", "loss_beam", "loss_confirm",
-                       "decide_among"),
+                       "loss_ties", "decide_among"),
         "memory": ("offload", "onload_device", "hidden_states", "hidden_states_dir", "cka_max_tokens_per_batch",
                    "gradient_checkpointing", "checkpoint_dir", "checkpoint_every"),
         "recovery": ("compensation", "compensation_ridge", "compensation_aware", "recover", "recover_steps",
@@ -251,6 +252,12 @@ class SGLPConfig(SettingsFile):
     # 1: the greedy step takes the search's best candidate; k > 1: its k best are measured on the
     # held-back tokens (as loss_beam's) and the best there goes
     loss_confirm: int = 1
+    # how the greedy step decides between candidates whose losses differ by less than the noise
+    # of the calibration sample (within one standard error of the best's increase, measured
+    # over the loss sequences): "none", the lowest loss goes; "block-influence", the one that
+    # changes its input least in the original network goes (ShortGPT's score, from the
+    # statistics pass): SGLP's representation view where the loss cannot decide
+    loss_ties: str = "none"
     # peers (e.g. block-influence, angular) whose choices compete with SGLP's: the set whose removal
     # leaves the lowest calibration loss on every calibration token after the loss check's wins
     # (benchmarks/results/pool-decision.md; not the default: it spoils two measured cells)
@@ -546,6 +553,13 @@ class SGLPConfig(SettingsFile):
                               f"got {self.loss_positions!r}.")
         if self.loss_objective not in LOSS_OBJECTIVES:
             raise ConfigError(f"`loss_objective` must be one of {LOSS_OBJECTIVES}, got {self.loss_objective!r}.")
+        if self.loss_ties not in LOSS_TIES:
+            raise ConfigError(f"`loss_ties` must be one of {LOSS_TIES}, got {self.loss_ties!r}.")
+        if self.loss_ties != "none" and (self.loss_objective != "nll" or self.loss_beam > 1 or self.loss_confirm > 1):
+            raise ConfigError(
+                "loss_ties settles the greedy loss check's near-ties by the spread of each sequence's NLL: it needs "
+                "loss_objective nll and no loss_beam or loss_confirm; set loss_ties none to use those."
+            )
         for name in ("protect_first", "protect_last", "loss_screen_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

@@ -131,9 +131,12 @@ def _score_and_choice(config: dict[str, Any], settings: SGLPConfig, calibration_
             confirm = config.get("loss_confirm", 1)
             held = (f"; at each step the {confirm} best are measured on the next {held_back_tokens} calibration tokens, "
                     "held back from the search, and the best there goes") if confirm > 1 else ""
+            ties = ("; candidates whose loss is within one standard error (over the loss sequences) of the lowest "
+                    "one's increase are a tie, and of those the block with the lowest block influence on the original "
+                    "network goes") if config.get("loss_ties", "none") != "none" else ""
             lines.append(
                 f"choice: one removal at a time, the candidate whose removal leaves the lowest {loss_name(config)} "
-                f"({measured_on}), among {pool}{share}{screen}{held}"
+                f"({measured_on}), among {pool}{share}{screen}{held}{ties}"
             )
     elif scoring == "block":
         lines.append("choice: the lowest-scored blocks of each group by the gradient score alone, drops per group "
@@ -195,6 +198,11 @@ def _chosen_by(plan: Any) -> dict[int, str]:
             if block in steps:
                 step, record = steps[block]
                 parts.append(f"loss check removal {step}, {loss_name(config)} {record['loss']:.4f}")
+                if "tied" in record:
+                    others = [b for b in record["tied"] if b != block]
+                    parts.append(f"tied with {others} (within {record['tie_margin']:.4f}, one standard error, of block "
+                                 f"{record['lowest_loss']}'s loss), the lowest block influence of them "
+                                 f"({record['block_influence'][str(block)]:.4f})")
                 if "held_back" in record:
                     parts.append(f"on the held-back tokens {record['held_back'][str(block)]:.4f}, "
                                  f"the best of the search's {len(record['held_back'])} best")

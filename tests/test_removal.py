@@ -240,3 +240,26 @@ def test_blockwise_measure_many_reads_each_block_once_for_every_candidate():
     assert sorted(loader.reads) == [3, 6]
     with pytest.raises(ValueError, match=r"Blocks \[2\] are removed already"):
         blockwise.measure_many([2, 3])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_the_increase_error_is_the_standard_error_of_each_sequences_increase(family):
+    """Against each sequence's loss from a whole-network pass over it alone (the padded ones
+    too), after a removal, block by block and measured several at once alike."""
+    from sglp_llm.selection.removal import BlockwiseRemovalLoss
+
+    model, batches = tiny_model(family, num_layers=7), _batches()
+    rows = [{k: v[i:i + 1] for k, v in b.items()} for b in batches for i in range(3)]
+
+    def expected(removed, block):
+        increase = torch.tensor([calibration_nll(model, [r], removed + [block]) - calibration_nll(model, [r], removed) for r in rows])
+        return (increase.std() / len(rows) ** 0.5).item()
+
+    plain, blockwise = RemovalLoss(model, batches), BlockwiseRemovalLoss(model, batches)
+    plain.remove(4), blockwise.remove(4)
+    plain.measure(2), blockwise.measure_many([2, 5])
+    for removal in (plain, blockwise):  # the current network's own losses measured when first needed
+        assert removal.increase_error(2) == pytest.approx(expected([4], 2), rel=1e-5)
+    assert blockwise.increase_error(5) == pytest.approx(expected([4], 5), rel=1e-5)
+    with pytest.raises(ValueError, match="NLL objective only"):
+        RemovalLoss(model, batches, objective="kl").increase_error(2)

@@ -105,26 +105,32 @@ def head_nll(
     max_logits_bytes: int | None = None,
     backward: bool = False,
     positions: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, int]:
+    per_sequence: bool = False,
+) -> tuple[torch.Tensor, int | torch.Tensor]:
     """The summed next-token NLL of `batch`'s predicted (non-padding) tokens and their count, the
     head run on the final hidden state `final` (the model's forward with its blocks, as they
     are now, stubbed); only at `positions` when given (`position_sample`). With `backward`, the
     gradient of the mean NLL goes back into `final` chunk by chunk, so no two chunks' logits are
-    alive at once; the sum is returned detached."""
+    alive at once; the sum is returned detached. With `per_sequence`, both are tensors of one
+    entry per row of the batch (how much the loss varies between sequences says how far a
+    difference between two losses can be trusted)."""
     targets = batch["input_ids"][:, 1:]
     valid = _predicted(batch)
-    count = int(valid.sum() if positions is None else valid[:, positions.to(valid.device)].sum())
+    counts = (valid if positions is None else valid[:, positions.to(valid.device)]).sum(dim=1)
+    count = int(counts.sum())
     total = None
     for chunk, logits in _head_logits(ModelHandle.of(model), batch, final, returns_tuple, max_logits_bytes, positions):
         nll = nn.functional.cross_entropy(
             logits.float().transpose(1, 2), targets[:, chunk].to(logits.device), reduction="none"
         )
-        part = nll[valid[:, chunk].to(nll.device)].sum()
+        part = torch.where(valid[:, chunk].to(nll.device), nll, 0.0).sum(dim=1)
+        if not per_sequence:
+            part = part.sum()
         if backward:
-            (part / count).backward()
+            (part.sum() / count).backward()
             part = part.detach()
         total = part if total is None else total + part.to(total.device)
-    return total, count
+    return (total, counts.to(total.device)) if per_sequence else (total, count)
 
 
 @dataclass

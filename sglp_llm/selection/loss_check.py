@@ -8,7 +8,7 @@ candidate costing only the blocks after it (sglp_llm.selection.removal.RemovalLo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
@@ -22,6 +22,8 @@ from .registry import SelectionContext
 # once (`measure_many`): a step measured 1 to 5 candidates on the real models, 2.8 on average
 # (benchmarks/results/time-plan.md), so a step reads the blocks about once instead of three times
 LAZY_MEASURED_TOGETHER = 3
+# loss_ties: candidates whose loss is within this many standard errors of the best's increase are tied
+TIE_STANDARD_ERRORS = 1.0
 
 
 def loss_check(
@@ -56,7 +58,10 @@ def loss_check(
     With `loss_confirm` k > 1, the search only proposes: at each step its k best candidates are
     measured fresh, and the one whose removal leaves the lowest loss on held-back tokens (the
     `loss_tokens` calibration tokens after the search's, `held_back_batches`) goes, so a
-    candidate that only fits the search tokens' noise loses."""
+    candidate that only fits the search tokens' noise loses.
+
+    With `loss_ties` "block-influence", candidates whose losses the loss sequences cannot tell
+    apart from the best's are settled by block influence (`_settle_tie`)."""
     config, scores = context.config, context.scores
     batches = loss_batches(context.batches, config)
     removal = removal_loss(context.handle, batches, config, config.loss_objective, context.original_outputs)
@@ -129,10 +134,13 @@ def loss_check(
                 measure(stale[0])
             finalists.sort(key=lambda b: (measured[b], b))
             held_back: dict[int, float] = {}
+            tie: dict[str, Any] = {}
             if judge is not None:
                 held_back = {b: judge.measure(b) for b in finalists}
                 best = min(finalists, key=lambda b: (held_back[b], b))
                 judge.remove(best)
+            elif config.loss_ties != "none":
+                best, tie = _settle_tie(candidates, fresh, measured, bound, measure, removal, context.observed)
             else:
                 best = finalists[0]
             if not steps and not first:
@@ -141,11 +149,35 @@ def loss_check(
             current = measured[best]
             left[next(i for i, s in enumerate(segments) if best in s)] -= 1
             steps.append({"block": best, "loss": measured[best], "candidates": len(candidates), "measured": len(fresh),
-                          **({"held_back": {str(b): loss for b, loss in held_back.items()}} if held_back else {})})
+                          **({"held_back": {str(b): loss for b, loss in held_back.items()}} if held_back else {}), **tie})
             bar.update()
     # each block's loss when removed alone (screened: the estimate; None: not a first-step candidate)
     removal_losses = [first.get(i) for i in range(len(scores))]
     return sorted(removal.removed), {"steps": steps, "removal_losses": removal_losses}
+
+
+def _settle_tie(
+    candidates: list[int], fresh: set[int], measured: dict[int, float],
+    bound: Callable[[int], float], measure: Callable[[int], None], removal: RemovalLoss, influence: list[float],
+) -> tuple[int, dict[str, Any]]:
+    """The greedy step's removal when the loss cannot tell its best candidates apart: every
+    candidate that may lie within one standard error of the lowest loss's increase
+    (`RemovalLoss.increase_error`; the one-standard-error rule) is measured fresh, and among those
+    that do, the block with the lowest block influence (`influence`, measured on the original
+    network) goes. Returns it and the step's record of the tie (empty when there was none)."""
+    while True:
+        best = min(fresh, key=lambda b: (measured[b], b))
+        margin = TIE_STANDARD_ERRORS * removal.increase_error(best)
+        unsure = [b for b in candidates if b not in fresh and bound(b) <= measured[best] + margin]
+        if not unsure:
+            break
+        measure(min(unsure, key=lambda b: (bound(b), b)))
+    tied = sorted(b for b in fresh if measured[b] <= measured[best] + margin)
+    if len(tied) < 2:
+        return best, {}
+    chosen = min(tied, key=lambda b: (influence[b], b))
+    return chosen, {"tied": tied, "tie_margin": margin, "lowest_loss": best,
+                    "block_influence": {str(b): influence[b] for b in tied}}
 
 
 def loss_batches(batches: list[dict[str, Any]], config: Any) -> list[dict[str, Any]]:

@@ -41,6 +41,8 @@ class SelectionContext:
     cache_key: tuple = ()
     # the original network's block outputs on the loss check's batches, kept by the statistics pass
     original_outputs: OriginalOutputs | None = None
+    # the selection's own observer's per-block scores (a peer's; the loss check's block influence)
+    observed: list[float] | None = None
 
 
 @dataclass

@@ -40,13 +40,13 @@ from ..model.offload import onloaded
 KL_TOP_K = 1024
 
 
-def _token_mean(summed: Iterable[tuple[float, int]], skipped: Sequence[int]) -> float:
-    """The mean loss per predicted token from per-batch (loss sum, count), summed over processes;
-    refused when not finite (float16 overflow)."""
+def _token_mean(summed: Iterable[tuple[Any, Any]], skipped: Sequence[int]) -> float:
+    """The mean loss per predicted token from per-batch (loss sum, count), each a number or one
+    per sequence, summed over processes; refused when not finite (float16 overflow)."""
     total, n_tokens = 0.0, 0
     for nll, count in summed:
-        total += nll
-        n_tokens += count
+        total += float(torch.as_tensor(nll).sum())
+        n_tokens += int(torch.as_tensor(count).sum())
     sums = all_reduce_state({"total": total, "n_tokens": n_tokens})
     without = f" without blocks {sorted(skipped)}" if skipped else ""
     return check_finite(torch.tensor(sums["total"] / sums["n_tokens"]), f"The calibration loss{without}").item()
@@ -95,7 +95,11 @@ class RemovalLoss:
     With `position_share` < 1 the head scores only that share of each window's positions, the
     same ones for every candidate (`head.position_sample`, seeded by `seed` and the batch's
     index): the blocks still run on every position, the head (most of a measurement with a
-    large vocabulary) on a few."""
+    large vocabulary) on a few.
+
+    With the NLL objective every measurement also keeps its per-sequence losses, so a search can
+    tell a removal's extra damage from the sampling noise of the calibration sequences
+    (`increase_error`)."""
 
     # a pass reads its blocks from outside the device (BlockwiseRemovalLoss): measuring several
     # candidates in one pass (`measure_many`) saves reads
@@ -124,6 +128,8 @@ class RemovalLoss:
             self._outputs = {block: [self._as_returned(o) for o in outputs] for block, outputs in kept.items()}
         # objective "kl": the original model's distribution on each batch, from its first pass
         self._reference: list[ReferenceDistribution] | None = None
+        # removed set -> this process's per-sequence mean NLL of the network without it
+        self._sequences: dict[frozenset[int], torch.Tensor] = {}
 
     def _as_returned(self, output: torch.Tensor) -> Any:
         """A kept hidden state as the block returns it: the model's own forward reads it."""
@@ -133,13 +139,37 @@ class RemovalLoss:
         """The summed loss of batch `index` from its final hidden state, and its count."""
         batch, positions = self.batches[index], self.positions[index]
         if self.objective == "nll":
-            total, count = head_nll(self.handle, batch, final, returns_tuple, positions=positions)
-            return total.item(), count
+            total, count = head_nll(self.handle, batch, final, returns_tuple, positions=positions, per_sequence=True)
+            return total.cpu(), count.cpu()
         if len(self._reference) < len(self.batches):  # the original network's pass (`_references`)
             self._reference.append(reference_distribution(self.handle, batch, final, returns_tuple, KL_TOP_K, positions=positions))
             return 0.0, int(self._reference[-1].rest_log_mass.numel())
         total, count = head_kl(self.handle, batch, final, returns_tuple, self._reference[index], positions=positions)
         return total.item(), count
+
+    def _mean(self, summed: list[tuple[Any, Any]], skipped: Sequence[int]) -> float:
+        """`_token_mean` of one pass's per-batch sums, keeping its per-sequence losses (NLL)."""
+        if summed and torch.is_tensor(summed[0][1]):
+            totals, counts = (torch.cat([part[i] for part in summed]) for i in (0, 1))
+            self._sequences[frozenset(skipped)] = totals.double() / counts.clamp(min=1)
+        return _token_mean(summed, skipped)
+
+    def increase_error(self, block: int) -> float:
+        """The standard error of the extra loss that removing `block` from the current network was
+        measured to add: the spread over the calibration sequences (of every process) of each
+        sequence's own increase, over the square root of their number. Two removals whose losses
+        differ by less cannot be told apart on this sample. 0 with fewer than two sequences."""
+        if self.objective != "nll":
+            raise ValueError("Per-sequence losses are kept for the NLL objective only.")
+        if frozenset(self.removed) not in self._sequences:
+            self.current()
+        increase = self._sequences[frozenset(self.removed + [block])] - self._sequences[frozenset(self.removed)]
+        sums = all_reduce_state({"n": len(increase), "sum": float(increase.sum()), "squares": float((increase**2).sum())})
+        n = sums["n"]
+        if n < 2:
+            return 0.0
+        variance = max(sums["squares"] - sums["sum"] ** 2 / n, 0.0) / (n - 1)
+        return (variance / n) ** 0.5
 
     def _references(self) -> None:
         """Objective "kl": before the first measurement, one pass of the original network takes
@@ -210,7 +240,7 @@ class RemovalLoss:
                 if stop is None:
                     summed.append(self._loss(batch_index, final, returns_tuple))
         self._outputs.update(stored)
-        return None if stop is not None else _token_mean(summed, skipped)
+        return None if stop is not None else self._mean(summed, skipped)
 
     def loss_without(self, skipped: Sequence[int]) -> float:
         """The calibration NLL of the whole network without the `skipped` blocks (one full pass,
@@ -295,7 +325,7 @@ class BlockwiseRemovalLoss(RemovalLoss):
         if stop is not None:
             return None
         summed = [self._loss(b, final.to(self.device), self._returns_tuple) for b, final in enumerate(hidden)]
-        return _token_mean(summed, skipped)
+        return self._mean(summed, skipped)
 
 
     @torch.no_grad()
@@ -321,8 +351,8 @@ class BlockwiseRemovalLoss(RemovalLoss):
                         self._returns_tuple = isinstance(output, (tuple, list))
                         streams[candidate][b] = block_output(output).cpu()
         return {
-            candidate: _token_mean([self._loss(b, final.to(self.device), self._returns_tuple) for b, final in enumerate(hidden)],
-                                   self.removed + [candidate])
+            candidate: self._mean([self._loss(b, final.to(self.device), self._returns_tuple) for b, final in enumerate(hidden)],
+                                  self.removed + [candidate])
             for candidate, hidden in streams.items()
         }
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .baselines import BlockInfluence
 from .loss_check import held_back_search, loss_check
 from ..model.rewrite import skip_blocks
 from ..statistics.score import network_gradnorm
@@ -143,9 +144,11 @@ def _loss(context: SelectionContext) -> Selection:
     return selection
 
 
-LOSS_SETTINGS = ("loss_candidates", "loss_tokens", "loss_positions", "loss_objective", "loss_beam", "loss_confirm", "loss_lazy", "loss_bound", "loss_screen", "loss_screen_samples")
+LOSS_SETTINGS = ("loss_candidates", "loss_tokens", "loss_positions", "loss_objective", "loss_beam", "loss_confirm", "loss_ties", "loss_lazy", "loss_bound", "loss_screen", "loss_screen_samples")
 # every SGLP choice may be put against peers' on held-back tokens (analyze; sglp_llm.selection.decide)
 DECISION_SETTINGS = ("decide_among", "loss_tokens")
 register("sglp-block", Selector(None, _per_block, (*GROUP_SETTINGS, "gradient_score", *DECISION_SETTINGS)))
 register("sglp-subset", Selector(None, _subset_search, (*GROUP_SETTINGS, "max_candidates", "subset_batches", *DECISION_SETTINGS)))
-register("sglp-loss", Selector(None, _loss, (*GROUP_SETTINGS, "gradient_score", *LOSS_SETTINGS, "decide_among")))
+# the loss check's pass also measures block influence: what settles its near-ties (loss_ties)
+register("sglp-loss", Selector(lambda num_blocks, _n_drop: BlockInfluence(num_blocks), _loss,
+                               (*GROUP_SETTINGS, "gradient_score", *LOSS_SETTINGS, "decide_among")))
