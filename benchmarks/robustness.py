@@ -114,6 +114,8 @@ METHODS = {
     # the default with the greedy step's near-ties (candidates within one standard error of the
     # best's loss increase over the loss sequences) settled by block influence: the lowest goes
     "default-ties": {"dataset": SELF_GENERATED, "loss_ties": "block-influence"},
+    # the same, the tied blocks that border a removed one first (a run grows), then block influence
+    "default-run-ties": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence"},
     # the model's own samples scored by the KL to the dense model's next-token distribution: the
     # model's function on its own typical text, not one source's next tokens
     "self-generated-kl": {"dataset": SELF_GENERATED, "loss_objective": "kl"},

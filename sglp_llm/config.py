@@ -22,7 +22,7 @@ GRADIENT_SCORES = ("taylor", "fisher", "gradnorm")  # sglp_llm.statistics.score
 LOSS_BOUNDS = ("stale", "marginal", "local")
 LOSS_SCREENS = ("sequences", "taylor")
 LOSS_OBJECTIVES = ("nll", "kl")  # sglp_llm.selection.removal
-LOSS_TIES = ("none", "block-influence")  # sglp_llm.selection.loss_check
+LOSS_TIES = ("none", "block-influence", "run-then-block-influence")  # sglp_llm.selection.loss_check
 HIDDEN_STATES = ("auto", "memory", "disk")  # sglp_llm.passes.hidden_states
 COMPENSATIONS = ("none", "least_squares", "cosine", "rescale")  # sglp_llm.recovery.compensate
 COMPENSATION_FITS = ("original", "pruned")
@@ -256,7 +256,8 @@ class SGLPConfig(SettingsFile):
     # of the calibration sample (within one standard error of the best's increase, measured
     # over the loss sequences): "none", the lowest loss goes; "block-influence", the one that
     # changes its input least in the original network goes (ShortGPT's score, from the
-    # statistics pass): SGLP's representation view where the loss cannot decide
+    # statistics pass): SGLP's representation view where the loss cannot decide;
+    # "run-then-block-influence", the same among the tied blocks that border a removed one, if any
     loss_ties: str = "none"
     # peers (e.g. block-influence, angular) whose choices compete with SGLP's: the set whose removal
     # leaves the lowest calibration loss on every calibration token after the loss check's wins

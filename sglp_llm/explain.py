@@ -131,9 +131,11 @@ def _score_and_choice(config: dict[str, Any], settings: SGLPConfig, calibration_
             confirm = config.get("loss_confirm", 1)
             held = (f"; at each step the {confirm} best are measured on the next {held_back_tokens} calibration tokens, "
                     "held back from the search, and the best there goes") if confirm > 1 else ""
+            rule = config.get("loss_ties", "none")
             ties = ("; candidates whose loss is within one standard error (over the loss sequences) of the lowest "
                     "one's increase are a tie, and of those the block with the lowest block influence on the original "
-                    "network goes") if config.get("loss_ties", "none") != "none" else ""
+                    "network goes" + (", among those that border a removed block when any does"
+                                      if rule == "run-then-block-influence" else "")) if rule != "none" else ""
             lines.append(
                 f"choice: one removal at a time, the candidate whose removal leaves the lowest {loss_name(config)} "
                 f"({measured_on}), among {pool}{share}{screen}{held}{ties}"
@@ -201,8 +203,9 @@ def _chosen_by(plan: Any) -> dict[int, str]:
                 if "tied" in record:
                     others = [b for b in record["tied"] if b != block]
                     parts.append(f"tied with {others} (within {record['tie_margin']:.4f}, one standard error, of block "
-                                 f"{record['lowest_loss']}'s loss), the lowest block influence of them "
-                                 f"({record['block_influence'][str(block)]:.4f})")
+                                 f"{record['lowest_loss']}'s loss), settled by block influence "
+                                 f"({record['block_influence'][str(block)]:.4f}"
+                                 f"{', bordering a removed block' if record.get('borders_removed') else ''})")
                 if "held_back" in record:
                     parts.append(f"on the held-back tokens {record['held_back'][str(block)]:.4f}, "
                                  f"the best of the search's {len(record['held_back'])} best")

@@ -37,29 +37,36 @@ def _block_influence(model, batches) -> list[float]:
     return [1 - c / count for c in cos_sum]
 
 
-def _tie_settled_by_brute_force(model, search, removed, free, influence):
+def _tie_settled_by_brute_force(model, search, removed, free, influence, rule="block-influence"):
     """The step's lowest-loss block, the blocks within one standard error of its per-sequence
-    increase, and the lowest-influence block among them."""
+    increase, and the lowest-influence block among them (with the run rule: among those next to a
+    removed block, when any is)."""
     loss = {b: calibration_nll(model, search, removed + [b]) for b in free}
     best = min(free, key=lambda b: (loss[b], b))
     rows = _rows(search)
     increase = torch.tensor([calibration_nll(model, [r], removed + [best]) - calibration_nll(model, [r], removed) for r in rows])
     margin = (increase.std() / len(rows) ** 0.5).item()
     tied = sorted(b for b in free if loss[b] <= loss[best] + margin)
-    return best, tied, min(tied, key=lambda b: (influence[b], b))
+    bordering = [b for b in tied if b - 1 in removed or b + 1 in removed] if rule == "run-then-block-influence" else []
+    return best, tied, min(bordering or tied, key=lambda b: (influence[b], b))
 
 
-@pytest.mark.parametrize("family,seed", [("llama", 3), ("qwen2", 1)])  # models where a tie changes the choice
-def test_near_ties_are_settled_by_block_influence_as_brute_force_settles_them(family, seed):
+# models where a tie changes the choice (and, for the run rule, where it chooses unlike block influence alone)
+@pytest.mark.parametrize("family,seed,rule", [
+    ("llama", 3, "block-influence"), ("qwen2", 1, "block-influence"),
+    ("llama", 4, "run-then-block-influence"), ("gemma3_text", 0, "run-then-block-influence"),
+])
+def test_near_ties_are_settled_by_block_influence_as_brute_force_settles_them(family, seed, rule):
     """Every candidate measured (no lazy bound, no screen): the exact rule."""
     model = tiny_model(family, num_layers=8, seed=seed)
-    plan = analyze(model, BATCHES, CONFIG.replace(loss_lazy=False, loss_screen_samples=0), progress=False)
+    plan = analyze(model, BATCHES, CONFIG.replace(loss_lazy=False, loss_screen_samples=0, loss_ties=rule), progress=False)
     search = first_tokens(BATCHES, 48)
     influence = _block_influence(model, BATCHES)
     removed: list[int] = []
     settled = 0
     for step in plan.extra["loss_check"]["steps"]:
-        best, tied, chosen = _tie_settled_by_brute_force(model, search, removed, [b for b in range(1, 7) if b not in removed], influence)
+        best, tied, chosen = _tie_settled_by_brute_force(model, search, removed, [b for b in range(1, 7) if b not in removed],
+                                                         influence, rule)
         assert step["block"] == chosen
         if len(tied) > 1:
             assert (step["tied"], step["lowest_loss"]) == (tied, best)
@@ -70,6 +77,8 @@ def test_near_ties_are_settled_by_block_influence_as_brute_force_settles_them(fa
         removed.append(chosen)
     assert plan.dropped == sorted(removed)
     assert settled, "no step here had a tie that block influence settled: the test would not see the rule"
+    if rule != "block-influence":
+        assert plan.dropped != analyze(model, BATCHES, CONFIG.replace(loss_lazy=False, loss_screen_samples=0), progress=False).dropped
 
 
 @pytest.mark.parametrize("family,seed", [("llama", 3), ("qwen2", 1)])

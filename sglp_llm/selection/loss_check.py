@@ -140,7 +140,8 @@ def loss_check(
                 best = min(finalists, key=lambda b: (held_back[b], b))
                 judge.remove(best)
             elif config.loss_ties != "none":
-                best, tie = _settle_tie(candidates, fresh, measured, bound, measure, removal, context.observed)
+                best, tie = _settle_tie(candidates, fresh, measured, bound, measure, removal, context.observed,
+                                        config.loss_ties)
             else:
                 best = finalists[0]
             if not steps and not first:
@@ -159,12 +160,15 @@ def loss_check(
 def _settle_tie(
     candidates: list[int], fresh: set[int], measured: dict[int, float],
     bound: Callable[[int], float], measure: Callable[[int], None], removal: RemovalLoss, influence: list[float],
+    rule: str,
 ) -> tuple[int, dict[str, Any]]:
     """The greedy step's removal when the loss cannot tell its best candidates apart: every
     candidate that may lie within one standard error of the lowest loss's increase
     (`RemovalLoss.increase_error`; the one-standard-error rule) is measured fresh, and among those
     that do, the block with the lowest block influence (`influence`, measured on the original
-    network) goes. Returns it and the step's record of the tie (empty when there was none)."""
+    network) goes; with `rule` "run-then-block-influence", the lowest of those that border a
+    removed block, when any does (a run of removed blocks, as SGLP's groups and angular distance
+    remove them). Returns it and the step's record of the tie (empty when there was none)."""
     while True:
         best = min(fresh, key=lambda b: (measured[b], b))
         margin = TIE_STANDARD_ERRORS * removal.increase_error(best)
@@ -175,9 +179,10 @@ def _settle_tie(
     tied = sorted(b for b in fresh if measured[b] <= measured[best] + margin)
     if len(tied) < 2:
         return best, {}
-    chosen = min(tied, key=lambda b: (influence[b], b))
+    extends_run = (lambda b: b - 1 in removal.removed or b + 1 in removal.removed) if rule == "run-then-block-influence" else (lambda b: False)
+    chosen = min(tied, key=lambda b: (not extends_run(b), influence[b], b))
     return chosen, {"tied": tied, "tie_margin": margin, "lowest_loss": best,
-                    "block_influence": {str(b): influence[b] for b in tied}}
+                    "block_influence": {str(b): influence[b] for b in tied}, "borders_removed": extends_run(chosen)}
 
 
 def loss_batches(batches: list[dict[str, Any]], config: Any) -> list[dict[str, Any]]:
