@@ -135,7 +135,7 @@ def _score_and_choice(config: dict[str, Any], settings: SGLPConfig, calibration_
             ties = ("; candidates whose loss is within one standard error (over the loss sequences) of the lowest "
                     "one's increase are a tie, and of those the block with the lowest block influence on the original "
                     "network goes" + (", among those that border a removed block when any does"
-                                      if rule == "run-then-block-influence" else "")) if rule != "none" else ""
+                                      if rule == "run-then-block-influence" else "")) if settings.settles_ties else ""
             lines.append(
                 f"choice: one removal at a time, the candidate whose removal leaves the lowest {loss_name(config)} "
                 f"({measured_on}), among {pool}{share}{screen}{held}{ties}"

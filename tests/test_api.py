@@ -159,7 +159,7 @@ def test_loss_check_removes_the_best_gradnorm_candidate_by_calibration_loss(allo
     model = tiny_model("llama", num_layers=10)
     batches = _batches()
     config = SGLPConfig(drop=3, groups=True, num_segments=3, scoring="loss", loss_candidates=candidates, loss_tokens=128,
-                        loss_lazy=False, loss_screen_samples=0, allocation=allocation, **CONFIG)
+                        loss_lazy=False, loss_screen_samples=0, allocation=allocation, loss_ties="none", **CONFIG)
     plan = analyze(model, batches, config, progress=False)
 
     def loss(skipped):
@@ -222,8 +222,9 @@ def test_lazy_loss_check_makes_the_full_choice_with_fewer_measurements(monkeypat
         return sum(cost[b] for b in removed) + sum(2.0 for b in removed if b + 1 in removed)
 
     model = tiny_model("llama", num_layers=10)
+    # the lowest loss goes (no near-tie rule: the synthetic losses have no per-sequence spread)
     settings = dict(drop=4, groups=True, num_segments=1, scoring="loss", loss_candidates=8, allocation="loss",
-                    loss_screen_samples=0, **CONFIG)
+                    loss_screen_samples=0, loss_ties="none", **CONFIG)
     plans, counts = {}, {}
     modes = {False: dict(loss_lazy=False), True: dict(loss_bound="stale"), "marginal": dict(loss_bound="marginal")}
     for mode, chosen in modes.items():
@@ -253,7 +254,8 @@ def test_local_bound_keeps_the_neighbour_effects_that_the_marginal_bound_misses(
         return sum(cost[b] for b in removed) - (2.8 if {4, 5} <= set(removed) else 0.0)
 
     model = tiny_model("llama", num_layers=10)
-    settings = dict(drop=2, groups=True, num_segments=1, scoring="loss", loss_candidates=8, allocation="loss", **CONFIG)
+    settings = dict(drop=2, groups=True, num_segments=1, scoring="loss", loss_candidates=8, allocation="loss",
+                    loss_ties="none", **CONFIG)
     per_step = {}
     for bound, screen, dropped in (
         ("stale", 0, [4, 5]), ("local", 0, [4, 5]), ("marginal", 0, [2, 5]), ("local", 4, [4, 5])
@@ -413,7 +415,7 @@ def test_taylor_screen_estimates_each_first_removal_from_the_gate_score_and_meas
     model = tiny_model("llama", num_layers=10)
     batches = _batches()
     config = SGLPConfig(drop=2, groups=True, num_segments=2, scoring="loss", loss_screen="taylor", gradient_score="taylor",
-                        loss_bound="stale", **CONFIG)
+                        loss_bound="stale", loss_ties="none", **CONFIG)
     plan = analyze(model, batches, config, progress=False)
     check = plan.extra["loss_check"]
     taylor = plan.extra["gradient_scores"]["taylor"]

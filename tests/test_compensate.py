@@ -325,7 +325,7 @@ def test_compensation_aware_selection_is_the_greedy_search_on_compensated_losses
     model = tiny_model("llama", num_layers=7)
     batches = _batches(2)
     config = SGLPConfig(drop=2, method=selection, compensation=method, compensation_fit=fit_on, compensation_aware=True,
-                        loss_lazy=False, loss_tokens=10**6, cka_minibatch_tokens=16)
+                        loss_lazy=False, loss_tokens=10**6, cka_minibatch_tokens=16, loss_ties="none")
     plan = analyze(model, batches, config, progress=False)
     steps = plan.extra["sleb_steps"] if selection == "sleb" else plan.extra["loss_check"]["steps"]
     removed: list[int] = []

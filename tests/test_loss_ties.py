@@ -117,10 +117,16 @@ def test_without_ties_the_lowest_loss_goes():
         assert step["block"] == removed[-1] and "tied" not in step
 
 
-def test_ties_need_the_greedy_nll_check():
-    for settings in ({"loss_objective": "kl"}, {"loss_confirm": 3}, {"loss_beam": 2}):
-        with pytest.raises(ConfigError, match="loss_ties none"):
-            CONFIG.replace(**settings)
+@pytest.mark.parametrize("settings", [{"loss_objective": "kl"}, {"loss_confirm": 3}])
+def test_ties_apply_to_the_greedy_nll_check_only(settings):
+    """The KL objective keeps no per-sequence losses and a held-back decision settles the step
+    itself: there the setting does not apply, and nothing says it did."""
+    model = tiny_model("llama", num_layers=8, seed=3)
+    config = CONFIG.replace(**settings)
+    assert not config.settles_ties and CONFIG.settles_ties
+    plan = analyze(model, BATCHES, config.replace(loss_tokens=36), progress=False)
+    assert not any("tied" in step for step in plan.extra["loss_check"]["steps"])
+    assert "standard error" not in plan.summary()
     with pytest.raises(ConfigError, match="`loss_ties` must be one of"):
         CONFIG.replace(loss_ties="angular")
 

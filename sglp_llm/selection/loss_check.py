@@ -139,7 +139,7 @@ def loss_check(
                 held_back = {b: judge.measure(b) for b in finalists}
                 best = min(finalists, key=lambda b: (held_back[b], b))
                 judge.remove(best)
-            elif config.loss_ties != "none":
+            elif config.settles_ties:
                 best, tie = _settle_tie(candidates, fresh, measured, bound, measure, removal, context.observed,
                                         config.loss_ties)
             else:
