@@ -3,7 +3,8 @@ calibration window lengths and two seeds, judged on three held-out sources (issu
 
 Calibration: the tool's default sample size (32 windows) of the standard-library docstrings (the
 default calibration until 2026-12-06, `docstrings` here; every method names its text when it is
-another: the tool's default now samples the model's own text, `default`), at 128 and 256 tokens
+another: the tool's default now samples the model's own text and settles the loss check's
+near-ties, `default`), at 128 and 256 tokens
 per window, seeds 0 and 1; about 10/20/30 % of the blocks dropped. Held out:
 Debian's fortunes, the built-in evaluation paragraphs and the licence texts, none of them the
 calibration source. A greedy method (the loss check, SLEB's criterion) runs once at the deepest
@@ -60,11 +61,14 @@ PEERS = ("block-influence", "angular", "sleb")
 SLEB = {"loss_tokens": 10**9, "loss_screen_samples": 0, "loss_bound": "stale", "loss_objective": "nll"}
 # name -> settings changed from the defaults ("method": a peer); greedy ones are read by prefix
 METHODS = {
-    # the tool's default: calibrated on the model's own text (builtin:self-generated), its windows
-    # drawn by sglp's NucleusDraw (passes/sampling.py) from the beginning-of-text token; the
-    # analysis samples them, and its time includes the sampling. (Measured as `self-generated-2`,
-    # before it became the default, by the same code path.)
-    "default": {"dataset": SELF_GENERATED},
+    # the tool's default (since 2026-12-07): calibrated on the model's own text (builtin:self-generated),
+    # its windows drawn by sglp's NucleusDraw (passes/sampling.py) from the beginning-of-text token
+    # (the analysis samples them, and its time includes the sampling), the loss check's near-ties
+    # settled by the run rule. (Measured as `default-run-ties` before it became the default.)
+    "default": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence"},
+    # the default of 2026-12-06: the same without the tie rule (measured as `self-generated-2`
+    # and then `default`, by the same code path)
+    "default-untied": {"dataset": SELF_GENERATED, "loss_ties": "none"},
     # the default until 2026-12-06: the same analysis calibrated on the standard-library docstrings
     "docstrings": {},
     "nll": {"loss_objective": "nll"},
@@ -112,10 +116,8 @@ METHODS = {
     # best, the next 2048 calibration tokens (other sampled documents) choose among them
     "default-confirm": {"dataset": SELF_GENERATED, "loss_confirm": 3},
     # the default with the greedy step's near-ties (candidates within one standard error of the
-    # best's loss increase over the loss sequences) settled by block influence: the lowest goes
+    # best's loss increase over the loss sequences) settled by block influence alone: the lowest goes
     "default-ties": {"dataset": SELF_GENERATED, "loss_ties": "block-influence"},
-    # the same, the tied blocks that border a removed one first (a run grows), then block influence
-    "default-run-ties": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence"},
     # the model's own samples scored by the KL to the dense model's next-token distribution: the
     # model's function on its own typical text, not one source's next tokens
     "self-generated-kl": {"dataset": SELF_GENERATED, "loss_objective": "kl"},
@@ -128,6 +130,10 @@ METHODS = {
     "angular": {"method": "angular"},
     "sleb": SLEB,
 }
+# every loss-check method measured before near-ties were settled (2026-12-07) keeps the rule it ran with
+for _settings in METHODS.values():
+    if "method" not in _settings:
+        _settings.setdefault("loss_ties", "none")
 # derived, not run: the docstrings' choice where the stability check finds the halves agree on at
 # least WARN_BELOW of the blocks, else tokens-8k's (more loss tokens only where the sample misleads)
 ESCALATED = "tokens-8k-if-unstable"
@@ -268,7 +274,8 @@ def markdown(result: dict) -> str:
         f"## {result['model']}", "",
         f"- blocks: {result['num_blocks']}; calibration: {result['n_samples']} windows of the standard-library "
         f"docstrings unless a method's settings name another text (`default`: the model's own samples, the tool's default "
-        f"calibration since 2026-12-06) at {', '.join(map(str, SEQ_LENS))} tokens, seeds {', '.join(map(str, SEEDS))} (more where the tables show them; a method with a "
+        f"calibration since 2026-12-06, with the loss check's near-ties settled by the run rule since 2026-12-07; "
+        f"`default-untied`: without that rule) at {', '.join(map(str, SEQ_LENS))} tokens, seeds {', '.join(map(str, SEEDS))} (more where the tables show them; a method with a "
         f"`{BUDGET}` draws as many windows as those loss tokens take); "
         f"{result['threads']} torch thread(s)",
         *(f"- held-out `{key}`: {description}; the first {result['eval_max_texts']} texts scored"

@@ -258,8 +258,8 @@ class SGLPConfig(SettingsFile):
     # changes its input least in the original network goes (ShortGPT's score, from the
     # statistics pass): SGLP's representation view where the loss cannot decide;
     # "run-then-block-influence", the same among the tied blocks that border a removed one, if any
-    # (measured default: benchmarks/results/robustness.md, `default-run-ties`; block influence
-    # alone, `default-ties`, reached for low-influence blocks 25 and 26 on SmolLM2).
+    # (measured default: benchmarks/results/robustness.md, `default` against `default-untied`; block
+    # influence alone, `default-ties`, reached for low-influence blocks 25 and 26 on SmolLM2).
     # Only the greedy NLL check (no loss_beam, loss_confirm or KL objective) settles ties
     loss_ties: str = "run-then-block-influence"
     # peers (e.g. block-influence, angular) whose choices compete with SGLP's: the set whose removal
