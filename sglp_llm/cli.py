@@ -174,8 +174,9 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                              "calibration tokens, held back from the search, and remove the best there (default 1: off)")
     method.add_argument("--loss-ties", choices=LOSS_TIES,
                         help="how a removal is chosen among candidates whose losses differ by less than one standard "
-                             "error over the loss sequences: block-influence (the one that changes its input least "
-                             "in the original network) or none (the lowest loss)")
+                             "error over the loss sequences: run-then-block-influence (default: a block bordering a "
+                             "removed one first, then the one that changes its input least in the original network), "
+                             "block-influence (that alone) or none (the lowest loss)")
     method.add_argument("--decide-among", nargs="+", choices=[m for m in METHODS if m != "sglp"], metavar="PEER",
                         help="peers whose choices compete with SGLP's (e.g. block-influence angular): the set "
                              "with the lowest calibration loss on the tokens after --loss-tokens goes "

@@ -60,8 +60,9 @@ def loss_check(
     `loss_tokens` calibration tokens after the search's, `held_back_batches`) goes, so a
     candidate that only fits the search tokens' noise loses.
 
-    With `loss_ties` "block-influence", candidates whose losses the loss sequences cannot tell
-    apart from the best's are settled by block influence (`_settle_tie`)."""
+    With `loss_ties` (`config.settles_ties`), candidates whose losses the loss sequences cannot
+    tell apart from the best's are settled by block influence, bordering a removed block first
+    by default (`_settle_tie`)."""
     config, scores = context.config, context.scores
     batches = loss_batches(context.batches, config)
     removal = removal_loss(context.handle, batches, config, config.loss_objective, context.original_outputs)
