@@ -11,12 +11,13 @@ recorded; quality.md has their held-out perplexity.
     python benchmarks/cost.py --models smollm2-135m
     OMP_NUM_THREADS=1 python benchmarks/cost.py --models gemma-3-270m
 
-`--kept-outputs` times the default with the loss check starting from the block outputs the
+`--sleb-on-every-token` lets SLEB measure on every calibration token (its own setting) and writes
+cost-all-<model>.json. `--kept-outputs` times the default with the loss check starting from the block outputs the
 statistics pass keeps, and without. `--head-share` measures instead where a loss-check measurement's time goes: the blocks after the
 removed one against the head (final norm, lm_head, loss), on the loss check's 2048 tokens, and
 the same with the head on a quarter of the positions (`loss_positions: 0.25`).
 
-Results: benchmarks/results/cost-<model>.json, cost-kept-<model>.json and cost-head-<model>.json, gathered into
+Results: benchmarks/results/cost-<model>.json (cost-untied-<model>.json: before near-ties were settled), cost-all-<model>.json, cost-kept-<model>.json and cost-head-<model>.json, gathered into
 benchmarks/results/cost.md with the earlier measurement (cost-earlier-<model>.json: SLEB on every
 calibration token, at 10 % only, before the stability check existed).
 """
@@ -41,18 +42,19 @@ from sglp_llm.data import prepare_calibration
 from sglp_llm.model.loading import load_model
 
 
-def measure(name: str, out: Path) -> None:
-    """At about 10 % and 30 % dropped: the default, SLEB on the loss check's tokens, the default
-    again (its two runs bracket SLEB's in time), in one process; times and blocks, written to
-    `out` after each drop."""
+def measure(name: str, out: Path, sleb_on_every_token: bool = False, ratios: tuple[float, ...] = (RATIOS[0], RATIOS[-1])) -> None:
+    """At about 10 % and 30 % dropped (`ratios`): the default, SLEB on the loss check's tokens (or,
+    `sleb_on_every_token`, on every calibration token: SLEB's own setting, issue 23's comparison),
+    the default again (its two runs bracket SLEB's in time), in one process; times and blocks,
+    written to `out` after each drop."""
     loaded = load_model(name, dtype="float32")
     model, tokenizer = loaded.model, loaded.tokenizer
     num_blocks = len(find_decoder_blocks(model).layers)
     calibration = prepare_calibration(None, tokenizer, CALIBRATION)
-    # SLEB measures each removal on its first sleb_batches batches: the loss check's tokens
-    equal = math.ceil(CALIBRATION.loss_tokens / (CALIBRATION.batch_size * CALIBRATION.seq_len))
+    # SLEB measures each removal on its first sleb_batches batches: the loss check's tokens, or all
+    equal = None if sleb_on_every_token else math.ceil(CALIBRATION.loss_tokens / (CALIBRATION.batch_size * CALIBRATION.seq_len))
     cells = []
-    for ratio in (RATIOS[0], RATIOS[-1]):
+    for ratio in ratios:
         drop = replace(CALIBRATION, ratio=ratio, drop=None).resolve_drop(num_blocks)
         runs = []
         for method in ("sglp", "sleb", "sglp"):
@@ -70,7 +72,9 @@ def measure(name: str, out: Path) -> None:
         })
         out.write_text(json.dumps({
             "model": loaded.name, "num_blocks": num_blocks, "cells": cells,
-            "sleb_tokens": equal * CALIBRATION.batch_size * CALIBRATION.seq_len, "loss_tokens": CALIBRATION.loss_tokens,
+            "sleb_tokens": calibration.n_tokens if equal is None else equal * CALIBRATION.batch_size * CALIBRATION.seq_len,
+            "loss_tokens": CALIBRATION.loss_tokens,
+            "loss_ties": CALIBRATION.loss_ties,
             "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         }, indent=2))
@@ -138,22 +142,27 @@ def head_share(name: str) -> dict:
 def gather() -> Path:
     lines = [
         "# Analysis time: SGLP default vs SLEB, side by side (benchmarks/cost.py)", "",
-        "In one process: the default, SLEB measuring each removal on the same calibration tokens as the "
-        "default's loss check, the default again (its time: the mean of its two runs, which bracket SLEB's). "
-        "The default's time is given for its choice alone and with the stability check's second analysis "
-        "(on by default).", "",
-        "| model | drop | tokens per removal | default: choice (s) | with the stability check (s) | SLEB (s) "
-        "| SLEB / choice | SLEB / with the check | same blocks? | threads |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "In one process: the default, SLEB, the default again (its time: the mean of its two runs, which bracket "
+        "SLEB's). SLEB measures each removal on the same calibration tokens as the default's loss check, or "
+        "(`--sleb-on-every-token`) on every calibration token, as SLEB itself does. The default's time is given "
+        "for its choice alone and with the stability check's second analysis (on by default). Calibration: "
+        f"{CALIBRATION.n_samples} windows of {CALIBRATION.seq_len} docstring tokens, prepared before either runs "
+        "(so neither time includes it).", "",
+        "| model | drop | default | tokens per removal (default / SLEB) | default: choice (s) | with the stability check (s) "
+        "| SLEB (s) | SLEB / choice | SLEB / with the check | same blocks? | threads |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    measured = [json.loads(p.read_text()) for name in MODELS if (p := RESULTS / f"cost-{name}.json").is_file()]
+    measured = [json.loads(p.read_text()) for name in MODELS for kind in ("", "all-", "untied-")
+                if (p := RESULTS / f"cost-{kind}{name}.json").is_file()]
     if not measured:
         lines[-2:] = ["Not run yet: `python benchmarks/cost.py`."]
     for r in measured:
+        # the loss check's near-ties are settled by default since 2026-12-07; runs before say so
+        default = f"loss_ties {r['loss_ties']}" if "loss_ties" in r else "before near-ties were settled (2026-12-06)"
         for c in r["cells"]:
             ours, sleb = c["runs"][0]["dropped"], c["runs"][1]["dropped"]
             lines.append(
-                f"| {r['model']} | {c['drop']} | {r['loss_tokens']} / {r['sleb_tokens']} | {c['sglp_s']:.0f} "
+                f"| {r['model']} | {c['drop']} | {default} | {r['loss_tokens']} / {r['sleb_tokens']} | {c['sglp_s']:.0f} "
                 f"| {c['sglp_with_stability_s']:.0f} | {c['sleb_s']:.0f} | {c['sleb_s'] / c['sglp_s']:.1f}x "
                 f"| {c['sleb_s'] / c['sglp_with_stability_s']:.1f}x | {'yes' if ours == sleb else 'no'} ({ours} vs {sleb}) "
                 f"| {r['threads']} |")
@@ -201,6 +210,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--head-share", action="store_true", help="where a measurement's time goes, not SGLP vs SLEB")
+    parser.add_argument("--sleb-on-every-token", action="store_true",
+                        help="SLEB measures each removal on every calibration token (its own setting), not the default's loss tokens")
+    parser.add_argument("--ratios", default=f"{RATIOS[0]},{RATIOS[-1]}", help="comma-separated fractions of blocks dropped")
     parser.add_argument("--kept-outputs", action="store_true",
                         help="the default with and without the statistics pass's kept block outputs, not SGLP vs SLEB")
     args = parser.parse_args()
@@ -210,7 +222,8 @@ def main() -> None:
         elif args.head_share:
             (RESULTS / f"cost-head-{name}.json").write_text(json.dumps(head_share(name), indent=2))
         else:
-            measure(name, RESULTS / f"cost-{name}.json")
+            out = RESULTS / f"cost-{'all-' if args.sleb_on_every_token else ''}{name}.json"
+            measure(name, out, args.sleb_on_every_token, tuple(float(r) for r in args.ratios.split(",")))
         print(f"wrote {gather()}")
 
 

@@ -118,6 +118,10 @@ METHODS = {
     # the default with the greedy step's near-ties (candidates within one standard error of the
     # best's loss increase over the loss sequences) settled by block influence alone: the lowest goes
     "default-ties": {"dataset": SELF_GENERATED, "loss_ties": "block-influence"},
+    # the default with the head scoring a quarter of each loss window's positions (seeded strata,
+    # the same for every candidate): the blocks still run on every token, the head (most of a
+    # measurement with Gemma-3's 262k vocabulary) on a quarter (issues 23, 26: the analysis time)
+    "default-positions": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence", "loss_positions": 0.25},
     # the model's own samples scored by the KL to the dense model's next-token distribution: the
     # model's function on its own typical text, not one source's next tokens
     "self-generated-kl": {"dataset": SELF_GENERATED, "loss_objective": "kl"},
