@@ -35,7 +35,7 @@ from .recovery.block_recovery import BlockRecovery, recover_blocks
 from .recovery.compensate import Compensation, applied, fit_compensation, fold
 from .config import ConfigError, SGLPConfig
 from .data import CalibrationSet, prepare_calibration
-from .selection.loss_check import loss_batches, sequences_read
+from .selection.loss_check import loss_batches, sequences_read, ties_settled_alike
 from .explain import chosen_by, stages
 from .passes.distributed import all_reduce_state, is_main_process, rank, world_size
 from .plan import PruningPlan
@@ -353,10 +353,23 @@ def _analyze(
         preflighted = {k: v for k, v in cache.items() if k[0] == "preflight"}
         if progress:  # the halves' analyses take as long as the choice: say what the next bars are
             tqdm.write("Stability check: the same analysis on the halves of the calibration sequences", file=sys.stderr)
+        read = sequences_read(config, calibration.batches)
+        ties = [step for step in extra.get("loss_check", {}).get("steps", []) if "tied" in step]
+
+        def first_half_repeats(half: CalibrationSet) -> bool:
+            """The first half holds every sequence the loss check measured, and where a tie was
+            settled by block influence (measured on every sequence), the half's own settles it alike."""
+            if read is None or read > half.n_samples:
+                return False
+            if not ties:
+                return True
+            influence = _analyze(handle, half, halves.replace(method="block-influence"), tokenizer, False, dict(preflighted))[0].scores
+            return ties_settled_alike(extra["loss_check"]["steps"], influence, config.loss_ties)
+
         plan.extra["stability"] = choice_stability(
             calibration, plan.dropped,
             lambda half: _analyze(handle, half, halves, tokenizer, progress, dict(preflighted))[0].dropped,
-            sequences_read(config, calibration.batches),
+            first_half_repeats,
         )
         if "seconds" in plan.extra["stability"]:
             plan.timings["stability_s"] = plan.extra["stability"]["seconds"]

@@ -40,20 +40,20 @@ def calibration_halves(calibration: CalibrationSet) -> tuple[CalibrationSet, Cal
 
 def choice_stability(
     calibration: CalibrationSet, dropped: list[int], choose: Callable[[CalibrationSet], list[int]],
-    sequences_read: int | None = None,
+    first_half_repeats: Callable[[CalibrationSet], bool] | None = None,
 ) -> dict[str, Any]:
     """The stability record of a choice `dropped` made on `calibration`: `choose` (the same
     analysis) run on each half, the halves' agreement |A ∩ B| / |A| and each half's agreement
     with the whole's choice. None-valued agreement: too few sequences to split.
 
-    `sequences_read`: how many leading sequences the choice depends on (None: all). When the
-    first half holds them, its choice is `dropped` itself and is not made again."""
+    `first_half_repeats(first half)`: whether the analysis of the first half is known to make the
+    whole's choice (it reads nothing the first half lacks); then it is not made again."""
     halves = calibration_halves(calibration)
     if halves is None:
         return {"agreement": None, "reason": "fewer than two calibration sequences: nothing to split"}
     started = time.perf_counter()
-    first_is_whole = sequences_read is not None and sequences_read <= halves[0].n_samples
     try:
+        first_is_whole = first_half_repeats is not None and first_half_repeats(halves[0])
         chosen = [sorted(dropped) if first_is_whole else sorted(choose(halves[0])), sorted(choose(halves[1]))]
     except ConfigError as error:  # e.g. a half too small for the settings: the choice stands, unchecked
         return {"agreement": None, "reason": f"a half of the calibration cannot be analysed alike: {error}"}

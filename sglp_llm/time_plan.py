@@ -294,6 +294,10 @@ def count_analysis(
         first, second = config.n_samples // 2, config.n_samples - config.n_samples // 2
         read = sequences_read(config, _windows(config, config.n_samples))
         halves = [second] if read is not None and read <= first else [first, second]
+        if len(halves) == 1 and config.settles_ties:
+            assumptions.append("the first half's analysis is counted as skipped (it repeats the choice); where a near-tie "
+                               "was settled, a forward over it measures its block influence, and where that settles a "
+                               "tie otherwise, it is analysed in full: neither is counted")
         for sequences in halves:
             _analysis(phases, "stability check: ", num_blocks, config, sequences, order, measured_per_step)
     return phases, assumptions

@@ -135,10 +135,44 @@ def test_only_a_choice_read_from_the_first_half_alone_is_taken_as_its_choice():
     assert sequences_read(base.replace(method="block-influence"), batches) is None
     made = []
     choose = lambda half: made.append(half.n_samples) or [2]  # noqa: E731
-    record = choice_stability(calibration, [1], choose, sequences_read=3)
+    record = choice_stability(calibration, [1], choose, lambda half: half.n_samples >= 3)
     assert made == [4] and record["halves"] == [[1], [2]] and record["first_half_is_choice"]
-    record = choice_stability(calibration, [1], choose, sequences_read=6)
+    record = choice_stability(calibration, [1], choose, lambda half: half.n_samples >= 6)
     assert made == [4, 4, 4] and record["halves"] == [[2], [2]] and not record["first_half_is_choice"]
+
+
+@pytest.mark.parametrize("seed, reused", [(2, False), (6, True)])
+def test_a_tie_settled_by_block_influence_is_settled_again_on_the_first_half(seed, reused):
+    """Near-ties are settled by block influence measured on every sequence, so a first half that
+    holds the loss tokens repeats the whole's choice only where its own block influence settles
+    each tie alike. Seed 2: it does not (the whole drops [4, 5, 6], the first half alone
+    [1, 4, 5]), so the first half is analysed; seed 6: it does, and the whole's choice stands."""
+    torch.manual_seed(seed)
+    model = tiny_model("llama", num_layers=8)
+    batches = [tiny_batch(batch_size=3, seq_len=12, seed=10 * seed + s) for s in range(4)]  # 12 sequences: 6 and 6
+    config = SGLPConfig(drop=3, loss_tokens=40, cka_minibatch_tokens=16)  # 40 tokens: the first 4 sequences
+    plan = analyze(model, batches, config, progress=False)
+    assert any("tied" in step for step in plan.extra["loss_check"]["steps"])
+    rows = torch.cat([b["input_ids"] for b in batches])
+    first = analyze(model, [{"input_ids": rows[:6], "attention_mask": torch.ones_like(rows[:6])}],
+                    config.replace(stability_check=False), progress=False)
+    assert plan.extra["stability"]["halves"][0] == first.dropped
+    assert plan.extra["stability"]["first_half_is_choice"] is reused
+    assert (first.dropped == plan.dropped) is reused
+
+
+def test_ties_are_settled_alike_only_where_the_rule_picks_each_steps_block():
+    from sglp_llm.selection.loss_check import tie_choice, ties_settled_alike
+
+    steps = [{"block": 4}, {"block": 5, "tied": [2, 5]}, {"block": 2, "tied": [2, 7]}]
+    influence = [0.0, 0.0, 0.3, 0.0, 0.0, 0.5, 0.0, 0.1]
+    # step 2: 5 borders the removed 4, so it goes before the lower-influence 2; step 3: neither borders
+    assert tie_choice([2, 5], {4}, influence, "run-then-block-influence") == 5
+    assert tie_choice([2, 5], {4}, influence, "block-influence") == 2
+    assert not ties_settled_alike(steps, influence, "run-then-block-influence")  # step 3: 7 has less influence
+    assert ties_settled_alike(steps, [0.0, 0.0, 0.05, 0.0, 0.0, 0.5, 0.0, 0.1], "run-then-block-influence")
+    assert not ties_settled_alike(steps, [0.0, 0.0, 0.05, 0.0, 0.0, 0.5, 0.0, 0.1], "block-influence")
+    assert ties_settled_alike([{"block": 3}], [], "block-influence")  # no tie: nothing to settle
 
 
 def test_the_check_can_be_turned_off():

@@ -180,10 +180,28 @@ def _settle_tie(
     tied = sorted(b for b in fresh if measured[b] <= measured[best] + margin)
     if len(tied) < 2:
         return best, {}
-    extends_run = (lambda b: b - 1 in removal.removed or b + 1 in removal.removed) if rule == "run-then-block-influence" else (lambda b: False)
-    chosen = min(tied, key=lambda b: (not extends_run(b), influence[b], b))
+    chosen = tie_choice(tied, set(removal.removed), influence, rule)
     return chosen, {"tied": tied, "tie_margin": margin, "lowest_loss": best,
-                    "block_influence": {str(b): influence[b] for b in tied}, "borders_removed": extends_run(chosen)}
+                    "block_influence": {str(b): influence[b] for b in tied}, "borders_removed": _borders(chosen, set(removal.removed))}
+
+
+def tie_choice(tied: list[int], removed: set[int], influence: list[float], rule: str) -> int:
+    """Which of the `tied` blocks `rule` removes, `removed` already gone: the lowest block
+    influence, among those bordering a removed block first with "run-then-block-influence"."""
+    runs = rule == "run-then-block-influence"
+    return min(tied, key=lambda b: (not (runs and _borders(b, removed)), influence[b], b))
+
+
+def _borders(block: int, removed: set[int]) -> bool:
+    return block - 1 in removed or block + 1 in removed
+
+
+def ties_settled_alike(steps: list[dict[str, Any]], influence: list[float], rule: str) -> bool:
+    """Whether block influence measured elsewhere (`influence`, e.g. on part of the calibration)
+    settles every tie of a loss check's `steps` as they were settled: then the same loss
+    measurements make the same choice with it."""
+    return all(tie_choice(step["tied"], {s["block"] for s in steps[:i]}, influence, rule) == step["block"]
+               for i, step in enumerate(steps) if "tied" in step)
 
 
 def loss_batches(batches: list[dict[str, Any]], config: Any) -> list[dict[str, Any]]:
