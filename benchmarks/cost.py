@@ -42,11 +42,12 @@ from sglp_llm.data import prepare_calibration
 from sglp_llm.model.loading import load_model
 
 
-def measure(name: str, out: Path, sleb_on_every_token: bool = False, ratios: tuple[float, ...] = (RATIOS[0], RATIOS[-1])) -> None:
+def measure(name: str, out: Path, sleb_on_every_token: bool = False, ratios: tuple[float, ...] = (RATIOS[0], RATIOS[-1]),
+            conditions: str = "") -> None:
     """At about 10 % and 30 % dropped (`ratios`): the default, SLEB on the loss check's tokens (or,
     `sleb_on_every_token`, on every calibration token: SLEB's own setting, issue 23's comparison),
     the default again (its two runs bracket SLEB's in time), in one process; times and blocks,
-    written to `out` after each drop."""
+    written to `out` after each drop, with the `conditions` given (what else ran beside)."""
     loaded = load_model(name, dtype="float32")
     model, tokenizer = loaded.model, loaded.tokenizer
     num_blocks = len(find_decoder_blocks(model).layers)
@@ -74,7 +75,7 @@ def measure(name: str, out: Path, sleb_on_every_token: bool = False, ratios: tup
             "model": loaded.name, "num_blocks": num_blocks, "cells": cells,
             "sleb_tokens": calibration.n_tokens if equal is None else equal * CALIBRATION.batch_size * CALIBRATION.seq_len,
             "loss_tokens": CALIBRATION.loss_tokens,
-            "loss_ties": CALIBRATION.loss_ties,
+            "loss_ties": CALIBRATION.loss_ties, "conditions": conditions,
             "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         }, indent=2))
@@ -166,6 +167,8 @@ def gather() -> Path:
                 f"| {c['sglp_with_stability_s']:.0f} | {c['sleb_s']:.0f} | {c['sleb_s'] / c['sglp_s']:.1f}x "
                 f"| {c['sleb_s'] / c['sglp_with_stability_s']:.1f}x | {'yes' if ours == sleb else 'no'} ({ours} vs {sleb}) "
                 f"| {r['threads']} |")
+    conditions = [f"- {r['model']}, {r['loss_tokens']} / {r['sleb_tokens']} tokens: {r['conditions']}" for r in measured if r.get("conditions")]
+    lines += [""] + conditions if conditions else []
     earlier = [json.loads(p.read_text()) for name in MODELS if (p := RESULTS / f"cost-earlier-{name}.json").is_file()]
     if earlier:
         lines += ["", "## Earlier (2026-11-26): SLEB on every calibration token, the default before the stability check", "",
@@ -213,6 +216,7 @@ def main() -> None:
     parser.add_argument("--sleb-on-every-token", action="store_true",
                         help="SLEB measures each removal on every calibration token (its own setting), not the default's loss tokens")
     parser.add_argument("--ratios", default=f"{RATIOS[0]},{RATIOS[-1]}", help="comma-separated fractions of blocks dropped")
+    parser.add_argument("--conditions", default="", help="what else shared the machine, written beside the figures")
     parser.add_argument("--kept-outputs", action="store_true",
                         help="the default with and without the statistics pass's kept block outputs, not SGLP vs SLEB")
     args = parser.parse_args()
@@ -223,7 +227,7 @@ def main() -> None:
             (RESULTS / f"cost-head-{name}.json").write_text(json.dumps(head_share(name), indent=2))
         else:
             out = RESULTS / f"cost-{'all-' if args.sleb_on_every_token else ''}{name}.json"
-            measure(name, out, args.sleb_on_every_token, tuple(float(r) for r in args.ratios.split(",")))
+            measure(name, out, args.sleb_on_every_token, tuple(float(r) for r in args.ratios.split(",")), args.conditions)
         print(f"wrote {gather()}")
 
 
