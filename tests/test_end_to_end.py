@@ -21,8 +21,10 @@ pytestmark = [
 def test_default_model_and_text_prune_end_to_end(tmp_path, capsys):
     # the user's conversion cache, which other tests of the packaged model share (converted once)
     out = tmp_path / "smollm2-pruned"
-    argv = ["prune", "--ratio", "0.2", "--output", str(out), "--n-samples", "4", "--seq-len", "128",
-            "--batch-size", "2", "--no-progress"]
+    # 8 short windows, not 4 long ones: sampling them takes half the decoding steps; the loss check
+    # measures on the first half's 256 tokens, so the stability check analyses the second half only
+    argv = ["prune", "--ratio", "0.2", "--output", str(out), "--n-samples", "8", "--seq-len", "64",
+            "--batch-size", "4", "--loss-tokens", "256", "--no-progress"]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "No --model given: using the packaged HuggingFaceTB/SmolLM2-135M-Instruct" in captured.err
@@ -31,7 +33,8 @@ def test_default_model_and_text_prune_end_to_end(tmp_path, capsys):
 
     report = json.loads((out / "sglp_report.json").read_text())
     assert len(report["dropped"]) == 6 and 0 not in report["dropped"] and 29 not in report["dropped"]
-    assert report["n_tokens"] == 4 * 128
+    assert report["n_tokens"] == 8 * 64
+    assert report["extra"]["stability"]["agreement"] is not None
 
     pruned = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
