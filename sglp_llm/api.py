@@ -354,17 +354,17 @@ def _analyze(
         if progress:  # the halves' analyses take as long as the choice: say what the next bars are
             tqdm.write("Stability check: the same analysis on the halves of the calibration sequences", file=sys.stderr)
         read = sequences_read(config, calibration.batches)
-        ties = [step for step in extra.get("loss_check", {}).get("steps", []) if "tied" in step]
+        steps = extra.get("loss_check", {}).get("steps", [])
 
         def first_half_repeats(half: CalibrationSet) -> bool:
             """The first half holds every sequence the loss check measured, and where a tie was
             settled by block influence (measured on every sequence), the half's own settles it alike."""
             if read is None or read > half.n_samples:
                 return False
-            if not ties:
+            if not any("tied" in step for step in steps):
                 return True
             influence = _analyze(handle, half, halves.replace(method="block-influence"), tokenizer, False, dict(preflighted))[0].scores
-            return ties_settled_alike(extra["loss_check"]["steps"], influence, config.loss_ties)
+            return ties_settled_alike(steps, influence, config.loss_ties)
 
         plan.extra["stability"] = choice_stability(
             calibration, plan.dropped,

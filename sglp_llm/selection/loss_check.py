@@ -180,9 +180,10 @@ def _settle_tie(
     tied = sorted(b for b in fresh if measured[b] <= measured[best] + margin)
     if len(tied) < 2:
         return best, {}
-    chosen = tie_choice(tied, set(removal.removed), influence, rule)
+    removed = set(removal.removed)
+    chosen = tie_choice(tied, removed, influence, rule)
     return chosen, {"tied": tied, "tie_margin": margin, "lowest_loss": best,
-                    "block_influence": {str(b): influence[b] for b in tied}, "borders_removed": _borders(chosen, set(removal.removed))}
+                    "block_influence": {str(b): influence[b] for b in tied}, "borders_removed": _borders(chosen, removed)}
 
 
 def tie_choice(tied: list[int], removed: set[int], influence: list[float], rule: str) -> int:
