@@ -17,7 +17,7 @@ statistics pass keeps, and without. `--head-share` measures instead where a loss
 removed one against the head (final norm, lm_head, loss), on the loss check's 2048 tokens, and
 the same with the head on a quarter of the positions (`loss_positions: 0.25`).
 
-Results: benchmarks/results/cost-<model>.json (cost-untied-<model>.json: before near-ties were settled), cost-all-<model>.json, cost-kept-<model>.json and cost-head-<model>.json, gathered into
+Results: benchmarks/results/cost-<model>.json (cost-fullhalves-<model>.json: before the stability check read back the loss check's measurements; cost-untied-<model>.json: before near-ties were settled), cost-all-<model>.json, cost-kept-<model>.json and cost-head-<model>.json, gathered into
 benchmarks/results/cost.md with the earlier measurement (cost-earlier-<model>.json: SLEB on every
 calibration token, at 10 % only, before the stability check existed).
 """
@@ -76,6 +76,8 @@ def measure(name: str, out: Path, sleb_on_every_token: bool = False, ratios: tup
             "sleb_tokens": calibration.n_tokens if equal is None else equal * CALIBRATION.batch_size * CALIBRATION.seq_len,
             "loss_tokens": CALIBRATION.loss_tokens,
             "loss_ties": CALIBRATION.loss_ties, "conditions": conditions,
+            # since 2026-12-07: the loss check's search on each half of its sequences, reading back its measurements
+            "stability": "loss-sequence halves",
             "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         }, indent=2))
@@ -146,20 +148,24 @@ def gather() -> Path:
         "In one process: the default, SLEB, the default again (its time: the mean of its two runs, which bracket "
         "SLEB's). SLEB measures each removal on the same calibration tokens as the default's loss check, or "
         "(`--sleb-on-every-token`) on every calibration token, as SLEB itself does. The default's time is given "
-        "for its choice alone and with the stability check's second analysis (on by default). Calibration: "
+        "for its choice alone and with the stability check (on by default; since 2026-12-07 the loss check's search on "
+        "each half of its sequences, reading back what the choice measured; before, the second half of the calibration "
+        "analysed in full). Calibration: "
         f"{CALIBRATION.n_samples} windows of {CALIBRATION.seq_len} docstring tokens, prepared before either runs "
         "(so neither time includes it).", "",
         "| model | drop | default | tokens per removal (default / SLEB) | default: choice (s) | with the stability check (s) "
         "| SLEB (s) | SLEB / choice | SLEB / with the check | same blocks? | threads |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    measured = [json.loads(p.read_text()) for name in MODELS for kind in ("", "all-", "untied-")
+    measured = [json.loads(p.read_text()) for name in MODELS for kind in ("", "all-", "fullhalves-", "untied-")
                 if (p := RESULTS / f"cost-{kind}{name}.json").is_file()]
     if not measured:
         lines[-2:] = ["Not run yet: `python benchmarks/cost.py`."]
     for r in measured:
         # the loss check's near-ties are settled by default since 2026-12-07; runs before say so
         default = f"loss_ties {r['loss_ties']}" if "loss_ties" in r else "before near-ties were settled (2026-12-06)"
+        default += ("; stability: the loss check's halves" if "stability" in r else
+                    "; stability: the second calibration half analysed in full (before 2026-12-07's rework)")
         for c in r["cells"]:
             ours, sleb = c["runs"][0]["dropped"], c["runs"][1]["dropped"]
             lines.append(

@@ -35,7 +35,7 @@ from .recovery.block_recovery import BlockRecovery, recover_blocks
 from .recovery.compensate import Compensation, applied, fit_compensation, fold
 from .config import ConfigError, SGLPConfig
 from .data import CalibrationSet, prepare_calibration
-from .selection.loss_check import loss_batches, sequences_read, ties_settled_alike
+from .selection.loss_check import loss_batches
 from .explain import chosen_by, stages
 from .passes.distributed import all_reduce_state, is_main_process, rank, world_size
 from .plan import PruningPlan
@@ -321,8 +321,9 @@ def _analyze(
         t = time.perf_counter()
         selection, extra["decision"] = _decide_among_peers(handle, calibration, config, tokenizer, cache, context, selection)
         timings["decision_s"] = time.perf_counter() - t
-    # work reused from the cache took no time now, but belongs to the cost of this analysis
-    timings["total_s"] = time.perf_counter() - start + reused_seconds
+    # work reused from the cache took no time now, but belongs to the cost of this analysis; the
+    # stability check's time is reported apart (stability_s), whichever stage made it
+    timings["total_s"] = time.perf_counter() - start + reused_seconds - timings.get("stability_s", 0.0)
 
     # a peer's choice is over the whole stack, one group
     segments = selection.segments or [list(range(num_blocks))]
@@ -348,28 +349,13 @@ def _analyze(
     )
     plan.extra["stages"] = stages(plan.config, plan.n_tokens)
     plan.extra["chosen_by"] = {str(block): why for block, why in chosen_by(plan).items()}
-    if config.stability_check:
+    if config.stability_check and "stability" not in plan.extra:  # the loss check checks its own
         halves = config.replace(stability_check=False)
         preflighted = {k: v for k, v in cache.items() if k[0] == "preflight"}
         if progress:  # the halves' analyses take as long as the choice: say what the next bars are
             tqdm.write("Stability check: the same analysis on the halves of the calibration sequences", file=sys.stderr)
-        read = sequences_read(config, calibration.batches)
-        steps = extra.get("loss_check", {}).get("steps", [])
-
-        def first_half_repeats(half: CalibrationSet) -> bool:
-            """The first half holds every sequence the loss check measured, and where a tie was
-            settled by block influence (measured on every sequence), the half's own settles it alike."""
-            if read is None or read > half.n_samples:
-                return False
-            if not any("tied" in step for step in steps):
-                return True
-            influence = _analyze(handle, half, halves.replace(method="block-influence"), tokenizer, False, dict(preflighted))[0].scores
-            return ties_settled_alike(steps, influence, config.loss_ties)
-
         plan.extra["stability"] = choice_stability(
-            calibration, plan.dropped,
-            lambda half: _analyze(handle, half, halves, tokenizer, progress, dict(preflighted))[0].dropped,
-            first_half_repeats,
+            calibration, plan.dropped, lambda half: _analyze(handle, half, halves, tokenizer, progress, dict(preflighted))[0].dropped,
         )
         if "seconds" in plan.extra["stability"]:
             plan.timings["stability_s"] = plan.extra["stability"]["seconds"]

@@ -1,10 +1,15 @@
-"""How stable a choice is: the same analysis on two disjoint halves of the calibration sequences.
+"""How stable a choice is: the same choice made on two disjoint halves of the sequences it was made on.
 
 A choice that changes with the calibration sample fits that sample's noise, and a model pruned by
-it may break on other text (benchmarks/results/robustness.md). Each half is analysed with the same
-settings as the whole, so the two choices are what two other samples of the same size and source
-would have given; their agreement (the share of the dropped blocks both drop) says how much the
-choice owes to the sample. Below `WARN_BELOW` the user is told to calibrate on more text.
+it may break on other text (benchmarks/results/robustness.md). The halves' agreement (the share
+of the dropped blocks both drop) says how much the choice owes to the sample. Below `WARN_BELOW`
+the user is told to calibrate on more text.
+
+The default's loss check repeats its search on each half of the sequences it measures removals on
+(sglp_llm.selection.loss_check), reading back the measurements it already made there: each half
+is a sample of half the size (so the agreement errs low), at a fraction of the choice's time.
+Every other choice is analysed again, in full, on each half of the calibration sequences
+(`choice_stability`).
 """
 
 from __future__ import annotations
@@ -38,35 +43,43 @@ def calibration_halves(calibration: CalibrationSet) -> tuple[CalibrationSet, Cal
     )
 
 
+def halves_agreement(
+    chosen: list[list[int]], dropped: list[int], half_tokens: list[int], seconds: float, *, measured_on: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The stability record of a choice `dropped` whose halves (of the `measured_on` sequences,
+    `half_tokens` tokens each) chose `chosen`: their agreement |A ∩ B| / |A| and each half's
+    agreement with the whole's choice."""
+    n = max(len(dropped), 1)
+    chosen = [sorted(c) for c in chosen]
+    return {
+        "halves": chosen,
+        "halves_of": measured_on,
+        "half_tokens": half_tokens,
+        "agreement": len(set(chosen[0]) & set(chosen[1])) / n,
+        "agreement_with_choice": [len(set(c) & set(dropped)) / n for c in chosen],
+        "seconds": seconds,
+        **extra,
+    }
+
+
 def choice_stability(
     calibration: CalibrationSet, dropped: list[int], choose: Callable[[CalibrationSet], list[int]],
-    first_half_repeats: Callable[[CalibrationSet], bool] | None = None,
 ) -> dict[str, Any]:
     """The stability record of a choice `dropped` made on `calibration`: `choose` (the same
-    analysis) run on each half, the halves' agreement |A ∩ B| / |A| and each half's agreement
-    with the whole's choice. None-valued agreement: too few sequences to split.
-
-    `first_half_repeats(first half)`: whether the analysis of the first half is known to make the
-    whole's choice (it reads nothing the first half lacks); then it is not made again."""
+    analysis) run on each half of its sequences, so the two choices are what two other samples of
+    half the size and the same source would have given (`halves_agreement`). None-valued
+    agreement: too few sequences to split, or a half too small for the settings."""
     halves = calibration_halves(calibration)
     if halves is None:
         return {"agreement": None, "reason": "fewer than two calibration sequences: nothing to split"}
     started = time.perf_counter()
     try:
-        first_is_whole = first_half_repeats is not None and first_half_repeats(halves[0])
-        chosen = [sorted(dropped) if first_is_whole else sorted(choose(halves[0])), sorted(choose(halves[1]))]
+        chosen = [choose(half) for half in halves]
     except ConfigError as error:  # e.g. a half too small for the settings: the choice stands, unchecked
         return {"agreement": None, "reason": f"a half of the calibration cannot be analysed alike: {error}"}
-    n = max(len(dropped), 1)
-    return {
-        "halves": chosen,
-        "half_tokens": [half.n_tokens for half in halves],
-        # the choice read only sequences of the first half: its choice is the whole's, not made again
-        "first_half_is_choice": first_is_whole,
-        "agreement": len(set(chosen[0]) & set(chosen[1])) / n,
-        "agreement_with_choice": [len(set(c) & set(dropped)) / n for c in chosen],
-        "seconds": time.perf_counter() - started,
-    }
+    return halves_agreement(chosen, dropped, [half.n_tokens for half in halves], time.perf_counter() - started,
+                            measured_on="calibration sequences")
 
 
 def stability_warning(stability: dict[str, Any] | None) -> str | None:
@@ -74,10 +87,12 @@ def stability_warning(stability: dict[str, Any] | None) -> str | None:
     if not stability or stability.get("agreement") is None or stability["agreement"] >= WARN_BELOW:
         return None
     a, b = stability["halves"]
+    loss = stability.get("halves_of") == "loss sequences"
     return (
-        f"The choice is unstable: the two halves of the calibration text drop {a} and {b}, agreeing on "
-        f"{len(set(a) & set(b))} of {len(a)} blocks, so it fits this sample and may not hold on other text. "
-        "Calibrate on more text (--n-samples), longer windows (--seq-len) or more varied text (--dataset), "
+        f"The choice is unstable: the two halves of the {'loss check' + chr(39) + 's sequences' if loss else 'calibration text'} "
+        f"drop {a} and {b}, agreeing on {len(set(a) & set(b))} of {len(a)} blocks, so it fits this sample and may not "
+        "hold on other text. Calibrate on more text (--n-samples" + (", and measure removals on more of it: --loss-tokens" if loss else "")
+        + "), longer windows (--seq-len) or more varied text (--dataset), "
         "and check the pruned model on text unlike the calibration (sglp-llm evaluate)."
     )
 
@@ -92,8 +107,10 @@ def describe_stability(stability: dict[str, Any] | None) -> str | None:
     both = len(set(a) & set(b))
     agreement = stability["agreement"]
     verdict = "stable" if agreement == 1 else "partly stable" if agreement >= WARN_BELOW else "UNSTABLE"
+    made = ("the loss check's search on each half of its sequences" if stability.get("halves_of") == "loss sequences"
+            else "the same analysis on each half of the calibration sequences")
     return (
-        f"stability: {verdict}; the same analysis on each half of the calibration sequences "
+        f"stability: {verdict}; {made} "
         f"({stability['half_tokens'][0]} and {stability['half_tokens'][1]} tokens) drops {a} and {b}: "
         f"they agree on {both} of {len(a)} blocks ({stability['agreement']:.0%}); with this choice on "
         f"{stability['agreement_with_choice'][0]:.0%} and {stability['agreement_with_choice'][1]:.0%}"

@@ -26,7 +26,7 @@ from .config import ConfigError, SGLPConfig
 from .data import SELF_GENERATED, STDLIB_DOCS, sampled_windows
 from .passes.head import position_sample
 from .passes.memory_plan import meta_model
-from .selection.loss_check import LAZY_MEASURED_TOGETHER, sequences_read
+from .selection.loss_check import LAZY_MEASURED_TOGETHER
 from .selection.removal import RemovalLoss
 
 # the lazy search's measurements per step after the first (the first: the screen's promising
@@ -102,13 +102,16 @@ class CountedRemovalLoss(RemovalLoss):
     """The removal loss's bookkeeping without a model: each pass counts the blocks it would run
     on `tokens` positions (and the head on `scored` of them) and keeps their outputs' places, so
     a sequence of measurements costs what it costs the real `RemovalLoss`; with `original`, it
-    starts from every block's output as the statistics pass keeps them for the loss check."""
+    starts from every block's output as the statistics pass keeps them for the loss check. With a
+    `store` (a set of (removed set, batch key) pairs), a set measured on all its batches' `keys`
+    before is read back at no cost, as the real one reads `MeasuredLosses`."""
 
     def __init__(self, num_blocks: int, tokens: int, scored: int, objective: str = "nll", *, blockwise: bool = False,
-                 original: bool = False) -> None:
+                 original: bool = False, keys: Sequence[Any] = (), store: set | None = None) -> None:
         # no model, no batches: only the state `_run`'s bookkeeping reads (RemovalLoss.__init__ needs a model)
         self.num_blocks, self.tokens, self.scored, self.objective = num_blocks, tokens, scored, objective
         self.reads_blocks = blockwise  # measure_many reads each block once (BlockwiseRemovalLoss)
+        self.keys, self.store = list(keys), store
         self.removed: list[int] = []
         self._outputs: dict[int, Any] = dict.fromkeys(range(num_blocks), ()) if original else {}
         self._reference = None
@@ -123,6 +126,18 @@ class CountedRemovalLoss(RemovalLoss):
         if stop is not None:
             return None
         self.work.head_tokens += self.scored
+        self._keep(skipped)
+        return 0.0
+
+    def _keep(self, skipped: Sequence[int]) -> None:
+        if self.store is not None and self.objective == "nll":  # the real one keeps per-sequence NLLs only
+            self.store.update((frozenset(skipped), key) for key in self.keys)
+
+    def _stored(self, skipped: Sequence[int]) -> list | None:
+        held = self.store is not None and all((frozenset(skipped), key) in self.store for key in self.keys)
+        return [] if held else None
+
+    def _mean(self, summed: list, skipped: Sequence[int]) -> float:
         return 0.0
 
 
@@ -130,13 +145,17 @@ class CountedRemovalLoss(RemovalLoss):
         if not self.reads_blocks:
             return super().measure_many(blocks)
         # BlockwiseRemovalLoss.measure_many: the current network up to the deepest block before a
-        # candidate, then every candidate's stream in one pass that reads each block once
+        # candidate not stored, then every such candidate's stream in one pass that reads each block once
+        blocks = [block for block in blocks if self._stored(self.removed + [block]) is None]
+        if not blocks:
+            return {}
         previous = self._outputs_before(blocks)
         read: set[int] = set()
         for block, start in previous.items():
             span = self._span(self.removed + [block], start, None)
             self.work.block_tokens += len(span) * self.tokens
             self.work.head_tokens += self.scored
+            self._keep(self.removed + [block])
             read.update(span)
         self.work.block_loads += len(read)
         return dict.fromkeys(blocks, 0.0)
@@ -169,24 +188,47 @@ def _reads_blocks(config: SGLPConfig) -> bool:
     return config.offload == "sequential"
 
 
-def _loss_check(num_blocks: int, config: SGLPConfig, sequences: int, protected: set[int],
-                order: Sequence[int], measured_per_step: int | Sequence[int]) -> Work:
-    """The loss check's work on `sequences` calibration windows, removing `order`."""
-    seq = config.seq_len
-    windows = min(sequences, math.ceil(config.loss_tokens / seq))
-    per_window = scored_per_window(config)
+def _loss_rows(config: SGLPConfig, sequences: int) -> list[int]:
+    """The rows of the loss check's batches among `sequences` calibration windows in batches of
+    `batch_size`: its first windows, cut between the halves of them for the stability check."""
+    windows = min(sequences, math.ceil(config.loss_tokens / config.seq_len))
+    rows = [min(config.batch_size, windows - start) for start in range(0, windows, config.batch_size)]
+    if not config.stability_check or windows < 2:
+        return rows
+    return _first_rows(rows, windows // 2) + _first_rows(rows[::-1], windows - windows // 2)[::-1]
+
+
+def _first_rows(rows: list[int], n: int) -> list[int]:
+    """The rows of the batches holding the first `n` of `rows`' sequences (as data.first_samples cuts them)."""
+    taken = []
+    for r in rows:
+        if n <= 0:
+            break
+        taken.append(min(r, n))
+        n -= r
+    return taken
+
+
+def _loss_search(num_blocks: int, config: SGLPConfig, rows: list[int], first_batch: int, protected: set[int],
+                 order: Sequence[int], measured_per_step: int | Sequence[int], store: set) -> Work:
+    """The loss check's search on the loss batches of `rows` (from index `first_batch` on), removing
+    `order`, reading back what `store` holds."""
+    seq, per_window = config.seq_len, scored_per_window(config)
     blockwise = _reads_blocks(config)
-    search = CountedRemovalLoss(num_blocks, windows * seq, windows * per_window, config.loss_objective, blockwise=blockwise,
-                                original=True)
+
+    def removal(part: list[int]) -> CountedRemovalLoss:
+        return CountedRemovalLoss(num_blocks, sum(part) * seq, sum(part) * per_window, config.loss_objective,
+                                  blockwise=blockwise, original=True,
+                                  keys=[(first_batch + i, r) for i, r in enumerate(part)], store=store)
+
+    search = removal(rows)
     candidates = [b for b in range(num_blocks) if b not in protected]
     work = Work()
     screen = config.first_step_screen == "sequences"
     if config.loss_bound != "stale" or screen:
         search.current()
     if screen:
-        screened = min(config.loss_screen_samples, windows)
-        sample = CountedRemovalLoss(num_blocks, screened * seq, screened * per_window, config.loss_objective,
-                                    blockwise=blockwise, original=True)
+        sample = removal(_first_rows(rows, config.loss_screen_samples))
         sample.current()
         sample.measure_many(candidates)
         work.add(sample.work)
@@ -207,6 +249,22 @@ def _loss_check(num_blocks: int, config: SGLPConfig, sequences: int, protected: 
         search.remove(removed)
     work.add(search.work)
     return work
+
+
+def _loss_check(phases: dict[str, Work], prefix: str, num_blocks: int, config: SGLPConfig, sequences: int,
+                protected: set[int], order: Sequence[int], measured_per_step: int | Sequence[int]) -> None:
+    """The loss check's work on `sequences` calibration windows, removing `order`; with the
+    stability check, its search on each half of the loss windows, taking the same path (a stable
+    choice's) and so reading back every measurement but the second half's screen."""
+    rows, store = _loss_rows(config, sequences), set()
+    args = (protected, order, measured_per_step, store)
+    phases.setdefault(prefix + "loss check", Work()).add(_loss_search(num_blocks, config, rows, 0, *args))
+    if config.stability_check and sum(rows) >= 2:
+        first = _first_rows(rows, sum(rows) // 2)
+        halves = Work()
+        halves.add(_loss_search(num_blocks, config, first, 0, *args))
+        halves.add(_loss_search(num_blocks, config, rows[len(first):], len(first), *args))
+        phases.setdefault(prefix + "stability check: the loss check's halves", Work()).add(halves)
 
 
 def _sleb(num_blocks: int, config: SGLPConfig, sequences: int, protected: set[int], order: Sequence[int]) -> Work:
@@ -235,8 +293,7 @@ def _analysis(phases: dict[str, Work], prefix: str, num_blocks: int, config: SGL
     if config.method == "sleb":
         phases.setdefault(prefix + "SLEB search", Work()).add(_sleb(num_blocks, config, sequences, protected, order))
     elif config.method == "sglp" and config.scoring == "loss":
-        phases.setdefault(prefix + "loss check", Work()).add(
-            _loss_check(num_blocks, config, sequences, protected, order, measured_per_step))
+        _loss_check(phases, prefix, num_blocks, config, sequences, protected, order, measured_per_step)
 
 
 def _check_supported(config: SGLPConfig) -> None:
@@ -290,16 +347,14 @@ def count_analysis(
         assumptions.append("sampling the model's own text is priced as forwards over its positions; decoding one "
                            "position at a time runs slower than that (on a GPU most)")
     _analysis(phases, "", num_blocks, config, config.n_samples, order, measured_per_step)
-    if config.stability_check and config.n_samples >= 2:
-        first, second = config.n_samples // 2, config.n_samples - config.n_samples // 2
-        read = sequences_read(config, _windows(config, config.n_samples))
-        halves = [second] if read is not None and read <= first else [first, second]
-        if len(halves) == 1 and config.settles_ties:
-            assumptions.append("the first half's analysis is counted as skipped (it repeats the choice); where a near-tie "
-                               "was settled, a forward over it measures its block influence, and where that settles a "
-                               "tie otherwise, it is analysed in full: neither is counted")
-        for sequences in halves:
-            _analysis(phases, "stability check: ", num_blocks, config, sequences, order, measured_per_step)
+    if config.stability_check and config.method == "sglp" and config.scoring == "loss":
+        assumptions.append("the stability check's search on each half of the loss windows is counted as taking the "
+                           "choice's path (a stable choice), so it reads back every measurement but the second "
+                           "half's screen; where a half's search leaves that path, it measures on its own")
+    elif config.stability_check and config.n_samples >= 2:  # the whole analysis again on each half
+        for sequences in (config.n_samples // 2, config.n_samples - config.n_samples // 2):
+            _analysis(phases, "stability check: ", num_blocks, config.replace(stability_check=False), sequences,
+                      order, measured_per_step)
     return phases, assumptions
 
 

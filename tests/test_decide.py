@@ -10,7 +10,6 @@ from sglp_llm import ConfigError, SGLPConfig, analyze
 from sglp_llm.data import skip_samples
 from sglp_llm.model.handle import ModelHandle
 from sglp_llm.selection.decide import decide, held_back_rest
-from sglp_llm.selection.loss_check import sequences_read
 from sglp_llm.selection.removal import calibration_nll
 from tiny_models import tiny_batch, tiny_model
 
@@ -92,10 +91,15 @@ def test_refusals():
         held_back_rest(_batches(), 6 * 2 * 16)
 
 
-def test_the_choice_reads_every_sequence_when_peers_decide():
-    plain = SGLPConfig(drop=1, **CONFIG)
-    assert sequences_read(plain, _batches()) == 4
-    assert sequences_read(plain.replace(decide_among=["angular"]), _batches()) is None
+def test_a_choice_peers_decided_on_is_checked_by_whole_analyses_of_the_halves():
+    """The loss check's own check (its search on each half of its sequences) would speak for its
+    choice, not for a peer's that won the decision: the whole analysis is made on each half."""
+    model = tiny_model("llama", num_layers=6)
+    config = SGLPConfig(drop=1, **{**CONFIG, "n_samples": 16, "stability_check": True})
+    decided = analyze(model, _batches() * 2, config.replace(decide_among=["angular"]), progress=False)
+    plain = analyze(model, _batches() * 2, config, progress=False)
+    assert decided.extra["stability"]["halves_of"] == "calibration sequences"
+    assert plain.extra["stability"]["halves_of"] == "loss sequences"
 
 
 def test_halves_too_short_to_decide_leave_the_choice_standing_unchecked():

@@ -101,6 +101,24 @@ def test_only_the_kept_batches_or_their_first_are_matched():
     assert resumed.for_batches(batches[:2]) is None
 
 
+def test_batches_cut_at_any_row_are_matched_from_the_row_they_start_at():
+    """A loss check's halves: the kept batches' rows cut into other batches (3 rows of 2+2: [1] |
+    [1, 2]), the second half found from its first row on; a row out of place is not matched."""
+    model = tiny_model("llama", num_layers=4).eval()
+    handle = ModelHandle.of(model)
+    batches = [tiny_batch(batch_size=2, seq_len=SEQ, seed=s) for s in range(2)]
+    original = _kept(model, handle, batches, 2)
+    rows = lambda b, i, j: {k: v[i:j] for k, v in batches[b].items()}  # noqa: E731
+    first, second = [rows(0, 0, 1)], [rows(0, 1, 2), rows(1, 0, 2)]
+    whole = original.for_batches(first + second)
+    assert [o.shape[0] for o in whole[3]] == [1, 1, 2]
+    found = original.for_batches(second, first_row=1)
+    assert torch.equal(found[2][0], original.outputs[2][0][1:2]) and torch.equal(found[2][1], original.outputs[2][1])
+    assert original.for_batches(second) is None  # from row 0 the rows differ
+    assert original.for_batches([rows(1, 0, 2)], first_row=1) is None
+    assert original.for_batches([rows(0, 1, 2), rows(1, 0, 1), rows(1, 0, 1)], first_row=1) is None  # a row twice
+
+
 def test_blocks_that_return_tuples_are_handed_their_outputs_as_tuples():
     """The model's own loop reads `layer(...)[0]`: a kept state replayed bare would be its first row."""
     model = TupleBlocksLM().eval()

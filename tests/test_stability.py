@@ -1,5 +1,7 @@
-"""The choice's stability: the same analysis on each half of the calibration sequences, on a tiny
-model built so that each half has a block that does nothing on its tokens (a planted choice)."""
+"""The choice's stability: the loss check's search on each half of its sequences (the default), or
+the whole analysis on each half of the calibration (every other choice); on a tiny model built so
+that each half has a block that does nothing on its tokens (a planted choice), and against
+searches and analyses made alone on each half."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import torch
 from sglp_llm import SGLPConfig, analyze
 from sglp_llm.data import CalibrationSet
 from sglp_llm.output.modelcard import render_model_card
-from sglp_llm.stability import calibration_halves, choice_stability, stability_warning
+from sglp_llm.selection import sglp
+from sglp_llm.selection.loss_check import LossPart, loss_search
+from sglp_llm.stability import calibration_halves, choice_stability, describe_stability, stability_warning
 from tiny_models import VOCAB, tiny_batch, tiny_model
 
 HALF = 16  # hidden coordinates 0-15 carry tokens of the low half of the vocabulary, 16-31 the high half
@@ -53,30 +57,31 @@ def _calibration(first_low: bool, second_low: bool) -> list[dict[str, torch.Tens
     return batches
 
 
-CONFIG = SGLPConfig(drop=1, loss_objective="kl", loss_tokens=64, cka_minibatch_tokens=16)
+# KL to the original model: a block that does nothing on a half's text costs exactly nothing there
+CONFIG = SGLPConfig(drop=1, loss_objective="kl", loss_tokens=128, cka_minibatch_tokens=16)
 
 
 def test_a_planted_unstable_choice_is_reported_and_warned_about():
-    """Block 5 does nothing on low tokens and block 2 nothing on high ones: the first half (low
-    text) can drop 5 at no cost, the second (high text) 2; they agree on nothing."""
+    """Block 5 does nothing on low tokens and block 2 nothing on high ones: the first half of the
+    loss sequences (low text) can drop 5 at no cost, the second (high text) 2; they agree on nothing."""
     model = _two_subspace_model({5: {0}, 2: {1}})
     plan = analyze(model, _calibration(True, False), CONFIG, progress=False)
     stability = plan.extra["stability"]
-    assert stability["halves"] == [[5], [2]]
+    assert stability["halves"] == [[5], [2]] and stability["halves_of"] == "loss sequences"
     assert stability["agreement"] == 0.0
     assert stability["half_tokens"] == [64, 64]
     assert sorted(stability["agreement_with_choice"]) == [0.0, 1.0]
     assert plan.dropped in ([5], [2])
     warning = stability_warning(stability)
-    assert "drop [5] and [2], agreeing on 0 of 1 blocks" in warning and "--n-samples" in warning
-    assert "stability: UNSTABLE" in plan.summary()
+    assert "loss check's sequences drop [5] and [2], agreeing on 0 of 1 blocks" in warning and "--loss-tokens" in warning
+    assert "stability: UNSTABLE; the loss check's search on each half of its sequences" in plan.summary()
     assert "stability: UNSTABLE" in render_model_card(plan, base_model="tiny")
 
 
 def test_a_planted_stable_choice_agrees():
     """Block 5 does nothing on either kind of text: both halves drop it."""
     model = _two_subspace_model({5: {0, 1}})
-    plan = analyze(model, _calibration(True, False), CONFIG.replace(drop=1), progress=False)
+    plan = analyze(model, _calibration(True, False), CONFIG, progress=False)
     assert plan.dropped == [5]
     assert plan.extra["stability"]["halves"] == [[5], [5]]
     assert plan.extra["stability"]["agreement"] == 1.0
@@ -84,23 +89,99 @@ def test_a_planted_stable_choice_agrees():
     assert "stability: stable" in plan.summary()
 
 
-@pytest.mark.parametrize("loss_tokens, reused", [(40, True), (60, False)])
-def test_each_half_is_the_analysis_of_that_half_alone(loss_tokens, reused):
-    """The halves' choices equal separate analyses of the first and the last sequences (the NLL
-    loss check, where a random model's choice is anybody's guess), also where the first half's is
-    the whole's choice, not made again: 40 loss tokens lie in its 4 sequences, 60 do not."""
+def _captured_loss_check(monkeypatch):
+    """Keeps what analyze hands the loss check, so a test can search again with it."""
+    seen = {}
+    real = sglp.loss_check
+
+    def capture(context, segments, budgets):
+        seen.update(context=context, segments=segments, budgets=budgets)
+        return real(context, segments, budgets)
+
+    monkeypatch.setattr(sglp, "loss_check", capture)
+    return seen
+
+
+@pytest.mark.parametrize("seed", [2, 6])
+def test_each_half_is_the_search_made_alone_on_that_half(monkeypatch, seed):
+    """The halves' choices equal the loss check's search run alone, with nothing read back, on
+    each half of its sequences (9 in batches of 3: the middle batch is cut, rows 3+1 | 2+3), near
+    ties settled by the same block influence; and the check leaves the choice as it was."""
+    torch.manual_seed(seed)
+    model = tiny_model("llama", num_layers=8)
+    batches = [tiny_batch(batch_size=3, seq_len=12, seed=10 * seed + s) for s in range(4)]
+    config = SGLPConfig(drop=3, loss_tokens=100, cka_minibatch_tokens=16)  # 100 tokens: the first 9 sequences
+    seen = _captured_loss_check(monkeypatch)
+    plan = analyze(model, batches, config, progress=False)
+    unchecked = analyze(model, batches, config.replace(stability_check=False), progress=False)
+    assert plan.dropped == unchecked.dropped
+    for a, b in zip(plan.extra["loss_check"]["steps"], unchecked.extra["loss_check"]["steps"]):
+        assert a["block"] == b["block"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    rows = torch.cat([b["input_ids"] for b in batches])
+    first = [{"input_ids": rows[:3], "attention_mask": torch.ones_like(rows[:3])},
+             {"input_ids": rows[3:4], "attention_mask": torch.ones_like(rows[3:4])}]
+    second = [{"input_ids": rows[4:6], "attention_mask": torch.ones_like(rows[4:6])},
+              {"input_ids": rows[6:9], "attention_mask": torch.ones_like(rows[6:9])}]
+    context = seen["context"]
+    with torch.no_grad():
+        alone = [loss_search(context, seen["segments"], seen["budgets"], LossPart(half))[0] for half in (first, second)]
+    stability = plan.extra["stability"]
+    assert stability["halves"] == alone
+    assert stability["half_tokens"] == [48, 60]
+    assert stability["reused"] > 0  # what the whole measured on a half was read back
+    assert plan.timings["stability_s"] > 0
+    assert plan.timings["total_s"] < unchecked.timings["total_s"] + plan.timings["stability_s"]
+
+
+def test_the_halves_run_only_what_the_whole_did_not_measure_on_them(monkeypatch):
+    """Counted with hooks: the check costs far less than searching each half anew (where the halves
+    follow the whole's path, nothing but the second half's screen runs)."""
+    model = tiny_model("llama", num_layers=8)
+    batches = [tiny_batch(batch_size=2, seq_len=12, seed=s) for s in range(4)]
+    config = SGLPConfig(drop=2, loss_tokens=96, cka_minibatch_tokens=16, loss_ties="none")
+    positions = [0]
+    hook = model.lm_head.register_forward_pre_hook(lambda module, args: positions.__setitem__(0, positions[0] + args[0].shape[:2].numel()))
+    seen = _captured_loss_check(monkeypatch)
+    checked = analyze(model, batches, config, progress=False)
+    with_check, positions[0] = positions[0], 0
+    analyze(model, batches, config.replace(stability_check=False), progress=False)
+    without, positions[0] = positions[0], 0
+    context = seen["context"]
+    rows = torch.cat([b["input_ids"] for b in batches])
+    for half in (rows[:4], rows[4:]):
+        with torch.no_grad():
+            loss_search(context, seen["segments"], seen["budgets"], LossPart([{"input_ids": half, "attention_mask": torch.ones_like(half)}]))
+    anew = positions[0]
+    hook.remove()
+    assert checked.extra["stability"]["agreement"] is not None
+    assert with_check - without < anew / 2
+
+
+def test_one_loss_sequence_cannot_be_split():
+    model = tiny_model("llama", num_layers=6)
+    plan = analyze(model, [tiny_batch(batch_size=4, seq_len=12)], SGLPConfig(drop=1, loss_tokens=10, cka_minibatch_tokens=16),
+                   progress=False)
+    assert plan.extra["stability"]["agreement"] is None and "--loss-tokens" in plan.extra["stability"]["reason"]
+    assert "stability: not measured" in plan.summary()
+
+
+@pytest.mark.parametrize("method", ["block-influence", "angular"])
+def test_another_choice_is_analysed_again_on_each_half_of_the_calibration(method):
+    """A peer's choice reads every calibration sequence: the whole analysis is made on each half of
+    them, and the halves' choices equal separate analyses of the first and the last sequences."""
     model = tiny_model("llama", num_layers=8)
     batches = [tiny_batch(batch_size=3, seq_len=12, seed=s) for s in range(3)]  # 9 sequences: 4 and 5
-    config = SGLPConfig(drop=2, loss_tokens=loss_tokens, cka_minibatch_tokens=16)
+    config = SGLPConfig(drop=2, method=method, cka_minibatch_tokens=16)
     plan = analyze(model, batches, config, progress=False)
     alone = config.replace(stability_check=False)
     rows = torch.cat([b["input_ids"] for b in batches])
     first = analyze(model, [{"input_ids": rows[:4], "attention_mask": torch.ones_like(rows[:4])}], alone, progress=False)
     second = analyze(model, [{"input_ids": rows[4:], "attention_mask": torch.ones_like(rows[4:])}], alone, progress=False)
     assert plan.extra["stability"]["halves"] == [first.dropped, second.dropped]
-    assert plan.extra["stability"]["first_half_is_choice"] is reused
+    assert plan.extra["stability"]["halves_of"] == "calibration sequences"
     assert "stability" not in first.extra
     assert plan.timings["stability_s"] > 0 and "stability_s" not in first.timings
+    assert "the same analysis on each half of the calibration sequences" in plan.summary()
 
 
 def test_halves_split_a_batch_across_the_middle_and_keep_every_row():
@@ -119,71 +200,16 @@ def test_halves_split_a_batch_across_the_middle_and_keep_every_row():
     assert choice_stability(one, [1], lambda half: pytest.fail("nothing to split"))["agreement"] is None
 
 
-def test_only_a_choice_read_from_the_first_half_alone_is_taken_as_its_choice():
-    """The first half's analysis is skipped only when the choice read no sequence beyond it: a
-    loss check over the whole stack reads its loss tokens (and held-back ones when it confirms);
-    one within the groups or with a gradient score reads statistics of every sequence."""
-    from sglp_llm.selection.loss_check import sequences_read
-
-    batches = [tiny_batch(batch_size=2, seq_len=12, seed=s) for s in range(4)]  # 8 sequences of 12 tokens
-    calibration = CalibrationSet(batches=batches, n_tokens=96, source="test", n_samples=8, seq_len=12)
-    base = SGLPConfig(drop=1, loss_tokens=30)
-    assert sequences_read(base, batches) == 3
-    assert sequences_read(base.replace(loss_confirm=2), batches) == 6
-    assert sequences_read(base.replace(groups=True), batches) is None
-    assert sequences_read(base.replace(loss_candidates=2), batches) is None
-    assert sequences_read(base.replace(method="block-influence"), batches) is None
-    made = []
-    choose = lambda half: made.append(half.n_samples) or [2]  # noqa: E731
-    record = choice_stability(calibration, [1], choose, lambda half: half.n_samples >= 3)
-    assert made == [4] and record["halves"] == [[1], [2]] and record["first_half_is_choice"]
-    record = choice_stability(calibration, [1], choose, lambda half: half.n_samples >= 6)
-    assert made == [4, 4, 4] and record["halves"] == [[2], [2]] and not record["first_half_is_choice"]
-
-
-@pytest.mark.parametrize("seed, reused", [(2, False), (6, True)])
-def test_a_tie_settled_by_block_influence_is_settled_again_on_the_first_half(seed, reused):
-    """Near-ties are settled by block influence measured on every sequence, so a first half that
-    holds the loss tokens repeats the whole's choice only where its own block influence settles
-    each tie alike. Seed 2: it does not (the whole drops [4, 5, 6], the first half alone
-    [1, 4, 5]), so the first half is analysed; seed 6: it does, and the whole's choice stands."""
-    torch.manual_seed(seed)
-    model = tiny_model("llama", num_layers=8)
-    batches = [tiny_batch(batch_size=3, seq_len=12, seed=10 * seed + s) for s in range(4)]  # 12 sequences: 6 and 6
-    config = SGLPConfig(drop=3, loss_tokens=40, cka_minibatch_tokens=16)  # 40 tokens: the first 4 sequences
-    plan = analyze(model, batches, config, progress=False)
-    assert any("tied" in step for step in plan.extra["loss_check"]["steps"])
-    rows = torch.cat([b["input_ids"] for b in batches])
-    first = analyze(model, [{"input_ids": rows[:6], "attention_mask": torch.ones_like(rows[:6])}],
-                    config.replace(stability_check=False), progress=False)
-    assert plan.extra["stability"]["halves"][0] == first.dropped
-    assert plan.extra["stability"]["first_half_is_choice"] is reused
-    assert (first.dropped == plan.dropped) is reused
-
-
-def test_ties_are_settled_alike_only_where_the_rule_picks_each_steps_block():
-    from sglp_llm.selection.loss_check import tie_choice, ties_settled_alike
-
-    steps = [{"block": 4}, {"block": 5, "tied": [2, 5]}, {"block": 2, "tied": [2, 7]}]
-    influence = [0.0, 0.0, 0.3, 0.0, 0.0, 0.5, 0.0, 0.1]
-    # step 2: 5 borders the removed 4, so it goes before the lower-influence 2; step 3: neither borders
-    assert tie_choice([2, 5], {4}, influence, "run-then-block-influence") == 5
-    assert tie_choice([2, 5], {4}, influence, "block-influence") == 2
-    assert not ties_settled_alike(steps, influence, "run-then-block-influence")  # step 3: 7 has less influence
-    assert ties_settled_alike(steps, [0.0, 0.0, 0.05, 0.0, 0.0, 0.5, 0.0, 0.1], "run-then-block-influence")
-    assert not ties_settled_alike(steps, [0.0, 0.0, 0.05, 0.0, 0.0, 0.5, 0.0, 0.1], "block-influence")
-    assert ties_settled_alike([{"block": 3}], [], "block-influence")  # no tie: nothing to settle
-
-
 def test_the_check_can_be_turned_off():
     model = tiny_model("llama", num_layers=6)
     plan = analyze(model, [tiny_batch(batch_size=4, seq_len=12)], SGLPConfig(drop=1, stability_check=False,
                                                                                cka_minibatch_tokens=16), progress=False)
-    assert "stability" not in plan.extra and "stability" not in plan.summary()
+    assert "stability" not in plan.extra and "stability" not in plan.summary() and "stability_s" not in plan.timings
 
 
 def test_a_half_too_small_for_the_settings_leaves_the_choice_unchecked():
-    """Held-back tokens after 36 search tokens exist in the whole (8 sequences) but not in a half (4)."""
+    """Held-back tokens after 36 search tokens exist in the whole (8 sequences) but not in a half
+    (4); a choice confirmed on them is checked by whole analyses of the halves."""
     model = tiny_model("llama", num_layers=6)
     batches = [tiny_batch(batch_size=2, seq_len=12, seed=s) for s in range(4)]
     plan = analyze(model, batches, SGLPConfig(drop=1, loss_confirm=2, loss_tokens=48, cka_minibatch_tokens=16), progress=False)
@@ -193,26 +219,21 @@ def test_a_half_too_small_for_the_settings_leaves_the_choice_unchecked():
 
 
 def test_halves_that_agree_on_half_the_blocks_are_called_partly_stable():
-    from sglp_llm.stability import describe_stability
-
     record = {"halves": [[1, 2], [2, 3]], "half_tokens": [8, 8], "agreement": 0.5, "agreement_with_choice": [1.0, 0.5]}
     assert describe_stability(record).startswith("stability: partly stable;")
     assert stability_warning(record) is None
     assert describe_stability({**record, "agreement": 0.0, "halves": [[1, 2], [3, 4]]}).startswith("stability: UNSTABLE;")
 
 
-def test_the_halves_analyses_show_their_progress(capfd, monkeypatch):
-    """The stability check takes about as long as the choice: with progress on, it says so and its
-    analyses show their bars (the loss check's once for the choice, once for each half not reused);
-    with progress off, nothing is printed."""
+def test_the_halves_searches_show_their_progress(capfd, monkeypatch):
+    """With progress on, each half's search shows its bar after the choice's; off, nothing is printed."""
     monkeypatch.delenv("TQDM_DISABLE", raising=False)  # tqdm's own switch, where a shell sets it
     model = tiny_model("llama", num_layers=8)
     batches = [tiny_batch(batch_size=3, seq_len=12, seed=s) for s in range(3)]
     config = SGLPConfig(drop=2, loss_tokens=60, cka_minibatch_tokens=16)
     analyze(model, batches, config, progress=True)
     printed = capfd.readouterr().err
-    assert printed.count("Stability check: the same analysis on the halves") == 1
-    assert printed.index("Stability check") > printed.index("SGLP loss check")
-    assert printed[printed.index("Stability check"):].count("SGLP loss check") >= 2  # both halves, each bar redrawn
+    first, second = (printed.index(f"Stability check: {which} half of the loss sequences") for which in ("first", "second"))
+    assert printed.index("SGLP loss check") < first < second
     analyze(model, batches, config, progress=False)
     assert capfd.readouterr().err == ""

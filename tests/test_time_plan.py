@@ -34,12 +34,12 @@ class Counter:
         self.head_tokens += args[0].shape[0] * args[0].shape[1]
 
 
-def _run(family: str, **settings):
+def _run(family: str, seeds=range(WINDOWS // 2), **settings):
     model = tiny_model(family, num_layers=BLOCKS)
-    batches = [tiny_batch(batch_size=2, seq_len=SEQ, seed=s) for s in range(WINDOWS // 2)]
+    batches = [tiny_batch(batch_size=2, seq_len=SEQ, seed=s) for s in seeds]
     # the batches stand for a text source: nothing sampled
-    config = SGLPConfig(seq_len=SEQ, n_samples=WINDOWS, batch_size=2, verify=False, loss_tokens=4 * SEQ,
-                        **{"dataset": STDLIB_DOCS, **settings})
+    config = SGLPConfig(seq_len=SEQ, n_samples=WINDOWS, batch_size=2, verify=False,
+                        **{"dataset": STDLIB_DOCS, "loss_tokens": 4 * SEQ, **settings})
     counter = Counter(model)
     plan = analyze(model, batches, config, progress=False)
     return config, plan, counter
@@ -62,6 +62,20 @@ def test_the_full_search_counts_equal_the_forwards_run():
     phases, _ = count_analysis(BLOCKS, config, order=_order(plan))
     assert _total(phases) == (counter.block_tokens, counter.head_tokens)
     assert phases["statistics pass"].block_tokens == WINDOWS * SEQ * BLOCKS
+
+
+def test_the_stability_checks_halves_are_counted_exactly_where_they_take_the_choices_path():
+    """With every candidate measured at every step, halves that drop the whole's blocks read back
+    every measurement but the second half's screen: what the plan counts. (The second half's
+    windows repeat the first's, so each half makes the whole's choice.)"""
+    config, plan, counter = _run("gemma3_text", seeds=[0, 1, 0, 1], drop=3, loss_lazy=False, loss_ties="none", loss_tokens=8 * SEQ)
+    assert plan.extra["stability"]["halves"] == [plan.dropped, plan.dropped]
+    phases, _ = count_analysis(BLOCKS, config, order=_order(plan))
+    assert list(phases) == ["statistics pass", "loss check", "stability check: the loss check's halves"]
+    assert _total(phases) == (counter.block_tokens, counter.head_tokens)
+    # the second half's screen: its first window, from the kept outputs (the head only) and each candidate removed
+    halves = phases["stability check: the loss check's halves"]
+    assert halves.head_tokens == (1 + BLOCKS - 2) * (SEQ - 1)
 
 
 def test_a_peers_statistics_passes_with_the_stability_check_are_counted_exactly():
@@ -95,7 +109,7 @@ def test_the_counted_removal_loss_runs_what_the_real_one_runs(monkeypatch, offlo
             if not isinstance(self, CountedRemovalLoss) and not depth[0]:
                 # outputs before any call: the statistics pass kept the original network's
                 seeded = bool(self._outputs) and not self.removed
-                calls.append((id(self), _name, args, sum(b["input_ids"].numel() for b in self.batches), seeded))
+                calls.append((self, _name, args, sum(b["input_ids"].numel() for b in self.batches), seeded))
             depth[0] += 1
             try:
                 return _original(self, *args)
@@ -109,23 +123,20 @@ def test_the_counted_removal_loss_runs_what_the_real_one_runs(monkeypatch, offlo
     config, plan, counter = _run("llama", drop=3, offload=offload)  # the default: lazy, screened, with the stability check
     replicas: dict[int, CountedRemovalLoss] = {}
     first_seeded: dict[int, bool] = {}
-    for key, name, args, tokens, seeded in calls:
+    store: set = set()
+    for owner, name, args, tokens, seeded in calls:  # each owner kept alive by `calls`: ids stay apart
+        key = id(owner)
         seeded = first_seeded.setdefault(key, seeded)
-        replica = replicas.setdefault(key, CountedRemovalLoss(BLOCKS, tokens, tokens // SEQ * (SEQ - 1),
-                                                              blockwise=offload == "sequential", original=seeded))
+        replica = replicas.setdefault(key, CountedRemovalLoss(BLOCKS, tokens, tokens // SEQ * (SEQ - 1), blockwise=offload == "sequential",
+                                                              original=seeded, keys=owner.keys, store=store))
         getattr(replica, name)(*args)
-    # the statistics passes: the whole calibration's and the second half's; where a near-tie was
-    # settled, the first half's block influence; where that settles a tie otherwise, its analysis
-    tied = any("tied" in step for step in plan.extra["loss_check"]["steps"])
-    reanalysed = not plan.extra["stability"]["first_half_is_choice"]
-    passes = [WINDOWS, WINDOWS // 2] + [WINDOWS // 2] * tied + [WINDOWS // 2] * reanalysed
-    # the loss check's removal losses and the screen's start from the statistics pass's outputs
-    assert sum(first_seeded.values()) == 2 * (2 + reanalysed)  # the search's and the screen's, in the whole and each half analysed
+    # the search and its screen, in the whole and in each half, all start from the statistics pass's outputs
+    assert len(first_seeded) == 6 and all(first_seeded.values())
     counted = sum(r.work.block_tokens for r in replicas.values())
-    assert counted + sum(passes) * SEQ * BLOCKS == counter.block_tokens
+    assert counted + WINDOWS * SEQ * BLOCKS == counter.block_tokens  # and the one statistics pass
     assert sum(r.work.head_tokens for r in replicas.values()) == counter.head_tokens
-    if offload == "sequential":  # each statistics pass reads every block once
-        assert sum(r.work.block_loads for r in replicas.values()) + len(passes) * BLOCKS == len(reads)
+    if offload == "sequential":  # the statistics pass reads every block once
+        assert sum(r.work.block_loads for r in replicas.values()) + BLOCKS == len(reads)
         assert any(name == "measure_many" for _, name, *_ in calls)
 
 
@@ -134,7 +145,7 @@ def test_the_plan_predicts_the_default_and_says_what_it_assumes():
     plan = plan_time(ModelShape.of(model_config), config, Throughput(1e-6, 2e-6, "given"))
     # no dataset set: the model's own samples are drawn first (32 windows, 255 new positions each)
     assert list(plan.phases) == ["sampling the model's own text", "statistics pass", "loss check",
-                                 "stability check: statistics pass", "stability check: loss check"]
+                                 "stability check: the loss check's halves"]
     assert plan.phases["sampling the model's own text"].head_tokens == 32 * 255
     assert "no dataset set: the model's own samples" in plan.text()
     one_at_a_time = plan_time(ModelShape.of(model_config), config.replace(offload="sequential"), Throughput(1e-6, 2e-6, "given"))
@@ -185,7 +196,7 @@ def test_plan_time_reads_no_weights_and_prints_the_plan(tmp_path, monkeypatch, c
     assert main(["analyze", "--model", str(tmp_path / "model"), "--drop", "2", "--seq-len", "64", "--plan-time",
                  "--throughput", "2.5", "--report", str(report)]) == 0
     out = capsys.readouterr().out
-    assert "Time plan: about" in out and "loss check:" in out and "stability check: loss check:" in out
+    assert "Time plan: about" in out and "loss check:" in out and "stability check: the loss check's halves:" in out
     saved = json.loads(report.read_text())
     assert saved["phases"]["statistics pass"]["block_tokens"] == 32 * 64 * 6
     assert saved["throughput"]["source"] == "given: 2.5 TFLOP/s sustained"

@@ -50,22 +50,30 @@ class OriginalOutputs:
     def compute(self) -> "OriginalOutputs":
         return self
 
-    def for_batches(self, batches: Sequence[dict[str, torch.Tensor]]) -> dict[int, list[torch.Tensor]] | None:
+    def for_batches(self, batches: Sequence[dict[str, torch.Tensor]], first_row: int = 0) -> dict[int, list[torch.Tensor]] | None:
         """Each block's kept outputs on this process's share of `batches` (sharded as
-        sglp_llm.selection.removal shards them), when
-        `batches` are the kept batches or the first of them (the last may hold only its first
-        rows: `data.first_tokens`); None otherwise, or when a kept batch was not run here."""
-        if not self.outputs or len(batches) > len(self._batches):
+        sglp_llm.selection.removal shards them), when `batches` are the kept batches' rows in order
+        from row `first_row` of them all on, each within one kept batch (cut at any row:
+        `data.first_tokens`, a loss check's halves); None otherwise, or when a kept batch was not
+        run here."""
+        if not self.outputs:
             return None
-        rows = []
-        for batch, kept in zip(batches, self._batches):
-            n = len(batch["input_ids"])
-            if n > len(kept["input_ids"]) or not all(
-                key in batch and torch.equal(batch[key].cpu(), kept[key][:n].cpu()) for key in MATCHED_KEYS
+        where = []  # each batch's kept batch and rows in it
+        kept_index, row = 0, first_row
+        for batch in batches:
+            while kept_index < len(self._batches) and row >= len(self._batches[kept_index]["input_ids"]):
+                row -= len(self._batches[kept_index]["input_ids"])
+                kept_index += 1
+            if kept_index == len(self._batches):
+                return None
+            kept, n = self._batches[kept_index], len(batch["input_ids"])
+            if row + n > len(kept["input_ids"]) or not all(
+                key in batch and torch.equal(batch[key].cpu(), kept[key][row:row + n].cpu()) for key in MATCHED_KEYS
             ):
                 return None
-            rows.append(n)
+            where.append((kept_index, row, row + n))
+            row += n
         mine = shard(range(len(batches)))
-        if any(b not in per_batch for per_batch in self.outputs.values() for b in mine):
+        if any(where[b][0] not in per_batch for per_batch in self.outputs.values() for b in mine):
             return None
-        return {block: [per_batch[b][: rows[b]] for b in mine] for block, per_batch in self.outputs.items()}
+        return {block: [per_batch[where[b][0]][where[b][1]:where[b][2]] for b in mine] for block, per_batch in self.outputs.items()}

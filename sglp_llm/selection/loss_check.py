@@ -8,13 +8,16 @@ candidate costing only the blocks after it (sglp_llm.selection.removal.RemovalLo
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
 from ..data import first_samples, first_tokens, skip_samples, token_count
-from .removal import RemovalLoss, removal_loss
+from ..stability import halves_agreement
+from .removal import MeasuredLosses, RemovalLoss, removal_loss
 from .registry import SelectionContext
 
 # when blocks are read one at a time (sequential onloading, blocks on disk), the lazy search
@@ -26,8 +29,59 @@ LAZY_MEASURED_TOGETHER = 3
 TIE_STANDARD_ERRORS = 1.0
 
 
+@dataclass(frozen=True)
+class LossPart:
+    """Loss batches a search measures on: all of them, or a half of their sequences, known by the
+    index of its first batch among the loss batches and of its first sequence among their rows
+    (what `MeasuredLosses` and the statistics pass's kept outputs are found by)."""
+
+    batches: list[dict[str, Any]]
+    first_batch: int = 0
+    first_row: int = 0
+
+    def first(self, n_sequences: int) -> "LossPart":
+        return LossPart(first_samples(self.batches, n_sequences), self.first_batch, self.first_row)
+
+
 def loss_check(
     context: SelectionContext, segments: list[list[int]], budgets: list[int]
+) -> tuple[list[int], dict[str, Any]]:
+    """`loss_search` on the loss batches; with the stability check on (and one pick per step, no
+    `loss_confirm` or `decide_among`), the same search is then made on each half of their sequences alone, and the
+    record's "stability" says how far the halves' choices agree (sglp_llm.stability). The halves'
+    searches read back every measurement the whole's made on their sequences (`MeasuredLosses`):
+    they run only where their search leaves the whole's path, on half the tokens."""
+    config = context.config
+    batches = loss_batches(context.batches, config)
+    rows = sum(len(b["input_ids"]) for b in batches)
+    # a choice confirmed on held-back tokens or put against peers' is checked as a whole analysis (sglp_llm.api)
+    if not (config.stability_check and config.loss_confirm == 1 and not config.decide_among):
+        return loss_search(context, segments, budgets, LossPart(batches))
+    if rows < 2:
+        dropped, record = loss_search(context, segments, budgets, LossPart(batches))
+        record["stability"] = {"agreement": None, "reason": "the loss check measured one sequence: nothing to split; "
+                                                            "give more --loss-tokens or shorter --seq-len"}
+        return dropped, record
+    # cut between the halves: a batch across the middle becomes two, so each half's batches are the whole's
+    first, second = first_samples(batches, rows // 2), skip_samples(batches, rows // 2)
+    store = MeasuredLosses()
+    dropped, record = loss_search(context, segments, budgets, LossPart(first + second), store)
+    started, reused = time.perf_counter(), store.reused
+    parts = (LossPart(first), LossPart(second, len(first), rows // 2))
+    chosen = [
+        loss_search(context, segments, budgets, part, store, desc=f"Stability check: {which} half of the loss sequences")[0]
+        for which, part in zip(("first", "second"), parts)
+    ]
+    record["stability"] = halves_agreement(
+        chosen, dropped, [token_count(part.batches) for part in parts], time.perf_counter() - started,
+        measured_on="loss sequences", reused=store.reused - reused,
+    )
+    return dropped, record
+
+
+def loss_search(
+    context: SelectionContext, segments: list[list[int]], budgets: list[int], part: LossPart,
+    store: MeasuredLosses | None = None, desc: str = "SGLP loss check",
 ) -> tuple[list[int], dict[str, Any]]:
     """Remove one block at a time; the candidates are the blocks of every segment that may still
     give one up (`budgets`: the allocated drops, or each segment's capacity with
@@ -64,8 +118,7 @@ def loss_check(
     tell apart from the best's are settled by block influence, bordering a removed block first
     by default (`_settle_tie`)."""
     config, scores = context.config, context.scores
-    batches = loss_batches(context.batches, config)
-    removal = removal_loss(context.handle, batches, config, config.loss_objective, context.original_outputs)
+    removal = _removal(context, part, store)
     judge = removal_loss(context.handle, held_back_batches(context), config, config.loss_objective) if config.loss_confirm > 1 else None
     left = dict(enumerate(budgets))
     steps: list[dict[str, Any]] = []
@@ -76,7 +129,7 @@ def loss_check(
     tightened = config.loss_bound != "stale"
     together = LAZY_MEASURED_TOGETHER if removal.reads_blocks else 1
     first: dict[int, float] = {}
-    with tqdm(total=context.n_drop, desc="SGLP loss check", disable=not context.progress) as bar:
+    with tqdm(total=context.n_drop, desc=desc, disable=not context.progress) as bar:
         for _ in range(context.n_drop):
             candidates = [
                 block
@@ -118,7 +171,7 @@ def loss_check(
                 current = removal.current()  # the unpruned network's loss, at the first step
             if not steps and screen:
                 # the gate's first-order estimate costs nothing more: the statistics pass made it
-                first = {b: current + scores[b] for b in candidates} if screen == "taylor" else _screen(context, batches, candidates, current)
+                first = {b: current + scores[b] for b in candidates} if screen == "taylor" else _screen(context, part, candidates, current, store)
                 for block, estimate in first.items():
                     record(block, estimate)
             if not config.loss_lazy:
@@ -197,27 +250,24 @@ def _borders(block: int, removed: set[int]) -> bool:
     return block - 1 in removed or block + 1 in removed
 
 
-def ties_settled_alike(steps: list[dict[str, Any]], influence: list[float], rule: str) -> bool:
-    """Whether block influence measured elsewhere (`influence`, e.g. on part of the calibration)
-    settles every tie of a loss check's `steps` as they were settled: then the same loss
-    measurements make the same choice with it."""
-    return all(tie_choice(step["tied"], {s["block"] for s in steps[:i]}, influence, rule) == step["block"]
-               for i, step in enumerate(steps) if "tied" in step)
-
-
 def loss_batches(batches: list[dict[str, Any]], config: Any) -> list[dict[str, Any]]:
     """The calibration sequences the loss check searches on: those of the first `loss_tokens`
     tokens. The statistics pass keeps the block outputs on them (`config.keeps_original_outputs`)."""
     return first_tokens(batches, config.loss_tokens)
 
 
+def _removal(context: SelectionContext, part: LossPart, store: MeasuredLosses | None) -> RemovalLoss:
+    config = context.config
+    return removal_loss(context.handle, part.batches, config, config.loss_objective, context.original_outputs,
+                        first_batch=part.first_batch, original_row=part.first_row, store=store)
+
+
 def _screen(
-    context: SelectionContext, batches: list[dict[str, Any]], candidates: list[int], loss: float
+    context: SelectionContext, part: LossPart, candidates: list[int], loss: float, store: MeasuredLosses | None
 ) -> dict[int, float]:
     """Each candidate's loss when removed alone, estimated on the first `loss_screen_samples`
     sequences: the unpruned network's `loss` on the loss batches plus the increase on those."""
-    samples = first_samples(batches, context.config.loss_screen_samples)
-    screen = removal_loss(context.handle, samples, context.config, context.config.loss_objective, context.original_outputs)
+    screen = _removal(context, part.first(context.config.loss_screen_samples), store)
     base = screen.current()
     return {block: loss + estimate - base for block, estimate in screen.measure_many(candidates).items()}
 
@@ -241,23 +291,6 @@ def held_back_batches(context: SelectionContext) -> list[dict[str, Any]]:
             "text (--n-samples) or fewer --loss-tokens."
         )
     return held_back
-
-
-def sequences_read(config: Any, batches: list[dict[str, Any]]) -> int | None:
-    """How many leading calibration sequences the choice depends on: for a loss check over the
-    whole stack of every block (no groups, no gradient score), the search's and any held-back
-    tokens; None when the choice also reads statistics of every sequence. The same analysis on any
-    calibration that starts with those sequences makes the same choice."""
-    reads_only_losses = (
-        config.method == "sglp" and config.scoring == "loss" and not config.uses_groups
-        and config.loss_candidates == "all" and config.first_step_screen != "taylor" and not config.compensation_aware
-        and not config.decide_among  # the peers' statistics read every sequence
-    )
-    if not reads_only_losses:
-        return None
-    search, held_back = _token_windows(batches, config.loss_tokens)
-    read = search + held_back if config.loss_confirm > 1 or config.loss_beam > 1 else search
-    return sum(len(b["input_ids"]) for b in read)
 
 
 def _token_windows(batches: list[dict[str, Any]], n_tokens: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -35,6 +35,27 @@ from ..passes.capture import stubbed_blocks
 from ..model.offload import onloaded
 
 
+class MeasuredLosses:
+    """Per-sequence losses of removed sets on loss batches, shared by searches over the same batches
+    (the loss check and its search on each half of its sequences, sglp_llm.selection.loss_check):
+    a set measured on a batch once is read back, not run again. A batch is known by its index among
+    the loss batches and its rows (a screen's batch holds the first rows of one); the numbers read
+    back are the ones the same batch gave, so a search that reads them chooses as one that runs."""
+
+    def __init__(self) -> None:
+        self._losses: dict[tuple[frozenset[int], tuple[int, int]], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reused = 0  # measurements read back instead of run
+
+    def get(self, skipped: Sequence[int], keys: Sequence[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        found = [self._losses.get((frozenset(skipped), key)) for key in keys]
+        return None if any(f is None for f in found) else found
+
+    def put(self, skipped: Sequence[int], keys: Sequence[tuple[int, int]], summed: Sequence[tuple[Any, Any]]) -> None:
+        for key, part in zip(keys, summed):
+            if torch.is_tensor(part[1]):  # per-sequence losses (the NLL objective)
+                self._losses.setdefault((frozenset(skipped), key), part)
+
+
 # the original model's distribution is kept at this many most likely tokens per position (and the
 # rest's mass) for the KL objective: 2048 tokens of a 262k vocabulary then take 25 MB, not 2 GB
 KL_TOP_K = 1024
@@ -99,7 +120,9 @@ class RemovalLoss:
 
     With the NLL objective every measurement also keeps its per-sequence losses, so a search can
     tell a removal's extra damage from the sampling noise of the calibration sequences
-    (`increase_error`)."""
+    (`increase_error`), and, given a `store` (`MeasuredLosses`), shares them with other searches
+    over the same batches: `batches` are then the loss batches from index `first_batch` on, and a
+    set the store holds for all of them is read back instead of run."""
 
     # a pass reads its blocks from outside the device (BlockwiseRemovalLoss): measuring several
     # candidates in one pass (`measure_many`) saves reads
@@ -108,13 +131,17 @@ class RemovalLoss:
     def __init__(
         self, model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]], objective: str = "nll",
         *, position_share: float = 1.0, seed: int = 0, original: OriginalOutputs | None = None,
+        first_batch: int = 0, original_row: int = 0, store: MeasuredLosses | None = None,
     ) -> None:
         if objective not in LOSS_OBJECTIVES:
             raise ValueError(f"objective={objective!r}; choose one of {LOSS_OBJECTIVES}")
         self.handle = ModelHandle.of(model)
         # drawn before sharding, so every process count scores the same positions of a batch
-        self.positions = shard([position_sample(b["input_ids"].shape[1] - 1, position_share, seed + i) for i, b in enumerate(batches)])
+        self.positions = shard([position_sample(b["input_ids"].shape[1] - 1, position_share, seed + first_batch + i)
+                                for i, b in enumerate(batches)])
         self.batches = shard(batches)
+        self.keys = shard([(first_batch + i, len(b["input_ids"])) for i, b in enumerate(batches)])
+        self.store = store
         self.num_blocks = len(self.handle.layers)
         self.removed: list[int] = []
         self.objective = objective
@@ -122,7 +149,7 @@ class RemovalLoss:
         # kept block -> its output in the current network (as the block returns it), for each batch
         self._outputs: dict[int, list[Any]] = {}
         # `original`: the statistics pass kept the original network's outputs on these batches
-        kept = original.for_batches(batches) if original is not None else None
+        kept = original.for_batches(batches, original_row) if original is not None else None
         if kept is not None:
             self._returns_tuple = original.returns_tuple
             self._outputs = {block: [self._as_returned(o) for o in outputs] for block, outputs in kept.items()}
@@ -149,10 +176,19 @@ class RemovalLoss:
 
     def _mean(self, summed: list[tuple[Any, Any]], skipped: Sequence[int]) -> float:
         """`_token_mean` of one pass's per-batch sums, keeping its per-sequence losses (NLL)."""
+        if self.store is not None:
+            self.store.put(skipped, self.keys, summed)
         if summed and torch.is_tensor(summed[0][1]):
             totals, counts = (torch.cat([part[i] for part in summed]) for i in (0, 1))
             self._sequences[frozenset(skipped)] = totals.double() / counts.clamp(min=1)
         return _token_mean(summed, skipped)
+
+    def _stored(self, skipped: Sequence[int]) -> list[tuple[Any, Any]] | None:
+        """This process's per-batch sums for the network without `skipped`, when the store has them."""
+        found = None if self.store is None else self.store.get(skipped, self.keys)
+        if found is not None:
+            self.store.reused += 1
+        return found
 
     def increase_error(self, block: int) -> float:
         """The standard error of the extra loss that removing `block` from the current network was
@@ -250,6 +286,9 @@ class RemovalLoss:
 
     def current(self) -> float:
         """The calibration NLL of the current network, from its deepest kept output."""
+        stored = self._stored(self.removed)
+        if stored is not None:
+            return self._mean(stored, self.removed)
         self._references()
         return self._run(list(self.removed), self._nearest_kept_output(self.num_blocks))
 
@@ -257,6 +296,9 @@ class RemovalLoss:
         """The calibration NLL of the current network without `block` as well."""
         if block in self.removed:
             raise ValueError(f"Block {block} is removed already.")
+        stored = self._stored(self.removed + [block])
+        if stored is not None:
+            return self._mean(stored, self.removed + [block])
         self._references()
         previous = self._previous_kept(block)
         if previous is not None and previous not in self._outputs:
@@ -293,9 +335,10 @@ class BlockwiseRemovalLoss(RemovalLoss):
     def __init__(
         self, model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]], objective: str = "nll",
         *, position_share: float = 1.0, seed: int = 0, original: OriginalOutputs | None = None,
+        first_batch: int = 0, original_row: int = 0, store: MeasuredLosses | None = None,
     ) -> None:
         super().__init__(ModelHandle.of(model).one_block_at_a_time(), batches, objective, position_share=position_share,
-                         seed=seed, original=original)
+                         seed=seed, original=original, first_batch=first_batch, original_row=original_row, store=store)
         self.layers = self.handle.layers
         self.device = self.handle.onload_device
         self.loader = self.handle.loader
@@ -335,6 +378,16 @@ class BlockwiseRemovalLoss(RemovalLoss):
         of once per candidate. Memory: one hidden state per batch and candidate, on the CPU."""
         if any(block in self.removed for block in blocks):
             raise ValueError(f"Blocks {sorted(set(blocks) & set(self.removed))} are removed already.")
+        stored = {block: self._stored(self.removed + [block]) for block in blocks}
+        # means in the order of `blocks`, whichever were stored: every process reduces alike
+        summed = {block: found for block, found in stored.items() if found is not None}
+        summed.update(self._run_streams([block for block, found in stored.items() if found is None]))
+        return {block: self._mean(summed[block], self.removed + [block]) for block in blocks}
+
+    def _run_streams(self, blocks: Sequence[int]) -> dict[int, list[tuple[Any, Any]]]:
+        """Each of `blocks`' per-batch sums, all candidates' streams run in one block-by-block pass."""
+        if not blocks:
+            return {}
         self._references()
         previous = self._outputs_before(blocks)
         streams = {block: list(self._inputs) if p is None else list(self._outputs[p]) for block, p in previous.items()}
@@ -351,8 +404,7 @@ class BlockwiseRemovalLoss(RemovalLoss):
                         self._returns_tuple = isinstance(output, (tuple, list))
                         streams[candidate][b] = block_output(output).cpu()
         return {
-            candidate: self._mean([self._loss(b, final.to(self.device), self._returns_tuple) for b, final in enumerate(hidden)],
-                                  self.removed + [candidate])
+            candidate: [self._loss(b, final.to(self.device), self._returns_tuple) for b, final in enumerate(hidden)]
             for candidate, hidden in streams.items()
         }
 
@@ -367,8 +419,8 @@ class CompensatedRemovalLoss(RemovalLoss):
 
     def __init__(self, model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]],
                  objective: str = "nll", *, method: str, ridge: float, fit_on: str, position_share: float = 1.0,
-                 seed: int = 0) -> None:
-        super().__init__(model, batches, objective, position_share=position_share, seed=seed)
+                 seed: int = 0, first_batch: int = 0) -> None:
+        super().__init__(model, batches, objective, position_share=position_share, seed=seed, first_batch=first_batch)
         self._unsharded = list(batches)  # the fit shards and reduces by itself
         self._fit = dict(method=method, ridge=ridge, fit_on=fit_on)
         self._runs: dict[tuple[int, int], Compensation] = {}  # fit_on="original": run -> its map
@@ -400,16 +452,20 @@ class CompensatedRemovalLoss(RemovalLoss):
 
 def removal_loss(
     handle: ModelHandle, batches: Sequence[dict[str, torch.Tensor]], config: Any, objective: str = "nll",
-    original: OriginalOutputs | None = None,
+    original: OriginalOutputs | None = None, *, first_batch: int = 0, original_row: int = 0,
+    store: MeasuredLosses | None = None,
 ) -> RemovalLoss:
     """The removal loss (`objective`) of the handle's model, its head on `config.loss_positions`
     of each window's positions: with each candidate compensated (`config.compensation_aware`);
     block by block when its blocks run one at a time; else in the model's own forward. It starts
-    from the `original` network's outputs where the statistics pass kept them for these batches."""
-    positions = dict(position_share=config.loss_positions, seed=config.seed)
-    if config.compensation_aware:  # every measurement a whole forward: nothing to start from
+    from the `original` network's outputs where the statistics pass kept them for these batches
+    (from the loss sequences' row `original_row` on), and shares its measurements through `store`
+    (`batches`: the loss batches from `first_batch` on)."""
+    positions = dict(position_share=config.loss_positions, seed=config.seed, first_batch=first_batch)
+    if config.compensation_aware:  # every measurement a whole forward with maps fitted on `batches`: nothing shared
         return CompensatedRemovalLoss(handle, batches, objective, method=config.compensation,
                                       ridge=config.compensation_ridge, fit_on=config.compensation_fit, **positions)
+    shared = dict(original=original, original_row=original_row, store=store)
     if handle.blockwise:
-        return BlockwiseRemovalLoss(handle, batches, objective, original=original, **positions)
-    return RemovalLoss(handle, batches, objective, original=original, **positions)
+        return BlockwiseRemovalLoss(handle, batches, objective, **shared, **positions)
+    return RemovalLoss(handle, batches, objective, **shared, **positions)

@@ -137,7 +137,11 @@ def _loss(context: SelectionContext) -> Selection:
     else:
         dropped, checked = loss_check(context, found.segments, budgets)
     drops = [sum(1 for b in dropped if b in s) for s in found.segments]
-    selection = _selection(context, found, dropped, {"loss_check": checked}, drops)
+    # the loss check's own stability check (its search on each half of its sequences): timed apart
+    stability = checked.pop("stability", None)
+    selection = _selection(context, found, dropped, {"loss_check": checked, **({"stability": stability} if stability else {})}, drops)
+    if stability and "seconds" in stability:
+        selection.timings["stability_s"] = stability["seconds"]
     if not config.needs_backward:  # no gradient score: the loss check measured every candidate at its first step
         selection.scores = [math.nan if x is None else x for x in checked["removal_losses"]]
         selection.score_kind = "loss_without_block"
