@@ -151,7 +151,7 @@ class SGLPConfig(SettingsFile):
                         "batch_size", "seed"),
         "selection": ("scoring", "gradient_score", "groups", "num_segments", "allocation", "protect_first",
                       "protect_last", "layers_path"),
-        "loss_check": ("loss_candidates", "loss_tokens", "loss_positions", "loss_objective", "loss_beam", "loss_confirm",
+        "loss_check": ("loss_candidates", "loss_tokens", "loss_positions", "loss_vocabulary", "loss_objective", "loss_beam", "loss_confirm",
                        "loss_ties", "decide_among"),
         "memory": ("offload", "onload_device", "hidden_states", "hidden_states_dir", "cka_max_tokens_per_batch",
                    "gradient_checkpointing", "checkpoint_dir", "checkpoint_every"),
@@ -243,6 +243,10 @@ class SGLPConfig(SettingsFile):
     # spread evenly, the same for every candidate): the blocks still run on every position, the
     # head, most of a measurement with a large vocabulary (Gemma-3: 262k), on this share only
     loss_positions: float = 1.0
+    # 0: the head scores the whole vocabulary; k > 0: on each loss batch only the tokens among the
+    # original network's k likeliest at any position, the batch's next tokens and a sample of the
+    # rest standing for all of it (an estimate of the NLL from a few of the head's columns)
+    loss_vocabulary: int = 0
     # what a removal's loss is: "nll", the next-token NLL of the calibration text (SLEB's), or
     # "kl", the KL divergence from the original model's next-token distribution on it
     loss_objective: str = "nll"
@@ -559,6 +563,12 @@ class SGLPConfig(SettingsFile):
             )
         if self.loss_beam > 1 and self.loss_confirm > 1:
             raise ConfigError("loss_beam and loss_confirm are two ways to decide on held-back tokens: set one of them.")
+        if isinstance(self.loss_vocabulary, bool) or not isinstance(self.loss_vocabulary, int) or self.loss_vocabulary < 0:
+            raise ConfigError(f"`loss_vocabulary` is how many of each position's likeliest tokens the loss check's head "
+                              f"scores (0: the whole vocabulary); got {self.loss_vocabulary!r}.")
+        if self.loss_vocabulary and self.loss_objective != "nll":
+            raise ConfigError("`loss_vocabulary` narrows the NLL's head; the KL objective compares whole distributions. "
+                              "Use loss_objective: nll, or leave loss_vocabulary at 0.")
         if isinstance(self.loss_positions, bool) or not isinstance(self.loss_positions, (int, float)) or not 0 < self.loss_positions <= 1:
             raise ConfigError(f"`loss_positions` is the share of each window's positions the loss check scores, in (0, 1]; "
                               f"got {self.loss_positions!r}.")

@@ -121,6 +121,10 @@ def _score_and_choice(config: dict[str, Any], settings: SGLPConfig, calibration_
             tokens, held_back_tokens = min(tokens, calibration_tokens), min(tokens, max(calibration_tokens - tokens, 0))
         positions = config.get("loss_positions", 1.0)
         measured_on = f"{tokens} tokens" + (f", the head scoring {positions:.0%} of each window's positions" if positions < 1 else "")
+        vocabulary = config.get("loss_vocabulary", 0)
+        if vocabulary:
+            measured_on += (f", the NLL estimated from each sequence's {vocabulary} likeliest tokens per position under the "
+                            "original model, its next tokens and a weighted sample of the rest")
         if config.get("loss_beam", 1) > 1:
             lines.append(
                 f"choice: a beam of the {config['loss_beam']} removal sets with the lowest {loss_name(config)} "

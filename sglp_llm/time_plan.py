@@ -112,6 +112,7 @@ class CountedRemovalLoss(RemovalLoss):
         self.num_blocks, self.tokens, self.scored, self.objective = num_blocks, tokens, scored, objective
         self.reads_blocks = blockwise  # measure_many reads each block once (BlockwiseRemovalLoss)
         self.keys, self.store = list(keys), store
+        self.vocabulary, self._subsets = 0, None  # the head over the whole vocabulary (loss_vocabulary is not planned)
         self.removed: list[int] = []
         self._outputs: dict[int, Any] = dict.fromkeys(range(num_blocks), ()) if original else {}
         self._reference = None
@@ -303,11 +304,13 @@ def _check_supported(config: SGLPConfig) -> None:
             ("loss_beam", config.loss_beam > 1), ("loss_confirm", config.loss_confirm > 1),
             ("decide_among", bool(config.decide_among)), ("compensation_aware", config.compensation_aware),
             ("loss_candidates", config.loss_candidates != "all"), ("loss_screen: taylor", config.loss_screen == "taylor"),
+            ("loss_vocabulary", config.loss_vocabulary > 0),
         ) if value
     ]
     if unsupported:
         raise ConfigError(
-            f"The time plan predicts the default loss check (its token, position, screen, bound and objective settings), "
+            f"The time plan predicts the default loss check (its token, position, screen, bound and objective settings; "
+            f"the head over the whole vocabulary), "
             f"SLEB and the forward-only peers; not {', '.join(unsupported)}. Leave those at their defaults to plan."
         )
 

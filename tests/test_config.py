@@ -33,6 +33,8 @@ from sglp_llm.config import ConfigError, SGLPConfig
         ({"drop": 2, "loss_screen_samples": -1}, "`loss_screen_samples` must be a non-negative integer, got -1"),
         ({"drop": 2, "loss_positions": 0}, r"`loss_positions` is the share of each window's positions the loss check scores, in \(0, 1\]; got 0"),
         ({"drop": 2, "loss_positions": 1.5}, r"in \(0, 1\]; got 1.5"),
+        ({"drop": 2, "loss_vocabulary": -1}, r"`loss_vocabulary` is how many of each position's likeliest tokens .* got -1"),
+        ({"drop": 2, "loss_vocabulary": 8, "loss_objective": "kl"}, r"narrows the NLL's head; the KL objective"),
         ({"drop": 2, "loss_bound": "tight"}, r"`loss_bound` must be one of \('stale', 'marginal', 'local'\), got 'tight'"),
         ({"drop": 2, "protect_first": -1}, "`protect_first` must be a non-negative"),
         ({"drop": 2, "auto_k": "knee"}, "`auto_k` must be one of"),

@@ -87,3 +87,53 @@ def test_backward_through_the_chunked_head_equals_the_full_loss_backward(monkeyp
     for name, grad in reference.items():
         if name.startswith("model.layers."):
             torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_vocabulary_subset_scores_its_tokens_as_a_brute_force_over_the_full_logits(family):
+    """The NLL over a subset equals the formula on the model's own full logits (softcapping and
+    all): per sequence, logsumexp over its kept tokens (its likeliest and its next tokens) and the
+    sample's others, each of those weighted by |rest| / |sample outside its kept|, minus the
+    target's logit; with the whole vocabulary sampled, the exact NLL; and a sequence's number does
+    not depend on the batch it is in."""
+    from sglp_llm.passes.head import likeliest_tokens, vocabulary_subset
+
+    model = tiny_model(family, num_layers=3, **({"final_logit_softcapping": 2.0} if family == "gemma2" else {}))
+    batch = tiny_batch(batch_size=3, seq_len=17, pad_last=5)
+    layers, final, returns_tuple = _final(model, batch)
+    targets, valid = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].bool()
+    with torch.no_grad():
+        logits = model(**batch).logits[:, :-1].float()
+        top = likeliest_tokens(model, batch, final, returns_tuple, 3)
+        assert [t.shape for t in top] == [(16, 3), (16, 3), (11, 3)]
+        assert all(torch.equal(t, logits[r].topk(3, dim=-1).indices[valid[r]]) for r, t in enumerate(top))
+        for sampled in (7, VOCAB):
+            subset = vocabulary_subset(top, targets, VOCAB, sampled, seed=1)
+            total, counts = head_nll(model, batch, final, returns_tuple, per_sequence=True, vocabulary=subset,
+                                     max_logits_bytes=3 * 4 * VOCAB * 4)
+            drawn = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(1))[:sampled]
+            for r in range(3):
+                kept = torch.cat([top[r].flatten(), targets[r]]).unique()
+                others = drawn[~torch.isin(drawn, kept)]
+                weight = torch.log(torch.tensor((VOCAB - len(kept)) / max(len(others), 1)))
+                lse = torch.logsumexp(torch.cat([logits[r][:, kept], logits[r][:, others] + weight], dim=-1), dim=-1)
+                brute = lse - logits[r].gather(-1, targets[r][:, None])[:, 0]
+                assert torch.allclose(total[r], brute[valid[r]].sum(), atol=1e-4)
+            alone = vocabulary_subset(top[2:], targets[2:], VOCAB, sampled, seed=1)
+            row = {k: v[2:] for k, v in batch.items()}
+            assert torch.allclose(head_nll(model, row, final[2:], returns_tuple, per_sequence=True, vocabulary=alone)[0], total[2:], atol=1e-4)
+        exact, _ = head_nll(model, batch, final, returns_tuple, per_sequence=True)
+        assert torch.allclose(total, exact, atol=1e-4)  # every token sampled: nothing estimated
+
+
+def test_a_head_that_is_not_a_linear_layer_is_refused():
+    from sglp_llm.config import ConfigError
+    from sglp_llm.passes.head import vocabulary_subset
+
+    model = tiny_model("llama", num_layers=2)
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    batch = tiny_batch(batch_size=1, seq_len=8)
+    layers, final, returns_tuple = _final(model, batch)
+    subset = vocabulary_subset([torch.tensor([4])], batch["input_ids"][:, 1:], VOCAB, 2, seed=0)
+    with pytest.raises(ConfigError, match="loss_vocabulary at 0"):
+        head_nll(model, batch, final, returns_tuple, vocabulary=subset)

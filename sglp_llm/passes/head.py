@@ -11,13 +11,15 @@ number is the model's own loss (softcapping and all), summed over chunks.
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
-from dataclasses import dataclass
+import math
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..model.blocks import text_config
 from ..model.handle import ModelHandle
 from .capture import StopForward, block_input, block_output, stubbed_blocks
@@ -52,6 +54,75 @@ def chunk_positions(model: nn.Module, batch_size: int, max_logits_bytes: int | N
     return max(1, max_logits_bytes // (batch_size * vocab * 4))
 
 
+@dataclass
+class VocabularySubset:
+    """The tokens a head scores on one batch instead of its whole vocabulary. Each sequence keeps
+    every token among the original network's likeliest at any of its positions and its own next
+    tokens; the rest of the vocabulary is stood for by a seeded sample of it (the same for every
+    sequence and batch), each sampled logit weighted by how many of the sequence's rest it stands
+    for, so the softmax's normaliser, and with it the NLL, is estimated without bias from far fewer
+    columns. A sequence's number depends on that sequence alone, not on the batch it is in
+    (`vocabulary_subset`)."""
+
+    token_ids: torch.Tensor  # [n] the columns the head computes: every sequence's kept tokens and the sample
+    log_weights: torch.Tensor  # [rows, n] 0 for a sequence's kept tokens, log(rest / sampled) for the sample, -inf elsewhere
+    column: torch.Tensor  # [vocab] each token's column (-1: not computed)
+    _head: dict = field(default_factory=dict, repr=False)  # the narrowed head, once built
+
+    @contextmanager
+    def scoring(self, model: nn.Module) -> Iterator[None]:
+        """The model's head narrowed to these tokens meanwhile: its own forward (final norm,
+        softcapping) then yields their logits only."""
+        head = model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise ConfigError(f"The head of {type(model).__name__} is a {type(head).__name__}, not a linear layer: it "
+                              "cannot be narrowed to a vocabulary subset. Leave loss_vocabulary at 0.")
+        if "narrow" not in self._head:
+            ids = self.token_ids.to(head.weight.device)
+            narrow = nn.Linear(head.in_features, len(ids), bias=head.bias is not None, device=head.weight.device, dtype=head.weight.dtype)
+            with torch.no_grad():
+                narrow.weight.copy_(head.weight[ids])
+                if head.bias is not None:
+                    narrow.bias.copy_(head.bias[ids])
+            self._head["narrow"] = narrow
+        model.set_output_embeddings(self._head["narrow"])
+        try:
+            yield
+        finally:
+            model.set_output_embeddings(head)
+
+
+def vocabulary_subset(likeliest: list[torch.Tensor], targets: torch.Tensor, vocab_size: int, sampled: int, seed: int) -> VocabularySubset:
+    """The `VocabularySubset` of a batch: each row keeps its `likeliest` tokens (one tensor per row,
+    any shape) and its `targets` [rows, positions]; `sampled` tokens of the vocabulary, drawn with
+    `seed`, stand for each row's rest."""
+    drawn = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))[:sampled]
+    kept = [torch.cat([top.flatten().cpu(), row.cpu()]).unique() for top, row in zip(likeliest, targets)]
+    token_ids = torch.cat(kept + [drawn]).unique()
+    column = torch.full((vocab_size,), -1, dtype=torch.long)
+    column[token_ids] = torch.arange(len(token_ids))
+    log_weights = torch.full((len(kept), len(token_ids)), -math.inf)
+    for row, tokens in enumerate(kept):
+        rest = drawn[~torch.isin(drawn, tokens)]  # the sample's tokens outside this row's own
+        if len(rest):
+            log_weights[row, column[rest]] = math.log((vocab_size - len(tokens)) / len(rest))
+        log_weights[row, column[tokens]] = 0.0
+    return VocabularySubset(token_ids, log_weights, column)
+
+
+def likeliest_tokens(model: nn.Module | ModelHandle, batch: dict[str, torch.Tensor], final: torch.Tensor, returns_tuple: bool,
+                     k: int, positions: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The `k` likeliest next tokens under the head on `final` at each of `batch`'s predicted
+    (non-padding) positions (of `positions`, when given): for each row, [its positions, k], on the CPU."""
+    valid = _predicted(batch)
+    rows: list[list[torch.Tensor]] = [[] for _ in range(len(valid))]
+    for chunk, logits in _head_logits(ModelHandle.of(model), batch, final, returns_tuple, None, positions):
+        top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices.cpu()
+        for row, mask in enumerate(valid[:, chunk].cpu()):
+            rows[row].append(top[row][mask])
+    return [torch.cat(parts) for parts in rows]
+
+
 def _head_logits(
     handle: ModelHandle,
     batch: dict[str, torch.Tensor],
@@ -59,17 +130,21 @@ def _head_logits(
     returns_tuple: bool,
     max_logits_bytes: int | None,
     positions: torch.Tensor | None = None,
+    vocabulary: VocabularySubset | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The head's logits on `final` a chunk of positions at a time: (positions, logits
     [batch, len(positions), vocab]) for every position that predicts a next token, or only for
-    `positions` (sorted)."""
+    `positions` (sorted); with a `vocabulary` subset, its tokens' logits only."""
     model = handle.model
     input_ids = batch["input_ids"]
     n_positions = input_ids.shape[1] - 1  # the last position predicts nothing
     scored = torch.arange(n_positions, device=input_ids.device) if positions is None else positions.to(input_ids.device)
     selectable = chunk_positions(model, input_ids.shape[0], max_logits_bytes)
+    if selectable is not None and vocabulary is not None:  # chunks sized for the narrower logits
+        selectable = max(selectable, selectable * len(vocabulary.column) // max(len(vocabulary.token_ids), 1))
     chunk = selectable or len(scored)
-    with final_hidden_state(handle.layers, final, returns_tuple):
+    narrowed = vocabulary.scoring(model) if vocabulary is not None else nullcontext()
+    with final_hidden_state(handle.layers, final, returns_tuple), narrowed:
         for start in range(0, len(scored), chunk):
             part = scored[start:start + chunk]
             kwargs = {"logits_to_keep": part} if selectable is not None else {}
@@ -106,6 +181,7 @@ def head_nll(
     backward: bool = False,
     positions: torch.Tensor | None = None,
     per_sequence: bool = False,
+    vocabulary: VocabularySubset | None = None,
 ) -> tuple[torch.Tensor, int | torch.Tensor]:
     """The summed next-token NLL of `batch`'s predicted (non-padding) tokens and their count, the
     head run on the final hidden state `final` (the model's forward with its blocks, as they
@@ -113,16 +189,23 @@ def head_nll(
     gradient of the mean NLL goes back into `final` chunk by chunk, so no two chunks' logits are
     alive at once; the sum is returned detached. With `per_sequence`, both are tensors of one
     entry per row of the batch (how much the loss varies between sequences says how far a
-    difference between two losses can be trusted)."""
+    difference between two losses can be trusted). With a `vocabulary` subset, the NLL over its
+    tokens (`VocabularySubset`: an estimate)."""
     targets = batch["input_ids"][:, 1:]
     valid = _predicted(batch)
     counts = (valid if positions is None else valid[:, positions.to(valid.device)]).sum(dim=1)
     count = int(counts.sum())
     total = None
-    for chunk, logits in _head_logits(ModelHandle.of(model), batch, final, returns_tuple, max_logits_bytes, positions):
-        nll = nn.functional.cross_entropy(
-            logits.float().transpose(1, 2), targets[:, chunk].to(logits.device), reduction="none"
-        )
+    for chunk, logits in _head_logits(ModelHandle.of(model), batch, final, returns_tuple, max_logits_bytes, positions, vocabulary):
+        wanted = targets[:, chunk]
+        logits = logits.float()
+        if vocabulary is not None:
+            if logits.shape[-1] != len(vocabulary.token_ids):
+                raise ConfigError(f"{type(ModelHandle.of(model).model).__name__}'s forward does not return its head's "
+                                  "outputs as logits, so its vocabulary cannot be narrowed; leave loss_vocabulary at 0.")
+            logits = logits + vocabulary.log_weights[:, None, :].to(logits.device)
+            wanted = vocabulary.column[wanted.cpu()]
+        nll = nn.functional.cross_entropy(logits.transpose(1, 2), wanted.to(logits.device), reduction="none")
         part = torch.where(valid[:, chunk].to(nll.device), nll, 0.0).sum(dim=1)
         if not per_sequence:
             part = part.sum()

@@ -27,7 +27,8 @@ from ..recovery.compensate import Compensation, applied, fit_compensation, remov
 from ..config import LOSS_OBJECTIVES
 from ..passes.distributed import all_reduce_state, shard
 from ..model.rewrite import skip_blocks
-from ..passes.head import ReferenceDistribution, head_kl, head_nll, output_of, position_sample, reference_distribution
+from ..passes.head import (ReferenceDistribution, VocabularySubset, head_kl, head_nll, likeliest_tokens, output_of,
+                           position_sample, reference_distribution, vocabulary_subset)
 from ..passes.loss import check_finite
 from ..passes.original_outputs import OriginalOutputs
 from ..passes.sequential import _record_calls
@@ -45,6 +46,8 @@ class MeasuredLosses:
     def __init__(self) -> None:
         self._losses: dict[tuple[frozenset[int], tuple[int, int]], tuple[torch.Tensor, torch.Tensor]] = {}
         self.reused = 0  # measurements read back instead of run
+        # batch key -> the tokens its head scores (`RemovalLoss` with `vocabulary`), from the original network
+        self.subsets: dict[tuple[int, int], VocabularySubset] = {}
 
     def get(self, skipped: Sequence[int], keys: Sequence[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         found = [self._losses.get((frozenset(skipped), key)) for key in keys]
@@ -56,6 +59,9 @@ class MeasuredLosses:
                 self._losses.setdefault((frozenset(skipped), key), part)
 
 
+# with a vocabulary subset, this many of the tokens outside it are sampled to estimate the rest's
+# share of the softmax's normaliser (`head.vocabulary_subset`)
+RESTS_SAMPLED = 1024
 # the original model's distribution is kept at this many most likely tokens per position (and the
 # rest's mass) for the KL objective: 2048 tokens of a 262k vocabulary then take 25 MB, not 2 GB
 KL_TOP_K = 1024
@@ -116,7 +122,10 @@ class RemovalLoss:
     With `position_share` < 1 the head scores only that share of each window's positions, the
     same ones for every candidate (`head.position_sample`, seeded by `seed` and the batch's
     index): the blocks still run on every position, the head (most of a measurement with a
-    large vocabulary) on a few.
+    large vocabulary) on a few. With `vocabulary` k > 0 the head scores, on each batch, only the
+    tokens among the original network's k likeliest at any of its positions, its next tokens and
+    `RESTS_SAMPLED` of the others standing for the rest (`head.VocabularySubset`): every position,
+    a few columns of the head, an estimate of the NLL.
 
     With the NLL objective every measurement also keeps its per-sequence losses, so a search can
     tell a removal's extra damage from the sampling noise of the calibration sequences
@@ -131,11 +140,15 @@ class RemovalLoss:
     def __init__(
         self, model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]], objective: str = "nll",
         *, position_share: float = 1.0, seed: int = 0, original: OriginalOutputs | None = None,
-        first_batch: int = 0, original_row: int = 0, store: MeasuredLosses | None = None,
+        first_batch: int = 0, original_row: int = 0, store: MeasuredLosses | None = None, vocabulary: int = 0,
     ) -> None:
         if objective not in LOSS_OBJECTIVES:
             raise ValueError(f"objective={objective!r}; choose one of {LOSS_OBJECTIVES}")
+        if vocabulary and objective != "nll":
+            raise ValueError("A vocabulary subset narrows the NLL's head; the KL objective compares whole distributions.")
         self.handle = ModelHandle.of(model)
+        self.seed, self.vocabulary = seed, vocabulary
+        self._subsets: list[VocabularySubset] | None = None  # each batch's, from the original network's pass
         # drawn before sharding, so every process count scores the same positions of a batch
         self.positions = shard([position_sample(b["input_ids"].shape[1] - 1, position_share, seed + first_batch + i)
                                 for i, b in enumerate(batches)])
@@ -166,7 +179,15 @@ class RemovalLoss:
         """The summed loss of batch `index` from its final hidden state, and its count."""
         batch, positions = self.batches[index], self.positions[index]
         if self.objective == "nll":
-            total, count = head_nll(self.handle, batch, final, returns_tuple, positions=positions, per_sequence=True)
+            subset = None
+            if self.vocabulary:
+                if len(self._subsets) < len(self.batches):  # the original network's pass (`_references`)
+                    likeliest = likeliest_tokens(self.handle, batch, final, returns_tuple, self.vocabulary, positions)
+                    vocab_size = self.handle.model.get_output_embeddings().weight.shape[0]
+                    self._subsets.append(vocabulary_subset(likeliest, batch["input_ids"][:, 1:], vocab_size, RESTS_SAMPLED, self.seed))
+                subset = self._subsets[index]
+            total, count = head_nll(self.handle, batch, final, returns_tuple, positions=positions, per_sequence=True,
+                                    vocabulary=subset)
             return total.cpu(), count.cpu()
         if len(self._reference) < len(self.batches):  # the original network's pass (`_references`)
             self._reference.append(reference_distribution(self.handle, batch, final, returns_tuple, KL_TOP_K, positions=positions))
@@ -208,13 +229,23 @@ class RemovalLoss:
         return (variance / n) ** 0.5
 
     def _references(self) -> None:
-        """Objective "kl": before the first measurement, one pass of the original network takes
-        its distributions (and keeps its block outputs for the measurements)."""
-        if self.objective == "kl" and self._reference is None:
-            if self.removed:
-                raise RuntimeError("The KL objective's reference is the original network: measure before removing.")
-            self._reference = []
-            self._run([], self._nearest_kept_output(self.num_blocks))
+        """Before the first measurement, one pass of the original network takes what the loss is
+        measured against: its distributions (objective "kl") or each batch's vocabulary subset
+        (`vocabulary`; or the store's, made by a search over the same batches), keeping its block
+        outputs for the measurements."""
+        if self.vocabulary and self._subsets is None and self.store is not None:
+            found = [self.store.subsets.get(key) for key in self.keys]
+            self._subsets = None if any(f is None for f in found) else found
+        kl, subsets = self.objective == "kl" and self._reference is None, self.vocabulary and self._subsets is None
+        if not (kl or subsets):
+            return
+        if self.removed:
+            raise RuntimeError("The loss is measured against the original network: measure before removing.")
+        self._reference = [] if kl else self._reference
+        self._subsets = [] if subsets else self._subsets
+        self._run([], self._nearest_kept_output(self.num_blocks))
+        if self.store is not None and subsets:
+            self.store.subsets.update(zip(self.keys, self._subsets))
 
     def branch(self, block: int) -> "RemovalLoss":
         """A copy with `block` removed as well, for a search that follows several sets at once:
@@ -335,10 +366,11 @@ class BlockwiseRemovalLoss(RemovalLoss):
     def __init__(
         self, model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]], objective: str = "nll",
         *, position_share: float = 1.0, seed: int = 0, original: OriginalOutputs | None = None,
-        first_batch: int = 0, original_row: int = 0, store: MeasuredLosses | None = None,
+        first_batch: int = 0, original_row: int = 0, store: MeasuredLosses | None = None, vocabulary: int = 0,
     ) -> None:
         super().__init__(ModelHandle.of(model).one_block_at_a_time(), batches, objective, position_share=position_share,
-                         seed=seed, original=original, first_batch=first_batch, original_row=original_row, store=store)
+                         seed=seed, original=original, first_batch=first_batch, original_row=original_row, store=store,
+                         vocabulary=vocabulary)
         self.layers = self.handle.layers
         self.device = self.handle.onload_device
         self.loader = self.handle.loader
@@ -419,8 +451,9 @@ class CompensatedRemovalLoss(RemovalLoss):
 
     def __init__(self, model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]],
                  objective: str = "nll", *, method: str, ridge: float, fit_on: str, position_share: float = 1.0,
-                 seed: int = 0, first_batch: int = 0) -> None:
-        super().__init__(model, batches, objective, position_share=position_share, seed=seed, first_batch=first_batch)
+                 seed: int = 0, first_batch: int = 0, vocabulary: int = 0) -> None:
+        super().__init__(model, batches, objective, position_share=position_share, seed=seed, first_batch=first_batch,
+                         vocabulary=vocabulary)
         self._unsharded = list(batches)  # the fit shards and reduces by itself
         self._fit = dict(method=method, ridge=ridge, fit_on=fit_on)
         self._runs: dict[tuple[int, int], Compensation] = {}  # fit_on="original": run -> its map
@@ -461,7 +494,8 @@ def removal_loss(
     from the `original` network's outputs where the statistics pass kept them for these batches
     (from the loss sequences' row `original_row` on), and shares its measurements through `store`
     (`batches`: the loss batches from `first_batch` on)."""
-    positions = dict(position_share=config.loss_positions, seed=config.seed, first_batch=first_batch)
+    positions = dict(position_share=config.loss_positions, seed=config.seed, first_batch=first_batch,
+                     vocabulary=config.loss_vocabulary)
     if config.compensation_aware:  # every measurement a whole forward with maps fitted on `batches`: nothing shared
         return CompensatedRemovalLoss(handle, batches, objective, method=config.compensation,
                                       ridge=config.compensation_ridge, fit_on=config.compensation_fit, **positions)

@@ -148,7 +148,7 @@ def _loss(context: SelectionContext) -> Selection:
     return selection
 
 
-LOSS_SETTINGS = ("loss_candidates", "loss_tokens", "loss_positions", "loss_objective", "loss_beam", "loss_confirm", "loss_ties", "loss_lazy", "loss_bound", "loss_screen", "loss_screen_samples")
+LOSS_SETTINGS = ("loss_candidates", "loss_tokens", "loss_positions", "loss_vocabulary", "loss_objective", "loss_beam", "loss_confirm", "loss_ties", "loss_lazy", "loss_bound", "loss_screen", "loss_screen_samples")
 # every SGLP choice may be put against peers' on held-back tokens (analyze; sglp_llm.selection.decide)
 DECISION_SETTINGS = ("decide_among", "loss_tokens")
 register("sglp-block", Selector(None, _per_block, (*GROUP_SETTINGS, "gradient_score", *DECISION_SETTINGS)))
