@@ -54,6 +54,11 @@ CONTENDERS = {
     # the gradient score shortlists the 3 lowest of each group, the loss confirms among them
     "taylor top-3": {"scoring": "loss", "groups": True, "gradient_score": "taylor", "loss_candidates": 3},
     "fisher top-3": {"scoring": "loss", "groups": True, "gradient_score": "fisher", "loss_candidates": 3},
+    # the default since 2026-12-07 (near-ties settled by block influence, bordering a removed block first)
+    "default (ties settled)": {**DEFAULT, "loss_ties": "run-then-block-influence"},
+    # and with the head scoring each sequence's 32 likeliest tokens per position, its next tokens and
+    # a weighted sample of the rest (issue 26: a cheaper measurement)
+    "vocabulary 32": {**DEFAULT, "loss_ties": "run-then-block-influence", "loss_vocabulary": 32},
 }
 
 
