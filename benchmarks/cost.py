@@ -12,7 +12,7 @@ recorded; quality.md has their held-out perplexity.
     OMP_NUM_THREADS=1 python benchmarks/cost.py --models gemma-3-270m
 
 `--sleb-on-every-token` lets SLEB measure on every calibration token (its own setting) and writes
-cost-all-<model>.json. `--kept-outputs` times the default with the loss check starting from the block outputs the
+cost-all-<model>.json; `--loss-vocabulary K` times the default with that option (cost-vocabulary-<model>.json). `--kept-outputs` times the default with the loss check starting from the block outputs the
 statistics pass keeps, and without. `--head-share` measures instead where a loss-check measurement's time goes: the blocks after the
 removed one against the head (final norm, lm_head, loss), on the loss check's 2048 tokens, and
 the same with the head on a quarter of the positions (`loss_positions: 0.25`).
@@ -43,7 +43,7 @@ from sglp_llm.model.loading import load_model
 
 
 def measure(name: str, out: Path, sleb_on_every_token: bool = False, ratios: tuple[float, ...] = (RATIOS[0], RATIOS[-1]),
-            conditions: str = "") -> None:
+            conditions: str = "", loss_vocabulary: int = 0) -> None:
     """At about 10 % and 30 % dropped (`ratios`): the default, SLEB on the loss check's tokens (or,
     `sleb_on_every_token`, on every calibration token: SLEB's own setting, issue 23's comparison),
     the default again (its two runs bracket SLEB's in time), in one process; times and blocks,
@@ -61,7 +61,8 @@ def measure(name: str, out: Path, sleb_on_every_token: bool = False, ratios: tup
         for method in ("sglp", "sleb", "sglp"):
             # SLEB's choice alone: the stability check would run SLEB again on each half
             config = replace(CALIBRATION, drop=drop, method=method, sleb_batches=equal,
-                             stability_check=CALIBRATION.stability_check and method == "sglp")
+                             stability_check=CALIBRATION.stability_check and method == "sglp",
+                             loss_vocabulary=loss_vocabulary if method == "sglp" else 0)
             plan = analyze(model, calibration, config, progress=False)
             runs.append({"method": method, "dropped": plan.dropped, "timings": plan.timings})
         sglp = [r["timings"] for r in runs if r["method"] == "sglp"]
@@ -75,7 +76,7 @@ def measure(name: str, out: Path, sleb_on_every_token: bool = False, ratios: tup
             "model": loaded.name, "num_blocks": num_blocks, "cells": cells,
             "sleb_tokens": calibration.n_tokens if equal is None else equal * CALIBRATION.batch_size * CALIBRATION.seq_len,
             "loss_tokens": CALIBRATION.loss_tokens,
-            "loss_ties": CALIBRATION.loss_ties, "conditions": conditions,
+            "loss_ties": CALIBRATION.loss_ties, "conditions": conditions, "loss_vocabulary": loss_vocabulary,
             # since 2026-12-07: the loss check's search on each half of its sequences, reading back its measurements
             "stability": "loss-sequence halves",
             "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
@@ -157,13 +158,14 @@ def gather() -> Path:
         "| SLEB (s) | SLEB / choice | SLEB / with the check | same blocks? | threads |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    measured = [json.loads(p.read_text()) for name in MODELS for kind in ("", "all-", "fullhalves-", "untied-")
+    measured = [json.loads(p.read_text()) for name in MODELS for kind in ("", "vocabulary-", "all-", "fullhalves-", "untied-")
                 if (p := RESULTS / f"cost-{kind}{name}.json").is_file()]
     if not measured:
         lines[-2:] = ["Not run yet: `python benchmarks/cost.py`."]
     for r in measured:
         # the loss check's near-ties are settled by default since 2026-12-07; runs before say so
         default = f"loss_ties {r['loss_ties']}" if "loss_ties" in r else "before near-ties were settled (2026-12-06)"
+        default += f"; --loss-vocabulary {r['loss_vocabulary']}" if r.get("loss_vocabulary") else ""
         default += ("; stability: the loss check's halves" if "stability" in r else
                     "; stability: the second calibration half analysed in full (before 2026-12-07's rework)")
         for c in r["cells"]:
@@ -223,6 +225,8 @@ def main() -> None:
                         help="SLEB measures each removal on every calibration token (its own setting), not the default's loss tokens")
     parser.add_argument("--ratios", default=f"{RATIOS[0]},{RATIOS[-1]}", help="comma-separated fractions of blocks dropped")
     parser.add_argument("--conditions", default="", help="what else shared the machine, written beside the figures")
+    parser.add_argument("--loss-vocabulary", type=int, default=0,
+                        help="the default with --loss-vocabulary K (writes cost-vocabulary-<model>.json)")
     parser.add_argument("--kept-outputs", action="store_true",
                         help="the default with and without the statistics pass's kept block outputs, not SGLP vs SLEB")
     args = parser.parse_args()
@@ -232,8 +236,9 @@ def main() -> None:
         elif args.head_share:
             (RESULTS / f"cost-head-{name}.json").write_text(json.dumps(head_share(name), indent=2))
         else:
-            out = RESULTS / f"cost-{'all-' if args.sleb_on_every_token else ''}{name}.json"
-            measure(name, out, args.sleb_on_every_token, tuple(float(r) for r in args.ratios.split(",")), args.conditions)
+            kind = "all-" if args.sleb_on_every_token else "vocabulary-" if args.loss_vocabulary else ""
+            measure(name, RESULTS / f"cost-{kind}{name}.json", args.sleb_on_every_token,
+                    tuple(float(r) for r in args.ratios.split(",")), args.conditions, args.loss_vocabulary)
         print(f"wrote {gather()}")
 
 
