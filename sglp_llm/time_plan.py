@@ -23,10 +23,10 @@ from typing import Any, Sequence
 import torch
 
 from .config import ConfigError, SGLPConfig
-from .data import SELF_GENERATED, STDLIB_DOCS, sampled_windows
+from .data import SELF_GENERATED, STDLIB_DOCS, first_samples, sampled_windows
 from .passes.head import position_sample
 from .passes.memory_plan import meta_model
-from .selection.loss_check import LAZY_MEASURED_TOGETHER
+from .selection.loss_check import LAZY_MEASURED_TOGETHER, loss_batches, loss_halves
 from .selection.removal import RemovalLoss
 
 # the lazy search's measurements per step after the first (the first: the screen's promising
@@ -168,12 +168,6 @@ def scored_per_window(config: SGLPConfig) -> int:
     return config.seq_len - 1 if sample is None else len(sample)
 
 
-def _windows(config: SGLPConfig, sequences: int) -> list[dict[str, torch.Tensor]]:
-    """`sequences` full calibration windows (token ids do not matter for counting)."""
-    window = {"input_ids": torch.zeros(1, config.seq_len, dtype=torch.long), "attention_mask": torch.ones(1, config.seq_len, dtype=torch.long)}
-    return [window] * sequences
-
-
 def assumed_order(num_blocks: int, n_drop: int, protected: set[int]) -> list[int]:
     """The removal order the prediction assumes: a run of `n_drop` blocks centred at 60 % of the
     depth (where both benchmarked models lose blocks first), shallowest first."""
@@ -190,24 +184,20 @@ def _reads_blocks(config: SGLPConfig) -> bool:
 
 
 def _loss_rows(config: SGLPConfig, sequences: int) -> list[int]:
-    """The rows of the loss check's batches among `sequences` calibration windows in batches of
-    `batch_size`: its first windows, cut between the halves of them for the stability check."""
-    windows = min(sequences, math.ceil(config.loss_tokens / config.seq_len))
-    rows = [min(config.batch_size, windows - start) for start in range(0, windows, config.batch_size)]
-    if not config.stability_check or windows < 2:
-        return rows
-    return _first_rows(rows, windows // 2) + _first_rows(rows[::-1], windows - windows // 2)[::-1]
+    """The rows of the loss check's batches among `sequences` full calibration windows in batches of
+    `batch_size`, cut between their halves for the stability check as the loss check cuts them."""
+    window = {"input_ids": torch.zeros(config.seq_len, dtype=torch.long), "attention_mask": torch.ones(config.seq_len, dtype=torch.long)}
+    calibration = [{k: v.expand(min(config.batch_size, sequences - start), -1) for k, v in window.items()}
+                   for start in range(0, sequences, config.batch_size)]
+    batches = loss_batches(calibration, config)
+    if config.stability_check and sum(len(b["input_ids"]) for b in batches) >= 2:
+        batches = [b for half in loss_halves(batches) for b in half]
+    return [len(b["input_ids"]) for b in batches]
 
 
 def _first_rows(rows: list[int], n: int) -> list[int]:
-    """The rows of the batches holding the first `n` of `rows`' sequences (as data.first_samples cuts them)."""
-    taken = []
-    for r in rows:
-        if n <= 0:
-            break
-        taken.append(min(r, n))
-        n -= r
-    return taken
+    """The rows of the batches holding the first `n` of the sequences of batches of `rows` (data.first_samples)."""
+    return [len(b["input_ids"]) for b in first_samples([{"input_ids": torch.empty(r, 0)} for r in rows], n)]
 
 
 def _loss_search(num_blocks: int, config: SGLPConfig, rows: list[int], first_batch: int, protected: set[int],

@@ -62,8 +62,7 @@ def loss_check(
         record["stability"] = {"agreement": None, "reason": "the loss check measured one sequence: nothing to split; "
                                                             "give more --loss-tokens or shorter --seq-len"}
         return dropped, record
-    # cut between the halves: a batch across the middle becomes two, so each half's batches are the whole's
-    first, second = first_samples(batches, rows // 2), skip_samples(batches, rows // 2)
+    first, second = loss_halves(batches)
     store = MeasuredLosses()
     dropped, record = loss_search(context, segments, budgets, LossPart(first + second), store)
     started, reused = time.perf_counter(), store.reused
@@ -77,6 +76,13 @@ def loss_check(
         measured_on="loss sequences", reused=store.reused - reused,
     )
     return dropped, record
+
+
+def loss_halves(batches: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The loss batches' first and second half of their sequences, cut between them (a batch across
+    the middle becomes two), so the whole searches on the halves' batches and each half's are the whole's."""
+    rows = sum(len(b["input_ids"]) for b in batches)
+    return first_samples(batches, rows // 2), skip_samples(batches, rows // 2)
 
 
 def loss_search(

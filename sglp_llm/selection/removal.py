@@ -211,6 +211,11 @@ class RemovalLoss:
             self.store.reused += 1
         return found
 
+    def _read_back(self, skipped: Sequence[int]) -> float | None:
+        """The loss of the network without `skipped` from the store, when it holds it."""
+        stored = self._stored(skipped)
+        return None if stored is None else self._mean(stored, skipped)
+
     def increase_error(self, block: int) -> float:
         """The standard error of the extra loss that removing `block` from the current network was
         measured to add: the spread over the calibration sequences (of every process) of each
@@ -317,9 +322,9 @@ class RemovalLoss:
 
     def current(self) -> float:
         """The calibration NLL of the current network, from its deepest kept output."""
-        stored = self._stored(self.removed)
-        if stored is not None:
-            return self._mean(stored, self.removed)
+        read_back = self._read_back(self.removed)
+        if read_back is not None:
+            return read_back
         self._references()
         return self._run(list(self.removed), self._nearest_kept_output(self.num_blocks))
 
@@ -327,9 +332,9 @@ class RemovalLoss:
         """The calibration NLL of the current network without `block` as well."""
         if block in self.removed:
             raise ValueError(f"Block {block} is removed already.")
-        stored = self._stored(self.removed + [block])
-        if stored is not None:
-            return self._mean(stored, self.removed + [block])
+        read_back = self._read_back(self.removed + [block])
+        if read_back is not None:
+            return read_back
         self._references()
         previous = self._previous_kept(block)
         if previous is not None and previous not in self._outputs:
