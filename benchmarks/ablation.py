@@ -57,7 +57,8 @@ CONTENDERS = {
     # the default since 2026-12-07 (near-ties settled by block influence, bordering a removed block first)
     "default (ties settled)": {**DEFAULT, "loss_ties": "run-then-block-influence"},
     # and with the head scoring each sequence's 32 likeliest tokens per position, its next tokens and
-    # a weighted sample of the rest (issue 26: a cheaper measurement)
+    # a weighted sample of the rest (issue 26: a cheaper measurement): the default since 2026-12-07
+    # (loss_vocabulary unset resolves to 32 on both models; every other row here scores the whole head)
     "vocabulary 32": {**DEFAULT, "loss_ties": "run-then-block-influence", "loss_vocabulary": 32},
 }
 

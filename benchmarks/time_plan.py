@@ -1,6 +1,6 @@
 """The time plan (`sglp-llm analyze --plan-time`) against measured analyses of the real models, at
 about 10 % and 30 % of their blocks, with the tool's defaults (32 windows of 256 docstring tokens,
-the stability check on). In one process: the throughput is measured on a one-block copy with
+the stability check on, the loss check's head narrowed to 32 likeliest tokens: loss_vocabulary unset). In one process: the throughput is measured on a one-block copy with
 random weights, then each analysis runs, and three figures are compared:
 
 - predicted: the plan as a user sees it before the run (assumed removal order and lazy
@@ -52,24 +52,27 @@ def measure(name: str) -> dict:
         wall = time.perf_counter() - started
         steps = plan.extra["loss_check"]["steps"]
         per_step = [step["measured"] for step in steps[1:]]
-        counted = _counted(num_blocks, config, throughput, steps)
+        # the run's settled loss_vocabulary (unset: 32 on both models) and the plan's share of the head's columns
+        counted = _counted(num_blocks, config.replace(loss_vocabulary=plan.config["loss_vocabulary"]), throughput, steps,
+                           predicted.narrowed_share)
         measured = wall - plan.timings.get("preflight_s", 0.0) - plan.timings.get("calibration_data_s", 0.0)
         run = {"drop": len(plan.dropped), "dropped": plan.dropped, "order": [s["block"] for s in steps],
                "predicted_s": predicted.total_s(), "predicted_phases_s": predicted.seconds(), "counted_s": counted,
                "measured_s": measured, "timings": plan.timings, "measured_per_step": per_step,
-               "first_step_measured": steps[0]["measured"]}
+               "first_step_measured": steps[0]["measured"], "loss_vocabulary": plan.config["loss_vocabulary"],
+               "narrowed_share": predicted.narrowed_share}
         result["runs"].append(run)
         print(name, {k: v for k, v in run.items() if k not in ("timings", "predicted_phases_s")}, flush=True)
     (RESULTS / f"time-plan-{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
-def _counted(num_blocks: int, config: SGLPConfig, throughput: Throughput, steps: list[dict]) -> float:
+def _counted(num_blocks: int, config: SGLPConfig, throughput: Throughput, steps: list[dict], narrowed_share: float) -> float:
     """The plan's seconds given the run's removal order and measurements per step (which blocks
     it measured is still assumed: the removed one's nearest neighbours; the stability check's
-    half is assumed to take the same steps)."""
+    halves are assumed to take the same steps), a narrowed head position at `narrowed_share`."""
     phases, _ = count_analysis(num_blocks, config, order=[s["block"] for s in steps], measured_per_step=[s["measured"] for s in steps])
-    return sum(throughput.seconds(w) for w in phases.values())
+    return sum(throughput.seconds(w, narrowed_share) for w in phases.values())
 
 
 def markdown(result: dict) -> str:

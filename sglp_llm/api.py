@@ -45,6 +45,7 @@ from .statistics.score import BlockGradNorms, GateScores
 from .stability import choice_stability
 from .selection.decide import decide
 from .selection.registry import Selection, SelectionContext, selection_name, selector_for
+from .passes.head import loss_vocabulary
 from .passes.hooked import hooked_pass
 from .passes.original_outputs import OriginalOutputs
 from .passes.sampling import default_calibration, model_sampler
@@ -257,6 +258,8 @@ def _analyze(
     if calibration is None and config.dataset is None:  # the plan, report and card name the text used
         source, fallback = default_calibration(handle, tokenizer)
         config = config.replace(dataset=source)
+    if config.loss_vocabulary is None:  # the plan records what the head scored
+        config = config.replace(loss_vocabulary=loss_vocabulary(model, config))
     num_blocks = len(blocks.layers)
     n_drop = config.resolve_drop(num_blocks)
     protected = config.protected_blocks(num_blocks)

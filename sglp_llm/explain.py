@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import SGLPConfig
+from .config import AUTO_VOCABULARY, NARROWED_FROM, SGLPConfig
 
 GRADIENT_SCORE_TEXT = {
     "taylor": "the Taylor gate score −dL/dα (the first-order rise of the calibration loss when the block goes)",
@@ -121,8 +121,12 @@ def _score_and_choice(config: dict[str, Any], settings: SGLPConfig, calibration_
             tokens, held_back_tokens = min(tokens, calibration_tokens), min(tokens, max(calibration_tokens - tokens, 0))
         positions = config.get("loss_positions", 1.0)
         measured_on = f"{tokens} tokens" + (f", the head scoring {positions:.0%} of each window's positions" if positions < 1 else "")
-        vocabulary = config.get("loss_vocabulary", 0)
-        if vocabulary:
+        vocabulary = config.get("loss_vocabulary", 0)  # a plan older than the option scored the whole vocabulary
+        if vocabulary is None:  # not resolved yet (help): `passes.head.auto_vocabulary`
+            measured_on += (f", the NLL estimated from each sequence's {AUTO_VOCABULARY} likeliest tokens per position "
+                            "under the original model, its next tokens and a weighted sample of the rest when the "
+                            f"model's head is a linear layer over {NARROWED_FROM} tokens or more, else from the whole vocabulary")
+        elif vocabulary:
             measured_on += (f", the NLL estimated from each sequence's {vocabulary} likeliest tokens per position under the "
                             "original model, its next tokens and a weighted sample of the rest")
         if config.get("loss_beam", 1) > 1:

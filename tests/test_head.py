@@ -40,7 +40,7 @@ def test_chunked_loss_equals_the_models_own_loss_and_keeps_chunks_within_the_bud
     finally:
         handle.remove()
     assert count == 3 * 16 - 5
-    assert abs(total.item() / count - full) <= 1e-6
+    assert total.item() / count == pytest.approx(full, rel=1e-6)  # float32 sums in another order
     # 16 predicting positions in chunks of 4; none holds more logits than the budget
     assert shapes == [(3, 4, VOCAB)] * 4
     # the whole-network helper gives the same number with the default budget (one chunk here)
@@ -135,5 +135,34 @@ def test_a_head_that_is_not_a_linear_layer_is_refused():
     batch = tiny_batch(batch_size=1, seq_len=8)
     layers, final, returns_tuple = _final(model, batch)
     subset = vocabulary_subset([torch.tensor([4])], batch["input_ids"][:, 1:], VOCAB, 2, seed=0)
-    with pytest.raises(ConfigError, match="loss_vocabulary at 0"):
+    with pytest.raises(ConfigError, match="not a linear layer: it cannot be narrowed .* Set loss_vocabulary to 0"):
         head_nll(model, batch, final, returns_tuple, vocabulary=subset)
+
+
+def test_an_unset_vocabulary_narrows_only_a_large_plain_linear_head_for_the_nll():
+    """loss_vocabulary unset: 32 likeliest tokens where a subset is much smaller than the
+    vocabulary and the head can be cut; the whole vocabulary for a small one, the KL objective, a
+    head that is no linear layer or one an accelerate hook places (it could swap weights back);
+    a set value as set."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    from sglp_llm.config import AUTO_VOCABULARY, NARROWED_FROM, ConfigError, SGLPConfig
+    from sglp_llm.passes.head import loss_vocabulary, vocabulary_subset
+
+    unset = SGLPConfig(drop=1)
+    large = tiny_model("llama", num_layers=1, vocab_size=NARROWED_FROM)
+    assert loss_vocabulary(large, unset) == AUTO_VOCABULARY == 32
+    assert loss_vocabulary(large, unset, "kl") == loss_vocabulary(large, unset.replace(loss_objective="kl")) == 0
+    assert loss_vocabulary(large, unset.replace(loss_vocabulary=0)) == 0
+    assert loss_vocabulary(tiny_model("llama", num_layers=1), unset.replace(loss_vocabulary=5)) == 5
+    assert loss_vocabulary(tiny_model("llama", num_layers=1, vocab_size=NARROWED_FROM - 1), unset) == 0
+    wrapped = tiny_model("llama", num_layers=1, vocab_size=NARROWED_FROM)
+    wrapped.lm_head = torch.nn.Sequential(wrapped.lm_head)
+    assert loss_vocabulary(wrapped, unset) == 0
+    add_hook_to_module(large.lm_head, AlignDevicesHook(execution_device="cpu"))
+    assert loss_vocabulary(large, unset) == 0
+    batch = tiny_batch(batch_size=1, seq_len=8)
+    layers, final, returns_tuple = _final(large, batch)
+    subset = vocabulary_subset([torch.tensor([4])], batch["input_ids"][:, 1:], NARROWED_FROM, 2, seed=0)
+    with pytest.raises(ConfigError, match="placed by an accelerate device map .* Set loss_vocabulary to 0"):
+        head_nll(large, batch, final, returns_tuple, vocabulary=subset)

@@ -34,8 +34,8 @@ class Counter:
         self.head_tokens += args[0].shape[0] * args[0].shape[1]
 
 
-def _run(family: str, seeds=range(WINDOWS // 2), **settings):
-    model = tiny_model(family, num_layers=BLOCKS)
+def _run(family: str, seeds=range(WINDOWS // 2), vocab_size: int | None = None, **settings):
+    model = tiny_model(family, num_layers=BLOCKS, **({"vocab_size": vocab_size} if vocab_size else {}))
     batches = [tiny_batch(batch_size=2, seq_len=SEQ, seed=s) for s in seeds]
     # the batches stand for a text source: nothing sampled
     config = SGLPConfig(seq_len=SEQ, n_samples=WINDOWS, batch_size=2, verify=False,
@@ -76,6 +76,40 @@ def test_the_stability_checks_halves_are_counted_exactly_where_they_take_the_cho
     # the second half's screen: its first window, from the kept outputs (the head only) and each candidate removed
     halves = phases["stability check: the loss check's halves"]
     assert halves.head_tokens == (1 + BLOCKS - 2) * (SEQ - 1)
+
+
+def test_a_narrowed_head_is_counted_exactly(monkeypatch):
+    """loss_vocabulary unset, a large vocabulary: the original network's pass runs the whole head
+    on each loss batch (its likeliest tokens), every measurement the narrowed head; the halves
+    read the whole's subsets back (a screen's batch of one row makes its own)."""
+    from contextlib import contextmanager
+
+    from sglp_llm.config import NARROWED_FROM
+    from sglp_llm.passes.head import VocabularySubset
+
+    narrowed = [0]
+    scoring = VocabularySubset.scoring
+
+    @contextmanager
+    def counted(self, model):
+        with scoring(self, model):
+            hook = model.get_output_embeddings().register_forward_pre_hook(
+                lambda module, args: narrowed.__setitem__(0, narrowed[0] + args[0].shape[0] * args[0].shape[1]))
+            try:
+                yield
+            finally:
+                hook.remove()
+
+    monkeypatch.setattr(VocabularySubset, "scoring", counted)
+    config, plan, counter = _run("llama", seeds=[0, 1, 0, 1], drop=3, loss_lazy=False, loss_ties="none",
+                                 loss_tokens=8 * SEQ, vocab_size=NARROWED_FROM)
+    assert plan.config["loss_vocabulary"] == 32 and plan.extra["stability"]["halves"] == [plan.dropped, plan.dropped]
+    phases, _ = count_analysis(BLOCKS, config.replace(loss_vocabulary=32), order=_order(plan))
+    assert _total(phases) == (counter.block_tokens, counter.head_tokens)
+    assert sum(w.narrowed_head_tokens for w in phases.values()) == narrowed[0] > 0
+    # the whole head: every loss sequence once, and each screen's window (the whole's, which the
+    # first half reads back, and the second half's)
+    assert counter.head_tokens == (8 + 2) * (SEQ - 1)
 
 
 def test_a_peers_statistics_passes_with_the_stability_check_are_counted_exactly():
@@ -167,6 +201,28 @@ def test_the_plan_predicts_the_default_and_says_what_it_assumes():
     assert not any("lazy search" in a for a in said)
     with pytest.raises(ConfigError, match="not loss_beam"):
         count_analysis(30, SGLPConfig(drop=3, loss_beam=2))
+
+
+def test_the_plan_prices_a_narrowed_head_at_its_share_of_the_columns():
+    """loss_vocabulary unset on a 49k vocabulary: as analyze settles it, 32 likeliest tokens; the
+    loss check's head positions are narrowed (the likeliest-token pass excepted) and cost the
+    stated share of a whole one; set to 0, the whole head."""
+    from sglp_llm.time_plan import narrowed_share
+
+    shape, config = ModelShape.of(tiny_config("llama", num_layers=30, vocab_size=49152)), SGLPConfig(drop=6, dataset=STDLIB_DOCS)
+    rate = Throughput(1e-6, 2e-6, "given")
+    narrowed, whole = plan_time(shape, config, rate), plan_time(shape, config.replace(loss_vocabulary=0), rate)
+    share = narrowed_share(config.replace(loss_vocabulary=32), 49152)
+    assert narrowed.narrowed_share == share == pytest.approx((1024 + 4 * 32 * (4 * 255) ** 0.5) / 49152)
+    check, full = narrowed.phases["loss check"], whole.phases["loss check"]
+    assert check.block_tokens == full.block_tokens and full.narrowed_head_tokens == 0
+    # the whole head picks the likeliest tokens once on each loss window and the screen's window;
+    # every pass the whole head ran for is a narrowed one
+    assert check.head_tokens == (2048 // 256 + 1) * 255
+    assert check.narrowed_head_tokens == full.head_tokens
+    assert narrowed.seconds()["loss check"] == pytest.approx(
+        check.block_tokens * 1e-6 + (check.head_tokens + share * check.narrowed_head_tokens) * 2e-6)
+    assert "computes 10.4% of its columns" in narrowed.text() and "narrowed" not in whole.text()
 
 
 def test_a_measured_throughput_prices_a_block_below_the_head_of_a_large_vocabulary():

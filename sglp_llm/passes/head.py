@@ -73,10 +73,10 @@ class VocabularySubset:
     def scoring(self, model: nn.Module) -> Iterator[None]:
         """The model's head narrowed to these tokens meanwhile: its own forward (final norm,
         softcapping) then yields their logits only."""
+        obstacle = narrowing_obstacle(model)
+        if obstacle:
+            raise ConfigError(f"{obstacle}: it cannot be narrowed to a vocabulary subset. Set loss_vocabulary to 0.")
         head = model.get_output_embeddings()
-        if not isinstance(head, nn.Linear):
-            raise ConfigError(f"The head of {type(model).__name__} is a {type(head).__name__}, not a linear layer: it "
-                              "cannot be narrowed to a vocabulary subset. Leave loss_vocabulary at 0.")
         if "narrow" not in self._head:
             ids = self.token_ids.to(head.weight.device)
             narrow = nn.Linear(head.in_features, len(ids), bias=head.bias is not None, device=head.weight.device, dtype=head.weight.dtype)
@@ -90,6 +90,27 @@ class VocabularySubset:
             yield
         finally:
             model.set_output_embeddings(head)
+
+
+def narrowing_obstacle(model: nn.Module) -> str | None:
+    """Why the model's head cannot score a `VocabularySubset` (None: it can): only a plain linear
+    layer whose weights are here can be cut to a few rows (an accelerate hook could swap its
+    weights back in or move its input elsewhere)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        return f"The head of {type(model).__name__} is a {type(head).__name__}, not a linear layer"
+    if head.weight.is_meta or hasattr(head, "_hf_hook"):
+        return f"The head of {type(model).__name__} is placed by an accelerate device map (offloaded or hooked)"
+    return None
+
+
+def loss_vocabulary(model: nn.Module, config: Any, objective: str | None = None) -> int:
+    """`config.loss_vocabulary` settled for this model (`SGLPConfig.resolve_loss_vocabulary`): how
+    many likeliest tokens per position the NLL's head scores (`VocabularySubset`), 0 for the whole
+    vocabulary (benchmarks/results/cost.md: about 1024 + 4·K·√positions columns per batch)."""
+    narrowable = narrowing_obstacle(model) is None
+    vocab_size = model.get_output_embeddings().out_features if narrowable else 0
+    return config.resolve_loss_vocabulary(narrowable, vocab_size, objective)
 
 
 def vocabulary_subset(likeliest: list[torch.Tensor], targets: torch.Tensor, vocab_size: int, sampled: int, seed: int) -> VocabularySubset:
@@ -202,7 +223,7 @@ def head_nll(
         if vocabulary is not None:
             if logits.shape[-1] != len(vocabulary.token_ids):
                 raise ConfigError(f"{type(ModelHandle.of(model).model).__name__}'s forward does not return its head's "
-                                  "outputs as logits, so its vocabulary cannot be narrowed; leave loss_vocabulary at 0.")
+                                  "outputs as logits, so its vocabulary cannot be narrowed; set loss_vocabulary to 0.")
             logits = logits + vocabulary.log_weights[:, None, :].to(logits.device)
             wanted = vocabulary.column[wanted.cpu()]
         nll = nn.functional.cross_entropy(logits.transpose(1, 2), wanted.to(logits.device), reduction="none")

@@ -180,7 +180,8 @@ def _sleb(context: SelectionContext) -> Selection:
     comparison over several drop counts pays once, and each plan reports the time of its steps.
     """
     config = context.config
-    network = removal_loss(context.handle, context.batches[: config.sleb_batches], config.replace(loss_positions=1.0))  # SLEB's own: every position
+    # SLEB's own measurement: every position, the whole head
+    network = removal_loss(context.handle, context.batches[: config.sleb_batches], config.replace(loss_positions=1.0, loss_vocabulary=0))
     num_blocks = len(context.scores)
     key = ("sleb-steps", context.cache_key, config.sleb_batches, tuple(sorted(context.protected)))
     run = context.cache.setdefault(key, {"steps": [], "start": None})

@@ -27,8 +27,8 @@ from ..recovery.compensate import Compensation, applied, fit_compensation, remov
 from ..config import LOSS_OBJECTIVES
 from ..passes.distributed import all_reduce_state, shard
 from ..model.rewrite import skip_blocks
-from ..passes.head import (ReferenceDistribution, VocabularySubset, head_kl, head_nll, likeliest_tokens, output_of,
-                           position_sample, reference_distribution, vocabulary_subset)
+from ..passes.head import (ReferenceDistribution, VocabularySubset, head_kl, head_nll, likeliest_tokens, loss_vocabulary,
+                           output_of, position_sample, reference_distribution, vocabulary_subset)
 from ..passes.loss import check_finite
 from ..passes.original_outputs import OriginalOutputs
 from ..passes.sequential import _record_calls
@@ -233,24 +233,26 @@ class RemovalLoss:
         variance = max(sums["squares"] - sums["sum"] ** 2 / n, 0.0) / (n - 1)
         return (variance / n) ** 0.5
 
-    def _references(self) -> None:
+    def _references(self) -> float | None:
         """Before the first measurement, one pass of the original network takes what the loss is
         measured against: its distributions (objective "kl") or each batch's vocabulary subset
         (`vocabulary`; or the store's, made by a search over the same batches), keeping its block
-        outputs for the measurements."""
+        outputs for the measurements. Returns that pass's loss (None: no pass was needed)."""
         if self.vocabulary and self._subsets is None and self.store is not None:
             found = [self.store.subsets.get(key) for key in self.keys]
             self._subsets = None if any(f is None for f in found) else found
         kl, subsets = self.objective == "kl" and self._reference is None, self.vocabulary and self._subsets is None
         if not (kl or subsets):
-            return
+            return None
         if self.removed:
             raise RuntimeError("The loss is measured against the original network: measure before removing.")
         self._reference = [] if kl else self._reference
         self._subsets = [] if subsets else self._subsets
-        self._run([], self._nearest_kept_output(self.num_blocks))
+        loss = self._run([], self._nearest_kept_output(self.num_blocks))
         if self.store is not None and subsets:
             self.store.subsets.update(zip(self.keys, self._subsets))
+        # the KL pass measured nothing yet (the reference is being made): its number is no loss
+        return None if kl else loss
 
     def branch(self, block: int) -> "RemovalLoss":
         """A copy with `block` removed as well, for a search that follows several sets at once:
@@ -325,8 +327,8 @@ class RemovalLoss:
         read_back = self._read_back(self.removed)
         if read_back is not None:
             return read_back
-        self._references()
-        return self._run(list(self.removed), self._nearest_kept_output(self.num_blocks))
+        original = self._references()  # the original network's pass: its loss, when it measured one
+        return original if original is not None else self._run(list(self.removed), self._nearest_kept_output(self.num_blocks))
 
     def measure(self, block: int) -> float:
         """The calibration NLL of the current network without `block` as well."""
@@ -500,7 +502,7 @@ def removal_loss(
     (from the loss sequences' row `original_row` on), and shares its measurements through `store`
     (`batches`: the loss batches from `first_batch` on)."""
     positions = dict(position_share=config.loss_positions, seed=config.seed, first_batch=first_batch,
-                     vocabulary=config.loss_vocabulary)
+                     vocabulary=loss_vocabulary(handle.model, config, objective))
     if config.compensation_aware:  # every measurement a whole forward with maps fitted on `batches`: nothing shared
         return CompensatedRemovalLoss(handle, batches, objective, method=config.compensation,
                                       ridge=config.compensation_ridge, fit_on=config.compensation_fit, **positions)
