@@ -49,14 +49,16 @@ def measure(name: str, out: Path, sleb_on_every_token: bool = False, ratios: tup
     """At about 10 % and 30 % dropped (`ratios`): the default, SLEB on the loss check's tokens (or,
     `sleb_on_every_token`, on every calibration token: SLEB's own setting, issue 23's comparison),
     the default again (its two runs bracket SLEB's in time), in one process; times and blocks,
-    written to `out` after each drop, with the `conditions` given (what else ran beside)."""
+    written to `out` after each drop, with the `conditions` given (what else ran beside); the drops
+    `out` already holds from another run are kept, each with its own conditions."""
     loaded = load_model(name, dtype="float32")
     model, tokenizer = loaded.model, loaded.tokenizer
     num_blocks = len(find_decoder_blocks(model).layers)
     calibration = prepare_calibration(None, tokenizer, CALIBRATION)
     # SLEB measures each removal on its first sleb_batches batches: the loss check's tokens, or all
     equal = None if sleb_on_every_token else math.ceil(CALIBRATION.loss_tokens / (CALIBRATION.batch_size * CALIBRATION.seq_len))
-    cells = []
+    earlier = json.loads(out.read_text()) if out.is_file() else {"cells": []}
+    cells = [{"conditions": earlier.get("conditions", ""), **c} for c in earlier["cells"]]
     for ratio in ratios:
         drop = replace(CALIBRATION, ratio=ratio, drop=None).resolve_drop(num_blocks)
         runs = []
@@ -68,17 +70,17 @@ def measure(name: str, out: Path, sleb_on_every_token: bool = False, ratios: tup
             plan = analyze(model, calibration, config, progress=False)
             runs.append({"method": method, "dropped": plan.dropped, "timings": plan.timings})
         sglp = [r["timings"] for r in runs if r["method"] == "sglp"]
-        cells.append({
-            "drop": drop, "runs": runs, "sleb_s": runs[1]["timings"]["total_s"],
+        cells = [c for c in cells if c["drop"] != drop] + [{
+            "drop": drop, "runs": runs, "sleb_s": runs[1]["timings"]["total_s"], "conditions": conditions,
             # the choice alone, and with the stability check's second analysis (timed apart)
             "sglp_s": sum(t["total_s"] for t in sglp) / 2,
             "sglp_with_stability_s": sum(t["total_s"] + t.get("stability_s", 0.0) for t in sglp) / 2,
-        })
+        }]
         out.write_text(json.dumps({
             "model": loaded.name, "num_blocks": num_blocks, "cells": cells,
             "sleb_tokens": calibration.n_tokens if equal is None else equal * CALIBRATION.batch_size * CALIBRATION.seq_len,
             "loss_tokens": CALIBRATION.loss_tokens,
-            "loss_ties": CALIBRATION.loss_ties, "conditions": conditions, "loss_vocabulary": loss_vocabulary,
+            "loss_ties": CALIBRATION.loss_ties, "loss_vocabulary": loss_vocabulary,
             # since 2026-12-07: the loss check's search on each half of its sequences, reading back its measurements
             "stability": "loss-sequence halves",
             "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
@@ -180,7 +182,10 @@ def gather() -> Path:
                 f"| {c['sglp_with_stability_s']:.0f} | {c['sleb_s']:.0f} | {c['sleb_s'] / c['sglp_s']:.1f}x "
                 f"| {c['sleb_s'] / c['sglp_with_stability_s']:.1f}x | {'yes' if ours == sleb else 'no'} ({ours} vs {sleb}) "
                 f"| {r['threads']} |")
-    conditions = [f"- {r['model']}, {r['loss_tokens']} / {r['sleb_tokens']} tokens: {r['conditions']}" for r in measured if r.get("conditions")]
+    conditions = [f"- {r['model']}, drop {c['drop']}, {r['loss_tokens']} / {r['sleb_tokens']} tokens, "
+                  f"{'loss_vocabulary ' + str(r['loss_vocabulary']) if r.get('loss_vocabulary') else 'the whole head'}: "
+                  f"{c.get('conditions', r.get('conditions'))}"
+                  for r in measured for c in r["cells"] if c.get("conditions", r.get("conditions"))]
     lines += [""] + conditions if conditions else []
     earlier = [json.loads(p.read_text()) for name in MODELS if (p := RESULTS / f"cost-earlier-{name}.json").is_file()]
     if earlier:

@@ -78,9 +78,14 @@ def _counted(num_blocks: int, config: SGLPConfig, throughput: Throughput, steps:
 def markdown(result: dict) -> str:
     rate = result["throughput"]
     lines = [f"## {result['model']}", "",
+             "- the default: the loss check's head narrowed to each sequence's 32 likeliest tokens; the stability "
+             "check's halves assumed to read back the choice's first step and measure the rest on their own "
+             "(the whole-head runs before: time-plan-wholehead-<model>.json, 1.13–1.53 predicted / measured, the "
+             "halves assumed to take the choice's path)",
              f"- {result['num_blocks']} blocks; {result['threads']} torch thread(s); throughput {rate['source']}, measured in "
              f"{rate['seconds']:.1f} s: {rate['block_token_s'] * 1e6:.2f} µs per block-token, {rate['head_token_s'] * 1e6:.2f} µs "
-             "per head position", "",
+             "per head position" + (f", {rate['likeliest_token_s'] * 1e6:.2f} µs per position picking the likeliest tokens"
+                                    if rate.get("likeliest_token_s") else ""), "",
              "| drop | measured (s) | predicted (s) | predicted / measured | counted with the run's order and measurements per step (s) | "
              "measurements per lazy step (mean) | blocks |", "|---|---|---|---|---|---|---|"]
     for run in result["runs"]:

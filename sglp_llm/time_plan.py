@@ -23,12 +23,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .config import ConfigError, SGLPConfig
+from .config import AUTO_VOCABULARY, ConfigError, SGLPConfig
 from .data import SELF_GENERATED, STDLIB_DOCS, first_samples, sampled_windows
-from .passes.head import position_sample
+from .passes.head import position_sample, subset_columns
 from .passes.memory_plan import meta_model
 from .selection.loss_check import LAZY_MEASURED_TOGETHER, loss_batches, loss_halves
-from .selection.removal import RESTS_SAMPLED, RemovalLoss
+from .selection.removal import RemovalLoss
 
 # the lazy search's measurements per step after the first (the first: the screen's promising
 # candidates, else every candidate); measured on the real models (benchmarks/results/time-plan.md)
@@ -46,6 +46,8 @@ class Work:
     # the same with the head narrowed to a batch's vocabulary subset (loss_vocabulary): priced at
     # the share of the head's columns it computes (`narrowed_share`)
     narrowed_head_tokens: int = 0
+    # the whole head picking a position's likeliest tokens for that subset (a top-k, no loss)
+    likeliest_head_tokens: int = 0
     backward_block_tokens: int = 0  # one block's backward on one position
     # a block run over all the batches of a pass: one read from CPU memory or disk when blocks run
     # one at a time (sequential onloading, blocks on disk); not timed
@@ -55,6 +57,7 @@ class Work:
         self.block_tokens += other.block_tokens
         self.head_tokens += other.head_tokens
         self.narrowed_head_tokens += other.narrowed_head_tokens
+        self.likeliest_head_tokens += other.likeliest_head_tokens
         self.backward_block_tokens += other.backward_block_tokens
         self.block_loads += other.block_loads
 
@@ -66,11 +69,13 @@ class Throughput:
     block_token_s: float
     head_token_s: float
     source: str
+    likeliest_token_s: float | None = None  # None: as a head position
 
     def seconds(self, work: Work, narrowed_share: float = 1.0) -> float:
         """`work`'s time, a narrowed head position costing `narrowed_share` of a whole one."""
         head = work.head_tokens + narrowed_share * work.narrowed_head_tokens
-        return (work.block_tokens + BACKWARD_COST * work.backward_block_tokens) * self.block_token_s + head * self.head_token_s
+        likeliest = work.likeliest_head_tokens * (self.head_token_s if self.likeliest_token_s is None else self.likeliest_token_s)
+        return (work.block_tokens + BACKWARD_COST * work.backward_block_tokens) * self.block_token_s + head * self.head_token_s + likeliest
 
 
 @dataclass
@@ -96,7 +101,8 @@ class TimePlan:
             work = self.phases[phase]
             lines.append(f"  {phase}: {_duration(seconds)} ({work.block_tokens / 1e6:.2f}M block-token forwards, "
                          f"{work.head_tokens / 1e6:.2f}M head positions"
-                         + (f", {work.narrowed_head_tokens / 1e6:.2f}M narrowed" if work.narrowed_head_tokens else "")
+                         + (f", {work.narrowed_head_tokens / 1e6:.2f}M narrowed, {work.likeliest_head_tokens / 1e6:.2f}M "
+                            "picking the likeliest tokens" if work.narrowed_head_tokens else "")
                          + (f", {work.backward_block_tokens / 1e6:.2f}M block-token backwards" if work.backward_block_tokens else "")
                          + f"; {work.block_loads} block reads when blocks run one at a time)")
         lines += [f"  assumed: {a}" for a in self.assumptions]
@@ -154,7 +160,7 @@ class CountedRemovalLoss(RemovalLoss):
         subsets = {("subset", key) for key in self.keys}
         if self.store is not None and subsets <= self.store:
             return None
-        self.work.head_tokens += self.scored  # the whole head picks the likeliest tokens
+        self.work.likeliest_head_tokens += self.scored  # the whole head picks the likeliest tokens
         loss = self._run([], self._nearest_kept_output(self.num_blocks))
         if self.store is not None:
             self.store.update(subsets)
@@ -274,18 +280,25 @@ def _loss_search(num_blocks: int, config: SGLPConfig, rows: list[int], first_bat
 
 
 def _loss_check(phases: dict[str, Work], prefix: str, num_blocks: int, config: SGLPConfig, sequences: int,
-                protected: set[int], order: Sequence[int], measured_per_step: int | Sequence[int]) -> None:
+                protected: set[int], order: Sequence[int], measured_per_step: int | Sequence[int],
+                halves_orders: tuple[Sequence[int], Sequence[int]] | None) -> None:
     """The loss check's work on `sequences` calibration windows, removing `order`; with the
-    stability check, its search on each half of the loss windows, taking the same path (a stable
-    choice's) and so reading back every measurement but the second half's screen."""
+    stability check, its search on each half of the loss windows, removing `halves_orders` and
+    reading back what the whole measured on its windows; None: each half reads back the whole's
+    first step and measures every later one on its own (it leaves the choice's path after the
+    first removal, as the halves did on both real models)."""
     rows, store = _loss_rows(config, sequences), set()
-    args = (protected, order, measured_per_step, store)
-    phases.setdefault(prefix + "loss check", Work()).add(_loss_search(num_blocks, config, rows, 0, *args))
+    phases.setdefault(prefix + "loss check", Work()).add(
+        _loss_search(num_blocks, config, rows, 0, protected, order, measured_per_step, store))
     if config.stability_check and sum(rows) >= 2:
+        if halves_orders is None:  # the unpruned network, each single removal, the vocabulary subsets
+            store = {entry for entry in store if entry[0] == "subset" or len(entry[0]) <= 1}
+            halves_orders = (order, order)
         first = _first_rows(rows, sum(rows) // 2)
         halves = Work()
-        halves.add(_loss_search(num_blocks, config, first, 0, *args))
-        halves.add(_loss_search(num_blocks, config, rows[len(first):], len(first), *args))
+        halves.add(_loss_search(num_blocks, config, first, 0, protected, halves_orders[0], measured_per_step, store))
+        halves.add(_loss_search(num_blocks, config, rows[len(first):], len(first), protected, halves_orders[1],
+                                measured_per_step, store))
         phases.setdefault(prefix + "stability check: the loss check's halves", Work()).add(halves)
 
 
@@ -303,7 +316,8 @@ def _sleb(num_blocks: int, config: SGLPConfig, sequences: int, protected: set[in
 
 
 def _analysis(phases: dict[str, Work], prefix: str, num_blocks: int, config: SGLPConfig, sequences: int,
-              order: Sequence[int], measured_per_step: int | Sequence[int]) -> None:
+              order: Sequence[int], measured_per_step: int | Sequence[int],
+              halves_orders: tuple[Sequence[int], Sequence[int]] | None = None) -> None:
     protected = config.protected_blocks(num_blocks)
     tokens = sequences * config.seq_len
     statistics = Work(block_tokens=tokens * num_blocks, block_loads=num_blocks)
@@ -315,7 +329,7 @@ def _analysis(phases: dict[str, Work], prefix: str, num_blocks: int, config: SGL
     if config.method == "sleb":
         phases.setdefault(prefix + "SLEB search", Work()).add(_sleb(num_blocks, config, sequences, protected, order))
     elif config.method == "sglp" and config.scoring == "loss":
-        _loss_check(phases, prefix, num_blocks, config, sequences, protected, order, measured_per_step)
+        _loss_check(phases, prefix, num_blocks, config, sequences, protected, order, measured_per_step, halves_orders)
 
 
 def _check_supported(config: SGLPConfig) -> None:
@@ -338,11 +352,13 @@ def _check_supported(config: SGLPConfig) -> None:
 def count_analysis(
     num_blocks: int, config: SGLPConfig, *, order: Sequence[int] | None = None,
     measured_per_step: int | Sequence[int] = MEASURED_PER_STEP,
+    halves_orders: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> tuple[dict[str, Work], list[str]]:
     """Each phase's work in `analyze` of a `num_blocks` model with `config` on full windows,
     removing `order` (None: `assumed_order`), the lazy search measuring `measured_per_step`
     candidates at each step (or a count per step), and what the count assumes. The stability check:
-    the loss check's search on each half of its sequences (`_loss_check`), else the whole analysis
+    the loss check's search on each half of its sequences, removing `halves_orders` (None: assumed
+    to leave the choice's path after its first removal, `_loss_check`), else the whole analysis
     on each half of the calibration. `loss_vocabulary` unset counts the whole vocabulary's head
     (`plan_time` settles it for the model's shape)."""
     config.validate()
@@ -370,11 +386,13 @@ def count_analysis(
         phases["sampling the model's own text"] = Work(block_tokens=positions * num_blocks, head_tokens=positions)
         assumptions.append("sampling the model's own text is priced as forwards over its positions; decoding one "
                            "position at a time runs slower than that (on a GPU most)")
-    _analysis(phases, "", num_blocks, config, config.n_samples, order, measured_per_step)
+    _analysis(phases, "", num_blocks, config, config.n_samples, order, measured_per_step, halves_orders)
     if config.stability_check and config.method == "sglp" and config.scoring == "loss":
-        assumptions.append("the stability check's search on each half of the loss windows is counted as taking the "
-                           "choice's path (a stable choice), so it reads back every measurement but the second "
-                           "half's screen; where a half's search leaves that path, it measures on its own")
+        if halves_orders is None:
+            assumptions.append("the stability check's search on each half of the loss windows reads back the choice's "
+                               "first step and measures every later step on its own, on half the tokens (its path "
+                               "leaves the choice's after the first removal, as on both benchmarked models; a stable "
+                               "choice's halves read back more)")
     elif config.stability_check and config.n_samples >= 2:  # the whole analysis again on each half
         for sequences in (config.n_samples // 2, config.n_samples - config.n_samples // 2):
             _analysis(phases, "stability check: ", num_blocks, config.replace(stability_check=False), sequences,
@@ -418,11 +436,12 @@ def throughput_from_flops(shape: ModelShape, flops_per_s: float, seq_len: int) -
 
 @torch.no_grad()
 def measure_throughput(model_config: Any, *, dtype: torch.dtype, device: str, seq_len: int, layers_path: str | None = None) -> Throughput:
-    """Time one decoder block and the head of a one-block copy of the model (random weights, so
-    nothing is read) on one window, best of two after a warm-up."""
+    """Time one decoder block, the head's loss and its pick of each position's likeliest tokens
+    (the vocabulary subset's top-k) on a one-block copy of the model (random weights, so nothing
+    is read), on one window, best of two after a warm-up."""
     from transformers import AutoModelForCausalLM
 
-    from .passes.head import head_nll, output_of
+    from .passes.head import head_nll, likeliest_tokens, output_of
     from .model.handle import ModelHandle
     from .model.rewrite import remove_blocks
 
@@ -435,7 +454,7 @@ def measure_throughput(model_config: Any, *, dtype: torch.dtype, device: str, se
     vocab = model.get_output_embeddings().weight.shape[0]
     batch = {"input_ids": torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device),
              "attention_mask": torch.ones(1, tokens, dtype=torch.long, device=device)}
-    block_s, head_s = [], []
+    block_s, head_s, likeliest_s = [], [], []
     for _ in range(3):
         started = time.perf_counter()
         final, returns_tuple = output_of(model, handle.layers[-1], batch)
@@ -445,8 +464,13 @@ def measure_throughput(model_config: Any, *, dtype: torch.dtype, device: str, se
         head_nll(handle, batch, final, returns_tuple)
         _synchronize(device)
         head_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        likeliest_tokens(handle, batch, final, returns_tuple, AUTO_VOCABULARY)
+        _synchronize(device)
+        likeliest_s.append(time.perf_counter() - started)
     return Throughput(min(block_s[1:]) / tokens, min(head_s[1:]) / (tokens - 1),
-                      f"measured on {device} in {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} torch thread(s)")
+                      f"measured on {device} in {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} torch thread(s)",
+                      min(likeliest_s[1:]) / (tokens - 1))
 
 
 def _synchronize(device: str) -> None:
@@ -455,12 +479,10 @@ def _synchronize(device: str) -> None:
 
 
 def narrowed_share(config: SGLPConfig, vocab_size: int) -> float:
-    """The share of the head's columns a batch's vocabulary subset holds (`loss_vocabulary` k):
-    measured on SmolLM2-135M's and Gemma-3-270M's docstring windows at k = 32, about 1024 sampled
-    plus 4·k·√positions kept columns per batch (2,800 at one window of 256 tokens, 5,100 at 4,
-    7,000 at 8; within 15 % from 255 to 4,092 positions)."""
+    """The share of the head's columns a full loss batch's vocabulary subset holds
+    (`head.subset_columns` at `loss_vocabulary` k)."""
     positions = config.batch_size * scored_per_window(config)
-    return min(1.0, (RESTS_SAMPLED + 4 * config.loss_vocabulary * math.sqrt(positions)) / vocab_size)
+    return subset_columns(config.loss_vocabulary, positions, vocab_size) / vocab_size
 
 
 def plan_time(shape: ModelShape, config: SGLPConfig, throughput: Throughput, *, order: Sequence[int] | None = None) -> TimePlan:

@@ -64,18 +64,46 @@ def test_the_full_search_counts_equal_the_forwards_run():
     assert phases["statistics pass"].block_tokens == WINDOWS * SEQ * BLOCKS
 
 
-def test_the_stability_checks_halves_are_counted_exactly_where_they_take_the_choices_path():
-    """With every candidate measured at every step, halves that drop the whole's blocks read back
-    every measurement but the second half's screen: what the plan counts. (The second half's
-    windows repeat the first's, so each half makes the whole's choice.)"""
-    config, plan, counter = _run("gemma3_text", seeds=[0, 1, 0, 1], drop=3, loss_lazy=False, loss_ties="none", loss_tokens=8 * SEQ)
-    assert plan.extra["stability"]["halves"] == [plan.dropped, plan.dropped]
-    phases, _ = count_analysis(BLOCKS, config, order=_order(plan))
+def _halves_orders(monkeypatch) -> list[list[int]]:
+    """Each stability-check half's removal order, as its search records it (filled as analyze runs)."""
+    from sglp_llm.selection import loss_check
+
+    orders: list[list[int]] = []
+    search = loss_check.loss_search
+
+    def recorded(*args, desc="SGLP loss check", **kwargs):
+        dropped, record = search(*args, desc=desc, **kwargs)
+        if desc.startswith("Stability check"):
+            orders.append([step["block"] for step in record["steps"]])
+        return dropped, record
+
+    monkeypatch.setattr(loss_check, "loss_search", recorded)
+    return orders
+
+
+@pytest.mark.parametrize("seeds", [[0, 1, 0, 1], [0, 1, 2, 3]])
+def test_the_stability_checks_halves_are_counted_exactly_given_their_orders(monkeypatch, seeds):
+    """With every candidate measured at every step, each half's search, given the order it took,
+    reads back what the whole measured on its windows: what the plan counts. Halves that repeat
+    the whole's windows take its path and read back all but the second half's screen; halves on
+    windows of their own leave it. Unknown orders are assumed to leave the path after the first
+    removal: never less than the path's count."""
+    orders = _halves_orders(monkeypatch)
+    config, plan, counter = _run("gemma3_text", seeds=seeds, drop=3, loss_lazy=False, loss_ties="none", loss_tokens=8 * SEQ)
+    phases, said = count_analysis(BLOCKS, config, order=_order(plan), halves_orders=tuple(orders))
     assert list(phases) == ["statistics pass", "loss check", "stability check: the loss check's halves"]
     assert _total(phases) == (counter.block_tokens, counter.head_tokens)
-    # the second half's screen: its first window, from the kept outputs (the head only) and each candidate removed
+    assert not any("stability check's search" in a for a in said)
     halves = phases["stability check: the loss check's halves"]
-    assert halves.head_tokens == (1 + BLOCKS - 2) * (SEQ - 1)
+    assumed, assumption = count_analysis(BLOCKS, config, order=_order(plan))
+    assert any("reads back the choice's first step" in a for a in assumption)
+    if seeds == [0, 1, 0, 1]:
+        assert orders == [_order(plan), _order(plan)]
+        # the second half's screen: its first window, from the kept outputs (the head only) and each candidate removed
+        assert halves.head_tokens == (1 + BLOCKS - 2) * (SEQ - 1)
+        assert assumed["stability check: the loss check's halves"].block_tokens > halves.block_tokens
+    else:
+        assert orders[0] != _order(plan) or orders[1] != _order(plan)
 
 
 def test_a_narrowed_head_is_counted_exactly(monkeypatch):
@@ -101,11 +129,14 @@ def test_a_narrowed_head_is_counted_exactly(monkeypatch):
                 hook.remove()
 
     monkeypatch.setattr(VocabularySubset, "scoring", counted)
+    orders = _halves_orders(monkeypatch)
     config, plan, counter = _run("llama", seeds=[0, 1, 0, 1], drop=3, loss_lazy=False, loss_ties="none",
                                  loss_tokens=8 * SEQ, vocab_size=NARROWED_FROM)
     assert plan.config["loss_vocabulary"] == 32 and plan.extra["stability"]["halves"] == [plan.dropped, plan.dropped]
-    phases, _ = count_analysis(BLOCKS, config.replace(loss_vocabulary=32), order=_order(plan))
-    assert _total(phases) == (counter.block_tokens, counter.head_tokens)
+    phases, _ = count_analysis(BLOCKS, config.replace(loss_vocabulary=32), order=_order(plan), halves_orders=tuple(orders))
+    assert sum(w.block_tokens for w in phases.values()) == counter.block_tokens
+    assert sum(w.head_tokens + w.likeliest_head_tokens for w in phases.values()) == counter.head_tokens
+    assert sum(w.head_tokens for w in phases.values()) == 0  # the whole head only picks the likeliest tokens
     assert sum(w.narrowed_head_tokens for w in phases.values()) == narrowed[0] > 0
     # the whole head: every loss sequence once, and each screen's window (the whole's, which the
     # first half reads back, and the second half's)
@@ -213,15 +244,18 @@ def test_the_plan_prices_a_narrowed_head_at_its_share_of_the_columns():
     rate = Throughput(1e-6, 2e-6, "given")
     narrowed, whole = plan_time(shape, config, rate), plan_time(shape, config.replace(loss_vocabulary=0), rate)
     share = narrowed_share(config.replace(loss_vocabulary=32), 49152)
-    assert narrowed.narrowed_share == share == pytest.approx((1024 + 4 * 32 * (4 * 255) ** 0.5) / 49152)
+    assert narrowed.narrowed_share == share == round(1024 + 4 * 32 * (4 * 255) ** 0.5) / 49152
     check, full = narrowed.phases["loss check"], whole.phases["loss check"]
     assert check.block_tokens == full.block_tokens and full.narrowed_head_tokens == 0
     # the whole head picks the likeliest tokens once on each loss window and the screen's window;
     # every pass the whole head ran for is a narrowed one
-    assert check.head_tokens == (2048 // 256 + 1) * 255
+    assert check.likeliest_head_tokens == (2048 // 256 + 1) * 255 and check.head_tokens == 0
     assert check.narrowed_head_tokens == full.head_tokens
     assert narrowed.seconds()["loss check"] == pytest.approx(
-        check.block_tokens * 1e-6 + (check.head_tokens + share * check.narrowed_head_tokens) * 2e-6)
+        check.block_tokens * 1e-6 + (check.likeliest_head_tokens + share * check.narrowed_head_tokens) * 2e-6)
+    # a measured rate for the pick of the likeliest tokens prices those positions
+    picked = Throughput(1e-6, 2e-6, "given", likeliest_token_s=1e-6)
+    assert picked.seconds(check, share) == pytest.approx(rate.seconds(check, share) - check.likeliest_head_tokens * 1e-6)
     assert "computes 10.4% of its columns" in narrowed.text() and "narrowed" not in whole.text()
 
 
@@ -230,7 +264,8 @@ def test_a_measured_throughput_prices_a_block_below_the_head_of_a_large_vocabula
 
     config = tiny_config("gemma3_text", num_layers=4, vocab_size=4096)
     measured = measure_throughput(config, dtype=torch.float32, device="cpu", seq_len=32)
-    assert measured.block_token_s > 0 and measured.head_token_s > 0 and "measured on cpu" in measured.source
+    assert measured.block_token_s > 0 and measured.head_token_s > 0 and measured.likeliest_token_s > 0
+    assert "measured on cpu" in measured.source
     shape = ModelShape.of(config)
     model = tiny_model("gemma3_text", num_layers=4, vocab_size=4096)  # the same config, real weights
     assert shape.num_blocks == 4 and shape.block_params == sum(p.numel() for p in model.model.layers[0].parameters())
@@ -238,6 +273,7 @@ def test_a_measured_throughput_prices_a_block_below_the_head_of_a_large_vocabula
     given = throughput_from_flops(shape, 1e12, seq_len=32)
     # 2 FLOPs per weight: the head's (hidden x vocab) per position at 1 TFLOP/s
     assert given.head_token_s == pytest.approx(2 * config.hidden_size * 4096 / 1e12)
+    assert given.likeliest_token_s is None  # priced as a head position
 
 
 def test_plan_time_reads_no_weights_and_prints_the_plan(tmp_path, monkeypatch, capsys):

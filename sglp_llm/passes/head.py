@@ -27,6 +27,9 @@ from .loss import causal_lm_loss, check_finite
 
 # at most this many bytes of float32 logits per chunk of positions
 MAX_LOGITS_BYTES = 256 * 2**20
+# with a vocabulary subset, this many of the tokens outside it are sampled to estimate the rest's
+# share of the softmax's normaliser (`vocabulary_subset`)
+RESTS_SAMPLED = 1024
 
 
 @contextmanager
@@ -111,6 +114,14 @@ def loss_vocabulary(model: nn.Module, config: Any, objective: str | None = None)
     narrowable = narrowing_obstacle(model) is None
     vocab_size = model.get_output_embeddings().out_features if narrowable else 0
     return config.resolve_loss_vocabulary(narrowable, vocab_size, objective)
+
+
+def subset_columns(k: int, positions: int, vocab_size: int) -> int:
+    """About how many columns a batch's `VocabularySubset` holds at `k` likeliest tokens over
+    `positions` scored positions: measured on SmolLM2-135M's and Gemma-3-270M's docstring windows
+    at k = 32, the sample plus about 4·k·√positions kept tokens (2,800 at one window of 256
+    tokens, 5,100 at 4, 7,000 at 8; within 15 % from 255 to 4,092 positions)."""
+    return min(vocab_size, round(RESTS_SAMPLED + 4 * k * math.sqrt(positions)))
 
 
 def vocabulary_subset(likeliest: list[torch.Tensor], targets: torch.Tensor, vocab_size: int, sampled: int, seed: int) -> VocabularySubset:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .head import MAX_LOGITS_BYTES
+from .head import MAX_LOGITS_BYTES, subset_columns
 from ..model.shards import MAX_SHARD_BYTES
 
 # the interpreter, torch and transformers before any model exists (benchmarks/results/scale.md)
@@ -183,6 +183,11 @@ def plan_memory(
         plan.add("loss check", run, "hidden states in flight (one block position)", 2 * loss_state)
         plan.add("loss check", run, "activations of one block", activations(batch * seq, batch))
         plan.add("loss check", run, "one chunk of the head's logits", head(batch, seq))
+        vocabulary = config.resolve_loss_vocabulary(isinstance(model.get_output_embeddings(), torch.nn.Linear), vocab)
+        if config.method == "sglp" and vocabulary:  # each loss batch's and each screen's narrowed head, kept while the search runs
+            narrowed = subset_columns(vocabulary, batch * (seq - 1), vocab) * hidden * size
+            plan.add("loss check", run, "the head narrowed to each loss batch's vocabulary subset",
+                     (math.ceil(loss_tokens / (batch * seq)) + 2) * narrowed)
 
     if config.compensation != "none":  # the block-by-block fit (sglp_llm.recovery.compensate), where blocks run
         weights("compensation fit")

@@ -27,8 +27,8 @@ from ..recovery.compensate import Compensation, applied, fit_compensation, remov
 from ..config import LOSS_OBJECTIVES
 from ..passes.distributed import all_reduce_state, shard
 from ..model.rewrite import skip_blocks
-from ..passes.head import (ReferenceDistribution, VocabularySubset, head_kl, head_nll, likeliest_tokens, loss_vocabulary,
-                           output_of, position_sample, reference_distribution, vocabulary_subset)
+from ..passes.head import (RESTS_SAMPLED, ReferenceDistribution, VocabularySubset, head_kl, head_nll, likeliest_tokens,
+                           loss_vocabulary, output_of, position_sample, reference_distribution, vocabulary_subset)
 from ..passes.loss import check_finite
 from ..passes.original_outputs import OriginalOutputs
 from ..passes.sequential import _record_calls
@@ -59,9 +59,6 @@ class MeasuredLosses:
                 self._losses.setdefault((frozenset(skipped), key), part)
 
 
-# with a vocabulary subset, this many of the tokens outside it are sampled to estimate the rest's
-# share of the softmax's normaliser (`head.vocabulary_subset`)
-RESTS_SAMPLED = 1024
 # the original model's distribution is kept at this many most likely tokens per position (and the
 # rest's mass) for the KL objective: 2048 tokens of a 262k vocabulary then take 25 MB, not 2 GB
 KL_TOP_K = 1024
