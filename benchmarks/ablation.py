@@ -121,6 +121,8 @@ def markdown(result: dict) -> str:
             f"{name}: " + (", ".join(f"{k}={v}" for k, v in over.items()) or "the defaults")
             for name, over in result["contenders"].items()
         ),
+        "- every row scores the loss check's whole head (loss_vocabulary=0) unless it says otherwise; "
+        "`vocabulary 32` is today's default (loss_vocabulary unset settles to 32 on both models, since 2026-12-07)",
     ]
     origins = {run["origin"] for key, run in runs.items() if key.startswith("sleb|")}
     if origins:
