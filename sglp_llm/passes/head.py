@@ -110,7 +110,7 @@ def narrowing_obstacle(model: nn.Module) -> str | None:
 def loss_vocabulary(model: nn.Module, config: Any, objective: str | None = None) -> int:
     """`config.loss_vocabulary` settled for this model (`SGLPConfig.resolve_loss_vocabulary`): how
     many likeliest tokens per position the NLL's head scores (`VocabularySubset`), 0 for the whole
-    vocabulary (benchmarks/results/cost.md: about 1024 + 4·K·√positions columns per batch)."""
+    vocabulary (a subset holds about `subset_columns` of them per batch)."""
     narrowable = narrowing_obstacle(model) is None
     vocab_size = model.get_output_embeddings().out_features if narrowable else 0
     return config.resolve_loss_vocabulary(narrowable, vocab_size, objective)
