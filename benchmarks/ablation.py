@@ -57,8 +57,7 @@ CONTENDERS = {
     # the default since 2026-12-07 (near-ties settled by block influence, bordering a removed block first)
     "default (ties settled)": {**DEFAULT, "loss_ties": "run-then-block-influence"},
     # and with the head scoring each sequence's 32 likeliest tokens per position, its next tokens and
-    # a weighted sample of the rest (issue 26: a cheaper measurement): the default since 2026-12-07
-    # (loss_vocabulary unset resolves to 32 on both models; every other row here scores the whole head)
+    # a weighted sample of the rest (issue 26: a cheaper measurement; every other row here scores the whole head)
     "vocabulary 32": {**DEFAULT, "loss_ties": "run-then-block-influence", "loss_vocabulary": 32},
 }
 
@@ -122,7 +121,7 @@ def markdown(result: dict) -> str:
             for name, over in result["contenders"].items()
         ),
         "- every row scores the loss check's whole head (loss_vocabulary=0) unless it says otherwise; "
-        "`vocabulary 32` is today's default (loss_vocabulary unset settles to 32 on both models, since 2026-12-07)",
+        "`vocabulary 32` is the option `--loss-vocabulary 32` (not the default: robustness.md, `default-vocabulary`)",
     ]
     origins = {run["origin"] for key, run in runs.items() if key.startswith("sleb|")}
     if origins:

@@ -13,8 +13,7 @@ recorded; quality.md has their held-out perplexity.
 
 `--sleb-on-every-token` lets SLEB measure on every calibration token (its own setting) and writes
 cost-all-<model>.json; `--loss-vocabulary K` times the default with the head narrowed to K likeliest tokens
-(cost-vocabulary-<model>.json; K = 32 is today's default, what loss_vocabulary unset resolves to on both models;
-without it, the head over the whole vocabulary, the default until late 2026-12-07). `--kept-outputs` times the default with the loss check starting from the block outputs the
+(cost-vocabulary-<model>.json; without it, the head over the whole vocabulary, the default). `--kept-outputs` times the default with the loss check starting from the block outputs the
 statistics pass keeps, and without. `--head-share` measures instead where a loss-check measurement's time goes: the blocks after the
 removed one against the head (final norm, lm_head, loss), on the loss check's 2048 tokens, and
 the same with the head on a quarter of the positions (`loss_positions: 0.25`).
@@ -162,17 +161,15 @@ def gather() -> Path:
         "| SLEB (s) | SLEB / choice | SLEB / with the check | same blocks? | threads |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    measured = [json.loads(p.read_text()) for name in MODELS for kind in ("vocabulary-", "", "all-", "fullhalves-", "untied-")
+    measured = [json.loads(p.read_text()) for name in MODELS for kind in ("", "vocabulary-", "all-", "fullhalves-", "untied-")
                 if (p := RESULTS / f"cost-{kind}{name}.json").is_file()]
     if not measured:
         lines[-2:] = ["Not run yet: `python benchmarks/cost.py`."]
     for r in measured:
         # the loss check's near-ties are settled by default since 2026-12-07; runs before say so
         default = f"loss_ties {r['loss_ties']}" if "loss_ties" in r else "before near-ties were settled (2026-12-06)"
-        # loss_vocabulary unset resolves to 32 on both models since late 2026-12-07: those runs are today's default
-        default += (f"; loss_vocabulary {r['loss_vocabulary']} (today's default)" if r.get("loss_vocabulary") == 32 else
-                    f"; loss_vocabulary {r['loss_vocabulary']}" if r.get("loss_vocabulary") else
-                    "; the head over the whole vocabulary (the default until late 2026-12-07)")
+        default += (f"; --loss-vocabulary {r['loss_vocabulary']}" if r.get("loss_vocabulary") else
+                    "; the head over the whole vocabulary (the default)")
         default += ("; stability: the loss check's halves" if "stability" in r else
                     "; stability: the second calibration half analysed in full (before 2026-12-07's rework)")
         for c in r["cells"]:

@@ -86,8 +86,7 @@ VARIANTS = {
 # every variant was measured with the Fisher groups, the default until benchmarks/ablation.py
 # showed they change no choice of the loss check
 VARIANTS = {name: {"groups": True, **settings} for name, settings in VARIANTS.items()}
-# the head over the whole vocabulary unless a run says otherwise: every stored run before
-# loss_vocabulary's default became 32 on these models (2026-12-07) scored it so
+# the head over the whole vocabulary (the default) unless a run says otherwise
 CALIBRATION = SGLPConfig(drop=1, dataset=STDLIB_DOCS, seq_len=256, n_samples=16, batch_size=4, seed=0, loss_vocabulary=0)
 
 

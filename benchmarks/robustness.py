@@ -166,8 +166,7 @@ def run_model(name: str, methods: list[str], eval_max_texts: int, settings: list
     loaded = load_model(name, dtype="float32")
     model, tokenizer = loaded.model, loaded.tokenizer
     num_blocks = len(find_decoder_blocks(model).layers)
-    # the head over the whole vocabulary unless a method says otherwise: every method measured before
-    # loss_vocabulary's default became 32 on these models (2026-12-07: `default-vocabulary` is the default now)
+    # the head over the whole vocabulary (the default) unless a method says otherwise
     base = SGLPConfig(drop=1, dataset=STDLIB_DOCS, stability_check=False, loss_vocabulary=0)
     drops = sorted({base.replace(drop=None, ratio=r).resolve_drop(num_blocks) for r in RATIOS})
     texts = {key: load_eval_texts(source, max_texts=eval_max_texts) for key, source in SOURCES.items()}
@@ -283,10 +282,10 @@ def markdown(result: dict) -> str:
     lines = [
         f"## {result['model']}", "",
         f"- blocks: {result['num_blocks']}; calibration: {result['n_samples']} windows of the standard-library "
-        f"docstrings unless a method's settings name another text (`default-vocabulary`: the tool's default since "
-        f"2026-12-07, the late one of that day: the model's own samples, the loss check's near-ties settled by the run "
-        f"rule, its head scoring each sequence's 32 likeliest tokens per position (loss_vocabulary unset); `default`: the "
-        f"same with the head over the whole vocabulary, the default until then; `default-untied`: without the tie rule) at {', '.join(map(str, SEQ_LENS))} tokens, seeds {', '.join(map(str, SEEDS))} (more where the tables show them; a method with a "
+        f"docstrings unless a method's settings name another text (`default`: the model's own samples, the tool's default "
+        f"calibration since 2026-12-06, with the loss check's near-ties settled by the run rule since 2026-12-07; "
+        f"`default-vocabulary`: the same with `--loss-vocabulary 32`, briefly the default on 2026-12-07; "
+        f"`default-untied`: without the tie rule) at {', '.join(map(str, SEQ_LENS))} tokens, seeds {', '.join(map(str, SEEDS))} (more where the tables show them; a method with a "
         f"`{BUDGET}` draws as many windows as those loss tokens take); "
         f"{result['threads']} torch thread(s)",
         *(f"- held-out `{key}`: {description}; the first {result['eval_max_texts']} texts scored"

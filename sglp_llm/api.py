@@ -258,7 +258,7 @@ def _analyze(
     if calibration is None and config.dataset is None:  # the plan, report and card name the text used
         source, fallback = default_calibration(handle, tokenizer)
         config = config.replace(dataset=source)
-    if config.loss_vocabulary is None:  # the plan records what the head scored
+    if config.loss_vocabulary is None:  # chosen for the model: the plan records what the head scored
         config = config.replace(loss_vocabulary=loss_vocabulary(model, config))
     num_blocks = len(blocks.layers)
     n_drop = config.resolve_drop(num_blocks)

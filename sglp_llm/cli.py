@@ -166,8 +166,8 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     method.add_argument("--loss-vocabulary", type=int,
                         help="K > 0: the head scores only each sequence's K likeliest tokens per position under the "
                              "original model, its next tokens and a weighted sample of the rest (an estimate of the "
-                             "NLL from a few of the head's columns: cheaper with a large vocabulary); 0: all; default: 32 "
-                             "where the head is a plain linear layer over 16384 tokens or more, else 0")
+                             "NLL from a few of the head's columns: cheaper with a large vocabulary, but on one calibration "
+                             "sample of SmolLM2 a worse choice); 0: all (default)")
     method.add_argument("--loss-objective", choices=LOSS_OBJECTIVES,
                         help="what a removal's loss is: nll (the calibration text's next tokens, SLEB's) or kl "
                              "(the divergence from the original model's next-token distribution)")

@@ -134,10 +134,9 @@ class SettingsFile:
         return cls.load(Path(directory) / cls.FILE_NAME)
 
 
-# loss_vocabulary unset (`SGLPConfig.resolve_loss_vocabulary`): a head over at least NARROWED_FROM tokens
-# scores each position's AUTO_VOCABULARY likeliest (with the batch's next tokens and a sample of
-# the rest): on both real models the same choices at a fraction of the head's time
-# (benchmarks/results/cost.md, ablation.md, robustness.md)
+# loss_vocabulary None (`SGLPConfig.resolve_loss_vocabulary`): a head over at least NARROWED_FROM
+# tokens scores each position's AUTO_VOCABULARY likeliest (with the batch's next tokens and a
+# sample of the rest), a fraction of the head's time (benchmarks/results/cost.md)
 AUTO_VOCABULARY = 32
 NARROWED_FROM = 16384
 
@@ -253,11 +252,12 @@ class SGLPConfig(SettingsFile):
     loss_positions: float = 1.0
     # 0: the head scores the whole vocabulary; k > 0: on each loss batch only the tokens among the
     # original network's k likeliest at any position, the batch's next tokens and a sample of the
-    # rest standing for all of it (an estimate of the NLL from a few of the head's columns). None:
-    # 32 for the NLL on a plain linear head over at least 16384 tokens, else 0 (resolved when the
-    # model is loaded, `resolve_loss_vocabulary`; the same choices on both real models at a
-    # fraction of the head's time: benchmarks/results/cost.md, ablation.md)
-    loss_vocabulary: int | None = None
+    # rest standing for all of it (an estimate of the NLL from a few of the head's columns); None:
+    # 32 for the NLL on a plain linear head over at least 16384 tokens, else 0 (settled when the
+    # model is loaded, `resolve_loss_vocabulary`). Not the default: 0.3-0.8x the analysis time, but
+    # on SmolLM2 with calibration seed 2 it chose blocks 3-6, 1.38x the best peer held out
+    # (benchmarks/results/robustness.md, `default-vocabulary`)
+    loss_vocabulary: int | None = 0
     # what a removal's loss is: "nll", the next-token NLL of the calibration text (SLEB's), or
     # "kl", the KL divergence from the original model's next-token distribution on it
     loss_objective: str = "nll"
@@ -577,10 +577,10 @@ class SGLPConfig(SettingsFile):
         if self.loss_vocabulary is not None and (isinstance(self.loss_vocabulary, bool) or not isinstance(self.loss_vocabulary, int)
                                                  or self.loss_vocabulary < 0):
             raise ConfigError(f"`loss_vocabulary` is how many of each position's likeliest tokens the loss check's head "
-                              f"scores (0: the whole vocabulary; unset: chosen for the model); got {self.loss_vocabulary!r}.")
+                              f"scores (0: the whole vocabulary; null: chosen for the model); got {self.loss_vocabulary!r}.")
         if self.loss_vocabulary and self.loss_objective != "nll":
             raise ConfigError("`loss_vocabulary` narrows the NLL's head; the KL objective compares whole distributions. "
-                              "Use loss_objective: nll, or set loss_vocabulary to 0 or leave it unset.")
+                              "Use loss_objective: nll, or set loss_vocabulary to 0 or null.")
         if isinstance(self.loss_positions, bool) or not isinstance(self.loss_positions, (int, float)) or not 0 < self.loss_positions <= 1:
             raise ConfigError(f"`loss_positions` is the share of each window's positions the loss check scores, in (0, 1]; "
                               f"got {self.loss_positions!r}.")
@@ -609,7 +609,7 @@ class SGLPConfig(SettingsFile):
         return set(range(self.protect_first)) | set(range(num_blocks - self.protect_last, num_blocks))
 
     def resolve_loss_vocabulary(self, head_narrowable: bool, vocab_size: int, objective: str | None = None) -> int:
-        """`loss_vocabulary` as set; unset, AUTO_VOCABULARY for the NLL (`objective`, else the
+        """`loss_vocabulary` as set; None, AUTO_VOCABULARY for the NLL (`objective`, else the
         config's) on a head that can be narrowed over at least NARROWED_FROM tokens, where a
         subset is much smaller than the vocabulary; else 0, the whole head."""
         if self.loss_vocabulary is not None:

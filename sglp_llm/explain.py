@@ -122,7 +122,7 @@ def _score_and_choice(config: dict[str, Any], settings: SGLPConfig, calibration_
         positions = config.get("loss_positions", 1.0)
         measured_on = f"{tokens} tokens" + (f", the head scoring {positions:.0%} of each window's positions" if positions < 1 else "")
         vocabulary = config.get("loss_vocabulary", 0)  # a plan older than the option scored the whole vocabulary
-        if vocabulary is None:  # not resolved yet (help): `passes.head.auto_vocabulary`
+        if vocabulary is None:  # not settled yet (a plan before the model): `SGLPConfig.resolve_loss_vocabulary`
             measured_on += (f", the NLL estimated from each sequence's {AUTO_VOCABULARY} likeliest tokens per position "
                             "under the original model, its next tokens and a weighted sample of the rest when the "
                             f"model's head is a linear layer over {NARROWED_FROM} tokens or more, else from the whole vocabulary")

@@ -359,7 +359,7 @@ def count_analysis(
     candidates at each step (or a count per step), and what the count assumes. The stability check:
     the loss check's search on each half of its sequences, removing `halves_orders` (None: assumed
     to leave the choice's path after its first removal, `_loss_check`), else the whole analysis
-    on each half of the calibration. `loss_vocabulary` unset counts the whole vocabulary's head
+    on each half of the calibration. `loss_vocabulary` None counts the whole vocabulary's head
     (`plan_time` settles it for the model's shape)."""
     config.validate()
     _check_supported(config)

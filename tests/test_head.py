@@ -139,8 +139,8 @@ def test_a_head_that_is_not_a_linear_layer_is_refused():
         head_nll(model, batch, final, returns_tuple, vocabulary=subset)
 
 
-def test_an_unset_vocabulary_narrows_only_a_large_plain_linear_head_for_the_nll():
-    """loss_vocabulary unset: 32 likeliest tokens where a subset is much smaller than the
+def test_a_vocabulary_chosen_for_the_model_narrows_only_a_large_plain_linear_head_for_the_nll():
+    """loss_vocabulary None: 32 likeliest tokens where a subset is much smaller than the
     vocabulary and the head can be cut; the whole vocabulary for a small one, the KL objective, a
     head that is no linear layer or one an accelerate hook places (it could swap weights back);
     a set value as set."""
@@ -149,7 +149,7 @@ def test_an_unset_vocabulary_narrows_only_a_large_plain_linear_head_for_the_nll(
     from sglp_llm.config import AUTO_VOCABULARY, NARROWED_FROM, ConfigError, SGLPConfig
     from sglp_llm.passes.head import loss_vocabulary, vocabulary_subset
 
-    unset = SGLPConfig(drop=1)
+    unset = SGLPConfig(drop=1, loss_vocabulary=None)
     large = tiny_model("llama", num_layers=1, vocab_size=NARROWED_FROM)
     assert loss_vocabulary(large, unset) == AUTO_VOCABULARY == 32
     assert loss_vocabulary(large, unset, "kl") == loss_vocabulary(large, unset.replace(loss_objective="kl")) == 0

@@ -90,18 +90,19 @@ def test_compensation_fit_counts_its_streams_the_pending_run_and_the_maps(method
 
 
 def test_the_narrowed_heads_of_the_loss_batches_are_planned_where_the_head_is_narrowed():
-    """loss_vocabulary unset on a vocabulary of 16384 tokens or more: each loss batch's narrowed
+    """loss_vocabulary None on a vocabulary of 16384 tokens or more: each loss batch's narrowed
     head and each screen's (one loss batch and two screens here), every one the estimated subset's
     columns × hidden size; none with the whole head, a small vocabulary or a peer."""
     from sglp_llm.passes.head import subset_columns
 
     config = tiny_config("llama", num_layers=6, vocab_size=20000)
-    plan = plan_memory(config, SGLPConfig(**SETTINGS), dtype=torch.float32)
+    chosen = SGLPConfig(**SETTINGS, loss_vocabulary=None)
+    plan = plan_memory(config, chosen, dtype=torch.float32)
     columns = subset_columns(32, 4 * 15, 20000)
     assert columns == round(1024 + 4 * 32 * 60**0.5) < 20000
     name = "the head narrowed to each loss batch's vocabulary subset"
     assert plan.phases["loss check"]["cpu"][name] == 3 * columns * config.hidden_size * 4
     whole = plan_memory(config, SGLPConfig(**SETTINGS, loss_vocabulary=0), dtype=torch.float32)
-    small = plan_memory(tiny_config("llama", num_layers=6), SGLPConfig(**SETTINGS), dtype=torch.float32)
-    sleb = plan_memory(config, SGLPConfig(**SETTINGS, method="sleb"), dtype=torch.float32)
+    small = plan_memory(tiny_config("llama", num_layers=6), chosen, dtype=torch.float32)
+    sleb = plan_memory(config, chosen.replace(method="sleb"), dtype=torch.float32)
     assert all(name not in p.phases["loss check"]["cpu"] for p in (whole, small, sleb))

@@ -39,9 +39,9 @@ def test_every_method_and_scoring_mode_is_a_registered_selection_with_real_setti
      ["gradient score: none (no backward runs)", "among every block of its group", "screen on 1 calibration sequence"]),
     # the default: no groups, so the CKA only feeds the report
     ({}, ["for the report and heatmap only", "groups: none", "no backward runs", "among every unprotected block",
-          "32 likeliest tokens per position", "over 16384 tokens or more, else from the whole vocabulary"]),
+          "(2048 tokens), among"]),
+    ({"loss_vocabulary": None}, ["32 likeliest tokens per position", "over 16384 tokens or more, else from the whole vocabulary"]),
     ({"loss_vocabulary": 8}, ["each sequence's 8 likeliest tokens per position"]),
-    ({"loss_vocabulary": 0}, ["(2048 tokens), among"]),
     ({"scoring": "block", "gradient_score": "fisher", "num_segments": 1}, ["groups: none", "second moment", "no loss check"]),
     ({"method": "angular"}, ["angular distance", "no CKA groups, no gradient score"]),
 ])

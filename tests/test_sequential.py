@@ -175,8 +175,7 @@ def _assert_same_loss_choices(plain, sequential):
         assert [x for x in first[1] if x is not None] == pytest.approx([x for x in first[0] if x is not None], rel=1e-5)
 
 
-# the head narrowed to each sequence's 3 likeliest tokens and a sample of the rest (the default's
-# 32 on a large vocabulary; these tiny ones settle to the whole head)
+# the head narrowed to each sequence's 3 likeliest tokens and a sample of the rest (`--loss-vocabulary`)
 NARROWED = {"loss_vocabulary": 3}
 
 

@@ -107,7 +107,7 @@ def test_the_stability_checks_halves_are_counted_exactly_given_their_orders(monk
 
 
 def test_a_narrowed_head_is_counted_exactly(monkeypatch):
-    """loss_vocabulary unset, a large vocabulary: the original network's pass runs the whole head
+    """loss_vocabulary None, a large vocabulary: the original network's pass runs the whole head
     on each loss batch (its likeliest tokens), every measurement the narrowed head; the halves
     read the whole's subsets back (a screen's batch of one row makes its own)."""
     from contextlib import contextmanager
@@ -131,7 +131,7 @@ def test_a_narrowed_head_is_counted_exactly(monkeypatch):
     monkeypatch.setattr(VocabularySubset, "scoring", counted)
     orders = _halves_orders(monkeypatch)
     config, plan, counter = _run("llama", seeds=[0, 1, 0, 1], drop=3, loss_lazy=False, loss_ties="none",
-                                 loss_tokens=8 * SEQ, vocab_size=NARROWED_FROM)
+                                 loss_tokens=8 * SEQ, vocab_size=NARROWED_FROM, loss_vocabulary=None)
     assert plan.config["loss_vocabulary"] == 32 and plan.extra["stability"]["halves"] == [plan.dropped, plan.dropped]
     phases, _ = count_analysis(BLOCKS, config.replace(loss_vocabulary=32), order=_order(plan), halves_orders=tuple(orders))
     assert sum(w.block_tokens for w in phases.values()) == counter.block_tokens
@@ -235,12 +235,13 @@ def test_the_plan_predicts_the_default_and_says_what_it_assumes():
 
 
 def test_the_plan_prices_a_narrowed_head_at_its_share_of_the_columns():
-    """loss_vocabulary unset on a 49k vocabulary: as analyze settles it, 32 likeliest tokens; the
+    """loss_vocabulary None on a 49k vocabulary: as analyze settles it, 32 likeliest tokens; the
     loss check's head positions are narrowed (the likeliest-token pass excepted) and cost the
     stated share of a whole one; set to 0, the whole head."""
     from sglp_llm.time_plan import narrowed_share
 
-    shape, config = ModelShape.of(tiny_config("llama", num_layers=30, vocab_size=49152)), SGLPConfig(drop=6, dataset=STDLIB_DOCS)
+    shape = ModelShape.of(tiny_config("llama", num_layers=30, vocab_size=49152))
+    config = SGLPConfig(drop=6, dataset=STDLIB_DOCS, loss_vocabulary=None)
     rate = Throughput(1e-6, 2e-6, "given")
     narrowed, whole = plan_time(shape, config, rate), plan_time(shape, config.replace(loss_vocabulary=0), rate)
     share = narrowed_share(config.replace(loss_vocabulary=32), 49152)
