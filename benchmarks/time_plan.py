@@ -53,9 +53,7 @@ def measure(name: str) -> dict:
         wall = time.perf_counter() - started
         steps = plan.extra["loss_check"]["steps"]
         per_step = [step["measured"] for step in steps[1:]]
-        # the run's settled loss_vocabulary (unset: 32 on both models) and the plan's share of the head's columns
-        counted = _counted(num_blocks, config.replace(loss_vocabulary=plan.config["loss_vocabulary"]), throughput, steps,
-                           predicted.narrowed_share)
+        counted = _counted(num_blocks, config, throughput, steps, predicted.narrowed_share)
         measured = wall - plan.timings.get("preflight_s", 0.0) - plan.timings.get("calibration_data_s", 0.0)
         run = {"drop": len(plan.dropped), "dropped": plan.dropped, "order": [s["block"] for s in steps],
                "predicted_s": predicted.total_s(), "predicted_phases_s": predicted.seconds(), "counted_s": counted,

@@ -409,8 +409,8 @@ class ModelShape:
     block_params: int  # the largest decoder block's
     hidden_size: int
     head_params: int
-    vocab_size: int = 0  # the head's outputs
-    linear_head: bool = True  # a plain linear layer (one a vocabulary subset can narrow)
+    vocab_size: int  # the head's outputs
+    linear_head: bool  # a plain linear layer (one a vocabulary subset can narrow)
 
     @classmethod
     def of(cls, model_config: Any, layers_path: str | None = None) -> "ModelShape":

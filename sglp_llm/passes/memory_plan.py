@@ -183,8 +183,9 @@ def plan_memory(
         plan.add("loss check", run, "hidden states in flight (one block position)", 2 * loss_state)
         plan.add("loss check", run, "activations of one block", activations(batch * seq, batch))
         plan.add("loss check", run, "one chunk of the head's logits", head(batch, seq))
-        vocabulary = config.resolve_loss_vocabulary(isinstance(model.get_output_embeddings(), torch.nn.Linear), vocab)
-        if config.method == "sglp" and vocabulary:  # each loss batch's and each screen's narrowed head, kept while the search runs
+        linear_head = isinstance(model.get_output_embeddings(), torch.nn.Linear)
+        vocabulary = config.resolve_loss_vocabulary(linear_head, vocab) if config.method == "sglp" else 0
+        if vocabulary:  # each loss batch's and each screen's narrowed head, kept while the search runs
             narrowed = subset_columns(vocabulary, batch * (seq - 1), vocab) * hidden * size
             plan.add("loss check", run, "the head narrowed to each loss batch's vocabulary subset",
                      (math.ceil(loss_tokens / (batch * seq)) + 2) * narrowed)
