@@ -193,6 +193,9 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                              "sequences; default) or taylor (the loss plus the Taylor gate score)")
     method.add_argument("--loss-screen-samples", type=int,
                         help="rank the loss check's first candidates on this many sequences first (0: off; default 1)")
+    method.add_argument("--loss-screen-errors", type=float,
+                        help="lower each screened estimate by this many of its expected errors before it may leave "
+                             "a candidate unmeasured (0: the estimate as it is; default 1)")
     method.add_argument("--max-candidates", type=int, help="cap on keep-sets scored per segment (subset search)")
     method.add_argument("--sleb-batches", type=int,
                         help="calibration batches each SLEB candidate is scored on (default: all)")

@@ -165,7 +165,7 @@ class SGLPConfig(SettingsFile):
         "recovery": ("compensation", "compensation_ridge", "compensation_aware", "recover", "recover_steps",
                      "recover_learning_rate"),
         "verification": ("verify", "stability_check"),
-        "research": ("loss_lazy", "loss_bound", "loss_screen", "loss_screen_samples", "segment_feature",
+        "research": ("loss_lazy", "loss_bound", "loss_screen", "loss_screen_samples", "loss_screen_errors", "segment_feature",
                      "auto_k", "auto_k_threshold", "max_segments", "min_segment_size", "compensation_fit",
                      "cka_minibatch_tokens", "cka_dtype", "cka_skip_sinks", "max_candidates", "subset_batches",
                      "sleb_batches"),
@@ -290,6 +290,13 @@ class SGLPConfig(SettingsFile):
     # rank the first step's candidates on this many calibration sequences; only the promising
     # ones are measured on the loss batches (0: every candidate is; measured default: 1)
     loss_screen_samples: int = 1
+    # a screened estimate stands as a candidate's bound only lowered by this many of its expected
+    # errors: the spread over the loss sequences of the best fresh candidate's increase, scaled to
+    # the screen's share of them (`screen_allowance`). A one-sequence screen's error is a few of
+    # the loss check's standard errors, more than the gaps between the best candidates, so without
+    # it (0) the first step could miss its best removal (SmolLM2, calibration seed 2: block 17's
+    # screen put it 0.05 nats above block 5, on all loss tokens it is 0.02 below)
+    loss_screen_errors: float = 1.0
     # what the first step's estimates come from: "sequences" (the loss on loss_screen_samples
     # sequences, above) or "taylor" (the loss plus each block's Taylor gate score, from the
     # statistics pass's backward: no extra forward)
@@ -592,6 +599,9 @@ class SGLPConfig(SettingsFile):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"`{name}` must be a non-negative integer, got {value!r}.")
+        if isinstance(self.loss_screen_errors, bool) or not isinstance(self.loss_screen_errors, (int, float)) or self.loss_screen_errors < 0:
+            raise ConfigError(f"`loss_screen_errors` must be a non-negative number (0: the screen's estimates are bounds "
+                              f"as they are), got {self.loss_screen_errors!r}.")
         for name in ("gradient_checkpointing", "loss_lazy", "verify", "cka_skip_sinks", "stability_check"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"`{name}` must be true or false, got {getattr(self, name)!r}.")

@@ -108,10 +108,12 @@ def _score_and_choice(config: dict[str, Any], settings: SGLPConfig, calibration_
             share = ("; each group giving as many as the loss decides, keeping at least one"
                      if config.get("allocation") in ("auto", "loss") else f"; drops per group by {config.get('allocation')}")
         samples = config.get("loss_screen_samples")
+        errors = config.get("loss_screen_errors", 0)  # a plan older than the allowance took the estimates as they were
         screen = {
             "taylor": "; the first step measures only the candidates the Taylor estimates make promising",
             "sequences": f"; the first step measures only the candidates that a screen on {samples} calibration "
-                         f"sequence{'s' if samples != 1 else ''} makes promising",
+                         f"sequence{'s' if samples != 1 else ''} makes promising"
+                         + (f" (its estimates lowered by {errors:g} expected error{'s' if errors != 1 else ''})" if errors else ""),
             None: "",
         }[settings.first_step_screen]
         tokens = config.get("loss_tokens")

@@ -261,7 +261,8 @@ def test_local_bound_keeps_the_neighbour_effects_that_the_marginal_bound_misses(
         ("stale", 0, [4, 5]), ("local", 0, [4, 5]), ("marginal", 0, [2, 5]), ("local", 4, [4, 5])
     ):
         measured = _synthetic_losses(monkeypatch, loss)
-        config = SGLPConfig(loss_bound=bound, loss_screen_samples=screen, **settings)
+        # the synthetic screen is exact (and has no per-sequence losses to size an allowance by)
+        config = SGLPConfig(loss_bound=bound, loss_screen_samples=screen, loss_screen_errors=0, **settings)
         plan = analyze(model, _batches(), config, progress=False)
         assert plan.dropped == dropped, bound
         per_step[bound, screen] = [s["measured"] for s in plan.extra["loss_check"]["steps"]]
@@ -312,6 +313,50 @@ def test_screened_first_step_estimates_each_removal_on_the_first_sequences():
     assert sorted(removed) == screened.dropped and len(removed) == 3
     first = screened.extra["loss_check"]["steps"][0]
     assert first["candidates"] == len(candidates) and first["measured"] < first["candidates"]
+
+
+def test_screen_allowance_is_the_spread_of_a_subsample_mean():
+    """The allowance at one error is the standard deviation of the mean of `screened` of the
+    sequences' increases, over every way of drawing them (brute force), from their standard error."""
+    import itertools
+    import statistics
+
+    from sglp_llm.selection.loss_check import screen_allowance
+
+    increases = [0.31, 0.05, 0.12, 0.4, 0.22, 0.08, 0.19]
+    n = len(increases)
+    error = statistics.stdev(increases) / n**0.5
+    for m in (1, 2, 3, 6):
+        means = [sum(c) / m for c in itertools.combinations(increases, m)]
+        assert screen_allowance(error, n, m, 1.0) == pytest.approx(statistics.pstdev(means), rel=1e-12)
+        assert screen_allowance(error, n, m, 2.5) == pytest.approx(2.5 * statistics.pstdev(means), rel=1e-12)
+    assert screen_allowance(error, n, n, 1.0) == 0.0
+
+
+def test_a_screen_that_puts_the_best_removal_a_little_too_high_does_not_hide_it(monkeypatch):
+    """A planted screen: every candidate's estimate is its true loss on the loss batches, the
+    best's raised past the second best's by less than the allowance. Taken as a bound (errors 0),
+    the estimate hides the best and the search removes the second best; lowered by the allowance
+    (the default), the best is measured and goes, as in the unscreened search."""
+    from sglp_llm.selection import loss_check
+
+    model = tiny_model("llama", num_layers=10)
+    batches = _batches()
+    settings = dict(drop=1, scoring="loss", loss_tokens=128, loss_ties="none", **CONFIG)
+    plain = analyze(model, batches, SGLPConfig(loss_screen_samples=0, **settings), progress=False)
+    true = {b: loss for b, loss in enumerate(plain.extra["loss_check"]["removal_losses"]) if loss is not None}
+    best, second = sorted(true, key=true.get)[:2]
+    raised = {**true, best: true[second] + 1e-4}
+    monkeypatch.setattr(loss_check, "_screen", lambda context, part, candidates, loss, store: dict(raised))
+
+    blind = analyze(model, batches, SGLPConfig(loss_screen_errors=0, **settings), progress=False)
+    assert blind.dropped == [second]
+    assert blind.extra["loss_check"]["steps"][0]["measured"] == 1
+    screened = analyze(model, batches, SGLPConfig(**settings), progress=False)
+    step = screened.extra["loss_check"]["steps"][0]
+    assert screened.dropped == plain.dropped == [best]
+    assert step["screen_allowance"] > true[second] + 1e-4 - true[best] > 0
+    assert step["loss"] == pytest.approx(true[best], rel=1e-6)
 
 
 def test_redundancy_allocation_matches_a_hand_worked_example(monkeypatch):

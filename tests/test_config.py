@@ -31,6 +31,8 @@ from sglp_llm.config import ConfigError, SGLPConfig
         ({"drop": 2, "groups": "yes"}, r"`groups` must be true, false or unset"),
         ({"drop": 2, "sleb_batches": 0}, "`sleb_batches` must be a positive integer or unset, got 0"),
         ({"drop": 2, "loss_screen_samples": -1}, "`loss_screen_samples` must be a non-negative integer, got -1"),
+        ({"drop": 2, "loss_screen_errors": -0.5}, "`loss_screen_errors` must be a non-negative number"),
+        ({"drop": 2, "loss_screen_errors": True}, "`loss_screen_errors` must be a non-negative number"),
         ({"drop": 2, "loss_positions": 0}, r"`loss_positions` is the share of each window's positions the loss check scores, in \(0, 1\]; got 0"),
         ({"drop": 2, "loss_positions": 1.5}, r"in \(0, 1\]; got 1.5"),
         ({"drop": 2, "loss_vocabulary": -1}, r"`loss_vocabulary` is how many of each position's likeliest tokens .* got -1"),

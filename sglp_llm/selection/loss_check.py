@@ -122,9 +122,14 @@ def loss_search(
 
     With `loss_ties` (`config.settles_ties`), candidates whose losses the loss sequences cannot
     tell apart from the best's are settled by block influence, bordering a removed block first
-    by default (`_settle_tie`)."""
+    by default (`_settle_tie`).
+
+    A screen's estimate is noisier than a measurement on every loss sequence: it stands as a bound
+    only lowered by `screen_allowance`, so a candidate the screen put a little too high is still
+    measured when it may be the best."""
     config, scores = context.config, context.scores
     removal = _removal(context, part, store)
+    n_sequences = sum(len(b["input_ids"]) for b in part.batches)
     judge = removal_loss(context.handle, held_back_batches(context), config, config.loss_objective) if config.loss_confirm > 1 else None
     left = dict(enumerate(budgets))
     steps: list[dict[str, Any]] = []
@@ -135,6 +140,7 @@ def loss_search(
     tightened = config.loss_bound != "stale"
     together = LAZY_MEASURED_TOGETHER if removal.reads_blocks else 1
     first: dict[int, float] = {}
+    screened: set[int] = set()  # blocks whose loss is the screen's estimate, not yet measured on the loss batches
     with tqdm(total=context.n_drop, desc=desc, disable=not context.progress) as bar:
         for _ in range(context.n_drop):
             candidates = [
@@ -144,10 +150,12 @@ def loss_search(
                 for block in _shortlist(segment, scores, context.protected | set(removal.removed), config.loss_candidates)
             ]
             fresh: set[int] = set()
+            allowances: dict[int, float] = {}  # the step's best so far -> `screen_allowance`
             ahead: dict[int, float] = {}  # measured in a shared pass, not yet reached by the search
 
             def record(block: int, loss: float) -> None:
                 measured[block] = loss
+                screened.discard(block)
                 if tightened:
                     increase[block] = loss - current
                     neighbours[block] = removal.kept_neighbours(block)
@@ -162,11 +170,21 @@ def loss_search(
                 fresh.add(block)
 
             def bound(block: int) -> float:
+                lowered = allowance() if block in screened else 0.0  # a screen's estimate, not a measurement
                 if block in fresh or block not in increase:
-                    return measured[block]
+                    return measured[block] - lowered
                 if config.loss_bound == "local" and removal.kept_neighbours(block) != neighbours[block]:
-                    return measured[block]
-                return max(measured[block], current + increase[block])
+                    return measured[block] - lowered
+                return max(measured[block], current + increase[block]) - lowered
+
+            def allowance() -> float:
+                if not (fresh and config.loss_screen_errors and removal.objective == "nll"):
+                    return 0.0
+                best = min(fresh, key=lambda b: (measured[b], b))
+                if best not in allowances:  # once per step's best: the error is reduced over processes
+                    allowances[best] = screen_allowance(removal.increase_error(best), n_sequences,
+                                                        config.loss_screen_samples, config.loss_screen_errors)
+                return allowances[best]
 
             def rank(block: int) -> tuple:
                 """Unmeasured candidates first (no bound yet), then by bound."""
@@ -180,6 +198,8 @@ def loss_search(
                 first = {b: current + scores[b] for b in candidates} if screen == "taylor" else _screen(context, part, candidates, current, store)
                 for block, estimate in first.items():
                     record(block, estimate)
+                if screen == "sequences":
+                    screened.update(first)
             if not config.loss_lazy:
                 for block, loss in removal.measure_many(candidates).items():
                     record(block, loss)
@@ -204,17 +224,28 @@ def loss_search(
                                         config.loss_ties)
             else:
                 best = finalists[0]
+            lowered = {"screen_allowance": allowance()} if screen == "sequences" else {}
             if not steps and not first:
                 first = dict(measured)
             removal.remove(best)
             current = measured[best]
             left[next(i for i, s in enumerate(segments) if best in s)] -= 1
-            steps.append({"block": best, "loss": measured[best], "candidates": len(candidates), "measured": len(fresh),
+            steps.append({"block": best, "loss": measured[best], "candidates": len(candidates), "measured": len(fresh), **lowered,
                           **({"held_back": {str(b): loss for b, loss in held_back.items()}} if held_back else {}), **tie})
             bar.update()
     # each block's loss when removed alone (screened: the estimate; None: not a first-step candidate)
     removal_losses = [first.get(i) for i in range(len(scores))]
     return sorted(removal.removed), {"steps": steps, "removal_losses": removal_losses}
+
+
+def screen_allowance(increase_error: float, n_sequences: int, screened: int, errors: float) -> float:
+    """How far below a screened estimate a candidate's loss on the loss sequences may lie, at
+    `errors` of its expected error: a mean over `screened` of the `n_sequences` sequences (drawn
+    without replacement) misses the mean over all by about their spread (`increase_error` times
+    the square root of `n_sequences`) times the square root of 1/screened - 1/n_sequences."""
+    if screened >= n_sequences:
+        return 0.0
+    return errors * increase_error * (n_sequences / screened - 1) ** 0.5
 
 
 def _settle_tie(
