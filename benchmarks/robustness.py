@@ -133,6 +133,14 @@ METHODS = {
     # until 2026-12-07 evening; `default-vocabulary` with the default's screen allowance)
     "default-vocabulary": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence", "loss_vocabulary": 32,
                            "loss_screen_errors": 1.0},
+    # the default with each step's candidates ranked by their loss plus one standard error of their
+    # increase over the loss sequences (loss_risk: 1): a removal whose damage varies between
+    # sequences is the riskier one on other text (with the screen's allowance and the narrowed head,
+    # or the whole head)
+    "default-vocabulary-risk": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence", "loss_vocabulary": 32,
+                                "loss_screen_errors": 1.0, "loss_risk": 1.0},
+    "default-risk": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence", "loss_screen_errors": 1.0,
+                     "loss_risk": 1.0},
     "default-vocabulary-blind-screen": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence", "loss_vocabulary": 32},
     # the model's own samples scored by the KL to the dense model's next-token distribution: the
     # model's function on its own typical text, not one source's next tokens

@@ -193,6 +193,9 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                              "sequences; default) or taylor (the loss plus the Taylor gate score)")
     method.add_argument("--loss-screen-samples", type=int,
                         help="rank the loss check's first candidates on this many sequences first (0: off; default 1)")
+    method.add_argument("--loss-risk", type=float,
+                        help="rank the loss check's candidates by their loss plus this many standard errors of their "
+                             "increase over the loss sequences (default 0: the loss alone)")
     method.add_argument("--loss-screen-errors", type=float,
                         help="lower each screened estimate by this many of its expected errors before it may leave "
                              "a candidate unmeasured (0: the estimate as it is; default 1)")

@@ -165,7 +165,7 @@ class SGLPConfig(SettingsFile):
         "recovery": ("compensation", "compensation_ridge", "compensation_aware", "recover", "recover_steps",
                      "recover_learning_rate"),
         "verification": ("verify", "stability_check"),
-        "research": ("loss_lazy", "loss_bound", "loss_screen", "loss_screen_samples", "loss_screen_errors", "segment_feature",
+        "research": ("loss_lazy", "loss_bound", "loss_screen", "loss_screen_samples", "loss_screen_errors", "loss_risk", "segment_feature",
                      "auto_k", "auto_k_threshold", "max_segments", "min_segment_size", "compensation_fit",
                      "cka_minibatch_tokens", "cka_dtype", "cka_skip_sinks", "max_candidates", "subset_batches",
                      "sleb_batches"),
@@ -297,6 +297,11 @@ class SGLPConfig(SettingsFile):
     # it (0) the first step could miss its best removal (SmolLM2, calibration seed 2: block 17's
     # screen put it 0.05 nats above block 5, on all loss tokens it is 0.02 below)
     loss_screen_errors: float = 1.0
+    # rank a step's measured candidates by their loss plus this many standard errors of their
+    # increase (`RemovalLoss.increase_error`) instead of the loss alone: a removal whose damage
+    # varies between the calibration sequences is the riskier one on other text. 0: the loss
+    # alone. Needs the greedy NLL check with near-ties settled (`settles_ties`)
+    loss_risk: float = 0.0
     # what the first step's estimates come from: "sequences" (the loss on loss_screen_samples
     # sequences, above) or "taylor" (the loss plus each block's Taylor gate score, from the
     # statistics pass's backward: no extra forward)
@@ -599,6 +604,11 @@ class SGLPConfig(SettingsFile):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"`{name}` must be a non-negative integer, got {value!r}.")
+        if isinstance(self.loss_risk, bool) or not isinstance(self.loss_risk, (int, float)) or self.loss_risk < 0:
+            raise ConfigError(f"`loss_risk` must be a non-negative number of standard errors, got {self.loss_risk!r}.")
+        if self.loss_risk and not self.settles_ties:
+            raise ConfigError("`loss_risk` ranks the greedy NLL loss check's candidates where it settles near-ties: it needs "
+                              "loss_ties other than none, loss_objective nll, and no loss_beam or loss_confirm.")
         if isinstance(self.loss_screen_errors, bool) or not isinstance(self.loss_screen_errors, (int, float)) or self.loss_screen_errors < 0:
             raise ConfigError(f"`loss_screen_errors` must be a non-negative number (0: the screen's estimates are bounds "
                               f"as they are), got {self.loss_screen_errors!r}.")

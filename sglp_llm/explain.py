@@ -146,6 +146,10 @@ def _score_and_choice(config: dict[str, Any], settings: SGLPConfig, calibration_
                     "one's increase are a tie, and of those the block with the lowest block influence on the original "
                     "network goes" + (", among those that border a removed block when any does"
                                       if rule == "run-then-block-influence" else "")) if settings.settles_ties else ""
+            risk = config.get("loss_risk", 0)  # a plan older than the option compared the losses alone
+            if risk and settings.settles_ties:
+                ties += (f"; each candidate's loss counted with {risk:g} standard error{'s' if risk != 1 else ''} of its "
+                         "increase added (a removal whose damage varies between sequences is riskier on other text)")
             lines.append(
                 f"choice: one removal at a time, the candidate whose removal leaves the lowest {loss_name(config)} "
                 f"({measured_on}), among {pool}{share}{screen}{held}{ties}"

@@ -312,10 +312,10 @@ def test_loss_check_flags_reach_the_config():
 
     args = build_parser().parse_args(["analyze", "--drop", "2", "--groups", "--allocation", "size", "--loss-candidates", "3",
                                       "--loss-tokens", "512", "--loss-bound", "local", "--loss-screen-samples", "4",
-                                      "--loss-screen-errors", "2.5", "--offload", "sequential", "--onload-device", "cpu"])
+                                      "--loss-screen-errors", "2.5", "--loss-risk", "1", "--offload", "sequential", "--onload-device", "cpu"])
     _, config = resolve_settings(args)
     assert (config.allocation, config.loss_candidates, config.loss_tokens, config.onload_device) == ("size", 3, 512, "cpu")
-    assert (config.loss_bound, config.loss_screen_samples, config.loss_screen_errors) == ("local", 4, 2.5)
+    assert (config.loss_bound, config.loss_screen_samples, config.loss_screen_errors, config.loss_risk) == ("local", 4, 2.5, 1.0)
 
 
 def test_compensation_flags_reach_the_config():

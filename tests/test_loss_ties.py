@@ -106,6 +106,54 @@ def test_the_lazy_search_settles_the_ties_its_bounds_let_it_see(family, seed):
     assert ties and plan.dropped == sorted(removed)
 
 
+def _risk_settled_by_brute_force(model, search, removed, free, influence, risk):
+    """The step's choice when each candidate counts as its loss plus `risk` standard errors of its
+    per-sequence increase: the lowest such value, the blocks within one standard error (of that
+    block's increase) of it, the run rule among them."""
+    rows = _rows(search)
+    before = torch.tensor([calibration_nll(model, [r], removed) for r in rows])
+
+    def error(b):
+        increase = torch.tensor([calibration_nll(model, [r], removed + [b]) for r in rows]) - before
+        return (increase.std() / len(rows) ** 0.5).item()
+
+    errors = {b: error(b) for b in free}
+    value = {b: calibration_nll(model, search, removed + [b]) + risk * errors[b] for b in free}
+    best = min(free, key=lambda b: (value[b], b))
+    tied = sorted(b for b in free if value[b] <= value[best] + errors[best])
+    bordering = [b for b in tied if b - 1 in removed or b + 1 in removed]
+    return value, min(bordering or tied, key=lambda b: (influence[b], b))
+
+
+@pytest.mark.parametrize("family,seed", [("llama", 0), ("qwen2", 1)])
+def test_the_risk_adjusted_choice_is_the_brute_force_one(family, seed):
+    """loss_risk 1: every candidate measured, each step takes what a brute force of whole-network
+    passes, one sequence at a time, takes; and somewhere that is not the loss alone's choice."""
+    model = tiny_model(family, num_layers=8, seed=seed)
+    config = CONFIG.replace(loss_lazy=False, loss_screen_samples=0, loss_ties="run-then-block-influence")
+    plan = analyze(model, BATCHES, config.replace(loss_risk=1.0), progress=False)
+    search = first_tokens(BATCHES, 48)
+    influence = _block_influence(model, BATCHES)
+    removed: list[int] = []
+    for step in plan.extra["loss_check"]["steps"]:
+        value, chosen = _risk_settled_by_brute_force(model, search, removed, [b for b in range(1, 7) if b not in removed],
+                                                     influence, 1.0)
+        assert step["block"] == chosen
+        for block, adjusted in step["risk_adjusted"].items():
+            assert adjusted == pytest.approx(value[int(block)], rel=1e-5)
+        removed.append(chosen)
+    assert plan.dropped == sorted(removed)
+    assert plan.dropped != analyze(model, BATCHES, config, progress=False).dropped
+
+
+def test_risk_needs_the_greedy_nll_check_with_ties():
+    for settings in ({"loss_ties": "none"}, {"loss_objective": "kl"}, {"loss_confirm": 3}):
+        with pytest.raises(ConfigError, match="`loss_risk` ranks the greedy NLL loss check"):
+            CONFIG.replace(loss_risk=1.0, **settings)
+    with pytest.raises(ConfigError, match="`loss_risk` must be a non-negative number"):
+        CONFIG.replace(loss_risk=-1)
+
+
 def test_without_ties_the_lowest_loss_goes():
     model = tiny_model("llama", num_layers=8)
     plan = analyze(model, BATCHES, CONFIG.replace(loss_ties="none", loss_lazy=False, loss_screen_samples=0), progress=False)

@@ -39,6 +39,7 @@ def test_every_method_and_scoring_mode_is_a_registered_selection_with_real_setti
      ["gradient score: none (no backward runs)", "among every block of its group",
       "screen on 1 calibration sequence makes promising (its estimates lowered by 1 expected error)"]),
     ({"loss_screen_errors": 0, "loss_screen_samples": 2}, ["screen on 2 calibration sequences makes promising;"]),
+    ({"loss_risk": 1.5}, ["counted with 1.5 standard errors of its increase added"]),
     # the default: no groups, so the CKA only feeds the report
     ({}, ["for the report and heatmap only", "groups: none", "no backward runs", "among every unprotected block",
           "(2048 tokens), among"]),

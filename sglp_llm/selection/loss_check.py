@@ -221,7 +221,7 @@ def loss_search(
                 judge.remove(best)
             elif config.settles_ties:
                 best, tie = _settle_tie(candidates, fresh, measured, bound, measure, removal, context.observed,
-                                        config.loss_ties)
+                                        config.loss_ties, config.loss_risk)
             else:
                 best = finalists[0]
             lowered = {"screen_allowance": allowance()} if screen == "sequences" else {}
@@ -251,7 +251,7 @@ def screen_allowance(increase_error: float, n_sequences: int, screened: int, err
 def _settle_tie(
     candidates: list[int], fresh: set[int], measured: dict[int, float],
     bound: Callable[[int], float], measure: Callable[[int], None], removal: RemovalLoss, influence: list[float],
-    rule: str,
+    rule: str, risk: float = 0.0,
 ) -> tuple[int, dict[str, Any]]:
     """The greedy step's removal when the loss cannot tell its best candidates apart: every
     candidate that may lie within one standard error of the lowest loss's increase
@@ -259,20 +259,33 @@ def _settle_tie(
     that do, the block with the lowest block influence (`influence`, measured on the original
     network) goes; with `rule` "run-then-block-influence", the lowest of those that border a
     removed block, when any does (a run of removed blocks, as SGLP's groups and angular distance
-    remove them). Returns it and the step's record of the tie (empty when there was none)."""
+    remove them). Returns it and the step's record of the tie (empty when there was none).
+
+    With `risk` > 0 the losses compared are each candidate's plus `risk` standard errors of its
+    increase (`loss_risk`): every candidate whose bound lies below the best such value is measured."""
+    errors: dict[int, float] = {}
+
+    def value(block: int) -> float:
+        if not risk:
+            return measured[block]
+        if block not in errors:
+            errors[block] = removal.increase_error(block)
+        return measured[block] + risk * errors[block]
+
     while True:
-        best = min(fresh, key=lambda b: (measured[b], b))
+        best = min(fresh, key=lambda b: (value(b), b))
         margin = TIE_STANDARD_ERRORS * removal.increase_error(best)
-        unsure = [b for b in candidates if b not in fresh and bound(b) <= measured[best] + margin]
+        unsure = [b for b in candidates if b not in fresh and bound(b) <= value(best) + margin]
         if not unsure:
             break
         measure(min(unsure, key=lambda b: (bound(b), b)))
-    tied = sorted(b for b in fresh if measured[b] <= measured[best] + margin)
+    tied = sorted(b for b in fresh if value(b) <= value(best) + margin)
+    risked = {"risk_adjusted": {str(b): value(b) for b in sorted(fresh, key=lambda b: (value(b), b))[:3]}} if risk else {}
     if len(tied) < 2:
-        return best, {}
+        return best, risked
     removed = set(removal.removed)
     chosen = tie_choice(tied, removed, influence, rule)
-    return chosen, {"tied": tied, "tie_margin": margin, "lowest_loss": best,
+    return chosen, {**risked, "tied": tied, "tie_margin": margin, "lowest_loss": best,
                     "block_influence": {str(b): influence[b] for b in tied}, "borders_removed": _borders(chosen, removed)}
 
 
