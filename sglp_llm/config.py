@@ -293,10 +293,13 @@ class SGLPConfig(SettingsFile):
     # a screened estimate stands as a candidate's bound only lowered by this many of its expected
     # errors: the spread over the loss sequences of the best fresh candidate's increase, scaled to
     # the screen's share of them (`screen_allowance`). A one-sequence screen's error is a few of
-    # the loss check's standard errors, more than the gaps between the best candidates, so without
-    # it (0) the first step could miss its best removal (SmolLM2, calibration seed 2: block 17's
-    # screen put it 0.05 nats above block 5, on all loss tokens it is 0.02 below)
-    loss_screen_errors: float = 1.0
+    # the loss check's standard errors, more than the gaps between the best candidates, so at 0
+    # the first step can miss its best removal (SmolLM2, calibration seed 2: block 17's screen put
+    # it 0.05 nats above block 5, on all loss tokens it is 0.02 below). Not the default: the search
+    # then finds its criterion's best more often, and that was worse on held-out text (SmolLM2
+    # seeds 1 and 2: 1.17 against 1.09 over eight settings; benchmarks/results/robustness.md,
+    # `default-screen-allowance`); with it the narrowed head (loss_vocabulary) chose as the whole head
+    loss_screen_errors: float = 0.0
     # rank a step's measured candidates by their loss plus this many standard errors of their
     # increase (`RemovalLoss.increase_error`) instead of the loss alone: a removal whose damage
     # varies between the calibration sequences is the riskier one on other text. 0: the loss

@@ -261,8 +261,7 @@ def test_local_bound_keeps_the_neighbour_effects_that_the_marginal_bound_misses(
         ("stale", 0, [4, 5]), ("local", 0, [4, 5]), ("marginal", 0, [2, 5]), ("local", 4, [4, 5])
     ):
         measured = _synthetic_losses(monkeypatch, loss)
-        # the synthetic screen is exact (and has no per-sequence losses to size an allowance by)
-        config = SGLPConfig(loss_bound=bound, loss_screen_samples=screen, loss_screen_errors=0, **settings)
+        config = SGLPConfig(loss_bound=bound, loss_screen_samples=screen, **settings)
         plan = analyze(model, _batches(), config, progress=False)
         assert plan.dropped == dropped, bound
         per_step[bound, screen] = [s["measured"] for s in plan.extra["loss_check"]["steps"]]
@@ -337,7 +336,7 @@ def test_a_screen_that_puts_the_best_removal_a_little_too_high_does_not_hide_it(
     """A planted screen: every candidate's estimate is its true loss on the loss batches, the
     best's raised past the second best's by less than the allowance. Taken as a bound (errors 0),
     the estimate hides the best and the search removes the second best; lowered by the allowance
-    (the default), the best is measured and goes, as in the unscreened search."""
+    (loss_screen_errors 1), the best is measured and goes, as in the unscreened search."""
     from sglp_llm.selection import loss_check
 
     model = tiny_model("llama", num_layers=10)
@@ -349,10 +348,10 @@ def test_a_screen_that_puts_the_best_removal_a_little_too_high_does_not_hide_it(
     raised = {**true, best: true[second] + 1e-4}
     monkeypatch.setattr(loss_check, "_screen", lambda context, part, candidates, loss, store: dict(raised))
 
-    blind = analyze(model, batches, SGLPConfig(loss_screen_errors=0, **settings), progress=False)
+    blind = analyze(model, batches, SGLPConfig(**settings), progress=False)  # the default: 0
     assert blind.dropped == [second]
     assert blind.extra["loss_check"]["steps"][0]["measured"] == 1
-    screened = analyze(model, batches, SGLPConfig(**settings), progress=False)
+    screened = analyze(model, batches, SGLPConfig(loss_screen_errors=1, **settings), progress=False)
     step = screened.extra["loss_check"]["steps"][0]
     assert screened.dropped == plain.dropped == [best]
     assert step["screen_allowance"] > true[second] + 1e-4 - true[best] > 0

@@ -36,9 +36,9 @@ def test_every_method_and_scoring_mode_is_a_registered_selection_with_real_setti
     ({"scoring": "loss", "loss_candidates": 2, "gradient_score": "taylor", "groups": True}, ["similarity", "groups: Fisher", "gradient score, from one backward: the Taylor",
                                                  "choice: one removal at a time", "the 2 lowest-scored blocks of each group"]),
     ({"scoring": "loss", "loss_candidates": "all", "groups": True},
-     ["gradient score: none (no backward runs)", "among every block of its group",
-      "screen on 1 calibration sequence makes promising (its estimates lowered by 1 expected error)"]),
-    ({"loss_screen_errors": 0, "loss_screen_samples": 2}, ["screen on 2 calibration sequences makes promising;"]),
+     ["gradient score: none (no backward runs)", "among every block of its group", "screen on 1 calibration sequence makes promising;"]),
+    ({"loss_screen_errors": 1, "loss_screen_samples": 2},
+     ["screen on 2 calibration sequences makes promising (its estimates lowered by 1 expected error)"]),
     ({"loss_risk": 1.5}, ["counted with 1.5 standard errors of its increase added"]),
     # the default: no groups, so the CKA only feeds the report
     ({}, ["for the report and heatmap only", "groups: none", "no backward runs", "among every unprotected block",

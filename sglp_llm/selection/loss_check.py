@@ -224,7 +224,7 @@ def loss_search(
                                         config.loss_ties, config.loss_risk)
             else:
                 best = finalists[0]
-            lowered = {"screen_allowance": allowance()} if screen == "sequences" else {}
+            lowered = {"screen_allowance": allowance()} if screen == "sequences" and config.loss_screen_errors else {}
             if not steps and not first:
                 first = dict(measured)
             removal.remove(best)
