@@ -65,11 +65,10 @@ METHODS = {
     # its windows drawn by sglp's NucleusDraw (passes/sampling.py) from the beginning-of-text token
     # (the analysis samples them, and its time includes the sampling), the loss check's near-ties
     # settled by the run rule. (Measured as `default-run-ties` before it became the default.)
-    # Since 2026-12-07 (evening) with the first step's screened estimates lowered by one expected
-    # error (loss_screen_errors: 1) before they stand as bounds: the default before that is
-    # `default-blind-screen`.
-    "default": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence", "loss_screen_errors": 1.0},
-    "default-blind-screen": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence"},
+    "default": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence"},
+    # the default with the first step's screened estimates lowered by one expected error before they
+    # stand as bounds (loss_screen_errors: 1): the search then finds its criterion's best more often
+    "default-screen-allowance": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence", "loss_screen_errors": 1.0},
     # the default of 2026-12-06: the same without the tie rule (measured as `self-generated-2`
     # and then `default`, by the same code path)
     "default-untied": {"dataset": SELF_GENERATED, "loss_ties": "none"},
@@ -129,19 +128,16 @@ METHODS = {
     # the default with the head scoring, per sequence, its 32 likeliest tokens per position under the
     # original model, its next tokens and a weighted sample of 1024 others (an estimate of the NLL
     # from about a tenth of SmolLM2's vocabulary, a fiftieth of Gemma-3's; issues 23, 26: the time)
-    # (`default-vocabulary-blind-screen`: the same with the screen's estimates as bounds, as measured
-    # until 2026-12-07 evening; `default-vocabulary` with the default's screen allowance)
-    "default-vocabulary": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence", "loss_vocabulary": 32,
-                           "loss_screen_errors": 1.0},
+    "default-vocabulary": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence", "loss_vocabulary": 32},
+    # the same with the screen's allowance: the narrowed head then chose as the whole head with it
+    # at drops 3 and 6 in all eight SmolLM2 settings (drop 9: six of eight)
+    "default-vocabulary-screen-allowance": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence",
+                                            "loss_vocabulary": 32, "loss_screen_errors": 1.0},
     # the default with each step's candidates ranked by their loss plus one standard error of their
     # increase over the loss sequences (loss_risk: 1): a removal whose damage varies between
-    # sequences is the riskier one on other text (with the screen's allowance and the narrowed head,
-    # or the whole head)
+    # sequences is the riskier one on other text (with the screen's allowance and the narrowed head)
     "default-vocabulary-risk": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence", "loss_vocabulary": 32,
                                 "loss_screen_errors": 1.0, "loss_risk": 1.0},
-    "default-risk": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence", "loss_screen_errors": 1.0,
-                     "loss_risk": 1.0},
-    "default-vocabulary-blind-screen": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence", "loss_vocabulary": 32},
     # the model's own samples scored by the KL to the dense model's next-token distribution: the
     # model's function on its own typical text, not one source's next tokens
     "self-generated-kl": {"dataset": SELF_GENERATED, "loss_objective": "kl"},
@@ -155,7 +151,7 @@ METHODS = {
     "sleb": SLEB,
 }
 # every loss-check method measured before near-ties were settled (2026-12-07) keeps the rule it ran with
-# and every one measured before the screen's allowance (2026-12-07 evening) takes the screen's estimates as bounds
+# and takes the screen's estimates as bounds (loss_screen_errors: 0, the default) unless it says otherwise
 for _settings in METHODS.values():
     if "method" not in _settings:
         _settings.setdefault("loss_ties", "none")
@@ -302,10 +298,9 @@ def markdown(result: dict) -> str:
         f"## {result['model']}", "",
         f"- blocks: {result['num_blocks']}; calibration: {result['n_samples']} windows of the standard-library "
         f"docstrings unless a method's settings name another text (`default`: the model's own samples, the tool's default "
-        f"calibration since 2026-12-06, with the loss check's near-ties settled by the run rule since 2026-12-07 and "
-        f"the first step's screened estimates lowered by one expected error since that evening (`default-blind-screen`: "
-        f"before it); `default-vocabulary`: the same with `--loss-vocabulary 32` (`-blind-screen`: before the allowance, "
-        f"briefly the default on 2026-12-07); "
+        f"calibration since 2026-12-06, with the loss check's near-ties settled by the run rule since 2026-12-07; "
+        f"`default-vocabulary`: the same with `--loss-vocabulary 32`, briefly the default on 2026-12-07; "
+        f"`-screen-allowance`: with the screen's estimates lowered by one expected error; "
         f"`default-untied`: without the tie rule) at {', '.join(map(str, SEQ_LENS))} tokens, seeds {', '.join(map(str, SEEDS))} (more where the tables show them; a method with a "
         f"`{BUDGET}` draws as many windows as those loss tokens take); "
         f"{result['threads']} torch thread(s)",
