@@ -198,7 +198,7 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                              "increase over the loss sequences (default 0: the loss alone)")
     method.add_argument("--loss-screen-errors", type=float,
                         help="lower each screened estimate by this many of its expected errors before it may leave "
-                             "a candidate unmeasured (0: the estimate as it is; default 1)")
+                             "a candidate unmeasured (default 0: the estimate as it is)")
     method.add_argument("--max-candidates", type=int, help="cap on keep-sets scored per segment (subset search)")
     method.add_argument("--sleb-batches", type=int,
                         help="calibration batches each SLEB candidate is scored on (default: all)")
