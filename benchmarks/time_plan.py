@@ -1,6 +1,7 @@
 """The time plan (`sglp-llm analyze --plan-time`) against measured analyses of the real models, at
 about 10 % and 30 % of their blocks, with the tool's defaults (32 windows of 256 docstring tokens,
-the stability check on), the loss check's head narrowed to 32 likeliest tokens (`--loss-vocabulary 32`). In one process: the throughput is measured on a one-block copy with
+the stability check on), the loss check's head narrowed to 32 likeliest tokens (`--loss-vocabulary 32`) or, with
+`--loss-vocabulary 0`, whole (the default). In one process: the throughput is measured on a one-block copy with
 random weights, then each analysis runs, and three figures are compared:
 
 - predicted: the plan as a user sees it before the run (assumed removal order and lazy
@@ -13,19 +14,21 @@ random weights, then each analysis runs, and three figures are compared:
 The lazy search's measurements per step (after the first) are recorded: they set
 `sglp_llm.time_plan.MEASURED_PER_STEP`.
 
-    python benchmarks/time_plan.py --threads 1
+    python benchmarks/time_plan.py --threads 1 [--loss-vocabulary 0]
 
-Results: benchmarks/results/time-plan-<model>.json and time-plan.md.
+Results: benchmarks/results/time-plan-<model>.json (time-plan-wholehead-<model>.json with the whole
+head, the tool's default) and time-plan.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
 import torch
 
-from quality import RATIOS, RESULTS, measure_models
+from quality import MODELS, RATIOS, RESULTS
 from sglp_llm.api import analyze
 from sglp_llm.config import SGLPConfig
 from sglp_llm.data import STDLIB_DOCS, prepare_calibration
@@ -34,12 +37,13 @@ from sglp_llm.model.loading import load_model
 from sglp_llm.time_plan import ModelShape, Throughput, count_analysis, measure_throughput, plan_time
 
 
-def measure(name: str) -> dict:
+def measure(name: str, vocabulary: int = 32) -> dict:
     loaded = load_model(name, dtype="float32")
     model = loaded.model
     num_blocks = len(find_decoder_blocks(model).layers)
-    # the head narrowed to 32 likeliest tokens, as time-plan.md was measured (whole-head runs: time-plan-wholehead-*.json)
-    base = SGLPConfig(drop=1, dataset=STDLIB_DOCS, loss_vocabulary=32)
+    # the head narrowed to `vocabulary` likeliest tokens (time-plan-<model>.json) or whole (0: the tool's
+    # default, time-plan-wholehead-<model>.json)
+    base = SGLPConfig(drop=1, dataset=STDLIB_DOCS, loss_vocabulary=vocabulary)
     calibration = prepare_calibration(None, loaded.tokenizer, base)
     started = time.perf_counter()
     throughput = measure_throughput(model.config, dtype=torch.float32, device="cpu", seq_len=base.seq_len)
@@ -62,7 +66,7 @@ def measure(name: str) -> dict:
                "narrowed_share": predicted.narrowed_share}
         result["runs"].append(run)
         print(name, {k: v for k, v in run.items() if k not in ("timings", "predicted_phases_s")}, flush=True)
-    (RESULTS / f"time-plan-{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"time-plan-{'' if vocabulary else 'wholehead-'}{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
@@ -76,11 +80,12 @@ def _counted(num_blocks: int, config: SGLPConfig, throughput: Throughput, steps:
 
 def markdown(result: dict) -> str:
     rate = result["throughput"]
-    lines = [f"## {result['model']}", "",
-             "- the default with `--loss-vocabulary 32` (the loss check's head narrowed to each sequence's 32 likeliest tokens); the stability "
-             "check's halves assumed to read back the choice's first step and measure the rest on their own "
-             "(the whole-head runs before: time-plan-wholehead-<model>.json, 1.13–1.53 predicted / measured, the "
-             "halves assumed to take the choice's path)",
+    vocabulary = result["runs"][0].get("loss_vocabulary", 0)
+    head = (f"the default with `--loss-vocabulary {vocabulary}` (the loss check's head narrowed to each sequence's "
+            f"{vocabulary} likeliest tokens)" if vocabulary else "the default (the loss check's head over the whole vocabulary)")
+    lines = [f"## {result['model']}: {head}", "",
+             f"- {head}; the stability check's halves assumed to read back the choice's first step and measure the "
+             "rest on their own",
              f"- {result['num_blocks']} blocks; {result['threads']} torch thread(s); throughput {rate['source']}, measured in "
              f"{rate['seconds']:.1f} s: {rate['block_token_s'] * 1e6:.2f} µs per block-token, {rate['head_token_s'] * 1e6:.2f} µs "
              "per head position" + (f", {rate['likeliest_token_s'] * 1e6:.2f} µs per position picking the likeliest tokens"
@@ -96,8 +101,18 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    measure_models(__doc__, measure, "time-plan", "The time plan against measured analyses (benchmarks/time_plan.py, issue 26)",
-                   markdown)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--loss-vocabulary", type=int, default=32, help="0: the whole head (the tool's default)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for name in args.models.split(","):
+        measure(name, args.loss_vocabulary)
+    parts = ["# The time plan against measured analyses (benchmarks/time_plan.py, issue 26)", ""]
+    for kind in ("time-plan-wholehead", "time-plan"):
+        parts += [markdown(json.loads(path.read_text())) for name in MODELS if (path := RESULTS / f"{kind}-{name}.json").is_file()]
+    (RESULTS / "time-plan.md").write_text("\n".join(parts))
 
 
 if __name__ == "__main__":
