@@ -298,7 +298,8 @@ class SGLPConfig(SettingsFile):
     # it 0.05 nats above block 5, on all loss tokens it is 0.02 below). Not the default: the search
     # then finds its criterion's best more often, and that was worse on held-out text (SmolLM2
     # seeds 1 and 2: 1.17 against 1.09 over eight settings; benchmarks/results/robustness.md,
-    # `default-screen-allowance`); with it the narrowed head (loss_vocabulary) chose as the whole head
+    # `default-screen-allowance`); with it the narrowed head (loss_vocabulary) chose as the whole
+    # head with it, at drops 3 and 6 in every SmolLM2 setting
     loss_screen_errors: float = 0.0
     # rank a step's measured candidates by their loss plus this many standard errors of their
     # increase (`RemovalLoss.increase_error`) instead of the loss alone: a removal whose damage

@@ -124,9 +124,10 @@ def loss_search(
     tell apart from the best's are settled by block influence, bordering a removed block first
     by default (`_settle_tie`).
 
-    A screen's estimate is noisier than a measurement on every loss sequence: it stands as a bound
-    only lowered by `screen_allowance`, so a candidate the screen put a little too high is still
-    measured when it may be the best."""
+    A screen's estimate is noisier than a measurement on every loss sequence: with
+    `loss_screen_errors` it stands as a bound only lowered by `screen_allowance`, so a candidate
+    the screen put a little too high is still measured when it may be the best (not the default:
+    the criterion's best was worse held out, benchmarks/results/robustness.md)."""
     config, scores = context.config, context.scores
     removal = _removal(context, part, store)
     n_sequences = sum(len(b["input_ids"]) for b in part.batches)
