@@ -108,13 +108,15 @@ def held_out_evaluator(model, tokenizer, texts: dict[str, tuple[list[str], str]]
     return held_out
 
 
-def gather_results(kind: str, title: str, markdown: Callable[[dict], str]) -> Path:
-    """benchmarks/results/<kind>.md: `title`, then `markdown` of each model's <kind>-<model>.json."""
+def gather_results(kind: str, title: str, markdown: Callable[[dict], str], variants: tuple[str, ...] = ("",)) -> Path:
+    """benchmarks/results/<kind>.md: `title`, then `markdown` of each model's <kind>-<variant><model>.json,
+    variant by variant."""
     parts = [f"# {title}", ""]
-    for name in MODELS:
-        path = RESULTS / f"{kind}-{name}.json"
-        if path.is_file():
-            parts.append(markdown(json.loads(path.read_text())))
+    for variant in variants:
+        for name in MODELS:
+            path = RESULTS / f"{kind}-{variant}{name}.json"
+            if path.is_file():
+                parts.append(markdown(json.loads(path.read_text())))
     target = RESULTS / f"{kind}.md"
     target.write_text("\n".join(parts))
     print(f"wrote {target}")

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from quality import MODELS, RATIOS, RESULTS
+from quality import MODELS, RATIOS, RESULTS, gather_results
 from sglp_llm.api import analyze
 from sglp_llm.config import SGLPConfig
 from sglp_llm.data import STDLIB_DOCS, prepare_calibration
@@ -109,10 +109,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for name in args.models.split(","):
         measure(name, args.loss_vocabulary)
-    parts = ["# The time plan against measured analyses (benchmarks/time_plan.py, issue 26)", ""]
-    for kind in ("time-plan-wholehead", "time-plan"):
-        parts += [markdown(json.loads(path.read_text())) for name in MODELS if (path := RESULTS / f"{kind}-{name}.json").is_file()]
-    (RESULTS / "time-plan.md").write_text("\n".join(parts))
+    gather_results("time-plan", "The time plan against measured analyses (benchmarks/time_plan.py, issue 26)", markdown,
+                   variants=("wholehead-", ""))
 
 
 if __name__ == "__main__":

@@ -608,14 +608,13 @@ class SGLPConfig(SettingsFile):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"`{name}` must be a non-negative integer, got {value!r}.")
-        if isinstance(self.loss_risk, bool) or not isinstance(self.loss_risk, (int, float)) or self.loss_risk < 0:
-            raise ConfigError(f"`loss_risk` must be a non-negative number of standard errors, got {self.loss_risk!r}.")
+        for name in ("loss_screen_errors", "loss_risk"):  # counts of standard errors
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"`{name}` must be a non-negative number of standard errors (0: off), got {value!r}.")
         if self.loss_risk and not self.settles_ties:
             raise ConfigError("`loss_risk` ranks the greedy NLL loss check's candidates where it settles near-ties: it needs "
                               "loss_ties other than none, loss_objective nll, and no loss_beam or loss_confirm.")
-        if isinstance(self.loss_screen_errors, bool) or not isinstance(self.loss_screen_errors, (int, float)) or self.loss_screen_errors < 0:
-            raise ConfigError(f"`loss_screen_errors` must be a non-negative number (0: the screen's estimates are bounds "
-                              f"as they are), got {self.loss_screen_errors!r}.")
         for name in ("gradient_checkpointing", "loss_lazy", "verify", "cka_skip_sinks", "stability_check"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"`{name}` must be true or false, got {getattr(self, name)!r}.")
