@@ -18,7 +18,8 @@ statistics pass keeps, and without. `--head-share` measures instead where a loss
 removed one against the head (final norm, lm_head, loss), on the loss check's 2048 tokens, and
 the same with the head on a quarter of the positions (`loss_positions: 0.25`).
 
-Results: benchmarks/results/cost-<model>.json (cost-fullhalves-<model>.json: before the stability check read back the loss check's measurements; cost-untied-<model>.json: before near-ties were settled), cost-all-<model>.json, cost-kept-<model>.json and cost-head-<model>.json, gathered into
+Results: benchmarks/results/cost-<model>.json (cost-crossentropy-<model>.json: before the head's NLL was
+the logsumexp minus the target's logit; cost-fullhalves-<model>.json: before the stability check read back the loss check's measurements; cost-untied-<model>.json: before near-ties were settled), cost-all-<model>.json, cost-kept-<model>.json and cost-head-<model>.json, gathered into
 benchmarks/results/cost.md with the earlier measurement (cost-earlier-<model>.json: SLEB on every
 calibration token, at 10 % only, before the stability check existed).
 """
@@ -80,6 +81,8 @@ def measure(name: str, out: Path, sleb_on_every_token: bool = False, ratios: tup
             "sleb_tokens": calibration.n_tokens if equal is None else equal * CALIBRATION.batch_size * CALIBRATION.seq_len,
             "loss_tokens": CALIBRATION.loss_tokens,
             "loss_ties": CALIBRATION.loss_ties, "loss_vocabulary": loss_vocabulary,
+            # since 2026-12-07 the head's NLL is the logsumexp minus the target's logit (passes.loss.token_nll)
+            "nll": "logsumexp",
             # since 2026-12-07: the loss check's search on each half of its sequences, reading back its measurements
             "stability": "loss-sequence halves",
             "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
@@ -161,7 +164,7 @@ def gather() -> Path:
         "| SLEB (s) | SLEB / choice | SLEB / with the check | same blocks? | threads |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    measured = [json.loads(p.read_text()) for name in MODELS for kind in ("", "vocabulary-", "all-", "fullhalves-", "untied-")
+    measured = [json.loads(p.read_text()) for name in MODELS for kind in ("", "crossentropy-", "vocabulary-", "all-", "fullhalves-", "untied-")
                 if (p := RESULTS / f"cost-{kind}{name}.json").is_file()]
     if not measured:
         lines[-2:] = ["Not run yet: `python benchmarks/cost.py`."]
@@ -172,6 +175,8 @@ def gather() -> Path:
                     "; the head over the whole vocabulary (the default)")
         default += ("; stability: the loss check's halves" if "stability" in r else
                     "; stability: the second calibration half analysed in full (before 2026-12-07's rework)")
+        if "nll" not in r:
+            default += "; the head's NLL by cross_entropy over transposed logits (before 2026-12-07's logsumexp)"
         for c in r["cells"]:
             ours, sleb = c["runs"][0]["dropped"], c["runs"][1]["dropped"]
             lines.append(

@@ -28,6 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 from ..model.devices import input_device
 from ..model.blocks import text_config
 from ..config import ConfigError, SGLPConfig
+from ..passes.loss import token_nll
 from ..data import BUILTIN_PREFIX, STDLIB_DOCS, _nonempty_strings, load_texts
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -138,9 +139,7 @@ def perplexity(
                 input_ids[row, : end - start] = torch.tensor(ids[start:end])
                 scored[row, first - start - 1 : end - start - 1] = True
             logits = model(input_ids=input_ids.to(device), use_cache=False).logits
-            nll = nn.functional.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:].to(logits.device), reduction="none"
-            )
+            nll = token_nll(logits[:, :-1].float(), input_ids[:, 1:])
             total_nll += nll[scored.to(nll.device)].sum().item()
             n_tokens += int(scored.sum())
     finally:

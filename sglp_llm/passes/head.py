@@ -23,7 +23,7 @@ from ..config import ConfigError
 from ..model.blocks import text_config
 from ..model.handle import ModelHandle
 from .capture import StopForward, block_input, block_output, stubbed_blocks
-from .loss import causal_lm_loss, check_finite
+from .loss import causal_lm_loss, check_finite, token_nll
 
 # at most this many bytes of float32 logits per chunk of positions
 MAX_LOGITS_BYTES = 256 * 2**20
@@ -237,7 +237,7 @@ def head_nll(
                                   "outputs as logits, so its vocabulary cannot be narrowed; set loss_vocabulary to 0.")
             logits = logits + vocabulary.log_weights[:, None, :].to(logits.device)
             wanted = vocabulary.column[wanted.cpu()]
-        nll = nn.functional.cross_entropy(logits.transpose(1, 2), wanted.to(logits.device), reduction="none")
+        nll = token_nll(logits, wanted)
         part = torch.where(valid[:, chunk].to(nll.device), nll, 0.0).sum(dim=1)
         if not per_sequence:
             part = part.sum()

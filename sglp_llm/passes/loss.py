@@ -22,6 +22,15 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The NLL of each of `targets` [...] under `logits` [..., vocab] (float32): the logsumexp over
+    the vocabulary minus the target's logit. cross_entropy wants the vocabulary as dimension 1,
+    and on a transposed [batch, vocab, positions] view its log-softmax ran across strides and
+    copied the whole tensor: 3× slower on Gemma-3's 262k tokens (benchmarks/results/cost.md)."""
+    targets = targets.to(logits.device)
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 def check_finite(loss: torch.Tensor, what: str = "The calibration loss") -> torch.Tensor:
     """`loss`, unless it is NaN or infinite (float16 overflow), which would silently corrupt
     every score and choice made from it."""

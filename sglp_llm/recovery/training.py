@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .distill import DistillationTerms, TeacherBeside, TeacherCache, hidden_state_error
 from ..passes.distributed import all_reduce_state, world_size
 from ..passes.head import _predicted
+from ..passes.loss import token_nll
 
 # the keys of each step's loss and learning rate in the Trainer's log history
 LOSS_KEY = "sglp_loss"
@@ -49,7 +50,7 @@ class WindowDataset(Dataset):
 def next_token_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The mean NLL of the text's next tokens at the predicted (non-padding) positions."""
     valid = _predicted(batch)
-    nll = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+    nll = token_nll(logits[:, :-1].float(), batch["input_ids"][:, 1:])
     return nll[valid].sum() / valid.sum().clamp_min(1)
 
 
