@@ -9,7 +9,7 @@ import torch
 from sglp_llm.model.blocks import find_decoder_blocks
 from sglp_llm.passes.head import backward_through_head, chunk_positions, head_nll, output_of
 from sglp_llm.selection.removal import network_nll
-from sglp_llm.passes.loss import causal_lm_loss
+from sglp_llm.passes.loss import causal_lm_loss, token_nll
 from tiny_models import VOCAB, tiny_batch, tiny_model
 
 # gemma2: the head applies logit softcapping, which the chunks must keep
@@ -166,3 +166,17 @@ def test_a_vocabulary_chosen_for_the_model_narrows_only_a_large_plain_linear_hea
     subset = vocabulary_subset([torch.tensor([4])], batch["input_ids"][:, 1:], NARROWED_FROM, 2, seed=0)
     with pytest.raises(ConfigError, match="placed by an accelerate device map .* Set loss_vocabulary to 0"):
         head_nll(large, batch, final, returns_tuple, vocabulary=subset)
+
+
+def test_token_nll_matches_a_float64_reference_on_a_large_vocabulary_and_carries_gradients():
+    # the head's NLL over 262k tokens (Gemma-3's vocabulary): float32 logsumexp within 1e-5 of float64
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 3, 262_144, generator=generator) * 4).requires_grad_()
+    targets = torch.randint(0, 262_144, (2, 3), generator=generator)
+    reference = torch.logsumexp(logits.double(), -1) - logits.double().gather(-1, targets[..., None])[..., 0]
+    nll = token_nll(logits, targets)
+    assert nll.shape == (2, 3)
+    assert torch.allclose(nll.double(), reference, atol=1e-5, rtol=0)
+    nll.sum().backward()  # softmax minus the target's one-hot
+    expected = logits.detach().softmax(-1) - torch.nn.functional.one_hot(targets, 262_144)
+    assert torch.allclose(logits.grad, expected, atol=2e-5)
