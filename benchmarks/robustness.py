@@ -66,6 +66,10 @@ METHODS = {
     # (the analysis samples them, and its time includes the sampling), the loss check's near-ties
     # settled by the run rule. (Measured as `default-run-ties` before it became the default.)
     "default": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence"},
+    # the default re-run after the head's NLL became the logsumexp minus the target's logit
+    # (passes.loss.token_nll, 2026-12-07; cross_entropy over transposed logits before, off by up to
+    # 6e-4 nats per token): the same settings, so its choices should be `default`'s
+    "default-logsumexp": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence"},
     # the default with the first step's screened estimates lowered by one expected error before they
     # stand as bounds (loss_screen_errors: 1): the search then finds its criterion's best more often
     "default-screen-allowance": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence", "loss_screen_errors": 1.0},
@@ -301,7 +305,8 @@ def markdown(result: dict) -> str:
         f"calibration since 2026-12-06, with the loss check's near-ties settled by the run rule since 2026-12-07; "
         f"`default-vocabulary`: the same with `--loss-vocabulary 32`, briefly the default on 2026-12-07; "
         f"`-screen-allowance`: with the screen's estimates lowered by one expected error; "
-        f"`default-untied`: without the tie rule) at {', '.join(map(str, SEQ_LENS))} tokens, seeds {', '.join(map(str, SEEDS))} (more where the tables show them; a method with a "
+        f"`default-untied`: without the tie rule; `default-logsumexp`: the default re-run after the head's NLL became "
+        f"the logsumexp minus the target's logit) at {', '.join(map(str, SEQ_LENS))} tokens, seeds {', '.join(map(str, SEEDS))} (more where the tables show them; a method with a "
         f"`{BUDGET}` draws as many windows as those loss tokens take); "
         f"{result['threads']} torch thread(s)",
         *(f"- held-out `{key}`: {description}; the first {result['eval_max_texts']} texts scored"
