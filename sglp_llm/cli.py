@@ -196,6 +196,9 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     method.add_argument("--loss-risk", type=float,
                         help="rank the loss check's candidates by their loss plus this many standard errors of their "
                              "increase over the loss sequences (default 0: the loss alone)")
+    method.add_argument("--loss-tie-errors", type=float,
+                        help="how many standard errors of the best removal's increase count as a near-tie that "
+                             "--loss-ties settles (default 1)")
     method.add_argument("--loss-screen-errors", type=float,
                         help="lower each screened estimate by this many of its expected errors before it may leave "
                              "a candidate unmeasured (default 0: the estimate as it is)")

@@ -165,7 +165,7 @@ class SGLPConfig(SettingsFile):
         "recovery": ("compensation", "compensation_ridge", "compensation_aware", "recover", "recover_steps",
                      "recover_learning_rate"),
         "verification": ("verify", "stability_check"),
-        "research": ("loss_lazy", "loss_bound", "loss_screen", "loss_screen_samples", "loss_screen_errors", "loss_risk", "segment_feature",
+        "research": ("loss_lazy", "loss_bound", "loss_screen", "loss_screen_samples", "loss_screen_errors", "loss_risk", "loss_tie_errors", "segment_feature",
                      "auto_k", "auto_k_threshold", "max_segments", "min_segment_size", "compensation_fit",
                      "cka_minibatch_tokens", "cka_dtype", "cka_skip_sinks", "max_candidates", "subset_batches",
                      "sleb_batches"),
@@ -306,6 +306,9 @@ class SGLPConfig(SettingsFile):
     # varies between the calibration sequences is the riskier one on other text. 0: the loss
     # alone. Needs the greedy NLL check with near-ties settled (`settles_ties`)
     loss_risk: float = 0.0
+    # how many standard errors of the best candidate's increase a near-tie spans (`loss_ties`):
+    # candidates whose loss lies within that of the best's are tied
+    loss_tie_errors: float = 1.0
     # what the first step's estimates come from: "sequences" (the loss on loss_screen_samples
     # sequences, above) or "taylor" (the loss plus each block's Taylor gate score, from the
     # statistics pass's backward: no extra forward)
@@ -608,7 +611,7 @@ class SGLPConfig(SettingsFile):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"`{name}` must be a non-negative integer, got {value!r}.")
-        for name in ("loss_screen_errors", "loss_risk"):  # counts of standard errors
+        for name in ("loss_screen_errors", "loss_risk", "loss_tie_errors"):  # counts of standard errors
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"`{name}` must be a non-negative number of standard errors (0: off), got {value!r}.")

@@ -37,15 +37,15 @@ def _block_influence(model, batches) -> list[float]:
     return [1 - c / count for c in cos_sum]
 
 
-def _tie_settled_by_brute_force(model, search, removed, free, influence, rule="block-influence"):
-    """The step's lowest-loss block, the blocks within one standard error of its per-sequence
+def _tie_settled_by_brute_force(model, search, removed, free, influence, rule="block-influence", errors=1.0):
+    """The step's lowest-loss block, the blocks within `errors` standard errors of its per-sequence
     increase, and the lowest-influence block among them (with the run rule: among those next to a
     removed block, when any is)."""
     loss = {b: calibration_nll(model, search, removed + [b]) for b in free}
     best = min(free, key=lambda b: (loss[b], b))
     rows = _rows(search)
     increase = torch.tensor([calibration_nll(model, [r], removed + [best]) - calibration_nll(model, [r], removed) for r in rows])
-    margin = (increase.std() / len(rows) ** 0.5).item()
+    margin = errors * (increase.std() / len(rows) ** 0.5).item()
     tied = sorted(b for b in free if loss[b] <= loss[best] + margin)
     bordering = [b for b in tied if b - 1 in removed or b + 1 in removed] if rule == "run-then-block-influence" else []
     return best, tied, min(bordering or tied, key=lambda b: (influence[b], b))
@@ -79,6 +79,25 @@ def test_near_ties_are_settled_by_block_influence_as_brute_force_settles_them(fa
     assert settled, "no step here had a tie that block influence settled: the test would not see the rule"
     if rule != "block-influence":
         assert plan.dropped != analyze(model, BATCHES, CONFIG.replace(loss_lazy=False, loss_screen_samples=0), progress=False).dropped
+
+
+@pytest.mark.parametrize("family,seed", [("llama", 0), ("qwen2", 1)])
+def test_wider_near_ties_are_settled_as_brute_force_settles_them(family, seed):
+    """loss_tie_errors 2: a tie spans two standard errors (every candidate measured), and here that
+    changes the choice from the one-error rule's."""
+    model = tiny_model(family, num_layers=8, seed=seed)
+    config = CONFIG.replace(loss_lazy=False, loss_screen_samples=0, loss_ties="run-then-block-influence")
+    plan = analyze(model, BATCHES, config.replace(loss_tie_errors=2.0), progress=False)
+    search = first_tokens(BATCHES, 48)
+    influence = _block_influence(model, BATCHES)
+    removed: list[int] = []
+    for step in plan.extra["loss_check"]["steps"]:
+        best, tied, chosen = _tie_settled_by_brute_force(model, search, removed, [b for b in range(1, 7) if b not in removed],
+                                                         influence, "run-then-block-influence", errors=2.0)
+        assert step["block"] == chosen
+        assert step.get("tied", [chosen]) == tied
+        removed.append(chosen)
+    assert plan.dropped != analyze(model, BATCHES, config, progress=False).dropped
 
 
 @pytest.mark.parametrize("family,seed", [("llama", 3), ("qwen2", 1)])

@@ -41,19 +41,28 @@ class NucleusDraw(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         never = self.never.to(scores.device)
         probs = scores.float().index_fill(-1, never, -torch.inf).softmax(-1)
-        k = min(NUCLEUS_FIRST_K, probs.shape[-1])
-        while True:
-            top, index = probs.topk(k, dim=-1)  # most probable first
-            if k == probs.shape[-1] or (top.sum(-1) >= self.top_p).all():
-                break
-            k = min(8 * k, probs.shape[-1])
-        mass_before = top.cumsum(-1) - top  # of the strictly more probable tokens
         # one uniform per row against the nucleus's cumulative mass: the draw does not depend on
         # how many tokens were looked among
+        uniform = torch.rand(len(probs), 1, dtype=torch.float64, device=probs.device)
+        drawn = torch.empty(len(probs), dtype=torch.long, device=probs.device)
+        rows = torch.arange(len(probs), device=probs.device)  # those whose nucleus is not found yet
+        k = min(NUCLEUS_FIRST_K, probs.shape[-1])
+        while len(rows):
+            # only the rows still looking are widened: at Gemma-3's first tokens a few rows need
+            # thousands of tokens while most find their nucleus among the first k
+            top, index = (probs if len(rows) == len(probs) else probs[rows]).topk(k, dim=-1)  # most probable first
+            found = (top.sum(-1) >= self.top_p) | (k == probs.shape[-1])
+            drawn[rows[found]] = self._draw(top[found], index[found], uniform[rows[found]])
+            rows, k = rows[~found], min(8 * k, probs.shape[-1])
+        return torch.full_like(scores, -torch.inf).scatter(-1, drawn[:, None], 0.0)
+
+    def _draw(self, top: torch.Tensor, index: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        """Each row's token: `top` [rows, k] its most probable tokens' probabilities (descending,
+        holding its nucleus), `index` their ids, `uniform` [rows, 1] its draw."""
+        mass_before = top.cumsum(-1) - top  # of the strictly more probable tokens
         cumulative = top.masked_fill(mass_before >= self.top_p, 0).double().cumsum(-1)
-        uniform = torch.rand(len(cumulative), 1, dtype=torch.float64, device=cumulative.device)
-        position = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True).clamp(max=k - 1)
-        return torch.full_like(scores, -torch.inf).scatter(-1, index.gather(-1, position), 0.0)
+        position = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True).clamp(max=top.shape[-1] - 1)
+        return index.gather(-1, position)[:, 0]
 
 
 class SamplingError(CalibrationError):

@@ -25,8 +25,6 @@ from .registry import SelectionContext
 # once (`measure_many`): a step measured 1 to 5 candidates on the real models, 2.8 on average
 # (benchmarks/results/time-plan.md), so a step reads the blocks about once instead of three times
 LAZY_MEASURED_TOGETHER = 3
-# loss_ties: candidates whose loss is within this many standard errors of the best's increase are tied
-TIE_STANDARD_ERRORS = 1.0
 
 
 @dataclass(frozen=True)
@@ -222,7 +220,7 @@ def loss_search(
                 judge.remove(best)
             elif config.settles_ties:
                 best, tie = _settle_tie(candidates, fresh, measured, bound, measure, removal, context.observed,
-                                        config.loss_ties, config.loss_risk)
+                                        config.loss_ties, config.loss_risk, config.loss_tie_errors)
             else:
                 best = finalists[0]
             lowered = {"screen_allowance": allowance()} if screen == "sequences" and config.loss_screen_errors else {}
@@ -252,10 +250,10 @@ def screen_allowance(increase_error: float, n_sequences: int, screened: int, err
 def _settle_tie(
     candidates: list[int], fresh: set[int], measured: dict[int, float],
     bound: Callable[[int], float], measure: Callable[[int], None], removal: RemovalLoss, influence: list[float],
-    rule: str, risk: float = 0.0,
+    rule: str, risk: float = 0.0, tie_errors: float = 1.0,
 ) -> tuple[int, dict[str, Any]]:
     """The greedy step's removal when the loss cannot tell its best candidates apart: every
-    candidate that may lie within one standard error of the lowest loss's increase
+    candidate that may lie within `tie_errors` standard errors of the lowest loss's increase
     (`RemovalLoss.increase_error`; the one-standard-error rule) is measured fresh, and among those
     that do, the block with the lowest block influence (`influence`, measured on the original
     network) goes; with `rule` "run-then-block-influence", the lowest of those that border a
@@ -275,7 +273,7 @@ def _settle_tie(
 
     while True:
         best = min(fresh, key=lambda b: (value(b), b))
-        margin = TIE_STANDARD_ERRORS * removal.increase_error(best)
+        margin = tie_errors * removal.increase_error(best)
         unsure = [b for b in candidates if b not in fresh and bound(b) <= value(best) + margin]
         if not unsure:
             break
