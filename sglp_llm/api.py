@@ -34,7 +34,7 @@ from .statistics.cka import MinibatchCKA
 from .recovery.block_recovery import BlockRecovery, recover_blocks
 from .recovery.compensate import Compensation, applied, fit_compensation, fold
 from .config import ConfigError, SGLPConfig
-from .data import CalibrationSet, prepare_calibration
+from .data import CalibrationSet, calibration_digest, prepare_calibration
 from .selection.loss_check import loss_batches
 from .explain import chosen_by, stages
 from .passes.distributed import all_reduce_state, is_main_process, rank, world_size
@@ -302,7 +302,7 @@ def _analyze(
         original_outputs=stats.original_outputs,
     )
     extra: dict[str, Any] = {"protected": sorted(protected), "statistics_reused": reused,
-                             "devices": handle.devices_used()}
+                             "devices": handle.devices_used(), "calibration_sha256": calibration_digest(calibration.batches)}
     if fallback:
         extra["calibration_not_sampled"] = fallback
     if config.cka_skip_sinks:

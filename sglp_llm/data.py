@@ -7,6 +7,7 @@ given in Python) ends up as the same `CalibrationSet` of packed, unpadded window
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import platform
@@ -505,6 +506,25 @@ def first_samples(batches: Sequence[dict[str, torch.Tensor]], n: int) -> list[di
         taken.append({key: value[:n] for key, value in batch.items()} if n < rows else batch)
         n -= rows
     return taken
+
+
+def hash_batches(digest: "hashlib._Hash", batches: Sequence[dict[str, torch.Tensor]]) -> None:
+    """Feed every tensor of `batches` (name, shape, dtype and values) to `digest`."""
+    for batch in batches:
+        for name in sorted(batch):
+            tensor = batch[name].detach().cpu().contiguous()
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(tensor.numpy().tobytes())
+
+
+def calibration_digest(batches: Sequence[dict[str, torch.Tensor]]) -> str:
+    """The sha256 of every calibration token and mask: two plans that carry the same digest were
+    calibrated on the same text. The model's own samples (`SELF_GENERATED`) are seeded, but a
+    nucleus draw can flip on a rounding difference of another machine or library version and
+    change the rest of its window, so the same seed can give other text, and another plan."""
+    digest = hashlib.sha256()
+    hash_batches(digest, batches)
+    return digest.hexdigest()
 
 
 def token_count(batches: Sequence[dict[str, torch.Tensor]]) -> int:

@@ -480,3 +480,26 @@ def test_taylor_screen_estimates_each_first_removal_from_the_gate_score_and_meas
         assert first["loss"] <= min(estimates[b] for b in estimates if b not in losses)
     with pytest.raises(ConfigError, match="needs `gradient_score: taylor`"):
         SGLPConfig(drop=2, loss_screen="taylor", gradient_score="fisher")
+
+
+def test_the_plan_and_card_carry_the_calibration_tokens_digest():
+    """The same text gives the same digest (sha256 of every token and mask, by an independent
+    hash here), other text another, and the card shows it: what tells two runs whose seeded
+    samples came out otherwise apart."""
+    import hashlib
+
+    from sglp_llm.output.modelcard import render_model_card
+
+    model = tiny_model("llama", num_layers=6)
+    config = SGLPConfig(drop=2, **CONFIG)
+    plan = analyze(model, _batches(), config, progress=False)
+    expected = hashlib.sha256()
+    for batch in _batches():
+        for name in ("attention_mask", "input_ids"):
+            tensor = batch[name]
+            expected.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode() + tensor.numpy().tobytes())
+    assert plan.extra["calibration_sha256"] == expected.hexdigest()
+    assert analyze(model, _batches(), config, progress=False).extra["calibration_sha256"] == expected.hexdigest()
+    other = [tiny_batch(batch_size=4, seq_len=16, seed=s) for s in (0, 1, 5)]
+    assert analyze(model, other, config, progress=False).extra["calibration_sha256"] != expected.hexdigest()
+    assert f"`{expected.hexdigest()}`" in render_model_card(plan, base_model="tiny")

@@ -254,10 +254,12 @@ def _calibration_section(plan: PruningPlan) -> str:
     source = plan.calibration_source or plan.config.get("dataset") or "not recorded"
     fallback = plan.extra.get("calibration_not_sampled")
     why = f"\n- not the model's own samples (the default): {fallback}" if fallback else ""
+    digest = plan.extra.get("calibration_sha256")  # a plan before the digest has none
+    digest = f"\n- tokens' sha256: `{digest}` (the same text gives the same digest)" if digest else ""
     return (
         "## Calibration\n\n"
         f"- data: {source}\n"
-        f"- tokens: {plan.n_tokens:,} in {plan.n_batches} batches{why}"
+        f"- tokens: {plan.n_tokens:,} in {plan.n_batches} batches{why}{digest}"
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Protocol, Sequence
 import torch
 
 from ..config import ConfigError
+from ..data import hash_batches
 from ..model.handle import ModelHandle
 
 FORMAT = 1
@@ -34,11 +35,7 @@ def fingerprint(key: tuple, batches: Sequence[dict[str, torch.Tensor]], handle: 
     """What the statistics depend on, hashed: the statistics key, every calibration token, and
     the model's class, block count, size and dtype (not its weights: hashing them costs a pass)."""
     digest = hashlib.sha256(repr((FORMAT, key)).encode())
-    for batch in batches:
-        for name in sorted(batch):
-            tensor = batch[name].detach().cpu().contiguous()
-            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-            digest.update(tensor.numpy().tobytes())
+    hash_batches(digest, batches)
     model, layers = handle.model, handle.layers
     params = list(model.parameters())
     dtypes = sorted({str(p.dtype) for layer in layers for p in layer.parameters()})
