@@ -74,6 +74,11 @@ METHODS = {
     # SmolLM2 at seed 1 (256 tokens) missed the tie between blocks 5 and 18 by 0.004 nats (one error:
     # 0.019), and the greedy loss then took 4 5 17 instead of a run
     "default-ties-2se": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence", "loss_tie_errors": 2.0},
+    # on 2026-12-07's draws (robustness.md's `default-logsumexp`), the default with the screen's
+    # allowance, and with no screen (every first-step candidate measured on the loss tokens): with
+    # seed 2 at 256 tokens the one-sequence screen hid block 17, the best single removal there
+    "default-screen-allowance-rerun": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence", "loss_screen_errors": 1.0},
+    "default-unscreened": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence", "loss_screen_samples": 0},
     # the default with the first step's screened estimates lowered by one expected error before they
     # stand as bounds (loss_screen_errors: 1): the search then finds its criterion's best more often
     "default-screen-allowance": {"dataset": SELF_GENERATED, "loss_ties": "run-then-block-influence", "loss_screen_errors": 1.0},
