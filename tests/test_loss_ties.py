@@ -51,6 +51,15 @@ def _tie_settled_by_brute_force(model, search, removed, free, influence, rule="b
     return best, tied, min(bordering or tied, key=lambda b: (influence[b], b))
 
 
+def _exact_run_rule_plan(family, seed, **settings):
+    """A tiny model's plan with every candidate measured (no lazy bound, no screen) under the run
+    rule and `settings`: (model, plan, the search tokens, block influence)."""
+    model = tiny_model(family, num_layers=8, seed=seed)
+    config = CONFIG.replace(loss_lazy=False, loss_screen_samples=0, loss_ties="run-then-block-influence")
+    plan = analyze(model, BATCHES, config.replace(**settings), progress=False)
+    return model, plan, first_tokens(BATCHES, 48), _block_influence(model, BATCHES)
+
+
 # models where a tie changes the choice (and, for the run rule, where it chooses unlike block influence alone)
 @pytest.mark.parametrize("family,seed,rule", [
     ("llama", 3, "block-influence"), ("qwen2", 1, "block-influence"),
@@ -85,11 +94,7 @@ def test_near_ties_are_settled_by_block_influence_as_brute_force_settles_them(fa
 def test_wider_near_ties_are_settled_as_brute_force_settles_them(family, seed):
     """loss_tie_errors 2: a tie spans two standard errors (every candidate measured), and here that
     changes the choice from the one-error rule's."""
-    model = tiny_model(family, num_layers=8, seed=seed)
-    config = CONFIG.replace(loss_lazy=False, loss_screen_samples=0, loss_ties="run-then-block-influence")
-    plan = analyze(model, BATCHES, config.replace(loss_tie_errors=2.0), progress=False)
-    search = first_tokens(BATCHES, 48)
-    influence = _block_influence(model, BATCHES)
+    model, plan, search, influence = _exact_run_rule_plan(family, seed, loss_tie_errors=2.0)
     removed: list[int] = []
     for step in plan.extra["loss_check"]["steps"]:
         best, tied, chosen = _tie_settled_by_brute_force(model, search, removed, [b for b in range(1, 7) if b not in removed],
@@ -97,7 +102,7 @@ def test_wider_near_ties_are_settled_as_brute_force_settles_them(family, seed):
         assert step["block"] == chosen
         assert step.get("tied", [chosen]) == tied
         removed.append(chosen)
-    assert plan.dropped != analyze(model, BATCHES, config, progress=False).dropped
+    assert plan.dropped != _exact_run_rule_plan(family, seed)[1].dropped
 
 
 @pytest.mark.parametrize("family,seed", [("llama", 3), ("qwen2", 1)])
@@ -148,11 +153,7 @@ def _risk_settled_by_brute_force(model, search, removed, free, influence, risk):
 def test_the_risk_adjusted_choice_is_the_brute_force_one(family, seed):
     """loss_risk 1: every candidate measured, each step takes what a brute force of whole-network
     passes, one sequence at a time, takes; and somewhere that is not the loss alone's choice."""
-    model = tiny_model(family, num_layers=8, seed=seed)
-    config = CONFIG.replace(loss_lazy=False, loss_screen_samples=0, loss_ties="run-then-block-influence")
-    plan = analyze(model, BATCHES, config.replace(loss_risk=1.0), progress=False)
-    search = first_tokens(BATCHES, 48)
-    influence = _block_influence(model, BATCHES)
+    model, plan, search, influence = _exact_run_rule_plan(family, seed, loss_risk=1.0)
     removed: list[int] = []
     for step in plan.extra["loss_check"]["steps"]:
         value, chosen = _risk_settled_by_brute_force(model, search, removed, [b for b in range(1, 7) if b not in removed],
@@ -162,7 +163,7 @@ def test_the_risk_adjusted_choice_is_the_brute_force_one(family, seed):
             assert adjusted == pytest.approx(value[int(block)], rel=1e-5)
         removed.append(chosen)
     assert plan.dropped == sorted(removed)
-    assert plan.dropped != analyze(model, BATCHES, config, progress=False).dropped
+    assert plan.dropped != _exact_run_rule_plan(family, seed)[1].dropped
 
 
 def test_risk_needs_the_greedy_nll_check_with_ties():
