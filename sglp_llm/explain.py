@@ -142,9 +142,7 @@ def _score_and_choice(config: dict[str, Any], settings: SGLPConfig, calibration_
             held = (f"; at each step the {confirm} best are measured on the next {held_back_tokens} calibration tokens, "
                     "held back from the search, and the best there goes") if confirm > 1 else ""
             rule = config.get("loss_ties", "none")
-            spans = config.get("loss_tie_errors", 1.0)  # a plan older than the option: one standard error
-            spans = "one standard error" if spans == 1 else f"{spans:g} standard errors"
-            ties = (f"; candidates whose loss is within {spans} (over the loss sequences) of the lowest "
+            ties = (f"; candidates whose loss is within {_tie_span(config)} (over the loss sequences) of the lowest "
                     "one's increase are a tie, and of those the block with the lowest block influence on the original "
                     "network goes" + (", among those that border a removed block when any does"
                                       if rule == "run-then-block-influence" else "")) if settings.settles_ties else ""
@@ -163,6 +161,12 @@ def _score_and_choice(config: dict[str, Any], settings: SGLPConfig, calibration_
         lines.append("choice: the paper's subset search, keeping in each group the subset whose network has the "
                      "highest GradNorm")
     return lines
+
+
+def _tie_span(config: dict[str, Any]) -> str:
+    """How far a near-tie spans, in words (a plan older than `loss_tie_errors`: one standard error)."""
+    errors = config.get("loss_tie_errors", 1.0)
+    return "one standard error" if errors == 1 else f"{errors:g} standard errors"
 
 
 def loss_name(config: dict[str, Any]) -> str:
@@ -218,9 +222,7 @@ def _chosen_by(plan: Any) -> dict[int, str]:
                 parts.append(f"loss check removal {step}, {loss_name(config)} {record['loss']:.4f}")
                 if "tied" in record:
                     others = [b for b in record["tied"] if b != block]
-                    spans = config.get("loss_tie_errors", 1.0)
-                    spans = "one standard error" if spans == 1 else f"{spans:g} standard errors"
-                    parts.append(f"tied with {others} (within {record['tie_margin']:.4f}, {spans}, of block "
+                    parts.append(f"tied with {others} (within {record['tie_margin']:.4f}, {_tie_span(config)}, of block "
                                  f"{record['lowest_loss']}'s loss), settled by block influence "
                                  f"({record['block_influence'][str(block)]:.4f}"
                                  f"{', bordering a removed block' if record.get('borders_removed') else ''})")

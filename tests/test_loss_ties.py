@@ -103,6 +103,12 @@ def test_wider_near_ties_are_settled_as_brute_force_settles_them(family, seed):
         assert step.get("tied", [chosen]) == tied
         removed.append(chosen)
     assert plan.dropped != _exact_run_rule_plan(family, seed)[1].dropped
+    # the stages and what chose each tied block name the span
+    from sglp_llm.explain import chosen_by, stages
+
+    assert "within 2 standard errors" in " ".join(stages(plan.config, plan.n_tokens))
+    settled = [s["block"] for s in plan.extra["loss_check"]["steps"] if "tied" in s]
+    assert settled and all(", 2 standard errors, of block" in chosen_by(plan)[b] for b in settled)
 
 
 @pytest.mark.parametrize("family,seed", [("llama", 3), ("qwen2", 1)])
