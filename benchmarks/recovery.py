@@ -91,7 +91,8 @@ def run_model(name: str, steps: list[int], rows: list[str], ratios: list[float],
     loaded = load_model(name, dtype="float32")
     teacher, tokenizer = loaded.model, loaded.tokenizer
     robustness = json.loads((RESULTS / f"robustness-{name}.json").read_text())
-    order = robustness["runs"]["256|0|default"]["order"]
+    # the blocks every row was measured on: the whole-head default's choice as recorded then
+    order = robustness["runs"]["256|0|whole-head-recorded"]["order"]
     num_blocks = robustness["num_blocks"]
     texts = {key: load_eval_texts(source, max_texts=eval_max_texts) for key, source in SOURCES.items()}
     result = _update(out, lambda r: r.update(model=loaded.name, num_blocks=num_blocks, eval_max_texts=eval_max_texts,

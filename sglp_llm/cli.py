@@ -166,8 +166,8 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     method.add_argument("--loss-vocabulary", type=int,
                         help="K > 0: the head scores only each sequence's K likeliest tokens per position under the "
                              "original model, its next tokens and a weighted sample of the rest (an estimate of the "
-                             "NLL from a few of the head's columns: cheaper with a large vocabulary, but on one calibration "
-                             "sample of SmolLM2 a worse choice); 0: all (default)")
+                             "NLL from a few of the head's columns: cheaper with a large vocabulary, as good held out); "
+                             "0: all; default: 32 where the head is a plain linear layer over 16384 tokens or more, else 0")
     method.add_argument("--loss-objective", choices=LOSS_OBJECTIVES,
                         help="what a removal's loss is: nll (the calibration text's next tokens, SLEB's) or kl "
                              "(the divergence from the original model's next-token distribution)")
@@ -201,7 +201,7 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                              "--loss-ties settles (default 1)")
     method.add_argument("--loss-screen-errors", type=float,
                         help="lower each screened estimate by this many of its expected errors before it may leave "
-                             "a candidate unmeasured (default 0: the estimate as it is)")
+                             "a candidate unmeasured (default 1; 0: the estimate as it is)")
     method.add_argument("--max-candidates", type=int, help="cap on keep-sets scored per segment (subset search)")
     method.add_argument("--sleb-batches", type=int,
                         help="calibration batches each SLEB candidate is scored on (default: all)")

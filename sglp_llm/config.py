@@ -254,10 +254,10 @@ class SGLPConfig(SettingsFile):
     # original network's k likeliest at any position, the batch's next tokens and a sample of the
     # rest standing for all of it (an estimate of the NLL from a few of the head's columns); None:
     # 32 for the NLL on a plain linear head over at least 16384 tokens, else 0 (settled when the
-    # model is loaded, `resolve_loss_vocabulary`). Not the default: 0.3-0.8x the analysis time, but
-    # on SmolLM2 with calibration seed 2 it chose blocks 3-6, 1.38x the best peer held out
-    # (benchmarks/results/robustness.md, `default-vocabulary`)
-    loss_vocabulary: int | None = 0
+    # model is loaded, `resolve_loss_vocabulary`; the default: 0.3-0.8x the whole head's analysis
+    # time, its choices as good held out: benchmarks/results/robustness.md, `default-vocabulary`
+    # against `default-logsumexp`, and ablation.md)
+    loss_vocabulary: int | None = None
     # what a removal's loss is: "nll", the next-token NLL of the calibration text (SLEB's), or
     # "kl", the KL divergence from the original model's next-token distribution on it
     loss_objective: str = "nll"
@@ -295,12 +295,10 @@ class SGLPConfig(SettingsFile):
     # the screen's share of them (`screen_allowance`). A one-sequence screen's error is a few of
     # the loss check's standard errors, more than the gaps between the best candidates, so at 0
     # the first step can miss its best removal (SmolLM2, calibration seed 2: block 17's screen put
-    # it 0.05 nats above block 5, on all loss tokens it is 0.02 below). Not the default: the search
-    # then finds its criterion's best more often, and that was worse on held-out text (SmolLM2
-    # seeds 1 and 2: 1.17 against 1.09 over eight settings; benchmarks/results/robustness.md,
-    # `default-screen-allowance`); with it the narrowed head (loss_vocabulary) chose as the whole
-    # head with it, at drops 3 and 6 in every SmolLM2 setting
-    loss_screen_errors: float = 0.0
+    # it 0.05 nats above block 5, on all loss tokens it is 0.02 below). The default (measured:
+    # benchmarks/results/robustness.md, `default` against `default-logsumexp`, 0 here: SmolLM2's
+    # worst 1.17 against 1.38 on the same draws); 0: the estimates stand as bounds
+    loss_screen_errors: float = 1.0
     # rank a step's measured candidates by their loss plus this many standard errors of their
     # increase (`RemovalLoss.increase_error`) instead of the loss alone: a removal whose damage
     # varies between the calibration sequences is the riskier one on other text. 0: the loss

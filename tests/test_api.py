@@ -254,8 +254,9 @@ def test_local_bound_keeps_the_neighbour_effects_that_the_marginal_bound_misses(
         return sum(cost[b] for b in removed) - (2.8 if {4, 5} <= set(removed) else 0.0)
 
     model = tiny_model("llama", num_layers=10)
+    # the synthetic losses have no per-sequence spread: no near-tie rule, no screen allowance
     settings = dict(drop=2, groups=True, num_segments=1, scoring="loss", loss_candidates=8, allocation="loss",
-                    loss_ties="none", **CONFIG)
+                    loss_ties="none", loss_screen_errors=0, **CONFIG)
     per_step = {}
     for bound, screen, dropped in (
         ("stale", 0, [4, 5]), ("local", 0, [4, 5]), ("marginal", 0, [2, 5]), ("local", 4, [4, 5])
@@ -336,7 +337,7 @@ def test_a_screen_that_puts_the_best_removal_a_little_too_high_does_not_hide_it(
     """A planted screen: every candidate's estimate is its true loss on the loss batches, the
     best's raised past the second best's by less than the allowance. Taken as a bound (errors 0),
     the estimate hides the best and the search removes the second best; lowered by the allowance
-    (loss_screen_errors 1), the best is measured and goes, as in the unscreened search."""
+    (loss_screen_errors 1, the default), the best is measured and goes, as in the unscreened search."""
     from sglp_llm.selection import loss_check
 
     model = tiny_model("llama", num_layers=10)
@@ -348,10 +349,10 @@ def test_a_screen_that_puts_the_best_removal_a_little_too_high_does_not_hide_it(
     raised = {**true, best: true[second] + 1e-4}
     monkeypatch.setattr(loss_check, "_screen", lambda context, part, candidates, loss, store: dict(raised))
 
-    blind = analyze(model, batches, SGLPConfig(**settings), progress=False)  # the default: 0
+    blind = analyze(model, batches, SGLPConfig(loss_screen_errors=0, **settings), progress=False)
     assert blind.dropped == [second]
     assert blind.extra["loss_check"]["steps"][0]["measured"] == 1
-    screened = analyze(model, batches, SGLPConfig(loss_screen_errors=1, **settings), progress=False)
+    screened = analyze(model, batches, SGLPConfig(**settings), progress=False)
     step = screened.extra["loss_check"]["steps"][0]
     assert screened.dropped == plain.dropped == [best]
     assert step["screen_allowance"] > true[second] + 1e-4 - true[best] > 0

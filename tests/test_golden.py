@@ -70,9 +70,11 @@ def _without_settings_added_since(actual: dict, expected: dict) -> dict:
     """`actual` less the settings the golden file predates, where they hold their defaults (a
     setting added later, left at its default, must change nothing else)."""
     defaults = SGLPConfig(drop=1).to_dict()
+    # a default settled once the model is loaded: the tiny models' heads are too small to narrow
+    settled = {**defaults, "loss_vocabulary": 0}
     config = dict(actual["report"]["config"])
     for key in set(config) - set(expected["report"]["config"]):
-        if key in defaults and config[key] == defaults[key]:
+        if key in defaults and config[key] in (defaults[key], settled[key]):
             del config[key]
     return {**actual, "report": {**actual["report"], "config": config}}
 

@@ -99,9 +99,11 @@ def test_confirming_each_step_on_held_back_tokens_equals_brute_force():
 
 
 def test_the_lazy_confirmed_search_judges_the_same_finalists():
-    """With the lazy bound the 3 finalists are still measured fresh: the same choice as above."""
+    """With the lazy bound the 3 finalists are still measured fresh: the same choice as above.
+    (No first-step screen in either: on 3 sequences of this tiny model a one-sequence screen is
+    off by more than the gaps between candidates, and what it hides is the screen's, not laziness's.)"""
     model = tiny_model("llama", num_layers=7)
-    exact = analyze(model, BATCHES, CONFIG.replace(loss_beam=1, loss_confirm=3, drop=3, loss_lazy=False,
-                                                   loss_screen_samples=0), progress=False)
-    lazy = analyze(model, BATCHES, CONFIG.replace(loss_beam=1, loss_confirm=3, drop=3), progress=False)
+    confirmed = CONFIG.replace(loss_beam=1, loss_confirm=3, drop=3, loss_screen_samples=0)
+    exact = analyze(model, BATCHES, confirmed.replace(loss_lazy=False), progress=False)
+    lazy = analyze(model, BATCHES, confirmed, progress=False)
     assert lazy.dropped == exact.dropped
