@@ -35,7 +35,7 @@ SOURCES = {"fortunes": FORTUNES, "paragraphs": None}  # None: the built-in evalu
 PEERS = ("block-influence", "angular", "sleb")
 # name -> settings changed from the defaults (a "method" key: a peer); every SGLP row names the
 # gradient score, the loss check's candidates and the groups, so the table does not depend on the defaults
-DEFAULT = {"scoring": "loss", "loss_candidates": "all", "loss_screen": "sequences", "groups": False}
+DEFAULT = {"scoring": "loss", "loss_candidates": "all", "loss_screen": "sequences", "loss_screen_errors": 0, "groups": False}
 GROUPED = {**DEFAULT, "groups": True}
 CONTENDERS = {
     # the loss check of every unprotected block, its first step screened on one calibration
@@ -59,6 +59,10 @@ CONTENDERS = {
     # and with the head scoring each sequence's 32 likeliest tokens per position, its next tokens and
     # a weighted sample of the rest (issue 26: a cheaper measurement; every other row here scores the whole head)
     "vocabulary 32": {**DEFAULT, "loss_ties": "run-then-block-influence", "loss_vocabulary": 32},
+    # the default since 2026-12-08: the same with the screen's estimates lowered by one expected
+    # error before they stand as bounds, the head narrowed where the vocabulary is large (32 on both)
+    "default (allowance, narrowed head)": {**DEFAULT, "loss_ties": "run-then-block-influence", "loss_vocabulary": None,
+                                           "loss_screen_errors": 1.0},
 }
 
 

@@ -13,12 +13,14 @@ recorded; quality.md has their held-out perplexity.
 
 `--sleb-on-every-token` lets SLEB measure on every calibration token (its own setting) and writes
 cost-all-<model>.json; `--loss-vocabulary K` times the default with the head narrowed to K likeliest tokens
-(cost-vocabulary-<model>.json; without it, the head over the whole vocabulary, the default). `--kept-outputs` times the default with the loss check starting from the block outputs the
+(cost-vocabulary-<model>.json), `--loss-vocabulary 0` with the head over the whole vocabulary
+(cost-wholehead-<model>.json; without the option, the default's choice for the model: 32 on both). `--kept-outputs` times the default with the loss check starting from the block outputs the
 statistics pass keeps, and without. `--head-share` measures instead where a loss-check measurement's time goes: the blocks after the
 removed one against the head (final norm, lm_head, loss), on the loss check's 2048 tokens, and
 the same with the head on a quarter of the positions (`loss_positions: 0.25`).
 
-Results: benchmarks/results/cost-<model>.json (cost-crossentropy-<model>.json: before the head's NLL was
+Results: benchmarks/results/cost-<model>.json (the default since 2026-12-08; cost-wholehead-<model>.json: the
+whole-head default before, its screen's estimates standing as bounds; cost-crossentropy-<model>.json: before the head's NLL was
 the logsumexp minus the target's logit; cost-fullhalves-<model>.json: before the stability check read back the loss check's measurements; cost-untied-<model>.json: before near-ties were settled), cost-all-<model>.json, cost-kept-<model>.json and cost-head-<model>.json, gathered into
 benchmarks/results/cost.md with the earlier measurement (cost-earlier-<model>.json: SLEB on every
 calibration token, at 10 % only, before the stability check existed).
@@ -45,7 +47,7 @@ from sglp_llm.model.loading import load_model
 
 
 def measure(name: str, out: Path, sleb_on_every_token: bool = False, ratios: tuple[float, ...] = (RATIOS[0], RATIOS[-1]),
-            conditions: str = "", loss_vocabulary: int = 0) -> None:
+            conditions: str = "", loss_vocabulary: int | None = None) -> None:
     """At about 10 % and 30 % dropped (`ratios`): the default, SLEB on the loss check's tokens (or,
     `sleb_on_every_token`, on every calibration token: SLEB's own setting, issue 23's comparison),
     the default again (its two runs bracket SLEB's in time), in one process; times and blocks,
@@ -81,6 +83,8 @@ def measure(name: str, out: Path, sleb_on_every_token: bool = False, ratios: tup
             "sleb_tokens": calibration.n_tokens if equal is None else equal * CALIBRATION.batch_size * CALIBRATION.seq_len,
             "loss_tokens": CALIBRATION.loss_tokens,
             "loss_ties": CALIBRATION.loss_ties, "loss_vocabulary": loss_vocabulary,
+            # since 2026-12-08 the screen's estimates are lowered by this many expected errors (0 before)
+            "loss_screen_errors": CALIBRATION.loss_screen_errors,
             # since 2026-12-07 the head's NLL is the logsumexp minus the target's logit (passes.loss.token_nll)
             "nll": "logsumexp",
             # since 2026-12-07: the loss check's search on each half of its sequences, reading back its measurements
@@ -149,6 +153,14 @@ def head_share(name: str) -> dict:
             "seconds": best, "threads": torch.get_num_threads()}
 
 
+def _head(result: dict) -> str:
+    """What the default's head scored in a cost run (runs before the option scored the whole vocabulary)."""
+    vocabulary = result.get("loss_vocabulary", 0)
+    if vocabulary is None:
+        return "the head narrowed where the vocabulary is large (the default since 2026-12-08: 32 here)"
+    return f"--loss-vocabulary {vocabulary}" if vocabulary else "the head over the whole vocabulary"
+
+
 def gather() -> Path:
     lines = [
         "# Analysis time: SGLP default vs SLEB, side by side (benchmarks/cost.py)", "",
@@ -164,15 +176,17 @@ def gather() -> Path:
         "| SLEB (s) | SLEB / choice | SLEB / with the check | same blocks? | threads |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    measured = [json.loads(p.read_text()) for name in MODELS for kind in ("", "crossentropy-", "vocabulary-", "all-", "fullhalves-", "untied-")
+    measured = [json.loads(p.read_text()) for name in MODELS
+                for kind in ("", "wholehead-", "crossentropy-", "vocabulary-", "all-", "fullhalves-", "untied-")
                 if (p := RESULTS / f"cost-{kind}{name}.json").is_file()]
     if not measured:
         lines[-2:] = ["Not run yet: `python benchmarks/cost.py`."]
     for r in measured:
         # the loss check's near-ties are settled by default since 2026-12-07; runs before say so
         default = f"loss_ties {r['loss_ties']}" if "loss_ties" in r else "before near-ties were settled (2026-12-06)"
-        default += (f"; --loss-vocabulary {r['loss_vocabulary']}" if r.get("loss_vocabulary") else
-                    "; the head over the whole vocabulary (the default)")
+        default += f"; {_head(r)}"
+        errors = r.get("loss_screen_errors", 0)  # runs before 2026-12-08 took the screen's estimates as bounds
+        default += f"; the screen's estimates lowered by {errors:g} expected error" if errors else "; the screen's estimates as bounds"
         default += ("; stability: the loss check's halves" if "stability" in r else
                     "; stability: the second calibration half analysed in full (before 2026-12-07's rework)")
         if "nll" not in r:
@@ -185,7 +199,7 @@ def gather() -> Path:
                 f"| {c['sleb_s'] / c['sglp_with_stability_s']:.1f}x | {'yes' if ours == sleb else 'no'} ({ours} vs {sleb}) "
                 f"| {r['threads']} |")
     conditions = [f"- {r['model']}, drop {c['drop']}, {r['loss_tokens']} / {r['sleb_tokens']} tokens, "
-                  f"{'loss_vocabulary ' + str(r['loss_vocabulary']) if r.get('loss_vocabulary') else 'the whole head'}: "
+                  f"{_head(r)}: "
                   f"{c.get('conditions', r.get('conditions'))}"
                   for r in measured for c in r["cells"] if c.get("conditions", r.get("conditions"))]
     lines += [""] + conditions if conditions else []
@@ -237,8 +251,9 @@ def main() -> None:
                         help="SLEB measures each removal on every calibration token (its own setting), not the default's loss tokens")
     parser.add_argument("--ratios", default=f"{RATIOS[0]},{RATIOS[-1]}", help="comma-separated fractions of blocks dropped")
     parser.add_argument("--conditions", default="", help="what else shared the machine, written beside the figures")
-    parser.add_argument("--loss-vocabulary", type=int, default=0,
-                        help="the default with --loss-vocabulary K (writes cost-vocabulary-<model>.json)")
+    parser.add_argument("--loss-vocabulary", type=int, default=None,
+                        help="the default with --loss-vocabulary K (writes cost-vocabulary-<model>.json; "
+                             "0: the whole head, cost-wholehead-<model>.json)")
     parser.add_argument("--kept-outputs", action="store_true",
                         help="the default with and without the statistics pass's kept block outputs, not SGLP vs SLEB")
     args = parser.parse_args()
@@ -248,7 +263,8 @@ def main() -> None:
         elif args.head_share:
             (RESULTS / f"cost-head-{name}.json").write_text(json.dumps(head_share(name), indent=2))
         else:
-            kind = "all-" if args.sleb_on_every_token else "vocabulary-" if args.loss_vocabulary else ""
+            kind = ("all-" if args.sleb_on_every_token else "" if args.loss_vocabulary is None
+                    else "vocabulary-" if args.loss_vocabulary else "wholehead-")
             measure(name, RESULTS / f"cost-{kind}{name}.json", args.sleb_on_every_token,
                     tuple(float(r) for r in args.ratios.split(",")), args.conditions, args.loss_vocabulary)
         print(f"wrote {gather()}")
