@@ -61,8 +61,10 @@ CONTENDERS = {
     "vocabulary 32": {**DEFAULT, "loss_ties": "run-then-block-influence", "loss_vocabulary": 32},
     # the default since 2026-12-08: the same with the screen's estimates lowered by one expected
     # error before they stand as bounds, the head narrowed where the vocabulary is large (32 on both)
-    "default (allowance, narrowed head)": {**DEFAULT, "loss_ties": "run-then-block-influence", "loss_vocabulary": None,
-                                           "loss_screen_errors": 1.0},
+    "allowance + narrowed head": {**DEFAULT, "loss_ties": "run-then-block-influence", "loss_vocabulary": None,
+                                  "loss_screen_errors": 1.0},
+    # the allowance alone, with the whole head: which of the two moved a cell
+    "allowance + whole head": {**DEFAULT, "loss_ties": "run-then-block-influence", "loss_screen_errors": 1.0},
 }
 
 
