@@ -317,12 +317,15 @@ def markdown(result: dict) -> str:
     lines = [
         f"## {result['model']}", "",
         f"- blocks: {result['num_blocks']}; calibration: {result['n_samples']} windows of the standard-library "
-        f"docstrings unless a method's settings name another text (`default`: the model's own samples, the tool's default "
-        f"calibration since 2026-12-06, with the loss check's near-ties settled by the run rule since 2026-12-07; "
-        f"`default-vocabulary`: the same with `--loss-vocabulary 32`, briefly the default on 2026-12-07; "
+        f"docstrings unless a method's settings name another text (`default`: the tool's default since 2026-12-08, "
+        f"on the model's own samples (the default calibration since 2026-12-06), the loss check's near-ties settled by the "
+        f"run rule, the screen's estimates lowered by one expected error, the head narrowed where the vocabulary is large; "
+        f"`whole-head-recorded`: the default of 2026-12-07 (the whole head, the screen's estimates as bounds) as recorded "
+        f"then, on draws this machine does not repeat; `default-logsumexp`: the same settings re-run here after the head's "
+        f"NLL became the logsumexp minus the target's logit; "
+        f"`default-vocabulary`: those with `--loss-vocabulary 32`; "
         f"`-screen-allowance`: with the screen's estimates lowered by one expected error; "
-        f"`default-untied`: without the tie rule; `default-logsumexp`: the default re-run after the head's NLL became "
-        f"the logsumexp minus the target's logit) at {', '.join(map(str, SEQ_LENS))} tokens, seeds {', '.join(map(str, SEEDS))} (more where the tables show them; a method with a "
+        f"`default-untied`: without the tie rule) at {', '.join(map(str, SEQ_LENS))} tokens, seeds {', '.join(map(str, SEEDS))} (more where the tables show them; a method with a "
         f"`{BUDGET}` draws as many windows as those loss tokens take); "
         f"{result['threads']} torch thread(s)",
         *(f"- held-out `{key}`: {description}; the first {result['eval_max_texts']} texts scored"
