@@ -1,7 +1,7 @@
 """The time plan (`sglp-llm analyze --plan-time`) against measured analyses of the real models, at
 about 10 % and 30 % of their blocks, with the tool's defaults (32 windows of 256 docstring tokens,
-the stability check on), the loss check's head narrowed to 32 likeliest tokens (`--loss-vocabulary 32`) or, with
-`--loss-vocabulary 0`, whole (the default). In one process: the throughput is measured on a one-block copy with
+the stability check on, the loss check's head narrowed to 32 likeliest tokens, as the default
+narrows it on both models) or, with `--loss-vocabulary 0`, the whole head. In one process: the throughput is measured on a one-block copy with
 random weights, then each analysis runs, and three figures are compared:
 
 - predicted: the plan as a user sees it before the run (assumed removal order and lazy
@@ -17,7 +17,8 @@ The lazy search's measurements per step (after the first) are recorded: they set
     python benchmarks/time_plan.py --threads 1 [--loss-vocabulary 0]
 
 Results: benchmarks/results/time-plan-<model>.json (time-plan-wholehead-<model>.json with the whole
-head, the tool's default) and time-plan.md.
+head, the default until 2026-12-07's evening; time-plan-bounds-<model>.json: the narrowed head with the
+first step's screened estimates as bounds, as before that evening) and time-plan.md.
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ def measure(name: str, vocabulary: int = 32) -> dict:
     loaded = load_model(name, dtype="float32")
     model = loaded.model
     num_blocks = len(find_decoder_blocks(model).layers)
-    # the head narrowed to `vocabulary` likeliest tokens (time-plan-<model>.json) or whole (0: the tool's
-    # default, time-plan-wholehead-<model>.json)
+    # the head narrowed to `vocabulary` likeliest tokens (time-plan-<model>.json) or whole (0,
+    # time-plan-wholehead-<model>.json)
     base = SGLPConfig(drop=1, dataset=STDLIB_DOCS, loss_vocabulary=vocabulary)
     calibration = prepare_calibration(None, loaded.tokenizer, base)
     started = time.perf_counter()
     throughput = measure_throughput(model.config, dtype=torch.float32, device="cpu", seq_len=base.seq_len)
     result = {"model": loaded.name, "num_blocks": num_blocks, "threads": torch.get_num_threads(),
+              "loss_screen_errors": base.loss_screen_errors,
               "throughput": vars(throughput) | {"seconds": time.perf_counter() - started}, "runs": []}
     for ratio in (RATIOS[0], RATIOS[-1]):
         config = base.replace(drop=None, ratio=ratio)
@@ -81,8 +83,12 @@ def _counted(num_blocks: int, config: SGLPConfig, throughput: Throughput, steps:
 def markdown(result: dict) -> str:
     rate = result["throughput"]
     vocabulary = result["runs"][0].get("loss_vocabulary", 0)
-    head = (f"the default with `--loss-vocabulary {vocabulary}` (the loss check's head narrowed to each sequence's "
-            f"{vocabulary} likeliest tokens)" if vocabulary else "the default (the loss check's head over the whole vocabulary)")
+    head = (f"the loss check's head narrowed to each sequence's {vocabulary} likeliest tokens" if vocabulary
+            else "the loss check's head over the whole vocabulary")
+    # runs before 2026-12-07's evening took the first step's screened estimates as bounds
+    errors = result.get("loss_screen_errors", 0)
+    head += (f", the screened estimates lowered by {errors:g} expected error (the default)" if errors
+             else ", the screened estimates as bounds (the default until 2026-12-07's evening)")
     lines = [f"## {result['model']}: {head}", "",
              f"- {head}; the stability check's halves assumed to read back the choice's first step and measure the "
              "rest on their own",
@@ -104,13 +110,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--loss-vocabulary", type=int, default=32, help="0: the whole head (the tool's default)")
+    parser.add_argument("--loss-vocabulary", type=int, default=32, help="0: the whole head")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.models.split(","):
         measure(name, args.loss_vocabulary)
     gather_results("time-plan", "The time plan against measured analyses (benchmarks/time_plan.py, issue 26)", markdown,
-                   variants=("wholehead-", ""))
+                   variants=("", "bounds-", "wholehead-"))
 
 
 if __name__ == "__main__":
