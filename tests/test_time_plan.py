@@ -230,6 +230,16 @@ def test_the_plan_predicts_the_default_and_says_what_it_assumes():
     fewer, said = count_analysis(30, config, measured_per_step=[1] * 6)
     assert fewer["loss check"].block_tokens < plan.phases["loss check"].block_tokens
     assert not any("lazy search" in a for a in said)
+    # the screen's allowance (the default) is assumed to leave 6 candidates to measure at the first
+    # step, the rest 3 each; with the screened estimates as bounds, 3 at every step
+    assumed, said = count_analysis(30, config)
+    assert any("its first step measures 6 after the screen" in a for a in said)
+    listed, _ = count_analysis(30, config, measured_per_step=[6] + [3] * 5)
+    assert vars(assumed["loss check"]) == vars(listed["loss check"])
+    bounds, said = count_analysis(30, config.replace(loss_screen_errors=0))
+    assert vars(bounds["loss check"]) == vars(count_analysis(30, config, measured_per_step=[3] * 6)[0]["loss check"])
+    assert bounds["loss check"].block_tokens < assumed["loss check"].block_tokens
+    assert not any("first step measures" in a for a in said)
     with pytest.raises(ConfigError, match="not loss_beam"):
         count_analysis(30, SGLPConfig(drop=3, loss_beam=2))
 
