@@ -92,6 +92,7 @@ def markdown(result: dict) -> str:
     lines = [f"## {result['model']}: {head}", "",
              f"- {head}; the stability check's halves assumed to read back the choice's first step and measure the "
              "rest on their own",
+             *([f"- conditions: {result['conditions']}"] if result.get("conditions") else []),
              f"- {result['num_blocks']} blocks; {result['threads']} torch thread(s); throughput {rate['source']}, measured in "
              f"{rate['seconds']:.1f} s: {rate['block_token_s'] * 1e6:.2f} µs per block-token, {rate['head_token_s'] * 1e6:.2f} µs "
              "per head position" + (f", {rate['likeliest_token_s'] * 1e6:.2f} µs per position picking the likeliest tokens"
