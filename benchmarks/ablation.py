@@ -126,8 +126,11 @@ def markdown(result: dict) -> str:
             f"{name}: " + (", ".join(f"{k}={v}" for k, v in over.items()) or "the defaults")
             for name, over in result["contenders"].items()
         ),
-        "- every row scores the loss check's whole head (loss_vocabulary=0) unless it says otherwise; "
-        "`vocabulary 32` is the option `--loss-vocabulary 32` (not the default: robustness.md, `default-vocabulary`)",
+        "- every row scores the loss check's whole head (loss_vocabulary=0) and takes the first step's screened estimates "
+        "as bounds (loss_screen_errors=0: the default until 2026-12-07's evening) unless it says otherwise; "
+        "`allowance + narrowed head` is the default since then (the screened estimates lowered by one expected error, "
+        "the head narrowed to 32 likeliest tokens on both models: robustness.md, `default`); `vocabulary 32` is the "
+        "narrowed head alone",
     ]
     origins = {run["origin"] for key, run in runs.items() if key.startswith("sleb|")}
     if origins:
