@@ -18,7 +18,8 @@ The lazy search's measurements per step (after the first) are recorded: they set
 
 Results: benchmarks/results/time-plan-<model>.json (time-plan-wholehead-<model>.json with the whole
 head, the default until 2026-12-07's evening; time-plan-bounds-<model>.json: the narrowed head with the
-first step's screened estimates as bounds, as before that evening) and time-plan.md.
+first step's screened estimates as bounds, as before that evening; time-plan-contended-<model>.json: the
+default measured beside other runs, kept to show what contention does to the prediction) and time-plan.md.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def main() -> None:
     for name in args.models.split(","):
         measure(name, args.loss_vocabulary)
     gather_results("time-plan", "The time plan against measured analyses (benchmarks/time_plan.py, issue 26)", markdown,
-                   variants=("", "bounds-", "wholehead-"))
+                   variants=("", "contended-", "bounds-", "wholehead-"))
 
 
 if __name__ == "__main__":
