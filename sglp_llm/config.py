@@ -410,6 +410,13 @@ class SGLPConfig(SettingsFile):
         return "sequences" if self.loss_screen_samples else None
 
     @property
+    def lowers_screened_estimates(self) -> bool:
+        """Whether the first step's screened estimates are lowered by `loss_screen_errors` expected
+        errors before they stand as bounds: a screen on sequences, for the NLL (whose per-sequence
+        losses give the error)."""
+        return self.first_step_screen == "sequences" and self.loss_screen_errors > 0 and self.loss_objective == "nll"
+
+    @property
     def needs_backward(self) -> bool:
         """Whether the analysis needs a gradient score (a backward per calibration batch): SGLP
         does, except a loss check that tries every block of a segment."""

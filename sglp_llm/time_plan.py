@@ -272,7 +272,7 @@ def _loss_search(num_blocks: int, config: SGLPConfig, rows: list[int], first_bat
             per_step = measured_per_step if isinstance(measured_per_step, int) else measured_per_step[step]
             if step == 0 and not screen:
                 per_step = len(left)
-            elif step == 0 and config.loss_screen_errors and isinstance(measured_per_step, int):
+            elif step == 0 and config.lowers_screened_estimates and isinstance(measured_per_step, int):
                 per_step = MEASURED_FIRST_WITH_ALLOWANCE
             # blocks read one at a time: the search measures its candidates LAZY_MEASURED_TOGETHER
             # to a pass (a step's last pass measuring the rest of its group too)
@@ -379,7 +379,7 @@ def count_analysis(
         together = (f" ({LAZY_MEASURED_TOGETHER} to a pass over the blocks, read once for all of them)"
                     if _reads_blocks(config) else "")
         assumptions.append(f"each step of the lazy search after the first measures {measured_per_step} candidates{together}")
-        if config.first_step_screen == "sequences" and config.loss_screen_errors:
+        if config.lowers_screened_estimates:
             assumptions.append(f"its first step measures {MEASURED_FIRST_WITH_ALLOWANCE} after the screen (the screen's allowance "
                                "leaves more candidates promising)")
     phases: dict[str, Work] = {}

@@ -240,6 +240,11 @@ def test_the_plan_predicts_the_default_and_says_what_it_assumes():
     assert vars(bounds["loss check"]) == vars(count_analysis(30, config, measured_per_step=[3] * 6)[0]["loss check"])
     assert bounds["loss check"].block_tokens < assumed["loss check"].block_tokens
     assert not any("first step measures" in a for a in said)
+    # the KL objective has no per-sequence losses to lower its estimates by: 3 at every step
+    kl = config.replace(loss_objective="kl")
+    phases, said = count_analysis(30, kl)
+    assert vars(phases["loss check"]) == vars(count_analysis(30, kl, measured_per_step=[3] * 6)[0]["loss check"])
+    assert not any("first step measures" in a for a in said)
     with pytest.raises(ConfigError, match="not loss_beam"):
         count_analysis(30, SGLPConfig(drop=3, loss_beam=2))
 

@@ -177,7 +177,7 @@ def loss_search(
                 return max(measured[block], current + increase[block]) - lowered
 
             def allowance() -> float:
-                if not (fresh and config.loss_screen_errors and removal.objective == "nll"):
+                if not (fresh and config.lowers_screened_estimates):
                     return 0.0
                 best = min(fresh, key=lambda b: (measured[b], b))
                 if best not in allowances:  # once per step's best: the error is reduced over processes
