@@ -59,7 +59,7 @@ CONTENDERS = {
     # and with the head scoring each sequence's 32 likeliest tokens per position, its next tokens and
     # a weighted sample of the rest (issue 26: a cheaper measurement; every other row here scores the whole head)
     "vocabulary 32": {**DEFAULT, "loss_ties": "run-then-block-influence", "loss_vocabulary": 32},
-    # the default since 2026-12-07 (evening): the same with the screen's estimates lowered by one expected
+    # the default since 2026-12-07's evening: the same with the screen's estimates lowered by one expected
     # error before they stand as bounds, the head narrowed where the vocabulary is large (32 on both)
     "allowance + narrowed head": {**DEFAULT, "loss_ties": "run-then-block-influence", "loss_vocabulary": None,
                                   "loss_screen_errors": 1.0},

@@ -19,7 +19,7 @@ statistics pass keeps, and without. `--head-share` measures instead where a loss
 removed one against the head (final norm, lm_head, loss), on the loss check's 2048 tokens, and
 the same with the head on a quarter of the positions (`loss_positions: 0.25`).
 
-Results: benchmarks/results/cost-<model>.json (the default since 2026-12-07 (evening); cost-wholehead-<model>.json: the
+Results: benchmarks/results/cost-<model>.json (the default since 2026-12-07's evening; cost-wholehead-<model>.json: the
 whole-head default before, its screen's estimates standing as bounds; cost-crossentropy-<model>.json: before the head's NLL was
 the logsumexp minus the target's logit; cost-fullhalves-<model>.json: before the stability check read back the loss check's measurements; cost-untied-<model>.json: before near-ties were settled), cost-all-<model>.json, cost-kept-<model>.json and cost-head-<model>.json, gathered into
 benchmarks/results/cost.md with the earlier measurement (cost-earlier-<model>.json: SLEB on every
@@ -83,7 +83,7 @@ def measure(name: str, out: Path, sleb_on_every_token: bool = False, ratios: tup
             "sleb_tokens": calibration.n_tokens if equal is None else equal * CALIBRATION.batch_size * CALIBRATION.seq_len,
             "loss_tokens": CALIBRATION.loss_tokens,
             "loss_ties": CALIBRATION.loss_ties, "loss_vocabulary": loss_vocabulary,
-            # since 2026-12-07 (evening) the screen's estimates are lowered by this many expected errors (0 before)
+            # since 2026-12-07's evening the screen's estimates are lowered by this many expected errors (0 before)
             "loss_screen_errors": CALIBRATION.loss_screen_errors,
             # since 2026-12-07 the head's NLL is the logsumexp minus the target's logit (passes.loss.token_nll)
             "nll": "logsumexp",
@@ -157,7 +157,7 @@ def _head(result: dict) -> str:
     """What the default's head scored in a cost run (runs before the option scored the whole vocabulary)."""
     vocabulary = result.get("loss_vocabulary", 0)
     if vocabulary is None:
-        return "the head narrowed where the vocabulary is large (the default since 2026-12-07 (evening): 32 here)"
+        return "the head narrowed where the vocabulary is large (the default since 2026-12-07's evening: 32 here)"
     return f"--loss-vocabulary {vocabulary}" if vocabulary else "the head over the whole vocabulary"
 
 
@@ -185,7 +185,7 @@ def gather() -> Path:
         # the loss check's near-ties are settled by default since 2026-12-07; runs before say so
         default = f"loss_ties {r['loss_ties']}" if "loss_ties" in r else "before near-ties were settled (2026-12-06)"
         default += f"; {_head(r)}"
-        errors = r.get("loss_screen_errors", 0)  # runs before 2026-12-07 (evening) took the screen's estimates as bounds
+        errors = r.get("loss_screen_errors", 0)  # runs before 2026-12-07's evening took the screen's estimates as bounds
         default += f"; the screen's estimates lowered by {errors:g} expected error" if errors else "; the screen's estimates as bounds"
         default += ("; stability: the loss check's halves" if "stability" in r else
                     "; stability: the second calibration half analysed in full (before 2026-12-07's rework)")

@@ -61,7 +61,7 @@ PEERS = ("block-influence", "angular", "sleb")
 SLEB = {"loss_tokens": 10**9, "loss_screen_samples": 0, "loss_bound": "stale", "loss_objective": "nll"}
 # name -> settings changed from the defaults ("method": a peer); greedy ones are read by prefix
 METHODS = {
-    # the tool's default (since 2026-12-07 (evening)): calibrated on the model's own text (builtin:self-generated),
+    # the tool's default (since 2026-12-07's evening): calibrated on the model's own text (builtin:self-generated),
     # its windows drawn by sglp's NucleusDraw (passes/sampling.py) from the beginning-of-text token
     # (the analysis samples them, and its time includes the sampling), the loss check's near-ties
     # settled by the run rule, the first step's screened estimates lowered by one expected error
@@ -317,7 +317,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"## {result['model']}", "",
         f"- blocks: {result['num_blocks']}; calibration: {result['n_samples']} windows of the standard-library "
-        f"docstrings unless a method's settings name another text (`default`: the tool's default since 2026-12-07 (evening), "
+        f"docstrings unless a method's settings name another text (`default`: the tool's default since 2026-12-07's evening, "
         f"on the model's own samples (the default calibration since 2026-12-06), the loss check's near-ties settled by the "
         f"run rule, the screen's estimates lowered by one expected error, the head narrowed where the vocabulary is large; "
         f"`whole-head-recorded`: the default of 2026-12-07 (the whole head, the screen's estimates as bounds) as recorded "
