@@ -21,7 +21,8 @@ the same with the head on a quarter of the positions (`loss_positions: 0.25`).
 
 Results: benchmarks/results/cost-<model>.json (the default since 2026-12-07's evening; cost-wholehead-<model>.json: the
 whole-head default before, its screen's estimates standing as bounds; cost-crossentropy-<model>.json: before the head's NLL was
-the logsumexp minus the target's logit; cost-fullhalves-<model>.json: before the stability check read back the loss check's measurements; cost-untied-<model>.json: before near-ties were settled), cost-all-<model>.json, cost-kept-<model>.json and cost-head-<model>.json, gathered into
+the logsumexp minus the target's logit; cost-fullhalves-<model>.json: before the stability check read back the loss check's measurements; cost-untied-<model>.json: before near-ties were settled), cost-all-<model>.json (cost-all-fullhalves-<model>.json: the same
+before the stability check read back the loss check's measurements and the head was narrowed), cost-kept-<model>.json and cost-head-<model>.json, gathered into
 benchmarks/results/cost.md with the earlier measurement (cost-earlier-<model>.json: SLEB on every
 calibration token, at 10 % only, before the stability check existed).
 """
@@ -177,7 +178,7 @@ def gather() -> Path:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     measured = [json.loads(p.read_text()) for name in MODELS
-                for kind in ("", "wholehead-", "crossentropy-", "vocabulary-", "all-", "fullhalves-", "untied-")
+                for kind in ("", "wholehead-", "crossentropy-", "vocabulary-", "all-", "all-fullhalves-", "fullhalves-", "untied-")
                 if (p := RESULTS / f"cost-{kind}{name}.json").is_file()]
     if not measured:
         lines[-2:] = ["Not run yet: `python benchmarks/cost.py`."]

@@ -312,9 +312,10 @@ def preflight(model: nn.Module | ModelHandle, *, seed: int = 0) -> None:
         return
     reference = None
     if not handle.blockwise:
-        probe = make_probe(handle.model, None, seed=seed)
-        _check_loss(handle, Probe(probe.input_ids[:1, :PROBE_TOKENS]))
-        # no generation: the check after the real removal runs it, and it is the costlier part
+        # one sequence: still across the sliding window (the block-index dependence a trial
+        # exposes); the check after the real removal runs the whole probe, and generation
+        probe = Probe(make_probe(handle.model, None, seed=seed).input_ids[:1])
+        _check_loss(handle, Probe(probe.input_ids[:, :PROBE_TOKENS]))
         reference = reference_outputs(handle, trial, probe, generate=False)
     undo = removing_blocks(handle, trial)
     try:
