@@ -91,7 +91,7 @@ def run_model(name: str, steps: list[int], rows: list[str], ratios: list[float],
     loaded = load_model(name, dtype="float32")
     teacher, tokenizer = loaded.model, loaded.tokenizer
     robustness = json.loads((RESULTS / f"robustness-{name}.json").read_text())
-    # the blocks every row was measured on: the whole-head default's choice as recorded then
+    # a new cell's blocks: the whole-head default's choice as recorded then
     order = robustness["runs"]["256|0|whole-head-recorded"]["order"]
     num_blocks = robustness["num_blocks"]
     texts = {key: load_eval_texts(source, max_texts=eval_max_texts) for key, source in SOURCES.items()}
@@ -102,10 +102,12 @@ def run_model(name: str, steps: list[int], rows: list[str], ratios: list[float],
         _update(out, lambda r: r.setdefault("dense", dense))
     for ratio in ratios:
         drop = round(ratio * num_blocks)
-        dropped = sorted(order[:drop])
+        # a cell measured before keeps its blocks (an earlier default's choice): its rows compare on the same model
+        cell = _update(out, lambda r: r["cells"].setdefault(str(drop), {"dropped": sorted(order[:drop])}))["cells"][str(drop)]
+        dropped = cell["dropped"]
         pruned = copy.deepcopy(teacher)
         removing_blocks(pruned, dropped)
-        if "plain" not in _update(out, lambda r: r["cells"].setdefault(str(drop), {"dropped": dropped}))["cells"][str(drop)]:
+        if "plain" not in cell:
             plain = _held_out(pruned, tokenizer, texts)
             _update(out, lambda r: r["cells"][str(drop)].setdefault("plain", plain))
         for n_steps in steps:
