@@ -337,7 +337,8 @@ def test_a_screen_that_puts_the_best_removal_a_little_too_high_does_not_hide_it(
     """A planted screen: every candidate's estimate is its true loss on the loss batches, the
     best's raised past the second best's by less than the allowance. Taken as a bound (errors 0),
     the estimate hides the best and the search removes the second best; lowered by the allowance
-    (loss_screen_errors 1, the default), the best is measured and goes, as in the unscreened search."""
+    (loss_screen_errors 1, the default), the best is measured and goes, as in the unscreened search.
+    The KL objective's steps record no allowance."""
     from sglp_llm.selection import loss_check
 
     model = tiny_model("llama", num_layers=10)
@@ -357,6 +358,9 @@ def test_a_screen_that_puts_the_best_removal_a_little_too_high_does_not_hide_it(
     assert screened.dropped == plain.dropped == [best]
     assert step["screen_allowance"] > true[second] + 1e-4 - true[best] > 0
     assert step["loss"] == pytest.approx(true[best], rel=1e-6)
+    # the KL objective keeps no per-sequence spread, so nothing lowers its screened estimates: no allowance recorded
+    kl = analyze(model, batches, SGLPConfig(loss_objective="kl", **settings), progress=False)
+    assert "screen_allowance" not in kl.extra["loss_check"]["steps"][0]
 
 
 def test_redundancy_allocation_matches_a_hand_worked_example(monkeypatch):
