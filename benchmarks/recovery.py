@@ -32,7 +32,8 @@ from sglp_llm.model.rewrite import removing_blocks
 
 SOURCES = {"fortunes": FORTUNES, "paragraphs": None}  # None: the built-in evaluation text
 RATIOS = (0.2, 0.3)
-# the block-local rows' AdamW rate (the tool's default, `recover_learning_rate`) unless a row names one
+# the block-local rows' AdamW rate unless a row names one: the tool's `recover_learning_rate` when they were
+# measured (3e-4 since 2026-12-07, from the rows at lr 1e-3, 3e-4 and 1e-4)
 BLOCK_LOCAL_LR = 3e-3
 # row -> (block-local recovery first at this rate, or None: none; HealConfig settings beyond the
 # common ones, or None: no healing)
@@ -62,6 +63,7 @@ ROWS = {
     "block-local at lr 1e-3": (1e-3, None),
     "block-local at lr 3e-4": (3e-4, None),
     "block-local at lr 1e-4": (1e-4, None),
+    "block-local at lr 3e-4 + KD LoRA at lr 1e-3": (3e-4, {"learning_rate": 1e-3}),
 }
 # every row's LoRA rate unless it names one: heal's default when the rows were first measured (now
 # 1e-3 when distilling: the rows "at lr 1e-3")
