@@ -136,6 +136,10 @@ OVERRIDES: dict[str, Callable[[int, int], dict]] = {
     "cohere_compass_text": lambda n, h: {"rope_parameters": {"full_attention": {"rope_type": "default",
                                                                                 "rope_theta": 10000.0}}},
     "dbrx": lambda n, h: {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},
+    # an indexer scores keys with the query heads of key head 0 (default 12 of 48); its pool and
+    # windows sized to the tiny input
+    "kolibri1_1": lambda n, h: {"index_num_heads": HEADS // KV_HEADS, "index_topk": WINDOW, "index_pool_size": 2 * WINDOW,
+                                "index_compression": 2, "index_num_local_tokens": 4, "index_num_sink_tokens": 1},
     "qwen4_exp_text": lambda n, h: {"indexer_n_heads": HEADS, "indexer_kv_heads": 1, "indexer_head_dim": h // HEADS,
                                     "indexer_budget": WINDOW, "indexer_compress_ratio": 4},
     "xmod": lambda n, h: {"default_language": "en_XX"},

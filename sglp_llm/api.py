@@ -201,9 +201,9 @@ def collect_block_statistics(
            partial(hooked_pass, gradient_checkpointing=config.gradient_checkpointing, after_batch=checkpoint))
     with eval_mode(model):
         if todo:
-            returns_tuple = run(handle, [batches[i] for i in todo], observers, grads, gates, progress=progress)
+            arity = run(handle, [batches[i] for i in todo], observers, grads, gates, progress=progress)
             if original is not None:
-                original.returns_tuple = returns_tuple
+                original.arity = arity
     state = summed()
     save(len(batches), state)  # a rerun, e.g. after a failed selection, skips the whole pass
     for name, accumulator in accumulators.items():

@@ -466,15 +466,15 @@ def measure_throughput(model_config: Any, *, dtype: torch.dtype, device: str, se
     block_s, head_s, likeliest_s = [], [], []
     for _ in range(3):
         started = time.perf_counter()
-        final, returns_tuple = output_of(model, handle.layers[-1], batch)
+        final, arity = output_of(model, handle.layers[-1], batch)
         _synchronize(device)
         block_s.append(time.perf_counter() - started)
         started = time.perf_counter()
-        head_nll(handle, batch, final, returns_tuple)
+        head_nll(handle, batch, final, arity)
         _synchronize(device)
         head_s.append(time.perf_counter() - started)
         started = time.perf_counter()
-        likeliest_tokens(handle, batch, final, returns_tuple, AUTO_VOCABULARY)
+        likeliest_tokens(handle, batch, final, arity, AUTO_VOCABULARY)
         _synchronize(device)
         likeliest_s.append(time.perf_counter() - started)
     return Throughput(min(block_s[1:]) / tokens, min(head_s[1:]) / (tokens - 1),

@@ -27,6 +27,9 @@ CASES = {
     "gemma3n_text": ("refused", "store_full_length_kv"),  # KV sharing between blocks
     "dots3_note_text": ("refused", "fails its own validation"),  # per-layer-type sub-configs
     "musicgen": ("refused", "next-token loss"),  # codebooks, not a text causal LM
+    "bloom": ("exact", ""),  # blocks return attention weights unasked: not passed on
+    "cpmant": ("exact", ""),  # the loop unpacks (hidden, attention) from every block
+    "hy_v4": ("refused", "a state of its own"),  # top-k indices handed to the next block
 }
 
 

@@ -3,6 +3,8 @@ device at a time, blocks read from disk, the model left as it was, and clear ref
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +24,10 @@ from sglp_llm.passes.loss import causal_lm_loss, grad_only_for
 from sglp_llm.passes.sequential import sequential_pass
 from sglp_llm.model.offload import BLOCK_LOADER_ATTRIBUTE, MoveBlocks, load_with_blocks_on_disk
 from tiny_models import tiny_batch, tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from tiny_architectures import tiny_causal_lm  # noqa: E402
 
 # block scoring: the selection then runs no model, so every block run is the statistics pass's
 # the blocks onloaded are counted here: the stability halves (tests/test_stability.py) would onload them again
@@ -189,6 +195,19 @@ def test_loss_selections_run_block_by_block_with_the_same_choices(family, settin
     _assert_same_loss_choices(plain, sequential)
 
 
+@pytest.mark.parametrize("family", ["bloom", "cpmant", "rwkv"])
+def test_blocks_returning_more_than_the_hidden_states_run_block_by_block_with_the_same_choices(family):
+    """BLOOM's blocks return their attention weights unasked (transformers 5.25), CPM-Ant's and
+    RWKV's loops unpack a fixed count: stand-ins shaped as the blocks' outputs, the rest None,
+    give the block-by-block run the whole model's losses and choices (they were refused or
+    crashed with a bare tensor)."""
+    model = tiny_causal_lm(family, num_blocks=L)
+    config = SGLPConfig(**LOSS_CONFIG)
+    plain = analyze(model, _batches(), config, progress=False)
+    sequential = analyze(model, _batches(), config.replace(offload="sequential"), progress=False)
+    _assert_same_loss_choices(plain, sequential)
+
+
 @pytest.mark.parametrize("settings", [{}, {"method": "sleb"}])
 def test_loss_selections_onload_one_block_at_a_time(settings):
     model = tiny_model("mistral", num_layers=L)
@@ -265,7 +284,7 @@ def test_blocks_that_return_tuples():
     cka, grads, gates = MinibatchCKA(4, minibatch_tokens=16), BlockGradNorms.for_blocks(model.layers), GateScores(4)
     # a module with no transformers config: its blocks are named, not found
     handle = ModelHandle(model, DecoderBlocks(path="layers", parent=model, attribute="layers", config=None))
-    assert sequential_pass(handle, batches, [cka], grads, gates, progress=False) is True  # its blocks return tuples
+    assert sequential_pass(handle, batches, [cka], grads, gates, progress=False) == 2  # its blocks return pairs
     torch.testing.assert_close(cka.compute(), plain_cka.compute(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grads.compute(), plain_grads.compute(), rtol=1e-4, atol=0)
     for name, value in gates.compute().items():

@@ -3,6 +3,9 @@ does not compute what the original computes with the dropped blocks skipped is n
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_models import FAMILIES, tiny_batch, tiny_model
@@ -16,6 +19,10 @@ from sglp_llm.plan import PruningPlan
 from sglp_llm.model.rewrite import RewriteError, is_index_list, is_per_block, remap_index_list, remove_blocks
 from sglp_llm.model.offload import load_with_blocks_on_disk
 from sglp_llm.output.verify import VerificationError, make_probe, skipped
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from tiny_architectures import tiny_causal_lm  # noqa: E402
 
 BATCHES = [tiny_batch(2, 16, seed=i) for i in range(4)]
 
@@ -269,25 +276,28 @@ def test_a_model_dispatched_with_weights_on_disk_is_verified_and_reloaded(tmp_pa
     torch.testing.assert_close(logits(reloaded, BATCHES[0]), expected, rtol=1e-5, atol=1e-5)
 
 
-def _tiny_xlstm():
-    config = AutoConfig.for_model("xlstm", vocab_size=96, hidden_size=32, embedding_dim=32, num_heads=2,
-                                  num_blocks=4, num_hidden_layers=4)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
 @pytest.mark.parametrize("offload", ["none", "sequential"])
 def test_a_family_whose_blocks_pass_on_a_state_is_refused_in_words(offload):
-    """xLSTM's blocks return (hidden states, recurrent state): a pass-through cannot stand in for
-    one, so the family is refused by name with the reason, not with a Python unpacking error."""
+    """HY-V4's blocks return (hidden states, top-k indices) and the model hands the indices to
+    the next block: a pass-through cannot stand in for one, so the family is refused by name with
+    the reason (shown by the loss changing without them, or block by block by the next call
+    holding them), not with a Python error, and the model is left as it was."""
     from sglp_llm.model.blocks import UnsupportedModelError
 
-    model = _tiny_xlstm()
+    model = tiny_causal_lm("hy_v4")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batch = tiny_batch(batch_size=2, seq_len=12)
     with pytest.raises(UnsupportedModelError) as refused:
         prune(model, [batch], SGLPConfig(drop=1, offload=offload, cka_minibatch_tokens=16), progress=False)
     message = str(refused.value)
-    assert "xLSTMForCausalLM (model_type 'xlstm')" in message and "recurrent state" in message
-    assert "unpack" not in message
+    assert "HYV4ForCausalLM (model_type 'hy_v4')" in message and "recurrent state" in message
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_blocks_returning_attention_weights_unasked_are_not_refused():
+    """BLOOM's blocks return their attention weights whether asked or not; the model keeps them
+    only when asked, so its loss is the same without them and the family is pruned."""
+    model = tiny_causal_lm("bloom")
+    result = prune(model, [tiny_batch(batch_size=2, seq_len=12)], SGLPConfig(drop=1, cka_minibatch_tokens=16),
+                   progress=False)
+    assert len(result.plan.dropped) == 1

@@ -29,7 +29,7 @@ from ..model.devices import input_device
 from ..model.handle import ModelHandle
 from ..model.offload import BLOCK_LOADER_ATTRIBUTE, load_with_blocks_on_disk, onloaded
 from ..model.rewrite import removing_blocks
-from ..passes.capture import block_input, block_output, refuse_carried_state
+from ..passes.capture import as_returned, block_arity, block_input, block_output, extra_items, refuse_carried_state
 from ..passes.head import final_hidden_state
 from ..passes.loss import causal_lm_loss
 from ..passes.sequential import _record_calls
@@ -207,7 +207,7 @@ def blockwise_outputs(
     indices = list(indices) if indices is not None else list(range(len(layers)))
     batch = {k: v.to(handle.input_device) for k, v in probe.batch.items()}
     skip = set(skip)
-    returns_tuple = False
+    arity = 0
     with torch.no_grad():
         first, calls = _record_calls(handle, batch)
         hidden = first.to(device)
@@ -216,9 +216,9 @@ def blockwise_outputs(
                 continue
             with onloaded(loader, indices[index], block, device):
                 output = calls[index].run(block, hidden)
-            returns_tuple = isinstance(output, (tuple, list))
+            arity = block_arity(output)
             hidden = block_output(output)
-        with final_hidden_state(layers, hidden, returns_tuple):
+        with final_hidden_state(layers, hidden, arity):
             logits = model(**batch, use_cache=False).logits
     return Outputs(logits.float().cpu())
 
@@ -285,7 +285,7 @@ def _check_loss(handle: ModelHandle, probe: Probe) -> None:
         lambda module, args, output: carried.append(output))
     try:
         with torch.no_grad():
-            causal_lm_loss(model, batch)
+            loss = causal_lm_loss(model, batch)
     except (ValueError, IndexError, TypeError, RuntimeError, AttributeError, KeyError) as error:
         if isinstance(error, torch.OutOfMemoryError):
             raise
@@ -296,8 +296,29 @@ def _check_loss(handle: ModelHandle, probe: Probe) -> None:
         ) from error
     finally:
         hook.remove()
-    if carried:
+    if carried and extra_items(carried[0]) and not _same_loss_without_extras(handle, batch, loss):
         refuse_carried_state(model, carried[0])
+
+
+def _same_loss_without_extras(handle: ModelHandle, batch: dict[str, torch.Tensor], loss: torch.Tensor) -> bool:
+    """Whether the model computes the same `loss` when every block returns None beside its hidden
+    states, as a stand-in for a skipped block does: true where the rest is attention weights the
+    model keeps only when asked (BLOOM, Falcon, GPT-J, ... return them unasked), false where it
+    is a state the next block reads (xLSTM's), which no stand-in and no pruned model can give."""
+
+    def without_extras(module: nn.Module, args: tuple, output: Any) -> Any:
+        return as_returned(block_output(output), block_arity(output))
+
+    hooks = [layer.register_forward_hook(without_extras) for layer in handle.layers]
+    try:
+        with torch.no_grad():
+            again = causal_lm_loss(handle.model, batch)
+    except (ValueError, IndexError, TypeError, RuntimeError, AttributeError, KeyError):
+        return False
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return bool(torch.allclose(again, loss, rtol=1e-5, atol=1e-6))
 
 
 def preflight(model: nn.Module | ModelHandle, *, seed: int = 0) -> None:

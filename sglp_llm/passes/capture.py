@@ -58,19 +58,39 @@ def block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def block_arity(output) -> int:
+    """How many items a decoder block returns: 0 for a bare tensor, else its tuple's length (the
+    hidden states first, then what the family adds: attention weights, a cache, ...)."""
+    return len(output) if isinstance(output, (tuple, list)) else 0
+
+
+def as_returned(hidden: torch.Tensor, arity: int) -> Any:
+    """What a stand-in for a block returning `arity` items gives back: `hidden`, in a tuple
+    of that length with None for the rest where the block returns a tuple (a family whose loop
+    unpacks a fixed count, as CPM-Ant's and RWKV's do, takes it; one that reads the rest finds
+    none, as with `output_attentions` off)."""
+    return (hidden, *([None] * (arity - 1))) if arity else hidden
+
+
 def refuse_carried_state(model: nn.Module, output: Any) -> None:
     """Refuse a family whose decoder block `output` holds, beside the hidden states, a state the
     model passes on (xLSTM's recurrent state): a pass-through stand-in cannot give it, and a model
-    without the block would not have it, so no removal could be measured or checked."""
-    extra = [type(item).__name__ for item in output[1:] if item is not None] if isinstance(output, (tuple, list)) else []
+    without the block would not have it, so no removal could be measured or checked. Called where
+    the model was shown to need that state (`output.verify`) or choked on a stand-in without it."""
+    extra = extra_items(output)
     if extra:
         raise UnsupportedModelError(
             f"This {type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r}) cannot be "
             f"depth-pruned: each of its decoder blocks returns, beside the hidden states, a state of its own "
             f"({', '.join(extra)}) that the model passes on, a recurrent state. sglp-llm measures a removal by "
             "letting the hidden states pass the block by, and writes a model without it; both need blocks "
-            "that return the hidden states alone, so no choice or rewrite could be checked for this family."
+            "whose other outputs the model does not pass on, so no choice or rewrite could be checked for this family."
         )
+
+
+def extra_items(output: Any) -> list[str]:
+    """The type names of what a block returns beside the hidden states (None items left out)."""
+    return [type(item).__name__ for item in output[1:] if item is not None] if isinstance(output, (tuple, list)) else []
 
 
 @contextmanager

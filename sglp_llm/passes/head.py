@@ -22,7 +22,7 @@ from torch import nn
 from ..config import ConfigError
 from ..model.blocks import text_config
 from ..model.handle import ModelHandle
-from .capture import StopForward, block_input, block_output, stubbed_blocks
+from .capture import StopForward, as_returned, block_arity, block_input, block_output, stubbed_blocks
 from .loss import causal_lm_loss, check_finite, token_nll
 
 # at most this many bytes of float32 logits per chunk of positions
@@ -33,7 +33,7 @@ RESTS_SAMPLED = 1024
 
 
 @contextmanager
-def final_hidden_state(layers: nn.ModuleList, final: torch.Tensor, returns_tuple: bool) -> Iterator[None]:
+def final_hidden_state(layers: nn.ModuleList, final: torch.Tensor, arity: int) -> Iterator[None]:
     """Run the model's own head on `final`: every block is a stub that passes its input on, the
     last one hands `final` instead."""
 
@@ -41,7 +41,7 @@ def final_hidden_state(layers: nn.ModuleList, final: torch.Tensor, returns_tuple
         hidden = block_input(args, kwargs)
         if index == len(layers) - 1:
             hidden = final.to(hidden.device)
-        return (hidden,) if returns_tuple else hidden
+        return as_returned(hidden, arity)
 
     with stubbed_blocks(layers, pass_through):
         yield
@@ -142,13 +142,13 @@ def vocabulary_subset(likeliest: list[torch.Tensor], targets: torch.Tensor, voca
     return VocabularySubset(token_ids, log_weights, column)
 
 
-def likeliest_tokens(model: nn.Module | ModelHandle, batch: dict[str, torch.Tensor], final: torch.Tensor, returns_tuple: bool,
+def likeliest_tokens(model: nn.Module | ModelHandle, batch: dict[str, torch.Tensor], final: torch.Tensor, arity: int,
                      k: int, positions: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The `k` likeliest next tokens under the head on `final` at each of `batch`'s predicted
     (non-padding) positions (of `positions`, when given): for each row, [its positions, k], on the CPU."""
     valid = _predicted(batch)
     rows: list[list[torch.Tensor]] = [[] for _ in range(len(valid))]
-    for chunk, logits in _head_logits(ModelHandle.of(model), batch, final, returns_tuple, None, positions):
+    for chunk, logits in _head_logits(ModelHandle.of(model), batch, final, arity, None, positions):
         top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices.cpu()
         for row, mask in enumerate(valid[:, chunk].cpu()):
             rows[row].append(top[row][mask])
@@ -159,7 +159,7 @@ def _head_logits(
     handle: ModelHandle,
     batch: dict[str, torch.Tensor],
     final: torch.Tensor,
-    returns_tuple: bool,
+    arity: int,
     max_logits_bytes: int | None,
     positions: torch.Tensor | None = None,
     vocabulary: VocabularySubset | None = None,
@@ -176,7 +176,7 @@ def _head_logits(
         selectable = max(selectable, selectable * len(vocabulary.column) // max(len(vocabulary.token_ids), 1))
     chunk = selectable or len(scored)
     narrowed = vocabulary.scoring(model) if vocabulary is not None else nullcontext()
-    with final_hidden_state(handle.layers, final, returns_tuple), narrowed:
+    with final_hidden_state(handle.layers, final, arity), narrowed:
         for start in range(0, len(scored), chunk):
             part = scored[start:start + chunk]
             kwargs = {"logits_to_keep": part} if selectable is not None else {}
@@ -207,7 +207,7 @@ def head_nll(
     model: nn.Module | ModelHandle,
     batch: dict[str, torch.Tensor],
     final: torch.Tensor,
-    returns_tuple: bool,
+    arity: int,
     *,
     max_logits_bytes: int | None = None,
     backward: bool = False,
@@ -228,7 +228,7 @@ def head_nll(
     counts = (valid if positions is None else valid[:, positions.to(valid.device)]).sum(dim=1)
     count = int(counts.sum())
     total = None
-    for chunk, logits in _head_logits(ModelHandle.of(model), batch, final, returns_tuple, max_logits_bytes, positions, vocabulary):
+    for chunk, logits in _head_logits(ModelHandle.of(model), batch, final, arity, max_logits_bytes, positions, vocabulary):
         wanted = targets[:, chunk]
         logits = logits.float()
         if vocabulary is not None:
@@ -286,13 +286,13 @@ def _coarse_log_probs(log_probs: torch.Tensor, token_ids: torch.Tensor) -> tuple
 
 def _predicted_log_probs(
     handle: ModelHandle, batch: dict[str, torch.Tensor], final: torch.Tensor,
-    returns_tuple: bool, max_logits_bytes: int | None, positions: torch.Tensor | None = None,
+    arity: int, max_logits_bytes: int | None, positions: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """The head's next-token log-probabilities on `final` at `batch`'s predicted (non-padding)
     positions (of `positions`, when given), a chunk at a time: [positions in the chunk, vocab],
     rows in batch-major order."""
     valid = _predicted(batch)
-    for chunk, logits in _head_logits(handle, batch, final, returns_tuple, max_logits_bytes, positions):
+    for chunk, logits in _head_logits(handle, batch, final, arity, max_logits_bytes, positions):
         yield torch.log_softmax(logits.float(), dim=-1)[valid[:, chunk].to(logits.device)]
 
 
@@ -300,7 +300,7 @@ def reference_distribution(
     model: nn.Module | ModelHandle,
     batch: dict[str, torch.Tensor],
     final: torch.Tensor,
-    returns_tuple: bool,
+    arity: int,
     top_k: int,
     *,
     max_logits_bytes: int | None = None,
@@ -309,7 +309,7 @@ def reference_distribution(
     """The `ReferenceDistribution` of the head on `final` (the original model's last block
     output) at `batch`'s predicted positions (of `positions`, when given), on the CPU."""
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for log_probs in _predicted_log_probs(ModelHandle.of(model), batch, final, returns_tuple, max_logits_bytes, positions):
+    for log_probs in _predicted_log_probs(ModelHandle.of(model), batch, final, arity, max_logits_bytes, positions):
         token_ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1).indices
         top, rest = _coarse_log_probs(log_probs, token_ids)
         parts.append((token_ids.cpu(), top.cpu(), rest.cpu()))
@@ -320,7 +320,7 @@ def head_kl(
     model: nn.Module | ModelHandle,
     batch: dict[str, torch.Tensor],
     final: torch.Tensor,
-    returns_tuple: bool,
+    arity: int,
     reference: ReferenceDistribution,
     *,
     max_logits_bytes: int | None = None,
@@ -330,7 +330,7 @@ def head_kl(
     positions (those of `positions`, the reference's, when given) and their count, both
     distributions coarsened to the reference's top tokens and the rest (`ReferenceDistribution`)."""
     total, row = None, 0
-    for log_probs in _predicted_log_probs(ModelHandle.of(model), batch, final, returns_tuple, max_logits_bytes, positions):
+    for log_probs in _predicted_log_probs(ModelHandle.of(model), batch, final, arity, max_logits_bytes, positions):
         rows = slice(row, row + log_probs.shape[0])
         row = rows.stop
         part = coarse_kl(reference.rows(rows, log_probs.device), log_probs)
@@ -338,14 +338,14 @@ def head_kl(
     return total, row
 
 
-def output_of(model: nn.Module, layer: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+def output_of(model: nn.Module, layer: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """`layer`'s output in the model's forward on `batch`, the forward stopped there (hooks
-    registered on it before run first), and whether the blocks return tuples."""
+    registered on it before run first), and how many items the blocks return (`capture.block_arity`)."""
 
     found: dict[str, Any] = {}
 
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
-        found.update(hidden=block_output(output), returns_tuple=isinstance(output, (tuple, list)))
+        found.update(hidden=block_output(output), arity=block_arity(output))
         raise StopForward
 
     handle = layer.register_forward_hook(hook)
@@ -355,26 +355,26 @@ def output_of(model: nn.Module, layer: nn.Module, batch: dict[str, torch.Tensor]
         pass
     finally:
         handle.remove()
-    return found["hidden"], found["returns_tuple"]
+    return found["hidden"], found["arity"]
 
 
 def head_gradient(
-    model: nn.Module | ModelHandle, batch: dict[str, torch.Tensor], final: torch.Tensor, returns_tuple: bool
+    model: nn.Module | ModelHandle, batch: dict[str, torch.Tensor], final: torch.Tensor, arity: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean next-token loss on the final hidden state `final` (refused when not finite) and
     its gradient there, taken a chunk of positions at a time."""
 
     leaf = final.detach().requires_grad_()
-    total, count = head_nll(model, batch, leaf, returns_tuple, backward=True)
+    total, count = head_nll(model, batch, leaf, arity, backward=True)
     return check_finite(total / count), leaf.grad
 
 
 def backward_through_head(
-    model: nn.Module | ModelHandle, batch: dict[str, torch.Tensor], final: torch.Tensor, returns_tuple: bool
+    model: nn.Module | ModelHandle, batch: dict[str, torch.Tensor], final: torch.Tensor, arity: int
 ) -> torch.Tensor:
     """Backpropagate the mean next-token loss from `final`, the last block's output with its
     graph: the head's gradient (`head_gradient`), then one backward down the blocks. Returns
     the loss."""
-    loss, gradient = head_gradient(model, batch, final, returns_tuple)
+    loss, gradient = head_gradient(model, batch, final, arity)
     final.backward(gradient)
     return loss

@@ -35,11 +35,11 @@ def hooked_pass(
     """Feed `observers` every block's input and output on each batch and, with `gates`, run the
     backward for the gate scores (and `grads`' GradNorm); `gradient_checkpointing` recomputes the
     blocks' activations in it. `after_batch(k)` runs after the k-th batch (a checkpoint of the sums
-    so far). Run in eval mode (analyze does). Returns whether the blocks return tuples."""
+    so far). Run in eval mode (analyze does). Returns how many items the blocks return (`capture.block_arity`)."""
     if grads is not None and gates is None:
         raise ValueError("GradNorm is gathered in the gate scores' backward: pass `gates` with `grads`.")
     model, layers, device = handle.model, handle.layers, handle.input_device
-    returns_tuple = False
+    arity = 0
 
     def feed(index: int, block_input: torch.Tensor, block_output: torch.Tensor) -> None:
         for observer in observers:
@@ -63,15 +63,15 @@ def hooked_pass(
                 observer.start_batch(mask)
             if gates is not None:
                 gates.start_batch(mask)
-            final, returns_tuple = output_of(model, layers[-1], batch)
+            final, arity = output_of(model, layers[-1], batch)
             for observer in observers:
                 observer.finish_batch()
             if gates is not None:
-                backward_through_head(handle, batch, final, returns_tuple)
+                backward_through_head(handle, batch, final, arity)
             if grads is not None:
                 grads.end_batch()
             if gates is not None:
                 gates.check_finite()
             if after_batch is not None:
                 after_batch(done)
-    return returns_tuple
+    return arity

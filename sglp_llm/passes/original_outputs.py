@@ -25,7 +25,7 @@ class OriginalOutputs:
     `to_cpu`: where a model run one block at a time keeps its states; the block-by-block pass then
     hands over the states it stores, `on_host`, so those in memory are not copied). `indices`: the
     global index of each batch this process's pass runs, in order (its share, or those left after
-    a resume). `returns_tuple` (whether the blocks return tuples) is set by the pass that fed it."""
+    a resume). `arity` (what the blocks return, `capture.block_arity`) is set by the pass that fed it."""
 
     def __init__(self, batches: Sequence[dict[str, torch.Tensor]], indices: Sequence[int], n_batches: int,
                  *, to_cpu: bool) -> None:
@@ -34,7 +34,7 @@ class OriginalOutputs:
         self._to_cpu = self.on_host = to_cpu
         self._current = -1
         self.outputs: dict[int, dict[int, torch.Tensor]] = {}  # block -> global batch index -> its output
-        self.returns_tuple = False
+        self.arity = 0
 
     def start_batch(self, token_mask: torch.Tensor) -> None:
         self._current = next(self._indices)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..model.handle import ModelHandle
 from ..model.offload import onloaded
-from .capture import BlockObserver, StopForward, block_input, block_output, refuse_carried_state, stubbed_blocks
+from .capture import BlockObserver, StopForward, as_returned, block_arity, block_input, block_output, refuse_carried_state, stubbed_blocks
 from .head import head_gradient
 from .hidden_states import BlockStates, spills
 from .loss import causal_lm_loss, grad_only_for
@@ -70,17 +70,20 @@ class _BlockCall:
         return block(*self.args, hidden_states=hidden, **self.kwargs)
 
 
-def _record_calls(handle: ModelHandle, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[_BlockCall]]:
+def _record_calls(handle: ModelHandle, batch: dict[str, torch.Tensor], arity: int = 0,
+                  first_output: Any = None) -> tuple[torch.Tensor, list[_BlockCall]]:
     """The first block's hidden-state input (the embedding output) and every block's call, its
-    tensors on the device the blocks run on."""
+    tensors on the device the blocks run on. The stand-ins return `as_returned(input, arity)`
+    (the first one `first_output` when given); a model that chokes on that is recorded again with
+    the first block's own output as its stand-in's and the others shaped alike."""
     model, layers = handle.model, handle.layers
     calls: list[tuple[int, tuple, dict]] = []
 
-    def record(index: int, block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    def record(index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
         calls.append((index, args, kwargs))
         if index == len(layers) - 1:
             raise StopForward
-        return block_input(args, kwargs)
+        return first_output if index == 0 and first_output is not None else as_returned(block_input(args, kwargs), arity)
 
     failure: Exception | None = None
     with torch.no_grad(), stubbed_blocks(layers, record):
@@ -91,9 +94,14 @@ def _record_calls(handle: ModelHandle, batch: dict[str, torch.Tensor]) -> tuple[
         except Exception as error:
             failure = error
     if failure is not None:
-        if calls:  # the model choked on a stand-in's output: say why if its blocks return a state too
-            _refuse_if_first_block_carries_state(handle, calls[0])
+        if calls and first_output is None:  # the model choked on a stand-in's output: try one shaped as its blocks'
+            output = _first_block_output(handle, calls[0])
+            if block_arity(output) != arity:
+                return _record_calls(handle, batch, block_arity(output), output)
+            refuse_carried_state(handle.model, output)
         raise failure
+    if first_output is not None and len(calls) > 1 and _hands_on(first_output, calls[1]):
+        refuse_carried_state(handle.model, first_output)
     order = [index for index, _, _ in calls]
     if order != list(range(len(layers))):
         raise RuntimeError(
@@ -106,46 +114,61 @@ def _record_calls(handle: ModelHandle, batch: dict[str, torch.Tensor]) -> tuple[
     return first, [_BlockCall.record(args, kwargs).on(device, moved) for _, args, kwargs in calls]
 
 
-def _refuse_if_first_block_carries_state(handle: ModelHandle, call: tuple[int, tuple, dict]) -> None:
-    """Run the first block on its recorded call and refuse the family (by name, with the reason)
-    if it returns a state beside the hidden states, which no stand-in can give."""
+def _hands_on(output: Any, call: tuple[int, tuple, dict]) -> bool:
+    """Whether the model hands any of what a block returned beside its hidden states (`output`)
+    to the next block's `call` (HY-V4's top-k indices): then no stand-in can give it. Attention
+    weights that BLOOM's blocks return unasked go nowhere."""
+    extras = {id(item) for item in output[1:] if item is not None}
+    _, args, kwargs = call
+
+    def holds(value: Any) -> bool:
+        if isinstance(value, (tuple, list)):
+            return any(holds(v) for v in value)
+        if isinstance(value, dict):
+            return any(holds(v) for v in value.values())
+        return id(value) in extras
+
+    return holds(args[1:]) or holds({k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+
+def _first_block_output(handle: ModelHandle, call: tuple[int, tuple, dict]) -> Any:
+    """The first block's own output on its recorded call: what stand-ins must look like."""
     _, args, kwargs = call
     alone = handle.one_block_at_a_time(handle.block_device)
     block, device = alone.layers[0], alone.onload_device
     with torch.no_grad(), onloaded(alone.loader, 0, block, device):
-        output = _BlockCall.record(args, kwargs).on(device, {}).run(block, block_input(args, kwargs).to(device))
-    refuse_carried_state(handle.model, output)
+        return _BlockCall.record(args, kwargs).on(device, {}).run(block, block_input(args, kwargs).to(device))
 
 
 @torch.no_grad()
 def final_hidden_states(
     model: nn.Module | ModelHandle, batches: Sequence[dict[str, torch.Tensor]], *,
     progress: bool = True, desc: str = "Sequential forward",
-) -> tuple[list[torch.Tensor], bool]:
+) -> tuple[list[torch.Tensor], int]:
     """The last block's output for every batch (on the CPU) with one block at a time on the
-    handle's onload device, and whether the blocks return tuples (for `head.final_hidden_state`).
+    handle's onload device, and how many items the blocks return (for `head.final_hidden_state`).
     Memory: one hidden state per batch."""
     handle = ModelHandle.of(model).one_block_at_a_time()
     layers, device, loader = handle.layers, handle.onload_device, handle.loader
     recorded = [_record_calls(handle, batch) for batch in batches]
     hidden = [first for first, _ in recorded]
-    returns_tuple = False
+    arity = 0
     for index in tqdm(range(len(layers)), desc=desc, disable=not progress):
         block = layers[index]
         with onloaded(loader, index, block, device):
             for b, (_, calls) in enumerate(recorded):
                 output = calls[index].run(block, hidden[b].to(device))
-                returns_tuple = isinstance(output, (tuple, list))
+                arity = block_arity(output)
                 hidden[b] = block_output(output).cpu()
-    return hidden, returns_tuple
+    return hidden, arity
 
 
 def _final_hidden_gradient(
-    handle: ModelHandle, batch: dict[str, torch.Tensor], final: torch.Tensor, returns_tuple: bool
+    handle: ModelHandle, batch: dict[str, torch.Tensor], final: torch.Tensor, arity: int
 ) -> torch.Tensor:
     """d loss / d final hidden state, the loss computed by the model's own code (final norm,
     lm_head, logit softcapping, loss): the last stub returns the stored final hidden state."""
-    return head_gradient(handle, batch, final, returns_tuple)[1].cpu()
+    return head_gradient(handle, batch, final, arity)[1].cpu()
 
 
 def sequential_pass(
@@ -165,7 +188,7 @@ def sequential_pass(
     loader (a model given as a module: its input device, blocks moved there and back, or read
     by its own loader, see `load_with_blocks_on_disk`). Every block's states are kept in memory
     or on disk under `hidden_states_dir` (sglp_llm.passes.hidden_states: "auto" spills them when
-    they would not fit). Run in eval mode (analyze does). Returns whether the blocks return tuples.
+    they would not fit). Run in eval mode (analyze does). Returns how many items the blocks return (`capture.block_arity`).
     """
     if grads is not None and gates is None:
         raise ValueError("GradNorm is gathered in the gate scores' backward: pass `gates` with `grads`.")
@@ -182,7 +205,7 @@ def sequential_pass(
     total_bytes = (num_blocks + 1) * sum(first.numel() * first.element_size() for first in firsts)
     with BlockStates(spills(hidden_states, total_bytes), hidden_states_dir) as states:
         states.put(0, firsts)
-        current, returns_tuple = firsts, False
+        current, arity = firsts, 0
         with torch.no_grad():
             for index in tqdm(range(num_blocks), desc="SGLP sequential forward", disable=not progress):
                 block = layers[index]
@@ -190,7 +213,7 @@ def sequential_pass(
                     outputs = []
                     for b, state in enumerate(current):
                         output = calls[b][index].run(block, state.to(device))
-                        returns_tuple = isinstance(output, (tuple, list))
+                        arity = block_arity(output)
                         outputs.append(block_output(output).cpu())
                 states.put(index + 1, outputs)
                 current = outputs
@@ -213,8 +236,8 @@ def sequential_pass(
 
         if gates is not None:
             with grad_only_for(model, ()):
-                _backward(handle, batches, states, calls, gates, grads, returns_tuple, progress)
-    return returns_tuple
+                _backward(handle, batches, states, calls, gates, grads, arity, progress)
+    return arity
 
 
 def _backward(
@@ -224,7 +247,7 @@ def _backward(
     calls: list[list[_BlockCall]],
     gates: GateScores,
     grads: BlockGradNorms | None,
-    returns_tuple: bool,
+    arity: int,
     progress: bool,
 ) -> None:
     """Backpropagate each batch's loss block by block (last first), pairing the gradient of each
@@ -233,7 +256,7 @@ def _backward(
     layers, device, loader = handle.layers, handle.onload_device, handle.loader
     num_blocks = len(layers)
     upstream = [
-        _final_hidden_gradient(handle, batch, states.get(num_blocks, b).to(device), returns_tuple)
+        _final_hidden_gradient(handle, batch, states.get(num_blocks, b).to(device), arity)
         for b, batch in enumerate(batches)
     ]
     blocks_down = tqdm(reversed(range(num_blocks)), total=num_blocks, desc="SGLP sequential backward", disable=not progress)

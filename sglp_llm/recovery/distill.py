@@ -154,9 +154,9 @@ def _teacher_logits(teacher: nn.Module, batches: list[dict[str, torch.Tensor]], 
         for batch in tqdm(batches, desc="Teacher targets", disable=not progress):
             yield teacher(**batch, use_cache=False).logits[:, :-1]
         return
-    finals, returns_tuple = final_hidden_states(handle, batches, progress=progress, desc="Teacher targets, block by block")
+    finals, arity = final_hidden_states(handle, batches, progress=progress, desc="Teacher targets, block by block")
     for batch, final in zip(batches, finals):
-        with final_hidden_state(handle.layers, final, returns_tuple):
+        with final_hidden_state(handle.layers, final, arity):
             yield teacher(**batch, use_cache=False).logits[:, :-1]
 
 

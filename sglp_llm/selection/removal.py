@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..model.handle import ModelHandle
-from ..passes.capture import block_output
+from ..passes.capture import as_returned, block_arity, block_output, stubbed_blocks
 from ..recovery.compensate import Compensation, applied, fit_compensation, removed_runs
 from ..config import LOSS_OBJECTIVES
 from ..passes.distributed import all_reduce_state, shard
@@ -32,7 +32,6 @@ from ..passes.head import (RESTS_SAMPLED, ReferenceDistribution, VocabularySubse
 from ..passes.loss import check_finite
 from ..passes.original_outputs import OriginalOutputs
 from ..passes.sequential import _record_calls
-from ..passes.capture import stubbed_blocks
 from ..model.offload import onloaded
 
 
@@ -80,8 +79,8 @@ def network_nll(model: nn.Module | ModelHandle, batch: dict[str, torch.Tensor]) 
     """The summed next-token NLL of `batch`'s predicted tokens and their count: the blocks run in
     the model's own forward, the head a chunk of positions at a time (sglp_llm.passes.head)."""
     handle = ModelHandle.of(model)
-    final, returns_tuple = output_of(handle.model, handle.layers[-1], batch)
-    total, count = head_nll(handle, batch, final, returns_tuple)
+    final, arity = output_of(handle.model, handle.layers[-1], batch)
+    total, count = head_nll(handle, batch, final, arity)
     return total.item(), count
 
 
@@ -155,13 +154,13 @@ class RemovalLoss:
         self.num_blocks = len(self.handle.layers)
         self.removed: list[int] = []
         self.objective = objective
-        self._returns_tuple = False  # whether the blocks return tuples, once a pass has run them
+        self._arity = 0  # how many items the blocks return (`capture.block_arity`), once a pass has run them
         # kept block -> its output in the current network (as the block returns it), for each batch
         self._outputs: dict[int, list[Any]] = {}
         # `original`: the statistics pass kept the original network's outputs on these batches
         kept = original.for_batches(batches, original_row) if original is not None else None
         if kept is not None:
-            self._returns_tuple = original.returns_tuple
+            self._arity = original.arity
             self._outputs = {block: [self._as_returned(o) for o in outputs] for block, outputs in kept.items()}
         # objective "kl": the original model's distribution on each batch, from its first pass
         self._reference: list[ReferenceDistribution] | None = None
@@ -170,26 +169,26 @@ class RemovalLoss:
 
     def _as_returned(self, output: torch.Tensor) -> Any:
         """A kept hidden state as the block returns it: the model's own forward reads it."""
-        return (output,) if self._returns_tuple else output
+        return as_returned(output, self._arity)
 
-    def _loss(self, index: int, final: torch.Tensor, returns_tuple: bool) -> tuple[float, int]:
+    def _loss(self, index: int, final: torch.Tensor, arity: int) -> tuple[float, int]:
         """The summed loss of batch `index` from its final hidden state, and its count."""
         batch, positions = self.batches[index], self.positions[index]
         if self.objective == "nll":
             subset = None
             if self.vocabulary:
                 if len(self._subsets) < len(self.batches):  # the original network's pass (`_references`)
-                    likeliest = likeliest_tokens(self.handle, batch, final, returns_tuple, self.vocabulary, positions)
+                    likeliest = likeliest_tokens(self.handle, batch, final, arity, self.vocabulary, positions)
                     vocab_size = self.handle.model.get_output_embeddings().weight.shape[0]
                     self._subsets.append(vocabulary_subset(likeliest, batch["input_ids"][:, 1:], vocab_size, RESTS_SAMPLED, self.seed))
                 subset = self._subsets[index]
-            total, count = head_nll(self.handle, batch, final, returns_tuple, positions=positions, per_sequence=True,
+            total, count = head_nll(self.handle, batch, final, arity, positions=positions, per_sequence=True,
                                     vocabulary=subset)
             return total.cpu(), count.cpu()
         if len(self._reference) < len(self.batches):  # the original network's pass (`_references`)
-            self._reference.append(reference_distribution(self.handle, batch, final, returns_tuple, KL_TOP_K, positions=positions))
+            self._reference.append(reference_distribution(self.handle, batch, final, arity, KL_TOP_K, positions=positions))
             return 0.0, int(self._reference[-1].rest_log_mass.numel())
-        total, count = head_kl(self.handle, batch, final, returns_tuple, self._reference[index], positions=positions)
+        total, count = head_kl(self.handle, batch, final, arity, self._reference[index], positions=positions)
         return total.item(), count
 
     def _mean(self, summed: list[tuple[Any, Any]], skipped: Sequence[int]) -> float:
@@ -307,9 +306,9 @@ class RemovalLoss:
             last = kept.index(stop) if stop is not None else len(kept) - 1
             for batch_index, batch in enumerate(self.batches):
                 with stubbed_blocks(layers, call):
-                    final, returns_tuple = output_of(self.handle.model, layers[last], batch)
+                    final, arity = output_of(self.handle.model, layers[last], batch)
                 if stop is None:
-                    summed.append(self._loss(batch_index, final, returns_tuple))
+                    summed.append(self._loss(batch_index, final, arity))
         self._outputs.update(stored)
         return None if stop is not None else self._mean(summed, skipped)
 
@@ -397,13 +396,13 @@ class BlockwiseRemovalLoss(RemovalLoss):
             with onloaded(self.loader, index, block, self.device):
                 for b, state in enumerate(hidden):
                     output = self._calls[b][index].run(block, state.to(self.device))
-                    self._returns_tuple = isinstance(output, (tuple, list))
+                    self._arity = block_arity(output)
                     hidden[b] = block_output(output)
             if keeping:
                 self._outputs[index] = [state.cpu() for state in hidden]
         if stop is not None:
             return None
-        summed = [self._loss(b, final.to(self.device), self._returns_tuple) for b, final in enumerate(hidden)]
+        summed = [self._loss(b, final.to(self.device), self._arity) for b, final in enumerate(hidden)]
         return self._mean(summed, skipped)
 
 
@@ -437,10 +436,10 @@ class BlockwiseRemovalLoss(RemovalLoss):
                 for candidate in running:
                     for b, state in enumerate(streams[candidate]):
                         output = self._calls[b][index].run(block, state.to(self.device))
-                        self._returns_tuple = isinstance(output, (tuple, list))
+                        self._arity = block_arity(output)
                         streams[candidate][b] = block_output(output).cpu()
         return {
-            candidate: [self._loss(b, final.to(self.device), self._returns_tuple) for b, final in enumerate(hidden)]
+            candidate: [self._loss(b, final.to(self.device), self._arity) for b, final in enumerate(hidden)]
             for candidate, hidden in streams.items()
         }
 
