@@ -146,8 +146,8 @@ def head_share(name: str) -> dict:
             best["blocks"] = min(best.get("blocks", math.inf), time.perf_counter() - started)
             for share in (1.0, 0.25):
                 started = time.perf_counter()
-                for b, (final, returns_tuple) in zip(batches, finals):
-                    head_nll(handle, b, final, returns_tuple, positions=position_sample(b["input_ids"].shape[1] - 1, share, 0))
+                for b, (final, arity) in zip(batches, finals):
+                    head_nll(handle, b, final, arity, positions=position_sample(b["input_ids"].shape[1] - 1, share, 0))
                 key = f"head at {share:g} of the positions"
                 best[key] = min(best.get(key, math.inf), time.perf_counter() - started)
     return {"model": loaded.name, "num_blocks": len(handle.layers), "tokens": sum(b["input_ids"].numel() for b in batches),

@@ -19,8 +19,8 @@ FAMILIES = ("llama", "gemma2", "qwen3")
 def _final(model, batch):
     layers = find_decoder_blocks(model).layers
     with torch.no_grad():
-        final, returns_tuple = output_of(model, layers[-1], batch)
-    return layers, final, returns_tuple
+        final, arity = output_of(model, layers[-1], batch)
+    return layers, final, arity
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -29,14 +29,14 @@ def test_chunked_loss_equals_the_models_own_loss_and_keeps_chunks_within_the_bud
     batch = tiny_batch(batch_size=3, seq_len=17, pad_last=5)
     with torch.no_grad():
         full = causal_lm_loss(model, batch).item()
-    layers, final, returns_tuple = _final(model, batch)
+    layers, final, arity = _final(model, batch)
     budget = 3 * 4 * VOCAB * 4  # four positions of the batch in float32
     assert chunk_positions(model, 3, budget) == 4
     shapes = []
     handle = model.lm_head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
     try:
         with torch.no_grad():
-            total, count = head_nll(model, batch, final, returns_tuple, max_logits_bytes=budget)
+            total, count = head_nll(model, batch, final, arity, max_logits_bytes=budget)
     finally:
         handle.remove()
     assert count == 3 * 16 - 5
@@ -51,12 +51,12 @@ def test_chunked_loss_equals_the_models_own_loss_and_keeps_chunks_within_the_bud
 def test_chunked_backward_gives_the_gradient_of_the_full_loss():
     model = tiny_model("gemma2", num_layers=2, final_logit_softcapping=2.0)
     batch = tiny_batch(batch_size=2, seq_len=13, pad_last=3)
-    layers, final, returns_tuple = _final(model, batch)
+    layers, final, arity = _final(model, batch)
     reference = final.detach().clone().requires_grad_()
-    total, count = head_nll(model, batch, reference, returns_tuple)
+    total, count = head_nll(model, batch, reference, arity)
     (total / count).backward()
     chunked = final.detach().clone().requires_grad_()
-    summed, same_count = head_nll(model, batch, chunked, returns_tuple, max_logits_bytes=2 * 3 * VOCAB * 4,
+    summed, same_count = head_nll(model, batch, chunked, arity, max_logits_bytes=2 * 3 * VOCAB * 4,
                                   backward=True)
     assert same_count == count and not summed.requires_grad
     torch.testing.assert_close(chunked.grad, reference.grad, rtol=1e-5, atol=1e-7)
@@ -77,8 +77,8 @@ def test_backward_through_the_chunked_head_equals_the_full_loss_backward(monkeyp
     monkeypatch.setattr(head, "MAX_LOGITS_BYTES", 2 * 3 * VOCAB * 4)
     shapes = []
     handle = model.lm_head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
-    final, returns_tuple = output_of(model, layers[-1], batch)
-    loss = backward_through_head(model, batch, final, returns_tuple)
+    final, arity = output_of(model, layers[-1], batch)
+    loss = backward_through_head(model, batch, final, arity)
     handle.remove()
     assert shapes == [(2, 3, VOCAB)] * 3 + [(2, 1, VOCAB)]  # 10 predicting positions, 3 at a time
     with torch.no_grad():
@@ -100,16 +100,16 @@ def test_a_vocabulary_subset_scores_its_tokens_as_a_brute_force_over_the_full_lo
 
     model = tiny_model(family, num_layers=3, **({"final_logit_softcapping": 2.0} if family == "gemma2" else {}))
     batch = tiny_batch(batch_size=3, seq_len=17, pad_last=5)
-    layers, final, returns_tuple = _final(model, batch)
+    layers, final, arity = _final(model, batch)
     targets, valid = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].bool()
     with torch.no_grad():
         logits = model(**batch).logits[:, :-1].float()
-        top = likeliest_tokens(model, batch, final, returns_tuple, 3)
+        top = likeliest_tokens(model, batch, final, arity, 3)
         assert [t.shape for t in top] == [(16, 3), (16, 3), (11, 3)]
         assert all(torch.equal(t, logits[r].topk(3, dim=-1).indices[valid[r]]) for r, t in enumerate(top))
         for sampled in (7, VOCAB):
             subset = vocabulary_subset(top, targets, VOCAB, sampled, seed=1)
-            total, counts = head_nll(model, batch, final, returns_tuple, per_sequence=True, vocabulary=subset,
+            total, counts = head_nll(model, batch, final, arity, per_sequence=True, vocabulary=subset,
                                      max_logits_bytes=3 * 4 * VOCAB * 4)
             drawn = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(1))[:sampled]
             for r in range(3):
@@ -121,8 +121,8 @@ def test_a_vocabulary_subset_scores_its_tokens_as_a_brute_force_over_the_full_lo
                 assert torch.allclose(total[r], brute[valid[r]].sum(), atol=1e-4)
             alone = vocabulary_subset(top[2:], targets[2:], VOCAB, sampled, seed=1)
             row = {k: v[2:] for k, v in batch.items()}
-            assert torch.allclose(head_nll(model, row, final[2:], returns_tuple, per_sequence=True, vocabulary=alone)[0], total[2:], atol=1e-4)
-        exact, _ = head_nll(model, batch, final, returns_tuple, per_sequence=True)
+            assert torch.allclose(head_nll(model, row, final[2:], arity, per_sequence=True, vocabulary=alone)[0], total[2:], atol=1e-4)
+        exact, _ = head_nll(model, batch, final, arity, per_sequence=True)
         assert torch.allclose(total, exact, atol=1e-4)  # every token sampled: nothing estimated
 
 
@@ -133,10 +133,10 @@ def test_a_head_that_is_not_a_linear_layer_is_refused():
     model = tiny_model("llama", num_layers=2)
     model.lm_head = torch.nn.Sequential(model.lm_head)
     batch = tiny_batch(batch_size=1, seq_len=8)
-    layers, final, returns_tuple = _final(model, batch)
+    layers, final, arity = _final(model, batch)
     subset = vocabulary_subset([torch.tensor([4])], batch["input_ids"][:, 1:], VOCAB, 2, seed=0)
     with pytest.raises(ConfigError, match="not a linear layer: it cannot be narrowed .* Set loss_vocabulary to 0"):
-        head_nll(model, batch, final, returns_tuple, vocabulary=subset)
+        head_nll(model, batch, final, arity, vocabulary=subset)
 
 
 def test_a_vocabulary_chosen_for_the_model_narrows_only_a_large_plain_linear_head_for_the_nll():
@@ -162,10 +162,10 @@ def test_a_vocabulary_chosen_for_the_model_narrows_only_a_large_plain_linear_hea
     add_hook_to_module(large.lm_head, AlignDevicesHook(execution_device="cpu"))
     assert loss_vocabulary(large, unset) == 0
     batch = tiny_batch(batch_size=1, seq_len=8)
-    layers, final, returns_tuple = _final(large, batch)
+    layers, final, arity = _final(large, batch)
     subset = vocabulary_subset([torch.tensor([4])], batch["input_ids"][:, 1:], NARROWED_FROM, 2, seed=0)
     with pytest.raises(ConfigError, match="placed by an accelerate device map .* Set loss_vocabulary to 0"):
-        head_nll(large, batch, final, returns_tuple, vocabulary=subset)
+        head_nll(large, batch, final, arity, vocabulary=subset)
 
 
 def test_token_nll_matches_a_float64_reference_on_a_large_vocabulary_and_carries_gradients():

@@ -80,7 +80,7 @@ def _kept(model, handle, batches, n_batches, indices=None):
     indices = range(len(batches)) if indices is None else indices
     original = OriginalOutputs(batches, indices, n_batches, to_cpu=False)
     with torch.no_grad():
-        original.returns_tuple = hooked_pass(handle, [batches[i] for i in indices], [original], progress=False)
+        original.arity = hooked_pass(handle, [batches[i] for i in indices], [original], progress=False)
     return original
 
 
@@ -126,7 +126,7 @@ def test_blocks_that_return_tuples_are_handed_their_outputs_as_tuples():
     handle = ModelHandle(model, DecoderBlocks(path="layers", parent=model, attribute="layers", config=model.config))
     batches = [tiny_batch(batch_size=2, seq_len=SEQ, seed=s) for s in range(2)]
     original = _kept(model, handle, batches, 2)
-    assert original.returns_tuple is True
+    assert original.arity == 2  # (hidden states, None)
     seeded, plain = RemovalLoss(handle, batches, original=original), RemovalLoss(handle, batches)
     assert seeded.current() == plain.current()
     for block in range(4):
