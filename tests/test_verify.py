@@ -290,7 +290,7 @@ def test_a_family_whose_blocks_pass_on_a_state_is_refused_in_words(offload):
     with pytest.raises(UnsupportedModelError) as refused:
         prune(model, [batch], SGLPConfig(drop=1, offload=offload, cka_minibatch_tokens=16), progress=False)
     message = str(refused.value)
-    assert "HYV4ForCausalLM (model_type 'hy_v4')" in message and "recurrent state" in message
+    assert "HYV4ForCausalLM (model_type 'hy_v4')" in message and "hands to the next block" in message
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

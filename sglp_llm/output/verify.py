@@ -276,7 +276,7 @@ def reference_outputs(
 def _check_loss(handle: ModelHandle, probe: Probe) -> None:
     """Every analysis computes the next-token loss from input_ids and labels: a model whose
     forward does not (an audio decoder with codebooks, ...) is refused here with the reason, and
-    so is one whose blocks pass on a state of their own (xLSTM's recurrent state)."""
+    so is one whose blocks hand a state of their own to the next (HY-V4's top-k indices)."""
 
     model = handle.model
     batch = {k: v.to(handle.input_device) for k, v in probe.batch.items()}
@@ -303,8 +303,8 @@ def _check_loss(handle: ModelHandle, probe: Probe) -> None:
 def _same_loss_without_extras(handle: ModelHandle, batch: dict[str, torch.Tensor], loss: torch.Tensor) -> bool:
     """Whether the model computes the same `loss` when every block returns None beside its hidden
     states, as a stand-in for a skipped block does: true where the rest is attention weights the
-    model keeps only when asked (BLOOM, Falcon, GPT-J, ... return them unasked), false where it
-    is a state the next block reads (xLSTM's), which no stand-in and no pruned model can give."""
+    model keeps only when asked (BLOOM, Falcon, GPT-Neo, MPT, ... return them unasked), false where it
+    is a state the next block reads (HY-V4's top-k indices), which no stand-in and no pruned model can give."""
 
     def without_extras(module: nn.Module, args: tuple, output: Any) -> Any:
         return as_returned(block_output(output), block_arity(output))

@@ -74,15 +74,16 @@ def as_returned(hidden: torch.Tensor, arity: int) -> Any:
 
 def refuse_carried_state(model: nn.Module, output: Any) -> None:
     """Refuse a family whose decoder block `output` holds, beside the hidden states, a state the
-    model passes on (xLSTM's recurrent state): a pass-through stand-in cannot give it, and a model
+    model hands to the next block (HY-V4's top-k indices): a pass-through stand-in cannot give it, and a model
     without the block would not have it, so no removal could be measured or checked. Called where
-    the model was shown to need that state (`output.verify`) or choked on a stand-in without it."""
+    the model was shown to use it (its loss changes without it, `output.verify`; the next block's
+    call holds it, `passes.sequential`) or choked on a stand-in without it."""
     extra = extra_items(output)
     if extra:
         raise UnsupportedModelError(
             f"This {type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r}) cannot be "
             f"depth-pruned: each of its decoder blocks returns, beside the hidden states, a state of its own "
-            f"({', '.join(extra)}) that the model passes on, a recurrent state. sglp-llm measures a removal by "
+            f"({', '.join(extra)}) that the model hands to the next block (as a recurrent state). sglp-llm measures a removal by "
             "letting the hidden states pass the block by, and writes a model without it; both need blocks "
             "whose other outputs the model does not pass on, so no choice or rewrite could be checked for this family."
         )
