@@ -118,7 +118,7 @@ def _hands_on(output: Any, call: tuple[int, tuple, dict]) -> bool:
     """Whether the model hands any of what a block returned beside its hidden states (`output`)
     to the next block's `call` (HY-V4's top-k indices): then no stand-in can give it. Attention
     weights that BLOOM's blocks return unasked go nowhere."""
-    extras = {id(item) for item in output[1:] if item is not None}
+    extras = [item for item in output[1:] if item is not None]
     _, args, kwargs = call
 
     def holds(value: Any) -> bool:
@@ -126,7 +126,9 @@ def _hands_on(output: Any, call: tuple[int, tuple, dict]) -> bool:
             return any(holds(v) for v in value)
         if isinstance(value, dict):
             return any(holds(v) for v in value.values())
-        return id(value) in extras
+        # the object itself, or a tensor equal to one (a copy, a detached view)
+        return any(value is item or (torch.is_tensor(value) and torch.is_tensor(item) and value.shape == item.shape
+                                     and value.dtype == item.dtype and torch.equal(value.cpu(), item.cpu())) for item in extras)
 
     return holds(args[1:]) or holds({k: v for k, v in kwargs.items() if k != "hidden_states"})
 
