@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +25,10 @@ from sglp_llm.output.modelcard import describe_schedule
 from sglp_llm.recovery.training import DistillationObjective, WindowDataset
 from test_heal import pruned_dir  # noqa: F401  (the fixture)
 from tiny_models import VOCAB, save_tiny_model, tiny_batch, tiny_model, tiny_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from tiny_architectures import tiny_causal_lm  # noqa: E402
 
 PRUNE_FAST = ["--seq-len", "16", "--n-samples", "8", "--batch-size", "4", "--cka-minibatch-tokens", "16", "--no-progress",
               "--no-stability-check"]
@@ -107,11 +112,13 @@ def test_the_teacher_cache_at_the_whole_vocabulary_equals_the_teacher_beside(tmp
         TeacherCache(path, DistillationTerms(temperature=2.0))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # gemma3: a tied head, sliding and full attention
+# gemma3: a tied head, sliding and full attention; BLOOM's blocks return attention weights unasked
+# and CPM-Ant's loop unpacks (hidden, attention) from each: stand-ins shaped as the blocks' outputs
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "bloom", "cpmant"])
 def test_a_teacher_with_its_blocks_on_disk_writes_the_same_targets(family, tmp_path):
     """One block in memory at a time, then the head on each window's final state: the cache of
     the teacher held whole."""
-    teacher = tiny_model(family, num_layers=6)
+    teacher = tiny_model(family, num_layers=6) if family in ("llama", "gemma3_text") else tiny_causal_lm(family)
     teacher.save_pretrained(tmp_path / "teacher")
     lazy = load_with_blocks_on_disk(tmp_path / "teacher")
     batches = [tiny_batch(batch_size=2, seq_len=10, seed=s, pad_last=2 * s) for s in range(2)]
