@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .model.blocks import text_config
+from .model.blocks import last_full_attention, layer_kinds, text_config
 from .model.handle import ModelHandle
 from .passes.capture import BlockObserver
 from .passes.checkpoint import StatisticsCheckpoint, fingerprint
@@ -263,6 +263,8 @@ def _analyze(
     num_blocks = len(blocks.layers)
     n_drop = config.resolve_drop(num_blocks)
     protected = config.protected_blocks(num_blocks)
+    full_attention = last_full_attention(layer_kinds(model, num_blocks), n_drop, protected)
+    protected |= {full_attention} - {None}
     cache = {} if statistics_cache is None else statistics_cache
     # a family the rewrite cannot handle is refused before the long work (once per model)
     if config.verify and cache.setdefault(("preflight", blocks.path), None) is None:
@@ -303,6 +305,8 @@ def _analyze(
     )
     extra: dict[str, Any] = {"protected": sorted(protected), "statistics_reused": reused,
                              "devices": handle.devices_used(), "calibration_sha256": calibration_digest(calibration.batches)}
+    if full_attention is not None:
+        extra["kept_as_last_full_attention"] = full_attention
     if fallback:
         extra["calibration_not_sampled"] = fallback
     if config.cka_skip_sinks:

@@ -192,6 +192,16 @@ def chosen_by(plan: Any) -> dict[int, str]:
     return {block: f"{chosen}'s choice ({PEER_TEXT[chosen]}), taken over SGLP's by the {why}" for block in plan.dropped}
 
 
+def kept_for_attention(plan: Any) -> str | None:
+    """The block no method could drop as the hybrid stack's last full-attention block
+    (`model.blocks.last_full_attention`), in words; None when there is none."""
+    block = plan.extra.get("kept_as_last_full_attention")
+    if block is None:
+        return None
+    return (f"block {block} kept: the drop could remove every full-attention block of this hybrid stack, "
+            "and it keeps one (without any it would not run or would see no further than its window)")
+
+
 def _chosen_by(plan: Any) -> dict[int, str]:
     config, dropped = plan.config, plan.dropped
     method = config.get("method", "sglp")

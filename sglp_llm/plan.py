@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .stability import describe_stability
-from .explain import chosen_by, stages
+from .explain import chosen_by, kept_for_attention, stages
 
 REPORT_NAME = "sglp_report.json"
 
@@ -87,6 +87,8 @@ class PruningPlan:
         lines.append(f"drop {len(self.dropped)} blocks: {self.dropped}")
         lines += [f"  block {block}: {why}" for block, why in sorted(chosen_by(self).items())]
         lines.append(f"keep {len(self.kept)} blocks: {self.kept}")
+        if kept_for_attention(self):
+            lines.append(f"  {kept_for_attention(self)}")
         stability = describe_stability(self.extra.get("stability"))
         if stability:
             lines.append(stability)

@@ -25,6 +25,7 @@ from torch import nn
 
 from .config import AUTO_VOCABULARY, ConfigError, SGLPConfig
 from .data import SELF_GENERATED, STDLIB_DOCS, first_samples, sampled_windows
+from .model.blocks import last_full_attention
 from .passes.head import position_sample, subset_columns
 from .passes.memory_plan import meta_model
 from .selection.loss_check import LAZY_MEASURED_TOGETHER, loss_batches, loss_halves
@@ -322,9 +323,8 @@ def _sleb(num_blocks: int, config: SGLPConfig, sequences: int, protected: set[in
 
 
 def _analysis(phases: dict[str, Work], prefix: str, num_blocks: int, config: SGLPConfig, sequences: int,
-              order: Sequence[int], measured_per_step: int | Sequence[int],
+              protected: set[int], order: Sequence[int], measured_per_step: int | Sequence[int],
               halves_orders: tuple[Sequence[int], Sequence[int]] | None = None) -> None:
-    protected = config.protected_blocks(num_blocks)
     tokens = sequences * config.seq_len
     statistics = Work(block_tokens=tokens * num_blocks, block_loads=num_blocks)
     if config.needs_backward:
@@ -358,7 +358,7 @@ def _check_supported(config: SGLPConfig) -> None:
 def count_analysis(
     num_blocks: int, config: SGLPConfig, *, order: Sequence[int] | None = None,
     measured_per_step: int | Sequence[int] = MEASURED_PER_STEP,
-    halves_orders: tuple[Sequence[int], Sequence[int]] | None = None,
+    halves_orders: tuple[Sequence[int], Sequence[int]] | None = None, layer_kinds: Sequence[str] | None = None,
 ) -> tuple[dict[str, Work], list[str]]:
     """Each phase's work in `analyze` of a `num_blocks` model with `config` on full windows,
     removing `order` (None: `assumed_order`), the lazy search measuring `measured_per_step`
@@ -366,11 +366,13 @@ def count_analysis(
     the loss check's search on each half of its sequences, removing `halves_orders` (None: assumed
     to leave the choice's path after its first removal, `_loss_check`), else the whole analysis
     on each half of the calibration. `loss_vocabulary` None counts the whole vocabulary's head
-    (`plan_time` settles it for the model's shape)."""
+    (`plan_time` settles it for the model's shape). `layer_kinds`: the blocks' kinds
+    (`model.blocks.layer_kinds`), which may protect a hybrid's last full-attention block as in `analyze`."""
     config.validate()
     _check_supported(config)
     n_drop = config.resolve_drop(num_blocks)
     protected = config.protected_blocks(num_blocks)
+    protected |= {last_full_attention(layer_kinds, n_drop, protected)} - {None}
     assumptions = []
     if order is None:
         order = assumed_order(num_blocks, n_drop, protected)
@@ -395,7 +397,7 @@ def count_analysis(
         phases["sampling the model's own text"] = Work(block_tokens=positions * num_blocks, head_tokens=positions)
         assumptions.append("sampling the model's own text is priced as forwards over its positions; decoding one "
                            "position at a time runs slower than that (on a GPU most)")
-    _analysis(phases, "", num_blocks, config, config.n_samples, order, measured_per_step, halves_orders)
+    _analysis(phases, "", num_blocks, config, config.n_samples, protected, order, measured_per_step, halves_orders)
     if config.stability_check and config.method == "sglp" and config.scoring == "loss":
         if halves_orders is None:
             assumptions.append("the stability check's search on each half of the loss windows reads back the choice's "
@@ -405,7 +407,7 @@ def count_analysis(
     elif config.stability_check and config.n_samples >= 2:  # the whole analysis again on each half
         for sequences in (config.n_samples // 2, config.n_samples - config.n_samples // 2):
             _analysis(phases, "stability check: ", num_blocks, config.replace(stability_check=False), sequences,
-                      order, measured_per_step)
+                      protected, order, measured_per_step)
     return phases, assumptions
 
 
@@ -420,16 +422,19 @@ class ModelShape:
     head_params: int
     vocab_size: int  # the head's outputs
     linear_head: bool  # a plain linear layer (one a vocabulary subset can narrow)
+    layer_kinds: tuple[str, ...] | None = None  # `model.blocks.layer_kinds`
 
     @classmethod
     def of(cls, model_config: Any, layers_path: str | None = None) -> "ModelShape":
-        from .model.blocks import find_decoder_blocks, text_config
+        from .model.blocks import find_decoder_blocks, layer_kinds, text_config
 
         model = meta_model(model_config, torch.float32)
         layers = find_decoder_blocks(model, layers_path).layers
         head = model.get_output_embeddings()
+        kinds = layer_kinds(model, len(layers))
         return cls(len(layers), max(sum(p.numel() for p in b.parameters()) for b in layers),
-                   text_config(model).hidden_size, head.weight.numel(), head.weight.shape[0], isinstance(head, nn.Linear))
+                   text_config(model).hidden_size, head.weight.numel(), head.weight.shape[0], isinstance(head, nn.Linear),
+                   tuple(kinds) if kinds is not None else None)
 
     def flops_per_token(self, seq_len: int) -> tuple[float, float]:
         """(one block's, the head's) forward FLOPs per position: 2 per weight, plus attention's
@@ -498,7 +503,7 @@ def plan_time(shape: ModelShape, config: SGLPConfig, throughput: Throughput, *, 
     """The time plan of `analyze` on a model of this shape at `throughput`."""
     # as `analyze` settles it once the model is loaded (`head.loss_vocabulary`)
     config = config.replace(loss_vocabulary=config.resolve_loss_vocabulary(shape.linear_head, shape.vocab_size))
-    phases, assumptions = count_analysis(shape.num_blocks, config, order=order)
+    phases, assumptions = count_analysis(shape.num_blocks, config, order=order, layer_kinds=shape.layer_kinds)
     share = 1.0
     if config.loss_vocabulary and config.method == "sglp" and config.scoring == "loss":
         share = narrowed_share(config, shape.vocab_size)

@@ -8,6 +8,7 @@ import torch
 
 from sglp_llm import SGLPConfig, analyze
 from sglp_llm.config import ConfigError
+from sglp_llm.model.blocks import layer_kinds
 from sglp_llm.model.handle import ModelHandle
 from sglp_llm.selection.removal import RemovalLoss
 from sglp_llm.time_plan import CountedRemovalLoss, ModelShape, Throughput, count_analysis, plan_time
@@ -23,6 +24,7 @@ class Counter:
     def __init__(self, model):
         self.block_tokens = self.head_tokens = 0
         handle = ModelHandle.of(model)
+        self.layer_kinds = layer_kinds(model, len(handle.layers))  # what count_analysis needs of the model beside
         self.hooks = [layer.register_forward_pre_hook(self._block, with_kwargs=True) for layer in handle.layers]
         self.hooks.append(model.get_output_embeddings().register_forward_pre_hook(self._head))
 
@@ -59,7 +61,7 @@ def test_the_full_search_counts_equal_the_forwards_run():
     """Every candidate measured at every step (loss_lazy off), after the screen, on a quarter of
     each window's positions: given the order the search took, the count is exact."""
     config, plan, counter = _run("gemma3_text", drop=3, loss_lazy=False, loss_positions=0.25, stability_check=False)
-    phases, _ = count_analysis(BLOCKS, config, order=_order(plan))
+    phases, _ = count_analysis(BLOCKS, config, order=_order(plan), layer_kinds=counter.layer_kinds)
     assert _total(phases) == (counter.block_tokens, counter.head_tokens)
     assert phases["statistics pass"].block_tokens == WINDOWS * SEQ * BLOCKS
 
@@ -89,18 +91,19 @@ def test_the_stability_checks_halves_are_counted_exactly_given_their_orders(monk
     windows of their own leave it. Unknown orders are assumed to leave the path after the first
     removal: never less than the path's count."""
     orders = _halves_orders(monkeypatch)
-    config, plan, counter = _run("gemma3_text", seeds=seeds, drop=3, loss_lazy=False, loss_ties="none", loss_tokens=8 * SEQ)
-    phases, said = count_analysis(BLOCKS, config, order=_order(plan), halves_orders=tuple(orders))
+    config, plan, counter = _run("llama", seeds=seeds, drop=3, loss_lazy=False, loss_ties="none", loss_tokens=8 * SEQ)
+    phases, said = count_analysis(BLOCKS, config, order=_order(plan), halves_orders=tuple(orders),
+                                  layer_kinds=counter.layer_kinds)
     assert list(phases) == ["statistics pass", "loss check", "stability check: the loss check's halves"]
     assert _total(phases) == (counter.block_tokens, counter.head_tokens)
     assert not any("stability check's search" in a for a in said)
     halves = phases["stability check: the loss check's halves"]
-    assumed, assumption = count_analysis(BLOCKS, config, order=_order(plan))
+    assumed, assumption = count_analysis(BLOCKS, config, order=_order(plan), layer_kinds=counter.layer_kinds)
     assert any("reads back the choice's first step" in a for a in assumption)
     if seeds == [0, 1, 0, 1]:
         assert orders == [_order(plan), _order(plan)]
         # the second half's screen: its first window, from the kept outputs (the head only) and each candidate removed
-        assert halves.head_tokens == (1 + BLOCKS - 2) * (SEQ - 1)
+        assert halves.head_tokens == (1 + BLOCKS - len(plan.extra["protected"])) * (SEQ - 1)
         assert assumed["stability check: the loss check's halves"].block_tokens > halves.block_tokens
     else:
         assert orders[0] != _order(plan) or orders[1] != _order(plan)
@@ -133,7 +136,8 @@ def test_a_narrowed_head_is_counted_exactly(monkeypatch):
     config, plan, counter = _run("llama", seeds=[0, 1, 0, 1], drop=3, loss_lazy=False, loss_ties="none",
                                  loss_tokens=8 * SEQ, vocab_size=NARROWED_FROM, loss_vocabulary=None)
     assert plan.config["loss_vocabulary"] == 32 and plan.extra["stability"]["halves"] == [plan.dropped, plan.dropped]
-    phases, _ = count_analysis(BLOCKS, config.replace(loss_vocabulary=32), order=_order(plan), halves_orders=tuple(orders))
+    phases, _ = count_analysis(BLOCKS, config.replace(loss_vocabulary=32), order=_order(plan), halves_orders=tuple(orders),
+                               layer_kinds=counter.layer_kinds)
     assert sum(w.block_tokens for w in phases.values()) == counter.block_tokens
     assert sum(w.head_tokens + w.likeliest_head_tokens for w in phases.values()) == counter.head_tokens
     assert sum(w.head_tokens for w in phases.values()) == 0  # the whole head only picks the likeliest tokens
@@ -145,14 +149,14 @@ def test_a_narrowed_head_is_counted_exactly(monkeypatch):
 
 def test_a_peers_statistics_passes_with_the_stability_check_are_counted_exactly():
     config, plan, counter = _run("llama", drop=2, method="block-influence")
-    phases, _ = count_analysis(BLOCKS, config)
+    phases, _ = count_analysis(BLOCKS, config, layer_kinds=counter.layer_kinds)
     assert list(phases) == ["statistics pass", "stability check: statistics pass"]
     assert _total(phases) == (counter.block_tokens, counter.head_tokens) == (2 * WINDOWS * SEQ * BLOCKS, 0)
 
 
 def test_sleb_is_counted_exactly():
     config, plan, counter = _run("qwen2", drop=2, method="sleb", stability_check=False)
-    phases, _ = count_analysis(BLOCKS, config, order=_order(plan))
+    phases, _ = count_analysis(BLOCKS, config, order=_order(plan), layer_kinds=counter.layer_kinds)
     assert _total(phases) == (counter.block_tokens, counter.head_tokens)
 
 
@@ -320,7 +324,7 @@ def test_blocks_run_one_at_a_time_are_counted_with_their_reads(monkeypatch):
     original = MoveBlocks.onload
     monkeypatch.setattr(MoveBlocks, "onload", lambda self, index, block, device: (reads.append(index), original(self, index, block, device)))
     config, plan, counter = _run("llama", drop=2, loss_lazy=False, offload="sequential", stability_check=False)
-    phases, _ = count_analysis(BLOCKS, config, order=_order(plan))
+    phases, _ = count_analysis(BLOCKS, config, order=_order(plan), layer_kinds=counter.layer_kinds)
     assert _total(phases) == (counter.block_tokens, counter.head_tokens)
     assert sum(w.block_loads for w in phases.values()) == len(reads)
 
@@ -334,7 +338,7 @@ def test_sampling_the_models_own_text_is_counted_exactly(dataset):
                         verify=False, stability_check=False)
     counter = Counter(model)
     analyze(model, None, config, tokenizer=tiny_tokenizer(), progress=False)
-    phases, assumptions = count_analysis(BLOCKS, config)
+    phases, assumptions = count_analysis(BLOCKS, config, layer_kinds=counter.layer_kinds)
     assert _total(phases) == (counter.block_tokens, counter.head_tokens)
     sampled = 5 if isinstance(dataset, list) else 7  # unset: the model's own samples
     assert phases["sampling the model's own text"].head_tokens == sampled * (SEQ - 1)

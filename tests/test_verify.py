@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 import sglp_llm.model.rewrite as rewrite
 from sglp_llm import SGLPConfig
 from sglp_llm.api import prune
-from sglp_llm.model.blocks import find_decoder_blocks
+from sglp_llm.model.blocks import find_decoder_blocks, text_config
 from sglp_llm.plan import PruningPlan
 from sglp_llm.model.rewrite import RewriteError, is_index_list, is_per_block, remap_index_list, remove_blocks
 from sglp_llm.model.offload import load_with_blocks_on_disk
@@ -301,3 +301,16 @@ def test_blocks_returning_attention_weights_unasked_are_not_refused():
     result = prune(model, [tiny_batch(batch_size=2, seq_len=12)], SGLPConfig(drop=1, cka_minibatch_tokens=16),
                    progress=False)
     assert len(result.plan.dropped) == 1
+
+
+def test_a_hybrid_keeps_a_full_attention_block():
+    """A Qwen3.5 stack left without its one full-attention block cannot build its masks: the
+    "last" baseline, which would drop blocks 3 and 4 here, drops 2 and 4, the rewrite runs and is
+    verified, and the plan says why block 3 stayed."""
+    model = tiny_causal_lm("qwen3_5_text")
+    assert text_config(model).layer_types.count("full_attention") == 1 and text_config(model).layer_types[3] == "full_attention"
+    result = prune(model, [tiny_batch(batch_size=2, seq_len=16)], SGLPConfig(drop=2, method="last", seq_len=16,
+                                                                            cka_minibatch_tokens=16), progress=False)
+    assert result.plan.dropped == [2, 4]
+    assert result.plan.extra["kept_as_last_full_attention"] == 3
+    assert "block 3 kept" in result.plan.summary()

@@ -8,6 +8,7 @@ the config's block count (`block_counts`). Users can always name the path with `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -137,3 +138,29 @@ def find_decoder_blocks(model: nn.Module, layers_path: str | None = None) -> Dec
     return DecoderBlocks(
         path=path, parent=parent, attribute=attribute, config=config, count_field=count_field
     )
+
+
+# the kinds of block (a config's `layer_types`) that attend over the whole context
+FULL_ATTENTION_KINDS = ("full_attention", "attention")
+
+
+def layer_kinds(model: nn.Module, num_blocks: int) -> list[str] | None:
+    """Each block's kind as the config lists it (`layer_types`: "full_attention",
+    "linear_attention", "sliding_attention", ...), or None where it lists none for these blocks."""
+    kinds = getattr(text_config(model), "layer_types", None)
+    return list(kinds) if isinstance(kinds, (list, tuple)) and len(kinds) == num_blocks else None
+
+
+def last_full_attention(kinds: Sequence[str] | None, n_drop: int, protected: set[int]) -> int | None:
+    """The block to keep so that a hybrid stack keeps a full-attention block: where its `kinds`
+    (`layer_kinds`) mix full attention with others (linear attention, a sliding window, ...) and
+    the drop could remove every full-attention block, the deepest of them (None where not).
+    A Qwen3.5 or Qwen3-Next stack without one cannot build its masks, so its rewrite would be
+    refused after the analysis; a sliding-window stack without one would see no further than its
+    window, which calibration windows shorter than it cannot show. Other kinds may all go."""
+    if kinds is None:
+        return None
+    full = [i for i, kind in enumerate(kinds) if kind in FULL_ATTENTION_KINDS]
+    if not full or len(full) == len(kinds) or len(full) > n_drop or not protected.isdisjoint(full):
+        return None
+    return full[-1]

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..explain import chosen_by, stages
+from ..explain import chosen_by, kept_for_attention, stages
 from .heatmap import HEATMAP_NAME
 from ..plan import PruningPlan
 from ..stability import describe_stability
@@ -210,6 +210,8 @@ def _removed_section(plan: PruningPlan) -> str:
 def _chosen_section(plan: PruningPlan) -> str:
     lines = ["## How the blocks were chosen", "", *(f"- {stage}" for stage in stages(plan.config, plan.n_tokens)), ""]
     lines += [f"- block {block}: {why}" for block, why in sorted(chosen_by(plan).items())]
+    if kept_for_attention(plan):
+        lines.append(f"- {kept_for_attention(plan)}")
     stability = describe_stability(plan.extra.get("stability"))
     if stability:
         lines.append(f"- {stability}")
