@@ -63,7 +63,7 @@ def _exact_run_rule_plan(family, seed, **settings):
 # models where a tie changes the choice (and, for the run rule, where it chooses unlike block influence alone)
 @pytest.mark.parametrize("family,seed,rule", [
     ("llama", 3, "block-influence"), ("qwen2", 1, "block-influence"),
-    ("llama", 4, "run-then-block-influence"), ("gemma3_text", 0, "run-then-block-influence"),
+    ("llama", 4, "run-then-block-influence"), ("gemma3_text", 3, "run-then-block-influence"),
 ])
 def test_near_ties_are_settled_by_block_influence_as_brute_force_settles_them(family, seed, rule):
     """Every candidate measured (no lazy bound, no screen): the exact rule."""
@@ -74,7 +74,7 @@ def test_near_ties_are_settled_by_block_influence_as_brute_force_settles_them(fa
     removed: list[int] = []
     settled = 0
     for step in plan.extra["loss_check"]["steps"]:
-        best, tied, chosen = _tie_settled_by_brute_force(model, search, removed, [b for b in range(1, 7) if b not in removed],
+        best, tied, chosen = _tie_settled_by_brute_force(model, search, removed, [b for b in range(8) if b not in plan.extra["protected"] and b not in removed],
                                                          influence, rule)
         assert step["block"] == chosen
         if len(tied) > 1:
@@ -97,7 +97,7 @@ def test_wider_near_ties_are_settled_as_brute_force_settles_them(family, seed):
     model, plan, search, influence = _exact_run_rule_plan(family, seed, loss_tie_errors=2.0)
     removed: list[int] = []
     for step in plan.extra["loss_check"]["steps"]:
-        best, tied, chosen = _tie_settled_by_brute_force(model, search, removed, [b for b in range(1, 7) if b not in removed],
+        best, tied, chosen = _tie_settled_by_brute_force(model, search, removed, [b for b in range(8) if b not in plan.extra["protected"] and b not in removed],
                                                          influence, "run-then-block-influence", errors=2.0)
         assert step["block"] == chosen
         assert step.get("tied", [chosen]) == tied
@@ -162,7 +162,7 @@ def test_the_risk_adjusted_choice_is_the_brute_force_one(family, seed):
     model, plan, search, influence = _exact_run_rule_plan(family, seed, loss_risk=1.0)
     removed: list[int] = []
     for step in plan.extra["loss_check"]["steps"]:
-        value, chosen = _risk_settled_by_brute_force(model, search, removed, [b for b in range(1, 7) if b not in removed],
+        value, chosen = _risk_settled_by_brute_force(model, search, removed, [b for b in range(8) if b not in plan.extra["protected"] and b not in removed],
                                                      influence, 1.0)
         assert step["block"] == chosen
         for block, adjusted in step["risk_adjusted"].items():
@@ -186,7 +186,7 @@ def test_without_ties_the_lowest_loss_goes():
     search = first_tokens(BATCHES, 48)
     removed: list[int] = []
     for step in plan.extra["loss_check"]["steps"]:
-        free = [b for b in range(1, 7) if b not in removed]
+        free = [b for b in range(8) if b not in plan.extra["protected"] and b not in removed]
         removed.append(min(free, key=lambda b: (calibration_nll(model, search, removed + [b]), b)))
         assert step["block"] == removed[-1] and "tied" not in step
 
