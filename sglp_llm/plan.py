@@ -87,8 +87,8 @@ class PruningPlan:
         lines.append(f"drop {len(self.dropped)} blocks: {self.dropped}")
         lines += [f"  block {block}: {why}" for block, why in sorted(chosen_by(self).items())]
         lines.append(f"keep {len(self.kept)} blocks: {self.kept}")
-        if kept_for_attention(self):
-            lines.append(f"  {kept_for_attention(self)}")
+        if kept := kept_for_attention(self):
+            lines.append(f"  {kept}")
         stability = describe_stability(self.extra.get("stability"))
         if stability:
             lines.append(stability)

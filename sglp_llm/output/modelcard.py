@@ -210,8 +210,8 @@ def _removed_section(plan: PruningPlan) -> str:
 def _chosen_section(plan: PruningPlan) -> str:
     lines = ["## How the blocks were chosen", "", *(f"- {stage}" for stage in stages(plan.config, plan.n_tokens)), ""]
     lines += [f"- block {block}: {why}" for block, why in sorted(chosen_by(plan).items())]
-    if kept_for_attention(plan):
-        lines.append(f"- {kept_for_attention(plan)}")
+    if kept := kept_for_attention(plan):
+        lines.append(f"- {kept}")
     stability = describe_stability(plan.extra.get("stability"))
     if stability:
         lines.append(f"- {stability}")

@@ -273,6 +273,10 @@ def reference_outputs(
     return Reference(probe, outputs, _dtype(handle.model), handle.onload_device, time.perf_counter() - started)
 
 
+# what a forward the model cannot take raises (a missing input, a shape its loop does not expect, ...)
+FORWARD_ERRORS = (ValueError, IndexError, TypeError, RuntimeError, AttributeError, KeyError)
+
+
 def _check_loss(handle: ModelHandle, probe: Probe) -> None:
     """Every analysis computes the next-token loss from input_ids and labels: a model whose
     forward does not (an audio decoder with codebooks, ...) is refused here with the reason, and
@@ -286,7 +290,7 @@ def _check_loss(handle: ModelHandle, probe: Probe) -> None:
     try:
         with torch.no_grad():
             loss = causal_lm_loss(model, batch)
-    except (ValueError, IndexError, TypeError, RuntimeError, AttributeError, KeyError) as error:
+    except FORWARD_ERRORS as error:
         if isinstance(error, torch.OutOfMemoryError):
             raise
         raise UnsupportedModelError(
@@ -313,7 +317,9 @@ def _same_loss_without_extras(handle: ModelHandle, batch: dict[str, torch.Tensor
     try:
         with torch.no_grad():
             again = causal_lm_loss(handle.model, batch)
-    except (ValueError, IndexError, TypeError, RuntimeError, AttributeError, KeyError):
+    except FORWARD_ERRORS as error:
+        if isinstance(error, torch.OutOfMemoryError):
+            raise
         return False
     finally:
         for hook in hooks:
