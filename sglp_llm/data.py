@@ -336,7 +336,7 @@ def _load_hub(
     except (ConnectionError, FileNotFoundError, ValueError) as err:
         raise CalibrationError(
             f"Could not load the calibration data {where}: {err}. Check the name, "
-            "--dataset-config and --dataset-split and your network, or give a local file or "
+            "--dataset-config and --split and your network, or give a local file or "
             "directory."
         ) from err
     texts = _column_texts(dataset, text_column, where)

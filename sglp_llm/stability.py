@@ -93,7 +93,7 @@ def stability_warning(stability: dict[str, Any] | None) -> str | None:
         f"drop {a} and {b}, agreeing on {len(set(a) & set(b))} of {len(a)} blocks, so it fits this sample and may not "
         "hold on other text. Calibrate on more text (--n-samples" + (", and measure removals on more of it: --loss-tokens" if loss else "")
         + "), longer windows (--seq-len) or more varied text (--dataset), "
-        "and check the pruned model on text unlike the calibration (sglp-llm evaluate)."
+        "and check the pruned model on text unlike the calibration (sglp-llm eval)."
     )
 
 

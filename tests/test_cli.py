@@ -428,3 +428,37 @@ def test_dataset_flag_takes_one_source_or_several_to_mix():
 
     assert dataset("builtin:fortunes") == "builtin:fortunes"
     assert dataset("builtin:stdlib-docs", "builtin:python-reference") == ["builtin:stdlib-docs", "builtin:python-reference"]
+
+
+# what other tools' commands in the package's messages take (pip, hf download, lm_eval)
+OTHER_TOOLS_FLAGS = {"--no-deps", "--local-dir", "--model_args", "--batch_size"}
+
+
+def test_every_command_and_flag_the_messages_name_exists():
+    """A message that tells the user to run `sglp-llm evaluate` or pass --dataset-split sends them
+    to an error: every `sglp-llm <command>` and `--flag` in the package's text must be real
+    (`--eval-*` names a family of flags)."""
+    import argparse
+    import re
+    from pathlib import Path
+
+    import sglp_llm
+
+    parser = build_parser(show_all=True)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    flags = {o for sub in commands.values() for a in sub._actions for o in a.option_strings}
+    wrong = []
+    for path in sorted(Path(sglp_llm.__file__).parent.rglob("*.py")):
+        text = path.read_text()
+        for m in re.finditer(r"`?sglp-llm ([a-z]+)\b", text):
+            if m.group(0).startswith("`") and m.group(1) not in commands:
+                wrong.append(f"{path.name}: {m.group(0)}")
+        for m in re.finditer(r"sglp-llm ([a-z]+)\)", text):  # a command named at a sentence's end
+            if m.group(1) not in commands:
+                wrong.append(f"{path.name}: {m.group(0)}")
+        for m in re.finditer(r"(?<![\w-])(--[a-z][\w-]*)(\*?)", text):
+            flag, family = m.groups()
+            known = any(f.startswith(flag) for f in flags) if family else flag in flags | OTHER_TOOLS_FLAGS
+            if not known:
+                wrong.append(f"{path.name}: {flag}{family}")
+    assert not wrong, wrong
