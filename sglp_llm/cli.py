@@ -303,8 +303,26 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_model_to_read(parser: argparse.ArgumentParser, help: str) -> None:
+    """The model `eval` and `heal` read: positional, or --model as `prune` and `analyze` take it."""
+    parser.add_argument("model", nargs="?", help=help)
+    parser.add_argument("--model", dest="model_flag", metavar="MODEL", help="the same as the positional MODEL")
+
+
+def _model_named_once(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Resolve `eval`/`heal`'s model from the positional or --model, refusing none or two."""
+    if not hasattr(args, "model_flag"):
+        return
+    named = [m for m in (args.model, args.model_flag) if m is not None]
+    if not named:
+        parser.error(f"{args.command} needs the model to read: sglp-llm {args.command} MODEL (or --model MODEL)")
+    if len(set(named)) > 1:
+        parser.error(f"{args.command} got two models ({named[0]} and {named[1]}): give it one, positional or --model")
+    args.model = named[0]
+
+
 def _add_heal(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model directory (e.g. written by `prune`), .gguf file or Hub id; only read")
+    _add_model_to_read(parser, "model directory (e.g. written by `prune`), .gguf file or Hub id; only read")
     model = parser.add_argument_group("model")
     model.add_argument("--dtype", help="auto, float32, bfloat16 or float16 (default: auto)")
     model.add_argument("--device-map", help="accelerate device map: auto, balanced, sequential, cpu, ...")
@@ -403,7 +421,7 @@ def _add_heal_settings(group: argparse._ArgumentGroup, prefix: str) -> None:
 
 
 def _add_eval(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model directory, .gguf file or Hub id")
+    _add_model_to_read(parser, "model directory, .gguf file or Hub id")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows (perplexity) or requests (lm-eval) per forward pass")
 
@@ -1002,7 +1020,9 @@ def _stdout_of_main_process() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _model_named_once(parser, args)
     try:
         commands = {
             "prune": run_prune, "analyze": run_analyze, "eval": run_eval, "compare": run_compare, "heal": run_heal,

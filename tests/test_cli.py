@@ -227,6 +227,25 @@ def test_update_card_needs_a_pruned_folder(model_dir, capsys):
             "recorded in a folder written by `sglp-llm prune`") in capsys.readouterr().err
 
 
+def test_eval_and_heal_take_the_model_as_prune_does_or_positional(model_dir, eval_files, tmp_path, capsys):
+    results = []
+    for how in ([str(model_dir)], ["--model", str(model_dir)], [str(model_dir), "--model", str(model_dir)]):
+        out = tmp_path / f"eval-{len(results)}.json"
+        assert main(["eval", *how, "--dataset", str(eval_files[1]), "--output-json", str(out), "--no-progress"]) == 0
+        results.append(json.loads(out.read_text()))
+    assert results[0] == results[1] == results[2]
+    for command in (["eval"], ["heal", "--output", str(tmp_path / "healed")]):
+        with pytest.raises(SystemExit) as refused:
+            main([*command, "--no-progress"])
+        assert refused.value.code == 2
+        assert (f"error: {command[0]} needs the model to read: sglp-llm {command[0]} MODEL (or --model MODEL)"
+                in capsys.readouterr().err)
+        with pytest.raises(SystemExit):
+            main([*command, str(model_dir), "--model", str(tmp_path), "--no-progress"])
+        assert f"got two models ({model_dir} and {tmp_path}): give it one, positional or --model" in capsys.readouterr().err
+    assert not (tmp_path / "healed").exists()
+
+
 def test_prune_warns_when_evaluating_on_the_calibration_text(model_dir, text_file, tmp_path):
     argv = ["prune", "--model", str(model_dir), "--drop", "2", "--dataset", str(text_file),
             "--output", str(tmp_path / "out"), "--eval-dataset", str(text_file), *FAST]
