@@ -1019,10 +1019,26 @@ def _stdout_of_main_process() -> Iterator[None]:
         yield
 
 
+def _hide_library_progress_bars() -> None:
+    """--no-progress (and every process but the main one) hides the bars transformers, datasets
+    and huggingface_hub draw too: loading weights, reading data files, writing shards."""
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from .passes.distributed import is_main_process
+
     parser = build_parser()
     args = parser.parse_args(argv)
     _model_named_once(parser, args)
+    if args.no_progress or not is_main_process():
+        _hide_library_progress_bars()
     try:
         commands = {
             "prune": run_prune, "analyze": run_analyze, "eval": run_eval, "compare": run_compare, "heal": run_heal,

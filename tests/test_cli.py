@@ -246,6 +246,23 @@ def test_eval_and_heal_take_the_model_as_prune_does_or_positional(model_dir, eva
     assert not (tmp_path / "healed").exists()
 
 
+def test_no_progress_hides_the_libraries_bars_too(model_dir, eval_files, capsys):
+    import datasets
+    import transformers
+
+    transformers.utils.logging.enable_progress_bar()
+    datasets.enable_progress_bars()
+    try:
+        assert main(["eval", str(model_dir), "--dataset", str(eval_files[1])]) == 0
+        assert "Loading weights" in capsys.readouterr().err  # transformers' bar, shown without the flag
+        assert main(["eval", str(model_dir), "--dataset", str(eval_files[1]), "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        assert "it/s" not in err and "Loading weights" not in err
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+        datasets.enable_progress_bars()
+
+
 def test_prune_warns_when_evaluating_on_the_calibration_text(model_dir, text_file, tmp_path):
     argv = ["prune", "--model", str(model_dir), "--drop", "2", "--dataset", str(text_file),
             "--output", str(tmp_path / "out"), "--eval-dataset", str(text_file), *FAST]
