@@ -32,10 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_architectures import CannotBuild, causal_lm_types, tiny_causal_lm  # noqa: E402
+from tiny_architectures import CannotBuild, causal_lm_types, image_text_types, tiny_causal_lm  # noqa: E402
 
 from sglp_llm import SGLPConfig  # noqa: E402
 from sglp_llm.api import prune  # noqa: E402
+from sglp_llm.model.auto_class import auto_model_class  # noqa: E402
 from sglp_llm.model.blocks import UnsupportedModelError, find_decoder_blocks  # noqa: E402
 from sglp_llm.config import ConfigError  # noqa: E402
 from sglp_llm.model.rewrite import RewriteError  # noqa: E402
@@ -78,19 +79,28 @@ def _outputs(model, input_ids):
     return logits, tokens
 
 
+def _table_rows(model) -> list[int]:
+    """The rows of the model's input and output embedding tables (those it has)."""
+    rows = []
+    for table in (model.get_input_embeddings, model.get_output_embeddings):
+        try:
+            weight = getattr(table(), "weight", None)
+        except NotImplementedError:  # a model without such a table
+            continue
+        if isinstance(weight, torch.Tensor):
+            rows.append(weight.shape[0])
+    return rows
+
+
 def classify(model_type: str) -> Outcome:
     """Prune a tiny `model_type` and say what became of it."""
-    from transformers import AutoModelForCausalLM
-
     started = time.perf_counter()
     try:
         model = tiny_causal_lm(model_type, num_blocks=NUM_BLOCKS, hidden=64)
     except CannotBuild as reason:
         return Outcome(model_type, "not built", str(reason))
     # token ids every table of the model accepts (input and output vocabularies can differ)
-    sizes = [t.weight.shape[0] for t in (model.get_input_embeddings(), model.get_output_embeddings())
-             if isinstance(getattr(t, "weight", None), torch.Tensor)]
-    vocab = min([*sizes, model.config.get_text_config().vocab_size or 128])
+    vocab = min([*_table_rows(model), getattr(model.config.get_text_config(), "vocab_size", None) or 128])
     generator = torch.Generator().manual_seed(0)
     batches = [
         {"input_ids": torch.randint(3, vocab, (2, SEQ_LEN), generator=generator),
@@ -110,8 +120,8 @@ def classify(model_type: str) -> Outcome:
                            seconds=time.perf_counter() - started)
         dropped = result.plan.dropped
         # as a user would load it: the Auto class, or the model's own where Auto lacks its config
-        auto = type(model.config) in AutoModelForCausalLM._model_mapping
-        reloaded = (AutoModelForCausalLM if auto else type(model)).from_pretrained(
+        auto = auto_model_class(model.config)
+        reloaded = (auto if type(model.config) in auto._model_mapping else type(model)).from_pretrained(
             Path(tmp) / "pruned", attn_implementation=model.config._attn_implementation
         ).eval()
     # the original, rebuilt from its own config and weights, with the dropped blocks as identities
@@ -151,18 +161,22 @@ def _with_timeout(model_type: str) -> Outcome:
         signal.alarm(0)
 
 
-def write_markdown(outcomes: list[Outcome], path: Path) -> None:
+def write_markdown(outcomes: list[Outcome], path: Path, image_text: bool = False) -> None:
     import transformers
 
     counts = {s: sum(o.status == s for o in outcomes) for s in ("exact", "refused", "crash", "wrong", "not built")}
+    which = ("`MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES` that `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` leaves out (models "
+             "that also read images; their text stack is pruned, on text)" if image_text
+             else "`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`")
     lines = [
-        "# Architecture sweep",
+        "# Architecture sweep" + (": models that also read images" if image_text else ""),
         "",
-        f"Every model type of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` in transformers {transformers.__version__} "
+        f"Every model type of {which} in transformers {transformers.__version__} "
         f"({len(outcomes)} types): a tiny random model ({NUM_BLOCKS} blocks, hidden 64) pruned by {DROP} blocks "
         "with the default method and saved by sglp-llm (verification on), then checked independently: the "
         "saved folder reloaded with `from_pretrained` against the original with the dropped blocks made "
-        "identities (logits, and greedy tokens with the KV cache). Made by `python benchmarks/architectures.py`.",
+        "identities (logits, and greedy tokens with the KV cache, on text). Made by "
+        f"`python benchmarks/architectures.py{' --image-text' if image_text else ''}`.",
         "",
         "| outcome | types |",
         "|---|---|",
@@ -180,6 +194,8 @@ def write_markdown(outcomes: list[Outcome], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("types", nargs="*", help="model types (default: all, written to results/)")
+    parser.add_argument("--image-text", action="store_true",
+                        help="the types only AutoModelForImageTextToText builds -> results/architectures-image-text.*")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -188,14 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     outcomes = []
-    for model_type in args.types or causal_lm_types():
+    for model_type in args.types or (image_text_types() if args.image_text else causal_lm_types()):
         outcome = _with_timeout(model_type)
         print(f"{outcome.model_type:32} {outcome.status:10} {outcome.seconds:6.1f}s {outcome.detail[:150]}", flush=True)
         outcomes.append(outcome)
     if not args.types:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "architectures.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=1))
-        write_markdown(outcomes, RESULTS / "architectures.md")
+        name = "architectures-image-text" if args.image_text else "architectures"
+        (RESULTS / f"{name}.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=1))
+        write_markdown(outcomes, RESULTS / f"{name}.md", args.image_text)
     return int(any(o.status in ("crash", "wrong") for o in outcomes))
 
 

@@ -1,4 +1,5 @@
-"""Tiny randomly initialised causal LMs of every model type that `AutoModelForCausalLM` knows,
+"""Tiny randomly initialised causal LMs of every model type that `AutoModelForCausalLM` knows (and
+of the models that also read images, `AutoModelForImageTextToText`'s),
 built from configs alone (no Hub access), so that block-level tools can be tried on every
 architecture in seconds.
 
@@ -16,7 +17,12 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
 
 VOCAB = 128
 MAX_POSITIONS = 256
@@ -33,6 +39,12 @@ class CannotBuild(Exception):
 def causal_lm_types() -> list[str]:
     """The model types `AutoModelForCausalLM` maps, sorted."""
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def image_text_types() -> list[str]:
+    """The model types only `AutoModelForImageTextToText` maps (models that also read images and
+    that `AutoModelForCausalLM` does not build), sorted."""
+    return sorted(set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES) - set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
 
 
 def _generic_sizes(num_blocks: int, hidden: int) -> tuple[dict[str, object], dict[str, object]]:
@@ -96,6 +108,23 @@ def _generic_sizes(num_blocks: int, hidden: int) -> tuple[dict[str, object], dic
     return always, if_set
 
 
+def _mrope(rotary_fraction: float = 1.0) -> Callable[[int, int], dict]:
+    """Rotary parameters whose multimodal sections (temporal, height, width) cover half of the
+    rotated part of a tiny head, in Qwen2-VL's proportions 16 : 24 : 24."""
+
+    def override(n: int, h: int) -> dict:
+        half = int(h // HEADS * rotary_fraction) // 2
+        spatial = half * 3 // 8
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": rotary_fraction,
+                                    "mrope_section": [half - 2 * spatial, spatial, spatial]}}
+
+    return override
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
+
+
 def _cycle(kinds: Sequence[str], n: int) -> list[str]:
     """A per-layer pattern of length n that repeats `kinds`."""
     return [kinds[i % len(kinds)] for i in range(n)]
@@ -142,6 +171,10 @@ OVERRIDES: dict[str, Callable[[int, int], dict]] = {
                                 "index_compression": 2, "index_num_local_tokens": 4, "index_num_sink_tokens": 1},
     "qwen4_exp_text": lambda n, h: {"indexer_n_heads": HEADS, "indexer_kv_heads": 1, "indexer_head_dim": h // HEADS,
                                     "indexer_budget": WINDOW, "indexer_compress_ratio": 4},
+    # multimodal rotary sections (temporal, height, width) sum to half a head (default 16 + 24 + 24)
+    **{text: _mrope() for text in ("qwen2_vl_text", "qwen2_5_vl_text", "glm4v_text", "glm_ocr_text",
+                                   "paddleocr_vl_text")},
+    "glm4v_moe_text": _mrope(rotary_fraction=0.5),
     "xmod": lambda n, h: {"default_language": "en_XX"},
     "zaya": lambda n, h: {"num_experts_per_tok": 1},  # the only routing it supports
     # the config rounds the qk and v widths (hidden x factor) up to multiples of 64, the kernels do not
@@ -220,10 +253,11 @@ def _config_kwargs(config_cls: type[PreTrainedConfig], num_blocks: int, hidden: 
 
 
 def _causal_lm_class_and_config(config: PreTrainedConfig) -> tuple[type[torch.nn.Module], PreTrainedConfig]:
-    """The class `AutoModelForCausalLM` maps `config` to, and the config it is built on: like
-    `AutoModelForCausalLM.from_config`, which passes a class built on `text_config` that sub-config,
+    """The class `AutoModelForCausalLM` (else `AutoModelForImageTextToText`) maps `config` to, and
+    the config it is built on: like `AutoModelForCausalLM.from_config`, which passes a class built on `text_config` that sub-config,
     but for a sub-config under any name (musicgen's causal LM is built on its `decoder`)."""
-    model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    mapping = MODEL_FOR_CAUSAL_LM_MAPPING if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    model_cls = mapping[type(config)]
     for key, sub_cls in config.sub_configs.items():
         if sub_cls is model_cls.config_class:
             return model_cls, getattr(config, key)
@@ -236,12 +270,17 @@ def tiny_causal_lm(model_type: str, num_blocks: int = 6, hidden: int = 64, seed:
     if model_type in NOT_STANDALONE:
         raise CannotBuild(NOT_STANDALONE[model_type])
     config_cls = CONFIG_MAPPING[model_type]
-    model_cls, config = _causal_lm_class_and_config(config_cls(**_config_kwargs(config_cls, num_blocks, hidden)))
+    try:  # the generic sizes break some configs' own checks; an override would size them
+        model_cls, config = _causal_lm_class_and_config(config_cls(**_config_kwargs(config_cls, num_blocks, hidden)))
+    except Exception as err:  # noqa: BLE001 - whatever the config raises, the type is not built
+        raise CannotBuild(f"no tiny config (no override yet): {type(err).__name__}: {_first_line(err)}") from err
     torch.manual_seed(seed)
     try:  # eager is the reference attention every model implements
         model = model_cls._from_config(config, attn_implementation="eager", dtype=torch.float32)
     except ImportError as err:  # a backend this type needs is not installed
         raise CannotBuild(str(err).strip().split(". ")[0]) from err
+    except Exception as err:  # noqa: BLE001 - a tiny config the model cannot be built on
+        raise CannotBuild(f"no tiny model (no override yet): {type(err).__name__}: {_first_line(err)}") from err
     for key, value in GENERATION_OVERRIDES.get(model_type, {}).items():
         setattr(model.generation_config, key, value)
     with torch.no_grad():

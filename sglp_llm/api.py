@@ -404,12 +404,15 @@ class PruneResult:
     # the original's outputs with the dropped blocks skipped: the saved folder is checked against
     # them once reloaded (None: verification was turned off)
     reference: verify.Reference | None = None
+    # a model that also reads images: its processor, saved in place of the tokenizer so the folder
+    # keeps its image processor and chat template (`LoadedModel.processor`)
+    processor: Any = None
 
     def save_pretrained(self, output_dir: str | Path, *, overwrite: bool = False, evaluation: dict | None = None) -> Path:
         from .output.save import save_pruned
 
         return save_pruned(
-            output_dir, self.model, self.tokenizer, self.plan,
+            output_dir, self.model, self.tokenizer if self.processor is None else self.processor, self.plan,
             base_model=self.base_model or self.plan.model_name or "unknown",
             overwrite=overwrite, evaluation=evaluation, reference=self.reference,
         )

@@ -730,8 +730,11 @@ def run_prune(args: argparse.Namespace) -> int:
     evaluation = {"dense": _evaluate_in_memory(loaded, args, "dense")} if evaluate else None
     progress = not args.no_progress and is_main_process()
     result = prune(loaded.model, None, config, tokenizer=loaded.tokenizer, progress=progress)
+    result.processor = loaded.processor
     # data parallel: every process heals its share of each batch (the Trainer's DDP)
     healed = _heal_pruned(result, heal_config, args, run) if heal_config is not None else None
+    if healed is not None:
+        healed.processor = loaded.processor
     if not is_main_process():  # every process has the same model; one writes it
         return 0
     result.base_model = loaded.name
@@ -760,7 +763,7 @@ def run_prune(args: argparse.Namespace) -> int:
         f"Time: {time.perf_counter() - start:.0f} s"
     )
     print(describe(plan.extra.get("verification")))
-    print(f"Pruned model written to {saved} (load it with AutoModelForCausalLM.from_pretrained)")
+    print(f"Pruned model written to {saved} (load it with {_loads_with(loaded)})")
     if args.push_to_hub:
         from .output.hub import push_folder
 
@@ -809,6 +812,7 @@ def run_heal(args: argparse.Namespace) -> int:
     # under `accelerate launch` every process trains on its share of each batch (DDP); one writes
     healed = heal(loaded.model, loaded.tokenizer, config, teacher_kwargs=_teacher_kwargs(run),
                   progress=not args.no_progress and is_main_process())
+    healed.processor = loaded.processor
     if not is_main_process():
         return 0
     print(heal_summary(healed.report))
@@ -817,7 +821,7 @@ def run_heal(args: argparse.Namespace) -> int:
         plan=plan, overwrite=args.overwrite,
     )
     if args.merge:
-        print(f"Healed model written to {saved} (load it with AutoModelForCausalLM.from_pretrained; "
+        print(f"Healed model written to {saved} (load it with {_loads_with(loaded)}; "
               "the adapter alone is in adapter/)")
     else:
         print(f"LoRA adapter written to {saved} (load it with peft's AutoPeftModelForCausalLM, or "
@@ -829,6 +833,15 @@ def run_heal(args: argparse.Namespace) -> int:
                           commit_message="Upload LoRA-healed model")
         print(f"Uploaded to {url}")
     return 0
+
+
+def _loads_with(loaded) -> str:
+    """How the user loads the written model: its Auto class (a model that reads images too needs
+    its processor)."""
+    from .model.auto_class import auto_model_class
+
+    auto = auto_model_class(loaded.model.config).__name__
+    return f"{auto}.from_pretrained" + ("" if loaded.processor is None else " and AutoProcessor")
 
 
 def _evaluate_in_memory(loaded, args: argparse.Namespace, label: str) -> dict[str, Any]:

@@ -453,8 +453,7 @@ def measure_throughput(model_config: Any, *, dtype: torch.dtype, device: str, se
     """Time one decoder block, the head's loss and its pick of each position's likeliest tokens
     (the vocabulary subset's top-k) on a one-block copy of the model (random weights, so nothing
     is read), on one window, best of two after a warm-up."""
-    from transformers import AutoModelForCausalLM
-
+    from .model.auto_class import auto_model_class
     from .passes.head import head_nll, likeliest_tokens, output_of
     from .model.handle import ModelHandle
     from .model.rewrite import remove_blocks
@@ -462,7 +461,7 @@ def measure_throughput(model_config: Any, *, dtype: torch.dtype, device: str, se
     # the rewrite edits the config it finds: a copy's, so the caller's still counts every block
     meta = ModelHandle.of(meta_model(copy.deepcopy(model_config), dtype), layers_path=layers_path)
     remove_blocks(meta, range(1, len(meta.layers)))  # the config of a one-block model, by the rewrite's rules
-    model = AutoModelForCausalLM.from_config(meta.model.config, dtype=dtype).to(device).eval()
+    model = auto_model_class(meta.model.config).from_config(meta.model.config, dtype=dtype).to(device).eval()
     handle = ModelHandle.of(model, layers_path=layers_path)
     tokens = min(seq_len, 256)
     vocab = model.get_output_embeddings().weight.shape[0]

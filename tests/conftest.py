@@ -43,3 +43,11 @@ def word_tokenizer(
 def make_word_tokenizer() -> Callable[..., PreTrainedTokenizerFast]:
     """`word_tokenizer` as a fixture: call it with the texts the test uses."""
     return word_tokenizer
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A calibration text file for the command line: one sentence, repeated."""
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    path.write_text(" ".join(["the module returns a new object for each class and function"] * 200))
+    return path

@@ -1,6 +1,6 @@
 """A fast subset of the architecture sweep (benchmarks/architectures.py): one type per cause of
-a wrong rewrite seen across transformers' causal LMs, each either exact or refused with its
-reason, never written wrong."""
+a wrong rewrite seen across transformers' causal LMs and the models that also read images, each
+either exact or refused with its reason, never written wrong."""
 
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ CASES = {
     "bloom": ("exact", ""),  # blocks return attention weights unasked: not passed on
     "cpmant": ("exact", ""),  # the loop unpacks (hidden, attention) from every block
     "hy_v4": ("refused", "a state of its own"),  # top-k indices handed to the next block
+    # models that also read images (AutoModelForImageTextToText), their text stack pruned
+    "mistral3": ("exact", ""),
+    "qwen2_5_vl": ("exact", ""),  # multimodal rotary positions
+    "pp_formulanet": ("refused", "exposes no input embeddings"),  # reads images only
 }
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -131,9 +132,16 @@ def test_invalid_dtype_lists_the_choices(tiny, dtype):
 
 @pytest.fixture
 def recorded_hub(tiny, monkeypatch):
-    """from_pretrained of model and tokenizer: record the arguments, serve the tiny model."""
-    calls = {"model": [], "tokenizer": []}
+    """from_pretrained of config, model and tokenizer: record the arguments, serve the tiny model."""
+    calls = {"config": [], "model": [], "tokenizer": []}
+    real_config = AutoConfig.from_pretrained
     real_model, real_tok = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+
+    def config_from_pretrained(source, **kwargs):
+        if str(source) == str(tiny[0]):  # the tokenizer's own read of the served folder
+            return real_config(source, **kwargs)
+        calls["config"].append((source, kwargs))
+        return real_config(tiny[0], **kwargs)
 
     def model_from_pretrained(source, **kwargs):
         calls["model"].append((source, kwargs))
@@ -143,6 +151,7 @@ def recorded_hub(tiny, monkeypatch):
         calls["tokenizer"].append((source, kwargs))
         return real_tok(tiny[0])
 
+    monkeypatch.setattr(AutoConfig, "from_pretrained", config_from_pretrained)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", model_from_pretrained)
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", tokenizer_from_pretrained)
     return calls
@@ -160,6 +169,8 @@ def test_hub_id_forwards_loading_options_with_remote_code_off(recorded_hub, tmp_
     assert not loaded.model.training
     [(source, kwargs)] = recorded_hub["model"]
     assert source == "someone/tiny-llama"
+    assert recorded_hub["config"] == [("someone/tiny-llama", {"trust_remote_code": False})]
+    assert isinstance(kwargs.pop("config"), LlamaConfig)  # the config read first decides the Auto class
     assert kwargs == {
         "trust_remote_code": False,
         "use_safetensors": True,
@@ -173,6 +184,7 @@ def test_hub_id_forwards_loading_options_with_remote_code_off(recorded_hub, tmp_
 
 def test_trust_remote_code_is_passed_only_when_asked(recorded_hub):
     load_model("someone/tiny-llama", trust_remote_code=True)
+    assert recorded_hub["config"][0][1]["trust_remote_code"] is True
     assert recorded_hub["model"][0][1]["trust_remote_code"] is True
     assert recorded_hub["tokenizer"][0][1]["trust_remote_code"] is True
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from .blocks import UnsupportedModelError
 
 # the strategies accelerate computes a map for; anything else is one device or a full map
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -112,7 +113,13 @@ def choose_devices(run: dict[str, Any], config: Any, n_gpus: int) -> tuple[dict[
 def input_device(model: nn.Module) -> torch.device:
     """Where token ids must go: the device of the input embeddings (first device of a map), or
     for embeddings that accelerate offloads, the device they run on."""
-    embeddings = model.get_input_embeddings()
+    try:
+        embeddings = model.get_input_embeddings()
+    except NotImplementedError as err:  # e.g. an OCR encoder-decoder that reads only images
+        raise UnsupportedModelError(
+            f"This {type(model).__name__} (model_type {model.config.model_type!r}) exposes no input embeddings for "
+            f"token ids ({err}): sglp-llm calibrates a language model on text, so it cannot depth-prune this one."
+        ) from err
     # one table, or several (one per codebook, e.g. MusicGen)
     device = next(embeddings.parameters()).device
     if device.type == "meta":

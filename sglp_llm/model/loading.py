@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .auto_class import auto_model_class, reads_images
+
 logger = logging.getLogger(__name__)
 
 PACKAGED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,6 +56,9 @@ class LoadedModel:
     name: str
     source: str
     note: str | None = None
+    # a checkpoint that also reads images: its processor (tokenizer, image processor, chat
+    # template), saved beside a pruned or healed model in place of the tokenizer
+    processor: Any = None
 
 
 def _smollm2_gguf() -> Path | None:
@@ -234,12 +239,31 @@ def _check_local_dir(path: Path) -> None:
 
 def _from_pretrained(
     source: str, kwargs: dict[str, Any], trust_remote_code: bool
-) -> tuple[Any, Any]:
-    model = AutoModelForCausalLM.from_pretrained(
-        source, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
+) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, processor: None unless the checkpoint also reads images)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    model = auto_model_class(config).from_pretrained(
+        source, config=config, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
     )
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    return model, tokenizer
+    return model, tokenizer, _processor(source, config, trust_remote_code=trust_remote_code)
+
+
+def _processor(source: str, config: Any, *, trust_remote_code: bool) -> Any:
+    """The processor of a checkpoint that also reads images (None for a text model, or where it
+    cannot be loaded: the output then holds the tokenizer only, and the user is told)."""
+    from transformers import AutoProcessor
+
+    if not reads_images(config):
+        return None
+    try:
+        return AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, ImportError) as err:  # e.g. no files, or torchvision missing
+        logger.warning("The processor of %s could not be loaded (%s): the output folder will hold its tokenizer "
+                       "only; copy its image processor's files there to use it with images", source, err)
+        return None
 
 
 def load_model(
@@ -295,17 +319,17 @@ def load_model(
             else f"using its cached safetensors conversion at {checkpoint}"
         )
         note = f"{note}; {done}" if note else f"GGUF {path.name}: {done}"
-        loaded, tokenizer = _from_pretrained(str(checkpoint), kwargs, trust_remote_code)
+        loaded, tokenizer, processor = _from_pretrained(str(checkpoint), kwargs, trust_remote_code)
         name = PACKAGED_MODELS[packaged].name if packaged else str(path.resolve())
         source = "gguf"
     elif path.is_dir():
         _check_local_dir(path)
-        loaded, tokenizer = _from_pretrained(str(path), kwargs, trust_remote_code)
+        loaded, tokenizer, processor = _from_pretrained(str(path), kwargs, trust_remote_code)
         name, source = str(path), "local"
     elif path.exists():
         raise ModelLoadError(f"{path} is a file; pass a model directory, a .gguf file or a Hub id")
     elif _HUB_ID.match(text):
-        loaded, tokenizer = _from_pretrained(text, kwargs, trust_remote_code)
+        loaded, tokenizer, processor = _from_pretrained(text, kwargs, trust_remote_code)
         name, source = text, "hub"
     else:
         raise ModelLoadError(
@@ -316,7 +340,17 @@ def load_model(
 
     _ensure_pad_token(tokenizer, name)
     loaded.eval()
-    return LoadedModel(model=loaded, tokenizer=tokenizer, name=name, source=source, note=note)
+    return LoadedModel(model=loaded, tokenizer=tokenizer, name=name, source=source, note=_with_images_note(note, loaded),
+                       processor=processor)
+
+
+def _with_images_note(note: str | None, model: Any) -> str | None:
+    """`note`, plus what pruning a model that also reads images does to it."""
+    if not reads_images(model.config):
+        return note
+    images = (f"{type(model).__name__} also reads images: its decoder blocks are chosen on text only and its "
+              "vision tower is kept whole")
+    return f"{note}; {images}" if note else images
 
 
 def load_blocks_on_disk(
@@ -346,8 +380,9 @@ def load_blocks_on_disk(
     )
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     _ensure_pad_token(tokenizer, str(path))
-    note = f"The decoder blocks of {path} stay on disk; each is read when it runs"
-    return LoadedModel(model=loaded, tokenizer=tokenizer, name=str(path), source="local", note=note)
+    note = _with_images_note(f"The decoder blocks of {path} stay on disk; each is read when it runs", loaded)
+    return LoadedModel(model=loaded, tokenizer=tokenizer, name=str(path), source="local", note=note,
+                       processor=_processor(str(path), loaded.config, trust_remote_code=False))
 
 
 def _ensure_pad_token(tokenizer: Any, name: str) -> None:
@@ -377,7 +412,9 @@ def load_pruned(path: str | os.PathLike, *, tokenizer: bool = True, **kwargs: An
             "(AutoPeftModelForCausalLM.from_pretrained), or run `sglp-llm heal ... --merge` for a "
             "model with the adapter merged in."
         )
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    from transformers import AutoConfig
+
+    model = auto_model_class(AutoConfig.from_pretrained(str(path))).from_pretrained(str(path), **kwargs)
     return (model, AutoTokenizer.from_pretrained(str(path))) if tokenizer else model
 
 

@@ -182,12 +182,14 @@ def load_with_blocks_on_disk(
     families whose weights transformers renames or fuses on load (e.g. MoE experts) are refused.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .auto_class import auto_model_class
 
     directory = Path(directory)
     config = AutoConfig.from_pretrained(directory)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, **({} if dtype is None else {"dtype": dtype}))
+        model = auto_model_class(config).from_config(config, **({} if dtype is None else {"dtype": dtype}))
     blocks = find_decoder_blocks(model, layers_path)
     loader = SafetensorsBlocks(directory, blocks.path)
     unexpected = sorted(set(loader.files) - set(model.state_dict()))

@@ -12,6 +12,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..explain import chosen_by, kept_for_attention, stages
+from ..model.auto_class import CAUSAL_LM, LOADS_WITH
 from .heatmap import HEATMAP_NAME
 from ..plan import PruningPlan
 from ..stability import describe_stability
@@ -48,11 +49,12 @@ def render_model_card(
     plan: PruningPlan, *, base_model: str, evaluation: Mapping[str, Any] | None = None
 ) -> str:
     """README.md text with Hub front matter (base_model, tags) and the pruning decision."""
+    loads_with = plan.extra.get(LOADS_WITH, CAUSAL_LM)
     data = ModelCardData(
         base_model=_hub_base_model(base_model),
         library_name="transformers",
         tags=list(TAGS),
-        pipeline_tag="text-generation",
+        pipeline_tag=_pipeline_tag(loads_with),
     )
     before, after = plan.num_blocks, len(plan.kept)
     name, how = METHOD_TEXT[plan.config.get("method", "sglp")]
@@ -67,7 +69,8 @@ def render_model_card(
             "their weights (see Healing)."
             if healing
             else "The remaining blocks are unchanged; no fine-tuning was applied after pruning."
-        ),
+        ) + ("" if loads_with == CAUSAL_LM else " The model also reads images: its decoder blocks were chosen on "
+             "text only, and its vision tower and projector are unchanged."),
         _removed_section(plan),
         _chosen_section(plan),
         _segments_section(plan),
@@ -77,7 +80,7 @@ def render_model_card(
         "matrix, scores, timings) in `sglp_report.json`.\n\n```yaml\n"
         + yaml.safe_dump(plan.config, sort_keys=False).rstrip()
         + "\n```",
-        _usage_section(),
+        _usage_section(loads_with=loads_with),
     ]
     if evaluation:
         sections.append("## Evaluation\n\n" + _evaluation_table(evaluation))
@@ -91,11 +94,12 @@ def render_healed_card(
     """README.md of a healing output that is no SGLP pruning folder: a LoRA adapter for
     `base_model`, or `base_model` with the adapter merged (`healing["merged"]`)."""
     merged = healing["merged"]
+    loads_with = healing.get(LOADS_WITH, CAUSAL_LM)
     data = ModelCardData(
         base_model=_hub_base_model(base_model),
         library_name="transformers" if merged else "peft",
         tags=[TAGS[0], "lora"],  # not necessarily pruned: heal takes any model
-        pipeline_tag="text-generation",
+        pipeline_tag=_pipeline_tag(loads_with),
     )
     sections = [
         f"# {base_model}, with a LoRA adapter merged into its weights" if merged
@@ -103,7 +107,7 @@ def render_healed_card(
         f"Made with `sglp-llm heal`, the LoRA fine-tune that lets a depth-pruned model's remaining "
         f"blocks make up for the removed ones. Base model: `{base_model}`.",
         healing_section(healing),
-        _usage_section("A plain `transformers` checkpoint; neither custom code nor peft is needed.")
+        _usage_section("A plain `transformers` checkpoint; neither custom code nor peft is needed.", loads_with)
         if merged
         else _adapter_usage_section(),
     ]
@@ -265,28 +269,42 @@ def _calibration_section(plan: PruningPlan) -> str:
     )
 
 
-def _usage_section(what: str = "A plain `transformers` checkpoint with fewer layers; no custom code is needed.") -> str:
-    return f"""## How to load
+def _pipeline_tag(loads_with: str) -> str:
+    return "text-generation" if loads_with == CAUSAL_LM else "image-text-to-text"
 
-{what}
 
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("{MODEL_ID}", dtype="auto")
-tokenizer = AutoTokenizer.from_pretrained("{MODEL_ID}")
-```
-
-## How to evaluate
-
-With [lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness):
+def _usage_section(what: str = "A plain `transformers` checkpoint with fewer layers; no custom code is needed.",
+                   loads_with: str = CAUSAL_LM) -> str:
+    """How to load and evaluate a saved model; `loads_with` is its transformers Auto class (see
+    `model.auto_class`): a model that also reads images loads with its processor."""
+    name, preprocessing = ("tokenizer", "AutoTokenizer") if loads_with == CAUSAL_LM else ("processor", "AutoProcessor")
+    harness = (
+        f"""With [lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness):
 
 ```bash
 lm_eval --model hf --model_args pretrained={MODEL_ID},dtype=auto \\
     --tasks arc_easy,hellaswag,piqa,winogrande --batch_size auto
 ```
 
-or with this project's wrapper, which runs the same harness:
+or with this project's wrapper, which runs the same harness:"""
+        if loads_with == CAUSAL_LM
+        else "lm-evaluation-harness's `hf` model builds causal LMs only; this project's wrapper loads this "
+        "model and runs the same harness (`--tasks`) on it, and its perplexity on text:"
+    )
+    return f"""## How to load
+
+{what}
+
+```python
+from transformers import {loads_with}, {preprocessing}
+
+model = {loads_with}.from_pretrained("{MODEL_ID}", dtype="auto")
+{name} = {preprocessing}.from_pretrained("{MODEL_ID}")
+```
+
+## How to evaluate
+
+{harness}
 
 ```bash
 sglp-llm eval {MODEL_ID}

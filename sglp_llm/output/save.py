@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..model.blocks import find_decoder_blocks
+from ..model.auto_class import LOADS_WITH, auto_model_class, reads_images
 from ..config import SGLPConfig
 from .heatmap import HEATMAP_NAME, plot_cka_heatmap
 from .modelcard import render_model_card
@@ -64,6 +65,8 @@ def save_pruned(
     config = SGLPConfig.from_dict(plan.config)
     if evaluation:
         plan.extra["evaluation"] = dict(evaluation)
+    if reads_images(model.config):  # the card's loading code (a text model's is the default)
+        plan.extra[LOADS_WITH] = auto_model_class(model.config).__name__
 
     def write(folder: Path) -> None:
         save_model(model, folder, plan.kept)

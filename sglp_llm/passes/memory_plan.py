@@ -60,10 +60,10 @@ class MemoryPlan:
 
 def meta_model(model_config: Any, dtype: torch.dtype) -> torch.nn.Module:
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    from ..model.auto_class import auto_model_class
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+        model = auto_model_class(model_config).from_config(model_config, dtype=dtype)
     model.tie_weights()  # tied embeddings count once, as in the loaded model
     return model
 

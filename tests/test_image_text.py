@@ -1,0 +1,119 @@
+"""A checkpoint that also reads images (LLaVA here; Mistral 3, Qwen2.5-VL and their kind load the
+same way): its text stack is pruned, its vision tower and processor are kept, and the written
+folder loads with AutoModelForImageTextToText and computes, on text and on an image, what the
+original computes with the dropped blocks skipped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPImageProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from sglp_llm.cli import main
+from sglp_llm.model.blocks import find_decoder_blocks
+from tiny_models import COMMON, tiny_tokenizer
+
+IMAGE_TOKEN = 3  # the tokenizer's <unk>: a word-level tokenizer has no image token of its own
+FAST = ["--seq-len", "16", "--n-samples", "8", "--batch-size", "4", "--cka-minibatch-tokens", "16", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llava")
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        text_config={**COMMON, "model_type": "llama", "num_hidden_layers": 6},
+        vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=16, patch_size=8, projection_dim=16),
+        image_token_index=IMAGE_TOKEN,
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # every block really changes the hidden states
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder)
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+                   tokenizer=tiny_tokenizer(), patch_size=8, vision_feature_select_strategy="default",
+                   image_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+def _skipping(model, blocks):
+    layers = find_decoder_blocks(model).layers
+    return [layers[i].register_forward_hook(lambda m, a, k, o: a[0] if a else k["hidden_states"], with_kwargs=True)
+            for i in blocks]
+
+
+def test_a_model_that_reads_images_is_pruned_in_its_text_stack_and_keeps_its_vision(llava_dir, text_file, tmp_path,
+                                                                                   capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(llava_dir), "--drop", "2", "--dataset", str(text_file),
+                 "--output", str(out), *FAST]) == 0
+    printed = capsys.readouterr()
+    assert "LlavaForConditionalGeneration also reads images: its decoder blocks are chosen on text only" in printed.err
+    assert "(load it with AutoModelForImageTextToText.from_pretrained and AutoProcessor)" in printed.out
+    dropped = json.loads((out / "sglp_report.json").read_text())["dropped"]
+    assert len(dropped) == 2
+
+    original = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
+    pruned = AutoModelForImageTextToText.from_pretrained(out).eval()
+    assert type(pruned) is LlavaForConditionalGeneration
+    assert len(find_decoder_blocks(pruned).layers) == pruned.config.text_config.num_hidden_layers == 4
+    kept_whole = {k: v for k, v in original.state_dict().items() if "language_model" not in k}
+    assert all(torch.equal(pruned.state_dict()[k], v) for k, v in kept_whole.items())
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(processor) is LlavaProcessor and processor.image_processor.crop_size == {"height": 16, "width": 16}
+
+    generator = torch.Generator().manual_seed(1)
+    text = {"input_ids": torch.randint(4, COMMON["vocab_size"], (2, 12), generator=generator)}
+    # an image's four patches, then text: the vision tower's features enter the pruned text stack
+    image = {"input_ids": torch.tensor([[1, *[IMAGE_TOKEN] * 4, 10, 11, 12, 13]]),
+             "pixel_values": torch.randn(1, 3, 16, 16, generator=generator)}
+    for inputs in (text, image):
+        hooks = _skipping(original, dropped)
+        with torch.no_grad():
+            expected = original(**inputs).logits
+            for hook in hooks:
+                hook.remove()
+            assert not torch.allclose(original(**inputs).logits, expected)  # the skipped blocks mattered
+            torch.testing.assert_close(pruned(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+
+    # the card says how to load it, and still does once an evaluation is recorded in it
+    assert main(["eval", str(out), "--dataset", str(text_file), "--max-length", "16", "--update-card", "--no-progress"]) == 0
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card and "| perplexity |" in card
+    assert "its decoder blocks were chosen on text only, and its vision tower and projector are unchanged" in card
+    assert 'model = AutoModelForImageTextToText.from_pretrained("<path-or-repo-id>", dtype="auto")' in card
+    assert 'processor = AutoProcessor.from_pretrained("<path-or-repo-id>")' in card
+
+
+def test_eval_and_heal_read_a_model_that_reads_images(llava_dir, text_file, tmp_path):
+    assert main(["eval", str(llava_dir), "--dataset", str(text_file), "--max-length", "16",
+                 "--output-json", str(tmp_path / "eval.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["perplexity"]["perplexity"] > 1
+    out = tmp_path / "healed"
+    assert main(["heal", str(llava_dir), "--teacher", "none", "--dataset", str(text_file), "--seq-len", "16",
+                 "--steps", "2", "--batch-size", "2", "--merge", "--output", str(out), "--no-progress"]) == 0
+    assert type(AutoModelForImageTextToText.from_pretrained(out)) is LlavaForConditionalGeneration
+    assert type(AutoProcessor.from_pretrained(out)) is LlavaProcessor
+    assert "pipeline_tag: image-text-to-text" in (out / "README.md").read_text()
+
+
+def test_blocks_on_disk_refuses_a_checkpoint_saved_under_its_legacy_names(llava_dir, text_file, tmp_path, capsys):
+    """transformers writes LLaVA's weights under their old names and renames them on load; blocks
+    read from disk by their names would miss them, so that mode refuses and writes nothing."""
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(llava_dir), "--drop", "2", "--dataset", str(text_file), "--output", str(out),
+                 "--offload", "sequential", "--blocks-on-disk", *FAST]) == 2
+    assert "has tensors this LlavaForConditionalGeneration does not name, e.g. ['language_model.lm_head.weight'" in (
+        capsys.readouterr().err)
+    assert not out.exists()
