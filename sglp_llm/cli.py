@@ -824,8 +824,12 @@ def run_heal(args: argparse.Namespace) -> int:
         print(f"Healed model written to {saved} (load it with {_loads_with(loaded)}; "
               "the adapter alone is in adapter/)")
     else:
-        print(f"LoRA adapter written to {saved} (load it with peft's AutoPeftModelForCausalLM, or "
-              "heal again with --merge for a plain transformers model)")
+        from .model.auto_class import reads_images
+
+        how = ("peft's PeftModel.from_pretrained over the base model, as its card shows"
+               if reads_images(loaded.model.config) else "peft's AutoPeftModelForCausalLM")
+        print(f"LoRA adapter written to {saved} (load it with {how}, or heal again with --merge for a plain "
+              "transformers model)")
     if args.push_to_hub:
         from .output.hub import push_folder
 

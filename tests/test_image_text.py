@@ -106,6 +106,16 @@ def test_eval_and_heal_read_a_model_that_reads_images(llava_dir, text_file, tmp_
     assert type(AutoModelForImageTextToText.from_pretrained(out)) is LlavaForConditionalGeneration
     assert type(AutoProcessor.from_pretrained(out)) is LlavaProcessor
     assert "pipeline_tag: image-text-to-text" in (out / "README.md").read_text()
+    # the adapter alone loads over the base model as its card shows (peft's Auto classes build causal LMs)
+    adapter = tmp_path / "adapter"
+    assert main(["heal", str(llava_dir), "--teacher", "none", "--dataset", str(text_file), "--seq-len", "16",
+                 "--steps", "2", "--batch-size", "2", "--output", str(adapter), "--no-progress"]) == 0
+    card = (adapter / "README.md").read_text()
+    assert f'base = AutoModelForImageTextToText.from_pretrained("{llava_dir}", dtype="auto")' in card
+    from peft import PeftModel
+
+    healed = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(llava_dir), adapter)
+    assert type(healed.get_base_model()) is LlavaForConditionalGeneration
 
 
 def test_blocks_on_disk_refuses_a_checkpoint_saved_under_its_legacy_names(llava_dir, text_file, tmp_path, capsys):

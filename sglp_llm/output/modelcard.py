@@ -109,7 +109,7 @@ def render_healed_card(
         healing_section(healing),
         _usage_section("A plain `transformers` checkpoint; neither custom code nor peft is needed.", loads_with)
         if merged
-        else _adapter_usage_section(),
+        else _adapter_usage_section(base_model, loads_with),
     ]
     if evaluation:
         sections.append("## Evaluation\n\n" + _evaluation_table(evaluation))
@@ -176,7 +176,21 @@ def healing_section(healing: Mapping[str, Any]) -> str:
     ])
 
 
-def _adapter_usage_section() -> str:
+def _adapter_usage_section(base_model: str, loads_with: str = CAUSAL_LM) -> str:
+    if loads_with != CAUSAL_LM:  # peft's Auto classes build causal LMs only: the base first, then the adapter
+        return f"""## How to load
+
+```python
+from peft import PeftModel
+from transformers import {loads_with}, AutoProcessor
+
+base = {loads_with}.from_pretrained("{base_model}", dtype="auto")
+model = PeftModel.from_pretrained(base, "{MODEL_ID}")
+processor = AutoProcessor.from_pretrained("{MODEL_ID}")
+model = model.merge_and_unload()  # optional: a plain transformers model
+```
+
+Replace `{MODEL_ID}` with this folder or its Hub repo id."""
     return f"""## How to load
 
 ```python
