@@ -24,6 +24,9 @@ MODEL_LAYERS = {
     "Qwen/Qwen2.5-7B": 28,
     "google/gemma-2-9b": 42,
     "meta-llama/Llama-3.1-70B": 80,
+    "Qwen/Qwen3-8B-Base": 36,
+    "google/gemma-3-4b-pt": 34,  # text_config's
+    "mistralai/Mistral-Small-3.1-24B-Base-2503": 40,  # text_config's
 }
 # the family depth each recipe (by file name) is written for
 LAYER_COUNTS = {
@@ -35,6 +38,9 @@ LAYER_COUNTS = {
     "qwen2.5-7b": 28,
     "gemma-2-9b": 42,
     "llama-3.1-70b": 80,
+    "qwen3-8b": 36,
+    "gemma-3-4b": 34,
+    "mistral-small-3.1-24b": 40,
 }
 
 
