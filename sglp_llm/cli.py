@@ -824,10 +824,10 @@ def run_heal(args: argparse.Namespace) -> int:
         print(f"Healed model written to {saved} (load it with {_loads_with(loaded)}; "
               "the adapter alone is in adapter/)")
     else:
-        from .model.auto_class import reads_images
+        from .model.auto_class import CAUSAL_LM, auto_model_class
 
-        how = ("peft's PeftModel.from_pretrained over the base model, as its card shows"
-               if reads_images(loaded.model.config) else "peft's AutoPeftModelForCausalLM")
+        how = ("peft's AutoPeftModelForCausalLM" if auto_model_class(loaded.model.config).__name__ == CAUSAL_LM
+               else "peft's PeftModel.from_pretrained over the base model, as its card shows")
         print(f"LoRA adapter written to {saved} (load it with {how}, or heal again with --merge for a plain "
               "transformers model)")
     if args.push_to_hub:

@@ -35,7 +35,7 @@ from .recovery.distill import TEACHER_TARGETS_NAME, DistillationTerms, TeacherBe
 from .passes.distributed import is_main_process, world_size
 from .passes.loss import activation_checkpointing
 from .passes.sampling import default_calibration, model_sampler
-from .model.auto_class import LOADS_WITH, auto_model_class, reads_images
+from .model.auto_class import IMAGES, images_record
 from .model.loading import ModelLoadError, load_blocks_on_disk, load_model
 from .evaluation.evaluate import card_metrics, perplexity_on_source, warn_if_not_held_out
 from .output.modelcard import describe_objective, render_healed_card
@@ -553,10 +553,9 @@ def save_healed(
     check_destination(output_dir, overwrite=overwrite, model=result.model.get_base_model())
     adapter_dir = (ADAPTER_DIR if adapter else None) if merge else "."
     report = {**result.report, "merged": merge, "adapter_dir": adapter_dir}
-    base_config = result.model.get_base_model().config
-    if reads_images(base_config):  # the card's loading code (a text model's is the default)
-        report[LOADS_WITH] = auto_model_class(base_config).__name__
     tokenizer = result.tokenizer if result.processor is None else result.processor
+    if images := images_record(result.model.get_base_model().config, tokenizer):  # the card's loading code
+        report[IMAGES] = images
 
     def write_heal_files(folder: Path) -> None:
         result.config.save_pretrained(folder)

@@ -127,3 +127,27 @@ def test_blocks_on_disk_refuses_a_checkpoint_saved_under_its_legacy_names(llava_
     assert "has tensors this LlavaForConditionalGeneration does not name, e.g. ['language_model.lm_head.weight'" in (
         capsys.readouterr().err)
     assert not out.exists()
+
+
+def test_gemma3_reads_images_though_it_loads_as_a_causal_lm():
+    """Gemma 3 (and Llama 4) build with AutoModelForCausalLM too: they load so, and still keep
+    their processor and say they read images; a text model records nothing."""
+    from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3TextConfig, LlamaConfig
+
+    from sglp_llm.model.auto_class import auto_model_class, images_record, reads_images
+    from sglp_llm.output.modelcard import render_model_card
+    from sglp_llm.plan import PruningPlan
+
+    assert auto_model_class(Gemma3Config()) is AutoModelForCausalLM and reads_images(Gemma3Config())
+    assert auto_model_class(LlavaConfig()) is AutoModelForImageTextToText and reads_images(LlavaConfig())
+    assert not reads_images(Gemma3TextConfig()) and not reads_images(LlamaConfig())
+    assert images_record(LlamaConfig(), None) is None
+    assert images_record(Gemma3Config(), tiny_tokenizer()) == {"loads_with": "AutoModelForCausalLM", "processor": False}
+    plan = PruningPlan(num_blocks=4, layers_path="model.language_model.layers", cka=[[1.0] * 4] * 4, segments=[[0, 1, 2, 3]],
+                       scores=[None] * 4, keep_per_segment=[3], dropped=[2], kept=[0, 1, 3], n_tokens=8, n_batches=1,
+                       config={"drop": 1}, extra={"images": {"loads_with": "AutoModelForCausalLM", "processor": True}})
+    card = render_model_card(plan, base_model="google/gemma-3-4b-pt")
+    assert 'model = AutoModelForCausalLM.from_pretrained("<path-or-repo-id>", dtype="auto")' in card
+    assert 'processor = AutoProcessor.from_pretrained("<path-or-repo-id>")' in card
+    assert "pipeline_tag: image-text-to-text" in card and "lm_eval --model hf" in card
+    assert "its decoder blocks were chosen on text only" in card

@@ -8,9 +8,10 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-# the report's key for the Auto class of a saved model that reads images too (absent: a causal LM's)
-LOADS_WITH = "loads_with"
 CAUSAL_LM = AutoModelForCausalLM.__name__
+# the report's (and a healing report's) record of how a saved model that also reads images loads:
+# {"loads_with": its Auto class, "processor": whether its processor was saved}; absent for a text model
+IMAGES = "images"
 
 
 def auto_model_class(config: Any) -> type:
@@ -26,5 +27,17 @@ def auto_model_class(config: Any) -> type:
 
 
 def reads_images(config: Any) -> bool:
-    """Whether the checkpoint also reads images (its Auto class is not the causal LM's)."""
-    return auto_model_class(config) is not AutoModelForCausalLM
+    """Whether the checkpoint also reads images: `AutoModelForImageTextToText` builds it (Gemma 3
+    and Llama 4 load with `AutoModelForCausalLM` too, and read images all the same)."""
+    remote = getattr(config, "auto_map", None) or {}
+    return type(config) in AutoModelForImageTextToText._model_mapping or AutoModelForImageTextToText.__name__ in remote
+
+
+def images_record(config: Any, preprocessing: Any) -> dict[str, Any] | None:
+    """The `IMAGES` record of a model saved with `preprocessing` (its processor or tokenizer); None
+    for a text model."""
+    from transformers import ProcessorMixin
+
+    if not reads_images(config):
+        return None
+    return {"loads_with": auto_model_class(config).__name__, "processor": isinstance(preprocessing, ProcessorMixin)}

@@ -12,7 +12,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..explain import chosen_by, kept_for_attention, stages
-from ..model.auto_class import CAUSAL_LM, LOADS_WITH
+from ..model.auto_class import CAUSAL_LM, IMAGES
 from .heatmap import HEATMAP_NAME
 from ..plan import PruningPlan
 from ..stability import describe_stability
@@ -49,12 +49,12 @@ def render_model_card(
     plan: PruningPlan, *, base_model: str, evaluation: Mapping[str, Any] | None = None
 ) -> str:
     """README.md text with Hub front matter (base_model, tags) and the pruning decision."""
-    loads_with = plan.extra.get(LOADS_WITH, CAUSAL_LM)
+    images = plan.extra.get(IMAGES)
     data = ModelCardData(
         base_model=_hub_base_model(base_model),
         library_name="transformers",
         tags=list(TAGS),
-        pipeline_tag=_pipeline_tag(loads_with),
+        pipeline_tag="image-text-to-text" if images else "text-generation",
     )
     before, after = plan.num_blocks, len(plan.kept)
     name, how = METHOD_TEXT[plan.config.get("method", "sglp")]
@@ -69,8 +69,8 @@ def render_model_card(
             "their weights (see Healing)."
             if healing
             else "The remaining blocks are unchanged; no fine-tuning was applied after pruning."
-        ) + ("" if loads_with == CAUSAL_LM else " The model also reads images: its decoder blocks were chosen on "
-             "text only, and its vision tower and projector are unchanged."),
+        ) + (" The model also reads images: its decoder blocks were chosen on text only, and its vision tower "
+             "and projector are unchanged." if images else ""),
         _removed_section(plan),
         _chosen_section(plan),
         _segments_section(plan),
@@ -80,7 +80,7 @@ def render_model_card(
         "matrix, scores, timings) in `sglp_report.json`.\n\n```yaml\n"
         + yaml.safe_dump(plan.config, sort_keys=False).rstrip()
         + "\n```",
-        _usage_section(loads_with=loads_with),
+        _usage_section(images=images),
     ]
     if evaluation:
         sections.append("## Evaluation\n\n" + _evaluation_table(evaluation))
@@ -94,12 +94,12 @@ def render_healed_card(
     """README.md of a healing output that is no SGLP pruning folder: a LoRA adapter for
     `base_model`, or `base_model` with the adapter merged (`healing["merged"]`)."""
     merged = healing["merged"]
-    loads_with = healing.get(LOADS_WITH, CAUSAL_LM)
+    images = healing.get(IMAGES)
     data = ModelCardData(
         base_model=_hub_base_model(base_model),
         library_name="transformers" if merged else "peft",
         tags=[TAGS[0], "lora"],  # not necessarily pruned: heal takes any model
-        pipeline_tag=_pipeline_tag(loads_with),
+        pipeline_tag="image-text-to-text" if images else "text-generation",
     )
     sections = [
         f"# {base_model}, with a LoRA adapter merged into its weights" if merged
@@ -107,9 +107,9 @@ def render_healed_card(
         f"Made with `sglp-llm heal`, the LoRA fine-tune that lets a depth-pruned model's remaining "
         f"blocks make up for the removed ones. Base model: `{base_model}`.",
         healing_section(healing),
-        _usage_section("A plain `transformers` checkpoint; neither custom code nor peft is needed.", loads_with)
+        _usage_section("A plain `transformers` checkpoint; neither custom code nor peft is needed.", images)
         if merged
-        else _adapter_usage_section(base_model, loads_with),
+        else _adapter_usage_section(base_model, images),
     ]
     if evaluation:
         sections.append("## Evaluation\n\n" + _evaluation_table(evaluation))
@@ -176,17 +176,25 @@ def healing_section(healing: Mapping[str, Any]) -> str:
     ])
 
 
-def _adapter_usage_section(base_model: str, loads_with: str = CAUSAL_LM) -> str:
+def _loading(images: Mapping[str, Any] | None) -> tuple[str, str, str]:
+    """(Auto class, preprocessing class, its variable) of a saved model, from its `IMAGES` record."""
+    if not images:
+        return CAUSAL_LM, "AutoTokenizer", "tokenizer"
+    return images["loads_with"], *(("AutoProcessor", "processor") if images["processor"] else ("AutoTokenizer", "tokenizer"))
+
+
+def _adapter_usage_section(base_model: str, images: Mapping[str, Any] | None = None) -> str:
+    loads_with, preprocessing, name = _loading(images)
     if loads_with != CAUSAL_LM:  # peft's Auto classes build causal LMs only: the base first, then the adapter
         return f"""## How to load
 
 ```python
 from peft import PeftModel
-from transformers import {loads_with}, AutoProcessor
+from transformers import {loads_with}, {preprocessing}
 
 base = {loads_with}.from_pretrained("{base_model}", dtype="auto")
 model = PeftModel.from_pretrained(base, "{MODEL_ID}")
-processor = AutoProcessor.from_pretrained("{MODEL_ID}")
+{name} = {preprocessing}.from_pretrained("{MODEL_ID}")
 model = model.merge_and_unload()  # optional: a plain transformers model
 ```
 
@@ -283,15 +291,11 @@ def _calibration_section(plan: PruningPlan) -> str:
     )
 
 
-def _pipeline_tag(loads_with: str) -> str:
-    return "text-generation" if loads_with == CAUSAL_LM else "image-text-to-text"
-
-
 def _usage_section(what: str = "A plain `transformers` checkpoint with fewer layers; no custom code is needed.",
-                   loads_with: str = CAUSAL_LM) -> str:
-    """How to load and evaluate a saved model; `loads_with` is its transformers Auto class (see
-    `model.auto_class`): a model that also reads images loads with its processor."""
-    name, preprocessing = ("tokenizer", "AutoTokenizer") if loads_with == CAUSAL_LM else ("processor", "AutoProcessor")
+                   images: Mapping[str, Any] | None = None) -> str:
+    """How to load and evaluate a saved model; `images`: its `IMAGES` record (a model that also
+    reads images loads with its processor, and some with AutoModelForImageTextToText)."""
+    loads_with, preprocessing, name = _loading(images)
     harness = (
         f"""With [lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness):
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..model.blocks import find_decoder_blocks
-from ..model.auto_class import LOADS_WITH, auto_model_class, reads_images
+from ..model.auto_class import IMAGES, images_record
 from ..config import SGLPConfig
 from .heatmap import HEATMAP_NAME, plot_cka_heatmap
 from .modelcard import render_model_card
@@ -65,8 +65,8 @@ def save_pruned(
     config = SGLPConfig.from_dict(plan.config)
     if evaluation:
         plan.extra["evaluation"] = dict(evaluation)
-    if reads_images(model.config):  # the card's loading code (a text model's is the default)
-        plan.extra[LOADS_WITH] = auto_model_class(model.config).__name__
+    if images := images_record(model.config, tokenizer):  # the card's loading code
+        plan.extra[IMAGES] = images
 
     def write(folder: Path) -> None:
         save_model(model, folder, plan.kept)
