@@ -118,15 +118,24 @@ def test_eval_and_heal_read_a_model_that_reads_images(llava_dir, text_file, tmp_
     assert type(healed.get_base_model()) is LlavaForConditionalGeneration
 
 
-def test_blocks_on_disk_refuses_a_checkpoint_saved_under_its_legacy_names(llava_dir, text_file, tmp_path, capsys):
-    """transformers writes LLaVA's weights under their old names and renames them on load; blocks
-    read from disk by their names would miss them, so that mode refuses and writes nothing."""
-    out = tmp_path / "pruned"
-    assert main(["prune", "--model", str(llava_dir), "--drop", "2", "--dataset", str(text_file), "--output", str(out),
-                 "--offload", "sequential", "--blocks-on-disk", *FAST]) == 2
-    assert "has tensors this LlavaForConditionalGeneration does not name, e.g. ['language_model.lm_head.weight'" in (
-        capsys.readouterr().err)
-    assert not out.exists()
+def test_blocks_on_disk_read_a_checkpoint_saved_under_its_older_names(llava_dir, text_file, tmp_path):
+    """transformers writes LLaVA's weights under their older names (`language_model.model.layers`)
+    and renames them on load; read block by block from disk under the model's names, the prune
+    equals the prune of the model loaded whole, and nothing in the source folder changes."""
+    from safetensors.torch import load_file
+
+    before = {f.name: f.read_bytes() for f in llava_dir.iterdir()}
+    assert any(k.startswith("language_model.model.layers.") for k in load_file(llava_dir / "model.safetensors"))
+    outs = {}
+    for name, flags in {"whole": [], "disk": ["--offload", "sequential", "--blocks-on-disk"]}.items():
+        outs[name] = tmp_path / name
+        assert main(["prune", "--model", str(llava_dir), "--drop", "2", "--dataset", str(text_file),
+                     "--output", str(outs[name]), *flags, *FAST]) == 0
+    reports = {k: json.loads((v / "sglp_report.json").read_text()) for k, v in outs.items()}
+    assert reports["disk"]["dropped"] == reports["whole"]["dropped"]
+    whole, disk = (AutoModelForImageTextToText.from_pretrained(outs[k]).state_dict() for k in ("whole", "disk"))
+    assert whole.keys() == disk.keys() and all(torch.equal(whole[k], disk[k]) for k in whole)
+    assert {f.name: f.read_bytes() for f in llava_dir.iterdir()} == before
 
 
 def test_gemma3_reads_images_though_it_loads_as_a_causal_lm():

@@ -11,7 +11,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -82,14 +82,39 @@ def weight_files(directory: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def read_tensors(files: dict[str, Path], names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+def read_tensors(files: dict[str, Path], names: Sequence[str], device: torch.device,
+                 stored: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors `names` (the model's names) from their files; `stored`: the name a tensor has
+    in its file where the model calls it otherwise (see `model_names`)."""
     from safetensors import safe_open
 
+    stored = stored or {}
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted({files[name] for name in names}):
         with safe_open(file, framework="pt", device=str(device)) as f:
-            tensors.update({name: f.get_tensor(name) for name in names if files[name] == file})
+            tensors.update({name: f.get_tensor(stored.get(name, name)) for name in names if files[name] == file})
     return tensors
+
+
+def model_names(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
+    """Checkpoint tensor name -> the model's name for it, as `from_pretrained` renames on load (the
+    older names under which models that also read images are saved, e.g. LLaVA's and Gemma 3's
+    `language_model.model.`). Tensors that transformers converts on load (fused MoE experts) keep
+    their name, which the model then lacks: reading from disk does not convert."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without load-time renaming
+        return {name: name for name in names}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state = model.state_dict()
+    renamed = {}
+    for name in names:
+        new, converted_by = rename_source_key(name, renamings, converters, model.base_model_prefix, state)
+        renamed[name] = name if converted_by else new
+    return renamed
 
 
 def _swap_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -112,8 +137,13 @@ class SafetensorsBlocks:
     tensors are put back on offload: the model's parameters and their flags stay the same objects.
     """
 
-    def __init__(self, directory: str | Path, layers_path: str) -> None:
-        self.files = weight_files(Path(directory))
+    def __init__(self, directory: str | Path, layers_path: str, model: nn.Module | None = None) -> None:
+        """`model` (optional): the model the checkpoint is read into, whose names for its tensors
+        (`model_names`) `files` is keyed by; `stored` keeps each renamed tensor's name in its file."""
+        files = weight_files(Path(directory))
+        renamed = model_names(model, list(files)) if model is not None else {name: name for name in files}
+        self.files = {renamed[name]: file for name, file in files.items()}
+        self.stored = {new: old for old, new in renamed.items() if new != old}
         self.layers_path = layers_path
         self._skeleton: dict[int, dict[str, torch.Tensor]] = {}
         self._scratch: tempfile.TemporaryDirectory | None = None
@@ -121,7 +151,7 @@ class SafetensorsBlocks:
     def onload(self, index: int, block: nn.Module, device: torch.device) -> None:
         prefix = f"{self.layers_path}.{index}."
         names = [name for name in self.files if name.startswith(prefix)]
-        loaded = read_tensors(self.files, names, device)
+        loaded = read_tensors(self.files, names, device, self.stored)
         self._skeleton[index] = {
             name[len(prefix):]: _swap_tensor(block, name[len(prefix):], tensor) for name, tensor in loaded.items()
         }
@@ -149,9 +179,15 @@ class SafetensorsBlocks:
                    if prefix + name in self.files}
         file = Path(self._scratch.name) / f"block-{index}-{len(os.listdir(self._scratch.name))}.safetensors"
         save_file(tensors, file)
-        old = {name: self.files[name] for name in tensors}
+        old_files = {name: self.files[name] for name in tensors}
+        old_stored = {name: self.stored.pop(name) for name in tensors if name in self.stored}  # saved under the model's names
         self.files.update({name: file for name in tensors})
-        return lambda: self.files.update(old)
+
+        def undo() -> None:
+            self.files.update(old_files)
+            self.stored.update(old_stored)
+
+        return undo
 
 
 def _refuse_unloaded(block: nn.Module, args: tuple) -> None:
@@ -178,8 +214,9 @@ def load_with_blocks_on_disk(
     reads one block at a time in the statistics pass, the loss check and SLEB (not in the subset
     search, which needs every block at once).
 
-    `dtype` defaults to the checkpoint's. Tensors are read under their checkpoint names, so
-    families whose weights transformers renames or fuses on load (e.g. MoE experts) are refused.
+    `dtype` defaults to the checkpoint's. Tensors that transformers renames on load are read under
+    the model's names (`model_names`); families whose weights it converts on load (e.g. fused MoE
+    experts) are refused.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig
@@ -191,7 +228,7 @@ def load_with_blocks_on_disk(
     with init_empty_weights():
         model = auto_model_class(config).from_config(config, **({} if dtype is None else {"dtype": dtype}))
     blocks = find_decoder_blocks(model, layers_path)
-    loader = SafetensorsBlocks(directory, blocks.path)
+    loader = SafetensorsBlocks(directory, blocks.path, model)
     unexpected = sorted(set(loader.files) - set(model.state_dict()))
     if unexpected:
         raise ValueError(
@@ -202,7 +239,7 @@ def load_with_blocks_on_disk(
         )
     rest = [name for name in loader.files if not name.startswith(blocks.path + ".")]
     for name in rest:  # one at a time: a tensor cast to `dtype` never waits beside all the others as read
-        _swap_tensor(model, name, read_tensors(loader.files, [name], torch.device(device))[name])
+        _swap_tensor(model, name, read_tensors(loader.files, [name], torch.device(device), loader.stored)[name])
     model.tie_weights()
     blocks_prefix = blocks.path + "."
     missing = [

@@ -12,7 +12,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ def renamed_tensors(
     return renamed
 
 
-def _shapes(files: dict[str, Path], names: Sequence[str]) -> dict[str, list[int]]:
+def _shapes(files: dict[str, Path], names: Sequence[str], stored: Mapping[str, str]) -> dict[str, list[int]]:
     """Each tensor's shape, read from the safetensors headers (no tensor is loaded)."""
     from safetensors import safe_open
 
@@ -53,7 +53,7 @@ def _shapes(files: dict[str, Path], names: Sequence[str]) -> dict[str, list[int]
         with safe_open(file, framework="pt") as f:
             for name in names:
                 if files[name] == file:
-                    found[name] = f.get_slice(name).get_shape()
+                    found[name] = f.get_slice(stored.get(name, name)).get_shape()
     return found
 
 
@@ -67,7 +67,7 @@ def save_model(model: nn.Module, folder: Path, kept: Sequence[int]) -> None:
     model.config.save_pretrained(folder)
     if model.can_generate() and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-    write_pruned_weights(folder, model, loader.files, loader.layers_path, kept)
+    write_pruned_weights(folder, model, loader.files, loader.layers_path, kept, stored=loader.stored)
 
 
 def write_pruned_weights(
@@ -78,12 +78,14 @@ def write_pruned_weights(
     kept: Sequence[int],
     *,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    stored: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Write the weights of `model` (already pruned to the `kept` source blocks) into `folder`,
-    reading every tensor from the source checkpoint `files` (name -> safetensors file; the
-    blocks' tensors named `blocks_prefix`.<index>.*) and casting it to the dtype of the model's
-    tensor of that name. Sharded like transformers does, with an index, when the weights exceed
-    `max_shard_bytes`. Returns the files written."""
+    reading every tensor from the source checkpoint `files` (the model's name -> safetensors file;
+    the blocks' tensors named `blocks_prefix`.<index>.*; `stored`: a tensor's name in its file
+    where it differs) and casting it to the dtype of the model's tensor of that name, written
+    under the model's names. Sharded like transformers does, with an index, when the weights
+    exceed `max_shard_bytes`. Returns the files written."""
     from safetensors.torch import save_file
 
     renamed = renamed_tensors(list(files), blocks_prefix, kept)
@@ -99,7 +101,7 @@ def write_pruned_weights(
         target = targets.get(renamed[source])
         return target.dtype if target is not None else None
 
-    shapes = _shapes(files, list(renamed))
+    shapes = _shapes(files, list(renamed), stored or {})
     shards: list[list[str]] = [[]]
     size = 0
     for source in renamed:
@@ -121,7 +123,7 @@ def write_pruned_weights(
             if held is not None and not held.is_meta:  # in memory already (embeddings, head, norms)
                 tensor = held.detach().cpu()
             else:  # a block's tensor, read one at a time and cast to the model's dtype
-                tensor = read_tensors(files, [source], torch.device("cpu"))[source]
+                tensor = read_tensors(files, [source], torch.device("cpu"), stored)[source]
                 wanted = dtype(source)
                 if wanted is not None and tensor.is_floating_point() and wanted.is_floating_point:
                     tensor = tensor.to(wanted)
