@@ -59,7 +59,7 @@ def test_a_model_that_reads_images_is_pruned_in_its_text_stack_and_keeps_its_vis
     assert main(["prune", "--model", str(llava_dir), "--drop", "2", "--dataset", str(text_file),
                  "--output", str(out), *FAST]) == 0
     printed = capsys.readouterr()
-    assert "LlavaForConditionalGeneration also reads images: its decoder blocks are chosen on text only" in printed.err
+    assert "LlavaForConditionalGeneration also reads images: pruning chooses its decoder blocks on text only" in printed.err
     assert "(load it with AutoModelForImageTextToText.from_pretrained and AutoProcessor)" in printed.out
     dropped = json.loads((out / "sglp_report.json").read_text())["dropped"]
     assert len(dropped) == 2

@@ -348,8 +348,8 @@ def _with_images_note(note: str | None, model: Any) -> str | None:
     """`note`, plus what pruning a model that also reads images does to it."""
     if not reads_images(model.config):
         return note
-    images = (f"{type(model).__name__} also reads images: its decoder blocks are chosen on text only and its "
-              "vision tower is kept whole")
+    images = (f"{type(model).__name__} also reads images: pruning chooses its decoder blocks on text only and "
+              "keeps its vision tower whole; perplexity and healing use text")
     return f"{note}; {images}" if note else images
 
 
