@@ -59,7 +59,7 @@ def _generic_sizes(num_blocks: int, hidden: int) -> tuple[dict[str, object], dic
     always = table(
         (num_blocks, ("num_hidden_layers", "num_layers", "num_blocks", "decoder_layers", "encoder_layers",
                       "num_decoder_layers", "num_encoder_layers")),
-        (hidden, ("hidden_size", "hidden_size_global")),
+        (hidden, ("hidden_size", "hidden_size_global", "out_hidden_size")),  # a vision tower's output: the text's width
         (2 * hidden, ("intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner", "d_ff",
                       "dff", "dim_ff", "ffn_hidden_size", "d_inner", "feed_forward_size", "intermediate_size_mlp",
                       "dense_intermediate_size", "mamba_d_ssm")),
@@ -175,6 +175,8 @@ OVERRIDES: dict[str, Callable[[int, int], dict]] = {
     **{text: _mrope() for text in ("qwen2_vl_text", "qwen2_5_vl_text", "glm4v_text", "glm_ocr_text",
                                    "paddleocr_vl_text")},
     "glm4v_moe_text": _mrope(rotary_fraction=0.5),
+    "molmo2": lambda n, h: {"adapter_config": {"vision_feature_layer": [-1, -2]}},  # default: layers 24 and 18
+    "ernie4_5_vl_moe_text": lambda n, h: {"moe_intermediate_size": [2 * h, 2 * h]},  # one per modality
     "xmod": lambda n, h: {"default_language": "en_XX"},
     "zaya": lambda n, h: {"num_experts_per_tok": 1},  # the only routing it supports
     # the config rounds the qk and v widths (hidden x factor) up to multiples of 64, the kernels do not

@@ -19,18 +19,19 @@ def auto_model_class(config: Any) -> type:
     AutoModelForCausalLM, or AutoModelForImageTextToText for a checkpoint that also reads images
     (Mistral 3, Qwen2.5-VL, LLaVA, ...), whose text stack is what is pruned and whose vision tower
     stays whole. Neither: AutoModelForCausalLM, whose error names the families it builds."""
-    remote = getattr(config, "auto_map", None) or {}
-    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
-        if type(config) in auto._model_mapping or auto.__name__ in remote:
-            return auto
-    return AutoModelForCausalLM
+    return AutoModelForImageTextToText if _builds(AutoModelForImageTextToText, config) and not _builds(
+        AutoModelForCausalLM, config) else AutoModelForCausalLM
 
 
 def reads_images(config: Any) -> bool:
     """Whether the checkpoint also reads images: `AutoModelForImageTextToText` builds it (Gemma 3
     and Llama 4 load with `AutoModelForCausalLM` too, and read images all the same)."""
-    remote = getattr(config, "auto_map", None) or {}
-    return type(config) in AutoModelForImageTextToText._model_mapping or AutoModelForImageTextToText.__name__ in remote
+    return _builds(AutoModelForImageTextToText, config)
+
+
+def _builds(auto: type, config: Any) -> bool:
+    """Whether the Auto class `auto` builds a model of `config` (remote code's through its auto_map)."""
+    return type(config) in auto._model_mapping or auto.__name__ in (getattr(config, "auto_map", None) or {})
 
 
 def images_record(config: Any, preprocessing: Any) -> dict[str, Any] | None:
