@@ -176,6 +176,9 @@ OVERRIDES: dict[str, Callable[[int, int], dict]] = {
                                    "paddleocr_vl_text")},
     "glm4v_moe_text": _mrope(rotary_fraction=0.5),
     "molmo2": lambda n, h: {"adapter_config": {"vision_feature_layer": [-1, -2]}},  # default: layers 24 and 18
+    # checkpoints ship the map of image tokens into the text vocabulary, tokens it never predicts:
+    # the special ids here, which no text probe holds
+    "chameleon": lambda n, h: {"vocabulary_map": {"<image>": 0, "IMGIMGBZ": 1, "IMGIMGCZ": 2}},
     "ernie4_5_vl_moe_text": lambda n, h: {"moe_intermediate_size": [2 * h, 2 * h]},  # one per modality
     "xmod": lambda n, h: {"default_language": "en_XX"},
     "zaya": lambda n, h: {"num_experts_per_tok": 1},  # the only routing it supports

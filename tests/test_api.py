@@ -149,6 +149,17 @@ def test_a_non_finite_calibration_loss_is_refused(scoring):
         analyze(model, _batches(), SGLPConfig(drop=1, scoring=scoring, **CONFIG), progress=False)
 
 
+def test_a_calibration_token_the_model_never_predicts_is_named_as_a_cause():
+    """Models that mask tokens out of their predictions (Chameleon's image placeholders) give such
+    a token's NLL as +inf: the refusal names that cause beside float16 overflow."""
+    model = tiny_model("llama", num_layers=6)
+    never = int(_batches()[0]["input_ids"][0, 3])
+    model.lm_head.register_forward_hook(lambda m, a, o: o.index_fill(-1, torch.tensor([never]), -torch.inf))
+    with pytest.raises(FloatingPointError, match=r"^The calibration loss is inf: .* Or the model gives some calibration "
+                                                 r"token no probability at all \(a token it never predicts"):
+        analyze(model, _batches(), SGLPConfig(drop=1, **CONFIG), progress=False)
+
+
 @pytest.mark.parametrize("allocation,candidates", [("size", 2), ("loss", 2), ("loss", "all")])
 def test_loss_check_removes_the_best_gradnorm_candidate_by_calibration_loss(allocation, candidates):
     """Brute force: at each step, among the `loss_candidates` lowest-GradNorm blocks (or all

@@ -32,12 +32,14 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def check_finite(loss: torch.Tensor, what: str = "The calibration loss") -> torch.Tensor:
-    """`loss`, unless it is NaN or infinite (float16 overflow), which would silently corrupt
-    every score and choice made from it."""
+    """`loss`, unless it is NaN or infinite (float16 overflow, or a calibration token the model
+    gives no probability), which would silently corrupt every score and choice made from it."""
     if not torch.isfinite(loss):
+        never = (" Or the model gives some calibration token no probability at all (a token it never predicts, "
+                 "such as an image placeholder): calibrate on plain text." if loss.item() == float("inf") else "")
         raise FloatingPointError(
             f"{what} is {loss.item()}: the model overflows on this data. "
-            "Load it in float32 or bfloat16 instead of float16 (--dtype)."
+            f"Load it in float32 or bfloat16 instead of float16 (--dtype).{never}"
         )
     return loss
 
