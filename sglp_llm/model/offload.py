@@ -98,7 +98,7 @@ def read_tensors(files: dict[str, Path], names: Sequence[str], device: torch.dev
 
 def model_names(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
     """Checkpoint tensor name -> the model's name for it, as `from_pretrained` renames on load (the
-    older names under which models that also read images are saved, e.g. LLaVA's and Gemma 3's
+    older names under which models that also read images are saved, e.g. LLaVA's
     `language_model.model.`). Tensors that transformers converts on load (fused MoE experts) keep
     their name, which the model then lacks: reading from disk does not convert."""
     try:
