@@ -173,8 +173,9 @@ OVERRIDES: dict[str, Callable[[int, int], dict]] = {
                                     "indexer_budget": WINDOW, "indexer_compress_ratio": 4},
     # multimodal rotary sections (temporal, height, width) sum to half a head (default 16 + 24 + 24)
     **{text: _mrope() for text in ("qwen2_vl_text", "qwen2_5_vl_text", "glm4v_text", "glm_ocr_text",
-                                   "paddleocr_vl_text")},
+                                   "paddleocr_vl_text", "hunyuan_vl_text", "qwen2_5_omni_text", "qwen3_omni_moe_text")},
     "glm4v_moe_text": _mrope(rotary_fraction=0.5),
+    "step3p5": lambda n, h: {"sliding_window": WINDOW},  # its mask always has a window; checkpoints set one
     "molmo2": lambda n, h: {"adapter_config": {"vision_feature_layer": [-1, -2]}},  # default: layers 24 and 18
     # checkpoints ship the map of image tokens into the text vocabulary, tokens it never predicts:
     # the special ids here, which no text probe holds
