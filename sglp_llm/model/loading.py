@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .auto_class import auto_model_class, reads_images
 
@@ -241,8 +241,6 @@ def _from_pretrained(
     source: str, kwargs: dict[str, Any], trust_remote_code: bool
 ) -> tuple[Any, Any, Any]:
     """(model, tokenizer, processor: None unless the checkpoint also reads images)."""
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     model = auto_model_class(config).from_pretrained(
         source, config=config, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
@@ -412,8 +410,6 @@ def load_pruned(path: str | os.PathLike, *, tokenizer: bool = True, **kwargs: An
             "(AutoPeftModelForCausalLM.from_pretrained), or run `sglp-llm heal ... --merge` for a "
             "model with the adapter merged in."
         )
-    from transformers import AutoConfig
-
     model = auto_model_class(AutoConfig.from_pretrained(str(path))).from_pretrained(str(path), **kwargs)
     return (model, AutoTokenizer.from_pretrained(str(path))) if tokenizer else model
 
@@ -422,8 +418,6 @@ def load_model_config(model: str | os.PathLike | None, *, trust_remote_code: boo
     """The transformers config of what `load_model` would load (no weights): a packaged model or
     .gguf file through its cached safetensors conversion, a local directory, or a Hub id (its
     config file only)."""
-    from transformers import AutoConfig
-
     packaged = DEFAULT_PACKAGED if model is None else str(model)
     if packaged in PACKAGED_MODELS:
         model = packaged_gguf_path(packaged)

@@ -137,11 +137,12 @@ class SafetensorsBlocks:
     tensors are put back on offload: the model's parameters and their flags stay the same objects.
     """
 
-    def __init__(self, directory: str | Path, layers_path: str, renamed: Mapping[str, str] | None = None) -> None:
-        """`renamed`: checkpoint name -> the model's name where they differ (`model_names`); `files`
-        is keyed by the model's names, and `stored` keeps each renamed tensor's name in its file."""
+    def __init__(self, files: Mapping[str, Path], layers_path: str, renamed: Mapping[str, str] | None = None) -> None:
+        """`files`: the checkpoint's tensor name -> safetensors file (`weight_files`); `renamed`:
+        checkpoint name -> the model's name where they differ (`model_names`). `self.files` is keyed
+        by the model's names, and `stored` keeps each renamed tensor's name in its file."""
         renamed = renamed or {}
-        self.files = {renamed.get(name, name): file for name, file in weight_files(Path(directory)).items()}
+        self.files = {renamed.get(name, name): file for name, file in files.items()}
         self.stored = {new: old for old, new in renamed.items() if new != old}
         self.layers_path = layers_path
         self._skeleton: dict[int, dict[str, torch.Tensor]] = {}
@@ -227,7 +228,8 @@ def load_with_blocks_on_disk(
     with init_empty_weights():
         model = auto_model_class(config).from_config(config, **({} if dtype is None else {"dtype": dtype}))
     blocks = find_decoder_blocks(model, layers_path)
-    loader = SafetensorsBlocks(directory, blocks.path, model_names(model, list(weight_files(directory))))
+    files = weight_files(directory)  # read once: the renames and the loader both need its names
+    loader = SafetensorsBlocks(files, blocks.path, model_names(model, list(files)))
     unexpected = sorted(set(loader.files) - set(model.state_dict()))
     if unexpected:
         raise ValueError(
